@@ -1,0 +1,530 @@
+//! The [`Model`] trait (named parameters in a stable order), the ready implementation
+//! [`StateDict`], and model algebra.
+//!
+//! Model algebra treats a model as one long vector: `add`, `sub`, `scale`, `lerp`,
+//! `weighted_sum`, `dot`, `norm`, `cosine`. Two models combine only when they hold the
+//! same parameter names with the same shapes; otherwise the error names the first
+//! parameter that differs. Parameters are matched by name, so two models whose
+//! parameters are stored in different orders still combine; results follow the order of
+//! the left operand.
+//!
+//! ```
+//! use modelfusion::{Model, StateDict};
+//! use ndarray::{arr1, ArrayD};
+//!
+//! let a = StateDict::from_pairs([("w", arr1(&[1.0f32, 2.0]).into_dyn())]).unwrap();
+//! let b = StateDict::from_pairs([("w", arr1(&[3.0f32, 6.0]).into_dyn())]).unwrap();
+//! let mid = a.lerp(&b, 0.5).unwrap();
+//! assert_eq!(mid.get("w").unwrap().as_slice().unwrap(), &[2.0, 4.0]);
+//! assert_eq!(a.dot(&b).unwrap(), 15.0);
+//! ```
+
+use std::collections::HashMap;
+use std::fmt::Debug;
+
+use ndarray::ArrayD;
+
+use crate::error::{Error, Result};
+use crate::tensor::{Scalar, Tensor};
+
+/// Named parameters in a stable order: a network's weights as fusion algorithms see them.
+///
+/// Required: [`names`](Model::names), [`get`](Model::get), [`get_mut`](Model::get_mut)
+/// and [`try_map`](Model::try_map) (a new model of the same structure from a function of
+/// each tensor). Everything else, the whole of model algebra included, is provided.
+///
+/// ```
+/// use modelfusion::{Model, StateDict};
+/// use ndarray::arr1;
+///
+/// let m = StateDict::from_pairs([("b", arr1(&[1.0f64]).into_dyn()), ("a", arr1(&[2.0]).into_dyn())]).unwrap();
+/// assert_eq!(m.names().collect::<Vec<_>>(), vec!["b", "a"]); // insertion order
+/// let doubled = m.try_map(|_, t| Ok(t * 2.0)).unwrap();
+/// assert_eq!(doubled.get("a").unwrap()[[0]], 4.0);
+/// ```
+pub trait Model: Clone + Send + Sync + Debug + 'static {
+    /// The tensor type of every parameter.
+    type Tensor: Tensor;
+
+    /// Parameter names, in the model's stable order.
+    fn names(&self) -> impl Iterator<Item = &str>;
+    /// The parameter called `name`, if any.
+    fn get(&self, name: &str) -> Option<&Self::Tensor>;
+    /// The parameter called `name`, mutably, if any.
+    fn get_mut(&mut self, name: &str) -> Option<&mut Self::Tensor>;
+    /// A new model with the same names in the same order, whose tensor `name` is
+    /// `f(name, tensor)`. Shapes may change (e.g. when fusing into a narrower model).
+    fn try_map<F>(&self, f: F) -> Result<Self>
+    where
+        F: FnMut(&str, &Self::Tensor) -> Result<Self::Tensor>;
+
+    /// Number of parameters (tensors).
+    fn num_tensors(&self) -> usize {
+        self.names().count()
+    }
+
+    /// Total number of scalar elements over all parameters.
+    fn num_elements(&self) -> usize {
+        self.names()
+            .filter_map(|n| self.get(n))
+            .map(Tensor::len)
+            .sum()
+    }
+
+    /// The parameter called `name`, or an error naming it and `context`.
+    fn require(&self, name: &str, context: &str) -> Result<&Self::Tensor> {
+        self.get(name).ok_or_else(|| Error::MissingParam {
+            name: name.to_string(),
+            context: context.to_string(),
+        })
+    }
+
+    /// Errors unless `other` has exactly the same parameter names with the same shapes.
+    fn check_compatible(&self, other: &Self) -> Result<()> {
+        let mine = self.num_tensors();
+        let theirs = other.num_tensors();
+        for name in self.names() {
+            let a = self.get(name).ok_or_else(|| Error::MissingParam {
+                name: name.to_string(),
+                context: "the left model".into(),
+            })?;
+            let b = other.get(name).ok_or_else(|| Error::NameMismatch {
+                detail: format!("`{name}` is in the left model but not in the right one"),
+            })?;
+            if a.shape() != b.shape() {
+                return Err(Error::shape(
+                    format!("parameter `{name}` (left vs right model)"),
+                    a.shape(),
+                    b.shape(),
+                ));
+            }
+        }
+        if mine != theirs {
+            let extra = other
+                .names()
+                .find(|n| self.get(n).is_none())
+                .unwrap_or_default()
+                .to_string();
+            return Err(Error::NameMismatch {
+                detail: format!(
+                    "the left model has {mine} parameters, the right one {theirs} (`{extra}` only in the right)"
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// Errors naming the first parameter with a NaN or infinite element.
+    fn check_finite(&self, context: &str) -> Result<()> {
+        for name in self.names() {
+            if let Some(t) = self.get(name)
+                && !t.all_finite()
+            {
+                return Err(Error::NonFinite {
+                    what: format!("parameter `{name}` of {context}"),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Combines two compatible models tensor by tensor.
+    fn zip_map<F>(&self, other: &Self, mut f: F) -> Result<Self>
+    where
+        F: FnMut(&str, &Self::Tensor, &Self::Tensor) -> Result<Self::Tensor>,
+    {
+        self.check_compatible(other)?;
+        self.try_map(|name, a| {
+            let b = other.require(name, "the right model")?;
+            f(name, a, b)
+        })
+    }
+
+    /// `self + other`.
+    fn add(&self, other: &Self) -> Result<Self> {
+        self.zip_map(other, |_, a, b| a.zip_map(b, |x, y| x + y))
+    }
+
+    /// `self - other`.
+    fn sub(&self, other: &Self) -> Result<Self> {
+        self.zip_map(other, |_, a, b| a.zip_map(b, |x, y| x - y))
+    }
+
+    /// `alpha * self`.
+    fn scale(&self, alpha: f64) -> Result<Self> {
+        let alpha = <<Self::Tensor as Tensor>::Elem as Scalar>::from_f64_lossy(alpha);
+        self.try_map(|_, a| Ok(a.map(|x| x * alpha)))
+    }
+
+    /// `(1 - t) * self + t * other`; `t = 0` returns `self` and `t = 1` returns `other`
+    /// exactly.
+    fn lerp(&self, other: &Self, t: f64) -> Result<Self> {
+        if !t.is_finite() {
+            return Err(Error::invalid("t", format!("must be finite, got {t}")));
+        }
+        if t == 0.0 || t == 1.0 {
+            self.check_compatible(other)?;
+            return Ok(if t == 0.0 {
+                self.clone()
+            } else {
+                other.clone()
+            });
+        }
+        let s = <<Self::Tensor as Tensor>::Elem as Scalar>::from_f64_lossy(1.0 - t);
+        let t = <<Self::Tensor as Tensor>::Elem as Scalar>::from_f64_lossy(t);
+        self.zip_map(other, |_, a, b| a.zip_map(b, |x, y| s * x + t * y))
+    }
+
+    /// `sum_i weights[i] * models[i]` (no normalisation).
+    ///
+    /// ```
+    /// use modelfusion::{Model, StateDict};
+    /// use ndarray::arr1;
+    /// let a = StateDict::from_pairs([("w", arr1(&[1.0f64]).into_dyn())]).unwrap();
+    /// let b = StateDict::from_pairs([("w", arr1(&[3.0f64]).into_dyn())]).unwrap();
+    /// let s = StateDict::weighted_sum(&[&a, &b], &[0.5, 2.0]).unwrap();
+    /// assert_eq!(s.get("w").unwrap()[[0]], 6.5);
+    /// ```
+    fn weighted_sum(models: &[&Self], weights: &[f64]) -> Result<Self> {
+        let first = *models
+            .first()
+            .ok_or_else(|| Error::empty("the list of models"))?;
+        if models.len() != weights.len() {
+            return Err(Error::invalid(
+                "weights",
+                format!("{} weights for {} models", weights.len(), models.len()),
+            ));
+        }
+        if let Some(w) = weights.iter().find(|w| !w.is_finite()) {
+            return Err(Error::invalid(
+                "weights",
+                format!("must be finite, got {w}"),
+            ));
+        }
+        for (i, m) in models.iter().enumerate().skip(1) {
+            first.check_compatible(m).map_err(|e| match e {
+                Error::ShapeMismatch {
+                    what,
+                    expected,
+                    got,
+                } => Error::ShapeMismatch {
+                    what: format!("{what} of model {i}"),
+                    expected,
+                    got,
+                },
+                Error::NameMismatch { detail } => Error::NameMismatch {
+                    detail: format!("model 0 vs model {i}: {detail}"),
+                },
+                other => other,
+            })?;
+        }
+        let ws: Vec<<Self::Tensor as Tensor>::Elem> =
+            weights.iter().map(|&w| Scalar::from_f64_lossy(w)).collect();
+        first.try_map(|name, t0| {
+            let mut acc = t0.map(|x| x * ws[0]);
+            for (m, &w) in models.iter().zip(&ws).skip(1) {
+                acc.axpy(w, m.require(name, "a model")?)?;
+            }
+            Ok(acc)
+        })
+    }
+
+    /// Inner product of the two models seen as vectors (accumulated in `f64`).
+    fn dot(&self, other: &Self) -> Result<f64> {
+        self.check_compatible(other)?;
+        let mut acc = 0.0;
+        for name in self.names() {
+            acc += self
+                .require(name, "the left model")?
+                .dot(other.require(name, "the right model")?)?;
+        }
+        Ok(acc)
+    }
+
+    /// Euclidean norm of the model seen as a vector.
+    fn norm(&self) -> f64 {
+        self.names()
+            .filter_map(|n| self.get(n))
+            .map(Tensor::norm_sq)
+            .sum::<f64>()
+            .sqrt()
+    }
+
+    /// Cosine similarity of the two models seen as vectors; errors when either is zero.
+    fn cosine(&self, other: &Self) -> Result<f64> {
+        let d = self.dot(other)?;
+        let (na, nb) = (self.norm(), other.norm());
+        if na == 0.0 || nb == 0.0 {
+            return Err(Error::invalid(
+                "models",
+                "cosine similarity is undefined for a zero model",
+            ));
+        }
+        Ok(d / (na * nb))
+    }
+
+    /// Largest absolute element-wise difference between two compatible models.
+    fn max_abs_diff(&self, other: &Self) -> Result<f64> {
+        self.check_compatible(other)?;
+        let mut worst = 0.0f64;
+        for name in self.names() {
+            let a = self.require(name, "the left model")?.view();
+            let b = other.require(name, "the right model")?;
+            for (x, y) in a.iter().zip(b.view().iter()) {
+                let d = (x.to_f64_lossless() - y.to_f64_lossless()).abs();
+                if d.is_nan() {
+                    return Ok(f64::NAN);
+                }
+                worst = worst.max(d);
+            }
+        }
+        Ok(worst)
+    }
+}
+
+/// An ordered map from parameter names to tensors: the ready [`Model`].
+///
+/// Names are unique; iteration follows insertion order.
+///
+/// ```
+/// use modelfusion::{Model, StateDict};
+/// use ndarray::ArrayD;
+///
+/// let mut sd: StateDict<ArrayD<f32>> = StateDict::new();
+/// sd.insert("fc.weight", ArrayD::zeros(vec![3, 2])).unwrap();
+/// sd.insert("fc.bias", ArrayD::zeros(vec![3])).unwrap();
+/// assert!(sd.insert("fc.bias", ArrayD::zeros(vec![3])).is_err()); // duplicate name
+/// assert_eq!(sd.num_elements(), 9);
+/// ```
+#[derive(Clone, Debug, PartialEq)]
+pub struct StateDict<T> {
+    names: Vec<String>,
+    tensors: Vec<T>,
+    index: HashMap<String, usize>,
+}
+
+impl<T> Default for StateDict<T> {
+    fn default() -> Self {
+        StateDict {
+            names: Vec::new(),
+            tensors: Vec::new(),
+            index: HashMap::new(),
+        }
+    }
+}
+
+impl<T: Tensor> StateDict<T> {
+    /// An empty state dict.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Builds a state dict from `(name, tensor)` pairs, in order; errors on a repeated name.
+    ///
+    /// ```
+    /// use modelfusion::StateDict;
+    /// use ndarray::{arr1, ArrayD};
+    /// let r = StateDict::from_pairs([("a", arr1(&[1.0f32]).into_dyn()), ("a", arr1(&[2.0f32]).into_dyn())]);
+    /// assert!(r.is_err());
+    /// ```
+    pub fn from_pairs<S: Into<String>>(pairs: impl IntoIterator<Item = (S, T)>) -> Result<Self> {
+        let mut sd = Self::new();
+        for (name, t) in pairs {
+            sd.insert(name, t)?;
+        }
+        Ok(sd)
+    }
+
+    /// Appends a parameter; errors if the name is taken.
+    pub fn insert(&mut self, name: impl Into<String>, tensor: T) -> Result<()> {
+        let name = name.into();
+        if self.index.contains_key(&name) {
+            return Err(Error::invalid(
+                "name",
+                format!("parameter `{name}` is already present"),
+            ));
+        }
+        self.index.insert(name.clone(), self.names.len());
+        self.names.push(name);
+        self.tensors.push(tensor);
+        Ok(())
+    }
+
+    /// Replaces the tensor of an existing parameter, returning the old one.
+    ///
+    /// ```
+    /// use modelfusion::StateDict;
+    /// use ndarray::arr1;
+    /// let mut sd = StateDict::from_pairs([("w", arr1(&[1.0f64]).into_dyn())]).unwrap();
+    /// let old = sd.replace("w", arr1(&[5.0]).into_dyn()).unwrap();
+    /// assert_eq!(old[[0]], 1.0);
+    /// assert!(sd.replace("missing", arr1(&[0.0]).into_dyn()).is_err());
+    /// ```
+    pub fn replace(&mut self, name: &str, tensor: T) -> Result<T> {
+        let i = *self.index.get(name).ok_or_else(|| Error::MissingParam {
+            name: name.to_string(),
+            context: "the state dict".into(),
+        })?;
+        Ok(std::mem::replace(&mut self.tensors[i], tensor))
+    }
+
+    /// Number of parameters.
+    pub fn len(&self) -> usize {
+        self.names.len()
+    }
+
+    /// True when there are no parameters.
+    pub fn is_empty(&self) -> bool {
+        self.names.is_empty()
+    }
+
+    /// `(name, tensor)` pairs in order.
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = (&str, &T)> {
+        self.names
+            .iter()
+            .map(String::as_str)
+            .zip(self.tensors.iter())
+    }
+
+    /// `(name, tensor)` pairs in order, tensors mutable.
+    pub fn iter_mut(&mut self) -> impl ExactSizeIterator<Item = (&str, &mut T)> {
+        self.names
+            .iter()
+            .map(String::as_str)
+            .zip(self.tensors.iter_mut())
+    }
+
+    /// Converts every tensor to another element type (e.g. `f32` to `f64`).
+    ///
+    /// ```
+    /// use modelfusion::{Model, StateDict};
+    /// use ndarray::{arr1, ArrayD};
+    /// let a = StateDict::from_pairs([("w", arr1(&[0.5f32]).into_dyn())]).unwrap();
+    /// let b: StateDict<ArrayD<f64>> = a.cast();
+    /// assert_eq!(b.get("w").unwrap()[[0]], 0.5);
+    /// ```
+    pub fn cast<U: Tensor>(&self) -> StateDict<U> {
+        StateDict {
+            names: self.names.clone(),
+            tensors: self
+                .tensors
+                .iter()
+                .map(|t| {
+                    U::from_array(
+                        t.view()
+                            .mapv(|x| U::Elem::from_f64_lossy(x.to_f64_lossless())),
+                    )
+                })
+                .collect(),
+            index: self.index.clone(),
+        }
+    }
+}
+
+impl<T: Tensor> IntoIterator for StateDict<T> {
+    type Item = (String, T);
+    type IntoIter = std::iter::Zip<std::vec::IntoIter<String>, std::vec::IntoIter<T>>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.names.into_iter().zip(self.tensors)
+    }
+}
+
+impl<T: Tensor> Model for StateDict<T> {
+    type Tensor = T;
+
+    fn names(&self) -> impl Iterator<Item = &str> {
+        self.names.iter().map(String::as_str)
+    }
+
+    fn get(&self, name: &str) -> Option<&T> {
+        self.index.get(name).map(|&i| &self.tensors[i])
+    }
+
+    fn get_mut(&mut self, name: &str) -> Option<&mut T> {
+        self.index.get(name).map(|&i| &mut self.tensors[i])
+    }
+
+    fn try_map<F>(&self, mut f: F) -> Result<Self>
+    where
+        F: FnMut(&str, &T) -> Result<T>,
+    {
+        let tensors = self
+            .iter()
+            .map(|(n, t)| f(n, t))
+            .collect::<Result<Vec<T>>>()?;
+        Ok(StateDict {
+            names: self.names.clone(),
+            tensors,
+            index: self.index.clone(),
+        })
+    }
+
+    fn num_tensors(&self) -> usize {
+        self.len()
+    }
+}
+
+/// The common concrete model type: `f32` tensors.
+pub type StateDictF32 = StateDict<ArrayD<f32>>;
+/// `f64` tensors.
+pub type StateDictF64 = StateDict<ArrayD<f64>>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::arr1;
+
+    fn sd(pairs: &[(&str, &[f64])]) -> StateDictF64 {
+        StateDict::from_pairs(pairs.iter().map(|(n, v)| (*n, arr1(v).into_dyn()))).unwrap()
+    }
+
+    #[test]
+    fn mismatches_are_named() {
+        let a = sd(&[("w", &[1.0, 2.0]), ("b", &[0.0])]);
+        let b = sd(&[("w", &[1.0, 2.0]), ("c", &[0.0])]);
+        let e = a.add(&b).unwrap_err().to_string();
+        assert!(e.contains("`b`"), "{e}");
+        let c = sd(&[("w", &[1.0]), ("b", &[0.0])]);
+        let e = a.add(&c).unwrap_err().to_string();
+        assert!(
+            e.contains("`w`") && e.contains("[2]") && e.contains("[1]"),
+            "{e}"
+        );
+        let d = sd(&[("w", &[1.0, 2.0]), ("b", &[0.0]), ("x", &[1.0])]);
+        let e = a.add(&d).unwrap_err().to_string();
+        assert!(e.contains("`x`"), "{e}");
+    }
+
+    #[test]
+    fn order_independent_matching() {
+        let a = sd(&[("w", &[1.0]), ("b", &[2.0])]);
+        let b = sd(&[("b", &[3.0]), ("w", &[4.0])]);
+        let s = a.add(&b).unwrap();
+        assert_eq!(s.names().collect::<Vec<_>>(), vec!["w", "b"]);
+        assert_eq!(s.get("w").unwrap()[[0]], 5.0);
+        assert_eq!(s.get("b").unwrap()[[0]], 5.0);
+    }
+
+    #[test]
+    fn weighted_sum_errors() {
+        let a = sd(&[("w", &[1.0])]);
+        assert!(StateDictF64::weighted_sum(&[], &[]).is_err());
+        assert!(StateDictF64::weighted_sum(&[&a], &[1.0, 2.0]).is_err());
+        assert!(StateDictF64::weighted_sum(&[&a], &[f64::NAN]).is_err());
+    }
+
+    #[test]
+    fn cosine_and_finite() {
+        let a = sd(&[("w", &[1.0, 0.0])]);
+        let b = sd(&[("w", &[0.0, 2.0])]);
+        assert_eq!(a.cosine(&b).unwrap(), 0.0);
+        assert!(a.cosine(&a.scale(0.0).unwrap()).is_err());
+        let n = sd(&[("w", &[1.0, f64::INFINITY])]);
+        assert!(
+            n.check_finite("model B")
+                .unwrap_err()
+                .to_string()
+                .contains("model B")
+        );
+    }
+}

@@ -1,0 +1,67 @@
+//! What a model is evaluated with. The user (or the [`nn`](crate::nn) module) implements
+//! these; fusion algorithms consume them.
+//!
+//! - [`Objective`]: a scalar to minimise (a loss, or an error rate) of a model.
+//! - [`Gradient`]: the loss together with its gradient, a model-shaped value.
+//! - [`Activations`]: hidden features of a model over a data set, batch by batch,
+//!   keyed by permutation group (activation matching, REPAIR) or by layer (RegMean).
+//!
+//! ```
+//! use modelfusion::{Model, Objective, StateDict, Result};
+//! use ndarray::{arr1, ArrayD};
+//!
+//! /// Squared distance to a target point: a toy objective.
+//! struct Dist(StateDict<ArrayD<f64>>);
+//! impl Objective<StateDict<ArrayD<f64>>> for Dist {
+//!     fn loss(&self, m: &StateDict<ArrayD<f64>>) -> Result<f64> {
+//!         Ok(m.sub(&self.0)?.norm().powi(2))
+//!     }
+//! }
+//! let target = StateDict::from_pairs([("w", arr1(&[1.0, 2.0]).into_dyn())]).unwrap();
+//! let obj = Dist(target.clone());
+//! assert_eq!(obj.loss(&target).unwrap(), 0.0);
+//! ```
+
+use std::collections::BTreeMap;
+
+use ndarray::Array2;
+
+use crate::error::Result;
+use crate::model::Model;
+use crate::tensor::Tensor;
+
+/// The element type of a model's tensors.
+pub type Elem<M> = <<M as Model>::Tensor as Tensor>::Elem;
+
+/// A scalar to minimise, evaluated on a whole model (typically the mean loss over a data
+/// set, or an error rate).
+pub trait Objective<M: Model> {
+    /// The value at `model`. Implementations return an error rather than a NaN.
+    fn loss(&self, model: &M) -> Result<f64>;
+}
+
+/// An objective with its gradient: the gradient has the model's own structure (one
+/// tensor per parameter, same names and shapes).
+pub trait Gradient<M: Model>: Objective<M> {
+    /// The value and its gradient at `model`.
+    fn loss_and_gradient(&self, model: &M) -> Result<(f64, M)>;
+}
+
+/// Features of one batch keyed by name; each matrix is `(samples, features)`.
+pub type Features<E> = BTreeMap<String, Array2<E>>;
+
+/// Hidden features of a model over a data set, one batch at a time, so that statistics
+/// (means, covariances, Gram matrices) can be accumulated without holding every
+/// activation at once.
+///
+/// Keys name what the features belong to: for activation matching and REPAIR, the
+/// permutation group whose channels the columns are (for a convolution, spatial
+/// positions count as samples); for RegMean, the weight parameter whose layer input the
+/// columns are.
+pub trait Activations<M: Model> {
+    /// Number of batches in the data set.
+    fn num_batches(&self) -> usize;
+    /// The features of `model` on batch `batch` (`0 <= batch < num_batches()`). Every
+    /// batch returns the same keys with the same number of columns.
+    fn activations(&self, model: &M, batch: usize) -> Result<Features<Elem<M>>>;
+}
