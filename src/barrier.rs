@@ -164,11 +164,11 @@ pub struct BarrierReport {
     pub end: f64,
     /// Frankle's barrier `max_t L(phi(t)) - (L0 + L1) / 2`.
     pub frankle: f64,
-    /// The `t` of the maximum of `L(phi(t))`.
+    /// The `t` of the maximum of `L(phi(t))` (the smallest such `t` on a plateau).
     pub frankle_t: f64,
     /// The interpolated barrier `sup_t L(phi(t)) - [(1 - t) L0 + t L1]` (>= 0).
     pub interpolated: f64,
-    /// The `t` where the interpolated barrier is reached.
+    /// The `t` where the interpolated barrier is reached (the smallest on ties).
     pub interpolated_t: f64,
 }
 

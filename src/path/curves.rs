@@ -251,7 +251,8 @@ impl<M: Model> PolyChain<M> {
 
 /// The hat-function coefficients of a polygonal chain with `n >= 2` knots at `t`:
 /// `max(0, 1 - abs(t (n-1) - k))`, computed on the active segment so that they sum to 1
-/// up to one rounding.
+/// up to one rounding. Within a few ulps of a knot `t = k / (n - 1)`, `t (n - 1)` is
+/// taken to be exactly `k` (so the chain passes through every control bit for bit).
 ///
 /// ```
 /// use modelfusion::path::polychain_coefficients;
@@ -266,7 +267,14 @@ pub fn polychain_coefficients(n: usize, t: f64) -> Vec<f64> {
         }
         return c;
     }
-    let s = t * (n - 1) as f64;
+    let m = (n - 1) as f64;
+    let mut s = t * m;
+    // Snap to a knot when `t` is the rounded `k / (n - 1)` (whose product with `n - 1`
+    // may miss `k` by an ulp), so that every control is reached exactly.
+    let nearest = s.round();
+    if (s - nearest).abs() <= 2.0 * f64::EPSILON * m {
+        s = nearest;
+    }
     // Segment [k, k + 1] holding s; the last knot belongs to the last segment.
     let k = (s.floor().max(0.0) as usize).min(n - 2);
     let frac = s - k as f64;
