@@ -184,7 +184,7 @@ impl LinePlot {
             let root = SVGBackend::with_string(&mut svg, self.size).into_drawing_area();
             root.fill(&WHITE).map_err(draw_error)?;
             let mut chart = ChartBuilder::on(&root)
-                .caption(&self.title, ("sans-serif", 22))
+                .caption(&self.title, ("sans-serif", 26))
                 .margin(12)
                 .x_label_area_size(45)
                 .y_label_area_size(70)
@@ -194,6 +194,8 @@ impl LinePlot {
                 .configure_mesh()
                 .x_desc(&self.x_label)
                 .y_desc(&self.y_label)
+                .axis_desc_style(("sans-serif", 18))
+                .label_style(("sans-serif", 14))
                 .light_line_style(WHITE.mix(0.0))
                 .draw()
                 .map_err(draw_error)?;
@@ -217,6 +219,7 @@ impl LinePlot {
                 .configure_series_labels()
                 .background_style(WHITE.mix(0.85))
                 .border_style(BLACK)
+                .label_font(("sans-serif", 15))
                 .position(SeriesLabelPosition::UpperRight)
                 .draw()
                 .map_err(draw_error)?;
@@ -276,4 +279,97 @@ fn pad(lo: f64, hi: f64, frac: f64) -> (f64, f64) {
 
 fn draw_error<E: std::error::Error + Send + Sync>(e: DrawingAreaErrorKind<E>) -> Error {
     Error::invalid("plot", format!("drawing failed: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn two_curves() -> LinePlot {
+        let ts: Vec<f64> = (0..=24).map(|i| i as f64 / 24.0).collect();
+        let naive = ts
+            .iter()
+            .map(|&t| (t, 0.1 + 2.0 * (std::f64::consts::PI * t).sin()))
+            .collect();
+        let aligned = ts
+            .iter()
+            .map(|&t| (t, 0.1 + 0.2 * (std::f64::consts::PI * t).sin()))
+            .collect();
+        LinePlot::new("Loss along the linear path")
+            .with_labels("t", "test loss")
+            .with_series(Series::new("naive", naive))
+            .with_series(Series::new("weight matching", aligned))
+    }
+
+    #[test]
+    fn svg_has_title_labels_legend_and_lines() {
+        let svg = two_curves().to_svg_string().unwrap();
+        for needle in [
+            "<svg",
+            "Loss along the linear path",
+            "\nt\n",
+            "test loss",
+            "naive",
+            "weight matching",
+            "<polyline",
+            "<text",
+        ] {
+            assert!(svg.contains(needle), "missing {needle}");
+        }
+        // One polyline per series (plus the legend's sample lines).
+        assert!(svg.matches("<polyline").count() >= 2);
+        // Both colours are used.
+        assert!(svg.contains("#0072B2") && svg.contains("#D55E00"));
+    }
+
+    #[test]
+    fn writes_a_file() {
+        let dir = std::env::temp_dir().join(format!("modelfusion-plot-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("two.svg");
+        two_curves().write_svg(&file).unwrap();
+        let text = std::fs::read_to_string(&file).unwrap();
+        assert_eq!(text, two_curves().to_svg_string().unwrap());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn constant_and_single_point_series_plot() {
+        let p = LinePlot::new("flat").with_series(Series::new("c", vec![(0.5, 2.0)]));
+        assert!(p.to_svg_string().unwrap().contains("flat"));
+        assert_eq!(pad(2.0, 2.0, 0.05), (1.9, 2.1));
+        assert_eq!(pad(0.0, 0.0, 0.05), (-0.05, 0.05));
+        assert_eq!(pad(0.0, 1.0, 0.0), (0.0, 1.0));
+    }
+
+    #[test]
+    fn bad_input() {
+        let e = LinePlot::new("x").to_svg_string().unwrap_err();
+        assert!(matches!(e, Error::Empty { .. }), "{e}");
+        let e = LinePlot::new("x")
+            .with_series(Series::new("empty one", vec![]))
+            .to_svg_string()
+            .unwrap_err();
+        assert!(e.to_string().contains("empty one"), "{e}");
+        let e = LinePlot::new("x")
+            .with_series(Series::new("bad", vec![(0.0, 1.0), (0.5, f64::NAN)]))
+            .to_svg_string()
+            .unwrap_err();
+        assert!(
+            matches!(e, Error::NonFinite { .. }) && e.to_string().contains("point 1"),
+            "{e}"
+        );
+        let e = two_curves().with_size(50, 400).to_svg_string().unwrap_err();
+        assert!(e.to_string().contains("size"), "{e}");
+        // An unwritable path is an I/O error naming it.
+        let e = two_curves()
+            .write_svg("/nonexistent-dir/sub/plot.svg")
+            .unwrap_err();
+        assert!(matches!(e, Error::Io { .. }), "{e}");
+        assert!(
+            e.to_string().contains("/nonexistent-dir/sub/plot.svg"),
+            "{e}"
+        );
+        assert!(plot_curves("/tmp/never.svg", "t", "x", "y", &[]).is_err());
+    }
 }
