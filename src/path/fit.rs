@@ -13,10 +13,11 @@ use rand_chacha::ChaCha8Rng;
 use crate::error::{Error, Result};
 use crate::model::Model;
 use crate::objective::Gradient;
+use crate::tensor::{Scalar, Tensor};
 
 use super::curves::{ControlCurve, straight_line_controls};
 use super::optim::{ModelOptimizer, Optimizer};
-use super::{PathSampler, validate_controls};
+use super::{PathSampler, check_coefficients, validate_controls};
 
 /// The objective of curve fitting when it changes from step to step (minibatches):
 /// the loss and gradient of `model` for training step `step`.
@@ -273,30 +274,29 @@ where
     S: StochasticGradient<M> + ?Sized,
 {
     let c = path.coefficients(t)?;
-    let all: Vec<usize> = (0..c.len()).collect();
-    curve_step(&c, path.controls(), &all, t, objective, step, weight_decay)
+    let (total, loss, grad) = curve_step(&c, path.controls(), t, objective, step, weight_decay)?;
+    let grads = c
+        .iter()
+        .map(|&ck| grad.scale(ck))
+        .collect::<Result<Vec<M>>>()?;
+    Ok((total, loss, grads))
 }
 
-/// Loss and gradients for the controls `which` at one `t`.
+/// The loss at `phi(t)` (with and without the weight-decay term) and the gradient of the
+/// total with respect to `phi(t)`; control `k`'s gradient is `c[k]` times it.
 fn curve_step<M, S>(
     c: &[f64],
     controls: &[M],
-    which: &[usize],
     t: f64,
     objective: &mut S,
     step: usize,
     weight_decay: f64,
-) -> Result<(f64, f64, Vec<M>)>
+) -> Result<(f64, f64, M)>
 where
     M: Model,
     S: StochasticGradient<M> + ?Sized,
 {
-    if c.len() != controls.len() {
-        return Err(Error::invalid(
-            "coefficients",
-            format!("{} coefficients for {} controls", c.len(), controls.len()),
-        ));
-    }
+    check_coefficients(c, controls.len())?;
     let refs: Vec<&M> = controls.iter().collect();
     let point = M::weighted_sum(&refs, c)?;
     let (loss, mut grad) = objective.loss_and_gradient_at(&point, step)?;
@@ -315,13 +315,19 @@ where
     let mut total = loss;
     if weight_decay > 0.0 {
         total += 0.5 * weight_decay * point.norm().powi(2);
-        grad = grad.add(&point.scale(weight_decay)?)?;
+        let wd = <<M::Tensor as Tensor>::Elem as Scalar>::from_f64_lossy(weight_decay);
+        let names: Vec<String> = point.names().map(str::to_string).collect();
+        for name in &names {
+            let p = point.require(name, "the point")?;
+            grad.get_mut(name)
+                .ok_or_else(|| Error::MissingParam {
+                    name: name.clone(),
+                    context: "the gradient".into(),
+                })?
+                .axpy(wd, p)?;
+        }
     }
-    let grads = which
-        .iter()
-        .map(|&k| grad.scale(c[k]))
-        .collect::<Result<Vec<M>>>()?;
-    Ok((total, loss, grads))
+    Ok((total, loss, grad))
 }
 
 /// Trains the inner controls of `curve` (its endpoints stay fixed, bit for bit) to
@@ -439,9 +445,7 @@ where
         BendInit::StraightLine => straight_line_controls(&given[0], &given[n - 1], n)?,
         BendInit::Given => given.to_vec(),
     };
-    let inner: Vec<usize> = (1..n - 1).collect();
-    let mut optims: Vec<ModelOptimizer<M>> = inner
-        .iter()
+    let mut optims: Vec<ModelOptimizer<M>> = (1..n - 1)
         .map(|_| ModelOptimizer::new(config.optimizer.clone()))
         .collect();
     let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
@@ -450,18 +454,10 @@ where
     for step in 0..config.steps {
         let t: f64 = rng.random();
         let c = curve.coefficients(t)?;
-        let (_, loss, grads) = curve_step(
-            &c,
-            &controls,
-            &inner,
-            t,
-            objective,
-            step,
-            config.weight_decay,
-        )?;
+        let (_, loss, grad) = curve_step(&c, &controls, t, objective, step, config.weight_decay)?;
         let lr_factor = config.schedule.factor(step, config.steps);
-        for ((&k, g), opt) in inner.iter().zip(&grads).zip(&mut optims) {
-            opt.step(&mut controls[k], g, lr_factor)?;
+        for (k, opt) in (1..n - 1).zip(&mut optims) {
+            opt.step_scaled(&mut controls[k], &grad, c[k], lr_factor)?;
         }
         history.push(FitStep { step, t, loss });
         if progress(step, t, loss).is_break() {
