@@ -188,7 +188,8 @@ impl<M: Model> ModelOptimizer<M> {
     /// use ndarray::arr1;
     /// let mut w = StateDict::from_pairs([("w", arr1(&[1.0f64]).into_dyn())])?;
     /// let mut opt = ModelOptimizer::new(Optimizer::sgd(0.5, 0.0)?);
-    /// opt.step_scaled(&mut w, &w.clone(), 0.5, 1.0)?; // w -= 0.5 * (0.5 * w)
+    /// let g = w.clone();
+    /// opt.step_scaled(&mut w, &g, 0.5, 1.0)?; // w -= 0.5 * (0.5 * g)
     /// assert_eq!(w.get("w").unwrap()[[0]], 0.75);
     /// # Ok::<(), modelfusion::Error>(())
     /// ```
