@@ -27,6 +27,8 @@
 pub mod error;
 pub mod merge;
 pub mod model;
+#[cfg(feature = "nn")]
+pub mod nn;
 pub mod objective;
 pub mod path;
 pub mod tensor;
