@@ -12,7 +12,7 @@ use crate::tensor::{Scalar, Tensor};
 use super::data::{Dataset, check_batch_size};
 use super::layers::{convert_batch, softmax_cross_entropy};
 use super::train::check_data;
-use super::{Mode, Network};
+use super::{ForwardPass, Mode, Network};
 
 /// A classification task: a network evaluated on a data set in minibatches.
 ///
@@ -172,7 +172,8 @@ impl<'a, N: Network> Classification<'a, N> {
         let (mut loss, mut correct) = (0.0, 0usize);
         self.ordered_batches(
             |b| {
-                let (logits, _, labels) = self.forward_batch(params, b)?;
+                let (logits, _) = self.forward_batch(params, b)?;
+                let labels = self.data.batch(b, self.batch_size)?.1;
                 let (sum, _, c) = softmax_cross_entropy(logits.view(), labels)?;
                 Ok((sum, c))
             },
@@ -266,11 +267,10 @@ impl<'a, N: Network> Classification<'a, N> {
         &self,
         params: &StateDict<T>,
         b: usize,
-    ) -> Result<(Array2<T::Elem>, N::Cache<T::Elem>, &'a [usize])> {
-        let (x, y) = self.data.batch(b, self.batch_size)?;
+    ) -> Result<ForwardPass<N, T>> {
+        let (x, _) = self.data.batch(b, self.batch_size)?;
         let x = convert_batch::<T::Elem>(x);
-        let (logits, cache) = self.net.forward(params, x.view(), self.mode)?;
-        Ok((logits, cache, y))
+        self.net.forward(params, x.view(), self.mode)
     }
 
     fn finite(&self, loss: f64) -> Result<f64> {
@@ -356,7 +356,7 @@ impl<N: Network, T: Tensor> Activations<StateDict<T>> for Classification<'_, N> 
     }
 
     fn activations(&self, model: &StateDict<T>, batch: usize) -> Result<Features<T::Elem>> {
-        let (_, cache, _) = self.forward_batch(model, batch)?;
+        let (_, cache) = self.forward_batch(model, batch)?;
         Ok(self.net.group_features(&cache))
     }
 }
@@ -408,7 +408,7 @@ impl<N: Network, T: Tensor> Activations<StateDict<T>> for LayerInputs<'_, N> {
     }
 
     fn activations(&self, model: &StateDict<T>, batch: usize) -> Result<Features<T::Elem>> {
-        let (_, cache, _) = self.0.forward_batch(model, batch)?;
+        let (_, cache) = self.0.forward_batch(model, batch)?;
         Ok(self.0.net.layer_inputs(&cache))
     }
 }

@@ -64,9 +64,9 @@ pub(crate) fn linear_backward<S: Scalar>(
     (dw, db, dx)
 }
 
-/// `max(x, 0)` in place.
+/// `max(x, 0)` in place (NaN stays NaN).
 pub(crate) fn relu_inplace<S: Scalar>(x: &mut Array2<S>) {
-    x.mapv_inplace(|v| if v > S::zero() { v } else { S::zero() });
+    x.mapv_inplace(|v| if v < S::zero() { S::zero() } else { v });
 }
 
 /// Masks the gradient `d` by the ReLU's output `out` (zero where the unit was off).
@@ -130,7 +130,7 @@ pub(crate) fn batch_norm<S: Scalar>(
     }
     let inv_std = var.mapv(|v| S::one() / (v + eps).sqrt());
     let xhat = (&x - &mean) * &inv_std;
-    let y = &xhat * &gamma + &beta;
+    let y = &xhat * &gamma + beta;
     Ok((
         y,
         BnCache {

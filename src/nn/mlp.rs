@@ -10,7 +10,7 @@ use crate::objective::Features;
 use crate::tensor::{Scalar, Tensor};
 
 use super::layers::{self, linear, linear_backward, param1, param2};
-use super::{Mode, Network};
+use super::{ForwardPass, Mode, Network};
 
 /// A fully connected ReLU network built from layer sizes `[in, h1, ..., hk, out]`.
 ///
@@ -146,7 +146,7 @@ impl Network for Mlp {
         params: &StateDict<T>,
         x: ArrayView2<T::Elem>,
         _mode: Mode,
-    ) -> Result<(Array2<T::Elem>, MlpCache<T::Elem>)> {
+    ) -> Result<ForwardPass<Self, T>> {
         self.check_params(params)?;
         self.check_input(x)?;
         let mut inputs = Vec::with_capacity(self.num_layers());

@@ -157,7 +157,7 @@ pub trait Network: Clone + Debug + Send + Sync {
         params: &StateDict<T>,
         x: ArrayView2<T::Elem>,
         mode: Mode,
-    ) -> Result<(Array2<T::Elem>, Self::Cache<T::Elem>)>;
+    ) -> Result<ForwardPass<Self, T>>;
     /// The gradient of `sum(dlogits * logits)` with respect to every parameter (zero for
     /// buffers), in state-dict order, from a cache of [`forward`](Network::forward) with
     /// the same `params`.
@@ -302,6 +302,13 @@ pub trait Network: Clone + Debug + Send + Sync {
         })
     }
 }
+
+/// What [`Network::forward`] of network `N` on tensors `T` returns: the logits
+/// `(samples, classes)` and the cache.
+pub type ForwardPass<N, T> = (
+    Array2<<T as Tensor>::Elem>,
+    <N as Network>::Cache<<T as Tensor>::Elem>,
+);
 
 /// The result of [`Network::batch_loss_and_gradient`].
 ///

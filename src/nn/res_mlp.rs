@@ -10,7 +10,7 @@ use crate::objective::Features;
 use crate::tensor::{Scalar, Tensor};
 
 use super::layers::{self, BnCache, linear, linear_backward, param1, param2};
-use super::{Mode, Network};
+use super::{ForwardPass, Mode, Network};
 
 /// A residual MLP: `x = relu(stem(input))`; per block
 /// `x = x + fc2(relu(fc1(norm(x))))` with a batch-norm `norm`; logits `head(x)`.
@@ -210,7 +210,7 @@ impl Network for ResMlp {
         params: &StateDict<T>,
         x: ArrayView2<T::Elem>,
         mode: Mode,
-    ) -> Result<(Array2<T::Elem>, ResMlpCache<T::Elem>)> {
+    ) -> Result<ForwardPass<Self, T>> {
         self.check_params(params)?;
         self.check_input(x)?;
         let mut s = linear(

@@ -43,9 +43,9 @@ pub struct IdxArray {
 }
 
 impl IdxArray {
-    /// Interprets the array as images: `(n, rows, cols, ...)` becomes an `(n, rows * cols
-    /// * ...)` matrix of pixels scaled from `0..=255` to `[0, 1]`. Errors unless there
-    /// are at least two dimensions.
+    /// Interprets the array as images: `(n, rows, cols, ...)` becomes an
+    /// `(n, rows * cols * ...)` matrix of pixels scaled from `0..=255` to `[0, 1]`.
+    /// Errors unless there are at least two dimensions.
     ///
     /// ```
     /// use modelfusion::nn::data::parse_idx;
