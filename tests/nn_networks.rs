@@ -209,6 +209,7 @@ fn group_features_and_layer_inputs_have_documented_keys_and_shapes() {
     let tm = Classification::new(&mlp, &data, 4).unwrap();
     let tr = Classification::new(&res, &data, 4).unwrap();
     assert_eq!(Activations::<StateDictF32>::num_batches(&tm), 3);
+    assert_eq!(tm.num_batches(), 3);
     let f = tm.activations(&pm, 2).unwrap(); // last batch: 2 samples
     let keys: Vec<_> = f.keys().cloned().collect();
     assert_eq!(keys, vec!["hidden.0", "hidden.1"]);

@@ -259,7 +259,15 @@ impl<'a, N: Network> Classification<'a, N> {
         LayerInputs(self.clone())
     }
 
-    fn num_batches(&self) -> usize {
+    /// Number of batches the data set is evaluated in.
+    ///
+    /// ```
+    /// use modelfusion::nn::{data, Classification, Mlp};
+    /// let (d, net) = (data::digits()?, Mlp::new(&[64, 10])?);
+    /// assert_eq!(Classification::new(&net, &d, 1000)?.num_batches(), 2);
+    /// # Ok::<(), modelfusion::Error>(())
+    /// ```
+    pub fn num_batches(&self) -> usize {
         self.data.num_batches(self.batch_size)
     }
 
@@ -402,9 +410,23 @@ impl<N: Network, T: Tensor> Objective<StateDict<T>> for ErrorRate<'_, N> {
 #[derive(Clone, Debug)]
 pub struct LayerInputs<'a, N>(Classification<'a, N>);
 
+impl<N: Network> LayerInputs<'_, N> {
+    /// Number of batches the data set is read in.
+    ///
+    /// ```
+    /// use modelfusion::nn::{data, Classification, Mlp};
+    /// let (d, net) = (data::digits()?, Mlp::new(&[64, 10])?);
+    /// assert_eq!(Classification::new(&net, &d, 1000)?.layer_inputs().num_batches(), 2);
+    /// # Ok::<(), modelfusion::Error>(())
+    /// ```
+    pub fn num_batches(&self) -> usize {
+        self.0.num_batches()
+    }
+}
+
 impl<N: Network, T: Tensor> Activations<StateDict<T>> for LayerInputs<'_, N> {
     fn num_batches(&self) -> usize {
-        self.0.num_batches()
+        LayerInputs::num_batches(self)
     }
 
     fn activations(&self, model: &StateDict<T>, batch: usize) -> Result<Features<T::Elem>> {

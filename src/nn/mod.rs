@@ -56,7 +56,7 @@
 //!
 //! let (train_set, test_set) = data::digits()?.split(0.2, 0)?;
 //! let net = Mlp::new(&[64, 32, 10])?;
-//! let init = net.init::<ArrayD<f32>>(1);
+//! let init = net.init::<ndarray::ArrayD<f32>>(1);
 //! let config = TrainConfig::new(OptimizerConfig::adam(1e-2)?, 3, 32, 7)?;
 //! let trained = train(&net, &init, &train_set, &config)?;
 //! assert_eq!(trained.loss_history.len(), 3);
@@ -118,7 +118,7 @@ pub enum Mode {
 /// use ndarray::Array2;
 ///
 /// let net = Mlp::new(&[4, 3, 2])?;
-/// let params = net.init::<ArrayD<f64>>(0);
+/// let params = net.init::<ndarray::ArrayD<f64>>(0);
 /// let x = Array2::from_elem((5, 4), 0.5);
 /// let (logits, cache) = net.forward(&params, x.view(), Mode::Eval)?;
 /// assert_eq!(logits.dim(), (5, 2));
@@ -194,7 +194,7 @@ pub trait Network: Clone + Debug + Send + Sync {
     /// use ndarray::ArrayD;
     ///
     /// let net = Mlp::new(&[4, 3, 2])?;
-    /// let mut params = net.init::<ArrayD<f32>>(0);
+    /// let mut params = net.init::<ndarray::ArrayD<f32>>(0);
     /// params.replace("layers.1.weight", ArrayD::zeros(vec![2, 5]))?;
     /// let e = net.check_params(&params).unwrap_err().to_string();
     /// assert!(e.contains("layers.1.weight") && e.contains("[2, 3]") && e.contains("[2, 5]"));
@@ -258,7 +258,7 @@ pub trait Network: Clone + Debug + Send + Sync {
     /// ```
     /// use modelfusion::nn::{Mlp, Network};
     /// let net = Mlp::new(&[4, 3, 2])?;
-    /// let logits = net.logits(&net.init::<ArrayD<f32>>(0), ndarray::Array2::zeros((6, 4)).view())?;
+    /// let logits = net.logits(&net.init::<ndarray::ArrayD<f32>>(0), ndarray::Array2::zeros((6, 4)).view())?;
     /// assert_eq!(logits.dim(), (6, 2));
     /// # Ok::<(), modelfusion::Error>(())
     /// ```
@@ -277,9 +277,9 @@ pub trait Network: Clone + Debug + Send + Sync {
     /// use modelfusion::nn::{Mlp, Mode, Network};
     /// let net = Mlp::new(&[4, 3, 2])?;
     /// let x = ndarray::Array2::<f64>::zeros((2, 4));
-    /// let step = net.batch_loss_and_gradient(&net.init::<ArrayD<f64>>(0), x.view(), &[0, 1], Mode::Train)?;
+    /// let step = net.batch_loss_and_gradient(&net.init::<ndarray::ArrayD<f64>>(0), x.view(), &[0, 1], Mode::Train)?;
     /// assert!(step.loss > 0.0);
-    /// assert!(net.batch_loss_and_gradient(&net.init::<ArrayD<f64>>(0), x.view(), &[0, 2], Mode::Train).is_err());
+    /// assert!(net.batch_loss_and_gradient(&net.init::<ndarray::ArrayD<f64>>(0), x.view(), &[0, 2], Mode::Train).is_err());
     /// # Ok::<(), modelfusion::Error>(())
     /// ```
     fn batch_loss_and_gradient<T: Tensor>(
@@ -315,7 +315,7 @@ pub type ForwardPass<N, T> = (
 /// ```
 /// use modelfusion::nn::{Mlp, Mode, Network};
 /// let net = Mlp::new(&[2, 2])?;
-/// let step = net.batch_loss_and_gradient(&net.init::<ArrayD<f32>>(0), ndarray::Array2::zeros((1, 2)).view(), &[1], Mode::Eval)?;
+/// let step = net.batch_loss_and_gradient(&net.init::<ndarray::ArrayD<f32>>(0), ndarray::Array2::zeros((1, 2)).view(), &[1], Mode::Eval)?;
 /// assert!(step.correct <= 1);
 /// # Ok::<(), modelfusion::Error>(())
 /// ```
