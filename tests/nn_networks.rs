@@ -12,28 +12,25 @@ use ndarray::{Array2, ArrayD};
 use nn_common::*;
 use proptest::prelude::*;
 
-/// Compares the gradient of `net`'s mean batch loss with central finite differences, in
-/// f64, for every element of every trained parameter; buffers must get zero gradient.
-fn check_batch_gradient<N: Network>(net: &N, params: &StateDictF64, mode: Mode) {
-    let x = random_batch::<f64>(7, net.input_dim(), 11);
-    let labels: Vec<usize> = (0..7).map(|i| i % net.num_classes()).collect();
-    let step = net
-        .batch_loss_and_gradient(params, x.view(), &labels, mode)
-        .unwrap();
-    let loss_at = |p: &StateDictF64| {
-        net.batch_loss_and_gradient(p, x.view(), &labels, mode)
-            .unwrap()
-            .loss
-    };
+/// Compares `grad` with central finite differences of `loss` (in f64) for every element
+/// of every parameter not `skip`ped; skipped parameters must have zero gradient.
+/// Returns the number of elements checked.
+fn check_against_finite_differences(
+    params: &StateDictF64,
+    grad: &StateDictF64,
+    loss: impl Fn(&StateDictF64) -> f64,
+    skip: impl Fn(&str) -> bool,
+    what: &str,
+) -> usize {
     assert_eq!(
-        step.gradient.names().collect::<Vec<_>>(),
+        grad.names().collect::<Vec<_>>(),
         params.names().collect::<Vec<_>>()
     );
     let h = 1e-6;
     let mut checked = 0;
     for name in params.names() {
-        let g = step.gradient.get(name).unwrap();
-        if net.is_buffer(name) {
+        let g = grad.get(name).unwrap();
+        if skip(name) {
             assert!(g.iter().all(|&v| v == 0.0), "buffer {name} has a gradient");
             continue;
         }
@@ -42,16 +39,34 @@ fn check_batch_gradient<N: Network>(net: &N, params: &StateDictF64, mode: Mode) 
             let mut minus = params.clone();
             plus.get_mut(name).unwrap().as_slice_mut().unwrap()[idx] += h;
             minus.get_mut(name).unwrap().as_slice_mut().unwrap()[idx] -= h;
-            let numeric = (loss_at(&plus) - loss_at(&minus)) / (2.0 * h);
+            let numeric = (loss(&plus) - loss(&minus)) / (2.0 * h);
             let analytic = g.as_slice().unwrap()[idx];
-            let tol = 1e-6 * (1.0 + numeric.abs());
             assert!(
-                (numeric - analytic).abs() < tol,
-                "{name}[{idx}] ({mode:?}): numeric {numeric}, analytic {analytic}"
+                (numeric - analytic).abs() < 1e-6 * (1.0 + numeric.abs()),
+                "{name}[{idx}] ({what}): numeric {numeric}, analytic {analytic}"
             );
             checked += 1;
         }
     }
+    checked
+}
+
+/// Checks the gradient of `net`'s mean loss on a random batch.
+fn check_batch_gradient<N: Network>(net: &N, params: &StateDictF64, mode: Mode) {
+    let x = random_batch::<f64>(7, net.input_dim(), 11);
+    let labels: Vec<usize> = (0..7).map(|i| i % net.num_classes()).collect();
+    let batch = |p: &StateDictF64| {
+        net.batch_loss_and_gradient(p, x.view(), &labels, mode)
+            .unwrap()
+    };
+    let grad = batch(params).gradient;
+    let checked = check_against_finite_differences(
+        params,
+        &grad,
+        |p| batch(p).loss,
+        |n| net.is_buffer(n),
+        &format!("{mode:?}"),
+    );
     assert!(checked >= 15, "{checked}");
 }
 
@@ -88,24 +103,13 @@ fn dataset_gradient_matches_finite_differences() {
     ) {
         let (loss, grad) = task.loss_and_gradient(params).unwrap();
         assert!((loss - task.loss(params).unwrap()).abs() < 1e-12);
-        let h = 1e-6;
-        for name in params.names() {
-            if skip(name) {
-                continue;
-            }
-            for idx in 0..params.get(name).unwrap().len() {
-                let mut plus = params.clone();
-                let mut minus = params.clone();
-                plus.get_mut(name).unwrap().as_slice_mut().unwrap()[idx] += h;
-                minus.get_mut(name).unwrap().as_slice_mut().unwrap()[idx] -= h;
-                let numeric = (task.loss(&plus).unwrap() - task.loss(&minus).unwrap()) / (2.0 * h);
-                let analytic = grad.get(name).unwrap().as_slice().unwrap()[idx];
-                assert!(
-                    (numeric - analytic).abs() < 1e-6 * (1.0 + numeric.abs()),
-                    "{name}[{idx}]: numeric {numeric}, analytic {analytic}"
-                );
-            }
-        }
+        check_against_finite_differences(
+            params,
+            &grad,
+            |p| task.loss(p).unwrap(),
+            skip,
+            "data set",
+        );
     }
     check(&task_m, &mlp.init(0), &|_| false);
     check(&task_r, &rp, &|n| res.is_buffer(n));

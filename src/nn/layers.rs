@@ -2,7 +2,9 @@
 //! ReLU, batch normalisation, softmax cross-entropy and PyTorch-style initialisation.
 //! Every function works on `(samples, features)` matrices.
 
-use ndarray::{Array1, Array2, ArrayD, ArrayView1, ArrayView2, Axis, Ix1, Ix2, Zip};
+use ndarray::{
+    Array1, Array2, ArrayD, ArrayView, ArrayView1, ArrayView2, Axis, Dimension, Ix1, Ix2, Zip,
+};
 use rand::RngExt;
 use rand_chacha::ChaCha8Rng;
 
@@ -15,32 +17,39 @@ pub(crate) const BN_MOMENTUM: f64 = 0.1;
 /// Added to the variance before the square root (PyTorch's default).
 pub(crate) const BN_EPS: f64 = 1e-5;
 
+/// The parameter `name` viewed with dimension `D` (`Ix2` for a weight matrix, `Ix1` for a
+/// bias, a norm scale or a running statistic).
+fn param<'a, T: Tensor, D: Dimension>(
+    params: &'a StateDict<T>,
+    name: &str,
+) -> Result<ArrayView<'a, T::Elem, D>> {
+    let t = params.require(name, "the network parameters")?;
+    t.view().into_dimensionality::<D>().map_err(|_| {
+        Error::invalid(
+            name,
+            format!(
+                "expected {} axes, got shape {:?}",
+                D::NDIM.unwrap_or(0),
+                t.shape()
+            ),
+        )
+    })
+}
+
 /// The 2-d parameter `name` (a weight matrix).
 pub(crate) fn param2<'a, T: Tensor>(
     params: &'a StateDict<T>,
     name: &str,
 ) -> Result<ArrayView2<'a, T::Elem>> {
-    let t = params.require(name, "the network parameters")?;
-    t.view().into_dimensionality::<Ix2>().map_err(|_| {
-        Error::invalid(
-            name,
-            format!("expected a matrix, got shape {:?}", t.shape()),
-        )
-    })
+    param::<T, Ix2>(params, name)
 }
 
-/// The 1-d parameter `name` (a bias, a norm scale or a running statistic).
+/// The 1-d parameter `name`.
 pub(crate) fn param1<'a, T: Tensor>(
     params: &'a StateDict<T>,
     name: &str,
 ) -> Result<ArrayView1<'a, T::Elem>> {
-    let t = params.require(name, "the network parameters")?;
-    t.view().into_dimensionality::<Ix1>().map_err(|_| {
-        Error::invalid(
-            name,
-            format!("expected a vector, got shape {:?}", t.shape()),
-        )
-    })
+    param::<T, Ix1>(params, name)
 }
 
 /// `x W^T + b`.
