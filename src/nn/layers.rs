@@ -274,6 +274,14 @@ pub(crate) fn convert_batch<S: Scalar>(x: ArrayView2<f32>) -> Array2<S> {
     x.mapv(|v| S::from_f64_lossy(f64::from(v)))
 }
 
+/// The rows `rows` of `x` (all in range), converted to the network's scalar type, in
+/// one copy.
+pub(crate) fn gather_rows<S: Scalar>(x: ArrayView2<f32>, rows: &[usize]) -> Array2<S> {
+    Array2::from_shape_fn((rows.len(), x.ncols()), |(i, j)| {
+        S::from_f64_lossy(f64::from(x[[rows[i], j]]))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

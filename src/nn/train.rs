@@ -2,7 +2,7 @@
 //! optional L2 weight decay, a constant or cosine learning-rate schedule, seeded
 //! shuffling.
 
-use ndarray::{ArrayD, Axis, Zip};
+use ndarray::{ArrayD, Zip};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
@@ -12,7 +12,7 @@ use crate::model::{Model, StateDict};
 use crate::tensor::{Scalar, Tensor};
 
 use super::data::Dataset;
-use super::layers::convert_batch;
+use super::layers::gather_rows;
 use super::{Mode, Network};
 
 /// The optimiser and its hyperparameters. Build it with [`sgd`](OptimizerConfig::sgd),
@@ -425,7 +425,7 @@ pub fn train<N: Network, T: Tensor>(
             if has_buffers && chunk.len() == 1 && data.len() > 1 {
                 continue;
             }
-            let x = convert_batch::<T::Elem>(data.x().select(Axis(0), chunk).view());
+            let x = gather_rows::<T::Elem>(data.x().view(), chunk);
             let y: Vec<usize> = chunk.iter().map(|&i| data.y()[i]).collect();
             let step = net.batch_loss_and_gradient(&params, x.view(), &y, Mode::Train)?;
             if !step.loss.is_finite() {
