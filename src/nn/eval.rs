@@ -228,6 +228,37 @@ impl<'a, N: Network> Classification<'a, N> {
         concatenate(Axis(0), &views).map_err(|e| Error::invalid("logits", e.to_string()))
     }
 
+    /// The mean loss and its gradient on one minibatch: batch `step % num_batches()`,
+    /// cycling through the data set in order (shuffle it first with
+    /// [`Dataset::shuffled`] for a random order). For stochastic training, e.g. as the
+    /// per-step gradient of curve fitting:
+    /// `|m, step| task.minibatch_loss_and_gradient(m, step)`.
+    ///
+    /// ```
+    /// use modelfusion::nn::{data, Classification, Mlp, Network};
+    /// use modelfusion::{Model, StateDictF32};
+    /// let (d, net) = (data::digits()?.shuffled(0), Mlp::new(&[64, 10])?);
+    /// let task = Classification::new(&net, &d, 64)?;
+    /// let p: StateDictF32 = net.init(0);
+    /// let (loss, grad) = task.minibatch_loss_and_gradient(&p, 3)?;
+    /// assert!(loss > 0.0 && grad.num_tensors() == 2);
+    /// assert_eq!(task.minibatch_loss_and_gradient(&p, 3 + task.num_batches())?.0, loss);
+    /// # Ok::<(), modelfusion::Error>(())
+    /// ```
+    pub fn minibatch_loss_and_gradient<T: Tensor>(
+        &self,
+        params: &StateDict<T>,
+        step: usize,
+    ) -> Result<(f64, StateDict<T>)> {
+        let b = step % self.num_batches().max(1);
+        let (x, y) = self.data.batch(b, self.batch_size)?;
+        let x = convert_batch::<T::Elem>(x);
+        let out = self
+            .net
+            .batch_loss_and_gradient(params, x.view(), y, self.mode)?;
+        Ok((self.finite(out.loss)?, out.gradient))
+    }
+
     /// `1 - accuracy` as an [`Objective`] (for loss barriers on the error rate).
     ///
     /// ```
@@ -326,12 +357,9 @@ impl<N: Network, T: Tensor> Gradient<StateDict<T>> for Classification<'_, N> {
         let mut total: Option<StateDict<T>> = None;
         self.ordered_batches(
             |b| {
-                let (x, y) = self.data.batch(b, self.batch_size)?;
-                let x = convert_batch::<T::Elem>(x);
-                let step = self
-                    .net
-                    .batch_loss_and_gradient(model, x.view(), y, self.mode)?;
-                Ok((step.loss, y.len() as f64, step.gradient))
+                let size = self.data.batch(b, self.batch_size)?.1.len() as f64;
+                let (batch_loss, grad) = self.minibatch_loss_and_gradient(model, b)?;
+                Ok((batch_loss, size, grad))
             },
             |(batch_loss, size, grad)| {
                 loss += batch_loss * size;

@@ -87,7 +87,7 @@ pub use mlp::Mlp;
 pub use mlp::MlpCache;
 pub use res_mlp::ResMlp;
 pub use res_mlp::ResMlpCache;
-pub use train::{LrSchedule, OptimizerConfig, TrainConfig, Trained, train};
+pub use train::{LrSchedule, OptimizerConfig, TrainConfig, Trained, train, train_with};
 
 /// How normalisation layers compute their statistics in a forward pass.
 ///

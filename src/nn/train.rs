@@ -406,6 +406,36 @@ pub fn train<N: Network, T: Tensor>(
     data: &Dataset,
     config: &TrainConfig,
 ) -> Result<Trained<T>> {
+    train_with(net, init, data, config, |_, _, _| Ok(()))
+}
+
+/// As [`train`], calling `on_epoch(epoch, params, mean_loss)` after every epoch (e.g. to
+/// keep checkpoints for SWA or LAWA, or to evaluate on held-out data); an error from
+/// the callback stops training and is returned.
+///
+/// ```
+/// use modelfusion::nn::{data, train_with, Mlp, Network, OptimizerConfig, TrainConfig};
+/// use modelfusion::StateDictF32;
+/// let d = data::digits()?.head(100);
+/// let net = Mlp::new(&[64, 10])?;
+/// let init: StateDictF32 = net.init(0);
+/// let mut checkpoints = Vec::new();
+/// let config = TrainConfig::new(OptimizerConfig::adam(1e-2)?, 3, 25, 0)?;
+/// let t = train_with(&net, &init, &d, &config, |epoch, params, _loss| {
+///     checkpoints.push((epoch, params.clone()));
+///     Ok(())
+/// })?;
+/// assert_eq!(checkpoints.len(), 3);
+/// assert_eq!(checkpoints[2].1, t.params);
+/// # Ok::<(), modelfusion::Error>(())
+/// ```
+pub fn train_with<N: Network, T: Tensor>(
+    net: &N,
+    init: &StateDict<T>,
+    data: &Dataset,
+    config: &TrainConfig,
+    mut on_epoch: impl FnMut(usize, &StateDict<T>, f64) -> Result<()>,
+) -> Result<Trained<T>> {
     config.optimizer.validate()?;
     net.check_params(init)?;
     check_data(net, data)?;
@@ -449,6 +479,7 @@ pub fn train<N: Network, T: Tensor>(
         let seen_f = seen.max(1) as f64;
         loss_history.push(loss_sum / seen_f);
         accuracy_history.push(correct as f64 / seen_f);
+        on_epoch(epoch, &params, loss_sum / seen_f)?;
     }
     Ok(Trained {
         params,
