@@ -92,8 +92,8 @@ fn embedded_digits_match_sklearn_load_digits() {
     }
     let last = &golden["last_row"];
     let n = d.len() - 1;
-    for j in 0..64 {
-        assert_eq!(f64::from(d.x()[[n, j]]) * 16.0, last[j]);
+    for (v, want) in d.x().row(n).iter().zip(&last[..64]) {
+        assert_eq!(f64::from(*v) * 16.0, *want);
     }
     assert_eq!(d.y()[n] as f64, last[64]);
 }
