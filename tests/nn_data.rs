@@ -311,3 +311,46 @@ fn dataset_validation_and_batching() {
     assert_eq!(d.subset(&[4, 4]).unwrap().x()[[1, 0]], 8.0);
     assert!(d.subset(&[5]).is_err());
 }
+
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Arbitrary bytes never panic; success implies a consistent file.
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
+            if let Ok(a) = parse_idx(&bytes) {
+                prop_assert_eq!(a.dims.iter().product::<usize>(), a.data.len());
+                prop_assert_eq!(4 + 4 * a.dims.len() + a.data.len(), bytes.len());
+            }
+            let _ = parse_idx(&gzip(&bytes));
+        }
+
+        /// Well-formed files round-trip, raw and gzipped; cutting or extending the body
+        /// is a format error.
+        #[test]
+        fn round_trip_and_length_errors(
+            dims in proptest::collection::vec(1u32..5, 1..4),
+            seed in any::<u8>(),
+            cut in 1usize..4,
+        ) {
+            let len: usize = dims.iter().map(|&d| d as usize).product();
+            let body: Vec<u8> = (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect();
+            let bytes = idx(&dims, &body);
+            let a = parse_idx(&bytes).unwrap();
+            prop_assert_eq!(&a.dims, &dims.iter().map(|&d| d as usize).collect::<Vec<_>>());
+            prop_assert_eq!(&a.data, &body);
+            prop_assert_eq!(parse_idx(&gzip(&bytes)).unwrap(), a);
+            let short = &bytes[..bytes.len() - cut.min(bytes.len())];
+            let short_is_format = matches!(parse_idx(short), Err(Error::Format { .. }));
+            prop_assert!(short_is_format);
+            let mut long = bytes.clone();
+            long.extend(std::iter::repeat_n(0u8, cut));
+            let long_is_format = matches!(parse_idx(&long), Err(Error::Format { .. }));
+            prop_assert!(long_is_format);
+        }
+    }
+}
