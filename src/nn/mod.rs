@@ -7,11 +7,14 @@
 //!
 //! # Networks
 //!
-//! Parameters live in a [`StateDict`] of `ndarray::ArrayD<S>` (`S` = `f32` or `f64`),
-//! in PyTorch layout (a linear weight is `(out, in)`), with PyTorch's names, so the
-//! permutation specs of `modelfusion::perm` (`mlp(num_hidden)`, `res_mlp(num_blocks)`)
-//! apply to them directly. The networks' methods are generic over the tensor type `T`
-//! (any [`Tensor`]; usually `ArrayD<f32>`, or `ArrayD<f64>` for gradient checks).
+//! Parameters live in a [`StateDict`] (usually [`StateDictF32`](crate::StateDictF32)),
+//! in PyTorch layout (a linear weight is `(out, in)`) and with PyTorch-style names, so
+//! the ready permutation specs [`perm::specs::mlp`](crate::perm::specs::mlp)`(num_hidden)`
+//! and [`perm::specs::res_mlp`](crate::perm::specs::res_mlp)`(num_blocks)` apply to them
+//! directly. The networks' methods are generic over the tensor type `T` (any
+//! [`Tensor`]; usually `ArrayD<f32>`, or `ArrayD<f64>` for gradient checks), and the
+//! architecture value holds no weights: `net.init(seed)` makes a state dict, and every
+//! call takes one.
 //!
 //! **[`Mlp`]**, built from layer sizes `[in, h1, ..., hk, out]`:
 //!
@@ -45,18 +48,30 @@
 //! # Evaluating and training
 //!
 //! [`Classification`] pairs a network with a [`Dataset`] and implements the crate's
-//! [`Objective`](crate::Objective) (mean cross-entropy), [`Gradient`](crate::Gradient)
-//! and [`Activations`](crate::Activations) (features keyed by permutation group);
-//! [`ErrorRate`] is `1 - accuracy`, [`LayerInputs`] gives the input of every linear layer
-//! keyed by its weight's name (RegMean). [`train`] runs minibatch SGD (momentum, Nesterov,
-//! weight decay) or Adam as configured by a validated [`TrainConfig`].
+//! [`Objective`](crate::Objective) (mean cross-entropy over the data set),
+//! [`Gradient`](crate::Gradient) and [`Activations`](crate::Activations) (features keyed
+//! by permutation group: post-ReLU units for `hidden.{i}` and `blocks.{j}.hidden`; for
+//! `residual`, the stream after the stem and after every block stacked as extra rows).
+//! It also gives the logits of the whole data set ([`Classification::logits`], for output
+//! ensembles with [`softmax`]), one minibatch's gradient
+//! ([`Classification::minibatch_loss_and_gradient`], for stochastic training), the
+//! error rate ([`ErrorRate`], `1 - accuracy`, for barriers on the error) and the input of
+//! every linear layer keyed by its weight's name ([`LayerInputs`], for RegMean and
+//! REPAIR). Normalisation uses running statistics unless switched to batch statistics
+//! with [`Classification::with_mode`].
+//!
+//! [`train`] (or [`train_with`], with a per-epoch callback) runs minibatch SGD
+//! (momentum, Nesterov, weight decay) or Adam, with seeded shuffling, as configured by a
+//! validated [`TrainConfig`]. Data: the embedded UCI digits ([`data::digits`]),
+//! Fashion-MNIST ([`data::fashion_mnist`]) and any IDX files ([`data::read_idx`]).
 //!
 //! ```
 //! use modelfusion::nn::{data, train, Classification, Mlp, Network, OptimizerConfig, TrainConfig};
+//! use modelfusion::StateDictF32;
 //!
 //! let (train_set, test_set) = data::digits()?.split(0.2, 0)?;
 //! let net = Mlp::new(&[64, 32, 10])?;
-//! let init = net.init::<ndarray::ArrayD<f32>>(1);
+//! let init: StateDictF32 = net.init(1);
 //! let config = TrainConfig::new(OptimizerConfig::adam(1e-2)?, 3, 32, 7)?;
 //! let trained = train(&net, &init, &train_set, &config)?;
 //! assert_eq!(trained.loss_history.len(), 3);
