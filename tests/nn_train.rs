@@ -163,3 +163,57 @@ fn bad_training_inputs_are_errors() {
     assert!(TrainConfig::new(raw, 1, 1, 0).is_err());
     assert!(config.clone().with_weight_decay(f64::NAN).is_err());
 }
+
+#[test]
+fn reset_running_stats_averages_batch_statistics() {
+    use modelfusion::nn::reset_running_stats;
+    use ndarray::{Axis, s};
+    let data = random_dataset(10, 5, 3, 8);
+    let (mlp, res) = nets();
+    let mut params: StateDictF64 = res.init(3);
+    randomise_running_stats(&res, &mut params, 1);
+    let fresh = reset_running_stats(&res, &params, &data, 4).unwrap();
+    // Expected: per block, the size-weighted mean over batches (4, 4, 2) of the batch
+    // mean and unbiased variance of the block's input stream.
+    for j in 0..res.num_blocks() {
+        let (mut mean, mut var) = (
+            ndarray::Array1::<f64>::zeros(6),
+            ndarray::Array1::<f64>::zeros(6),
+        );
+        for (x, _) in data.batches(4).unwrap() {
+            let n = x.nrows();
+            let (_, cache) = res
+                .forward(&params, x.mapv(f64::from).view(), Mode::Train)
+                .unwrap();
+            let stream = net_stream(&res, &cache, j, n);
+            mean = mean + stream.mean_axis(Axis(0)).unwrap() * n as f64;
+            var = var + stream.var_axis(Axis(0), 1.0) * n as f64;
+        }
+        let got_m = fresh.get(&format!("blocks.{j}.norm.running_mean")).unwrap();
+        let got_v = fresh.get(&format!("blocks.{j}.norm.running_var")).unwrap();
+        for c in 0..6 {
+            assert!((got_m[[c]] - mean[c] / 10.0).abs() < 1e-12);
+            assert!((got_v[[c]] - var[c] / 10.0).abs() < 1e-12);
+        }
+    }
+    // Everything but the buffers is unchanged.
+    for name in params.names().filter(|n| !res.is_buffer(n)) {
+        assert_eq!(fresh.get(name), params.get(name));
+    }
+    fn net_stream(
+        res: &ResMlp,
+        cache: &modelfusion::nn::ResMlpCache<f64>,
+        j: usize,
+        n: usize,
+    ) -> ndarray::Array2<f64> {
+        res.group_features(cache)["residual"]
+            .slice(s![j * n..(j + 1) * n, ..])
+            .to_owned()
+    }
+    // Networks without buffers come back unchanged; one-sample data cannot be used.
+    let pm: StateDictF32 = mlp.init(0);
+    assert_eq!(reset_running_stats(&mlp, &pm, &data, 4).unwrap(), pm);
+    let one = data.head(1);
+    assert!(reset_running_stats(&res, &params, &one, 4).is_err());
+    assert!(reset_running_stats(&res, &params, &data, 0).is_err());
+}

@@ -173,23 +173,15 @@ pub(crate) fn batch_norm_backward<S: Scalar>(
     (dgamma, dbeta, dx)
 }
 
-/// The running statistics after one momentum update with the batch statistics of
-/// `cache` (unbiased variance, as PyTorch). `None` when the cache is from evaluation.
-pub(crate) fn running_stats_update<S: Scalar>(
-    running_mean: ArrayView1<S>,
-    running_var: ArrayView1<S>,
-    cache: &BnCache<S>,
-) -> Option<(Array1<S>, Array1<S>)> {
+/// The batch mean and unbiased batch variance (as PyTorch's running statistics use)
+/// of a training-mode cache; `None` for an evaluation-mode one.
+pub(crate) fn batch_statistics<S: Scalar>(cache: &BnCache<S>) -> Option<(Array1<S>, Array1<S>)> {
     if !cache.batch_stats {
         return None;
     }
     let n = cache.xhat.nrows() as f64;
-    let m = S::from_f64_lossy(BN_MOMENTUM);
-    let keep = S::one() - m;
     let unbias = S::from_f64_lossy(n / (n - 1.0));
-    let mean = &running_mean * keep + &cache.mean * m;
-    let var = &running_var * keep + cache.var.mapv(|v| v * unbias) * m;
-    Some((mean, var))
+    Some((cache.mean.clone(), cache.var.mapv(|v| v * unbias)))
 }
 
 /// Softmax cross-entropy of a batch: returns the summed loss (f64), the gradient of the
@@ -315,10 +307,10 @@ mod tests {
         )
         .unwrap();
         assert!((y[[0, 0]] + 1.0).abs() < 1e-4 && (y[[1, 1]] - 1.0).abs() < 1e-4);
-        let (m, v) = running_stats_update(zeros.view(), ones.view(), &cache).unwrap();
+        let (m, v) = batch_statistics(&cache).unwrap();
         // mean (2, 4), unbiased variance (2, 8)
-        assert!((m[0] - 0.2).abs() < 1e-12 && (m[1] - 0.4).abs() < 1e-12);
-        assert!((v[0] - (0.9 + 0.2)).abs() < 1e-12 && (v[1] - (0.9 + 0.8)).abs() < 1e-12);
+        assert!((m[0] - 2.0).abs() < 1e-12 && (m[1] - 4.0).abs() < 1e-12);
+        assert!((v[0] - 2.0).abs() < 1e-12 && (v[1] - 8.0).abs() < 1e-12);
         let one = array![[1.0f64, 2.0]];
         assert!(
             batch_norm(

@@ -62,7 +62,8 @@
 //!
 //! [`train`] (or [`train_with`], with a per-epoch callback) runs minibatch SGD
 //! (momentum, Nesterov, weight decay) or Adam, with seeded shuffling, as configured by a
-//! validated [`TrainConfig`]. Data: the embedded UCI digits ([`data::digits`]),
+//! validated [`TrainConfig`]. [`reset_running_stats`] recomputes the norm statistics of
+//! an interpolated or merged network on data. Data: the embedded UCI digits ([`data::digits`]),
 //! Fashion-MNIST ([`data::fashion_mnist`]) and any IDX files ([`data::read_idx`]).
 //!
 //! ```
@@ -89,7 +90,7 @@ mod train;
 
 use std::fmt::Debug;
 
-use ndarray::{Array2, ArrayView2, Axis};
+use ndarray::{Array1, Array2, ArrayView2, Axis};
 
 use crate::error::{Error, Result};
 use crate::model::{Model, StateDict};
@@ -102,7 +103,9 @@ pub use mlp::Mlp;
 pub use mlp::MlpCache;
 pub use res_mlp::ResMlp;
 pub use res_mlp::ResMlpCache;
-pub use train::{LrSchedule, OptimizerConfig, TrainConfig, Trained, train, train_with};
+pub use train::{
+    LrSchedule, OptimizerConfig, TrainConfig, Trained, reset_running_stats, train, train_with,
+};
 
 /// How normalisation layers compute their statistics in a forward pass.
 ///
@@ -182,15 +185,53 @@ pub trait Network: Clone + Debug + Send + Sync {
         cache: &Self::Cache<T::Elem>,
         dlogits: ArrayView2<T::Elem>,
     ) -> Result<StateDict<T>>;
-    /// New values of the buffers after a training-mode forward pass (momentum update of
-    /// the running statistics); empty for networks without buffers or an
+    /// The batch statistics of a training-mode forward pass, keyed by the buffer they
+    /// feed (`blocks.{j}.norm.running_mean`: the batch mean; `...running_var`: the
+    /// unbiased batch variance); empty for networks without buffers or an
     /// evaluation-mode cache.
+    fn batch_statistics<S: Scalar>(&self, _cache: &Self::Cache<S>) -> Vec<(String, Array1<S>)> {
+        Vec::new()
+    }
+    /// New values of the buffers after a training-mode forward pass: the momentum update
+    /// `(1 - 0.1) * running + 0.1 * batch` of every statistic in
+    /// [`batch_statistics`](Network::batch_statistics).
+    ///
+    /// ```
+    /// use modelfusion::nn::{Mode, Network, ResMlp};
+    /// use modelfusion::{Model, StateDictF64};
+    /// let net = ResMlp::new(2, 2, 2, 1, 2)?;
+    /// let p: StateDictF64 = net.init(0);
+    /// let x = ndarray::array![[1.0, 0.0], [0.0, 1.0], [2.0, 2.0]];
+    /// let (_, cache) = net.forward(&p, x.view(), Mode::Train)?;
+    /// let update = net.running_stats_update(&p, &cache)?;
+    /// assert_eq!(update.len(), 2);
+    /// assert_eq!(update[0].0, "blocks.0.norm.running_mean");
+    /// let (_, eval_cache) = net.forward(&p, x.view(), Mode::Eval)?;
+    /// assert!(net.running_stats_update(&p, &eval_cache)?.is_empty());
+    /// # Ok::<(), modelfusion::Error>(())
+    /// ```
     fn running_stats_update<T: Tensor>(
         &self,
-        _params: &StateDict<T>,
-        _cache: &Self::Cache<T::Elem>,
+        params: &StateDict<T>,
+        cache: &Self::Cache<T::Elem>,
     ) -> Result<Vec<(String, T)>> {
-        Ok(Vec::new())
+        let m = T::Elem::from_f64_lossy(layers::BN_MOMENTUM);
+        let keep = T::Elem::from_f64_lossy(1.0 - layers::BN_MOMENTUM);
+        self.batch_statistics(cache)
+            .into_iter()
+            .map(|(name, batch)| {
+                let old = layers::param1(params, &name)?;
+                if old.len() != batch.len() {
+                    return Err(Error::shape(
+                        format!("buffer `{name}`"),
+                        &[batch.len()],
+                        old.shape(),
+                    ));
+                }
+                let new = &old * keep + batch * m;
+                Ok((name, T::from_array(new.into_dyn())))
+            })
+            .collect()
     }
     /// Features at every permutation group, `(samples, width)` each: the post-ReLU
     /// hidden units; for a residual stream, the stream after the stem and after every

@@ -1,6 +1,6 @@
 //! The residual MLP with batch normalisation.
 
-use ndarray::{Array2, ArrayD, ArrayView2, concatenate};
+use ndarray::{Array1, Array2, ArrayD, ArrayView2, concatenate};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
@@ -348,22 +348,15 @@ impl Network for ResMlp {
         Ok(out)
     }
 
-    fn running_stats_update<T: Tensor>(
-        &self,
-        params: &StateDict<T>,
-        cache: &ResMlpCache<T::Elem>,
-    ) -> Result<Vec<(String, T)>> {
+    fn batch_statistics<S: Scalar>(&self, cache: &ResMlpCache<S>) -> Vec<(String, Array1<S>)> {
         let mut out = Vec::new();
         for (j, bc) in cache.blocks.iter().enumerate() {
-            let pre = format!("blocks.{j}.norm");
-            let rm = param1(params, &format!("{pre}.running_mean"))?;
-            let rv = param1(params, &format!("{pre}.running_var"))?;
-            if let Some((m, v)) = layers::running_stats_update(rm, rv, &bc.norm) {
-                out.push((format!("{pre}.running_mean"), T::from_array(m.into_dyn())));
-                out.push((format!("{pre}.running_var"), T::from_array(v.into_dyn())));
+            if let Some((m, v)) = layers::batch_statistics(&bc.norm) {
+                out.push((format!("blocks.{j}.norm.running_mean"), m));
+                out.push((format!("blocks.{j}.norm.running_var"), v));
             }
         }
-        Ok(out)
+        out
     }
 
     fn group_features<S: Scalar>(&self, cache: &ResMlpCache<S>) -> Features<S> {

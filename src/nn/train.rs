@@ -2,7 +2,7 @@
 //! optional L2 weight decay, a constant or cosine learning-rate schedule, seeded
 //! shuffling.
 
-use ndarray::{ArrayD, Zip};
+use ndarray::{Array1, ArrayD, Zip};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
@@ -12,7 +12,7 @@ use crate::model::{Model, StateDict};
 use crate::tensor::{Scalar, Tensor};
 
 use super::data::Dataset;
-use super::layers::gather_rows;
+use super::layers::{convert_batch, gather_rows};
 use super::{Mode, Network};
 
 /// The optimiser and its hyperparameters. Build it with [`sgd`](OptimizerConfig::sgd),
@@ -486,6 +486,72 @@ pub fn train_with<N: Network, T: Tensor>(
         loss_history,
         accuracy_history,
     })
+}
+
+/// Recomputes every buffer (running statistic) of `params` from `data`: each batch runs
+/// forward with batch statistics, and each buffer becomes the sample-weighted mean of its
+/// batch statistics over the data set (PyTorch's cumulative average, `momentum=None`,
+/// weighted by batch size). This is the usual repair of batch-norm statistics after
+/// interpolating or merging networks. Every other parameter is returned unchanged, and a
+/// network without buffers gets `params` back as they are. A final batch of a single
+/// sample is skipped.
+///
+/// ```
+/// use modelfusion::nn::{data, reset_running_stats, Classification, Network, ResMlp};
+/// use modelfusion::{Model, StateDictF32};
+/// let d = data::digits()?.head(200);
+/// let net = ResMlp::new(64, 16, 32, 2, 10)?;
+/// let p: StateDictF32 = net.init(0);
+/// let fresh = reset_running_stats(&net, &p, &d, 50)?;
+/// assert_ne!(fresh.get("blocks.1.norm.running_var"), p.get("blocks.1.norm.running_var"));
+/// assert_eq!(fresh.get("blocks.1.fc1.weight"), p.get("blocks.1.fc1.weight"));
+/// # Ok::<(), modelfusion::Error>(())
+/// ```
+pub fn reset_running_stats<N: Network, T: Tensor>(
+    net: &N,
+    params: &StateDict<T>,
+    data: &Dataset,
+    batch_size: usize,
+) -> Result<StateDict<T>> {
+    super::data::check_batch_size(batch_size)?;
+    net.check_params(params)?;
+    check_data(net, data)?;
+    if !params.names().any(|n| net.is_buffer(n)) {
+        return Ok(params.clone());
+    }
+    let mut sums: Vec<(String, Array1<f64>)> = Vec::new();
+    let mut total = 0usize;
+    for (x, _) in data.batches(batch_size)? {
+        let n = x.nrows();
+        if n < 2 && data.len() >= 2 {
+            continue;
+        }
+        let x = convert_batch::<T::Elem>(x);
+        let (_, cache) = net.forward(params, x.view(), Mode::Train)?;
+        let stats = net.batch_statistics(&cache);
+        if sums.is_empty() {
+            sums = stats
+                .iter()
+                .map(|(name, s)| (name.clone(), Array1::zeros(s.len())))
+                .collect();
+        }
+        for ((_, acc), (_, s)) in sums.iter_mut().zip(&stats) {
+            acc.zip_mut_with(s, |a, &b| *a += b.to_f64_lossless() * n as f64);
+        }
+        total += n;
+    }
+    if total == 0 {
+        return Err(Error::invalid(
+            "data",
+            "recomputing batch statistics needs batches of at least 2 samples",
+        ));
+    }
+    let mut out = params.clone();
+    for (name, acc) in sums {
+        let value = acc.mapv(|v| T::Elem::from_f64_lossy(v / total as f64));
+        out.replace(&name, T::from_array(value.into_dyn()))?;
+    }
+    Ok(out)
 }
 
 /// Errors unless `data` fits `net`: non-empty, the right feature count, no more classes
