@@ -374,3 +374,29 @@ fn bad_inputs_are_clear_errors() {
     assert!(Mlp::new(&[3]).is_err());
     assert!(ResMlp::new(3, 4, 0, 1, 2).is_err());
 }
+
+#[test]
+fn results_do_not_depend_on_the_number_of_threads() {
+    let (_, res) = nets();
+    let data = random_dataset(50, 5, 3, 3);
+    let mut p: StateDictF32 = res.init(0);
+    randomise_running_stats(&res, &mut p, 2);
+    let task = Classification::new(&res, &data, 4).unwrap();
+    let run = || {
+        let (loss, grad) = task.loss_and_gradient(&p).unwrap();
+        (loss, grad, task.logits(&p).unwrap())
+    };
+    let parallel = rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build()
+        .unwrap()
+        .install(run);
+    let serial = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .unwrap()
+        .install(run);
+    assert_eq!(parallel.0.to_bits(), serial.0.to_bits());
+    assert_eq!(parallel.1, serial.1);
+    assert_eq!(parallel.2, serial.2);
+}

@@ -228,12 +228,13 @@ pub(crate) fn softmax_cross_entropy<S: Scalar>(
     Ok((total, grad, correct))
 }
 
-/// Index and value (as f64) of the largest entry; the first one on ties.
+/// Index and value (as f64) of the largest entry; the first one on ties. NaNs are
+/// ignored (a row of NaNs gives index 0 and negative infinity).
 pub(crate) fn argmax_row<S: Scalar>(row: ArrayView1<S>) -> (usize, f64) {
     let mut best = (0, f64::NEG_INFINITY);
     for (j, &z) in row.iter().enumerate() {
         let z = z.to_f64_lossless();
-        if z > best.1 || (j == 0 && z.is_nan()) {
+        if z > best.1 {
             best = (j, z);
         }
     }
