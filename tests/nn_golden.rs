@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 
-use modelfusion::nn::{Mlp, Mode, Network, data};
+use modelfusion::nn::{Architecture, Mlp, Mode, Network, data};
 use modelfusion::{Model, StateDict, StateDictF64};
 use ndarray::{Array2, ArrayD};
 
@@ -31,7 +31,7 @@ const N: usize = 8;
 fn golden_params() -> StateDictF64 {
     let net = Mlp::new(&SIZES).unwrap();
     StateDict::from_pairs(
-        net.param_shapes()
+        net.shapes()
             .into_iter()
             .enumerate()
             .map(|(m, (name, shape))| {

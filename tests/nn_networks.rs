@@ -4,7 +4,7 @@
 
 mod nn_common;
 
-use modelfusion::nn::{Classification, Mlp, Mode, Network, ResMlp};
+use modelfusion::nn::{Architecture, Classification, Mlp, Mode, Network, ResMlp};
 use modelfusion::{
     Activations, Error, Gradient, Model, Objective, StateDict, StateDictF32, StateDictF64,
 };
@@ -146,7 +146,7 @@ fn init_is_seeded_and_pytorch_like() {
     );
     assert_eq!(
         r.names().collect::<Vec<_>>(),
-        res.param_shapes()
+        res.shapes()
             .iter()
             .map(|(n, _)| n.as_str())
             .collect::<Vec<_>>()
@@ -238,7 +238,7 @@ fn group_features_and_layer_inputs_have_documented_keys_and_shapes() {
     assert_eq!(li["layers.1.weight"], f_of(&tm, &pm, 0, "hidden.0"));
     let lr = tr.layer_inputs().activations(&pr, 0).unwrap();
     let weights: Vec<String> = res
-        .param_shapes()
+        .shapes()
         .into_iter()
         .filter(|(_, s)| s.len() == 2)
         .map(|(n, _)| n)
@@ -247,12 +247,7 @@ fn group_features_and_layer_inputs_have_documented_keys_and_shapes() {
     sorted.sort();
     assert_eq!(lr.keys().cloned().collect::<Vec<_>>(), sorted);
     for (name, feats) in &lr {
-        let in_dim = res
-            .param_shapes()
-            .into_iter()
-            .find(|(n, _)| n == name)
-            .unwrap()
-            .1[1];
+        let in_dim = res.shapes().into_iter().find(|(n, _)| n == name).unwrap().1[1];
         assert_eq!(feats.dim(), (4, in_dim), "{name}");
     }
 }

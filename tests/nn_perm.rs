@@ -7,23 +7,23 @@ mod nn_common;
 
 use modelfusion::nn::{Mlp, Mode, Network, ResMlp};
 use modelfusion::perm::PermutationSet;
-use modelfusion::perm::specs::{self, Architecture, MlpShapes, ResMlpShapes};
+use modelfusion::perm::specs::{self, Architecture};
 use modelfusion::{Model, StateDictF32};
 use nn_common::*;
 use proptest::prelude::*;
 
 #[test]
-fn shapes_and_groups_match_the_ready_specs() {
+fn groups_match_the_ready_specs() {
     let mlp = Mlp::new(&[64, 32, 16, 10]).unwrap();
-    assert_eq!(
-        mlp.param_shapes(),
-        MlpShapes::new(&[64, 32, 16, 10]).unwrap().shapes()
-    );
     let res = ResMlp::new(64, 32, 48, 2, 10).unwrap();
-    assert_eq!(
-        res.param_shapes(),
-        ResMlpShapes::new(64, 32, 48, 2, 10).unwrap().shapes()
-    );
+    // The networks' specs are the ready ones, and their initialised state dicts fit them.
+    assert_eq!(mlp.spec(), specs::mlp(2));
+    assert_eq!(res.spec(), specs::res_mlp(2));
+    let pm: StateDictF32 = mlp.init(0);
+    let widths = specs::mlp(2).validate(&pm).unwrap();
+    for (g, w) in mlp.groups() {
+        assert_eq!(widths[&g], w, "{g}");
+    }
     for (net_groups, spec) in [
         (mlp.groups(), specs::mlp(mlp.num_hidden())),
         (res.groups(), specs::res_mlp(res.num_blocks())),

@@ -97,6 +97,8 @@ use crate::model::{Model, StateDict};
 use crate::objective::Features;
 use crate::tensor::{Scalar, Tensor};
 
+/// Re-exported: every [`Network`] is an [`Architecture`] (shapes and permutation spec).
+pub use crate::perm::specs::Architecture;
 pub use data::Dataset;
 pub use eval::{Classification, ErrorRate, Evaluation, LayerInputs};
 pub use mlp::Mlp;
@@ -127,8 +129,11 @@ pub enum Mode {
 /// batches. Implemented by [`Mlp`] and [`ResMlp`]; the objectives in this module are
 /// written once against it.
 ///
-/// Required methods describe the architecture (parameter shapes, buffers, permutation
-/// groups) and run one batch forward and backward. The provided ones validate
+/// A network is an [`Architecture`]: its parameter names and shapes
+/// ([`shapes`](Architecture::shapes), in state-dict order) and its permutation spec
+/// ([`spec`](Architecture::spec)). Required methods describe the rest of the
+/// architecture (buffers, permutation group widths) and run one batch forward and
+/// backward. The provided ones validate
 /// parameters and inputs, and compute logits and a batch's loss and gradient.
 ///
 /// ```
@@ -145,7 +150,7 @@ pub enum Mode {
 /// # use modelfusion::Model;
 /// # Ok::<(), modelfusion::Error>(())
 /// ```
-pub trait Network: Clone + Debug + Send + Sync {
+pub trait Network: Architecture + Clone + Debug + Send + Sync {
     /// What a forward pass keeps for the backward pass and for feature extraction.
     type Cache<S: Scalar>: Send;
 
@@ -155,8 +160,6 @@ pub trait Network: Clone + Debug + Send + Sync {
     fn input_dim(&self) -> usize;
     /// Number of output classes (logits).
     fn num_classes(&self) -> usize;
-    /// Every parameter's name and shape, in state-dict order.
-    fn param_shapes(&self) -> Vec<(String, Vec<usize>)>;
     /// Permutation groups `(name, width)`, in order.
     fn groups(&self) -> Vec<(String, usize)>;
     /// True for buffers: state-dict entries that are not trained by gradient (running
@@ -257,7 +260,7 @@ pub trait Network: Clone + Debug + Send + Sync {
     /// # Ok::<(), modelfusion::Error>(())
     /// ```
     fn check_params<T: Tensor>(&self, params: &StateDict<T>) -> Result<()> {
-        let expected = self.param_shapes();
+        let expected = self.shapes();
         for (name, shape) in &expected {
             let t = params.get(name).ok_or_else(|| Error::MissingParam {
                 name: name.clone(),
