@@ -395,3 +395,19 @@ fn results_do_not_depend_on_the_number_of_threads() {
     assert_eq!(parallel.1, serial.1);
     assert_eq!(parallel.2, serial.2);
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(16))]
+
+    /// By convexity of -ln, the ensemble's loss is at most the mean of its members'.
+    #[test]
+    fn ensemble_loss_is_at_most_the_mean_member_loss(s1 in 0u64..1000, s2 in 0u64..1000) {
+        let (mlp, _) = nets();
+        let data = random_dataset(20, 5, 3, s1 ^ s2);
+        let task = Classification::new(&mlp, &data, 8).unwrap();
+        let (a, b): (StateDictF64, StateDictF64) = (mlp.init(s1), mlp.init(s2));
+        let ens = task.evaluate_ensemble(&[&a, &b]).unwrap();
+        let mean = 0.5 * (task.loss(&a).unwrap() + task.loss(&b).unwrap());
+        prop_assert!(ens.loss <= mean + 1e-12, "{} > {}", ens.loss, mean);
+    }
+}

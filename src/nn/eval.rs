@@ -228,6 +228,48 @@ impl<'a, N: Network> Classification<'a, N> {
         concatenate(Axis(0), &views).map_err(|e| Error::invalid("logits", e.to_string()))
     }
 
+    /// Loss and accuracy of the output ensemble of `models`: the mean of their softmax
+    /// probabilities, the baseline every fusion is compared with. The loss is the mean of
+    /// `-ln p(label)` under the averaged probabilities.
+    ///
+    /// ```
+    /// use modelfusion::nn::{data, Classification, Mlp, Network};
+    /// use modelfusion::StateDictF32;
+    /// let (d, net) = (data::digits()?.head(50), Mlp::new(&[64, 10])?);
+    /// let task = Classification::new(&net, &d, 16)?;
+    /// let (a, b): (StateDictF32, StateDictF32) = (net.init(0), net.init(1));
+    /// let single = task.evaluate(&a)?;
+    /// let same = task.evaluate_ensemble(&[&a, &a])?;
+    /// assert!((single.loss - same.loss).abs() < 1e-5 && single.accuracy == same.accuracy);
+    /// assert!(task.evaluate_ensemble(&[&a, &b])?.loss < 3.0);
+    /// assert!(task.evaluate_ensemble::<ndarray::ArrayD<f32>>(&[]).is_err());
+    /// # Ok::<(), modelfusion::Error>(())
+    /// ```
+    pub fn evaluate_ensemble<T: Tensor>(&self, models: &[&StateDict<T>]) -> Result<Evaluation> {
+        if models.is_empty() {
+            return Err(Error::empty("the list of ensemble members"));
+        }
+        let n = self.data.len();
+        let mut probs = Array2::<f64>::zeros((n, self.net.num_classes()));
+        for model in models {
+            let logits = self.logits(model)?.mapv(|v| v.to_f64_lossless());
+            probs += &super::softmax(logits.view());
+        }
+        probs /= models.len() as f64;
+        let predictions = super::predict(probs.view());
+        let mut loss = 0.0;
+        let mut correct = 0;
+        for ((row, &label), &pred) in probs.outer_iter().zip(self.data.y()).zip(&predictions) {
+            loss -= row[label].max(f64::MIN_POSITIVE).ln();
+            correct += usize::from(pred == label);
+        }
+        Ok(Evaluation {
+            loss: self.finite(loss / n as f64)?,
+            accuracy: correct as f64 / n as f64,
+            samples: n,
+        })
+    }
+
     /// The mean loss and its gradient on one minibatch: batch `step % num_batches()`,
     /// cycling through the data set in order (shuffle it first with
     /// [`Dataset::shuffled`] for a random order). For stochastic training, e.g. as the
