@@ -49,6 +49,12 @@ fn main() -> Result<()> {
         );
         models.push(trained.params);
     }
+    let ens = eval.evaluate_ensemble(&[&models[0], &models[1]])?;
+    println!(
+        "output ensemble of both: test loss {:.4}, test accuracy {:.2}%",
+        ens.loss,
+        100.0 * ens.accuracy
+    );
     // A first look at why fusion needs alignment: the naive midpoint of the two models.
     let mid = models[0].lerp(&models[1], 0.5)?;
     let e = eval.evaluate(&mid)?;

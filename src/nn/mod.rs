@@ -11,7 +11,9 @@
 //! in PyTorch layout (a linear weight is `(out, in)`) and with PyTorch-style names, so
 //! the ready permutation specs [`perm::specs::mlp`](crate::perm::specs::mlp)`(num_hidden)`
 //! and [`perm::specs::res_mlp`](crate::perm::specs::res_mlp)`(num_blocks)` apply to them
-//! directly. The networks' methods are generic over the tensor type `T` (any
+//! directly; every network is an [`Architecture`], so `net.spec()` returns its spec and
+//! `net.shapes()` its parameter shapes. The networks' methods are generic over the
+//! tensor type `T` (any
 //! [`Tensor`]; usually `ArrayD<f32>`, or `ArrayD<f64>` for gradient checks), and the
 //! architecture value holds no weights: `net.init(seed)` makes a state dict, and every
 //! call takes one.
@@ -52,8 +54,9 @@
 //! [`Gradient`](crate::Gradient) and [`Activations`](crate::Activations) (features keyed
 //! by permutation group: post-ReLU units for `hidden.{i}` and `blocks.{j}.hidden`; for
 //! `residual`, the stream after the stem and after every block stacked as extra rows).
-//! It also gives the logits of the whole data set ([`Classification::logits`], for output
-//! ensembles with [`softmax`]), one minibatch's gradient
+//! It also gives the logits of the whole data set ([`Classification::logits`]), the
+//! output ensemble of several models ([`Classification::evaluate_ensemble`]: averaged
+//! [`softmax`] probabilities), one minibatch's gradient
 //! ([`Classification::minibatch_loss_and_gradient`], for stochastic training), the
 //! error rate ([`ErrorRate`], `1 - accuracy`, for barriers on the error) and the input of
 //! every linear layer keyed by its weight's name ([`LayerInputs`], for RegMean and
