@@ -217,3 +217,45 @@ fn reset_running_stats_averages_batch_statistics() {
     assert!(reset_running_stats(&res, &params, &one, 4).is_err());
     assert!(reset_running_stats(&res, &params, &data, 0).is_err());
 }
+
+#[test]
+fn tasks_with_reset_statistics_evaluate_the_reset_model() {
+    use modelfusion::nn::reset_running_stats;
+    use modelfusion::{Gradient, Objective};
+    let (train_set, test_set) = data::digits().unwrap().head(400).split(0.25, 0).unwrap();
+    let net = ResMlp::new(64, 16, 32, 2, 10).unwrap();
+    let config = TrainConfig::new(OptimizerConfig::adam(3e-3).unwrap(), 3, 32, 0).unwrap();
+    let a = train(
+        &net,
+        &net.init::<ndarray::ArrayD<f32>>(0),
+        &train_set,
+        &config,
+    )
+    .unwrap()
+    .params;
+    let b = train(
+        &net,
+        &net.init::<ndarray::ArrayD<f32>>(1),
+        &train_set,
+        &config,
+    )
+    .unwrap()
+    .params;
+    let mid = a.lerp(&b, 0.5).unwrap();
+    let plain = Classification::new(&net, &test_set, 64).unwrap();
+    let task = plain.clone().with_reset_stats(&train_set).unwrap();
+    let fresh = reset_running_stats(&net, &mid, &train_set, 64).unwrap();
+    assert_eq!(task.loss(&mid).unwrap(), plain.loss(&fresh).unwrap());
+    assert_eq!(task.logits(&mid).unwrap(), plain.logits(&fresh).unwrap());
+    assert_eq!(
+        task.error_rate().loss(&mid).unwrap(),
+        plain.error_rate().loss(&fresh).unwrap()
+    );
+    let (l1, g1) = task.loss_and_gradient(&mid).unwrap();
+    let (l2, g2) = plain.loss_and_gradient(&fresh).unwrap();
+    assert_eq!((l1, g1), (l2, g2));
+    assert_ne!(plain.loss(&mid).unwrap(), plain.loss(&fresh).unwrap());
+    // Data of the wrong width is refused.
+    let wide = random_dataset(10, 3, 3, 0);
+    assert!(plain.clone().with_reset_stats(&wide).is_err());
+}

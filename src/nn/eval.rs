@@ -1,6 +1,8 @@
 //! A network paired with a data set: the crate's objective traits for the reference
 //! networks.
 
+use std::borrow::Cow;
+
 use ndarray::{Array2, Axis, concatenate};
 use rayon::prelude::*;
 
@@ -11,7 +13,7 @@ use crate::tensor::{Scalar, Tensor};
 
 use super::data::{Dataset, check_batch_size};
 use super::layers::{convert_batch, softmax_cross_entropy};
-use super::train::check_data;
+use super::train::{check_data, reset_running_stats};
 use super::{ForwardPass, Mode, Network};
 
 /// A classification task: a network evaluated on a data set in minibatches.
@@ -47,6 +49,7 @@ pub struct Classification<'a, N> {
     data: &'a Dataset,
     batch_size: usize,
     mode: Mode,
+    reset_stats: Option<&'a Dataset>,
 }
 
 /// Loss and accuracy of a network on a data set.
@@ -91,6 +94,7 @@ impl<'a, N: Network> Classification<'a, N> {
             data,
             batch_size,
             mode: Mode::Eval,
+            reset_stats: None,
         })
     }
 
@@ -108,6 +112,32 @@ impl<'a, N: Network> Classification<'a, N> {
     pub fn with_mode(mut self, mode: Mode) -> Self {
         self.mode = mode;
         self
+    }
+
+    /// The same task, but every model is first given fresh running statistics computed
+    /// on `data` ([`reset_running_stats`](super::reset_running_stats), in this task's
+    /// batch size) before its loss, gradient, error rate or logits are computed: the
+    /// usual way to evaluate interpolated or merged networks with batch normalisation.
+    /// [`Activations`] read the model as given. Costs one extra pass over `data` per
+    /// evaluation; a no-op for networks without buffers. Errors when `data` does not fit
+    /// the network.
+    ///
+    /// ```
+    /// use modelfusion::nn::{data, Classification, Network, ResMlp};
+    /// use modelfusion::{Model, Objective, StateDictF32};
+    /// let d = data::digits()?.head(100);
+    /// let net = ResMlp::new(64, 16, 32, 1, 10)?;
+    /// let mut p: StateDictF32 = net.init(0);
+    /// p.get_mut("blocks.0.norm.running_var").unwrap().fill(100.0); // stale statistics
+    /// let plain = Classification::new(&net, &d, 50)?;
+    /// let reset = plain.clone().with_reset_stats(&d)?;
+    /// assert_ne!(plain.loss(&p)?, reset.loss(&p)?);
+    /// # Ok::<(), modelfusion::Error>(())
+    /// ```
+    pub fn with_reset_stats(mut self, data: &'a Dataset) -> Result<Self> {
+        check_data(self.net, data)?;
+        self.reset_stats = Some(data);
+        Ok(self)
     }
 
     /// The network.
@@ -169,6 +199,7 @@ impl<'a, N: Network> Classification<'a, N> {
     /// # Ok::<(), modelfusion::Error>(())
     /// ```
     pub fn evaluate<T: Tensor>(&self, params: &StateDict<T>) -> Result<Evaluation> {
+        let params = &*self.prepare(params)?;
         let (mut loss, mut correct) = (0.0, 0usize);
         self.ordered_batches(
             |b| {
@@ -216,6 +247,7 @@ impl<'a, N: Network> Classification<'a, N> {
     /// # Ok::<(), modelfusion::Error>(())
     /// ```
     pub fn logits<T: Tensor>(&self, params: &StateDict<T>) -> Result<Array2<T::Elem>> {
+        let params = &*self.prepare(params)?;
         let mut parts = Vec::with_capacity(self.num_batches());
         self.ordered_batches(
             |b| Ok(self.forward_batch(params, b)?.0),
@@ -293,6 +325,15 @@ impl<'a, N: Network> Classification<'a, N> {
         step: usize,
     ) -> Result<(f64, StateDict<T>)> {
         let b = step % self.num_batches().max(1);
+        self.batch_gradient(&*self.prepare(params)?, b)
+    }
+
+    /// The mean loss and gradient of batch `b` at `params` as given.
+    fn batch_gradient<T: Tensor>(
+        &self,
+        params: &StateDict<T>,
+        b: usize,
+    ) -> Result<(f64, StateDict<T>)> {
         let (x, y) = self.data.batch(b, self.batch_size)?;
         let x = convert_batch::<T::Elem>(x);
         let out = self
@@ -354,6 +395,19 @@ impl<'a, N: Network> Classification<'a, N> {
         self.net.forward(params, x.view(), self.mode)
     }
 
+    /// `params`, with fresh running statistics if the task resets them.
+    fn prepare<'m, T: Tensor>(&self, params: &'m StateDict<T>) -> Result<Cow<'m, StateDict<T>>> {
+        match self.reset_stats {
+            Some(data) => Ok(Cow::Owned(reset_running_stats(
+                self.net,
+                params,
+                data,
+                self.batch_size,
+            )?)),
+            None => Ok(Cow::Borrowed(params)),
+        }
+    }
+
     fn finite(&self, loss: f64) -> Result<f64> {
         if loss.is_finite() {
             Ok(loss)
@@ -397,10 +451,11 @@ impl<N: Network, T: Tensor> Gradient<StateDict<T>> for Classification<'_, N> {
         let n = self.data.len() as f64;
         let mut loss = 0.0;
         let mut total: Option<StateDict<T>> = None;
+        let model = &*self.prepare(model)?;
         self.ordered_batches(
             |b| {
                 let size = self.data.batch(b, self.batch_size)?.1.len() as f64;
-                let (batch_loss, grad) = self.minibatch_loss_and_gradient(model, b)?;
+                let (batch_loss, grad) = self.batch_gradient(model, b)?;
                 Ok((batch_loss, size, grad))
             },
             |(batch_loss, size, grad)| {

@@ -61,7 +61,8 @@
 //! error rate ([`ErrorRate`], `1 - accuracy`, for barriers on the error) and the input of
 //! every linear layer keyed by its weight's name ([`LayerInputs`], for RegMean and
 //! REPAIR). Normalisation uses running statistics unless switched to batch statistics
-//! with [`Classification::with_mode`].
+//! with [`Classification::with_mode`], or recomputed on data for every evaluated model
+//! with [`Classification::with_reset_stats`] (for interpolated or merged networks).
 //!
 //! [`train`] (or [`train_with`], with a per-epoch callback) runs minibatch SGD
 //! (momentum, Nesterov, weight decay) or Adam, with seeded shuffling, as configured by a
