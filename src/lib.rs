@@ -29,9 +29,11 @@ pub mod merge;
 pub mod model;
 pub mod objective;
 pub mod path;
+pub mod solve;
 pub mod tensor;
 
 pub use error::{Error, Result};
 pub use model::{Model, StateDict, StateDictF32, StateDictF64};
 pub use objective::{Activations, Features, Gradient, Objective};
+pub use solve::{Assignment, linear_sum_assignment};
 pub use tensor::{Scalar, Tensor};
