@@ -45,9 +45,11 @@ fn bench(c: &mut Criterion) {
             bch.iter(|| linear_sum_assignment(black_box(c.view()), false).unwrap())
         });
         let w = weight_matching(n, 3);
-        g.bench_with_input(BenchmarkId::new("weight_matching_max_f64", n), &w, |bch, c| {
-            bch.iter(|| linear_sum_assignment(black_box(c.view()), true).unwrap())
-        });
+        g.bench_with_input(
+            BenchmarkId::new("weight_matching_max_f64", n),
+            &w,
+            |bch, c| bch.iter(|| linear_sum_assignment(black_box(c.view()), true).unwrap()),
+        );
     }
     let r = uniform(1024, 2048, 4);
     g.bench_function("uniform_f64/1024x2048", |bch| {

@@ -16,7 +16,11 @@ fn clouds(n: usize, seed: u64) -> Array2<f64> {
     let x = Array2::<f64>::from_shape_fn((n, 64), |_| rng.sample(StandardNormal));
     let y = Array2::<f64>::from_shape_fn((n, 64), |_| rng.sample::<f64, _>(StandardNormal) + 0.5);
     let mut m = Array2::from_shape_fn((n, n), |(i, j)| {
-        x.row(i).iter().zip(y.row(j)).map(|(a, b)| (a - b) * (a - b)).sum::<f64>()
+        x.row(i)
+            .iter()
+            .zip(y.row(j))
+            .map(|(a, b)| (a - b) * (a - b))
+            .sum::<f64>()
     });
     let mx = m.iter().cloned().fold(0.0, f64::max);
     m /= mx;
@@ -32,21 +36,28 @@ fn bench(c: &mut Criterion) {
         for reg in [0.05, 0.01] {
             let s = Sinkhorn::builder().reg(reg).tol(1e-9).build().unwrap();
             for threads in [1, 2] {
-                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
                 g.bench_with_input(
                     BenchmarkId::new(format!("reg{reg}_threads{threads}"), n),
                     &m,
                     |bch, m| {
                         bch.iter(|| {
-                            pool.install(|| s.solve(u.view(), u.view(), black_box(m.view())).unwrap())
+                            pool.install(|| {
+                                s.solve(u.view(), u.view(), black_box(m.view())).unwrap()
+                            })
                         })
                     },
                 );
             }
         }
-        g.bench_with_input(BenchmarkId::new("operator_tau0.05_20it", n), &m, |bch, m| {
-            bch.iter(|| sinkhorn_operator(black_box(m.view()), 0.05, 20).unwrap())
-        });
+        g.bench_with_input(
+            BenchmarkId::new("operator_tau0.05_20it", n),
+            &m,
+            |bch, m| bch.iter(|| sinkhorn_operator(black_box(m.view()), 0.05, 20).unwrap()),
+        );
     }
     g.finish();
 }

@@ -29,7 +29,10 @@ fn read_npy(path: &str) -> Npy {
         )
     };
     let header = std::str::from_utf8(&bytes[start..start + hlen]).expect("ascii header");
-    assert!(header.contains("'fortran_order': False"), "{path}: need C order");
+    assert!(
+        header.contains("'fortran_order': False"),
+        "{path}: need C order"
+    );
     let shape_txt = header
         .split("'shape': (")
         .nth(1)
@@ -75,8 +78,17 @@ fn cpu_time() -> f64 {
     let Ok(s) = std::fs::read_to_string("/proc/self/stat") else {
         return f64::NAN;
     };
-    let f: Vec<&str> = s.rsplit(')').next().unwrap_or("").split_whitespace().collect();
-    let tick = |k: usize| f.get(k).and_then(|x| x.parse::<f64>().ok()).unwrap_or(f64::NAN);
+    let f: Vec<&str> = s
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let tick = |k: usize| {
+        f.get(k)
+            .and_then(|x| x.parse::<f64>().ok())
+            .unwrap_or(f64::NAN)
+    };
     (tick(11) + tick(12)) / 100.0
 }
 

@@ -32,13 +32,14 @@ fn brute_force(c: &Array2<f64>) -> f64 {
 
 /// Checks the scipy contract: rows sorted and distinct, columns distinct, min(n, m)
 /// pairs, and the reported total equals the sum of the chosen entries.
-fn check_structure<F: modelfusion::Scalar>(
-    c: &Array2<F>,
-    a: &modelfusion::Assignment<F>,
-) -> f64 {
+fn check_structure<F: modelfusion::Scalar>(c: &Array2<F>, a: &modelfusion::Assignment<F>) -> f64 {
     let (n, m) = c.dim();
     assert_eq!(a.len(), n.min(m));
-    assert!(a.rows.windows(2).all(|w| w[0] < w[1]), "rows sorted {:?}", a.rows);
+    assert!(
+        a.rows.windows(2).all(|w| w[0] < w[1]),
+        "rows sorted {:?}",
+        a.rows
+    );
     let mut cols = a.cols.clone();
     cols.sort_unstable();
     cols.dedup();
@@ -232,15 +233,18 @@ fn wrong_signed_infinity_is_rejected() {
     assert!(matches!(e, Error::NonFinite { .. }), "{e}");
     // but -inf is the forbidden marker when maximising
     let c = array![[1.0, f64::NEG_INFINITY], [0.0, 0.0]];
-    assert_eq!(linear_sum_assignment(c.view(), true).unwrap().cols, vec![0, 1]);
+    assert_eq!(
+        linear_sum_assignment(c.view(), true).unwrap().cols,
+        vec![0, 1]
+    );
 }
 
 #[test]
 fn infeasible_patterns_are_reported() {
     let inf = f64::INFINITY;
     let cases = [
-        array![[inf, inf], [1.0, 2.0]],                      // a row of inf
-        array![[inf, 1.0], [inf, 2.0]],                      // a column of inf
+        array![[inf, inf], [1.0, 2.0]], // a row of inf
+        array![[inf, 1.0], [inf, 2.0]], // a column of inf
         array![[1.0, inf, inf], [2.0, inf, inf], [3.0, 4.0, 5.0]], // Hall's condition
     ];
     for c in cases {
@@ -268,7 +272,13 @@ fn infeasible_patterns_are_reported() {
 #[test]
 fn huge_but_finite_costs_work() {
     let c = array![[1e300, -1e300], [-1e300, 1e300]];
-    assert_eq!(linear_sum_assignment(c.view(), false).unwrap().cols, vec![1, 0]);
+    assert_eq!(
+        linear_sum_assignment(c.view(), false).unwrap().cols,
+        vec![1, 0]
+    );
     let c = array![[f32::MAX, 0.0], [0.0, f32::MAX]];
-    assert_eq!(linear_sum_assignment(c.view(), false).unwrap().cols, vec![1, 0]);
+    assert_eq!(
+        linear_sum_assignment(c.view(), false).unwrap().cols,
+        vec![1, 0]
+    );
 }

@@ -20,7 +20,8 @@ fn random_problem(n: usize, m: usize, seed: u64) -> (Array1<f64>, Array1<f64>, A
 }
 
 fn marginal_l1(p: &Array2<f64>, a: &Array1<f64>, b: &Array1<f64>) -> f64 {
-    (&p.sum_axis(Axis(1)) - a).mapv(f64::abs).sum() + (&p.sum_axis(Axis(0)) - b).mapv(f64::abs).sum()
+    (&p.sum_axis(Axis(1)) - a).mapv(f64::abs).sum()
+        + (&p.sum_axis(Axis(0)) - b).mapv(f64::abs).sum()
 }
 
 proptest! {
@@ -61,7 +62,13 @@ proptest! {
 
 #[test]
 fn one_by_one_closed_form() {
-    let ot = sinkhorn(array![2.0f64].view(), array![2.0].view(), array![[0.7]].view(), 0.3).unwrap();
+    let ot = sinkhorn(
+        array![2.0f64].view(),
+        array![2.0].view(),
+        array![[0.7]].view(),
+        0.3,
+    )
+    .unwrap();
     assert!((ot.plan[[0, 0]] - 2.0).abs() < 1e-12);
     assert!((ot.cost - 1.4).abs() < 1e-12);
     // f + g = reg ln 2 + M
@@ -86,7 +93,11 @@ fn two_by_two_closed_form() {
         let s = Sinkhorn::builder().reg(reg).tol(1e-13).build().unwrap();
         let ot = s.solve(a.view(), b.view(), m.view()).unwrap();
         assert!(ot.converged);
-        assert!((&ot.plan - &want).mapv(f64::abs).sum() < 1e-11, "reg {reg}: {:?} vs {want:?}", ot.plan);
+        assert!(
+            (&ot.plan - &want).mapv(f64::abs).sum() < 1e-11,
+            "reg {reg}: {:?} vs {want:?}",
+            ot.plan
+        );
     }
 }
 
@@ -102,12 +113,20 @@ fn converges_to_exact_ot_as_reg_shrinks() {
     let u = Array1::from_elem(n, 1.0 / n as f64);
     let mut gaps = Vec::new();
     for reg in [0.1, 0.03, 0.01, 0.003, 0.001] {
-        let s = Sinkhorn::builder().reg(reg).tol(1e-7).max_iter(100_000).build().unwrap();
+        let s = Sinkhorn::builder()
+            .reg(reg)
+            .tol(1e-7)
+            .max_iter(100_000)
+            .build()
+            .unwrap();
         let ot = s.solve(u.view(), u.view(), c.view()).unwrap();
         assert!(ot.error < 1e-5, "reg {reg}: error {}", ot.error);
         let gap = ot.cost - exact;
         assert!(gap > -1e-5, "entropic cost below the exact optimum: {gap}");
-        assert!(gap <= 2.0 * reg * (n as f64).ln() + 1e-5, "reg {reg}: gap {gap}");
+        assert!(
+            gap <= 2.0 * reg * (n as f64).ln() + 1e-5,
+            "reg {reg}: gap {gap}"
+        );
         gaps.push(gap);
     }
     assert!(gaps.windows(2).all(|w| w[1] <= w[0] + 1e-5), "{gaps:?}");
@@ -121,19 +140,33 @@ fn stable_at_tiny_reg_on_a_larger_problem() {
     let c = Array2::from_shape_fn((n, n), |_| rng.random::<f64>());
     let u = Array1::from_elem(n, 1.0 / n as f64);
     // K = exp(-M / reg) underflows almost entirely in f64 at this reg
-    let s = Sinkhorn::builder().reg(1e-3).tol(1e-4).max_iter(20_000).build().unwrap();
+    let s = Sinkhorn::builder()
+        .reg(1e-3)
+        .tol(1e-4)
+        .max_iter(20_000)
+        .build()
+        .unwrap();
     let ot = s.solve(u.view(), u.view(), c.view()).unwrap();
     assert!(ot.plan.iter().all(|x| x.is_finite() && *x >= 0.0));
     assert!(ot.f.iter().chain(ot.g.iter()).all(|x| x.is_finite()));
     assert!(ot.converged, "error {}", ot.error);
     let exact = exact_ot_uniform(c.view()).unwrap().cost;
-    assert!((ot.cost - exact).abs() < 2e-3 * (n as f64).ln(), "{} vs {exact}", ot.cost);
+    assert!(
+        (ot.cost - exact).abs() < 2e-3 * (n as f64).ln(),
+        "{} vs {exact}",
+        ot.cost
+    );
 }
 
 #[test]
 fn iteration_cap_is_reported_not_an_error() {
     let (a, b, c) = random_problem(10, 10, 5);
-    let s = Sinkhorn::builder().reg(0.01).tol(1e-14).max_iter(3).build().unwrap();
+    let s = Sinkhorn::builder()
+        .reg(0.01)
+        .tol(1e-14)
+        .max_iter(3)
+        .build()
+        .unwrap();
     let ot = s.solve(a.view(), b.view(), c.view()).unwrap();
     assert!(!ot.converged);
     assert_eq!(ot.iterations, 3);
@@ -168,7 +201,11 @@ fn zero_mass_points_get_no_mass() {
 #[test]
 fn f32_inputs_give_f32_outputs() {
     let (a, b, c) = random_problem(6, 7, 1);
-    let (a, b, c) = (a.mapv(|x| x as f32), b.mapv(|x| x as f32), c.mapv(|x| x as f32));
+    let (a, b, c) = (
+        a.mapv(|x| x as f32),
+        b.mapv(|x| x as f32),
+        c.mapv(|x| x as f32),
+    );
     let ot = sinkhorn(a.view(), b.view(), c.view(), 0.1).unwrap();
     let p64 = ot.plan.mapv(f64::from);
     assert!(marginal_l1(&p64, &a.mapv(f64::from), &b.mapv(f64::from)) < 1e-6);
@@ -186,7 +223,10 @@ fn unbalanced_matches_its_fixed_point() {
     // row sums r_i = u_i (K v)_i; fixed point: ln u = phi (ln a - ln Kv) => r = a^phi u^(1-1/phi) ...
     // equivalently f_i = phi * (reg ln a_i - reg ln sum_j exp((g_j - M_ij)/reg))
     for i in 0..9 {
-        let lse: f64 = (0..6).map(|j| ((ot.g[j] - c[[i, j]]) / reg).exp()).sum::<f64>().ln();
+        let lse: f64 = (0..6)
+            .map(|j| ((ot.g[j] - c[[i, j]]) / reg).exp())
+            .sum::<f64>()
+            .ln();
         let want = phi * reg * (a[i].ln() - lse);
         assert!((ot.f[i] - want).abs() < 1e-6, "{} vs {want}", ot.f[i]);
     }
@@ -240,9 +280,15 @@ fn thread_count_does_not_change_results() {
     assert_eq!(p1.iterations, p2.iterations);
     assert_eq!(p1.plan, p2.plan);
     assert_eq!(p1.f, p2.f);
-    let o1 = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap()
+    let o1 = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .unwrap()
         .install(|| sinkhorn_operator(c.view(), 0.05, 10).unwrap());
-    let o2 = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap()
+    let o2 = rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build()
+        .unwrap()
         .install(|| sinkhorn_operator(c.view(), 0.05, 10).unwrap());
     assert_eq!(o1, o2);
 }
@@ -265,11 +311,23 @@ fn bad_parameters_are_rejected_by_the_builder() {
         let e = Sinkhorn::builder().reg_m(rm).build().unwrap_err();
         assert!(e.to_string().contains("`reg_m`"), "{e}");
     }
-    let e = sinkhorn(array![1.0].view(), array![1.0].view(), array![[1.0]].view(), 0.0).unwrap_err();
+    let e = sinkhorn(
+        array![1.0].view(),
+        array![1.0].view(),
+        array![[1.0]].view(),
+        0.0,
+    )
+    .unwrap_err();
     assert!(matches!(e, Error::InvalidParameter { .. }));
     let s = array![[1.0]];
-    assert!(matches!(sinkhorn_operator(s.view(), 0.0, 5), Err(Error::InvalidParameter { .. })));
-    assert!(matches!(sinkhorn_operator(s.view(), 1.0, 0), Err(Error::InvalidParameter { .. })));
+    assert!(matches!(
+        sinkhorn_operator(s.view(), 0.0, 5),
+        Err(Error::InvalidParameter { .. })
+    ));
+    assert!(matches!(
+        sinkhorn_operator(s.view(), 1.0, 0),
+        Err(Error::InvalidParameter { .. })
+    ));
 }
 
 #[test]
@@ -278,34 +336,62 @@ fn bad_inputs_are_rejected() {
     let (a, b, c) = random_problem(3, 4, 0);
     // mismatched marginal lengths
     let e = s.solve(b.view(), b.view(), c.view()).unwrap_err();
-    assert!(matches!(e, Error::ShapeMismatch { .. }) && e.to_string().contains("`a`"), "{e}");
+    assert!(
+        matches!(e, Error::ShapeMismatch { .. }) && e.to_string().contains("`a`"),
+        "{e}"
+    );
     let e = s.solve(a.view(), a.view(), c.view()).unwrap_err();
-    assert!(matches!(e, Error::ShapeMismatch { .. }) && e.to_string().contains("`b`"), "{e}");
+    assert!(
+        matches!(e, Error::ShapeMismatch { .. }) && e.to_string().contains("`b`"),
+        "{e}"
+    );
     // empty
     let e = s
-        .solve(Array1::<f64>::zeros(0).view(), b.view(), Array2::zeros((0, 4)).view())
+        .solve(
+            Array1::<f64>::zeros(0).view(),
+            b.view(),
+            Array2::zeros((0, 4)).view(),
+        )
         .unwrap_err();
     assert!(matches!(e, Error::Empty { .. }), "{e}");
     // NaN / inf in the cost
     let mut cn = c.clone();
     cn[[1, 2]] = f64::NAN;
     let e = s.solve(a.view(), b.view(), cn.view()).unwrap_err();
-    assert!(matches!(e, Error::NonFinite { .. }) && e.to_string().contains("[1, 2]"), "{e}");
+    assert!(
+        matches!(e, Error::NonFinite { .. }) && e.to_string().contains("[1, 2]"),
+        "{e}"
+    );
     cn[[1, 2]] = f64::INFINITY;
-    assert!(matches!(s.solve(a.view(), b.view(), cn.view()), Err(Error::NonFinite { .. })));
+    assert!(matches!(
+        s.solve(a.view(), b.view(), cn.view()),
+        Err(Error::NonFinite { .. })
+    ));
     // NaN / inf / negative in the marginals
     let mut an = a.clone();
     an[0] = f64::NAN;
-    assert!(matches!(s.solve(an.view(), b.view(), c.view()), Err(Error::NonFinite { .. })));
+    assert!(matches!(
+        s.solve(an.view(), b.view(), c.view()),
+        Err(Error::NonFinite { .. })
+    ));
     an[0] = f64::INFINITY;
-    assert!(matches!(s.solve(an.view(), b.view(), c.view()), Err(Error::NonFinite { .. })));
+    assert!(matches!(
+        s.solve(an.view(), b.view(), c.view()),
+        Err(Error::NonFinite { .. })
+    ));
     let mut bn = b.clone();
     bn[1] = -0.1;
     let e = s.solve(a.view(), bn.view(), c.view()).unwrap_err();
-    assert!(matches!(e, Error::InvalidParameter { .. }) && e.to_string().contains(">= 0"), "{e}");
+    assert!(
+        matches!(e, Error::InvalidParameter { .. }) && e.to_string().contains(">= 0"),
+        "{e}"
+    );
     // zero total mass
     let z = Array1::<f64>::zeros(3);
-    assert!(matches!(s.solve(z.view(), b.view(), c.view()), Err(Error::InvalidParameter { .. })));
+    assert!(matches!(
+        s.solve(z.view(), b.view(), c.view()),
+        Err(Error::InvalidParameter { .. })
+    ));
     // unequal masses in the balanced problem (but fine unbalanced)
     let a2 = &a * 2.0;
     let e = s.solve(a2.view(), b.view(), c.view()).unwrap_err();
@@ -328,6 +414,12 @@ fn bad_inputs_are_rejected() {
         Err(Error::NonFinite { .. })
     ));
     // operator: empty and NaN
-    assert!(matches!(sinkhorn_operator(Array2::<f64>::zeros((0, 2)).view(), 1.0, 3), Err(Error::Empty { .. })));
-    assert!(matches!(sinkhorn_operator(cn.view(), 1.0, 3), Err(Error::NonFinite { .. })));
+    assert!(matches!(
+        sinkhorn_operator(Array2::<f64>::zeros((0, 2)).view(), 1.0, 3),
+        Err(Error::Empty { .. })
+    ));
+    assert!(matches!(
+        sinkhorn_operator(cn.view(), 1.0, 3),
+        Err(Error::NonFinite { .. })
+    ));
 }

@@ -43,7 +43,7 @@ def cpu_per_call(fn, reps):
 
 
 def reps_for(n):
-    return 30 if n <= 256 else 5 if n <= 1024 else 3 if n <= 2048 else 2
+    return 400 if n <= 256 else 20 if n <= 1024 else 4 if n <= 2048 else 2
 
 
 def lap_peers(c, maximize, reps):

@@ -377,8 +377,11 @@ impl Sinkhorn {
             simd::best(),
         );
         Ok(TransportPlan {
-            plan: Array2::from_shape_vec((n, m), out.plan.into_iter().map(F::from_f64_lossy).collect())
-                .expect("n x m entries"),
+            plan: Array2::from_shape_vec(
+                (n, m),
+                out.plan.into_iter().map(F::from_f64_lossy).collect(),
+            )
+            .expect("n x m entries"),
             f: out.f.into_iter().map(F::from_f64_lossy).collect(),
             g: out.g.into_iter().map(F::from_f64_lossy).collect(),
             cost: out.cost,
@@ -685,6 +688,43 @@ fn dot(x: &[f64], y: &[f64]) -> f64 {
     acc[0] + s
 }
 
+/// [`dot`] with AVX2 + FMA: four independent 4-wide accumulators (LLVM's own
+/// vectorisation of the reduction stays at 128 bits).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+fn dot_avx2(x: &[f64], y: &[f64]) -> f64 {
+    use std::arch::x86_64::{
+        _mm256_add_pd, _mm256_fmadd_pd, _mm256_loadu_pd, _mm256_setzero_pd, _mm256_storeu_pd,
+    };
+    let n = x.len().min(y.len());
+    let split = n - n % 16;
+    let (x, y) = (&x[..n], &y[..n]);
+    let mut acc = [_mm256_setzero_pd(); 4];
+    for c0 in (0..split).step_by(16) {
+        for (q, a) in acc.iter_mut().enumerate() {
+            let o = c0 + 4 * q;
+            // SAFETY: o + 4 <= split <= n = len of both slices.
+            let (vx, vy) = unsafe {
+                (
+                    _mm256_loadu_pd(x.as_ptr().add(o)),
+                    _mm256_loadu_pd(y.as_ptr().add(o)),
+                )
+            };
+            *a = _mm256_fmadd_pd(vx, vy, *a);
+        }
+    }
+    let sum = _mm256_add_pd(_mm256_add_pd(acc[0], acc[1]), _mm256_add_pd(acc[2], acc[3]));
+    let mut t = [0.0; 4];
+    // SAFETY: `t` holds exactly four f64.
+    unsafe { _mm256_storeu_pd(t.as_mut_ptr(), sum) };
+    let mut s = (t[0] + t[1]) + (t[2] + t[3]);
+    for j in split..n {
+        s += x[j] * y[j];
+    }
+    s
+}
+
 /// Output of one fused pass over a block of rows.
 struct BlockOut {
     /// `sum_i |u_old_i (K v)_i - a_i|` (balanced) or `max_i |ln u_new - ln u_old|`.
@@ -700,6 +740,7 @@ struct BlockOut {
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn fused_block(
+    dot: impl Fn(&[f64], &[f64]) -> f64,
     k: &[f64],
     v: &[f64],
     a: &[f64],
@@ -726,7 +767,11 @@ fn fused_block(
             u_new[i] = 0.0;
             continue;
         }
-        let ui = if phi == 1.0 { ai / s } else { (ai / s).powf(phi) };
+        let ui = if phi == 1.0 {
+            ai / s
+        } else {
+            (ai / s).powf(phi)
+        };
         if !(ui.is_finite() && ui > 0.0) {
             out.bad = true;
             u_new[i] = ui;
@@ -769,13 +814,23 @@ fn fused_block_isa(
         phi: f64,
         balanced: bool,
     ) -> BlockOut {
-        fused_block(k, v, a, u_old, u_new, partial, phi, balanced)
+        fused_block(
+            |x, y| dot_avx2(x, y),
+            k,
+            v,
+            a,
+            u_old,
+            u_new,
+            partial,
+            phi,
+            balanced,
+        )
     }
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `Isa::Avx2` is only produced after runtime detection of AVX2 and FMA.
         Isa::Avx2 => unsafe { avx2(k, v, a, u_old, u_new, partial, phi, balanced) },
-        Isa::Portable => fused_block(k, v, a, u_old, u_new, partial, phi, balanced),
+        Isa::Portable => fused_block(dot, k, v, a, u_old, u_new, partial, phi, balanced),
     }
 }
 
@@ -989,7 +1044,11 @@ impl Stage<'_, '_> {
         let mut bad = false;
         for o in &outs {
             bad |= o.bad;
-            err = if balanced { err + o.err } else { err.max(o.err) };
+            err = if balanced {
+                err + o.err
+            } else {
+                err.max(o.err)
+            };
             spread = spread.max(o.spread);
         }
         if balanced && err <= tol {
@@ -1012,7 +1071,11 @@ impl Stage<'_, '_> {
                 self.v_next[j] = 0.0;
                 continue;
             }
-            let vj = if phi == 1.0 { bj / t } else { (bj / t).powf(phi) };
+            let vj = if phi == 1.0 {
+                bj / t
+            } else {
+                (bj / t).powf(phi)
+            };
             if !(vj.is_finite() && vj > 0.0) {
                 self.absorb();
                 self.log_step();
@@ -1071,7 +1134,9 @@ fn solve_f64(
         let (lo, hi) = pr
             .cost
             .iter()
-            .fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), &c| (l.min(c), h.max(c)));
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), &c| {
+                (l.min(c), h.max(c))
+            });
         let mut r = hi - lo;
         while r > p.reg {
             regs.push(r);
@@ -1108,7 +1173,11 @@ fn solve_f64(
             st.reg = reg;
             st.reset_kernel();
         }
-        let tol = if last { p.tol } else { p.tol.max(STAGE_TOL * mass) };
+        let tol = if last {
+            p.tol
+        } else {
+            p.tol.max(STAGE_TOL * mass)
+        };
         while iterations < p.max_iter {
             match st.iterate(tol) {
                 Step::Done(e) => {
@@ -1155,5 +1224,9 @@ fn marginal_error(plan: &[f64], pr: &Problem) -> f64 {
         }
         e += (s - ai).abs();
     }
-    e + cols.iter().zip(pr.b).map(|(c, b)| (c - b).abs()).sum::<f64>()
+    e + cols
+        .iter()
+        .zip(pr.b)
+        .map(|(c, b)| (c - b).abs())
+        .sum::<f64>()
 }
