@@ -455,7 +455,7 @@ impl<'a, W: Scalar> Kernel<'a, W> {
         for i in 0..n {
             col_min_update(self.row(i), &mut self.v, &mut imin, i as u32);
         }
-        if let Some(j) = self.v.iter().position(|&x| !(x < W::infinity())) {
+        if let Some(j) = self.v.iter().position(|&x| x == W::infinity()) {
             return Err(infeasible(format!("column {j} has only +inf entries")));
         }
         let mut matches = vec![0u32; n];
@@ -481,7 +481,7 @@ impl<'a, W: Scalar> Kernel<'a, W> {
                 let j1 = self.rowsol[i] as usize;
                 let mu = min_reduced_excluding(self.row(i), &self.v, j1);
                 if mu < W::infinity() {
-                    self.v[j1] = self.v[j1] - mu;
+                    self.v[j1] -= mu;
                 }
             }
         }
@@ -513,7 +513,7 @@ impl<'a, W: Scalar> Kernel<'a, W> {
             let iu = i as usize;
             let row = self.row(iu);
             let (u1, u2) = two_smallest_reduced(row, &self.v);
-            if !(u1 < W::infinity()) {
+            if u1 == W::infinity() {
                 return Err(infeasible(format!("row {i} has only +inf entries")));
             }
             let j1 = first_reduced_eq(row, &self.v, u1, usize::MAX);
@@ -522,7 +522,7 @@ impl<'a, W: Scalar> Kernel<'a, W> {
             let strict = u1 < u2;
             if strict {
                 if u2 < W::infinity() {
-                    self.v[j1] = self.v[j1] - (u2 - u1);
+                    self.v[j1] -= u2 - u1;
                 }
             } else if i0 != NONE {
                 j = first_reduced_eq(row, &self.v, u2, j1);
@@ -556,7 +556,7 @@ impl<'a, W: Scalar> Kernel<'a, W> {
         let sink = loop {
             if ws.stack.is_empty() {
                 level = m;
-                if !(m < inf) {
+                if m == inf {
                     // restore the duals of the settled columns before failing
                     for &(j, vj, _) in &ws.done {
                         self.v[j as usize] = vj;

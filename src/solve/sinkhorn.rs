@@ -599,17 +599,14 @@ struct Solution {
     converged: bool,
 }
 
-/// Runs `op(block_index, first_row, rows)` over the fixed row blocks, in parallel when
+/// Runs `op(first_row, rows)` over the fixed row blocks, in parallel when
 /// the problem is large; results are returned in block order.
-fn for_blocks<T: Send>(
-    pr: &Problem,
-    op: impl Fn(usize, usize, usize) -> T + Sync + Send,
-) -> Vec<T> {
+fn for_blocks<T: Send>(pr: &Problem, op: impl Fn(usize, usize) -> T + Sync + Send) -> Vec<T> {
     let br = pr.block_rows();
     let nb = pr.n.div_ceil(br);
     let run = |k: usize| {
         let r0 = k * br;
-        op(k, r0, br.min(pr.n - r0))
+        op(r0, br.min(pr.n - r0))
     };
     if pr.parallel() {
         (0..nb).into_par_iter().map(run).collect()
@@ -903,11 +900,10 @@ fn lse_update_g(pr: &Problem, f: &[f64], g: &mut [f64], reg: f64, phi: f64, isa:
     let m = pr.m;
     let inv = 1.0 / reg;
     // pass 1: column maxima of (f_i - M_ij) / reg
-    let maxes = for_blocks(pr, |_, r0, nr| {
+    let maxes = for_blocks(pr, |r0, nr| {
         let mut mx = vec![f64::NEG_INFINITY; m];
-        for i in r0..r0 + nr {
-            let row = &pr.cost[i * m..(i + 1) * m];
-            let fi = f[i];
+        let rows = &pr.cost[r0 * m..(r0 + nr) * m];
+        for (row, &fi) in rows.chunks_exact(m).zip(&f[r0..r0 + nr]) {
             for (x, &c) in mx.iter_mut().zip(row) {
                 *x = x.max((fi - c) * inv);
             }
@@ -938,7 +934,7 @@ fn lse_update_g(pr: &Problem, f: &[f64], g: &mut [f64], reg: f64, phi: f64, isa:
     fn sums_avx2(rows: &[f64], f: &[f64], colmax: &[f64], inv: f64, s: &mut [f64]) {
         sums_body(rows, f, colmax, inv, s)
     }
-    let partials = for_blocks(pr, |_, r0, nr| {
+    let partials = for_blocks(pr, |r0, nr| {
         let mut s = vec![0.0; m];
         let rows = &pr.cost[r0 * m..(r0 + nr) * m];
         let fb = &f[r0..r0 + nr];
