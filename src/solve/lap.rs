@@ -11,8 +11,13 @@ use crate::{Error, Result, Scalar};
 const NONE: u32 = u32::MAX;
 /// Independent accumulators in the vectorised loops (a multiple of every SIMD width used).
 const LANES: usize = 16;
-/// Row visits allowed per augmenting-row-reduction pass, as a multiple of the rows.
-const ARR_BUDGET: usize = 8;
+/// Row visits allowed per augmenting-row-reduction pass: `n * clamp(n / 512, 1/2, 8)`.
+/// Augmenting row reduction is an auction that settles most rows cheaply but can take
+/// many steps for the last ones; measured here, a small budget is best at n = 256 and a
+/// large one at n = 4096, where each Dijkstra search it saves costs more.
+fn arr_budget(n: usize) -> usize {
+    (n * n / 512).clamp(n / 2, 8 * n).max(16)
+}
 
 /// The solution of a linear assignment problem, in the shape of scipy's
 /// `linear_sum_assignment`: `rows` is sorted ascending and `cols[k]` is the column
@@ -491,7 +496,7 @@ impl<'a, W: Scalar> Kernel<'a, W> {
     /// One pass of augmenting row reduction; returns the rows still free.
     #[inline(always)]
     fn augmenting_row_reduction(&mut self, free: &[u32]) -> Result<Vec<u32>> {
-        let budget = ARR_BUDGET * self.rowsol.len().max(16);
+        let budget = arr_budget(self.rowsol.len());
         let mut steps = 0usize;
         let mut next = Vec::new();
         let mut k = 0;
