@@ -110,8 +110,10 @@ impl<F: Scalar> Assignment<F> {
 /// otherwise every column. Forbidden pairs are written as `+inf` (or `-inf` when
 /// maximising).
 ///
-/// `f32` matrices are solved in `f32`; integer-valued costs (up to about `2^24 / n` in
-/// `f32`, `2^53 / n` in `f64`) are solved exactly.
+/// `f32` matrices are solved in `f32`; large square `f64` matrices are presolved in
+/// `f32` and repaired to the exact `f64` optimum (see the [module docs](crate::solve)).
+/// Integer-valued costs (up to about `2^24 / n` in `f32`, `2^53 / n` in `f64`) are
+/// solved exactly.
 ///
 /// # Errors
 /// - [`Error::Empty`] if the matrix has no rows or no columns;
