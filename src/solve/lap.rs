@@ -240,12 +240,17 @@ pub(crate) fn lsa_with<F: Scalar>(
     let transpose = nr > nc;
     let (kr, kc) = if transpose { (nc, nr) } else { (nr, nc) };
     let buf = working_matrix(&cost, maximize, transpose);
-    let warm = if F::NAME == "f64" && kr == kc && kr >= PRESOLVE_MIN {
+    let presolved = if F::NAME == "f64" && kr == kc && kr >= PRESOLVE_MIN {
         presolve_f32(&buf, kr, isa)
     } else {
         None
     };
-    let (rowsol, _) = run_kernel(isa, &buf, kr, kc, warm)?;
+    let rowsol = match presolved {
+        // small integers: the f32 solve was exact arithmetic, nothing to repair
+        Some((warm, true)) => warm.0,
+        Some((warm, false)) => run_kernel(isa, &buf, kr, kc, Some(warm))?.0,
+        None => run_kernel(isa, &buf, kr, kc, None)?.0,
+    };
     drop(buf);
     let pairs: Vec<(usize, usize)> = if transpose {
         // kernel row = original column, kernel column = original row
@@ -358,23 +363,33 @@ type Warm<W> = (Vec<u32>, Vec<W>);
 /// whose assigned column is not a minimiser of its `f64` reduced costs is freed and
 /// re-augmented, so the final answer is exactly optimal for the `f64` matrix while
 /// most of the work ran on the half-size copy. `None` when the values do not fit in
-/// `f32` or the rounded problem fails.
-fn presolve_f32<F: Scalar>(c: &[F], n: usize, isa: Isa) -> Option<Warm<F>> {
-    let mut c32 = Vec::with_capacity(c.len());
-    for &x in c {
-        let y = x.to_f64_lossless() as f32;
-        if y.is_infinite() && x.is_finite() {
-            return None;
-        }
-        c32.push(y);
+/// `f32` or the rounded problem fails. The flag is `true` when every finite cost is an
+/// integer small enough (`4 n max|c| < 2^24`) that the `f32` solve ran in exact
+/// arithmetic: its answer is then already the exact optimum.
+fn presolve_f32<F: Scalar>(c: &[F], n: usize, isa: Isa) -> Option<(Warm<F>, bool)> {
+    // one branch-free (vectorised) pass: convert, and collect the flags
+    const ROUND: f64 = 6_755_399_441_055_744.0; // x + ROUND - ROUND rounds |x| < 2^51
+    let mut c32 = vec![0.0f32; c.len()];
+    let (mut overflow, mut integral, mut max_abs) = (false, true, 0.0f64);
+    for (y, &x) in c32.iter_mut().zip(c) {
+        let xf = x.to_f64_lossless();
+        *y = xf as f32;
+        let finite = xf.is_finite();
+        overflow |= finite & y.is_infinite();
+        integral &= !finite | ((xf + ROUND) - ROUND == xf);
+        let a = if finite { xf.abs() } else { 0.0 };
+        max_abs = if a > max_abs { a } else { max_abs };
+    }
+    if overflow {
+        return None;
     }
     let (rowsol, v32) = run_kernel(isa, &c32, n, n, None).ok()?;
-    Some((
-        rowsol,
-        v32.into_iter()
-            .map(|x| F::from_f64_lossy(f64::from(x)))
-            .collect(),
-    ))
+    let exact = integral && 4.0 * n as f64 * max_abs < f64::from(1u32 << 24);
+    let v = v32
+        .into_iter()
+        .map(|x| F::from_f64_lossy(f64::from(x)))
+        .collect();
+    Some(((rowsol, v), exact))
 }
 
 /// Runs the kernel compiled for `isa`; returns the column of every row and the duals.
@@ -708,22 +723,7 @@ fn lane_min<W: Scalar>(acc: &[W; LANES]) -> W {
 /// `min_j (row[j] - v[j])`.
 #[inline(always)]
 fn min_reduced<W: Scalar>(row: &[W], v: &[W]) -> W {
-    let mut acc = [W::infinity(); LANES];
-    let rc = row.chunks_exact(LANES);
-    let vc = v.chunks_exact(LANES);
-    let (rr, vr) = (rc.remainder(), vc.remainder());
-    for (r, vv) in rc.zip(vc) {
-        for l in 0..LANES {
-            let x = r[l] - vv[l];
-            acc[l] = if x < acc[l] { x } else { acc[l] };
-        }
-    }
-    let mut m = lane_min(&acc);
-    for (&r, &vv) in rr.iter().zip(vr) {
-        let x = r - vv;
-        m = if x < m { x } else { m };
-    }
-    m
+    two_smallest_reduced(row, v).0
 }
 
 /// The smallest and second smallest (counting ties) of `row[j] - v[j]`, in one pass.
@@ -919,7 +919,7 @@ mod tests {
             for c in [base, ties, forbidden] {
                 for isa in simd::available() {
                     let (plain, _) = run_kernel(isa, c.as_slice().unwrap(), n, n, None).unwrap();
-                    let warm = presolve_f32(c.as_slice().unwrap(), n, isa).unwrap();
+                    let (warm, _) = presolve_f32(c.as_slice().unwrap(), n, isa).unwrap();
                     let (fixed, _) =
                         run_kernel(isa, c.as_slice().unwrap(), n, n, Some(warm)).unwrap();
                     let total = |rs: &[u32]| -> f64 {

@@ -732,21 +732,32 @@ struct BlockOut {
     spread: f64,
 }
 
-/// One fused pass: `u_i = (a_i / (K v)_i)^phi` and `partial = sum_i u_i K_i` over the
-/// block. Reading each row of `K` once serves both half-iterations.
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
-fn fused_block(
-    dot: impl Fn(&[f64], &[f64]) -> f64,
-    k: &[f64],
-    v: &[f64],
-    a: &[f64],
-    u_old: &[f64],
-    u_new: &mut [f64],
-    partial: &mut [f64],
+/// The slices and settings of one fused pass over a block of rows.
+struct BlockArgs<'x> {
+    k: &'x [f64],
+    v: &'x [f64],
+    a: &'x [f64],
+    u_old: &'x [f64],
+    u_new: &'x mut [f64],
+    partial: &'x mut [f64],
     phi: f64,
     balanced: bool,
-) -> BlockOut {
+}
+
+/// One fused pass: `u_i = (a_i / (K v)_i)^phi` and `partial = sum_i u_i K_i` over the
+/// block. Reading each row of `K` once serves both half-iterations.
+#[inline(always)]
+fn fused_block(dot: impl Fn(&[f64], &[f64]) -> f64, b: BlockArgs) -> BlockOut {
+    let BlockArgs {
+        k,
+        v,
+        a,
+        u_old,
+        u_new,
+        partial,
+        phi,
+        balanced,
+    } = b;
     let m = v.len();
     partial.fill(0.0);
     let mut out = BlockOut {
@@ -786,48 +797,17 @@ fn fused_block(
     out
 }
 
-#[allow(clippy::too_many_arguments)]
-fn fused_block_isa(
-    k: &[f64],
-    v: &[f64],
-    a: &[f64],
-    u_old: &[f64],
-    u_new: &mut [f64],
-    partial: &mut [f64],
-    phi: f64,
-    balanced: bool,
-    isa: Isa,
-) -> BlockOut {
+fn fused_block_isa(b: BlockArgs, isa: Isa) -> BlockOut {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
-    #[allow(clippy::too_many_arguments)]
-    fn avx2(
-        k: &[f64],
-        v: &[f64],
-        a: &[f64],
-        u_old: &[f64],
-        u_new: &mut [f64],
-        partial: &mut [f64],
-        phi: f64,
-        balanced: bool,
-    ) -> BlockOut {
-        fused_block(
-            |x, y| dot_avx2(x, y),
-            k,
-            v,
-            a,
-            u_old,
-            u_new,
-            partial,
-            phi,
-            balanced,
-        )
+    fn avx2(b: BlockArgs) -> BlockOut {
+        fused_block(|x, y| dot_avx2(x, y), b)
     }
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `Isa::Avx2` is only produced after runtime detection of AVX2 and FMA.
-        Isa::Avx2 => unsafe { avx2(k, v, a, u_old, u_new, partial, phi, balanced) },
-        Isa::Portable => fused_block(dot, k, v, a, u_old, u_new, partial, phi, balanced),
+        Isa::Avx2 => unsafe { avx2(b) },
+        Isa::Portable => fused_block(dot, b),
     }
 }
 
@@ -1018,7 +998,17 @@ impl Stage<'_, '_> {
             &'x mut [f64],
         );
         let job = |(((kb, ab), (uo, un)), part): Item| {
-            fused_block_isa(kb, v, ab, uo, un, part, phi, balanced, isa)
+            let args = BlockArgs {
+                k: kb,
+                v,
+                a: ab,
+                u_old: uo,
+                u_new: un,
+                partial: part,
+                phi,
+                balanced,
+            };
+            fused_block_isa(args, isa)
         };
         let outs: Vec<BlockOut> = if pr.parallel() {
             k.par_chunks(br * m)
