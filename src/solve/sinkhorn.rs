@@ -498,14 +498,20 @@ pub fn sinkhorn_operator<F: Scalar>(
         n,
         m,
     };
+    // Same iteration in the stabilised scaling form: one exact log-domain row
+    // normalisation (so that the kernel cannot overflow), then `n_iter` pairs of
+    // row / column scalings on the absorbed kernel, with the same absorption and
+    // log-domain fallbacks as `Sinkhorn` (a fallback counts as one iteration).
     let isa = simd::best();
-    let (mut f, mut g) = (vec![0.0; n], vec![0.0; m]);
+    let mut f = vec![0.0; n];
+    lse_update_f(&pr, &vec![0.0; m], &mut f, tau, 1.0, isa);
+    let mut st = Stage::new(&pr, tau, 1.0, true, isa, f, vec![0.0; m]);
     for _ in 0..n_iter {
-        lse_update_f(&pr, &g, &mut f, tau, 1.0, isa);
-        lse_update_g(&pr, &f, &mut g, tau, 1.0, isa);
+        // a negative tolerance never stops early
+        st.iterate(-1.0);
     }
-    let mut plan = vec![0.0; n * m];
-    build_kernel(&pr, &f, &g, tau, &mut plan, isa);
+    st.absorb();
+    let plan = st.k;
     Ok(
         Array2::from_shape_vec((n, m), plan.into_iter().map(F::from_f64_lossy).collect())
             .expect("n x m entries"),
@@ -959,7 +965,37 @@ struct Stage<'p, 'a> {
     partials: Vec<f64>,
 }
 
-impl Stage<'_, '_> {
+impl<'p, 'a> Stage<'p, 'a> {
+    /// A stage at regulariser `reg` from potentials `f`, `g` (kernel built).
+    fn new(
+        pr: &'p Problem<'a>,
+        reg: f64,
+        phi: f64,
+        balanced: bool,
+        isa: Isa,
+        f: Vec<f64>,
+        g: Vec<f64>,
+    ) -> Self {
+        let (n, m) = (pr.n, pr.m);
+        let mut st = Stage {
+            pr,
+            reg,
+            phi,
+            balanced,
+            isa,
+            f,
+            g,
+            k: vec![0.0; n * m],
+            u: vec![1.0; n],
+            u_next: vec![1.0; n],
+            v: vec![1.0; m],
+            v_next: vec![1.0; m],
+            partials: Vec::new(),
+        };
+        st.reset_kernel();
+        st
+    }
+
     /// Folds `u`, `v` into `f`, `g` and rebuilds the kernel.
     fn absorb(&mut self) {
         let reg = self.reg;
@@ -1131,23 +1167,7 @@ fn solve_f64(
     }
     regs.push(p.reg);
     let phi = p.reg_m.map_or(1.0, |rm| rm / (rm + p.reg));
-    let (n, m) = (pr.n, pr.m);
-    let mut st = Stage {
-        pr,
-        reg: regs[0],
-        phi,
-        balanced,
-        isa,
-        f: f0,
-        g: g0,
-        k: vec![0.0; n * m],
-        u: vec![1.0; n],
-        u_next: vec![1.0; n],
-        v: vec![1.0; m],
-        v_next: vec![1.0; m],
-        partials: Vec::new(),
-    };
-    st.reset_kernel();
+    let mut st = Stage::new(pr, regs[0], phi, balanced, isa, f0, g0);
     let mass: f64 = pr.a.iter().sum();
     let mut iterations = 0;
     let mut converged = false;
