@@ -239,17 +239,17 @@ pub(crate) fn lsa_with<F: Scalar>(
     check_entries(&cost, maximize)?;
     let transpose = nr > nc;
     let (kr, kc) = if transpose { (nc, nr) } else { (nr, nc) };
-    let buf = working_matrix(&cost, maximize, transpose);
+    let (buf, neg) = working_matrix(&cost, maximize, transpose);
     let presolved = if F::NAME == "f64" && kr == kc && kr >= PRESOLVE_MIN {
-        presolve_f32(&buf, kr, isa)
+        presolve_f32(&buf, kr, neg, isa)
     } else {
         None
     };
     let rowsol = match presolved {
         // small integers: the f32 solve was exact arithmetic, nothing to repair
         Some((warm, true)) => warm.0,
-        Some((warm, false)) => run_kernel(isa, &buf, kr, kc, Some(warm))?.0,
-        None => run_kernel(isa, &buf, kr, kc, None)?.0,
+        Some((warm, false)) => run_kernel(isa, &buf, kr, kc, Some(warm), neg)?.0,
+        None => run_kernel(isa, &buf, kr, kc, None, neg)?.0,
     };
     drop(buf);
     let pairs: Vec<(usize, usize)> = if transpose {
@@ -315,16 +315,17 @@ fn check_entries<F: Scalar>(cost: &ArrayView2<F>, maximize: bool) -> Result<()> 
     })
 }
 
-/// The matrix the kernel minimises, row-major with at most as many rows as columns:
-/// borrowed when the input already is that, else a (negated and/or transposed) copy.
+/// The matrix the kernel works on, row-major with at most as many rows as columns, and
+/// whether the kernel must negate it (maximising): the input itself when it already is
+/// row-major and not transposed, else a (transposed, negated) copy.
 fn working_matrix<'a, F: Scalar>(
     cost: &'a ArrayView2<F>,
     maximize: bool,
     transpose: bool,
-) -> Cow<'a, [F]> {
-    if !maximize && !transpose {
+) -> (Cow<'a, [F]>, bool) {
+    if !transpose {
         if let Some(s) = cost.as_slice() {
-            return Cow::Borrowed(s);
+            return (Cow::Borrowed(s), maximize);
         }
     }
     let sign = if maximize { -F::one() } else { F::one() };
@@ -334,7 +335,7 @@ fn working_matrix<'a, F: Scalar>(
         for row in cost.rows() {
             out.extend(row.iter().map(|&x| sign * x));
         }
-        return Cow::Owned(out);
+        return (Cow::Owned(out), false);
     }
     // out[j * nr + i] = sign * cost[i, j], in cache-friendly tiles
     const T: usize = 32;
@@ -348,7 +349,7 @@ fn working_matrix<'a, F: Scalar>(
             }
         }
     }
-    Cow::Owned(out)
+    (Cow::Owned(out), false)
 }
 
 /// Square `f64` problems from this size on are first solved in `f32` (half the memory
@@ -366,13 +367,14 @@ type Warm<W> = (Vec<u32>, Vec<W>);
 /// `f32` or the rounded problem fails. The flag is `true` when every finite cost is an
 /// integer small enough (`4 n max|c| < 2^24`) that the `f32` solve ran in exact
 /// arithmetic: its answer is then already the exact optimum.
-fn presolve_f32<F: Scalar>(c: &[F], n: usize, isa: Isa) -> Option<(Warm<F>, bool)> {
+fn presolve_f32<F: Scalar>(c: &[F], n: usize, neg: bool, isa: Isa) -> Option<(Warm<F>, bool)> {
     // one branch-free (vectorised) pass: convert, and collect the flags
     const ROUND: f64 = 6_755_399_441_055_744.0; // x + ROUND - ROUND rounds |x| < 2^51
     let mut c32 = vec![0.0f32; c.len()];
     let (mut overflow, mut integral, mut max_abs) = (false, true, 0.0f64);
     for (y, &x) in c32.iter_mut().zip(c) {
         let xf = x.to_f64_lossless();
+        let xf = if neg { -xf } else { xf };
         *y = xf as f32;
         let finite = xf.is_finite();
         overflow |= finite & y.is_infinite();
@@ -383,7 +385,7 @@ fn presolve_f32<F: Scalar>(c: &[F], n: usize, isa: Isa) -> Option<(Warm<F>, bool
     if overflow {
         return None;
     }
-    let (rowsol, v32) = run_kernel(isa, &c32, n, n, None).ok()?;
+    let (rowsol, v32) = run_kernel(isa, &c32, n, n, None, false).ok()?;
     let exact = integral && 4.0 * n as f64 * max_abs < f64::from(1u32 << 24);
     let v = v32
         .into_iter()
@@ -392,35 +394,51 @@ fn presolve_f32<F: Scalar>(c: &[F], n: usize, isa: Isa) -> Option<(Warm<F>, bool
     Some(((rowsol, v), exact))
 }
 
-/// Runs the kernel compiled for `isa`; returns the column of every row and the duals.
+/// Runs the kernel compiled for `isa`, minimising `c` (or `-c` with `neg`); returns the
+/// column of every row and the duals (of the minimised matrix).
 fn run_kernel<W: Scalar>(
     isa: Isa,
     c: &[W],
     nr: usize,
     nc: usize,
     warm: Option<Warm<W>>,
+    neg: bool,
 ) -> Result<Warm<W>> {
-    match isa {
+    match (isa, neg) {
+        // SAFETY (both AVX2 arms): `Isa::Avx2` is only produced after runtime detection
+        // of AVX2 and FMA.
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `Isa::Avx2` is only produced after runtime detection of AVX2 and FMA.
-        Isa::Avx2 => unsafe { solve_avx2(c, nr, nc, warm) },
-        Isa::Portable => solve_dense(c, nr, nc, warm),
+        (Isa::Avx2, false) => unsafe { solve_avx2::<W, false>(c, nr, nc, warm) },
+        #[cfg(target_arch = "x86_64")]
+        (Isa::Avx2, true) => unsafe { solve_avx2::<W, true>(c, nr, nc, warm) },
+        (Isa::Portable, false) => solve_dense::<W, false>(c, nr, nc, warm),
+        (Isa::Portable, true) => solve_dense::<W, true>(c, nr, nc, warm),
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn solve_avx2<W: Scalar>(c: &[W], nr: usize, nc: usize, warm: Option<Warm<W>>) -> Result<Warm<W>> {
-    solve_dense(c, nr, nc, warm)
+fn solve_avx2<W: Scalar, const NEG: bool>(
+    c: &[W],
+    nr: usize,
+    nc: usize,
+    warm: Option<Warm<W>>,
+) -> Result<Warm<W>> {
+    solve_dense::<W, NEG>(c, nr, nc, warm)
 }
 
 /// Solves the `nr x nc` (`nr <= nc`) row-major minimisation problem `c`; returns the
 /// column of every row and the column duals. A warm start (square problems) replaces
 /// the initialisation: rows whose column is not tight are freed and re-augmented.
 #[inline(always)]
-fn solve_dense<W: Scalar>(c: &[W], nr: usize, nc: usize, warm: Option<Warm<W>>) -> Result<Warm<W>> {
+fn solve_dense<W: Scalar, const NEG: bool>(
+    c: &[W],
+    nr: usize,
+    nc: usize,
+    warm: Option<Warm<W>>,
+) -> Result<Warm<W>> {
     debug_assert!(nr <= nc && c.len() == nr * nc);
-    let mut s = Kernel {
+    let mut s = Kernel::<W, NEG> {
         c,
         nc,
         v: vec![W::zero(); nc],
@@ -437,7 +455,7 @@ fn solve_dense<W: Scalar>(c: &[W], nr: usize, nc: usize, warm: Option<Warm<W>>) 
             // attains that minimum (complementary slackness), else free it
             if j != NONE && s.colsol[j as usize] == NONE {
                 let ju = j as usize;
-                if row[ju] - s.v[ju] == min_reduced(row, &s.v) {
+                if sg::<W, NEG>(row[ju]) - s.v[ju] == min_reduced::<W, NEG>(row, &s.v) {
                     s.rowsol[i] = j;
                     s.colsol[ju] = i as u32;
                     continue;
@@ -479,7 +497,7 @@ fn solve_dense<W: Scalar>(c: &[W], nr: usize, nc: usize, warm: Option<Warm<W>>) 
     Ok((s.rowsol, s.v))
 }
 
-struct Kernel<'a, W> {
+struct Kernel<'a, W, const NEG: bool> {
     c: &'a [W],
     nc: usize,
     v: Vec<W>,
@@ -507,15 +525,15 @@ struct Workspace<W> {
 impl<W: Scalar> Workspace<W> {
     /// [`relax`] from the current buffers into the other ones, which become current.
     #[inline(always)]
-    fn relax(&mut self, row: &[W], v: &[W], base: W, i: u32) -> (W, W) {
+    fn relax<const NEG: bool>(&mut self, row: &[W], v: &[W], base: W, i: u32) -> (W, W) {
         let (d0, d1) = self.d.split_at_mut(1);
         let (p0, p1) = self.pred.split_at_mut(1);
         let m = if self.cur == 0 {
-            relax(
+            relax::<W, NEG>(
                 row, v, &self.pen, &d0[0], &p0[0], &mut d1[0], &mut p1[0], base, i,
             )
         } else {
-            relax(
+            relax::<W, NEG>(
                 row, v, &self.pen, &d1[0], &p1[0], &mut d0[0], &mut p0[0], base, i,
             )
         };
@@ -530,7 +548,7 @@ fn infeasible(what: String) -> Error {
     }
 }
 
-impl<'a, W: Scalar> Kernel<'a, W> {
+impl<'a, W: Scalar, const NEG: bool> Kernel<'a, W, NEG> {
     #[inline(always)]
     fn row(&self, i: usize) -> &'a [W] {
         let c: &'a [W] = self.c;
@@ -545,7 +563,7 @@ impl<'a, W: Scalar> Kernel<'a, W> {
         let mut imin = vec![0u32; n];
         self.v.fill(W::infinity());
         for i in 0..n {
-            col_min_update(self.row(i), &mut self.v, &mut imin, i as u32);
+            col_min_update::<W, NEG>(self.row(i), &mut self.v, &mut imin, i as u32);
         }
         if let Some(j) = self.v.iter().position(|&x| x == W::infinity()) {
             return Err(infeasible(format!("column {j} has only +inf entries")));
@@ -571,7 +589,7 @@ impl<'a, W: Scalar> Kernel<'a, W> {
             } else if m == 1 {
                 // reduction transfer: give row i the slack to its second-best column
                 let j1 = self.rowsol[i] as usize;
-                let mu = min_reduced_excluding(self.row(i), &self.v, j1);
+                let mu = min_reduced_excluding::<W, NEG>(self.row(i), &self.v, j1);
                 if mu < W::infinity() {
                     self.v[j1] -= mu;
                 }
@@ -604,11 +622,11 @@ impl<'a, W: Scalar> Kernel<'a, W> {
             }
             let iu = i as usize;
             let row = self.row(iu);
-            let (u1, u2) = two_smallest_reduced(row, &self.v);
+            let (u1, u2) = two_smallest_reduced::<W, NEG>(row, &self.v);
             if u1 == W::infinity() {
                 return Err(infeasible(format!("row {i} has only +inf entries")));
             }
-            let j1 = first_reduced_eq(row, &self.v, u1, usize::MAX);
+            let j1 = first_reduced_eq::<W, NEG>(row, &self.v, u1, usize::MAX);
             let mut j = j1;
             let mut i0 = self.colsol[j1];
             let strict = u1 < u2;
@@ -617,7 +635,7 @@ impl<'a, W: Scalar> Kernel<'a, W> {
                     self.v[j1] -= u2 - u1;
                 }
             } else if i0 != NONE {
-                j = first_reduced_eq(row, &self.v, u2, j1);
+                j = first_reduced_eq::<W, NEG>(row, &self.v, u2, j1);
                 i0 = self.colsol[j];
             }
             self.rowsol[iu] = j as u32;
@@ -642,7 +660,7 @@ impl<'a, W: Scalar> Kernel<'a, W> {
         ws.d[ws.cur].fill(inf);
         ws.done.clear();
         ws.stack.clear();
-        let (mut m, mut mf) = ws.relax(self.row(f as usize), &self.v, W::zero(), f);
+        let (mut m, mut mf) = ws.relax::<NEG>(self.row(f as usize), &self.v, W::zero(), f);
         // distance of the columns on the stack (all settled at the same level)
         let mut level = W::neg_infinity();
         let sink = loop {
@@ -681,8 +699,8 @@ impl<'a, W: Scalar> Kernel<'a, W> {
             let k = ws.stack.pop().expect("non-empty stack");
             let (j, vj, dj) = ws.done[k];
             let i = self.colsol[j as usize];
-            let base = dj - (self.c[i as usize * self.nc + j as usize] - vj);
-            (m, mf) = ws.relax(self.row(i as usize), &self.v, base, i);
+            let base = dj - (sg::<W, NEG>(self.c[i as usize * self.nc + j as usize]) - vj);
+            (m, mf) = ws.relax::<NEG>(self.row(i as usize), &self.v, base, i);
         };
         let m = mf;
         ws.pen[sink as usize] = inf;
@@ -704,10 +722,18 @@ impl<'a, W: Scalar> Kernel<'a, W> {
     }
 }
 
+/// A cost as the kernel minimises it: negated when maximising (`NEG`), so that a
+/// maximisation needs no negated copy of the matrix.
+#[inline(always)]
+fn sg<W: Scalar, const NEG: bool>(x: W) -> W {
+    if NEG { -x } else { x }
+}
+
 /// `v[j] = min(v[j], row[j])`, remembering the row index of each new minimum.
 #[inline(always)]
-fn col_min_update<W: Scalar>(row: &[W], v: &mut [W], imin: &mut [u32], i: u32) {
+fn col_min_update<W: Scalar, const NEG: bool>(row: &[W], v: &mut [W], imin: &mut [u32], i: u32) {
     for ((&r, vj), ij) in row.iter().zip(v.iter_mut()).zip(imin.iter_mut()) {
+        let r = sg::<W, NEG>(r);
         let b = r < *vj;
         *vj = if b { r } else { *vj };
         *ij = if b { i } else { *ij };
@@ -722,13 +748,13 @@ fn lane_min<W: Scalar>(acc: &[W; LANES]) -> W {
 
 /// `min_j (row[j] - v[j])`.
 #[inline(always)]
-fn min_reduced<W: Scalar>(row: &[W], v: &[W]) -> W {
-    two_smallest_reduced(row, v).0
+fn min_reduced<W: Scalar, const NEG: bool>(row: &[W], v: &[W]) -> W {
+    two_smallest_reduced::<W, NEG>(row, v).0
 }
 
 /// The smallest and second smallest (counting ties) of `row[j] - v[j]`, in one pass.
 #[inline(always)]
-fn two_smallest_reduced<W: Scalar>(row: &[W], v: &[W]) -> (W, W) {
+fn two_smallest_reduced<W: Scalar, const NEG: bool>(row: &[W], v: &[W]) -> (W, W) {
     let inf = W::infinity();
     let (mut m1, mut m2) = ([inf; LANES], [inf; LANES]);
     let rc = row.chunks_exact(LANES);
@@ -736,7 +762,7 @@ fn two_smallest_reduced<W: Scalar>(row: &[W], v: &[W]) -> (W, W) {
     let (rr, vr) = (rc.remainder(), vc.remainder());
     for (r, vv) in rc.zip(vc) {
         for l in 0..LANES {
-            let x = r[l] - vv[l];
+            let x = sg::<W, NEG>(r[l]) - vv[l];
             m2[l] = m2[l].min(m1[l].max(x));
             m1[l] = m1[l].min(x);
         }
@@ -751,22 +777,27 @@ fn two_smallest_reduced<W: Scalar>(row: &[W], v: &[W]) -> (W, W) {
         push(m2[l]);
     }
     for (&r, &vv) in rr.iter().zip(vr) {
-        push(r - vv);
+        push(sg::<W, NEG>(r) - vv);
     }
     (a, b)
 }
 
 /// `min_{j != skip} (row[j] - v[j])`.
 #[inline(always)]
-fn min_reduced_excluding<W: Scalar>(row: &[W], v: &[W], skip: usize) -> W {
-    let a = min_reduced(&row[..skip], &v[..skip]);
-    let b = min_reduced(&row[skip + 1..], &v[skip + 1..]);
+fn min_reduced_excluding<W: Scalar, const NEG: bool>(row: &[W], v: &[W], skip: usize) -> W {
+    let a = min_reduced::<W, NEG>(&row[..skip], &v[..skip]);
+    let b = min_reduced::<W, NEG>(&row[skip + 1..], &v[skip + 1..]);
     if a < b { a } else { b }
 }
 
 /// First `j != skip` with `row[j] - v[j] == target` (the value must occur).
 #[inline(always)]
-fn first_reduced_eq<W: Scalar>(row: &[W], v: &[W], target: W, skip: usize) -> usize {
+fn first_reduced_eq<W: Scalar, const NEG: bool>(
+    row: &[W],
+    v: &[W],
+    target: W,
+    skip: usize,
+) -> usize {
     let n = row.len();
     let mut j0 = 0;
     while j0 < n {
@@ -774,10 +805,10 @@ fn first_reduced_eq<W: Scalar>(row: &[W], v: &[W], target: W, skip: usize) -> us
         let hit = row[j0..j1]
             .iter()
             .zip(&v[j0..j1])
-            .fold(false, |h, (&r, &vv)| h | (r - vv == target));
+            .fold(false, |h, (&r, &vv)| h | (sg::<W, NEG>(r) - vv == target));
         if hit {
             for j in j0..j1 {
-                if j != skip && row[j] - v[j] == target {
+                if j != skip && sg::<W, NEG>(row[j]) - v[j] == target {
                     return j;
                 }
             }
@@ -807,7 +838,7 @@ fn collect_eq<W: Scalar>(d: &[W], m: W, out: &mut Vec<u32>) {
 /// (settled columns have `v[j] = -inf`, so they never improve); returns `min_j d_out[j]`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn relax<W: Scalar>(
+fn relax<W: Scalar, const NEG: bool>(
     row: &[W],
     v: &[W],
     pen: &[W],
@@ -833,7 +864,7 @@ fn relax<W: Scalar>(
         let d_o = &mut d_out[c0..c0 + LANES];
         let p_o = &mut p_out[c0..c0 + LANES];
         for l in 0..LANES {
-            let nd = base + r[l] - vv[l];
+            let nd = base + sg::<W, NEG>(r[l]) - vv[l];
             let old = di[l];
             let mask = ((nd < old) as u32).wrapping_neg();
             let x = nd.min(old);
@@ -846,7 +877,7 @@ fn relax<W: Scalar>(
     let mut m = lane_min(&acc);
     let mut mf = lane_min(&accf);
     for j in split..n {
-        let nd = base + row[j] - v[j];
+        let nd = base + sg::<W, NEG>(row[j]) - v[j];
         let b = nd < d_in[j];
         d_out[j] = if b { nd } else { d_in[j] };
         p_out[j] = if b { i } else { p_in[j] };
@@ -918,10 +949,11 @@ mod tests {
             }
             for c in [base, ties, forbidden] {
                 for isa in simd::available() {
-                    let (plain, _) = run_kernel(isa, c.as_slice().unwrap(), n, n, None).unwrap();
-                    let (warm, _) = presolve_f32(c.as_slice().unwrap(), n, isa).unwrap();
+                    let (plain, _) =
+                        run_kernel(isa, c.as_slice().unwrap(), n, n, None, false).unwrap();
+                    let (warm, _) = presolve_f32(c.as_slice().unwrap(), n, false, isa).unwrap();
                     let (fixed, _) =
-                        run_kernel(isa, c.as_slice().unwrap(), n, n, Some(warm)).unwrap();
+                        run_kernel(isa, c.as_slice().unwrap(), n, n, Some(warm), false).unwrap();
                     let total = |rs: &[u32]| -> f64 {
                         rs.iter()
                             .enumerate()
@@ -929,6 +961,14 @@ mod tests {
                             .sum()
                     };
                     assert_eq!(total(&plain), total(&fixed), "n = {n}");
+                    // maximising -c through the kernel's negation, plain and presolved
+                    let neg = c.mapv(|x| -x);
+                    let ns = neg.as_slice().unwrap();
+                    let (plain_neg, _) = run_kernel(isa, ns, n, n, None, true).unwrap();
+                    let (warm, _) = presolve_f32(ns, n, true, isa).unwrap();
+                    let (fixed_neg, _) = run_kernel(isa, ns, n, n, Some(warm), true).unwrap();
+                    assert_eq!(total(&plain), total(&plain_neg), "n = {n}");
+                    assert_eq!(total(&plain), total(&fixed_neg), "n = {n}");
                 }
             }
         }
@@ -938,7 +978,11 @@ mod tests {
     fn first_reduced_eq_skips() {
         let row = [1.0, 0.0, 0.0];
         let v = [0.0; 3];
-        assert_eq!(first_reduced_eq(&row, &v, 0.0, usize::MAX), 1);
-        assert_eq!(first_reduced_eq(&row, &v, 0.0, 1), 2);
+        assert_eq!(first_reduced_eq::<f64, false>(&row, &v, 0.0, usize::MAX), 1);
+        assert_eq!(first_reduced_eq::<f64, false>(&row, &v, 0.0, 1), 2);
+        assert_eq!(
+            first_reduced_eq::<f64, true>(&[-1.0, 0.0, 0.0], &v, 0.0, usize::MAX),
+            1
+        );
     }
 }
