@@ -738,6 +738,16 @@ struct BlockOut {
     spread: f64,
 }
 
+/// The Sinkhorn scaling `(mass / sum)^phi` (`phi = 1`: balanced).
+#[inline(always)]
+fn scaling(mass: f64, sum: f64, phi: f64) -> f64 {
+    if phi == 1.0 {
+        mass / sum
+    } else {
+        (mass / sum).powf(phi)
+    }
+}
+
 /// The slices and settings of one fused pass over a block of rows.
 struct BlockArgs<'x> {
     k: &'x [f64],
@@ -781,11 +791,7 @@ fn fused_block(dot: impl Fn(&[f64], &[f64]) -> f64, b: BlockArgs) -> BlockOut {
             u_new[i] = 0.0;
             continue;
         }
-        let ui = if phi == 1.0 {
-            ai / s
-        } else {
-            (ai / s).powf(phi)
-        };
+        let ui = scaling(ai, s, phi);
         if !(ui.is_finite() && ui > 0.0) {
             out.bad = true;
             u_new[i] = ui;
@@ -1093,11 +1099,7 @@ impl<'p, 'a> Stage<'p, 'a> {
                 self.v_next[j] = 0.0;
                 continue;
             }
-            let vj = if phi == 1.0 {
-                bj / t
-            } else {
-                (bj / t).powf(phi)
-            };
+            let vj = scaling(bj, t, phi);
             if !(vj.is_finite() && vj > 0.0) {
                 self.absorb();
                 self.log_step();
