@@ -3,6 +3,73 @@
 //! [`Merger`] merges whole models; [`TensorMerger`] merges one parameter at a time,
 //! which lets a merge stream over checkpoints that never fit in memory together. Every
 //! `TensorMerger` is a `Merger` through a blanket implementation.
+//!
+//! Auxiliary data (a base model, Fishers, Gram matrices, an objective) lives in the
+//! merger value, and hyperparameters are validated when the value is built, so a bad
+//! density or decay fails before any tensor is touched. Notation: `theta_i` the models
+//! to merge, `w_i` their weights, `tau_i = theta_i - base` their task vectors.
+//!
+//! | method | type | formula | defaults |
+//! |---|---|---|---|
+//! | uniform average / uniform soup | [`Average::uniform`] | `mean_i theta_i` | |
+//! | weighted average | [`Average::weighted`] | `sum_i w_i theta_i` (`/ sum_i w_i` when normalising) | normalise: caller's choice |
+//! | SWA | [`Swa`] | `avg += (theta - avg) / (n + 1)`, streaming | |
+//! | EMA | [`Ema`] | `ema = decay ema + (1 - decay) theta`, streaming | decay in `[0, 1)`, e.g. 0.999 |
+//! | LAWA | [`Lawa`] | mean of the last `k` models, streaming | |
+//! | SWAG | [`Swag`] | `N(mean, diag/2 + D D^T / (2(K-1)))`, seeded sampling | rank `K` e.g. 20 |
+//! | greedy soup | [`GreedySoup`] | add by ascending held-out loss while it strictly improves | |
+//! | task arithmetic | [`TaskMerge::task_arithmetic`] | `base + lambda sum_i w_i tau_i` | `w_i = 1` |
+//! | TIES | [`TaskMerge::ties`] | trim to top `ceil(density n)` magnitudes, elect `sign(sum_i w_i tau_i)`, disjoint mean, `* lambda` | paper: density 0.2, lambda 1 |
+//! | DARE | [`TaskMerge::dare`] | keep w.p. `density`, scale `1/density` (or match L1), sum or TIES consensus | seeded per (seed, tensor, model) |
+//! | breadcrumbs | [`TaskMerge::breadcrumbs`] | drop top `gamma` and the small rest, keep `density` | gamma 0.01 |
+//! | DELLA | [`TaskMerge::della`] | keep w.p. `density + epsilon (rank/(n-1) - 1/2)`, scale `1/p`, TIES consensus | |
+//! | SLERP | [`Slerp`] | `sin((1-t)O)/sin O a + sin(tO)/sin O b`, lerp if `abs(cos) > 0.9995` | two models |
+//! | multi-model SLERP | [`KarcherMean`] | weighted spherical (Karcher) mean of directions, times the mean norm | tol 1e-10 |
+//! | model stock | [`ModelStock`] | `t = N cos / (1 + (N-1) cos)`, `t mean_i theta_i + (1-t) base` | `N >= 2` |
+//! | Fisher | [`Fisher`] | `sum_i l_i F_i theta_i / sum_i l_i F_i`, `F_i = max(F_i, floor)` | floor `1e-6` |
+//! | RegMean | [`RegMean`] (feature `linalg`) | `W^T = (sum_i G~_i)^-1 sum_i G~_i W_i^T`, `G~ = alpha G + (1-alpha) diag G` | alpha 0.9 |
+//! | output ensemble | [`Ensemble`] | mean of logits or probabilities | |
+//!
+//! Per-tensor methods run over contiguous slices in cache-sized blocks, in parallel over
+//! fixed chunks of large tensors; every reduction sums its per-chunk parts in chunk
+//! order and every random stream is derived from `(seed, tensor name, model index,
+//! chunk index)` with a fixed hash (FNV-1a + SplitMix64), so results do not depend on
+//! the thread count or on the order in which tensors are merged.
+//!
+//! ```
+//! use modelfusion::merge::{Average, Merger, TaskMerge};
+//! use modelfusion::{Model, StateDict};
+//! use ndarray::arr1;
+//!
+//! let base = StateDict::from_pairs([("w", arr1(&[0.0f32, 0.0]).into_dyn())])?;
+//! let a = StateDict::from_pairs([("w", arr1(&[1.0f32, -2.0]).into_dyn())])?;
+//! let b = StateDict::from_pairs([("w", arr1(&[3.0f32, 2.0]).into_dyn())])?;
+//! let avg = Average::uniform().merge(&[&a, &b])?;
+//! assert_eq!(avg["w"].as_slice().unwrap(), &[2.0, 0.0]);
+//! let ties = TaskMerge::ties(base, 1.0, 1.0)?.merge(&[&a, &b])?;
+//! assert_eq!(ties["w"].as_slice().unwrap(), &[2.0, 0.0]); // signs disagree on w[1]: tie, 0
+//! # Ok::<(), modelfusion::Error>(())
+//! ```
+
+mod average;
+mod ensemble;
+mod fisher;
+mod kernel;
+mod regmean;
+mod select;
+mod slerp;
+mod soup;
+mod stock;
+mod task;
+
+pub use average::{Average, Ema, Lawa, Swa, Swag};
+pub use ensemble::{Ensemble, EnsembleMode, Outputs};
+pub use fisher::{DEFAULT_FISHER_FLOOR, Fisher, diagonal_fisher};
+pub use regmean::{DEFAULT_REGMEAN_ALPHA, Grams, RegMean, gram_matrices};
+pub use slerp::{KarcherMean, SLERP_LERP_THRESHOLD, Slerp};
+pub use soup::{GreedySoup, SoupReport, SoupStep};
+pub use stock::ModelStock;
+pub use task::{Consensus, Rescale, Sparsification, TaskMerge};
 
 use crate::error::{Error, Result};
 use crate::model::Model;
