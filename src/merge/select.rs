@@ -1,90 +1,117 @@
-//! Order statistics of `|theta - base|` in expected linear time without a full copy:
-//! a deterministic sample brackets the wanted rank, one streaming pass counts the
-//! elements above the bracket and collects those inside it, and `select_nth_unstable`
-//! finishes on the (small) bracket. If the bracket misses (adversarial data, many ties),
-//! an exact selection over all magnitudes takes over.
+//! Order statistics of `|theta_i - base|` in expected linear time without a full copy:
+//! a deterministic sample brackets each wanted rank, one streaming pass over all models
+//! at once (the base is read once) counts the elements above each bracket and collects
+//! those inside it, and `select_nth_unstable` finishes on the (small) brackets. If a
+//! bracket misses (adversarial data, many ties), an exact selection over all
+//! magnitudes takes over for that request.
 
 use super::kernel::map_chunks;
 use crate::tensor::Scalar;
 
-/// Number of sample points used to bracket the rank.
+/// Number of sample points used to bracket a rank.
 const SAMPLES: usize = 1 << 16;
 /// Below this size the magnitudes are copied and selected directly.
 const SMALL: usize = 1 << 17;
+/// Elements per block of the streaming pass.
+const SUB: usize = 1024;
 
-#[inline]
-fn mag<E: Scalar>(t: &[E], b: &[E], i: usize) -> E {
-    (t[i] - b[i]).abs()
+fn desc<E: Scalar>(a: &E, b: &E) -> std::cmp::Ordering {
+    b.partial_cmp(a).unwrap_or(std::cmp::Ordering::Less)
 }
 
-/// The `k`-th largest of `|theta[i] - base[i]|` (`1 <= k <= n`, duplicates counted).
-/// NaN magnitudes compare as the largest.
-pub(crate) fn kth_largest_abs_diff<E: Scalar>(theta: &[E], base: &[E], k: usize) -> E {
-    let n = theta.len();
-    debug_assert!(k >= 1 && k <= n && base.len() == n);
+/// For every request `(model, k)`, the `k`-th largest of `|xs[model][i] - base[i]|`
+/// (`1 <= k <= n`, duplicates counted; NaN compares as the largest).
+pub(crate) fn kth_largest_many<E: Scalar>(
+    xs: &[&[E]],
+    base: &[E],
+    requests: &[(usize, usize)],
+) -> Vec<E> {
+    let n = base.len();
     if n <= SMALL {
-        return exact(theta, base, k);
+        return requests
+            .iter()
+            .map(|&(m, k)| exact(xs[m], base, k))
+            .collect();
     }
-    let cmp = |a: &E, b: &E| b.partial_cmp(a).unwrap_or(std::cmp::Ordering::Less);
-    // Deterministic, evenly spread sample, sorted in descending order.
-    let mut sample: Vec<E> = (0..SAMPLES)
-        .map(|s| mag(theta, base, (s as u128 * n as u128 / SAMPLES as u128) as usize))
-        .collect();
-    sample.sort_unstable_by(cmp);
-    let q = k as f64 / n as f64;
     let s = SAMPLES as f64;
-    let margin = 4.0 * (s * q * (1.0 - q)).sqrt() + 16.0;
-    let r = q * s;
-    let r_hi = (r - margin).floor();
-    let r_lo = (r + margin).ceil();
-    let hi = if r_hi < 0.0 {
-        E::infinity()
-    } else {
-        sample[r_hi as usize]
-    };
-    let lo = if r_lo >= s - 1.0 {
-        E::zero()
-    } else {
-        sample[r_lo as usize]
-    };
-    if hi.is_nan() || lo.is_nan() {
-        return exact(theta, base, k);
-    }
+    // Bracket [lo, hi] per request from a deterministic, evenly spread sample.
+    let brackets: Vec<(E, E)> = requests
+        .iter()
+        .map(|&(m, k)| {
+            let x = xs[m];
+            let mut sample: Vec<E> = (0..SAMPLES)
+                .map(|j| {
+                    let i = (j as u128 * n as u128 / SAMPLES as u128) as usize;
+                    (x[i] - base[i]).abs()
+                })
+                .collect();
+            sample.sort_unstable_by(desc);
+            let q = k as f64 / n as f64;
+            let margin = 4.0 * (s * q * (1.0 - q)).sqrt() + 16.0;
+            let r_hi = (q * s - margin).floor();
+            let r_lo = (q * s + margin).ceil();
+            let hi = if r_hi < 0.0 { E::infinity() } else { sample[r_hi as usize] };
+            let lo = if r_lo >= s - 1.0 { E::zero() } else { sample[r_lo as usize] };
+            (lo, hi)
+        })
+        .collect();
+    let r = requests.len();
     let parts = map_chunks(n, |_, start, end| {
-        let mut above = 0usize;
-        let mut inside = Vec::new();
-        for i in start..end {
-            let m = mag(theta, base, i);
-            if m > hi {
-                above += 1;
-            } else if m >= lo {
-                inside.push(m);
-            } else if m.is_nan() {
-                above += 1;
+        let mut above = vec![0usize; r];
+        let mut inside: Vec<Vec<E>> = vec![Vec::new(); r];
+        let mut buf = [E::zero(); SUB];
+        let mut s0 = start;
+        while s0 < end {
+            let len = SUB.min(end - s0);
+            let bb = &base[s0..s0 + len];
+            for (q, &(m, _)) in requests.iter().enumerate() {
+                let (lo, hi) = brackets[q];
+                let b = &mut buf[..len];
+                for ((v, &t), &bv) in b.iter_mut().zip(&xs[m][s0..s0 + len]).zip(bb) {
+                    *v = (t - bv).abs();
+                }
+                // Branch-free count (NaN counts as above) and compaction.
+                above[q] += b.iter().map(|&v| usize::from(!(v <= hi))).sum::<usize>();
+                let ins = &mut inside[q];
+                let cnt = ins.len();
+                ins.resize(cnt + len, E::zero());
+                let dst = &mut ins[cnt..];
+                let mut c = 0usize;
+                for &v in b.iter() {
+                    if let Some(slot) = dst.get_mut(c) {
+                        *slot = v;
+                    }
+                    c += usize::from((v >= lo) & (v <= hi));
+                }
+                ins.truncate(cnt + c);
             }
+            s0 += len;
         }
         (above, inside)
     });
-    let above: usize = parts.iter().map(|p| p.0).sum();
-    let total_inside: usize = parts.iter().map(|p| p.1.len()).sum();
-    if above < k && k <= above + total_inside {
-        let mut inside: Vec<E> = Vec::with_capacity(total_inside);
-        for (_, p) in parts {
-            inside.extend(p);
-        }
-        let idx = k - above - 1;
-        let (_, v, _) = inside.select_nth_unstable_by(idx, cmp);
-        *v
-    } else {
-        exact(theta, base, k)
-    }
+    requests
+        .iter()
+        .enumerate()
+        .map(|(q, &(m, k))| {
+            let above: usize = parts.iter().map(|p| p.0[q]).sum();
+            let total: usize = parts.iter().map(|p| p.1[q].len()).sum();
+            if above < k && k <= above + total {
+                let mut inside: Vec<E> = Vec::with_capacity(total);
+                for p in &parts {
+                    inside.extend_from_slice(&p.1[q]);
+                }
+                let (_, v, _) = inside.select_nth_unstable_by(k - above - 1, desc);
+                *v
+            } else {
+                exact(xs[m], base, k)
+            }
+        })
+        .collect()
 }
 
 fn exact<E: Scalar>(theta: &[E], base: &[E], k: usize) -> E {
     let mut m: Vec<E> = theta.iter().zip(base).map(|(&t, &b)| (t - b).abs()).collect();
-    let (_, v, _) = m.select_nth_unstable_by(k - 1, |a, b| {
-        b.partial_cmp(a).unwrap_or(std::cmp::Ordering::Less)
-    });
+    let (_, v, _) = m.select_nth_unstable_by(k - 1, desc);
     *v
 }
 
@@ -92,10 +119,10 @@ fn exact<E: Scalar>(theta: &[E], base: &[E], k: usize) -> E {
 mod tests {
     use super::*;
 
-    fn check(theta: &[f32], base: &[f32], k: usize) {
+    fn sorted(theta: &[f32], base: &[f32]) -> Vec<f32> {
         let mut m: Vec<f32> = theta.iter().zip(base).map(|(t, b)| (t - b).abs()).collect();
         m.sort_by(|a, b| b.partial_cmp(a).unwrap());
-        assert_eq!(kth_largest_abs_diff(theta, base, k), m[k - 1], "k = {k}");
+        m
     }
 
     #[test]
@@ -110,15 +137,20 @@ mod tests {
                 (x as f32 / u32::MAX as f32) * 2.0 - 1.0
             })
             .collect();
-        let base = vec![0.1f32; n];
-        for k in [1, 2, n / 5, n / 2, n - 1, n] {
-            check(&theta, &base, k);
-        }
-        // Heavy ties: the bracket misses and the exact path takes over.
         let tied: Vec<f32> = (0..n).map(|i| (i % 3) as f32).collect();
-        for k in [1, n / 3, n / 2, n] {
-            check(&tied, &vec![0.0; n], k);
+        let base = vec![0.1f32; n];
+        let ks = [1, 2, n / 5, n / 2, n - 1, n];
+        let reqs: Vec<(usize, usize)> = ks
+            .iter()
+            .flat_map(|&k| [(0, k), (1, k)])
+            .collect();
+        let got = kth_largest_many(&[&theta, &tied], &base, &reqs);
+        let (s0, s1) = (sorted(&theta, &base), sorted(&tied, &base));
+        for (&(m, k), g) in reqs.iter().zip(got) {
+            let want = if m == 0 { s0[k - 1] } else { s1[k - 1] };
+            assert_eq!(g, want, "model {m}, k = {k}");
         }
-        check(&theta[..100], &base[..100], 37);
+        let small = kth_largest_many(&[&theta[..100]], &base[..100], &[(0, 37)]);
+        assert_eq!(small[0], sorted(&theta[..100], &base[..100])[36]);
     }
 }

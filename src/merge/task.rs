@@ -17,7 +17,7 @@ use rand::Rng;
 
 use super::TensorMerger;
 use super::kernel::{self, BLOCK, base_tensor, check_count, check_shapes, check_weights};
-use super::select::kth_largest_abs_diff;
+use super::select::kth_largest_many;
 use crate::error::{Error, Result};
 use crate::model::Model;
 use crate::tensor::{Scalar, Tensor};
@@ -564,16 +564,45 @@ impl<M: Model> TaskMerge<M> {
         let data: Vec<Cow<'_, [<M::Tensor as Tensor>::Elem]>> =
             tensors.iter().map(|t| kernel::elems(*t)).collect();
         let xs: Vec<&[<M::Tensor as Tensor>::Elem]> = data.iter().map(|c| c.as_ref()).collect();
+        let ranks = self.magnitude_ranks(b.len());
+        let requests: Vec<(usize, usize)> = (0..xs.len())
+            .flat_map(|i| ranks.iter().flatten().map(move |&k| (i, k)))
+            .collect();
+        let thresholds = kth_largest_many(&xs, &b, &requests);
+        let per_model = ranks.iter().flatten().count();
         let rules = xs
             .iter()
             .enumerate()
-            .map(|(i, x)| self.rule(name, i, x, &b, masks.map(|m| m[i])))
+            .map(|(i, x)| {
+                let th = &thresholds[i * per_model..(i + 1) * per_model];
+                self.rule(name, i, x, &b, masks.map(|m| m[i]), th)
+            })
             .collect::<Result<Vec<_>>>()?;
         let out = combine(&xs, &b, &rules, &weights, self.consensus, self.lambda);
         kernel::build(&shape, out)
     }
 
-    /// How entries of model `i`'s task vector are kept and scaled.
+    /// The magnitude ranks each task vector of an `n`-element tensor needs:
+    /// `[lower, upper]` of the kept band (`None` = no bound).
+    fn magnitude_ranks(&self, n: usize) -> [Option<usize>; 2] {
+        let k_of = |density: f64| ((density * n as f64).ceil() as usize).clamp(1, n.max(1));
+        match self.sparsification {
+            _ if n == 0 => [None, None],
+            Sparsification::Magnitude { density } => {
+                let k = k_of(density);
+                [(k < n).then_some(k), None]
+            }
+            Sparsification::Breadcrumbs { density, gamma } => {
+                let g = ((gamma * n as f64).floor() as usize).min(n - 1);
+                let k = k_of(density).min(n - g);
+                [Some(g + k), (g > 0).then_some(g + 1)]
+            }
+            _ => [None, None],
+        }
+    }
+
+    /// How entries of model `i`'s task vector are kept and scaled (`th`: the
+    /// thresholds of [`magnitude_ranks`](Self::magnitude_ranks) that exist, in order).
     fn rule<'a, E: Scalar>(
         &self,
         name: &'a str,
@@ -581,34 +610,18 @@ impl<M: Model> TaskMerge<M> {
         x: &[E],
         b: &[E],
         mask: Option<&'a [bool]>,
+        th: &[E],
     ) -> Result<Rule<'a, E>> {
         let n = x.len();
-        let k_of = |density: f64| ((density * n as f64).ceil() as usize).clamp(1, n.max(1));
+        let [lo_rank, hi_rank] = self.magnitude_ranks(n);
         Ok(match self.sparsification {
             Sparsification::None => Rule::All,
             _ if n == 0 => Rule::All,
-            Sparsification::Magnitude { density } => {
-                let k = k_of(density);
-                if k >= n {
-                    Rule::All
-                } else {
-                    Rule::Band {
-                        lo: kth_largest_abs_diff(x, b, k),
-                        hi: E::infinity(),
-                    }
-                }
-            }
-            Sparsification::Breadcrumbs { density, gamma } => {
-                let g = ((gamma * n as f64).floor() as usize).min(n - 1);
-                let k = k_of(density).min(n - g);
-                let hi = if g == 0 {
-                    E::infinity()
-                } else {
-                    kth_largest_abs_diff(x, b, g + 1)
-                };
-                Rule::Band {
-                    lo: kth_largest_abs_diff(x, b, g + k),
-                    hi,
+            Sparsification::Magnitude { .. } | Sparsification::Breadcrumbs { .. } => {
+                match (lo_rank, hi_rank) {
+                    (None, _) => Rule::All,
+                    (Some(_), None) => Rule::Above { lo: th[0] },
+                    (Some(_), Some(_)) => Rule::Band { lo: th[0], hi: th[1] },
                 }
             }
             Sparsification::Random {
@@ -752,6 +765,8 @@ impl<'a> Draw<'a> {
 /// Per-model keep rule for one tensor.
 enum Rule<'a, E> {
     All,
+    /// Keep entries with `lo <= |tau|`.
+    Above { lo: E },
     /// Keep entries with `lo <= |tau| <= hi`.
     Band { lo: E, hi: E },
     /// Keep at random (or by a given mask), scale kept entries.
@@ -784,6 +799,7 @@ fn combine<E: Scalar>(
             })
             .collect();
         let mut scratch = vec![E::zero(); m * BLOCK];
+        let mut acc = vec![E::zero(); 3 * BLOCK];
         let mut off = 0;
         while off < o.len() {
             let len = BLOCK.min(o.len() - off);
@@ -796,6 +812,13 @@ fn combine<E: Scalar>(
                     Rule::All => {
                         for ((d, &x), &b) in d.iter_mut().zip(x).zip(bb) {
                             *d = x - b;
+                        }
+                    }
+                    Rule::Above { lo } => {
+                        let lo = *lo;
+                        for ((d, &x), &b) in d.iter_mut().zip(x).zip(bb) {
+                            let t = x - b;
+                            *d = if t.abs() >= lo { t } else { E::zero() };
                         }
                     }
                     Rule::Band { lo, hi } => {
@@ -835,36 +858,40 @@ fn combine<E: Scalar>(
                 }
             }
             let ob = &mut o[off..off + len];
+            // Branch-free loops over the block (they vectorise): models outer, entries
+            // inner.
+            let (tot, rest) = acc.split_at_mut(BLOCK);
+            let (num, den) = rest.split_at_mut(BLOCK);
+            let (tot, num, den) = (&mut tot[..len], &mut num[..len], &mut den[..len]);
+            tot.fill(E::zero());
+            for (i, &w) in ws.iter().enumerate() {
+                let d = &scratch[i * BLOCK..i * BLOCK + len];
+                for (t, &d) in tot.iter_mut().zip(d) {
+                    *t += w * d;
+                }
+            }
             match consensus {
                 Consensus::Sum => {
-                    for (j, (o, &b)) in ob.iter_mut().zip(bb).enumerate() {
-                        let mut acc = E::zero();
-                        for (i, &w) in ws.iter().enumerate() {
-                            acc += w * scratch[i * BLOCK + j];
-                        }
-                        *o = b + lam * acc;
+                    for ((o, &b), &t) in ob.iter_mut().zip(bb).zip(tot.iter()) {
+                        *o = b + lam * t;
                     }
                 }
                 Consensus::SignElection => {
-                    for (j, (o, &b)) in ob.iter_mut().zip(bb).enumerate() {
-                        let mut total = E::zero();
-                        for (i, &w) in ws.iter().enumerate() {
-                            total += w * scratch[i * BLOCK + j];
+                    num.fill(E::zero());
+                    den.fill(E::zero());
+                    let zero = E::zero();
+                    for (i, &w) in ws.iter().enumerate() {
+                        let d = &scratch[i * BLOCK..i * BLOCK + len];
+                        for (((n, dn), &t), &d) in
+                            num.iter_mut().zip(den.iter_mut()).zip(tot.iter()).zip(d)
+                        {
+                            let agree = (d > zero && t > zero) || (d < zero && t < zero);
+                            *n += if agree { w * d } else { zero };
+                            *dn += if agree { w } else { zero };
                         }
-                        let positive = total > E::zero();
-                        let mut num = E::zero();
-                        let mut den = E::zero();
-                        if total != E::zero() {
-                            for (i, &w) in ws.iter().enumerate() {
-                                let d = scratch[i * BLOCK + j];
-                                let agree = if positive { d > E::zero() } else { d < E::zero() };
-                                if agree {
-                                    num += w * d;
-                                    den += w;
-                                }
-                            }
-                        }
-                        let merged = if den == E::zero() { E::zero() } else { num / den };
+                    }
+                    for (((o, &b), &n), &dn) in ob.iter_mut().zip(bb).zip(num.iter()).zip(den.iter()) {
+                        let merged = if dn != zero { n / dn } else { zero };
                         *o = b + lam * merged;
                     }
                 }
