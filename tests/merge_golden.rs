@@ -3,9 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use modelfusion::merge::{
-    Consensus, Fisher, Merger, ModelStock, Rescale, Slerp, TaskMerge, TensorMerger,
-};
+use modelfusion::merge::{Consensus, Fisher, Merger, ModelStock, Rescale, Slerp, TaskMerge};
 use modelfusion::{Model, StateDict, StateDictF64, Tensor};
 use ndarray::{ArrayD, IxDyn};
 use serde_json::Value;
@@ -47,7 +45,11 @@ fn models(v: &Value) -> Vec<StateDictF64> {
 }
 
 fn f64s(v: &Value) -> Vec<f64> {
-    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect()
 }
 
 fn assert_close(got: &StateDictF64, want: &StateDictF64, tol: f64, what: &str) {
@@ -61,11 +63,20 @@ fn ties_matches_numpy() {
         let base = model(&c["base"]);
         let ms = models(&c["models"]);
         let refs: Vec<&StateDictF64> = ms.iter().collect();
-        let m = TaskMerge::ties(base, c["density"].as_f64().unwrap(), c["lambda"].as_f64().unwrap())
-            .unwrap()
-            .with_weights(f64s(&c["weights"]))
-            .unwrap();
-        assert_close(&m.merge(&refs).unwrap(), &model(&c["expected"]), 1e-12, &format!("TIES case {i}"));
+        let m = TaskMerge::ties(
+            base,
+            c["density"].as_f64().unwrap(),
+            c["lambda"].as_f64().unwrap(),
+        )
+        .unwrap()
+        .with_weights(f64s(&c["weights"]))
+        .unwrap();
+        assert_close(
+            &m.merge(&refs).unwrap(),
+            &model(&c["expected"]),
+            1e-12,
+            &format!("TIES case {i}"),
+        );
     }
 }
 
@@ -84,26 +95,43 @@ fn dare_with_fixed_masks_matches_numpy() {
         } else {
             Consensus::Sum
         };
-        let dare = TaskMerge::dare(base, c["density"].as_f64().unwrap(), 0, c["lambda"].as_f64().unwrap())
-            .unwrap()
-            .with_rescale(rescale)
-            .unwrap()
-            .with_consensus(consensus)
-            .with_weights(f64s(&c["weights"]))
-            .unwrap();
+        let dare = TaskMerge::dare(
+            base,
+            c["density"].as_f64().unwrap(),
+            0,
+            c["lambda"].as_f64().unwrap(),
+        )
+        .unwrap()
+        .with_rescale(rescale)
+        .unwrap()
+        .with_consensus(consensus)
+        .with_weights(f64s(&c["weights"]))
+        .unwrap();
         let want = model(&c["expected"]);
         for name in want.names() {
             let masks: Vec<Vec<bool>> = c["masks"]
                 .as_array()
                 .unwrap()
                 .iter()
-                .map(|mk| mk[name].as_array().unwrap().iter().map(|b| b.as_i64().unwrap() != 0).collect())
+                .map(|mk| {
+                    mk[name]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|b| b.as_i64().unwrap() != 0)
+                        .collect()
+                })
                 .collect();
             let mrefs: Vec<&[bool]> = masks.iter().map(Vec::as_slice).collect();
             let ts: Vec<&ArrayD<f64>> = ms.iter().map(|m| m.get(name).unwrap()).collect();
             let got = dare.merge_tensor_with_masks(name, &ts, &mrefs).unwrap();
             let w = want.get(name).unwrap();
-            let d = got.view().iter().zip(w.iter()).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+            let d = got
+                .view()
+                .iter()
+                .zip(w.iter())
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f64::max);
             assert!(d < 1e-12, "DARE case {i}, `{name}`: diff {d:e}");
         }
     }
@@ -113,8 +141,16 @@ fn dare_with_fixed_masks_matches_numpy() {
 fn slerp_matches_numpy() {
     for (i, c) in load("slerp.json").iter().enumerate() {
         let ms = models(&c["models"]);
-        let got = Slerp::new(c["t"].as_f64().unwrap()).unwrap().merge(&[&ms[0], &ms[1]]).unwrap();
-        assert_close(&got, &model(&c["expected"]), 1e-12, &format!("SLERP case {i}"));
+        let got = Slerp::new(c["t"].as_f64().unwrap())
+            .unwrap()
+            .merge(&[&ms[0], &ms[1]])
+            .unwrap();
+        assert_close(
+            &got,
+            &model(&c["expected"]),
+            1e-12,
+            &format!("SLERP case {i}"),
+        );
     }
 }
 
@@ -124,7 +160,12 @@ fn model_stock_matches_numpy() {
         let ms = models(&c["models"]);
         let refs: Vec<&StateDictF64> = ms.iter().collect();
         let got = ModelStock::new(model(&c["base"])).merge(&refs).unwrap();
-        assert_close(&got, &model(&c["expected"]), 1e-12, &format!("model stock case {i}"));
+        assert_close(
+            &got,
+            &model(&c["expected"]),
+            1e-12,
+            &format!("model stock case {i}"),
+        );
     }
 }
 
@@ -139,7 +180,12 @@ fn fisher_matches_numpy() {
             .unwrap()
             .with_floor(c["floor"].as_f64().unwrap())
             .unwrap();
-        assert_close(&f.merge(&refs).unwrap(), &model(&c["expected"]), 1e-12, &format!("Fisher case {i}"));
+        assert_close(
+            &f.merge(&refs).unwrap(),
+            &model(&c["expected"]),
+            1e-12,
+            &format!("Fisher case {i}"),
+        );
     }
 }
 
@@ -156,7 +202,11 @@ fn regmean_matches_numpy() {
             self.0.values().next().unwrap().len()
         }
         fn activations(&self, _: &StateDictF64, b: usize) -> Result<Features<f64>> {
-            Ok(self.0.iter().map(|(k, v)| (k.clone(), v[b].clone())).collect())
+            Ok(self
+                .0
+                .iter()
+                .map(|(k, v)| (k.clone(), v[b].clone()))
+                .collect())
         }
     }
     for (i, c) in load("regmean.json").iter().enumerate() {
@@ -187,6 +237,11 @@ fn regmean_matches_numpy() {
             })
             .collect();
         let r = RegMean::new(grams, c["alpha"].as_f64().unwrap()).unwrap();
-        assert_close(&r.merge(&refs).unwrap(), &model(&c["expected"]), 1e-9, &format!("RegMean case {i}"));
+        assert_close(
+            &r.merge(&refs).unwrap(),
+            &model(&c["expected"]),
+            1e-9,
+            &format!("RegMean case {i}"),
+        );
     }
 }

@@ -2,8 +2,8 @@
 
 use approx::assert_abs_diff_eq;
 use modelfusion::merge::{
-    Average, Consensus, Ema, Ensemble, EnsembleMode, Fisher, GreedySoup, KarcherMean, Lawa,
-    Merger, ModelStock, Slerp, Swa, Swag, TaskMerge,
+    Average, Consensus, Ema, Ensemble, EnsembleMode, Fisher, GreedySoup, KarcherMean, Lawa, Merger,
+    ModelStock, Slerp, Swa, Swag, TaskMerge,
 };
 use modelfusion::{Model, Objective, Result, StateDict, StateDictF32, StateDictF64};
 use ndarray::{ArrayD, IxDyn};
@@ -45,7 +45,9 @@ fn perm(n: usize, seed: u64) -> Vec<usize> {
     let mut p: Vec<usize> = (0..n).collect();
     let mut s = seed | 1;
     for i in (1..n).rev() {
-        s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        s = s
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         p.swap(i, (s >> 33) as usize % (i + 1));
     }
     p
@@ -64,7 +66,11 @@ fn check_perm<F: Fn(&[&StateDictF64], &[f64]) -> StateDictF64>(
     let pm: Vec<&StateDictF64> = p.iter().map(|&i| &ms[i]).collect();
     let pw: Vec<f64> = p.iter().map(|&i| w[i]).collect();
     let b = f(&pm, &pw);
-    assert!(close(&a, &b, tol), "permutation changed the merge by {}", a.max_abs_diff(&b).unwrap());
+    assert!(
+        close(&a, &b, tol),
+        "permutation changed the merge by {}",
+        a.max_abs_diff(&b).unwrap()
+    );
 }
 
 proptest! {
@@ -224,7 +230,9 @@ fn dare_is_deterministic_and_independent_of_order_and_threads() {
     let mk = |s: u64| {
         let mut x = s;
         ArrayD::from_shape_fn(IxDyn(&[n]), |_| {
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             (x >> 40) as f32 / (1u64 << 24) as f32 - 0.5
         })
     };
@@ -233,10 +241,16 @@ fn dare_is_deterministic_and_independent_of_order_and_threads() {
     let m2 = StateDict::from_pairs([("a", mk(5)), ("b", mk(6))]).unwrap();
     // The same parameters stored in the other order.
     let swap = |m: &StateDictF32| {
-        StateDict::from_pairs([("b", m.get("b").unwrap().clone()), ("a", m.get("a").unwrap().clone())]).unwrap()
+        StateDict::from_pairs([
+            ("b", m.get("b").unwrap().clone()),
+            ("a", m.get("a").unwrap().clone()),
+        ])
+        .unwrap()
     };
     for consensus in [Consensus::Sum, Consensus::SignElection] {
-        let dare = TaskMerge::dare(base.clone(), 0.3, 77, 1.0).unwrap().with_consensus(consensus);
+        let dare = TaskMerge::dare(base.clone(), 0.3, 77, 1.0)
+            .unwrap()
+            .with_consensus(consensus);
         let run = |threads: usize, ms: [&StateDictF32; 2]| {
             rayon::ThreadPoolBuilder::new()
                 .num_threads(threads)
@@ -252,7 +266,11 @@ fn dare_is_deterministic_and_independent_of_order_and_threads() {
         assert_eq!(a.get("a"), c.get("a"));
         assert_eq!(a.get("b"), c.get("b"));
         // Another seed gives another result.
-        let other = TaskMerge::dare(base.clone(), 0.3, 78, 1.0).unwrap().with_consensus(consensus).merge(&[&m1, &m2]).unwrap();
+        let other = TaskMerge::dare(base.clone(), 0.3, 78, 1.0)
+            .unwrap()
+            .with_consensus(consensus)
+            .merge(&[&m1, &m2])
+            .unwrap();
         assert_ne!(a, other);
         // The drawn mask is the one merge uses.
         let mask0 = dare.keep_mask("a", 0, n).unwrap();
@@ -260,15 +278,27 @@ fn dare_is_deterministic_and_independent_of_order_and_threads() {
         let kept = mask0.iter().filter(|&&k| k).count() as f64 / n as f64;
         assert!((kept - 0.3).abs() < 0.01, "keep rate {kept}");
         let ts = [m1.get("a").unwrap(), m2.get("a").unwrap()];
-        let with = dare.merge_tensor_with_masks("a", &ts, &[&mask0, &mask1]).unwrap();
+        let with = dare
+            .merge_tensor_with_masks("a", &ts, &[&mask0, &mask1])
+            .unwrap();
         assert_eq!(&with, a.get("a").unwrap());
     }
     // TIES on large tensors (sampled threshold path) is also thread-count independent and keeps k.
     let ties = TaskMerge::ties(base.clone(), 0.2, 1.0).unwrap();
-    let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap().install(|| ties.merge(&[&m1]).unwrap());
+    let one = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .unwrap()
+        .install(|| ties.merge(&[&m1]).unwrap());
     let two = ties.merge(&[&m1]).unwrap();
     assert_eq!(one, two);
-    let changed = one.get("a").unwrap().iter().zip(base.get("a").unwrap().iter()).filter(|(x, y)| x != y).count();
+    let changed = one
+        .get("a")
+        .unwrap()
+        .iter()
+        .zip(base.get("a").unwrap().iter())
+        .filter(|(x, y)| x != y)
+        .count();
     assert_eq!(changed, (0.2 * n as f64).ceil() as usize);
 }
 
@@ -276,9 +306,16 @@ fn dare_is_deterministic_and_independent_of_order_and_threads() {
 fn dare_rescale_preserves_expectation_and_l1() {
     let n = 200_000;
     let base = StateDict::from_pairs([("w", ArrayD::<f64>::zeros(IxDyn(&[n])))]).unwrap();
-    let m = StateDict::from_pairs([("w", ArrayD::from_shape_fn(IxDyn(&[n]), |i| 1.0 + (i[0] % 7) as f64))]).unwrap();
+    let m = StateDict::from_pairs([(
+        "w",
+        ArrayD::from_shape_fn(IxDyn(&[n]), |i| 1.0 + (i[0] % 7) as f64),
+    )])
+    .unwrap();
     let mean = |x: &StateDictF64| x.get("w").unwrap().mean().unwrap();
-    let inv = TaskMerge::dare(base.clone(), 0.25, 5, 1.0).unwrap().merge(&[&m]).unwrap();
+    let inv = TaskMerge::dare(base.clone(), 0.25, 5, 1.0)
+        .unwrap()
+        .merge(&[&m])
+        .unwrap();
     assert!((mean(&inv) / mean(&m) - 1.0).abs() < 0.02);
     let l1 = TaskMerge::dare(base, 0.25, 5, 1.0)
         .unwrap()
@@ -293,10 +330,19 @@ fn dare_rescale_preserves_expectation_and_l1() {
 fn della_keeps_large_entries_more_often() {
     let n = 100_000;
     let base = StateDict::from_pairs([("w", ArrayD::<f64>::zeros(IxDyn(&[n])))]).unwrap();
-    let m = StateDict::from_pairs([("w", ArrayD::from_shape_fn(IxDyn(&[n]), |i| (i[0] + 1) as f64))]).unwrap();
-    let d = TaskMerge::della(base, 0.5, 0.8, 3, 1.0).unwrap().merge(&[&m]).unwrap();
+    let m = StateDict::from_pairs([(
+        "w",
+        ArrayD::from_shape_fn(IxDyn(&[n]), |i| (i[0] + 1) as f64),
+    )])
+    .unwrap();
+    let d = TaskMerge::della(base, 0.5, 0.8, 3, 1.0)
+        .unwrap()
+        .merge(&[&m])
+        .unwrap();
     let w = d.get("w").unwrap();
-    let kept = |r: std::ops::Range<usize>| r.clone().filter(|&i| w[[i]] != 0.0).count() as f64 / r.len() as f64;
+    let kept = |r: std::ops::Range<usize>| {
+        r.clone().filter(|&i| w[[i]] != 0.0).count() as f64 / r.len() as f64
+    };
     let (low, high) = (kept(0..n / 10), kept(n - n / 10..n));
     assert!((low - 0.14).abs() < 0.03, "low {low}");
     assert!((high - 0.86).abs() < 0.03, "high {high}");
@@ -308,9 +354,16 @@ fn della_keeps_large_entries_more_often() {
 #[test]
 fn swag_sample_moments() {
     let mut swag = Swag::new(4).unwrap();
-    let pts = [[0.0f64, 1.0], [2.0, -1.0], [1.0, 3.0], [3.0, 1.0], [4.0, 0.0]];
+    let pts = [
+        [0.0f64, 1.0],
+        [2.0, -1.0],
+        [1.0, 3.0],
+        [3.0, 1.0],
+        [4.0, 0.0],
+    ];
     for p in pts {
-        swag.update(&StateDict::from_pairs([("w", ndarray::arr1(&p).into_dyn())]).unwrap()).unwrap();
+        swag.update(&StateDict::from_pairs([("w", ndarray::arr1(&p).into_dyn())]).unwrap())
+            .unwrap();
     }
     let var = swag.variance().unwrap();
     let devs: Vec<StateDictF64> = swag.deviations().iter().cloned().collect();
@@ -322,7 +375,10 @@ fn swag_sample_moments() {
         let v = xs.iter().map(|x| (x - m).powi(2)).sum::<f64>() / xs.len() as f64;
         let low: f64 = devs.iter().map(|d| d.get("w").unwrap()[[j]].powi(2)).sum();
         let want = var.get("w").unwrap()[[j]] / 2.0 + low / (2.0 * (kk - 1.0));
-        assert!((m - swag.mean().unwrap().get("w").unwrap()[[j]]).abs() < 0.05, "mean {m}");
+        assert!(
+            (m - swag.mean().unwrap().get("w").unwrap()[[j]]).abs() < 0.05,
+            "mean {m}"
+        );
         assert!((v / want - 1.0).abs() < 0.05, "var {v} vs {want}");
     }
 }
@@ -346,7 +402,11 @@ fn greedy_soup_report() {
     assert_eq!(report.kept[0], 4);
     assert_eq!(report.steps.len(), 4);
     let kept: Vec<&StateDictF64> = report.kept.iter().map(|&i| &ing[i]).collect();
-    assert!(close(&report.soup, &Average::uniform().merge(&kept).unwrap(), 1e-12));
+    assert!(close(
+        &report.soup,
+        &Average::uniform().merge(&kept).unwrap(),
+        1e-12
+    ));
     assert!(report.score <= report.ingredient_scores[4]);
     assert!(!report.kept.contains(&3));
     // Every kept step strictly improved on the one before.
@@ -375,22 +435,49 @@ fn ensemble_of_copies_is_the_model() {
 #[test]
 fn regmean_copies_and_identity_grams() {
     use modelfusion::merge::{Grams, RegMean};
-    let ms: Vec<StateDictF64> = (0..3).map(|s| build(&(0..SIZE).map(|i| ((i * 7 + s * 13) % 11) as f64 - 5.0).collect::<Vec<_>>())).collect();
+    let ms: Vec<StateDictF64> = (0..3)
+        .map(|s| {
+            build(
+                &(0..SIZE)
+                    .map(|i| ((i * 7 + s * 13) % 11) as f64 - 5.0)
+                    .collect::<Vec<_>>(),
+            )
+        })
+        .collect();
     let g = |d: usize, s: f64| -> ndarray::Array2<f64> {
-        ndarray::Array2::from_shape_fn((d, d), |(i, j)| if i == j { 2.0 + s * i as f64 } else { 0.3 * s })
+        ndarray::Array2::from_shape_fn(
+            (d, d),
+            |(i, j)| if i == j { 2.0 + s * i as f64 } else { 0.3 * s },
+        )
     };
     let grams: Vec<Grams> = (0..3)
-        .map(|s| [("fc.weight".to_string(), g(4, s as f64)), ("head.weight".to_string(), g(3, s as f64))].into())
+        .map(|s| {
+            [
+                ("fc.weight".to_string(), g(4, s as f64)),
+                ("head.weight".to_string(), g(3, s as f64)),
+            ]
+            .into()
+        })
         .collect();
     let copies = vec![ms[0].clone(); 3];
     let r = RegMean::new(grams.clone(), 0.9).unwrap();
     assert!(close(&r.merge(&refs(&copies)).unwrap(), &ms[0], 1e-9));
     // Identical scalar-multiple-of-identity Grams: the plain mean.
     let eye: Vec<Grams> = (0..3)
-        .map(|_| [("fc.weight".to_string(), ndarray::Array2::eye(4)), ("head.weight".to_string(), ndarray::Array2::eye(3))].into())
+        .map(|_| {
+            [
+                ("fc.weight".to_string(), ndarray::Array2::eye(4)),
+                ("head.weight".to_string(), ndarray::Array2::eye(3)),
+            ]
+            .into()
+        })
         .collect();
     let got = RegMean::new(eye, 0.5).unwrap().merge(&refs(&ms)).unwrap();
-    assert!(close(&got, &Average::uniform().merge(&refs(&ms)).unwrap(), 1e-9));
+    assert!(close(
+        &got,
+        &Average::uniform().merge(&refs(&ms)).unwrap(),
+        1e-9
+    ));
     // A singular Gram (an input that is always zero) still solves (pseudo-inverse).
     let mut sing = grams;
     for gs in &mut sing {
@@ -398,5 +485,12 @@ fn regmean_copies_and_identity_grams() {
         m.row_mut(0).fill(0.0);
         m.column_mut(0).fill(0.0);
     }
-    assert!(RegMean::new(sing, 0.9).unwrap().merge(&refs(&ms)).unwrap().check_finite("merged").is_ok());
+    assert!(
+        RegMean::new(sing, 0.9)
+            .unwrap()
+            .merge(&refs(&ms))
+            .unwrap()
+            .check_finite("merged")
+            .is_ok()
+    );
 }

@@ -129,12 +129,10 @@ pub(crate) fn blend_into<M: Model>(acc: &mut M, x: &M, a: f64) -> Result<()> {
     let names: Vec<String> = acc.names().map(str::to_string).collect();
     for name in names {
         let src = x.require(&name, "the new model")?;
-        let dst = acc
-            .get_mut(&name)
-            .ok_or_else(|| Error::MissingParam {
-                name: name.clone(),
-                context: "the running average".into(),
-            })?;
+        let dst = acc.get_mut(&name).ok_or_else(|| Error::MissingParam {
+            name: name.clone(),
+            context: "the running average".into(),
+        })?;
         Zip::from(&mut dst.view_mut())
             .and(&src.view())
             .par_for_each(|d, &s| *d += a * (s - *d));
@@ -578,7 +576,9 @@ impl<M: Model> Swag<M> {
         let k = self.deviations.len();
         let z2: Vec<f64> = if k >= 2 {
             let mut rng = kernel::chunk_rng(seed, "\u{0}swag-low-rank", 0, 0);
-            (0..k).map(|_| rng.sample::<f64, _>(StandardNormal)).collect()
+            (0..k)
+                .map(|_| rng.sample::<f64, _>(StandardNormal))
+                .collect()
         } else {
             Vec::new()
         };
@@ -604,8 +604,8 @@ impl<M: Model> Swag<M> {
                 for (j, x) in o.iter_mut().enumerate() {
                     let i = start + j;
                     let z: f64 = rng.sample(StandardNormal);
-                    let mut val = m[i].to_f64_lossless()
-                        + c_diag * v[i].to_f64_lossless().sqrt() * z;
+                    let mut val =
+                        m[i].to_f64_lossless() + c_diag * v[i].to_f64_lossless().sqrt() * z;
                     if !z2.is_empty() {
                         let low: f64 = devs
                             .iter()

@@ -45,18 +45,18 @@ where
     I: IntoIterator<Item = &'a G>,
 {
     let mut fisher: Option<M> = None;
-    let mut count = 0usize;
     for (b, obj) in objectives.into_iter().enumerate() {
         let (_, grad) = obj.loss_and_gradient(model)?;
         model.check_compatible(&grad).map_err(|e| {
-            Error::Objective(format!("gradient of objective {b} does not match the model: {e}"))
+            Error::Objective(format!(
+                "gradient of objective {b} does not match the model: {e}"
+            ))
         })?;
         let sq = grad.try_map(|_, g| Ok(g.map(|x| x * x)))?;
         match &mut fisher {
             None => fisher = Some(sq),
-            Some(f) => blend_into(f, &sq, 1.0 / (count as f64 + 1.0))?,
+            Some(f) => blend_into(f, &sq, 1.0 / (b as f64 + 1.0))?,
         }
-        count += 1;
     }
     fisher.ok_or_else(|| Error::empty("the list of gradient objectives for the Fisher"))
 }
@@ -111,7 +111,9 @@ impl<M: Model> Fisher<M> {
             f.check_finite(&format!("Fisher {i}"))?;
             for name in f.names() {
                 if let Some(t) = f.get(name)
-                    && t.view().iter().any(|&x| x < <<M::Tensor as Tensor>::Elem as num_traits::Zero>::zero())
+                    && t.view()
+                        .iter()
+                        .any(|&x| x < <<M::Tensor as Tensor>::Elem as num_traits::Zero>::zero())
                 {
                     return Err(Error::invalid(
                         "fishers",
@@ -144,7 +146,12 @@ impl<M: Model> Fisher<M> {
     /// ```
     pub fn with_coefficients(mut self, coefficients: Vec<f64>) -> Result<Self> {
         check_weights(&coefficients, "coefficients")?;
-        check_count(coefficients.len(), self.fishers.len(), "coefficients", "any")?;
+        check_count(
+            coefficients.len(),
+            self.fishers.len(),
+            "coefficients",
+            "any",
+        )?;
         if coefficients.iter().any(|&c| c < 0.0) || coefficients.iter().all(|&c| c == 0.0) {
             return Err(Error::invalid(
                 "coefficients",
@@ -246,7 +253,11 @@ impl<M: Model> TensorMerger<M::Tensor> for Fisher<M> {
                 E::<M>::from_f64_lossy(l)
             })
             .collect();
-        let scales: Vec<E<M>> = self.scales.iter().map(|&s| E::<M>::from_f64_lossy(s)).collect();
+        let scales: Vec<E<M>> = self
+            .scales
+            .iter()
+            .map(|&s| E::<M>::from_f64_lossy(s))
+            .collect();
         let floor = E::<M>::from_f64_lossy(self.floor);
         let mut out: Vec<E<M>> = kernel::zeros(xs[0].len());
         kernel::for_chunks(&mut out, |_, s, o| {
@@ -259,7 +270,11 @@ impl<M: Model> TensorMerger<M::Tensor> for Fisher<M> {
                     num += f * xs[m][i];
                     den += f;
                 }
-                *v = if den > E::<M>::zero() { num / den } else { xs[0][i] };
+                *v = if den > E::<M>::zero() {
+                    num / den
+                } else {
+                    xs[0][i]
+                };
             }
         });
         kernel::build(shape, out)

@@ -64,7 +64,11 @@ fn advise_huge_pages<E>(v: &[E]) {
         // how the kernel backs those pages, never their contents. A failure (e.g. THP
         // disabled) leaves ordinary pages, so the result is ignored.
         unsafe {
-            libc::madvise(aligned as *mut libc::c_void, end - aligned, libc::MADV_HUGEPAGE);
+            libc::madvise(
+                aligned as *mut libc::c_void,
+                end - aligned,
+                libc::MADV_HUGEPAGE,
+            );
         }
     }
 }

@@ -210,21 +210,21 @@ impl RegMean {
 
 #[cfg(feature = "linalg")]
 fn solve_spd(a: &Array2<f64>, b: &Array2<f64>) -> Result<Array2<f64>> {
-    use ndarray_linalg::{FactorizeC, SVDDC, SolveC, UPLO, JobSvd};
+    use ndarray_linalg::{FactorizeC, JobSvd, SVDDC, SolveC, UPLO};
     if let Ok(f) = a.factorizec(UPLO::Lower) {
         let mut x = Array2::<f64>::zeros(b.raw_dim());
         for (j, col) in b.columns().into_iter().enumerate() {
-            let sol = f
-                .solvec(&col.to_owned())
-                .map_err(|e| Error::Infeasible { reason: format!("RegMean solve: {e}") })?;
+            let sol = f.solvec(&col.to_owned()).map_err(|e| Error::Infeasible {
+                reason: format!("RegMean solve: {e}"),
+            })?;
             x.column_mut(j).assign(&sol);
         }
         return Ok(x);
     }
     // Singular: Moore-Penrose pseudo-inverse through the SVD.
-    let (u, s, vt) = a
-        .svddc(JobSvd::All)
-        .map_err(|e| Error::Infeasible { reason: format!("RegMean SVD: {e}") })?;
+    let (u, s, vt) = a.svddc(JobSvd::All).map_err(|e| Error::Infeasible {
+        reason: format!("RegMean SVD: {e}"),
+    })?;
     let (u, vt) = match (u, vt) {
         (Some(u), Some(vt)) => (u, vt),
         _ => {

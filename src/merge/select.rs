@@ -50,8 +50,16 @@ pub(crate) fn kth_largest_many<E: Scalar>(
             let margin = 4.0 * (s * q * (1.0 - q)).sqrt() + 16.0;
             let r_hi = (q * s - margin).floor();
             let r_lo = (q * s + margin).ceil();
-            let hi = if r_hi < 0.0 { E::infinity() } else { sample[r_hi as usize] };
-            let lo = if r_lo >= s - 1.0 { E::zero() } else { sample[r_lo as usize] };
+            let hi = if r_hi < 0.0 {
+                E::infinity()
+            } else {
+                sample[r_hi as usize]
+            };
+            let lo = if r_lo >= s - 1.0 {
+                E::zero()
+            } else {
+                sample[r_lo as usize]
+            };
             (lo, hi)
         })
         .collect();
@@ -71,7 +79,10 @@ pub(crate) fn kth_largest_many<E: Scalar>(
                     *v = (t - bv).abs();
                 }
                 // Branch-free count (NaN counts as above) and compaction.
-                above[q] += b.iter().map(|&v| usize::from(!(v <= hi))).sum::<usize>();
+                above[q] += b
+                    .iter()
+                    .map(|&v| usize::from(v > hi || v.is_nan()))
+                    .sum::<usize>();
                 let ins = &mut inside[q];
                 let cnt = ins.len();
                 ins.resize(cnt + len, E::zero());
@@ -110,7 +121,11 @@ pub(crate) fn kth_largest_many<E: Scalar>(
 }
 
 fn exact<E: Scalar>(theta: &[E], base: &[E], k: usize) -> E {
-    let mut m: Vec<E> = theta.iter().zip(base).map(|(&t, &b)| (t - b).abs()).collect();
+    let mut m: Vec<E> = theta
+        .iter()
+        .zip(base)
+        .map(|(&t, &b)| (t - b).abs())
+        .collect();
     let (_, v, _) = m.select_nth_unstable_by(k - 1, desc);
     *v
 }
@@ -140,10 +155,7 @@ mod tests {
         let tied: Vec<f32> = (0..n).map(|i| (i % 3) as f32).collect();
         let base = vec![0.1f32; n];
         let ks = [1, 2, n / 5, n / 2, n - 1, n];
-        let reqs: Vec<(usize, usize)> = ks
-            .iter()
-            .flat_map(|&k| [(0, k), (1, k)])
-            .collect();
+        let reqs: Vec<(usize, usize)> = ks.iter().flat_map(|&k| [(0, k), (1, k)]).collect();
         let got = kth_largest_many(&[&theta, &tied], &base, &reqs);
         let (s0, s1) = (sorted(&theta, &base), sorted(&tied, &base));
         for (&(m, k), g) in reqs.iter().zip(got) {

@@ -235,7 +235,7 @@ impl<T: Tensor> TensorMerger<T> for KarcherMean {
                     .sqrt()
             })
             .collect();
-        if n == 0 || norms.iter().any(|&r| r == 0.0) {
+        if n == 0 || norms.contains(&0.0) {
             return kernel::weighted_sum(tensors, &w);
         }
         // Start at the normalised Euclidean mean of the directions.

@@ -78,7 +78,9 @@ impl<M: Model> ModelStock<M> {
         if k < 2 {
             return Err(Error::invalid(
                 "models",
-                format!("model stock needs at least 2 fine-tuned models, got {k} (parameter `{name}`)"),
+                format!(
+                    "model stock needs at least 2 fine-tuned models, got {k} (parameter `{name}`)"
+                ),
             ));
         }
         let base = base_tensor(&self.base, name, tensors[0].shape())?;
@@ -86,8 +88,7 @@ impl<M: Model> ModelStock<M> {
         let data: Vec<_> = tensors.iter().map(|t| kernel::elems(*t)).collect();
         let xs: Vec<&[<M::Tensor as Tensor>::Elem]> = data.iter().map(|c| c.as_ref()).collect();
         // Gram matrix of the task vectors, upper triangle, one pass.
-        let pairs: Vec<(usize, usize)> =
-            (0..k).flat_map(|i| (i..k).map(move |j| (i, j))).collect();
+        let pairs: Vec<(usize, usize)> = (0..k).flat_map(|i| (i..k).map(move |j| (i, j))).collect();
         let n = b.len();
         let g = kernel::sum_chunks(n, pairs.len(), |s, e| {
             let mut acc = vec![0.0; pairs.len()];

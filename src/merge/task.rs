@@ -153,7 +153,9 @@ impl Sparsification {
                 density, epsilon, ..
             } => {
                 check_density(density)?;
-                if !(epsilon >= 0.0 && density - epsilon / 2.0 > 0.0 && density + epsilon / 2.0 <= 1.0)
+                if !(epsilon >= 0.0
+                    && density - epsilon / 2.0 > 0.0
+                    && density + epsilon / 2.0 <= 1.0)
                 {
                     return Err(Error::invalid(
                         "epsilon",
@@ -549,7 +551,12 @@ impl<M: Model> TaskMerge<M> {
         self.run(name, tensors, Some(masks))
     }
 
-    fn run(&self, name: &str, tensors: &[&M::Tensor], masks: Option<&[&[bool]]>) -> Result<M::Tensor> {
+    fn run(
+        &self,
+        name: &str,
+        tensors: &[&M::Tensor],
+        masks: Option<&[&[bool]]>,
+    ) -> Result<M::Tensor> {
         check_shapes(name, tensors)?;
         let shape = tensors[0].shape().to_vec();
         let base = base_tensor(&self.base, name, &shape)?;
@@ -621,7 +628,10 @@ impl<M: Model> TaskMerge<M> {
                 match (lo_rank, hi_rank) {
                     (None, _) => Rule::All,
                     (Some(_), None) => Rule::Above { lo: th[0] },
-                    (Some(_), Some(_)) => Rule::Band { lo: th[0], hi: th[1] },
+                    (Some(_), Some(_)) => Rule::Band {
+                        lo: th[0],
+                        hi: th[1],
+                    },
                 }
             }
             Sparsification::Random {
@@ -650,7 +660,11 @@ impl<M: Model> TaskMerge<M> {
                             }
                             acc
                         });
-                        if sums[1] > 0.0 { sums[0] / sums[1] } else { 1.0 }
+                        if sums[1] > 0.0 {
+                            sums[0] / sums[1]
+                        } else {
+                            1.0
+                        }
                     }
                 };
                 Rule::Random {
@@ -676,11 +690,7 @@ impl<M: Model> TaskMerge<M> {
                     ranked_probs(n, density, epsilon, order64.iter().copied())
                 };
                 Rule::Della {
-                    draw: Draw::Rng {
-                        seed,
-                        name,
-                        thr: 0,
-                    },
+                    draw: Draw::Rng { seed, name, thr: 0 },
                     model: i,
                     probs,
                 }
@@ -723,7 +733,7 @@ enum Draw<'a> {
 
 /// The keep decisions of one chunk, consumed in element order.
 enum ChunkDraw<'a> {
-    Rng(rand_chacha::ChaCha8Rng, u64),
+    Rng(Box<rand_chacha::ChaCha8Rng>, u64),
     Given(std::slice::Iter<'a, bool>),
 }
 
@@ -755,7 +765,7 @@ impl<'a> Draw<'a> {
     fn chunk(&self, model: usize, chunk: usize, start: usize) -> ChunkDraw<'a> {
         match *self {
             Draw::Rng { seed, name, thr } => {
-                ChunkDraw::Rng(kernel::chunk_rng(seed, name, model, chunk), thr)
+                ChunkDraw::Rng(Box::new(kernel::chunk_rng(seed, name, model, chunk)), thr)
             }
             Draw::Given(m) => ChunkDraw::Given(m[start..].iter()),
         }
@@ -766,13 +776,26 @@ impl<'a> Draw<'a> {
 enum Rule<'a, E> {
     All,
     /// Keep entries with `lo <= |tau|`.
-    Above { lo: E },
+    Above {
+        lo: E,
+    },
     /// Keep entries with `lo <= |tau| <= hi`.
-    Band { lo: E, hi: E },
+    Band {
+        lo: E,
+        hi: E,
+    },
     /// Keep at random (or by a given mask), scale kept entries.
-    Random { draw: Draw<'a>, model: usize, scale: E },
+    Random {
+        draw: Draw<'a>,
+        model: usize,
+        scale: E,
+    },
     /// DELLA: per-entry keep probability, scale kept by its inverse.
-    Della { draw: Draw<'a>, model: usize, probs: Vec<f64> },
+    Della {
+        draw: Draw<'a>,
+        model: usize,
+        probs: Vec<f64>,
+    },
 }
 
 /// `base + lambda * combine(sparsified task vectors)`, blocked and chunk-parallel.
@@ -799,7 +822,7 @@ fn combine<E: Scalar>(
             })
             .collect();
         let mut scratch = vec![E::zero(); m * BLOCK];
-        let mut acc = vec![E::zero(); 3 * BLOCK];
+        let mut acc = [E::zero(); 3 * BLOCK];
         let mut off = 0;
         while off < o.len() {
             let len = BLOCK.min(o.len() - off);
@@ -890,7 +913,9 @@ fn combine<E: Scalar>(
                             *dn += if agree { w } else { zero };
                         }
                     }
-                    for (((o, &b), &n), &dn) in ob.iter_mut().zip(bb).zip(num.iter()).zip(den.iter()) {
+                    for (((o, &b), &n), &dn) in
+                        ob.iter_mut().zip(bb).zip(num.iter()).zip(den.iter())
+                    {
                         let merged = if dn != zero { n / dn } else { zero };
                         *o = b + lam * merged;
                     }
