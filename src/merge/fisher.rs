@@ -35,7 +35,7 @@ pub const DEFAULT_FISHER_FLOOR: f64 = 1e-6;
 /// let m = StateDict::from_pairs([("w", arr1(&[1.0, 2.0]).into_dyn())])?;
 /// let f = diagonal_fisher(&m, [&Quad(1.0), &Quad(3.0)])?;
 /// // mean of (1*w)^2 and (3*w)^2 = 5 w^2
-/// assert_eq!(f["w"].as_slice().unwrap(), &[5.0, 20.0]);
+/// assert_eq!(f.get("w").unwrap().as_slice().unwrap(), &[5.0, 20.0]);
 /// # Ok::<(), modelfusion::Error>(())
 /// ```
 pub fn diagonal_fisher<'a, M, G, I>(model: &M, objectives: I) -> Result<M>
@@ -78,7 +78,7 @@ where
 /// let fa = StateDict::from_pairs([("w", arr1(&[3.0f64, 1.0]).into_dyn())])?;
 /// let fb = StateDict::from_pairs([("w", arr1(&[1.0f64, 1.0]).into_dyn())])?;
 /// let m = Fisher::new(vec![fa, fb])?.merge(&[&a, &b])?;
-/// assert_eq!(m["w"].as_slice().unwrap(), &[1.0, 2.0]);
+/// assert_eq!(m.get("w").unwrap().as_slice().unwrap(), &[1.0, 2.0]);
 /// # Ok::<(), modelfusion::Error>(())
 /// ```
 #[derive(Clone, Debug)]

@@ -45,9 +45,9 @@
 //! let a = StateDict::from_pairs([("w", arr1(&[1.0f32, -2.0]).into_dyn())])?;
 //! let b = StateDict::from_pairs([("w", arr1(&[3.0f32, 2.0]).into_dyn())])?;
 //! let avg = Average::uniform().merge(&[&a, &b])?;
-//! assert_eq!(avg["w"].as_slice().unwrap(), &[2.0, 0.0]);
+//! assert_eq!(avg.get("w").unwrap().as_slice().unwrap(), &[2.0, 0.0]);
 //! let ties = TaskMerge::ties(base, 1.0, 1.0)?.merge(&[&a, &b])?;
-//! assert_eq!(ties["w"].as_slice().unwrap(), &[2.0, 0.0]); // signs disagree on w[1]: tie, 0
+//! assert_eq!(ties.get("w").unwrap().as_slice().unwrap(), &[2.0, 0.0]); // signs disagree on w[1]: tie, 0
 //! # Ok::<(), modelfusion::Error>(())
 //! ```
 

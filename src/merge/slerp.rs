@@ -25,7 +25,7 @@ pub const SLERP_LERP_THRESHOLD: f64 = 0.9995;
 /// let b = StateDict::from_pairs([("w", arr1(&[0.0f64, 1.0]).into_dyn())])?;
 /// let mid = Slerp::new(0.5)?.merge(&[&a, &b])?;
 /// let h = 0.5f64.sqrt();
-/// assert!((mid["w"][[0]] - h).abs() < 1e-12 && (mid["w"][[1]] - h).abs() < 1e-12);
+/// assert!((mid.get("w").unwrap()[[0]] - h).abs() < 1e-12 && (mid.get("w").unwrap()[[1]] - h).abs() < 1e-12);
 /// assert!(Slerp::new(1.5).is_err());
 /// assert!(Slerp::new(0.5)?.merge(&[&a]).is_err()); // needs two models
 /// # Ok::<(), modelfusion::Error>(())
@@ -144,7 +144,7 @@ impl<T: Tensor> TensorMerger<T> for Slerp {
 /// let b = StateDict::from_pairs([("w", arr1(&[0.0f64, 2.0]).into_dyn())])?;
 /// let m = KarcherMean::uniform().merge(&[&a, &b])?;
 /// let h = 2.0 * 0.5f64.sqrt();
-/// assert!((m["w"][[0]] - h).abs() < 1e-9 && (m["w"][[1]] - h).abs() < 1e-9);
+/// assert!((m.get("w").unwrap()[[0]] - h).abs() < 1e-9 && (m.get("w").unwrap()[[1]] - h).abs() < 1e-9);
 /// assert!(KarcherMean::weighted(vec![1.0, -1.0]).is_err());
 /// # Ok::<(), modelfusion::Error>(())
 /// ```

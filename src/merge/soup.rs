@@ -48,7 +48,7 @@ pub struct SoupReport<M> {
 /// /// Distance to the point 1.0.
 /// struct Dist;
 /// impl Objective<StateDictF64> for Dist {
-///     fn loss(&self, m: &StateDictF64) -> Result<f64> { Ok((m["w"][[0]] - 1.0).abs()) }
+///     fn loss(&self, m: &StateDictF64) -> Result<f64> { Ok((m.get("w").unwrap()[[0]] - 1.0).abs()) }
 /// }
 /// let ing: Vec<StateDictF64> = [0.5, 1.6, 9.0]
 ///     .iter()

@@ -291,16 +291,16 @@ impl<M: Model> TaskMerge<M> {
     ///
     /// ```
     /// use modelfusion::merge::{Merger, TaskMerge};
-    /// use modelfusion::StateDict;
-    /// use ndarray::{Array1, ArrayD};
+    /// use modelfusion::{Model, StateDict};
+    /// use ndarray::Array1;
     /// let base = StateDict::from_pairs([("w", Array1::<f32>::zeros(1000).into_dyn())])?;
     /// let a = StateDict::from_pairs([("w", Array1::<f32>::ones(1000).into_dyn())])?;
     /// let dare = TaskMerge::dare(base, 0.25, 42, 1.0)?;
     /// let m = dare.merge(&[&a])?;
     /// assert_eq!(m, dare.merge(&[&a])?); // same seed, same result
-    /// let kept = m["w"].iter().filter(|&&x| x != 0.0).count();
+    /// let kept = m.get("w").unwrap().iter().filter(|&&x| x != 0.0).count();
     /// assert!(kept > 180 && kept < 320);
-    /// assert!(m["w"].iter().all(|&x| x == 0.0 || x == 4.0)); // 1 / 0.25
+    /// assert!(m.get("w").unwrap().iter().all(|&x| x == 0.0 || x == 4.0)); // 1 / 0.25
     /// # Ok::<(), modelfusion::Error>(())
     /// ```
     pub fn dare(base: M, density: f64, seed: u64, lambda: f64) -> Result<Self> {
