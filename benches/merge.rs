@@ -5,6 +5,10 @@
 //! 3 x 256 MiB and writes 256 MiB, TIES reads 4 x 256 MiB (with the base) and writes
 //! 256 MiB.
 //!
+//! "fresh_alloc" rows write into a newly allocated output (as `merge_tensor` must, and
+//! as a copy into new buffers does); "into_existing" rows write into a buffer that was
+//! already touched (`merge_tensor_into`, `copy_from_slice`).
+//!
 //! Run: `cargo bench --bench merge` (set `MERGE_BENCH_MIB` to change the tensor size).
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
@@ -24,6 +28,30 @@ fn tensor(n: usize, seed: u32) -> ArrayD<f32> {
         })
         .collect();
     ArrayD::from_shape_vec(IxDyn(&[n]), v).unwrap()
+}
+
+/// A fresh zeroed buffer marked for transparent huge pages, the way the mergers
+/// allocate their outputs (so the two fresh-allocation rows compare like with like).
+fn fresh(n: usize) -> Vec<f32> {
+    let v = vec![0.0f32; n];
+    #[cfg(target_os = "linux")]
+    {
+        const HUGE: usize = 2 << 20;
+        let start = v.as_ptr() as usize;
+        let aligned = start.next_multiple_of(HUGE);
+        let end = (start + n * 4) / HUGE * HUGE;
+        if end > aligned {
+            // SAFETY: advice on a range inside `v`'s allocation; contents are unaffected.
+            unsafe {
+                libc::madvise(
+                    aligned as *mut libc::c_void,
+                    end - aligned,
+                    libc::MADV_HUGEPAGE,
+                );
+            }
+        }
+    }
+    v
 }
 
 fn bench(c: &mut Criterion) {
@@ -52,22 +80,42 @@ fn bench(c: &mut Criterion) {
     });
     g.bench_function("memcpy_fresh_alloc", |b| {
         b.iter(|| {
-            let v: Vec<Vec<f32>> = xs.iter().map(|x| x.as_slice().unwrap().to_vec()).collect();
+            let v: Vec<Vec<f32>> = xs
+                .iter()
+                .map(|x| {
+                    let mut d = fresh(n);
+                    d.copy_from_slice(x.as_slice().unwrap());
+                    d
+                })
+                .collect();
             black_box(v)
         })
     });
 
     g.throughput(Throughput::Bytes(4 * bytes));
     let avg = Average::weighted(vec![0.2, 0.3, 0.5], true).unwrap();
-    g.bench_function("weighted_average", |b| {
+    g.bench_function("weighted_average_fresh_alloc", |b| {
         b.iter(|| black_box(avg.merge_tensor("w", &refs).unwrap()))
+    });
+    let mut out = vec![1.0f32; n];
+    g.bench_function("weighted_average_into_existing", |b| {
+        b.iter(|| {
+            avg.merge_tensor_into("w", &refs, &mut out).unwrap();
+            black_box(&out);
+        })
     });
 
     g.throughput(Throughput::Bytes(5 * bytes));
     let base_sd = StateDict::from_pairs([("w", base)]).unwrap();
     let ties = TaskMerge::ties(base_sd, 0.2, 1.0).unwrap();
-    g.bench_function("ties_density_0.2", |b| {
+    g.bench_function("ties_density_0.2_fresh_alloc", |b| {
         b.iter(|| black_box(ties.merge_tensor("w", &refs).unwrap()))
+    });
+    g.bench_function("ties_density_0.2_into_existing", |b| {
+        b.iter(|| {
+            ties.merge_tensor_into("w", &refs, &mut out).unwrap();
+            black_box(&out);
+        })
     });
     g.finish();
 }

@@ -102,6 +102,37 @@ impl Average {
     }
 }
 
+impl Average {
+    /// Merges one tensor into a caller-provided buffer (row-major, the tensor's length),
+    /// e.g. to reuse one output buffer across a streamed merge. Same result as
+    /// [`merge_tensor`](TensorMerger::merge_tensor).
+    ///
+    /// ```
+    /// use modelfusion::merge::Average;
+    /// use ndarray::arr1;
+    /// let (a, b) = (arr1(&[1.0f32, 2.0]).into_dyn(), arr1(&[3.0f32, 4.0]).into_dyn());
+    /// let mut out = vec![0.0f32; 2];
+    /// Average::uniform().merge_tensor_into("w", &[&a, &b], &mut out)?;
+    /// assert_eq!(out, vec![2.0, 3.0]);
+    /// assert!(Average::uniform().merge_tensor_into("w", &[&a, &b], &mut [0.0f32; 3]).is_err());
+    /// # Ok::<(), modelfusion::Error>(())
+    /// ```
+    pub fn merge_tensor_into<T: Tensor>(
+        &self,
+        name: &str,
+        tensors: &[&T],
+        out: &mut [T::Elem],
+    ) -> Result<()> {
+        check_shapes(name, tensors)?;
+        kernel::check_out_len(name, out.len(), tensors[0].len())?;
+        let w = self
+            .weights_for(tensors.len())
+            .map_err(|e| rename(e, name))?;
+        kernel::weighted_sum_tensors_into(tensors, &w, out);
+        Ok(())
+    }
+}
+
 impl<T: Tensor> TensorMerger<T> for Average {
     fn merge_tensor(&self, name: &str, tensors: &[&T]) -> Result<T> {
         check_shapes(name, tensors)?;

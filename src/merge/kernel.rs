@@ -132,6 +132,18 @@ pub(crate) fn check_count(count: usize, n: usize, what: &str, name: &str) -> Res
     Ok(())
 }
 
+/// Errors unless an output buffer has the tensor's length.
+pub(crate) fn check_out_len(name: &str, got: usize, want: usize) -> Result<()> {
+    if got != want {
+        return Err(Error::shape(
+            format!("output buffer for parameter `{name}`"),
+            &[want],
+            &[got],
+        ));
+    }
+    Ok(())
+}
+
 /// Calls `f(chunk_index, start, out_chunk)` for every [`PAR_CHUNK`]-sized chunk of `out`,
 /// in parallel when `out` is large.
 pub(crate) fn for_chunks<E, F>(out: &mut [E], f: F)
@@ -185,9 +197,40 @@ where
     acc
 }
 
+/// Runs `f` compiled for AVX2 + FMA when the CPU has them (runtime detection), so the
+/// loops `f` inlines vectorise 8 `f32` wide instead of the baseline 4. Callers mark the
+/// body `#[inline(always)]`. The result is the same either way: FMA contraction is not
+/// enabled by Rust, so every operation rounds exactly as in the baseline build.
+#[inline(always)]
+pub(crate) fn simd<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx2,fma")]
+        fn with_avx2<R>(f: impl FnOnce() -> R) -> R {
+            f()
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: the CPU supports the features `with_avx2` is compiled for.
+            return unsafe { with_avx2(f) };
+        }
+    }
+    f()
+}
+
 /// `out = sum_i w_i x_i`, one pass over the inputs (blocked so the output stays in cache).
 pub(crate) fn weighted_sum_into<E: Scalar>(xs: &[&[E]], ws: &[E], out: &mut [E]) {
     for_chunks(out, |_, start, o| {
+        simd(
+            #[inline(always)]
+            || weighted_sum_chunk(xs, ws, start, o),
+        )
+    });
+}
+
+#[inline(always)]
+fn weighted_sum_chunk<E: Scalar>(xs: &[&[E]], ws: &[E], start: usize, o: &mut [E]) {
+    {
         let mut off = 0;
         while off < o.len() {
             let len = BLOCK.min(o.len() - off);
@@ -206,25 +249,32 @@ pub(crate) fn weighted_sum_into<E: Scalar>(xs: &[&[E]], ws: &[E], out: &mut [E])
             }
             off += len;
         }
-    });
+    }
 }
 
-/// `sum_i w_i x_i` as a new tensor of `shape`.
+/// `sum_i w_i x_i` as a new tensor of the inputs' shape.
 pub(crate) fn weighted_sum<T: Tensor>(tensors: &[&T], weights: &[f64]) -> Result<T> {
-    let shape = tensors
+    let first = tensors
         .first()
-        .ok_or_else(|| Error::empty("the list of tensors"))?
-        .shape()
-        .to_vec();
+        .ok_or_else(|| Error::empty("the list of tensors"))?;
+    let mut out = zeros(first.len());
+    weighted_sum_tensors_into(tensors, weights, &mut out);
+    build(first.shape(), out)
+}
+
+/// `out = sum_i w_i x_i` over tensors of one shape (`out` row-major, checked by callers).
+pub(crate) fn weighted_sum_tensors_into<T: Tensor>(
+    tensors: &[&T],
+    weights: &[f64],
+    out: &mut [T::Elem],
+) {
     let data: Vec<Cow<'_, [T::Elem]>> = tensors.iter().map(|t| elems(*t)).collect();
     let xs: Vec<&[T::Elem]> = data.iter().map(|c| c.as_ref()).collect();
     let ws: Vec<T::Elem> = weights
         .iter()
         .map(|&w| T::Elem::from_f64_lossy(w))
         .collect();
-    let mut out = zeros(xs[0].len());
-    weighted_sum_into(&xs, &ws, &mut out);
-    build(&shape, out)
+    weighted_sum_into(&xs, &ws, out);
 }
 
 /// FNV-1a over `bytes`, 64-bit.

@@ -14,6 +14,8 @@ const SAMPLES: usize = 1 << 16;
 const SMALL: usize = 1 << 17;
 /// Elements per block of the streaming pass.
 const SUB: usize = 1024;
+/// Elements per group checked for candidates before compacting.
+const GROUP: usize = 32;
 
 fn desc<E: Scalar>(a: &E, b: &E) -> std::cmp::Ordering {
     b.partial_cmp(a).unwrap_or(std::cmp::Ordering::Less)
@@ -63,42 +65,11 @@ pub(crate) fn kth_largest_many<E: Scalar>(
             (lo, hi)
         })
         .collect();
-    let r = requests.len();
     let parts = map_chunks(n, |_, start, end| {
-        let mut above = vec![0usize; r];
-        let mut inside: Vec<Vec<E>> = vec![Vec::new(); r];
-        let mut buf = [E::zero(); SUB];
-        let mut s0 = start;
-        while s0 < end {
-            let len = SUB.min(end - s0);
-            let bb = &base[s0..s0 + len];
-            for (q, &(m, _)) in requests.iter().enumerate() {
-                let (lo, hi) = brackets[q];
-                let b = &mut buf[..len];
-                for ((v, &t), &bv) in b.iter_mut().zip(&xs[m][s0..s0 + len]).zip(bb) {
-                    *v = (t - bv).abs();
-                }
-                // Branch-free count (NaN counts as above) and compaction.
-                above[q] += b
-                    .iter()
-                    .map(|&v| usize::from(v > hi || v.is_nan()))
-                    .sum::<usize>();
-                let ins = &mut inside[q];
-                let cnt = ins.len();
-                ins.resize(cnt + len, E::zero());
-                let dst = &mut ins[cnt..];
-                let mut c = 0usize;
-                for &v in b.iter() {
-                    if let Some(slot) = dst.get_mut(c) {
-                        *slot = v;
-                    }
-                    c += usize::from((v >= lo) & (v <= hi));
-                }
-                ins.truncate(cnt + c);
-            }
-            s0 += len;
-        }
-        (above, inside)
+        super::kernel::simd(
+            #[inline(always)]
+            || scan_chunk(xs, base, requests, &brackets, start, end),
+        )
     });
     requests
         .iter()
@@ -118,6 +89,65 @@ pub(crate) fn kth_largest_many<E: Scalar>(
             }
         })
         .collect()
+}
+
+/// Per request: the count of magnitudes above its bracket and the ones inside it, over
+/// `start..end`.
+#[inline(always)]
+#[allow(clippy::type_complexity)]
+fn scan_chunk<E: Scalar>(
+    xs: &[&[E]],
+    base: &[E],
+    requests: &[(usize, usize)],
+    brackets: &[(E, E)],
+    start: usize,
+    end: usize,
+) -> (Vec<usize>, Vec<Vec<E>>) {
+    let r = requests.len();
+    {
+        let mut above = vec![0usize; r];
+        let mut inside: Vec<Vec<E>> = vec![Vec::new(); r];
+        let mut buf = [E::zero(); SUB];
+        let mut s0 = start;
+        while s0 < end {
+            let len = SUB.min(end - s0);
+            let bb = &base[s0..s0 + len];
+            for (q, &(m, _)) in requests.iter().enumerate() {
+                let (lo, hi) = brackets[q];
+                let b = &mut buf[..len];
+                for ((v, &t), &bv) in b.iter_mut().zip(&xs[m][s0..s0 + len]).zip(bb) {
+                    *v = (t - bv).abs();
+                }
+                // Branch-free count (NaN counts as above) and compaction.
+                above[q] += b
+                    .iter()
+                    .map(|&v| usize::from(v > hi || v.is_nan()))
+                    .sum::<usize>();
+                let ins = &mut inside[q];
+                // Compact only the groups that hold a candidate (an OR-reduction that
+                // vectorises decides); candidates are a small fraction of the data.
+                for g in b.chunks(GROUP) {
+                    let any = g.iter().fold(false, |a, &v| a | ((v >= lo) & (v <= hi)));
+                    if !any {
+                        continue;
+                    }
+                    let cnt = ins.len();
+                    ins.resize(cnt + g.len(), E::zero());
+                    let dst = &mut ins[cnt..];
+                    let mut c = 0usize;
+                    for &v in g {
+                        if let Some(slot) = dst.get_mut(c) {
+                            *slot = v;
+                        }
+                        c += usize::from((v >= lo) & (v <= hi));
+                    }
+                    ins.truncate(cnt + c);
+                }
+            }
+            s0 += len;
+        }
+        (above, inside)
+    }
 }
 
 fn exact<E: Scalar>(theta: &[E], base: &[E], k: usize) -> E {

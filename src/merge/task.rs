@@ -551,6 +551,30 @@ impl<M: Model> TaskMerge<M> {
         self.run(name, tensors, Some(masks))
     }
 
+    /// Merges one tensor into a caller-provided buffer (row-major, the tensor's length),
+    /// e.g. to reuse one output buffer across a streamed merge. Same result as
+    /// [`merge_tensor`](TensorMerger::merge_tensor).
+    ///
+    /// ```
+    /// use modelfusion::merge::TaskMerge;
+    /// use modelfusion::StateDict;
+    /// use ndarray::arr1;
+    /// let base = StateDict::from_pairs([("w", arr1(&[1.0f32, 1.0]).into_dyn())])?;
+    /// let a = arr1(&[2.0f32, 0.0]).into_dyn();
+    /// let mut out = vec![0.0f32; 2];
+    /// TaskMerge::task_arithmetic(base, 0.5)?.merge_tensor_into("w", &[&a], &mut out)?;
+    /// assert_eq!(out, vec![1.5, 0.5]);
+    /// # Ok::<(), modelfusion::Error>(())
+    /// ```
+    pub fn merge_tensor_into(
+        &self,
+        name: &str,
+        tensors: &[&M::Tensor],
+        out: &mut [<M::Tensor as Tensor>::Elem],
+    ) -> Result<()> {
+        self.run_into(name, tensors, None, out)
+    }
+
     fn run(
         &self,
         name: &str,
@@ -558,7 +582,21 @@ impl<M: Model> TaskMerge<M> {
         masks: Option<&[&[bool]]>,
     ) -> Result<M::Tensor> {
         check_shapes(name, tensors)?;
+        let mut out = kernel::zeros(tensors[0].len());
+        self.run_into(name, tensors, masks, &mut out)?;
+        kernel::build(tensors[0].shape(), out)
+    }
+
+    fn run_into(
+        &self,
+        name: &str,
+        tensors: &[&M::Tensor],
+        masks: Option<&[&[bool]]>,
+        out: &mut [<M::Tensor as Tensor>::Elem],
+    ) -> Result<()> {
+        check_shapes(name, tensors)?;
         let shape = tensors[0].shape().to_vec();
+        kernel::check_out_len(name, out.len(), tensors[0].len())?;
         let base = base_tensor(&self.base, name, &shape)?;
         let weights = match &self.weights {
             Some(w) => {
@@ -585,8 +623,8 @@ impl<M: Model> TaskMerge<M> {
                 self.rule(name, i, x, &b, masks.map(|m| m[i]), th)
             })
             .collect::<Result<Vec<_>>>()?;
-        let out = combine(&xs, &b, &rules, &weights, self.consensus, self.lambda);
-        kernel::build(&shape, out)
+        combine(&xs, &b, &rules, &weights, self.consensus, self.lambda, out);
+        Ok(())
     }
 
     /// The magnitude ranks each task vector of an `n`-element tensor needs:
@@ -806,125 +844,160 @@ fn combine<E: Scalar>(
     weights: &[f64],
     consensus: Consensus,
     lambda: f64,
-) -> Vec<E> {
-    let m = xs.len();
+    out: &mut [E],
+) {
     let ws: Vec<E> = weights.iter().map(|&w| E::from_f64_lossy(w)).collect();
     let lam = E::from_f64_lossy(lambda);
-    let mut out: Vec<E> = kernel::zeros(b.len());
-    kernel::for_chunks(&mut out, |c, start, o| {
-        let mut draws: Vec<Option<ChunkDraw<'_>>> = rules
-            .iter()
-            .map(|r| match r {
-                Rule::Random { draw, model, .. } | Rule::Della { draw, model, .. } => {
-                    Some(draw.chunk(*model, c, start))
-                }
-                _ => None,
-            })
-            .collect();
-        let mut scratch = vec![E::zero(); m * BLOCK];
-        let mut acc = [E::zero(); 3 * BLOCK];
-        let mut off = 0;
-        while off < o.len() {
-            let len = BLOCK.min(o.len() - off);
-            let s = start + off;
-            let bb = &b[s..s + len];
-            for (i, rule) in rules.iter().enumerate() {
-                let d = &mut scratch[i * BLOCK..i * BLOCK + len];
-                let x = &xs[i][s..s + len];
-                match rule {
-                    Rule::All => {
-                        for ((d, &x), &b) in d.iter_mut().zip(x).zip(bb) {
-                            *d = x - b;
-                        }
-                    }
-                    Rule::Above { lo } => {
-                        let lo = *lo;
-                        for ((d, &x), &b) in d.iter_mut().zip(x).zip(bb) {
-                            let t = x - b;
-                            *d = if t.abs() >= lo { t } else { E::zero() };
-                        }
-                    }
-                    Rule::Band { lo, hi } => {
-                        let (lo, hi) = (*lo, *hi);
-                        for ((d, &x), &b) in d.iter_mut().zip(x).zip(bb) {
-                            let t = x - b;
-                            let a = t.abs();
-                            *d = if a >= lo && a <= hi { t } else { E::zero() };
-                        }
-                    }
-                    Rule::Random { scale, .. } => {
-                        let dr = draws[i].as_mut();
-                        if let Some(dr) = dr {
-                            for ((d, &x), &b) in d.iter_mut().zip(x).zip(bb) {
-                                *d = if dr.next_keep() {
-                                    (x - b) * *scale
-                                } else {
-                                    E::zero()
-                                };
-                            }
-                        }
-                    }
-                    Rule::Della { probs, .. } => {
-                        let dr = draws[i].as_mut();
-                        let p = &probs[s..s + len];
-                        if let Some(dr) = dr {
-                            for (((d, &x), &b), &p) in d.iter_mut().zip(x).zip(bb).zip(p) {
-                                let u = dr.next_u32();
-                                *d = if u64::from(u) < kernel::keep_threshold(p) {
-                                    E::from_f64_lossy((x - b).to_f64_lossless() / p)
-                                } else {
-                                    E::zero()
-                                };
-                            }
-                        }
-                    }
-                }
-            }
-            let ob = &mut o[off..off + len];
-            // Branch-free loops over the block (they vectorise): models outer, entries
-            // inner.
-            let (tot, rest) = acc.split_at_mut(BLOCK);
-            let (num, den) = rest.split_at_mut(BLOCK);
-            let (tot, num, den) = (&mut tot[..len], &mut num[..len], &mut den[..len]);
-            tot.fill(E::zero());
-            for (i, &w) in ws.iter().enumerate() {
-                let d = &scratch[i * BLOCK..i * BLOCK + len];
-                for (t, &d) in tot.iter_mut().zip(d) {
-                    *t += w * d;
-                }
-            }
-            match consensus {
-                Consensus::Sum => {
-                    for ((o, &b), &t) in ob.iter_mut().zip(bb).zip(tot.iter()) {
-                        *o = b + lam * t;
-                    }
-                }
-                Consensus::SignElection => {
-                    num.fill(E::zero());
-                    den.fill(E::zero());
-                    let zero = E::zero();
-                    for (i, &w) in ws.iter().enumerate() {
-                        let d = &scratch[i * BLOCK..i * BLOCK + len];
-                        for (((n, dn), &t), &d) in
-                            num.iter_mut().zip(den.iter_mut()).zip(tot.iter()).zip(d)
-                        {
-                            let agree = (d > zero && t > zero) || (d < zero && t < zero);
-                            *n += if agree { w * d } else { zero };
-                            *dn += if agree { w } else { zero };
-                        }
-                    }
-                    for (((o, &b), &n), &dn) in
-                        ob.iter_mut().zip(bb).zip(num.iter()).zip(den.iter())
-                    {
-                        let merged = if dn != zero { n / dn } else { zero };
-                        *o = b + lam * merged;
-                    }
-                }
-            }
-            off += len;
-        }
+    kernel::for_chunks(out, |c, start, o| {
+        kernel::simd(
+            #[inline(always)]
+            || combine_chunk(xs, b, rules, &ws, consensus, lam, c, start, o),
+        )
     });
-    out
+}
+
+/// One chunk of [`combine`]: per cache block, the sparsified task vectors go to a
+/// scratch buffer, then branch-free loops (models outer, entries inner) combine them.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn combine_chunk<E: Scalar>(
+    xs: &[&[E]],
+    b: &[E],
+    rules: &[Rule<'_, E>],
+    ws: &[E],
+    consensus: Consensus,
+    lam: E,
+    c: usize,
+    start: usize,
+    o: &mut [E],
+) {
+    let m = xs.len();
+    let zero = E::zero();
+    let mut draws: Vec<Option<ChunkDraw<'_>>> = rules
+        .iter()
+        .map(|r| match r {
+            Rule::Random { draw, model, .. } | Rule::Della { draw, model, .. } => {
+                Some(draw.chunk(*model, c, start))
+            }
+            _ => None,
+        })
+        .collect();
+    let mut scratch = vec![zero; m * BLOCK];
+    let mut acc = vec![zero; 3 * BLOCK];
+    let mut off = 0;
+    while off < o.len() {
+        let len = BLOCK.min(o.len() - off);
+        let s = start + off;
+        let bb = &b[s..s + len];
+        for (i, rule) in rules.iter().enumerate() {
+            let d = &mut scratch[i * BLOCK..i * BLOCK + len];
+            let x = &xs[i][s..s + len];
+            match rule {
+                Rule::All => {
+                    for ((d, &x), &b) in d.iter_mut().zip(x).zip(bb) {
+                        *d = x - b;
+                    }
+                }
+                Rule::Above { lo } => {
+                    let lo = *lo;
+                    for ((d, &x), &b) in d.iter_mut().zip(x).zip(bb) {
+                        let t = x - b;
+                        *d = if t.abs() >= lo { t } else { zero };
+                    }
+                }
+                Rule::Band { lo, hi } => {
+                    let (lo, hi) = (*lo, *hi);
+                    for ((d, &x), &b) in d.iter_mut().zip(x).zip(bb) {
+                        let t = x - b;
+                        let a = t.abs();
+                        *d = if (a >= lo) & (a <= hi) { t } else { zero };
+                    }
+                }
+                Rule::Random { scale, .. } => {
+                    if let Some(dr) = draws[i].as_mut() {
+                        for ((d, &x), &b) in d.iter_mut().zip(x).zip(bb) {
+                            *d = if dr.next_keep() {
+                                (x - b) * *scale
+                            } else {
+                                zero
+                            };
+                        }
+                    }
+                }
+                Rule::Della { probs, .. } => {
+                    let p = &probs[s..s + len];
+                    if let Some(dr) = draws[i].as_mut() {
+                        for (((d, &x), &b), &p) in d.iter_mut().zip(x).zip(bb).zip(p) {
+                            let u = dr.next_u32();
+                            *d = if u64::from(u) < kernel::keep_threshold(p) {
+                                E::from_f64_lossy((x - b).to_f64_lossless() / p)
+                            } else {
+                                zero
+                            };
+                        }
+                    }
+                }
+            }
+        }
+        let ob = &mut o[off..off + len];
+        let (tot, rest) = acc.split_at_mut(BLOCK);
+        let (num, den) = rest.split_at_mut(BLOCK);
+        let (tot, num, den) = (&mut tot[..len], &mut num[..len], &mut den[..len]);
+        tot.fill(zero);
+        for (i, &w) in ws.iter().enumerate() {
+            let d = &scratch[i * BLOCK..i * BLOCK + len];
+            for (t, &d) in tot.iter_mut().zip(d) {
+                *t += w * d;
+            }
+        }
+        match consensus {
+            Consensus::Sum => {
+                for ((o, &b), &t) in ob.iter_mut().zip(bb).zip(tot.iter()) {
+                    *o = b + lam * t;
+                }
+            }
+            Consensus::SignElection => {
+                // tot becomes the elected sign g in {-1, 0, 1}; an entry agrees when
+                // d * g > 0 (exact: g is +-1 or 0). Sums run over |d| and the sign is
+                // restored at the end, which is bitwise the signed disjoint mean.
+                let one = E::one();
+                for t in tot.iter_mut() {
+                    let v = *t;
+                    *t = if v > zero {
+                        one
+                    } else if v < zero {
+                        -one
+                    } else {
+                        zero
+                    };
+                }
+                num.fill(zero);
+                den.fill(zero);
+                for (i, &w) in ws.iter().enumerate() {
+                    let d = &scratch[i * BLOCK..i * BLOCK + len];
+                    for (((n, dn), &g), &d) in
+                        num.iter_mut().zip(den.iter_mut()).zip(tot.iter()).zip(d)
+                    {
+                        let a = d * g;
+                        let agree = a > zero;
+                        *n += if agree { w * a } else { zero };
+                        *dn += if agree { w } else { zero };
+                    }
+                }
+                for ((((o, &b), &n), &dn), &g) in ob
+                    .iter_mut()
+                    .zip(bb)
+                    .zip(num.iter())
+                    .zip(den.iter())
+                    .zip(tot.iter())
+                {
+                    let merged = if dn != zero { g * (n / dn) } else { zero };
+                    *o = b + lam * merged;
+                }
+            }
+        }
+        off += len;
+    }
 }
 
 impl<M: Model> TensorMerger<M::Tensor> for TaskMerge<M> {
