@@ -883,7 +883,7 @@ fn combine_chunk<E: Scalar>(
         })
         .collect();
     let mut scratch = vec![zero; m * BLOCK];
-    let mut acc = vec![zero; 3 * BLOCK];
+    let mut acc = [zero; 3 * BLOCK];
     let mut off = 0;
     while off < o.len() {
         let len = BLOCK.min(o.len() - off);
