@@ -35,9 +35,39 @@ pub(crate) fn kth_largest_many<E: Scalar>(
             .map(|&(m, k)| exact(xs[m], base, k))
             .collect();
     }
+    let brackets = brackets(xs, base, requests);
+    let parts = map_chunks(n, |_, start, end| {
+        super::kernel::simd(
+            #[inline(always)]
+            || scan_chunk(xs, base, requests, &brackets, start, end),
+        )
+    });
+    requests
+        .iter()
+        .enumerate()
+        .map(|(q, &(m, k))| {
+            let above: usize = parts.iter().map(|p| p.0[q]).sum();
+            resolve(k, above, parts.iter().map(|p| p.1[q].as_slice()))
+                .unwrap_or_else(|| exact(xs[m], base, k))
+        })
+        .collect()
+}
+
+/// True when [`brackets`] applies (large tensors); small ones are selected exactly.
+pub(crate) fn use_brackets(n: usize) -> bool {
+    n > SMALL
+}
+
+/// A bracket `[lo, hi]` per request `(model, k)` that holds the `k`-th largest
+/// magnitude with overwhelming probability, from a deterministic, evenly spread sample.
+pub(crate) fn brackets<E: Scalar>(
+    xs: &[&[E]],
+    base: &[E],
+    requests: &[(usize, usize)],
+) -> Vec<(E, E)> {
+    let n = base.len();
     let s = SAMPLES as f64;
-    // Bracket [lo, hi] per request from a deterministic, evenly spread sample.
-    let brackets: Vec<(E, E)> = requests
+    requests
         .iter()
         .map(|&(m, k)| {
             let x = xs[m];
@@ -64,31 +94,27 @@ pub(crate) fn kth_largest_many<E: Scalar>(
             };
             (lo, hi)
         })
-        .collect();
-    let parts = map_chunks(n, |_, start, end| {
-        super::kernel::simd(
-            #[inline(always)]
-            || scan_chunk(xs, base, requests, &brackets, start, end),
-        )
-    });
-    requests
-        .iter()
-        .enumerate()
-        .map(|(q, &(m, k))| {
-            let above: usize = parts.iter().map(|p| p.0[q]).sum();
-            let total: usize = parts.iter().map(|p| p.1[q].len()).sum();
-            if above < k && k <= above + total {
-                let mut inside: Vec<E> = Vec::with_capacity(total);
-                for p in &parts {
-                    inside.extend_from_slice(&p.1[q]);
-                }
-                let (_, v, _) = inside.select_nth_unstable_by(k - above - 1, desc);
-                *v
-            } else {
-                exact(xs[m], base, k)
-            }
-        })
         .collect()
+}
+
+/// The `k`-th largest magnitude given `above` magnitudes above the bracket and the
+/// ones inside it (in any order); `None` when the bracket missed rank `k`.
+pub(crate) fn resolve<'a, E: Scalar>(
+    k: usize,
+    above: usize,
+    inside: impl Iterator<Item = &'a [E]> + Clone,
+) -> Option<E> {
+    let total: usize = inside.clone().map(<[E]>::len).sum();
+    if above < k && k <= above + total {
+        let mut all: Vec<E> = Vec::with_capacity(total);
+        for p in inside {
+            all.extend_from_slice(p);
+        }
+        let (_, v, _) = all.select_nth_unstable_by(k - above - 1, desc);
+        Some(*v)
+    } else {
+        None
+    }
 }
 
 /// Per request: the count of magnitudes above its bracket and the ones inside it, over
