@@ -502,13 +502,19 @@ fn ties_large_tensor_matches_direct_implementation() {
     let n = 400_000;
     let mut s = 12345u64;
     let mut rnd = || {
-        s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        s = s
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
     };
     let base: Vec<f32> = (0..n).map(|_| rnd()).collect();
     let xs: Vec<Vec<f32>> = (0..3).map(|_| (0..n).map(|_| rnd()).collect()).collect();
     let w = [0.5f32, 1.0, 2.0];
-    for (density, consensus) in [(0.2, Consensus::SignElection), (0.05, Consensus::Sum), (0.7, Consensus::SignElection)] {
+    for (density, consensus) in [
+        (0.2, Consensus::SignElection),
+        (0.05, Consensus::Sum),
+        (0.7, Consensus::SignElection),
+    ] {
         let k = (density * n as f64).ceil() as usize;
         let trimmed: Vec<Vec<f32>> = xs
             .iter()
@@ -517,7 +523,9 @@ fn ties_large_tensor_matches_direct_implementation() {
                 let mut mags: Vec<f32> = tau.iter().map(|t| t.abs()).collect();
                 mags.sort_by(|a, b| b.partial_cmp(a).unwrap());
                 let th = mags[k - 1];
-                tau.iter().map(|&t| if t.abs() >= th { t } else { 0.0 }).collect()
+                tau.iter()
+                    .map(|&t| if t.abs() >= th { t } else { 0.0 })
+                    .collect()
             })
             .collect();
         let want: Vec<f32> = (0..n)
@@ -540,20 +548,36 @@ fn ties_large_tensor_matches_direct_implementation() {
                 base[j] + merged
             })
             .collect();
-        let sd = |v: &Vec<f32>| StateDict::from_pairs([("w", ArrayD::from_shape_vec(IxDyn(&[n]), v.clone()).unwrap())]).unwrap();
+        let sd = |v: &Vec<f32>| {
+            StateDict::from_pairs([("w", ArrayD::from_shape_vec(IxDyn(&[n]), v.clone()).unwrap())])
+                .unwrap()
+        };
         let models: Vec<StateDictF32> = xs.iter().map(sd).collect();
-        let got = TaskMerge::new(base_sd(&base), modelfusion::merge::Sparsification::Magnitude { density }, consensus, 1.0)
-            .unwrap()
-            .with_weights(w.iter().map(|&x| x as f64).collect())
-            .unwrap()
-            .merge(&models.iter().collect::<Vec<_>>())
-            .unwrap();
+        let got = TaskMerge::new(
+            base_sd(&base),
+            modelfusion::merge::Sparsification::Magnitude { density },
+            consensus,
+            1.0,
+        )
+        .unwrap()
+        .with_weights(w.iter().map(|&x| x as f64).collect())
+        .unwrap()
+        .merge(&models.iter().collect::<Vec<_>>())
+        .unwrap();
         let g = got.get("w").unwrap();
-        let worst = g.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        let worst = g
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
         assert!(worst < 1e-5, "density {density}: max diff {worst}");
     }
 }
 
 fn base_sd(v: &[f32]) -> StateDictF32 {
-    StateDict::from_pairs([("w", ArrayD::from_shape_vec(IxDyn(&[v.len()]), v.to_vec()).unwrap())]).unwrap()
+    StateDict::from_pairs([(
+        "w",
+        ArrayD::from_shape_vec(IxDyn(&[v.len()]), v.to_vec()).unwrap(),
+    )])
+    .unwrap()
 }

@@ -162,26 +162,6 @@ where
     }
 }
 
-/// Like [`for_chunks`], collecting one result per chunk, in chunk order.
-pub(crate) fn map_chunks_mut<E, A, F>(out: &mut [E], f: F) -> Vec<A>
-where
-    E: Send,
-    A: Send,
-    F: Fn(usize, usize, &mut [E]) -> A + Sync + Send,
-{
-    if out.len() >= PAR_MIN {
-        out.par_chunks_mut(PAR_CHUNK)
-            .enumerate()
-            .map(|(c, o)| f(c, c * PAR_CHUNK, o))
-            .collect()
-    } else {
-        out.chunks_mut(PAR_CHUNK)
-            .enumerate()
-            .map(|(c, o)| f(c, c * PAR_CHUNK, o))
-            .collect()
-    }
-}
-
 /// Maps every chunk range `[start, end)` of `0..n` to a partial result, in parallel when
 /// `n` is large; returns the partials in chunk order.
 pub(crate) fn map_chunks<A, F>(n: usize, f: F) -> Vec<A>

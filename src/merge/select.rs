@@ -15,7 +15,7 @@ const SMALL: usize = 1 << 17;
 /// Elements per block of the streaming pass.
 const SUB: usize = 1024;
 /// Elements per group checked for candidates before compacting.
-const GROUP: usize = 32;
+const GROUP: usize = 8;
 
 fn desc<E: Scalar>(a: &E, b: &E) -> std::cmp::Ordering {
     b.partial_cmp(a).unwrap_or(std::cmp::Ordering::Less)
@@ -53,18 +53,9 @@ pub(crate) fn kth_largest_many<E: Scalar>(
         .collect()
 }
 
-/// True when [`brackets`] applies (large tensors); small ones are selected exactly.
-pub(crate) fn use_brackets(n: usize) -> bool {
-    n > SMALL
-}
-
 /// A bracket `[lo, hi]` per request `(model, k)` that holds the `k`-th largest
 /// magnitude with overwhelming probability, from a deterministic, evenly spread sample.
-pub(crate) fn brackets<E: Scalar>(
-    xs: &[&[E]],
-    base: &[E],
-    requests: &[(usize, usize)],
-) -> Vec<(E, E)> {
+fn brackets<E: Scalar>(xs: &[&[E]], base: &[E], requests: &[(usize, usize)]) -> Vec<(E, E)> {
     let n = base.len();
     let s = SAMPLES as f64;
     requests
@@ -99,7 +90,7 @@ pub(crate) fn brackets<E: Scalar>(
 
 /// The `k`-th largest magnitude given `above` magnitudes above the bracket and the
 /// ones inside it (in any order); `None` when the bracket missed rank `k`.
-pub(crate) fn resolve<'a, E: Scalar>(
+fn resolve<'a, E: Scalar>(
     k: usize,
     above: usize,
     inside: impl Iterator<Item = &'a [E]> + Clone,
@@ -153,8 +144,8 @@ fn scan_chunk<E: Scalar>(
                 // Compact only the groups that hold a candidate (an OR-reduction that
                 // vectorises decides); candidates are a small fraction of the data.
                 for g in b.chunks(GROUP) {
-                    let any = g.iter().fold(false, |a, &v| a | ((v >= lo) & (v <= hi)));
-                    if !any {
+                    let hits: u32 = g.iter().map(|&v| u32::from((v >= lo) & (v <= hi))).sum();
+                    if hits == 0 {
                         continue;
                     }
                     let cnt = ins.len();

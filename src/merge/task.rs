@@ -17,7 +17,7 @@ use rand::Rng;
 
 use super::TensorMerger;
 use super::kernel::{self, BLOCK, base_tensor, check_count, check_shapes, check_weights};
-use super::select::{self, kth_largest_many};
+use super::select::kth_largest_many;
 use crate::error::{Error, Result};
 use crate::model::Model;
 use crate::tensor::{Scalar, Tensor};
@@ -610,13 +610,6 @@ impl<M: Model> TaskMerge<M> {
             tensors.iter().map(|t| kernel::elems(*t)).collect();
         let xs: Vec<&[<M::Tensor as Tensor>::Elem]> = data.iter().map(|c| c.as_ref()).collect();
         let ranks = self.magnitude_ranks(b.len());
-        if let (Sparsification::Magnitude { .. }, [Some(k), None], None) =
-            (self.sparsification, ranks, masks)
-            && select::use_brackets(b.len())
-            && ties_single_pass(&xs, &b, k, &weights, self.consensus, self.lambda, out)
-        {
-            return Ok(());
-        }
         let requests: Vec<(usize, usize)> = (0..xs.len())
             .flat_map(|i| ranks.iter().flatten().map(move |&k| (i, k)))
             .collect();
@@ -858,127 +851,9 @@ fn combine<E: Scalar>(
     kernel::for_chunks(out, |c, start, o| {
         kernel::simd(
             #[inline(always)]
-            || combine_chunk(xs, b, rules, &ws, consensus, lam, c, start, o, None),
+            || combine_chunk(xs, b, rules, &ws, consensus, lam, c, start, o),
         )
     });
-}
-
-/// What the single-pass TIES scan collects in one chunk.
-#[derive(Default)]
-struct ChunkScan<E> {
-    /// Per model: magnitudes above its bracket.
-    above: Vec<usize>,
-    /// Per model: magnitudes inside its bracket.
-    inside: Vec<Vec<E>>,
-    /// Sorted, deduplicated indices of entries inside any model's bracket.
-    idx: Vec<usize>,
-}
-
-/// TIES in one pass over memory: merge with the provisional thresholds (the lower ends
-/// of the sampled brackets, so every entry that may be kept is), collecting what pins
-/// down the exact thresholds; then recompute only the entries some model had inside
-/// its bracket. Bitwise the same as the two-pass path. Returns false (leaving `out`
-/// to be overwritten) when a bracket missed its rank.
-#[allow(clippy::too_many_arguments)]
-fn ties_single_pass<E: Scalar>(
-    xs: &[&[E]],
-    b: &[E],
-    k: usize,
-    weights: &[f64],
-    consensus: Consensus,
-    lambda: f64,
-    out: &mut [E],
-) -> bool {
-    let m = xs.len();
-    let requests: Vec<(usize, usize)> = (0..m).map(|i| (i, k)).collect();
-    let br = select::brackets(xs, b, &requests);
-    let provisional: Vec<Rule<'_, E>> = br.iter().map(|&(lo, _)| Rule::Above { lo }).collect();
-    let ws: Vec<E> = weights.iter().map(|&w| E::from_f64_lossy(w)).collect();
-    let lam = E::from_f64_lossy(lambda);
-    let scans = kernel::map_chunks_mut(out, |c, start, o| {
-        let mut scan = ChunkScan {
-            above: vec![0; m],
-            inside: vec![Vec::new(); m],
-            idx: Vec::new(),
-        };
-        kernel::simd(
-            #[inline(always)]
-            || {
-                combine_chunk(
-                    xs,
-                    b,
-                    &provisional,
-                    &ws,
-                    consensus,
-                    lam,
-                    c,
-                    start,
-                    o,
-                    Some((&br, &mut scan)),
-                )
-            },
-        );
-        scan.idx.sort_unstable();
-        scan.idx.dedup();
-        scan
-    });
-    let mut thresholds = Vec::with_capacity(m);
-    for i in 0..m {
-        let above = scans.iter().map(|s| s.above[i]).sum();
-        match select::resolve(k, above, scans.iter().map(|s| s.inside[i].as_slice())) {
-            Some(t) => thresholds.push(t),
-            None => return false,
-        }
-    }
-    kernel::for_chunks(out, |c, start, o| {
-        for &j in &scans[c].idx {
-            o[j - start] = combine_one(xs, b, &thresholds, &ws, consensus, lam, j);
-        }
-    });
-    true
-}
-
-/// Entry `j` of TIES with exact thresholds, in the same operation order as
-/// [`combine_chunk`] (so the results are bitwise equal).
-fn combine_one<E: Scalar>(
-    xs: &[&[E]],
-    b: &[E],
-    thresholds: &[E],
-    ws: &[E],
-    consensus: Consensus,
-    lam: E,
-    j: usize,
-) -> E {
-    let zero = E::zero();
-    let d = |i: usize| {
-        let t = xs[i][j] - b[j];
-        if t.abs() >= thresholds[i] { t } else { zero }
-    };
-    let mut tot = zero;
-    for (i, &w) in ws.iter().enumerate() {
-        tot += w * d(i);
-    }
-    match consensus {
-        Consensus::Sum => b[j] + lam * tot,
-        Consensus::SignElection => {
-            let g = if tot > zero {
-                E::one()
-            } else if tot < zero {
-                -E::one()
-            } else {
-                zero
-            };
-            let (mut n, mut dn) = (zero, zero);
-            for (i, &w) in ws.iter().enumerate() {
-                let a = d(i) * g;
-                let agree = a > zero;
-                n += if agree { w * a } else { zero };
-                dn += if agree { w } else { zero };
-            }
-            let merged = if dn != zero { g * (n / dn) } else { zero };
-            b[j] + lam * merged
-        }
-    }
 }
 
 /// One chunk of [`combine`]: per cache block, the sparsified task vectors go to a
@@ -995,7 +870,6 @@ fn combine_chunk<E: Scalar>(
     c: usize,
     start: usize,
     o: &mut [E],
-    mut scan: Option<(&[(E, E)], &mut ChunkScan<E>)>,
 ) {
     let m = xs.len();
     let zero = E::zero();
@@ -1029,34 +903,6 @@ fn combine_chunk<E: Scalar>(
                     for ((d, &x), &b) in d.iter_mut().zip(x).zip(bb) {
                         let t = x - b;
                         *d = if t.abs() >= lo { t } else { zero };
-                    }
-                    if let Some((br, sc)) = scan.as_mut() {
-                        // Entries dropped here are below `lo`, so |d| is the
-                        // magnitude for every entry that can be inside the bracket.
-                        let (lo, hi) = br[i];
-                        sc.above[i] += x
-                            .iter()
-                            .zip(bb)
-                            .map(|(&x, &b)| {
-                                let a = (x - b).abs();
-                                usize::from(a > hi || a.is_nan())
-                            })
-                            .sum::<usize>();
-                        for (g, grp) in d.chunks(32).enumerate() {
-                            let any = grp
-                                .iter()
-                                .fold(false, |a, &v| a | ((v.abs() >= lo) & (v.abs() <= hi)));
-                            if !any {
-                                continue;
-                            }
-                            for (jj, &v) in grp.iter().enumerate() {
-                                let a = v.abs();
-                                if (a >= lo) & (a <= hi) {
-                                    sc.inside[i].push(a);
-                                    sc.idx.push(s + g * 32 + jj);
-                                }
-                            }
-                        }
                     }
                 }
                 Rule::Band { lo, hi } => {
