@@ -230,25 +230,71 @@ pub(crate) fn weighted_sum_into<E: Scalar>(xs: &[&[E]], ws: &[E], out: &mut [E])
 
 #[inline(always)]
 fn weighted_sum_chunk<E: Scalar>(xs: &[&[E]], ws: &[E], start: usize, o: &mut [E]) {
-    {
-        let mut off = 0;
-        while off < o.len() {
-            let len = BLOCK.min(o.len() - off);
-            let ob = &mut o[off..off + len];
-            let s = start + off;
-            let x0 = &xs[0][s..s + len];
-            let w0 = ws[0];
-            for (a, &b) in ob.iter_mut().zip(x0) {
-                *a = w0 * b;
-            }
-            for (x, &w) in xs.iter().zip(ws).skip(1) {
-                let xb = &x[s..s + len];
-                for (a, &b) in ob.iter_mut().zip(xb) {
-                    *a += w * b;
-                }
-            }
-            off += len;
+    let mut tmp = [E::zero(); BLOCK];
+    let mut off = 0;
+    while off < o.len() {
+        let len = BLOCK.min(o.len() - off);
+        let tb = &mut tmp[..len];
+        let s = start + off;
+        let x0 = &xs[0][s..s + len];
+        let w0 = ws[0];
+        for (a, &b) in tb.iter_mut().zip(x0) {
+            *a = w0 * b;
         }
+        for (x, &w) in xs.iter().zip(ws).skip(1) {
+            let xb = &x[s..s + len];
+            for (a, &b) in tb.iter_mut().zip(xb) {
+                *a += w * b;
+            }
+        }
+        stream_copy(tb, &mut o[off..off + len]);
+        off += len;
+    }
+    stream_fence();
+}
+
+/// Copies `src` to `dst` (same length) with non-temporal stores where possible: the
+/// output is not read back soon, so it skips the read-for-ownership of every line.
+#[inline(always)]
+pub(crate) fn stream_copy<E: Copy>(src: &[E], dst: &mut [E]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{__m128i, _mm_loadu_si128, _mm_stream_si128};
+        let size = std::mem::size_of::<E>();
+        let bytes = std::mem::size_of_val(src);
+        let dp = dst.as_mut_ptr() as usize;
+        let head = dp.next_multiple_of(16) - dp;
+        if src.len() == dst.len() && head % size == 0 && head <= bytes {
+            let he = head / size;
+            dst[..he].copy_from_slice(&src[..he]);
+            let body = (bytes - head) / 16 * 16;
+            let sp = src.as_ptr() as *const u8;
+            let dpp = dst.as_mut_ptr() as *mut u8;
+            let mut off = head;
+            while off < head + body {
+                // SAFETY: `off + 16 <= bytes` for both slices (same length); the
+                // destination address is 16-byte aligned; SSE2 is baseline on x86_64.
+                unsafe {
+                    let v = _mm_loadu_si128(sp.add(off) as *const __m128i);
+                    _mm_stream_si128(dpp.add(off) as *mut __m128i, v);
+                }
+                off += 16;
+            }
+            let done = (head + body) / size;
+            dst[done..].copy_from_slice(&src[done..]);
+            return;
+        }
+    }
+    dst.copy_from_slice(src);
+}
+
+/// Orders earlier non-temporal stores before anything that follows.
+#[inline(always)]
+pub(crate) fn stream_fence() {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: SSE is baseline on x86_64; a fence has no memory-safety preconditions.
+    unsafe {
+        std::arch::x86_64::_mm_sfence();
     }
 }
 

@@ -884,6 +884,7 @@ fn combine_chunk<E: Scalar>(
         .collect();
     let mut scratch = vec![zero; m * BLOCK];
     let mut acc = [zero; 3 * BLOCK];
+    let mut ot = [zero; BLOCK];
     let mut off = 0;
     while off < o.len() {
         let len = BLOCK.min(o.len() - off);
@@ -939,7 +940,7 @@ fn combine_chunk<E: Scalar>(
                 }
             }
         }
-        let ob = &mut o[off..off + len];
+        let ob = &mut ot[..len];
         let (tot, rest) = acc.split_at_mut(BLOCK);
         let (num, den) = rest.split_at_mut(BLOCK);
         let (tot, num, den) = (&mut tot[..len], &mut num[..len], &mut den[..len]);
@@ -996,8 +997,10 @@ fn combine_chunk<E: Scalar>(
                 }
             }
         }
+        kernel::stream_copy(ob, &mut o[off..off + len]);
         off += len;
     }
+    kernel::stream_fence();
 }
 
 impl<M: Model> TensorMerger<M::Tensor> for TaskMerge<M> {
