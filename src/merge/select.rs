@@ -14,8 +14,6 @@ const SAMPLES: usize = 1 << 16;
 const SMALL: usize = 1 << 17;
 /// Elements per block of the streaming pass.
 const SUB: usize = 1024;
-/// Elements per group checked for candidates before compacting.
-const GROUP: usize = 8;
 
 fn desc<E: Scalar>(a: &E, b: &E) -> std::cmp::Ordering {
     b.partial_cmp(a).unwrap_or(std::cmp::Ordering::Less)
@@ -125,6 +123,7 @@ fn scan_chunk<E: Scalar>(
         let mut above = vec![0usize; r];
         let mut inside: Vec<Vec<E>> = vec![Vec::new(); r];
         let mut buf = [E::zero(); SUB];
+        let mut cand = [E::zero(); SUB];
         let mut s0 = start;
         while s0 < end {
             let len = SUB.min(end - s0);
@@ -135,31 +134,19 @@ fn scan_chunk<E: Scalar>(
                 for ((v, &t), &bv) in b.iter_mut().zip(&xs[m][s0..s0 + len]).zip(bb) {
                     *v = (t - bv).abs();
                 }
-                // Branch-free count (NaN counts as above) and compaction.
-                above[q] += b
-                    .iter()
-                    .map(|&v| usize::from(v > hi || v.is_nan()))
-                    .sum::<usize>();
-                let ins = &mut inside[q];
-                // Compact only the groups that hold a candidate (an OR-reduction that
-                // vectorises decides); candidates are a small fraction of the data.
-                for g in b.chunks(GROUP) {
-                    let hits: u32 = g.iter().map(|&v| u32::from((v >= lo) & (v <= hi))).sum();
-                    if hits == 0 {
-                        continue;
+                // Branch-free count (NaN counts as above) and compaction into a stack
+                // buffer (the index never passes the element being looked at).
+                let mut up = 0u32;
+                let mut c = 0usize;
+                for &v in b.iter() {
+                    up += u32::from(v > hi || v.is_nan());
+                    if let Some(slot) = cand.get_mut(c) {
+                        *slot = v;
                     }
-                    let cnt = ins.len();
-                    ins.resize(cnt + g.len(), E::zero());
-                    let dst = &mut ins[cnt..];
-                    let mut c = 0usize;
-                    for &v in g {
-                        if let Some(slot) = dst.get_mut(c) {
-                            *slot = v;
-                        }
-                        c += usize::from((v >= lo) & (v <= hi));
-                    }
-                    ins.truncate(cnt + c);
+                    c += usize::from((v >= lo) & (v <= hi));
                 }
+                above[q] += up as usize;
+                inside[q].extend_from_slice(&cand[..c]);
             }
             s0 += len;
         }
