@@ -13,7 +13,7 @@
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use modelfusion::StateDict;
-use modelfusion::merge::{Average, TaskMerge, TensorMerger};
+use modelfusion::merge::{Average, TaskMerge, TensorMerger, output_buffer};
 use ndarray::{ArrayD, IxDyn};
 use std::hint::black_box;
 
@@ -28,30 +28,6 @@ fn tensor(n: usize, seed: u32) -> ArrayD<f32> {
         })
         .collect();
     ArrayD::from_shape_vec(IxDyn(&[n]), v).unwrap()
-}
-
-/// A fresh zeroed buffer marked for transparent huge pages, the way the mergers
-/// allocate their outputs (so the two fresh-allocation rows compare like with like).
-fn fresh(n: usize) -> Vec<f32> {
-    let v = vec![0.0f32; n];
-    #[cfg(target_os = "linux")]
-    {
-        const HUGE: usize = 2 << 20;
-        let start = v.as_ptr() as usize;
-        let aligned = start.next_multiple_of(HUGE);
-        let end = (start + n * 4) / HUGE * HUGE;
-        if end > aligned {
-            // SAFETY: advice on a range inside `v`'s allocation; contents are unaffected.
-            unsafe {
-                libc::madvise(
-                    aligned as *mut libc::c_void,
-                    end - aligned,
-                    libc::MADV_HUGEPAGE,
-                );
-            }
-        }
-    }
-    v
 }
 
 fn bench(c: &mut Criterion) {
@@ -83,7 +59,7 @@ fn bench(c: &mut Criterion) {
             let v: Vec<Vec<f32>> = xs
                 .iter()
                 .map(|x| {
-                    let mut d = fresh(n);
+                    let mut d: Vec<f32> = output_buffer(n);
                     d.copy_from_slice(x.as_slice().unwrap());
                     d
                 })

@@ -4,7 +4,7 @@
 
 use ndarray::{Array2, Axis};
 
-use super::kernel::check_weights;
+use super::kernel::normalized_nonnegative;
 use crate::error::{Error, Result};
 use crate::model::Model;
 
@@ -83,15 +83,7 @@ impl Ensemble {
     /// assert!(Ensemble::new(EnsembleMode::Logits).with_weights(vec![0.0]).is_err());
     /// ```
     pub fn with_weights(mut self, weights: Vec<f64>) -> Result<Self> {
-        check_weights(&weights, "weights")?;
-        let s: f64 = weights.iter().sum();
-        if weights.iter().any(|&w| w < 0.0) || s <= 0.0 {
-            return Err(Error::invalid(
-                "weights",
-                format!("must be >= 0 with a positive sum, got {weights:?}"),
-            ));
-        }
-        self.weights = Some(weights.iter().map(|w| w / s).collect());
+        self.weights = Some(normalized_nonnegative(&weights)?);
         Ok(self)
     }
 

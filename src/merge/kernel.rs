@@ -38,11 +38,23 @@ pub(crate) fn build<T: Tensor>(shape: &[usize], data: Vec<T::Elem>) -> Result<T>
         .map_err(|e| Error::invalid("shape", e.to_string()))
 }
 
-/// A zero-filled output buffer (the allocator hands out zero pages lazily).
+/// A zero-filled output buffer of `n` elements for large merges: the allocator hands
+/// out zero pages lazily, and on Linux the buffer is marked for transparent huge pages
+/// before its first touch (as numpy does). Where THP is in `madvise` mode this cuts the
+/// page faults of a fresh 256 MiB output from 65536 to 128, which otherwise dominate a
+/// merge. Every merger allocates its outputs this way; use it for buffers passed to the
+/// `merge_tensor_into` methods.
 ///
-/// Large buffers are marked for transparent huge pages before their first touch (as
-/// numpy does): on machines where THP is in `madvise` mode this cuts the page faults
-/// of a fresh 256 MiB output from 65536 to 128, which otherwise dominate a merge.
+/// ```
+/// let buf: Vec<f32> = modelfusion::merge::output_buffer(1 << 20);
+/// assert_eq!(buf.len(), 1 << 20);
+/// assert!(buf.iter().all(|&x| x == 0.0));
+/// ```
+pub fn output_buffer<E: Scalar>(n: usize) -> Vec<E> {
+    zeros(n)
+}
+
+/// A zero-filled output buffer (see [`output_buffer`]).
 pub(crate) fn zeros<E: Scalar>(n: usize) -> Vec<E> {
     let v = vec![E::zero(); n];
     advise_huge_pages(&v);
@@ -119,6 +131,19 @@ pub(crate) fn check_weights(weights: &[f64], what: &str) -> Result<()> {
         return Err(Error::invalid(what, format!("must be finite, got {w}")));
     }
     Ok(())
+}
+
+/// Finite, non-negative weights with a positive sum, divided by that sum.
+pub(crate) fn normalized_nonnegative(weights: &[f64]) -> Result<Vec<f64>> {
+    check_weights(weights, "weights")?;
+    let s: f64 = weights.iter().sum();
+    if weights.iter().any(|&w| w < 0.0) || s <= 0.0 {
+        return Err(Error::invalid(
+            "weights",
+            format!("must be >= 0 with a positive sum, got {weights:?}"),
+        ));
+    }
+    Ok(weights.iter().map(|w| w / s).collect())
 }
 
 /// Errors unless `count` weights were given for `n` models.

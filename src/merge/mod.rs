@@ -30,11 +30,35 @@
 //! | RegMean | [`RegMean`] (feature `linalg`) | `W^T = (sum_i G~_i)^-1 sum_i G~_i W_i^T`, `G~ = alpha G + (1-alpha) diag G` | alpha 0.9 |
 //! | output ensemble | [`Ensemble`] | mean of logits or probabilities | |
 //!
+//! ## Determinism
+//!
 //! Per-tensor methods run over contiguous slices in cache-sized blocks, in parallel over
 //! fixed chunks of large tensors; every reduction sums its per-chunk parts in chunk
-//! order and every random stream is derived from `(seed, tensor name, model index,
-//! chunk index)` with a fixed hash (FNV-1a + SplitMix64), so results do not depend on
-//! the thread count or on the order in which tensors are merged.
+//! order and every random stream (DARE, DELLA, SWAG) is a `ChaCha8Rng` seeded from
+//! `(seed, tensor name, model index, chunk index)` through a fixed hash (FNV-1a +
+//! SplitMix64), so results do not depend on the thread count or on the order in which
+//! tensors are merged.
+//!
+//! ## Speed
+//!
+//! The element-wise methods are memory-bound, so they are written to touch memory once:
+//! a weighted average reads every input once per output block and writes the block
+//! once; TIES/breadcrumbs find their exact magnitude thresholds with one streaming pass
+//! over all models (a deterministic sample brackets the rank, the pass counts and
+//! collects the bracket, `select_nth_unstable` finishes; an exact selection takes over
+//! if a bracket misses) and then merge in a second pass. Hot loops are branch-free and
+//! are compiled twice, for the baseline and for AVX2 (picked at run time; results are
+//! bitwise identical since Rust never contracts to FMA). Outputs are written with
+//! non-temporal stores (no read-for-ownership) and fresh outputs are allocated through
+//! [`output_buffer`] (huge pages on Linux). `merge_tensor_into` methods write into a
+//! buffer the caller reuses. Numbers: `docs/benchmarks.md`, section *Merging*.
+//!
+//! ## RegMean and the `linalg` feature
+//!
+//! [`RegMean`] always exists so that its Gram matrices can be collected
+//! ([`gram_matrices`]), but without the `linalg` feature [`RegMean::new`] returns
+//! [`Error::FeatureDisabled`] before any tensor is
+//! touched. Build with `--features openblas-system` (Debian: `libopenblas-dev`).
 //!
 //! ```
 //! use modelfusion::merge::{Average, Merger, TaskMerge};
@@ -65,6 +89,7 @@ mod task;
 pub use average::{Average, Ema, Lawa, Swa, Swag};
 pub use ensemble::{Ensemble, EnsembleMode, Outputs};
 pub use fisher::{DEFAULT_FISHER_FLOOR, Fisher, diagonal_fisher};
+pub use kernel::output_buffer;
 pub use regmean::{DEFAULT_REGMEAN_ALPHA, Grams, RegMean, gram_matrices};
 pub use slerp::{KarcherMean, SLERP_LERP_THRESHOLD, Slerp};
 pub use soup::{GreedySoup, SoupReport, SoupStep};

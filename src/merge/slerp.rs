@@ -2,7 +2,7 @@
 //! (Karcher) mean [`KarcherMean`] of any number, both per tensor.
 
 use super::TensorMerger;
-use super::kernel::{self, check_shapes, check_weights};
+use super::kernel::{self, check_shapes};
 use crate::error::{Error, Result};
 use crate::tensor::{Scalar, Tensor};
 
@@ -177,16 +177,8 @@ impl KarcherMean {
     /// assert!(modelfusion::merge::KarcherMean::weighted(vec![0.0, 0.0]).is_err());
     /// ```
     pub fn weighted(weights: Vec<f64>) -> Result<Self> {
-        check_weights(&weights, "weights")?;
-        let s: f64 = weights.iter().sum();
-        if weights.iter().any(|&w| w < 0.0) || s <= 0.0 {
-            return Err(Error::invalid(
-                "weights",
-                format!("must be >= 0 with a positive sum, got {weights:?}"),
-            ));
-        }
         Ok(KarcherMean {
-            weights: Some(weights.iter().map(|w| w / s).collect()),
+            weights: Some(kernel::normalized_nonnegative(&weights)?),
             ..Self::uniform()
         })
     }
