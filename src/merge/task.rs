@@ -178,6 +178,11 @@ impl Sparsification {
 /// [`Consensus::SignElection`] it is DARE-TIES), [`breadcrumbs`](TaskMerge::breadcrumbs),
 /// [`della`](TaskMerge::della). Weights default to 1 per model.
 ///
+/// The base must hold every parameter of the merged models with the same shape; a
+/// missing or mis-shaped base parameter is an error naming it ([`Error::MissingParam`],
+/// [`Error::ShapeMismatch`]) raised when that tensor is merged. Parameters only the
+/// base has are ignored.
+///
 /// ```
 /// use modelfusion::merge::{Merger, TaskMerge};
 /// use modelfusion::{Model, StateDict};
