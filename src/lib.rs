@@ -24,11 +24,17 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod barrier;
 pub mod error;
 pub mod merge;
 pub mod model;
+#[cfg(feature = "nn")]
+pub mod nn;
 pub mod objective;
 pub mod path;
+pub mod perm;
+#[cfg(feature = "plot")]
+pub mod plot;
 pub mod tensor;
 
 pub use error::{Error, Result};
