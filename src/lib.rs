@@ -28,6 +28,8 @@ pub mod barrier;
 pub mod error;
 pub mod merge;
 pub mod model;
+#[cfg(feature = "nn")]
+pub mod nn;
 pub mod objective;
 pub mod path;
 pub mod perm;
