@@ -35,9 +35,11 @@ pub mod path;
 pub mod perm;
 #[cfg(feature = "plot")]
 pub mod plot;
+pub mod solve;
 pub mod tensor;
 
 pub use error::{Error, Result};
 pub use model::{Model, StateDict, StateDictF32, StateDictF64};
 pub use objective::{Activations, Features, Gradient, Objective};
+pub use solve::{Assignment, linear_sum_assignment};
 pub use tensor::{Scalar, Tensor};
