@@ -121,6 +121,7 @@ fn main() {
                 .reg(reg)
                 .tol(tol)
                 .max_iter(max_iter)
+                .epsilon_scaling(std::env::var("EPS").map_or(true, |v| v != "0"))
                 .build()
                 .expect("valid parameters");
             let pool = rayon::ThreadPoolBuilder::new()

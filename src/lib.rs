@@ -41,5 +41,5 @@ pub mod tensor;
 pub use error::{Error, Result};
 pub use model::{Model, StateDict, StateDictF32, StateDictF64};
 pub use objective::{Activations, Features, Gradient, Objective};
-pub use solve::{Assignment, linear_sum_assignment};
+pub use solve::{Assignment, TransportPlan, linear_sum_assignment, sinkhorn};
 pub use tensor::{Scalar, Tensor};

@@ -13,7 +13,6 @@ const NONE: u32 = u32::MAX;
 const LANES: usize = 16;
 /// Row visits allowed per augmenting-row-reduction pass, as a multiple of the rows.
 const ARR_BUDGET: usize = 8;
-fn arr_budget() -> usize { std::env::var("ARRB").ok().and_then(|x| x.parse().ok()).unwrap_or(ARR_BUDGET) }
 
 /// The solution of a linear assignment problem, in the shape of scipy's
 /// `linear_sum_assignment`: `rows` is sorted ascending and `cols[k]` is the column
@@ -196,7 +195,7 @@ impl<F: Scalar> ExactOt<F> {
     ///
     /// ```
     /// use modelfusion::solve::exact_ot_uniform;
-    /// let m = ndarray::array![[0.0, 1.0, 1.0], [1.0, 0.0, 1.0], [1.0, 1.0, 0.0]];
+    /// let m = ndarray::array![[0.0f64, 1.0, 1.0], [1.0, 0.0, 1.0], [1.0, 1.0, 0.0]];
     /// let plan = exact_ot_uniform(m.view())?.plan();
     /// assert!((plan.sum() - 1.0).abs() < 1e-12);
     /// # Ok::<(), modelfusion::Error>(())
@@ -363,15 +362,12 @@ fn solve_dense<W: Scalar>(c: &[W], nr: usize, nc: usize) -> Result<Vec<u32>> {
     } else {
         (0..nr as u32).collect()
     };
-    let t0 = std::time::Instant::now();
-    let f0 = free.len();
     for _ in 0..2 {
         if free.is_empty() {
             break;
         }
         free = s.augmenting_row_reduction(&free)?;
     }
-    if std::env::var("LAPDBG").is_ok() { eprintln!("free after CR {f0}, ARR {:?}", t0.elapsed()); }
     let mut ws = Workspace {
         d: [vec![W::infinity(); nc], vec![W::infinity(); nc]],
         pred: [vec![0; nc], vec![0; nc]],
@@ -379,14 +375,15 @@ fn solve_dense<W: Scalar>(c: &[W], nr: usize, nc: usize) -> Result<Vec<u32>> {
         done: Vec::new(),
         stack: Vec::new(),
         minset: Vec::new(),
+        pen: s
+            .colsol
+            .iter()
+            .map(|&i| if i == NONE { W::zero() } else { W::infinity() })
+            .collect(),
     };
-    let nfree = free.len();
-    let mut scans = 0usize;
-    let t0 = std::time::Instant::now();
     for &f in &free {
-        scans += s.augment(f, &mut ws)?;
+        s.augment(f, &mut ws)?;
     }
-    if std::env::var("LAPDBG").is_ok() { eprintln!("free after ARR {nfree}, scans {scans}, dijkstra {:?}", t0.elapsed()); }
     Ok(s.rowsol)
 }
 
@@ -410,18 +407,21 @@ struct Workspace<W> {
     /// Indices into `done` whose rows are still to be scanned.
     stack: Vec<usize>,
     minset: Vec<u32>,
+    /// 0 for a free column, +inf for an assigned one: the relaxation tracks the nearest
+    /// free column with it at the cost of one add.
+    pen: Vec<W>,
 }
 
 impl<W: Scalar> Workspace<W> {
     /// [`relax`] from the current buffers into the other ones, which become current.
     #[inline(always)]
-    fn relax(&mut self, row: &[W], v: &[W], base: W, i: u32) -> W {
+    fn relax(&mut self, row: &[W], v: &[W], base: W, i: u32) -> (W, W) {
         let (d0, d1) = self.d.split_at_mut(1);
         let (p0, p1) = self.pred.split_at_mut(1);
         let m = if self.cur == 0 {
-            relax(row, v, &d0[0], &p0[0], &mut d1[0], &mut p1[0], base, i)
+            relax(row, v, &self.pen, &d0[0], &p0[0], &mut d1[0], &mut p1[0], base, i)
         } else {
-            relax(row, v, &d1[0], &p1[0], &mut d0[0], &mut p0[0], base, i)
+            relax(row, v, &self.pen, &d1[0], &p1[0], &mut d0[0], &mut p0[0], base, i)
         };
         self.cur ^= 1;
         m
@@ -487,7 +487,7 @@ impl<'a, W: Scalar> Kernel<'a, W> {
     /// One pass of augmenting row reduction; returns the rows still free.
     #[inline(always)]
     fn augmenting_row_reduction(&mut self, free: &[u32]) -> Result<Vec<u32>> {
-        let budget = arr_budget() * self.rowsol.len().max(16);
+        let budget = ARR_BUDGET * self.rowsol.len().max(16);
         let mut steps = 0usize;
         let mut next = Vec::new();
         let mut k = 0;
@@ -535,22 +535,23 @@ impl<'a, W: Scalar> Kernel<'a, W> {
                 }
             }
         }
-        if std::env::var("LAPDBG").is_ok() { eprintln!("ARR pass: {} free in, {steps} steps, {} free out", free.len(), next.len()); }
         Ok(next)
     }
 
     /// Shortest augmenting path from free row `f` (Dijkstra on reduced costs, dense
     /// scans), then dual update and augmentation.
     #[inline(always)]
-    fn augment(&mut self, f: u32, ws: &mut Workspace<W>) -> Result<usize> {
-        let mut nscan = 1;
+    fn augment(&mut self, f: u32, ws: &mut Workspace<W>) -> Result<()> {
         let inf = W::infinity();
         ws.d[ws.cur].fill(inf);
         ws.done.clear();
         ws.stack.clear();
-        let mut m = ws.relax(self.row(f as usize), &self.v, W::zero(), f);
+        let (mut m, mut mf) = ws.relax(self.row(f as usize), &self.v, W::zero(), f);
+        // distance of the columns on the stack (all settled at the same level)
+        let mut level = W::neg_infinity();
         let sink = loop {
             if ws.stack.is_empty() {
+                level = m;
                 if !(m < inf) {
                     // restore the duals of the settled columns before failing
                     for &(j, vj, _) in &ws.done {
@@ -560,11 +561,18 @@ impl<'a, W: Scalar> Kernel<'a, W> {
                         "no augmenting path from row {f} (Hall's condition fails)"
                     )));
                 }
+            }
+            if mf <= level {
+                // a free column at the current level: shortest augmenting path found
+                let d = &ws.d[ws.cur];
+                let j = (0..d.len())
+                    .find(|&j| ws.pen[j] == W::zero() && d[j] == mf)
+                    .expect("the nearest free column exists");
+                break j as u32;
+            }
+            if ws.stack.is_empty() {
                 ws.minset.clear();
                 collect_eq(&ws.d[ws.cur], m, &mut ws.minset);
-                if let Some(&j) = ws.minset.iter().find(|&&j| self.colsol[j as usize] == NONE) {
-                    break j;
-                }
                 for &j in &ws.minset {
                     let ju = j as usize;
                     ws.stack.push(ws.done.len());
@@ -574,13 +582,14 @@ impl<'a, W: Scalar> Kernel<'a, W> {
                     ws.d[ws.cur][ju] = inf;
                 }
             }
-            nscan += 1;
             let k = ws.stack.pop().expect("non-empty stack");
             let (j, vj, dj) = ws.done[k];
             let i = self.colsol[j as usize];
             let base = dj - (self.c[i as usize * self.nc + j as usize] - vj);
-            m = ws.relax(self.row(i as usize), &self.v, base, i);
+            (m, mf) = ws.relax(self.row(i as usize), &self.v, base, i);
         };
+        let m = mf;
+        ws.pen[sink as usize] = inf;
         for &(j, vj, dj) in &ws.done {
             self.v[j as usize] = vj + (dj - m);
         }
@@ -595,7 +604,7 @@ impl<'a, W: Scalar> Kernel<'a, W> {
             }
             j = next;
         }
-        Ok(nscan)
+        Ok(())
     }
 }
 
@@ -720,19 +729,22 @@ fn collect_eq<W: Scalar>(d: &[W], m: W, out: &mut Vec<u32>) {
 fn relax<W: Scalar>(
     row: &[W],
     v: &[W],
+    pen: &[W],
     d_in: &[W],
     p_in: &[u32],
     d_out: &mut [W],
     p_out: &mut [u32],
     base: W,
     i: u32,
-) -> W {
+) -> (W, W) {
     let n = row.len();
-    let (v, d_in, p_in) = (&v[..n], &d_in[..n], &p_in[..n]);
+    let (v, pen, d_in, p_in) = (&v[..n], &pen[..n], &d_in[..n], &p_in[..n]);
     let (d_out, p_out) = (&mut d_out[..n], &mut p_out[..n]);
     let split = n - n % LANES;
     let mut acc = [W::infinity(); LANES];
+    let mut accf = [W::infinity(); LANES];
     for c0 in (0..split).step_by(LANES) {
+        let pn = &pen[c0..c0 + LANES];
         let r = &row[c0..c0 + LANES];
         let vv = &v[c0..c0 + LANES];
         let di = &d_in[c0..c0 + LANES];
@@ -747,17 +759,20 @@ fn relax<W: Scalar>(
             d_o[l] = x;
             p_o[l] = (pi[l] & !mask) | (i & mask);
             acc[l] = acc[l].min(x);
+            accf[l] = accf[l].min(x + pn[l]);
         }
     }
     let mut m = lane_min(&acc);
+    let mut mf = lane_min(&accf);
     for j in split..n {
         let nd = base + row[j] - v[j];
         let b = nd < d_in[j];
         d_out[j] = if b { nd } else { d_in[j] };
         p_out[j] = if b { i } else { p_in[j] };
         m = m.min(d_out[j]);
+        mf = mf.min(d_out[j] + pen[j]);
     }
-    m
+    (m, mf)
 }
 
 #[cfg(test)]
