@@ -24,6 +24,7 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod align;
 pub mod barrier;
 pub mod error;
 pub mod merge;
