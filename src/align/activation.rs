@@ -111,7 +111,7 @@ impl<M: Model, A: Activations<M>> Aligner<M> for ActivationMatching<A> {
                 objective,
                 sweeps: 1,
                 converged: true,
-                moved: BTreeMap::new(),
+                ..AlignStats::default()
             },
         ))
     }

@@ -194,6 +194,9 @@ pub struct AlignStats {
     pub converged: bool,
     /// Per group, the number of units not mapped to themselves (hard maps only).
     pub moved: BTreeMap<String, usize>,
+    /// The groups in the order they were visited, one list per sweep (weight matching
+    /// and OT fusion; empty for aligners that visit groups independently).
+    pub order: Vec<Vec<String>>,
 }
 
 /// The result of an [`Aligner`]: one [`GroupMap`] per permutation group, and statistics.

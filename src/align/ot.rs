@@ -209,6 +209,7 @@ impl<M: Model> Aligner<M> for OtFusion {
         let (sa, sb) = check_shapes(reference, other, spec)?;
         let mut done: BTreeMap<String, GroupMap> = BTreeMap::new();
         let mut objective = Vec::new();
+        let mut visits = Vec::new();
         let mut remaining: BTreeSet<String> = sa.keys().cloned().collect();
         while !remaining.is_empty() {
             let g = next_group(spec, &remaining, &done);
@@ -221,6 +222,7 @@ impl<M: Model> Aligner<M> for OtFusion {
             let map = self.plan(&cost, &ma, &mb)?;
             objective.push(transport_cost(&cost, &map));
             remaining.remove(&g);
+            visits.push(g.clone());
             done.insert(g, map);
         }
         Ok(Alignment::from_maps(
@@ -230,6 +232,7 @@ impl<M: Model> Aligner<M> for OtFusion {
                 sweeps: 1,
                 converged: true,
                 moved: BTreeMap::new(),
+                order: vec![visits],
             },
         ))
     }

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use ndarray::{Array2, ArrayD, ArrayView2, ArrayViewD, Axis};
+use ndarray::{Array2, ArrayView2, ArrayViewD, CowArray, IxDyn};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
@@ -147,9 +147,11 @@ impl<M: Model> Aligner<M> for WeightMatching {
         let mut order: Vec<usize> = (0..groups.len()).collect();
         let mut converged = false;
         let mut sweeps = 0;
+        let mut visits = Vec::new();
         while sweeps < self.max_iter {
             sweeps += 1;
             order.shuffle(&mut rng);
+            visits.push(order.iter().map(|&g| groups[g].clone()).collect());
             let mut progress = false;
             for &g in &order {
                 let c = problem.update_cost(g, &perms, &mut cache[g])?;
@@ -175,15 +177,33 @@ impl<M: Model> Aligner<M> for WeightMatching {
                 sweeps,
                 converged,
                 moved: BTreeMap::new(),
+                order: visits,
             },
         ))
     }
 }
 
+/// A parameter of both models in standard layout.
+struct Param<'a, E: Scalar> {
+    a: CowArray<'a, E, IxDyn>,
+    b: CowArray<'a, E, IxDyn>,
+    shape: Vec<usize>,
+    /// `(axis, group index)` for every permuted axis.
+    axes: Vec<(usize, usize)>,
+}
+
+impl<E: Scalar> Param<'_, E> {
+    fn a(&self) -> &[E] {
+        self.a.as_slice().unwrap_or(&[])
+    }
+    fn b(&self) -> &[E] {
+        self.b.as_slice().unwrap_or(&[])
+    }
+}
+
 /// One `(param, axis)` of a group: `C += A_(axis) (pi(B))_(axis)^T`.
-struct Term<'a, E> {
-    a: ArrayViewD<'a, E>,
-    b: ArrayViewD<'a, E>,
+struct Term {
+    param: usize,
     axis: usize,
     /// `(other axis, group index)` for every other permuted axis of the parameter.
     others: Vec<(usize, usize)>,
@@ -197,12 +217,11 @@ struct GroupCache {
     seen: Vec<Vec<Permutation>>,
 }
 
-struct Problem<'a, E> {
+struct Problem<'a, E: Scalar> {
+    params: Vec<Param<'a, E>>,
     /// Terms of each group, by group index.
-    terms: Vec<Vec<Term<'a, E>>>,
+    terms: Vec<Vec<Term>>,
     sizes: Vec<usize>,
-    /// Every parameter the spec permutes: `(A, B, [(axis, group index)])`.
-    params: Vec<(ArrayViewD<'a, E>, ArrayViewD<'a, E>, Vec<(usize, usize)>)>,
     /// `sum <A, B>` over parameters no group touches (constant).
     fixed: f64,
 }
@@ -222,7 +241,7 @@ impl<'a, E: Scalar> Problem<'a, E> {
             .enumerate()
             .map(|(i, g)| (g.as_str(), i))
             .collect();
-        let mut terms: Vec<Vec<Term<'a, E>>> = groups.iter().map(|_| Vec::new()).collect();
+        let mut terms: Vec<Vec<Term>> = groups.iter().map(|_| Vec::new()).collect();
         let mut sizes = vec![0; groups.len()];
         let mut params = Vec::new();
         let mut fixed = 0.0;
@@ -241,22 +260,25 @@ impl<'a, E: Scalar> Problem<'a, E> {
                 fixed += a.dot(b)?;
                 continue;
             }
-            let (av, bv) = (a.view(), b.view());
             for &(ax, gi) in &axes {
                 sizes[gi] = a.shape()[ax];
                 terms[gi].push(Term {
-                    a: av.clone(),
-                    b: bv.clone(),
+                    param: params.len(),
                     axis: ax,
                     others: axes.iter().copied().filter(|&(o, _)| o != ax).collect(),
                 });
             }
-            params.push((av, bv, axes));
+            params.push(Param {
+                a: standard(a.view()),
+                b: standard(b.view()),
+                shape: a.shape().to_vec(),
+                axes,
+            });
         }
         Ok(Problem {
+            params,
             terms,
             sizes,
-            params,
             fixed,
         })
     }
@@ -266,13 +288,15 @@ impl<'a, E: Scalar> Problem<'a, E> {
         let parts: Vec<f64> = self
             .params
             .par_iter()
-            .map(|(a, b, axes)| {
-                let sel: Vec<(usize, &[usize])> = axes
+            .map(|p| {
+                let sel: Vec<(usize, &[usize])> = p
+                    .axes
                     .iter()
                     .map(|&(ax, g)| (ax, perms[g].as_slice()))
                     .collect();
-                let pb = gather(b.view(), &sel);
-                a.iter()
+                let (pb, _) = gather(p.b(), &p.shape, &sel);
+                p.a()
+                    .iter()
                     .zip(pb.iter())
                     .map(|(&x, &y)| x.to_f64_lossless() * y.to_f64_lossless())
                     .sum::<f64>()
@@ -290,18 +314,18 @@ impl<'a, E: Scalar> Problem<'a, E> {
     ) -> Result<&'c Array2<f64>> {
         let n = self.sizes[g];
         let terms = &self.terms[g];
-        let current = |t: &Term<E>| -> Vec<Permutation> {
+        let current = |t: &Term| -> Vec<Permutation> {
             t.others.iter().map(|&(_, og)| perms[og].clone()).collect()
         };
         match cache {
             None => {
                 let parts: Vec<Array2<E>> = terms
                     .par_iter()
-                    .map(|t| full_term(t, perms))
+                    .map(|t| self.full_term(t, perms))
                     .collect();
                 let mut cost = Array2::<f64>::zeros((n, n));
                 for p in parts {
-                    cost.zip_mut_with(&p, |c, &x| *c += x.to_f64_lossless());
+                    add_into(&mut cost, &p);
                 }
                 *cache = Some(GroupCache {
                     cost,
@@ -312,10 +336,10 @@ impl<'a, E: Scalar> Problem<'a, E> {
                 let parts: Vec<Option<Array2<E>>> = terms
                     .par_iter()
                     .zip(gc.seen.par_iter())
-                    .map(|(t, seen)| delta_term(t, seen, perms))
+                    .map(|(t, seen)| self.delta_term(t, seen, perms))
                     .collect();
                 for p in parts.into_iter().flatten() {
-                    gc.cost.zip_mut_with(&p, |c, &x| *c += x.to_f64_lossless());
+                    add_into(&mut gc.cost, &p);
                 }
                 for (t, seen) in terms.iter().zip(gc.seen.iter_mut()) {
                     *seen = current(t);
@@ -327,107 +351,140 @@ impl<'a, E: Scalar> Problem<'a, E> {
             .map(|gc| &gc.cost)
             .ok_or_else(|| Error::invalid("cache", "internal: group cache missing"))
     }
-}
 
-/// Copies `t` with each `(axis, indices)` selection applied in turn.
-fn gather<E: Scalar>(t: ArrayViewD<E>, sel: &[(usize, &[usize])]) -> ArrayD<E> {
-    let mut out: Option<ArrayD<E>> = None;
-    for &(ax, idx) in sel {
-        out = Some(match &out {
-            None => t.select(Axis(ax), idx),
-            Some(o) => o.select(Axis(ax), idx),
-        });
-    }
-    out.unwrap_or_else(|| t.to_owned())
-}
-
-/// A view of `t` unfolded along `axis` (copied only when `axis` is not the first axis
-/// or the array is not in standard layout).
-fn unfold<E: Scalar>(t: ArrayViewD<E>, axis: usize) -> Array2<E> {
-    let n = t.shape()[axis];
-    let rest = t.len().checked_div(n).unwrap_or(0);
-    let mut v = t;
-    for a in (0..axis).rev() {
-        v.swap_axes(a, a + 1);
-    }
-    let std = v.as_standard_layout();
-    std.into_owned()
-        .into_shape_with_order((n, rest))
-        .unwrap_or_else(|_| unreachable!("standard layout reshapes"))
-}
-
-/// `A_(axis) B_(axis)^T` for two equally shaped arrays, without copying axis-0 inputs in
-/// standard layout.
-fn product<E: Scalar>(a: ArrayViewD<E>, b: ArrayViewD<E>, axis: usize) -> Array2<E> {
-    let n = a.shape()[axis];
-    let m = b.shape()[axis];
-    let rest = a.len().checked_div(n).unwrap_or(0);
-    if axis == 0 && a.is_standard_layout() && b.is_standard_layout() {
-        let a2: ArrayView2<E> = a
-            .into_shape_with_order((n, rest))
-            .unwrap_or_else(|_| unreachable!("standard layout reshapes"));
-        let b2: ArrayView2<E> = b
-            .into_shape_with_order((m, rest))
-            .unwrap_or_else(|_| unreachable!("standard layout reshapes"));
-        return a2.dot(&b2.t());
-    }
-    let (a2, b2) = (unfold(a, axis), unfold(b, axis));
-    a2.dot(&b2.t())
-}
-
-fn full_term<E: Scalar>(t: &Term<E>, perms: &[Permutation]) -> Array2<E> {
-    let sel: Vec<(usize, &[usize])> = t
-        .others
-        .iter()
-        .map(|&(ax, g)| (ax, perms[g].as_slice()))
-        .collect();
-    if sel.is_empty() {
-        return product(t.a.view(), t.b.view(), t.axis);
-    }
-    let pb = gather(t.b.view(), &sel);
-    product(t.a.view(), pb.view(), t.axis)
-}
-
-/// The change of a term since it was computed with `seen`, or `None` if nothing it
-/// depends on moved. One other axis at a time: positions whose index changed contribute
-/// `A_J (B_new,J - B_old,J)^T`; the remaining axes use the permutations already
-/// accounted for (updated ones new, others old).
-fn delta_term<E: Scalar>(
-    t: &Term<E>,
-    seen: &[Permutation],
-    perms: &[Permutation],
-) -> Option<Array2<E>> {
-    let mut state: Vec<&Permutation> = seen.iter().collect();
-    let mut total: Option<Array2<E>> = None;
-    for (k, &(ax, g)) in t.others.iter().enumerate() {
-        let new = &perms[g];
-        if *new == *state[k] {
-            continue;
-        }
-        let moved: Vec<usize> = (0..new.len())
-            .filter(|&j| new.as_slice()[j] != state[k].as_slice()[j])
-            .collect();
-        let new_idx: Vec<usize> = moved.iter().map(|&j| new.as_slice()[j]).collect();
-        let old_idx: Vec<usize> = moved.iter().map(|&j| state[k].as_slice()[j]).collect();
-        // Selections on the other axes with the permutations accounted for so far.
-        let rest_sel: Vec<(usize, &[usize])> = t
+    fn full_term(&self, t: &Term, perms: &[Permutation]) -> Array2<E> {
+        let p = &self.params[t.param];
+        let sel: Vec<(usize, &[usize])> = t
             .others
             .iter()
-            .enumerate()
-            .filter(|&(k2, _)| k2 != k)
-            .map(|(k2, &(ax2, _))| (ax2, state[k2].as_slice()))
+            .map(|&(ax, g)| (ax, perms[g].as_slice()))
             .collect();
-        let a_j = t.a.select(Axis(ax), &moved);
-        let mut b_new = t.b.select(Axis(ax), &new_idx);
-        let b_old = t.b.select(Axis(ax), &old_idx);
-        b_new.zip_mut_with(&b_old, |x, &y| *x -= y);
-        let diff = gather(b_new.view(), &rest_sel);
-        let d = product(a_j.view(), diff.view(), t.axis);
-        match total.as_mut() {
-            None => total = Some(d),
-            Some(acc) => *acc += &d,
-        }
-        state[k] = new;
+        let (pb, shape) = gather(p.b(), &p.shape, &sel);
+        product(p.a(), &pb, &shape, t.axis)
     }
-    total
+
+    /// The change of a term since it was computed with `seen`, or `None` if nothing it
+    /// depends on moved. One other axis at a time: positions whose index changed
+    /// contribute `A_J (B_new,J - B_old,J)^T`; the remaining axes use the permutations
+    /// already accounted for (updated ones new, others old).
+    fn delta_term(&self, t: &Term, seen: &[Permutation], perms: &[Permutation]) -> Option<Array2<E>> {
+        let p = &self.params[t.param];
+        let mut state: Vec<&Permutation> = seen.iter().collect();
+        let mut total: Option<Array2<E>> = None;
+        for (k, &(ax, g)) in t.others.iter().enumerate() {
+            let new = &perms[g];
+            if *new == *state[k] {
+                continue;
+            }
+            let (nw, od) = (new.as_slice(), state[k].as_slice());
+            let moved: Vec<usize> = (0..nw.len()).filter(|&j| nw[j] != od[j]).collect();
+            let new_idx: Vec<usize> = moved.iter().map(|&j| nw[j]).collect();
+            let old_idx: Vec<usize> = moved.iter().map(|&j| od[j]).collect();
+            let rest_sel: Vec<(usize, &[usize])> = t
+                .others
+                .iter()
+                .enumerate()
+                .filter(|&(k2, _)| k2 != k)
+                .map(|(k2, &(ax2, _))| (ax2, state[k2].as_slice()))
+                .collect();
+            let (a_j, shape_j) = gather(p.a(), &p.shape, &[(ax, &moved)]);
+            let (mut b_new, _) = gather(p.b(), &p.shape, &[(ax, &new_idx)]);
+            let (b_old, _) = gather(p.b(), &p.shape, &[(ax, &old_idx)]);
+            for (x, &y) in b_new.iter_mut().zip(&b_old) {
+                *x -= y;
+            }
+            let (diff, _) = gather(&b_new, &shape_j, &rest_sel);
+            let d = product(&a_j, &diff, &shape_j, t.axis);
+            match total.as_mut() {
+                None => total = Some(d),
+                Some(acc) => *acc += &d,
+            }
+            state[k] = new;
+        }
+        total
+    }
+}
+
+fn standard<E: Scalar>(v: ArrayViewD<'_, E>) -> CowArray<'_, E, IxDyn> {
+    if v.is_standard_layout() {
+        CowArray::from(v)
+    } else {
+        CowArray::from(v.as_standard_layout().into_owned())
+    }
+}
+
+fn add_into<E: Scalar>(acc: &mut Array2<f64>, x: &Array2<E>) {
+    match (acc.as_slice_mut(), x.as_slice()) {
+        (Some(a), Some(b)) => {
+            for (c, &v) in a.iter_mut().zip(b) {
+                *c += v.to_f64_lossless();
+            }
+        }
+        _ => acc.zip_mut_with(x, |c, &v| *c += v.to_f64_lossless()),
+    }
+}
+
+/// `(outer, n, inner)` of a row-major shape split at `axis`.
+fn split(shape: &[usize], axis: usize) -> (usize, usize, usize) {
+    (
+        shape[..axis].iter().product(),
+        shape[axis],
+        shape[axis + 1..].iter().product(),
+    )
+}
+
+/// Row-major `data` of `shape` with each `(axis, indices)` selection applied in turn
+/// (output index `i` on `axis` takes input index `indices[i]`); returns the data and
+/// its shape.
+fn gather<E: Copy>(data: &[E], shape: &[usize], sel: &[(usize, &[usize])]) -> (Vec<E>, Vec<usize>) {
+    let mut cur: Option<Vec<E>> = None;
+    let mut shape = shape.to_vec();
+    for &(axis, idx) in sel {
+        let src: &[E] = cur.as_deref().unwrap_or(data);
+        let (outer, n, inner) = split(&shape, axis);
+        let mut out = Vec::with_capacity(outer * idx.len() * inner);
+        for o in 0..outer {
+            let base = o * n * inner;
+            if inner == 1 {
+                out.extend(idx.iter().map(|&i| src[base + i]));
+            } else {
+                for &i in idx {
+                    out.extend_from_slice(&src[base + i * inner..base + (i + 1) * inner]);
+                }
+            }
+        }
+        shape[axis] = idx.len();
+        cur = Some(out);
+    }
+    (cur.unwrap_or_else(|| data.to_vec()), shape)
+}
+
+/// Row-major `data` of `shape` unfolded along `axis` into `(shape[axis], rest)`.
+fn unfold<E: Copy>(data: &[E], shape: &[usize], axis: usize) -> Vec<E> {
+    let (outer, n, inner) = split(shape, axis);
+    let mut out = Vec::with_capacity(data.len());
+    for i in 0..n {
+        for o in 0..outer {
+            let at = o * n * inner + i * inner;
+            out.extend_from_slice(&data[at..at + inner]);
+        }
+    }
+    out
+}
+
+/// `A_(axis) B_(axis)^T` for two row-major arrays of one shape.
+fn product<E: Scalar>(a: &[E], b: &[E], shape: &[usize], axis: usize) -> Array2<E> {
+    let n = shape[axis];
+    let rest = a.len().checked_div(n).unwrap_or(0);
+    let (ua, ub);
+    let (a, b) = if axis == 0 {
+        (a, b)
+    } else {
+        ua = unfold(a, shape, axis);
+        ub = unfold(b, shape, axis);
+        (ua.as_slice(), ub.as_slice())
+    };
+    let a2 = ArrayView2::from_shape((n, rest), a).unwrap_or_else(|_| unreachable!("sizes agree"));
+    let b2 = ArrayView2::from_shape((n, rest), b).unwrap_or_else(|_| unreachable!("sizes agree"));
+    a2.dot(&b2.t())
 }
