@@ -17,14 +17,16 @@ use std::cell::RefCell;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use modelfusion::align::{ActivationMatching, Aligner, Correlation, Identity, Repair, WeightMatching};
+use modelfusion::align::{
+    ActivationMatching, Aligner, Correlation, Identity, Repair, WeightMatching,
+};
 use modelfusion::barrier::{BarrierConfig, loss_barrier};
 use modelfusion::nn::{
     Classification, Dataset, Evaluation, LrSchedule, Mlp, Network, OptimizerConfig, TrainConfig,
     data, train,
 };
-use modelfusion::path::PathSampler;
 use modelfusion::path::Linear;
+use modelfusion::path::PathSampler;
 use modelfusion::perm::{PermutationSpec, specs};
 use modelfusion::plot::{Series, plot_curves};
 use modelfusion::{Objective, Result, StateDictF32};
@@ -161,9 +163,24 @@ fn run() -> Result<()> {
                 .with_schedule(LrSchedule::Cosine),
         )
     };
-    let a = train(&net, &net.init::<ndarray::ArrayD<f32>>(1), &train_set, &config(11)?)?.params;
-    let b = train(&net, &net.init::<ndarray::ArrayD<f32>>(2), &train_set, &config(12)?)?.params;
-    println!("trained both models in {:.1} s", start.elapsed().as_secs_f64());
+    let a = train(
+        &net,
+        &net.init::<ndarray::ArrayD<f32>>(1),
+        &train_set,
+        &config(11)?,
+    )?
+    .params;
+    let b = train(
+        &net,
+        &net.init::<ndarray::ArrayD<f32>>(2),
+        &train_set,
+        &config(12)?,
+    )?
+    .params;
+    println!(
+        "trained both models in {:.1} s",
+        start.elapsed().as_secs_f64()
+    );
 
     let task = Classification::new(&net, &test_set, 1000)?;
     // Activation statistics come from (a subset of) the training set.
@@ -187,7 +204,10 @@ fn run() -> Result<()> {
         wm.stats().objective.last().copied().unwrap_or(f64::NAN),
         wm.stats().moved
     );
-    println!("activation matching: {am_time:.3} s, units moved {:?}", am.stats().moved);
+    println!(
+        "activation matching: {am_time:.3} s, units moved {:?}",
+        am.stats().moved
+    );
 
     let grid = BarrierConfig::uniform(POINTS)?;
     let ts = grid.grid().to_vec();
@@ -200,7 +220,10 @@ fn run() -> Result<()> {
         let report = loss_barrier(path, &rec, &grid)?;
         let evals = rec.log.into_inner();
         let acc_ends = 0.5 * (evals[0].accuracy + evals[evals.len() - 1].accuracy);
-        let acc_min = evals.iter().map(|e| e.accuracy).fold(f64::INFINITY, f64::min);
+        let acc_min = evals
+            .iter()
+            .map(|e| e.accuracy)
+            .fold(f64::INFINITY, f64::min);
         curves.push(Curve {
             name: label,
             evals,
@@ -240,7 +263,9 @@ fn run() -> Result<()> {
         }
         println!();
     }
-    println!("\nloss barrier (max_t L(t) - (L(0) + L(1)) / 2, {POINTS}-point grid) and accuracy drop:");
+    println!(
+        "\nloss barrier (max_t L(t) - (L(0) + L(1)) / 2, {POINTS}-point grid) and accuracy drop:"
+    );
     let naive_barrier = curves[0].barrier;
     for c in &curves {
         println!(

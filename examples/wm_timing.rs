@@ -14,8 +14,8 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use modelfusion::align::{Aligner, WeightMatching};
-use modelfusion::perm::specs::{Architecture, MlpShapes, ResNet, Vgg};
 use modelfusion::perm::PermutationSpec;
+use modelfusion::perm::specs::{Architecture, MlpShapes, ResNet, Vgg};
 use modelfusion::{Error, Model, Result, Scalar, StateDict, StateDictF32, Tensor};
 
 fn arch(name: &str) -> Result<Box<dyn ArchBox>> {
@@ -170,10 +170,10 @@ fn run() -> Result<()> {
         };
         match a.as_str() {
             "--dump" => {
-                dump_dir = Some(PathBuf::from(
-                    args.next()
-                        .ok_or_else(|| Error::invalid("--dump", "needs a directory"))?,
-                ))
+                dump_dir =
+                    Some(PathBuf::from(args.next().ok_or_else(|| {
+                        Error::invalid("--dump", "needs a directory")
+                    })?))
             }
             "--f64" => f64_mode = true,
             "--max-iter" => max_iter = num("--max-iter")? as usize,
@@ -192,8 +192,10 @@ fn run() -> Result<()> {
         if f64_mode { "f64" } else { "f32" }
     );
     if f64_mode {
-        let (a, b): (StateDict<ndarray::ArrayD<f64>>, StateDict<ndarray::ArrayD<f64>>) =
-            (a.cast(), b.cast());
+        let (a, b): (
+            StateDict<ndarray::ArrayD<f64>>,
+            StateDict<ndarray::ArrayD<f64>>,
+        ) = (a.cast(), b.cast());
         time(&a, &b, &spec, &wm, dump_dir.as_ref())
     } else {
         time(&a, &b, &spec, &wm, dump_dir.as_ref())

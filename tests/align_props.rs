@@ -69,14 +69,21 @@ fn conv_specs_alignment_keeps_function() {
     let al = wm(3).align(&a, &b, &spec).unwrap();
     assert!(al.stats().moved.values().sum::<usize>() > 0);
     let aligned = al.apply(&spec, &b).unwrap();
-    let d = max_abs(&vgg_forward(&aligned, 3, 2, &xs), &vgg_forward(&b, 3, 2, &xs));
+    let d = max_abs(
+        &vgg_forward(&aligned, 3, 2, &xs),
+        &vgg_forward(&b, 3, 2, &xs),
+    );
     assert!(d < 1e-4, "{d}");
 
     let stages = [(4, 2), (6, 1), (5, 1)];
     let rn = ResNet::new(3, &stages, 3).unwrap();
     let (a, b) = (rn.random_model(4), rn.random_model(5));
     let spec = rn.spec();
-    let aligned = wm(6).align(&a, &b, &spec).unwrap().apply(&spec, &b).unwrap();
+    let aligned = wm(6)
+        .align(&a, &b, &spec)
+        .unwrap()
+        .apply(&spec, &b)
+        .unwrap();
     let d = max_abs(
         &resnet_forward(&aligned, &stages, &xs),
         &resnet_forward(&b, &stages, &xs),
@@ -194,7 +201,10 @@ fn exact_ot_equals_permutation_alignment() {
     let arch = MlpShapes::new(&[8, 24, 24, 5]).unwrap();
     let spec = arch.spec();
     let (a, b, pi) = planted(&arch, 5, 1e-3);
-    let ot = OtFusion::new(Transport::Exact).unwrap().align(&a, &b, &spec).unwrap();
+    let ot = OtFusion::new(Transport::Exact)
+        .unwrap()
+        .align(&a, &b, &spec)
+        .unwrap();
     assert_eq!(ot.permutations().unwrap(), pi.inverse());
     let w = wm(0).align(&a, &b, &spec).unwrap();
     assert_eq!(ot.apply(&spec, &b).unwrap(), w.apply(&spec, &b).unwrap());
@@ -254,7 +264,9 @@ fn ot_fuses_a_wider_mlp_into_a_narrower_one() {
     let d = max_abs(&mlp_forward(&aligned, 2, &x), &mlp_forward(&a, 2, &x));
     assert!(d < 1e-2, "{d}");
     // exact transport needs equal widths
-    let e = OtFusion::new(Transport::Exact).unwrap().align(&a, &b, &narrow.spec());
+    let e = OtFusion::new(Transport::Exact)
+        .unwrap()
+        .align(&a, &b, &narrow.spec());
     assert!(matches!(e, Err(Error::InvalidParameter { .. })));
 }
 
@@ -264,13 +276,24 @@ fn many_models_align_to_reference_and_mean() {
     let spec = arch.spec();
     let base = arch.random_model(0);
     let copies: Vec<StateDictF32> = (1..5)
-        .map(|s| with_noise(&spec.apply(&PermutationSet::random(&spec, &base, s).unwrap(), &base).unwrap(), 1e-3, s))
+        .map(|s| {
+            with_noise(
+                &spec
+                    .apply(&PermutationSet::random(&spec, &base, s).unwrap(), &base)
+                    .unwrap(),
+                1e-3,
+                s,
+            )
+        })
         .collect();
     let refs: Vec<&StateDictF32> = copies.iter().collect();
     let r = align_to_reference(&wm(0), refs[0], &refs[1..], &spec).unwrap();
     let m = align_to_mean(&wm(0), &refs, &spec, 10).unwrap();
     assert!(m.converged);
-    for (x, y) in [(&r.models, 0usize), (&m.models, 0)].iter().flat_map(|(ms, k)| ms.iter().map(move |mm| (mm, &ms[*k]))) {
+    for (x, y) in [(&r.models, 0usize), (&m.models, 0)]
+        .iter()
+        .flat_map(|(ms, k)| ms.iter().map(move |mm| (mm, &ms[*k])))
+    {
         assert!(x.max_abs_diff(y).unwrap() < 1e-2);
     }
     assert!(align_to_mean(&wm(0), &refs[..1], &spec, 10).is_err());
@@ -291,22 +314,43 @@ fn bad_input_is_rejected_with_clear_errors() {
     let e = wm(0).align(&a, &other, &spec).unwrap_err().to_string();
     assert!(e.contains("[6, 4]") && e.contains("[7, 4]"), "{e}");
     let e = Identity.align(&a, &other, &spec).unwrap_err();
-    assert!(matches!(e, Error::Spec { .. } | Error::ShapeMismatch { .. }));
+    assert!(matches!(
+        e,
+        Error::Spec { .. } | Error::ShapeMismatch { .. }
+    ));
     // non-finite weights
     let mut bad = a.clone();
     bad.get_mut("layers.1.weight").unwrap()[[0, 0]] = f32::NAN;
     let e = wm(0).align(&a, &bad, &spec).unwrap_err().to_string();
-    assert!(e.contains("non-finite") && e.contains("layers.1.weight"), "{e}");
-    let e = OtFusion::new(Transport::Exact).unwrap().align(&bad, &a, &spec).unwrap_err();
+    assert!(
+        e.contains("non-finite") && e.contains("layers.1.weight"),
+        "{e}"
+    );
+    let e = OtFusion::new(Transport::Exact)
+        .unwrap()
+        .align(&bad, &a, &spec)
+        .unwrap_err();
     assert!(matches!(e, Error::NonFinite { .. }));
     // init of the wrong length
     let mut init = PermutationSet::new();
     init.insert("hidden.0", modelfusion::perm::Permutation::identity(5));
-    let e = WeightMatching::new(0).with_init(init).align(&a, &a, &spec).unwrap_err().to_string();
+    let e = WeightMatching::new(0)
+        .with_init(init)
+        .align(&a, &a, &spec)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("hidden.0") && e.contains("length 5"), "{e}");
     // applying an alignment to a model it does not fit
     let al = wm(0).align(&a, &a, &spec).unwrap();
     assert!(al.apply(&spec, &other).is_err());
     let empty = PermutationSpec::default();
-    assert_eq!(wm(0).align(&a, &a, &empty).unwrap().permutations().unwrap().len(), 0);
+    assert_eq!(
+        wm(0)
+            .align(&a, &a, &empty)
+            .unwrap()
+            .permutations()
+            .unwrap()
+            .len(),
+        0
+    );
 }

@@ -3,7 +3,7 @@
 modelfusion's `WeightMatching` on the same random weights.
 
 Usage (from the crate root):
-    /work/venv/bin/python benches/compare/align_compare.py resnet20x16 [--f64] [--keep DIR]
+    /work/venv/bin/python benches/compare/align_compare.py resnet20x16 [--f64] [--max-iter N] [--keep DIR]
 
 Runs `cargo run --release --example wm_timing -- ARCH --dump DIR` (Rust timing, and the
 weights, spec, per-sweep group order and result written to DIR), then the numpy loop
@@ -105,6 +105,8 @@ def main():
     cmd = ["cargo", "run", "--release", "--quiet", "--example", "wm_timing", "--", arch, "--dump", dump]
     if f64:
         cmd.append("--f64")
+    if "--max-iter" in args:
+        cmd += ["--max-iter", args[args.index("--max-iter") + 1]]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     print(out.strip())
     m = re.search(r"rust: ([0-9.]+) s, (\d+) sweeps", out)

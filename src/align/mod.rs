@@ -326,7 +326,9 @@ impl Alignment {
             })?;
             if m.sizes().1 != size {
                 return Err(Error::shape(
-                    format!("map of group `{g}` (reference units, other units) vs the model's group size"),
+                    format!(
+                        "map of group `{g}` (reference units, other units) vs the model's group size"
+                    ),
                     &[m.sizes().0, size],
                     &[m.sizes().0, m.sizes().1],
                 ));
@@ -376,10 +378,7 @@ pub(crate) fn map_axis<T: Tensor>(t: &T, axis: usize, m: &Array2<f64>) -> Result
     let mut front = shape.clone();
     front.remove(axis);
     front.insert(0, m.nrows());
-    let data: Vec<T::Elem> = prod
-        .iter()
-        .map(|&x| T::Elem::from_f64_lossy(x))
-        .collect();
+    let data: Vec<T::Elem> = prod.iter().map(|&x| T::Elem::from_f64_lossy(x)).collect();
     let arr = ArrayD::from_shape_vec(IxDyn(&front), data)
         .map_err(|e| Error::invalid("map", e.to_string()))?;
     // Move axis 0 back to `axis`.
@@ -396,8 +395,12 @@ pub(crate) fn check_pair<M: Model>(
     other: &M,
     spec: &PermutationSpec,
 ) -> Result<BTreeMap<String, usize>> {
-    let sa = spec.validate(reference).map_err(|e| context(e, "the reference model"))?;
-    let sb = spec.validate(other).map_err(|e| context(e, "the other model"))?;
+    let sa = spec
+        .validate(reference)
+        .map_err(|e| context(e, "the reference model"))?;
+    let sb = spec
+        .validate(other)
+        .map_err(|e| context(e, "the other model"))?;
     reference.check_compatible(other)?;
     reference.check_finite("the reference model")?;
     other.check_finite("the other model")?;

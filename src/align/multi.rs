@@ -85,7 +85,10 @@ pub fn align_to_mean<M: Model, A: Aligner<M> + ?Sized>(
     if models.len() < 2 {
         return Err(Error::invalid(
             "models",
-            format!("aligning to the mean needs at least 2 models, got {}", models.len()),
+            format!(
+                "aligning to the mean needs at least 2 models, got {}",
+                models.len()
+            ),
         ));
     }
     if max_iter == 0 {

@@ -258,8 +258,7 @@ fn check_shapes<M: Model>(
         })?;
         let permuted: BTreeSet<usize> = spec.param_axes(name).map(|(ax, _)| ax).collect();
         let fits = a.shape().len() == b.shape().len()
-            && a
-                .shape()
+            && a.shape()
                 .iter()
                 .zip(b.shape())
                 .enumerate()

@@ -165,7 +165,10 @@ impl<A> Repair<A> {
                 Ok((w, b))
             })
             .collect::<Result<_>>()?;
-        let mut moments: Vec<Moments> = layers.iter().map(|(w, _)| Moments::new(w.nrows())).collect();
+        let mut moments: Vec<Moments> = layers
+            .iter()
+            .map(|(w, _)| Moments::new(w.nrows()))
+            .collect();
         for batch in 0..nb {
             let f = self.inputs.activations(model, batch)?;
             for ((p, (w, b)), m) in producers.iter().zip(&layers).zip(moments.iter_mut()) {
@@ -262,10 +265,12 @@ fn rescale<M: Model>(
         });
     }
     let conv = |x: f64| <<M::Tensor as Tensor>::Elem as Scalar>::from_f64_lossy(x);
-    let w = model.get_mut(&p.weight).ok_or_else(|| Error::MissingParam {
-        name: p.weight.clone(),
-        context: "the merged model".into(),
-    })?;
+    let w = model
+        .get_mut(&p.weight)
+        .ok_or_else(|| Error::MissingParam {
+            name: p.weight.clone(),
+            context: "the merged model".into(),
+        })?;
     for (mut row, &s) in w.view_mut().outer_iter_mut().zip(scale) {
         row.mapv_inplace(|x| conv(x.to_f64_lossless() * s));
     }

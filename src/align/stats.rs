@@ -51,7 +51,9 @@ impl Moments {
         if m == 0 {
             return Ok(());
         }
-        let bmean = x.mean_axis(Axis(0)).unwrap_or_else(|| Array1::zeros(x.ncols()));
+        let bmean = x
+            .mean_axis(Axis(0))
+            .unwrap_or_else(|| Array1::zeros(x.ncols()));
         let centred = &x - &bmean;
         let bm2 = centred.mapv(|v| v * v).sum_axis(Axis(0));
         let (n1, n2) = (self.n as f64, m as f64);

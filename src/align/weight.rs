@@ -119,7 +119,10 @@ impl<M: Model> Aligner<M> for WeightMatching {
         let sizes = check_pair(reference, other, spec)?;
         let groups: Vec<String> = sizes.keys().cloned().collect();
         let mut perms: Vec<Permutation> = match &self.init {
-            None => groups.iter().map(|g| Permutation::identity(sizes[g])).collect(),
+            None => groups
+                .iter()
+                .map(|g| Permutation::identity(sizes[g]))
+                .collect(),
             Some(init) => groups
                 .iter()
                 .map(|g| {
@@ -319,10 +322,8 @@ impl<'a, E: Scalar> Problem<'a, E> {
         };
         match cache {
             None => {
-                let parts: Vec<Array2<E>> = terms
-                    .par_iter()
-                    .map(|t| self.full_term(t, perms))
-                    .collect();
+                let parts: Vec<Array2<E>> =
+                    terms.par_iter().map(|t| self.full_term(t, perms)).collect();
                 let mut cost = Array2::<f64>::zeros((n, n));
                 for p in parts {
                     add_into(&mut cost, &p);
@@ -367,7 +368,12 @@ impl<'a, E: Scalar> Problem<'a, E> {
     /// depends on moved. One other axis at a time: positions whose index changed
     /// contribute `A_J (B_new,J - B_old,J)^T`; the remaining axes use the permutations
     /// already accounted for (updated ones new, others old).
-    fn delta_term(&self, t: &Term, seen: &[Permutation], perms: &[Permutation]) -> Option<Array2<E>> {
+    fn delta_term(
+        &self,
+        t: &Term,
+        seen: &[Permutation],
+        perms: &[Permutation],
+    ) -> Option<Array2<E>> {
         let p = &self.params[t.param];
         let mut state: Vec<&Permutation> = seen.iter().collect();
         let mut total: Option<Array2<E>> = None;
