@@ -18,7 +18,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use modelfusion::align::{
-    ActivationMatching, Aligner, Correlation, Identity, Repair, WeightMatching,
+    ActivationMatching, Aligner, Correlation, Endpoints, Identity, Repair, WeightMatching,
 };
 use modelfusion::barrier::{BarrierConfig, loss_barrier};
 use modelfusion::nn::{
@@ -27,7 +27,7 @@ use modelfusion::nn::{
 };
 use modelfusion::path::Linear;
 use modelfusion::path::PathSampler;
-use modelfusion::perm::{PermutationSpec, specs};
+use modelfusion::perm::specs;
 use modelfusion::plot::{Series, plot_curves};
 use modelfusion::{Objective, Result, StateDictF32};
 
@@ -93,7 +93,7 @@ impl Objective<StateDictF32> for Recording<'_> {
 struct RepairedLine<'a> {
     line: Linear<StateDictF32>,
     repair: &'a Repair<modelfusion::nn::LayerInputs<'a, Mlp>>,
-    spec: &'a PermutationSpec,
+    ends: Endpoints,
 }
 
 impl PathSampler<StateDictF32> for RepairedLine<'_> {
@@ -104,12 +104,11 @@ impl PathSampler<StateDictF32> for RepairedLine<'_> {
         self.line.coefficients(t)
     }
     fn point(&self, t: f64) -> Result<StateDictF32> {
-        let c = self.controls();
         let mid = self.line.point(t)?;
         if t == 0.0 || t == 1.0 {
             return Ok(mid);
         }
-        Ok(self.repair.repair(&c[0], &c[1], &mid, t, self.spec)?.0)
+        Ok(self.repair.repair_with(&self.ends, &mid, t)?.0)
     }
 }
 
@@ -242,9 +241,9 @@ fn run() -> Result<()> {
     let repair = Repair::new(inputs);
     if args.repair {
         let line = RepairedLine {
+            ends: repair.endpoints(&a, &b_wm, &spec)?,
             line: Linear::new(a.clone(), b_wm)?,
             repair: &repair,
-            spec: &spec,
         };
         eval_path("weight matching + REPAIR", &line)?;
     }

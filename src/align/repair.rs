@@ -74,6 +74,22 @@ pub struct RepairReport {
     pub std_ratio_after: BTreeMap<String, f64>,
 }
 
+/// The endpoints' pre-activation statistics, measured once by [`Repair::endpoints`].
+///
+/// ```
+/// use modelfusion::align::Endpoints;
+/// fn takes(_: &Endpoints) {}
+/// ```
+#[derive(Clone, Debug)]
+pub struct Endpoints {
+    names: Vec<String>,
+    producers: Vec<Producer>,
+    skipped: Vec<String>,
+    stats_a: Vec<(Array1<f64>, Array1<f64>)>,
+    stats_b: Vec<(Array1<f64>, Array1<f64>)>,
+}
+
+#[derive(Clone, Debug)]
 struct Producer {
     group: String,
     weight: String,
@@ -90,6 +106,9 @@ impl<A> Repair<A> {
     /// Repairs `merged`, the point at `t` of the path from `a` to `b` (both already
     /// aligned to one basis). Errors on a `t` outside `[0, 1]`, models that do not fit
     /// `spec` or each other, a missing input key, or non-finite statistics.
+    ///
+    /// Equivalent to [`endpoints`](Self::endpoints) followed by
+    /// [`repair_with`](Self::repair_with); use those to repair many points of one path.
     pub fn repair<M: Model>(
         &self,
         a: &M,
@@ -101,23 +120,59 @@ impl<A> Repair<A> {
     where
         A: Activations<M>,
     {
-        if !(0.0..=1.0).contains(&t) {
-            return Err(Error::invalid("t", format!("must be in [0, 1], got {t}")));
-        }
+        let ends = self.endpoints(a, b, spec)?;
+        self.repair_with(&ends, merged, t)
+    }
+
+    /// Measures the endpoints' pre-activation statistics once (two passes over the data).
+    pub fn endpoints<M: Model>(&self, a: &M, b: &M, spec: &PermutationSpec) -> Result<Endpoints>
+    where
+        A: Activations<M>,
+    {
         super::check_pair(a, b, spec)?;
-        a.check_compatible(merged)?;
-        merged.check_finite("the merged model")?;
         let (producers, skipped) = producers(a, spec);
         let stats_a = self.stats(a, &producers)?;
         let stats_b = self.stats(b, &producers)?;
-        let targets: Vec<(Array1<f64>, Array1<f64>)> = stats_a
+        Ok(Endpoints {
+            names: a.names().map(str::to_string).collect(),
+            producers,
+            skipped,
+            stats_a,
+            stats_b,
+        })
+    }
+
+    /// Repairs `merged`, the point at `t` of the path between the endpoints measured by
+    /// [`endpoints`](Self::endpoints): one pass over the data per repaired group, and
+    /// one more for the report.
+    pub fn repair_with<M: Model>(
+        &self,
+        ends: &Endpoints,
+        merged: &M,
+        t: f64,
+    ) -> Result<(M, RepairReport)>
+    where
+        A: Activations<M>,
+    {
+        if !(0.0..=1.0).contains(&t) {
+            return Err(Error::invalid("t", format!("must be in [0, 1], got {t}")));
+        }
+        if !merged.names().eq(ends.names.iter().map(String::as_str)) {
+            return Err(Error::NameMismatch {
+                detail: "the merged model's parameters differ from the endpoints'".into(),
+            });
+        }
+        merged.check_finite("the merged model")?;
+        let producers = &ends.producers;
+        let targets: Vec<(Array1<f64>, Array1<f64>)> = ends
+            .stats_a
             .iter()
-            .zip(&stats_b)
+            .zip(&ends.stats_b)
             .map(|((ma, sa), (mb, sb))| (ma * (1.0 - t) + mb * t, sa * (1.0 - t) + sb * t))
             .collect();
         let mut model = merged.clone();
         let mut report = RepairReport {
-            skipped,
+            skipped: ends.skipped.clone(),
             ..RepairReport::default()
         };
         for (k, p) in producers.iter().enumerate() {
@@ -130,7 +185,7 @@ impl<A> Repair<A> {
             rescale(&mut model, p, &scale, &mean, tm)?;
             report.repaired.push(p.group.clone());
         }
-        let after = self.stats(&model, &producers)?;
+        let after = self.stats(&model, producers)?;
         for (p, ((_, std), (_, ts))) in producers.iter().zip(after.iter().zip(&targets)) {
             report
                 .std_ratio_after
