@@ -29,10 +29,7 @@ fn read_npy(path: &str) -> Npy {
         )
     };
     let header = std::str::from_utf8(&bytes[start..start + hlen]).expect("ascii header");
-    assert!(
-        header.contains("'fortran_order': False"),
-        "{path}: need C order"
-    );
+    assert!(header.contains("'fortran_order': False"), "{path}: need C order");
     let shape_txt = header
         .split("'shape': (")
         .nth(1)

@@ -4,9 +4,7 @@
 mod nn_common;
 
 use modelfusion::nn::{Classification, Mlp, Mode, Network, ResMlp};
-use modelfusion::{
-    Activations, Error, Gradient, Model, Objective, StateDict, StateDictF32, StateDictF64,
-};
+use modelfusion::{Activations, Error, Gradient, Model, Objective, StateDict, StateDictF32, StateDictF64};
 use ndarray::{Array2, ArrayD};
 use nn_common::*;
 use proptest::prelude::*;
@@ -80,11 +78,7 @@ fn dataset_gradient_matches_finite_differences() {
     randomise_running_stats(&res, &mut rp, 4);
     let task_m = Classification::new(&mlp, &data, 4).unwrap();
     let task_r = Classification::new(&res, &data, 4).unwrap();
-    fn check<O: Gradient<StateDictF64>>(
-        task: &O,
-        params: &StateDictF64,
-        skip: &dyn Fn(&str) -> bool,
-    ) {
+    fn check<O: Gradient<StateDictF64>>(task: &O, params: &StateDictF64, skip: &dyn Fn(&str) -> bool) {
         let (loss, grad) = task.loss_and_gradient(params).unwrap();
         assert!((loss - task.loss(params).unwrap()).abs() < 1e-12);
         let h = 1e-6;
@@ -108,9 +102,7 @@ fn dataset_gradient_matches_finite_differences() {
     }
     check(&task_m, &mlp.init(0), &|_| false);
     check(&task_r, &rp, &|n| res.is_buffer(n));
-    check(&task_r.clone().with_mode(Mode::Train), &rp, &|n| {
-        res.is_buffer(n)
-    });
+    check(&task_r.clone().with_mode(Mode::Train), &rp, &|n| res.is_buffer(n));
 }
 
 #[test]
@@ -128,23 +120,11 @@ fn init_is_seeded_and_pytorch_like() {
     assert!(a.cast::<ArrayD<f64>>().max_abs_diff(&b).unwrap() < 1e-7);
     let res = ResMlp::new(4, 3, 5, 1, 2).unwrap();
     let r: StateDictF32 = res.init(0);
-    assert_eq!(
-        r.get("blocks.0.norm.running_var")
-            .unwrap()
-            .iter()
-            .sum::<f32>(),
-        3.0
-    );
-    assert_eq!(
-        r.get("blocks.0.norm.weight").unwrap().iter().sum::<f32>(),
-        3.0
-    );
+    assert_eq!(r.get("blocks.0.norm.running_var").unwrap().iter().sum::<f32>(), 3.0);
+    assert_eq!(r.get("blocks.0.norm.weight").unwrap().iter().sum::<f32>(), 3.0);
     assert_eq!(
         r.names().collect::<Vec<_>>(),
-        res.param_shapes()
-            .iter()
-            .map(|(n, _)| n.as_str())
-            .collect::<Vec<_>>()
+        res.param_shapes().iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>()
     );
 }
 
@@ -223,10 +203,7 @@ fn group_features_and_layer_inputs_have_documented_keys_and_shapes() {
     assert_eq!(fr["blocks.0.hidden"].dim(), (4, 8));
     // Layer inputs: one per weight, the input of that layer.
     let li = tm.layer_inputs().activations(&pm, 0).unwrap();
-    assert_eq!(
-        li.keys().cloned().collect::<Vec<_>>(),
-        vec!["layers.0.weight", "layers.1.weight", "layers.2.weight"]
-    );
+    assert_eq!(li.keys().cloned().collect::<Vec<_>>(), vec!["layers.0.weight", "layers.1.weight", "layers.2.weight"]);
     let (x, _) = data.batch(0, 4).unwrap();
     assert_eq!(li["layers.0.weight"], x.to_owned());
     assert_eq!(li["layers.1.weight"], f_of(&tm, &pm, 0, "hidden.0"));
@@ -241,12 +218,7 @@ fn group_features_and_layer_inputs_have_documented_keys_and_shapes() {
     sorted.sort();
     assert_eq!(lr.keys().cloned().collect::<Vec<_>>(), sorted);
     for (name, feats) in &lr {
-        let in_dim = res
-            .param_shapes()
-            .into_iter()
-            .find(|(n, _)| n == name)
-            .unwrap()
-            .1[1];
+        let in_dim = res.param_shapes().into_iter().find(|(n, _)| n == name).unwrap().1[1];
         assert_eq!(feats.dim(), (4, in_dim), "{name}");
     }
 }
@@ -291,10 +263,7 @@ fn bad_inputs_are_clear_errors() {
     let x = Array2::<f32>::zeros((4, 6));
     let e = mlp.forward(&p, x.view(), Mode::Eval).unwrap_err();
     assert!(matches!(e, Error::ShapeMismatch { .. }));
-    assert!(
-        e.to_string().contains("[4, 5]") && e.to_string().contains("[4, 6]"),
-        "{e}"
-    );
+    assert!(e.to_string().contains("[4, 5]") && e.to_string().contains("[4, 6]"), "{e}");
     // Empty batch.
     assert!(matches!(
         mlp.forward(&p, Array2::<f32>::zeros((0, 5)).view(), Mode::Eval),
@@ -307,40 +276,19 @@ fn bad_inputs_are_clear_errors() {
         .unwrap_err();
     assert!(e.to_string().contains("label 3"), "{e}");
     // Wrong number of labels.
-    assert!(
-        mlp.batch_loss_and_gradient(&p, x.view(), &[0], Mode::Eval)
-            .is_err()
-    );
+    assert!(mlp.batch_loss_and_gradient(&p, x.view(), &[0], Mode::Eval).is_err());
     // Missing parameter.
-    let missing: StateDictF32 = StateDict::from_pairs(
-        p.iter()
-            .filter(|(n, _)| *n != "layers.1.bias")
-            .map(|(n, t)| (n, t.clone())),
-    )
-    .unwrap();
+    let missing: StateDictF32 = StateDict::from_pairs(p.iter().filter(|(n, _)| *n != "layers.1.bias").map(|(n, t)| (n, t.clone()))).unwrap();
     let e = mlp.forward(&missing, x.view(), Mode::Eval).unwrap_err();
-    assert!(
-        matches!(e, Error::MissingParam { ref name, .. } if name == "layers.1.bias"),
-        "{e}"
-    );
+    assert!(matches!(e, Error::MissingParam { ref name, .. } if name == "layers.1.bias"), "{e}");
     // Wrong shape.
     let mut wrong = p.clone();
-    wrong
-        .replace("layers.2.weight", ArrayD::zeros(vec![3, 7]))
-        .unwrap();
-    let e = mlp
-        .forward(&wrong, x.view(), Mode::Eval)
-        .unwrap_err()
-        .to_string();
-    assert!(
-        e.contains("layers.2.weight") && e.contains("[3, 6]") && e.contains("[3, 7]"),
-        "{e}"
-    );
+    wrong.replace("layers.2.weight", ArrayD::zeros(vec![3, 7])).unwrap();
+    let e = mlp.forward(&wrong, x.view(), Mode::Eval).unwrap_err().to_string();
+    assert!(e.contains("layers.2.weight") && e.contains("[3, 6]") && e.contains("[3, 7]"), "{e}");
     // Extra parameter.
     let mut extra = p.clone();
-    extra
-        .insert("layers.9.weight", ArrayD::zeros(vec![1]))
-        .unwrap();
+    extra.insert("layers.9.weight", ArrayD::zeros(vec![1])).unwrap();
     let e = mlp.check_params(&extra).unwrap_err().to_string();
     assert!(e.contains("layers.9.weight"), "{e}");
     // A ResMlp's params do not fit the MLP.

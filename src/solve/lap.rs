@@ -419,13 +419,9 @@ impl<W: Scalar> Workspace<W> {
         let (d0, d1) = self.d.split_at_mut(1);
         let (p0, p1) = self.pred.split_at_mut(1);
         let m = if self.cur == 0 {
-            relax(
-                row, v, &self.pen, &d0[0], &p0[0], &mut d1[0], &mut p1[0], base, i,
-            )
+            relax(row, v, &self.pen, &d0[0], &p0[0], &mut d1[0], &mut p1[0], base, i)
         } else {
-            relax(
-                row, v, &self.pen, &d1[0], &p1[0], &mut d0[0], &mut p0[0], base, i,
-            )
+            relax(row, v, &self.pen, &d1[0], &p1[0], &mut d0[0], &mut p0[0], base, i)
         };
         self.cur ^= 1;
         m
@@ -798,15 +794,7 @@ mod tests {
     /// vector loops and their tails.
     #[test]
     fn isa_paths_agree() {
-        for &(n, m) in &[
-            (1, 1),
-            (5, 5),
-            (17, 17),
-            (33, 40),
-            (64, 64),
-            (70, 31),
-            (129, 129),
-        ] {
+        for &(n, m) in &[(1, 1), (5, 5), (17, 17), (33, 40), (64, 64), (70, 31), (129, 129)] {
             for int in [false, true] {
                 let c = random(n, m, (n * 1000 + m) as u64, int);
                 let mut totals = Vec::new();
@@ -815,10 +803,7 @@ mod tests {
                     let c32 = c.mapv(|x| x as f32);
                     lsa_with(c32.view(), true, isa).unwrap();
                 }
-                assert!(
-                    totals.windows(2).all(|w| (w[0] - w[1]).abs() < 1e-9),
-                    "{totals:?}"
-                );
+                assert!(totals.windows(2).all(|w| (w[0] - w[1]).abs() < 1e-9), "{totals:?}");
             }
         }
     }

@@ -377,11 +377,8 @@ impl Sinkhorn {
             simd::best(),
         );
         Ok(TransportPlan {
-            plan: Array2::from_shape_vec(
-                (n, m),
-                out.plan.into_iter().map(F::from_f64_lossy).collect(),
-            )
-            .expect("n x m entries"),
+            plan: Array2::from_shape_vec((n, m), out.plan.into_iter().map(F::from_f64_lossy).collect())
+                .expect("n x m entries"),
             f: out.f.into_iter().map(F::from_f64_lossy).collect(),
             g: out.g.into_iter().map(F::from_f64_lossy).collect(),
             cost: out.cost,
@@ -729,11 +726,7 @@ fn fused_block(
             u_new[i] = 0.0;
             continue;
         }
-        let ui = if phi == 1.0 {
-            ai / s
-        } else {
-            (ai / s).powf(phi)
-        };
+        let ui = if phi == 1.0 { ai / s } else { (ai / s).powf(phi) };
         if !(ui.is_finite() && ui > 0.0) {
             out.bad = true;
             u_new[i] = ui;
@@ -996,11 +989,7 @@ impl Stage<'_, '_> {
         let mut bad = false;
         for o in &outs {
             bad |= o.bad;
-            err = if balanced {
-                err + o.err
-            } else {
-                err.max(o.err)
-            };
+            err = if balanced { err + o.err } else { err.max(o.err) };
             spread = spread.max(o.spread);
         }
         if balanced && err <= tol {
@@ -1023,11 +1012,7 @@ impl Stage<'_, '_> {
                 self.v_next[j] = 0.0;
                 continue;
             }
-            let vj = if phi == 1.0 {
-                bj / t
-            } else {
-                (bj / t).powf(phi)
-            };
+            let vj = if phi == 1.0 { bj / t } else { (bj / t).powf(phi) };
             if !(vj.is_finite() && vj > 0.0) {
                 self.absorb();
                 self.log_step();
@@ -1086,9 +1071,7 @@ fn solve_f64(
         let (lo, hi) = pr
             .cost
             .iter()
-            .fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), &c| {
-                (l.min(c), h.max(c))
-            });
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), &c| (l.min(c), h.max(c)));
         let mut r = hi - lo;
         while r > p.reg {
             regs.push(r);
@@ -1125,11 +1108,7 @@ fn solve_f64(
             st.reg = reg;
             st.reset_kernel();
         }
-        let tol = if last {
-            p.tol
-        } else {
-            p.tol.max(STAGE_TOL * mass)
-        };
+        let tol = if last { p.tol } else { p.tol.max(STAGE_TOL * mass) };
         while iterations < p.max_iter {
             match st.iterate(tol) {
                 Step::Done(e) => {
@@ -1176,9 +1155,5 @@ fn marginal_error(plan: &[f64], pr: &Problem) -> f64 {
         }
         e += (s - ai).abs();
     }
-    e + cols
-        .iter()
-        .zip(pr.b)
-        .map(|(c, b)| (c - b).abs())
-        .sum::<f64>()
+    e + cols.iter().zip(pr.b).map(|(c, b)| (c - b).abs()).sum::<f64>()
 }
