@@ -442,7 +442,14 @@ impl<M: Model> Aligner<M> for Identity {
 /// Solves a maximising assignment on a square score matrix; returns the permutation
 /// (`perm[i]` is the column of row `i`).
 pub(crate) fn max_assignment(score: &Array2<f64>) -> Result<Permutation> {
-    let a = crate::solve::linear_sum_assignment(score.view(), true)?;
+    max_assignment_as::<f64>(score)
+}
+
+/// [`max_assignment`] solved in precision `E` (the models' own: `f32` assignments are
+/// faster, and as exact as the `f32` weights the scores come from).
+pub(crate) fn max_assignment_as<E: Scalar>(score: &Array2<f64>) -> Result<Permutation> {
+    let s = score.mapv(E::from_f64_lossy);
+    let a = crate::solve::linear_sum_assignment(s.view(), true)?;
     Permutation::new(a.permutation()?)
 }
 

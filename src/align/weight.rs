@@ -9,7 +9,8 @@ use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
-use super::{AlignStats, Aligner, Alignment, assignment_score, check_pair, max_assignment};
+use super::{AlignStats, Aligner, Alignment, assignment_score, check_pair, max_assignment_as};
+use crate::objective::Elem;
 use crate::error::{Error, Result};
 use crate::model::Model;
 use crate::perm::{Permutation, PermutationSet, PermutationSpec};
@@ -25,7 +26,8 @@ use crate::tensor::{Scalar, Tensor};
 /// permuted axis reordered by its current permutation)_(axis)^T`
 ///
 /// (`X_(axis)`: the tensor unfolded along `axis` into a `(units, rest)` matrix), solves
-/// the assignment maximising `sum_i C_p[i, perm[i]]`, and takes it. It stops after a
+/// the assignment maximising `sum_i C_p[i, perm[i]]` (in the models' precision), and
+/// takes it unless it scores below the current permutation. It stops after a
 /// sweep in which no group gained more than `1e-12`, or after
 /// [`max_iter`](Self::with_max_iter) sweeps.
 ///
@@ -158,13 +160,17 @@ impl<M: Model> Aligner<M> for WeightMatching {
             let mut progress = false;
             for &g in &order {
                 let c = problem.update_cost(g, &perms, &mut cache[g])?;
-                let new = max_assignment(c)?;
+                let new = max_assignment_as::<Elem<M>>(c)?;
                 let old_score = assignment_score(c, &perms[g]);
                 let new_score = assignment_score(c, &new);
                 if new_score > old_score + 1e-12 {
                     progress = true;
                 }
-                perms[g] = new;
+                // An assignment solved in f32 may lose to the current one by rounding:
+                // keep the better of the two, so the objective never decreases.
+                if new_score >= old_score {
+                    perms[g] = new;
+                }
             }
             objective.push(problem.objective(&perms)?);
             if !progress {
