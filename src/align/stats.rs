@@ -93,7 +93,7 @@ impl Moments {
 /// let mut c = CrossMoments::new(1, 1);
 /// c.update(array![[1.0f64], [2.0]].view(), array![[2.0f64], [4.0]].view())?;
 /// c.update(array![[3.0f64]].view(), array![[6.0f64]].view())?;
-/// assert!((c.correlation(1e-12)[[0, 0]] - 1.0).abs() < 1e-12);
+/// assert!((c.correlation(0.0)[[0, 0]] - 1.0).abs() < 1e-12);
 /// assert!((c.cross_correlation()[[0, 0]] - 28.0 / 3.0).abs() < 1e-12); // E[x y]
 /// // mismatched sample counts
 /// assert!(c.update(array![[1.0f64]].view(), array![[1.0f64], [2.0]].view()).is_err());

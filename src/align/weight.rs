@@ -10,9 +10,9 @@ use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
 use super::{AlignStats, Aligner, Alignment, assignment_score, check_pair, max_assignment_as};
-use crate::objective::Elem;
 use crate::error::{Error, Result};
 use crate::model::Model;
+use crate::objective::Elem;
 use crate::perm::{Permutation, PermutationSet, PermutationSpec};
 use crate::tensor::{Scalar, Tensor};
 
