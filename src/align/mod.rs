@@ -49,7 +49,7 @@ mod weight;
 
 use std::collections::BTreeMap;
 
-use ndarray::{Array2, ArrayD, IxDyn};
+use ndarray::{Array2, ArrayD, Axis, IxDyn};
 
 use crate::error::{Error, Result};
 use crate::model::Model;
@@ -116,16 +116,7 @@ impl GroupMap {
     pub fn output_map(&self) -> Array2<f64> {
         match self {
             GroupMap::Permutation(p) => permutation_matrix(p),
-            GroupMap::Transport(t) => {
-                let mut m = t.clone();
-                for mut row in m.rows_mut() {
-                    let s: f64 = row.sum();
-                    if s > 0.0 {
-                        row.mapv_inplace(|v| v / s);
-                    }
-                }
-                m
-            }
+            GroupMap::Transport(t) => normalised(t, Axis(1)),
         }
     }
 
@@ -134,16 +125,7 @@ impl GroupMap {
     pub fn input_map(&self) -> Array2<f64> {
         match self {
             GroupMap::Permutation(p) => permutation_matrix(p),
-            GroupMap::Transport(t) => {
-                let mut m = t.clone();
-                for mut col in m.columns_mut() {
-                    let s: f64 = col.sum();
-                    if s > 0.0 {
-                        col.mapv_inplace(|v| v / s);
-                    }
-                }
-                m
-            }
+            GroupMap::Transport(t) => normalised(t, Axis(0)),
         }
     }
 
@@ -162,6 +144,19 @@ impl GroupMap {
             GroupMap::Transport(_) => None,
         }
     }
+}
+
+/// `t` with every lane along `axis` scaled to sum 1 (`Axis(1)`: rows, `Axis(0)`:
+/// columns); all-zero lanes stay zero.
+fn normalised(t: &Array2<f64>, axis: Axis) -> Array2<f64> {
+    let mut m = t.clone();
+    for mut lane in m.lanes_mut(axis) {
+        let s: f64 = lane.sum();
+        if s > 0.0 {
+            lane.mapv_inplace(|v| v / s);
+        }
+    }
+    m
 }
 
 fn permutation_matrix(p: &Permutation) -> Array2<f64> {
@@ -395,17 +390,27 @@ pub(crate) fn check_pair<M: Model>(
     other: &M,
     spec: &PermutationSpec,
 ) -> Result<BTreeMap<String, usize>> {
+    let (sa, sb) = validate_both(reference, other, spec)?;
+    reference.check_compatible(other)?;
+    reference.check_finite("the reference model")?;
+    other.check_finite("the other model")?;
+    debug_assert_eq!(sa, sb);
+    Ok(sa)
+}
+
+/// Validates `spec` against both models (errors say which); returns both size maps.
+pub(crate) fn validate_both<M: Model>(
+    reference: &M,
+    other: &M,
+    spec: &PermutationSpec,
+) -> Result<(BTreeMap<String, usize>, BTreeMap<String, usize>)> {
     let sa = spec
         .validate(reference)
         .map_err(|e| context(e, "the reference model"))?;
     let sb = spec
         .validate(other)
         .map_err(|e| context(e, "the other model"))?;
-    reference.check_compatible(other)?;
-    reference.check_finite("the reference model")?;
-    other.check_finite("the other model")?;
-    debug_assert_eq!(sa, sb);
-    Ok(sa)
+    Ok((sa, sb))
 }
 
 /// Adds which model a spec error is about.

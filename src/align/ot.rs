@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use ndarray::{Array1, Array2, Axis, concatenate};
 
-use super::{AlignStats, Aligner, Alignment, GroupMap, context, map_axis};
+use super::{AlignStats, Aligner, Alignment, GroupMap, map_axis, validate_both};
 use crate::error::{Error, Result};
 use crate::model::Model;
 use crate::perm::{Permutation, PermutationSpec};
@@ -245,12 +245,7 @@ fn check_shapes<M: Model>(
     other: &M,
     spec: &PermutationSpec,
 ) -> Result<(BTreeMap<String, usize>, BTreeMap<String, usize>)> {
-    let sa = spec
-        .validate(reference)
-        .map_err(|e| context(e, "the reference model"))?;
-    let sb = spec
-        .validate(other)
-        .map_err(|e| context(e, "the other model"))?;
+    let (sa, sb) = validate_both(reference, other, spec)?;
     for name in reference.names() {
         let a = reference.require(name, "the reference model")?;
         let b = other.get(name).ok_or_else(|| Error::NameMismatch {
