@@ -70,6 +70,12 @@ pub struct ActivationMatching<A> {
 
 impl<A> ActivationMatching<A> {
     /// Matching on the [`Correlation::Cross`] of the features `activations` gives.
+    ///
+    /// ```
+    /// use modelfusion::align::{ActivationMatching, Correlation};
+    /// let am = ActivationMatching::new(()); // any value; it must implement Activations to align
+    /// assert_eq!(am.activations(), &());
+    /// ```
     pub fn new(activations: A) -> Self {
         ActivationMatching {
             activations,
@@ -79,12 +85,23 @@ impl<A> ActivationMatching<A> {
     }
 
     /// Chooses the similarity.
+    ///
+    /// ```
+    /// use modelfusion::align::{ActivationMatching, Correlation};
+    /// let am = ActivationMatching::new(()).with_correlation(Correlation::Pearson);
+    /// # let _ = am;
+    /// ```
     pub fn with_correlation(mut self, correlation: Correlation) -> Self {
         self.correlation = correlation;
         self
     }
 
     /// The activation source.
+    ///
+    /// ```
+    /// let am = modelfusion::align::ActivationMatching::new(5u8);
+    /// assert_eq!(*am.activations(), 5);
+    /// ```
     pub fn activations(&self) -> &A {
         &self.activations
     }

@@ -113,6 +113,12 @@ pub enum GroupMap {
 impl GroupMap {
     /// The map applied along output axes (axis 0), `(reference units, other units)`: a
     /// permutation matrix, or the plan with rows normalised to sum 1.
+    ///
+    /// ```
+    /// use modelfusion::align::GroupMap;
+    /// let t = GroupMap::Transport(ndarray::array![[0.3, 0.1], [0.0, 0.6]]);
+    /// assert!((t.output_map()[[0, 0]] - 0.75).abs() < 1e-12);
+    /// ```
     pub fn output_map(&self) -> Array2<f64> {
         match self {
             GroupMap::Permutation(p) => permutation_matrix(p),
@@ -122,6 +128,12 @@ impl GroupMap {
 
     /// The map applied along input axes (axes >= 1), `(reference units, other units)`:
     /// a permutation matrix, or the plan with columns normalised to sum 1.
+    ///
+    /// ```
+    /// use modelfusion::align::GroupMap;
+    /// let t = GroupMap::Transport(ndarray::array![[0.3, 0.1], [0.0, 0.6]]);
+    /// assert!((t.input_map()[[0, 1]] - 1.0 / 7.0).abs() < 1e-12);
+    /// ```
     pub fn input_map(&self) -> Array2<f64> {
         match self {
             GroupMap::Permutation(p) => permutation_matrix(p),
@@ -130,6 +142,11 @@ impl GroupMap {
     }
 
     /// `(reference units, other units)`.
+    ///
+    /// ```
+    /// use modelfusion::align::GroupMap;
+    /// assert_eq!(GroupMap::Transport(ndarray::Array2::zeros((2, 5))).sizes(), (2, 5));
+    /// ```
     pub fn sizes(&self) -> (usize, usize) {
         match self {
             GroupMap::Permutation(p) => (p.len(), p.len()),
@@ -138,6 +155,13 @@ impl GroupMap {
     }
 
     /// The permutation, for a hard map.
+    ///
+    /// ```
+    /// use modelfusion::align::GroupMap;
+    /// use modelfusion::perm::Permutation;
+    /// assert!(GroupMap::Permutation(Permutation::identity(3)).permutation().is_some());
+    /// assert!(GroupMap::Transport(ndarray::Array2::eye(3)).permutation().is_none());
+    /// ```
     pub fn permutation(&self) -> Option<&Permutation> {
         match self {
             GroupMap::Permutation(p) => Some(p),
@@ -278,26 +302,77 @@ impl Alignment {
     }
 
     /// The map of `group`.
+    ///
+    /// ```
+    /// use modelfusion::align::{Aligner, WeightMatching};
+    /// use modelfusion::perm::specs::{Architecture, MlpShapes};
+    /// let arch = MlpShapes::new(&[3, 6, 2])?;
+    /// let (a, b) = (arch.random_model(0), arch.random_model(1));
+    /// let al = WeightMatching::new(0).align(&a, &b, &arch.spec())?;
+    /// assert_eq!(al.get("hidden.0").unwrap().sizes(), (6, 6));
+    /// assert!(al.get("nope").is_none());
+    /// # Ok::<(), modelfusion::Error>(())
+    /// ```
     pub fn get(&self, group: &str) -> Option<&GroupMap> {
         self.maps.get(group)
     }
 
     /// `(group, map)` pairs, sorted by group.
+    ///
+    /// ```
+    /// use modelfusion::align::{Aligner, WeightMatching};
+    /// use modelfusion::perm::specs::{Architecture, MlpShapes};
+    /// let arch = MlpShapes::new(&[3, 6, 2])?;
+    /// let (a, b) = (arch.random_model(0), arch.random_model(1));
+    /// let al = WeightMatching::new(0).align(&a, &b, &arch.spec())?;
+    /// assert_eq!(al.iter().map(|(g, _)| g).collect::<Vec<_>>(), vec!["hidden.0"]);
+    /// # Ok::<(), modelfusion::Error>(())
+    /// ```
     pub fn iter(&self) -> impl Iterator<Item = (&str, &GroupMap)> {
         self.maps.iter().map(|(g, m)| (g.as_str(), m))
     }
 
     /// Statistics of the run that produced the alignment.
+    ///
+    /// ```
+    /// use modelfusion::align::{Aligner, WeightMatching};
+    /// use modelfusion::perm::specs::{Architecture, MlpShapes};
+    /// let arch = MlpShapes::new(&[3, 6, 2])?;
+    /// let (a, b) = (arch.random_model(0), arch.random_model(1));
+    /// let al = WeightMatching::new(0).align(&a, &b, &arch.spec())?;
+    /// assert!(al.stats().converged && al.stats().sweeps >= 1);
+    /// # Ok::<(), modelfusion::Error>(())
+    /// ```
     pub fn stats(&self) -> &AlignStats {
         &self.stats
     }
 
     /// True when every group's map is a permutation.
+    ///
+    /// ```
+    /// use modelfusion::align::{Aligner, WeightMatching};
+    /// use modelfusion::perm::specs::{Architecture, MlpShapes};
+    /// let arch = MlpShapes::new(&[3, 6, 2])?;
+    /// let (a, b) = (arch.random_model(0), arch.random_model(1));
+    /// let al = WeightMatching::new(0).align(&a, &b, &arch.spec())?;
+    /// assert!(al.is_hard());
+    /// # Ok::<(), modelfusion::Error>(())
+    /// ```
     pub fn is_hard(&self) -> bool {
         self.maps.values().all(|m| m.permutation().is_some())
     }
 
     /// The permutations, when the alignment is hard.
+    ///
+    /// ```
+    /// use modelfusion::align::{Aligner, WeightMatching};
+    /// use modelfusion::perm::specs::{Architecture, MlpShapes};
+    /// let arch = MlpShapes::new(&[3, 6, 2])?;
+    /// let (a, b) = (arch.random_model(0), arch.random_model(1));
+    /// let al = WeightMatching::new(0).align(&a, &b, &arch.spec())?;
+    /// assert_eq!(al.permutations().unwrap().len(), 1);
+    /// # Ok::<(), modelfusion::Error>(())
+    /// ```
     pub fn permutations(&self) -> Option<PermutationSet> {
         self.maps
             .iter()
@@ -313,6 +388,18 @@ impl Alignment {
     ///
     /// Errors when the spec does not fit the model, a group has no map, or a map's size
     /// does not match its group in `model`.
+    ///
+    /// ```
+    /// use modelfusion::align::{Aligner, WeightMatching};
+    /// use modelfusion::perm::specs::{Architecture, MlpShapes};
+    /// let arch = MlpShapes::new(&[3, 6, 2])?;
+    /// let (a, b) = (arch.random_model(0), arch.random_model(1));
+    /// let al = WeightMatching::new(0).align(&a, &b, &arch.spec())?;
+    /// let aligned = al.apply(&arch.spec(), &b)?; // same function as b, in a's basis
+    /// assert_eq!(aligned.get("layers.1.bias"), b.get("layers.1.bias"));
+    /// # use modelfusion::Model;
+    /// # Ok::<(), modelfusion::Error>(())
+    /// ```
     pub fn apply<M: Model>(&self, spec: &PermutationSpec, model: &M) -> Result<M> {
         let sizes = spec.validate(model)?;
         for (g, &size) in &sizes {

@@ -32,6 +32,16 @@ pub struct MultiAlignment<M> {
 
 /// Aligns every model of `others` to `reference`. The result lists the reference first,
 /// then the aligned others.
+///
+/// ```
+/// use modelfusion::align::{align_to_reference, WeightMatching};
+/// use modelfusion::perm::specs::{Architecture, MlpShapes};
+/// let arch = MlpShapes::new(&[3, 6, 2])?;
+/// let ms: Vec<_> = (0..3).map(|s| arch.random_model(s)).collect();
+/// let r = align_to_reference(&WeightMatching::new(0), &ms[0], &[&ms[1], &ms[2]], &arch.spec())?;
+/// assert_eq!(r.alignments.len(), 3);
+/// # Ok::<(), modelfusion::Error>(())
+/// ```
 pub fn align_to_reference<M: Model, A: Aligner<M> + ?Sized>(
     aligner: &A,
     reference: &M,

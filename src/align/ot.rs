@@ -131,12 +131,26 @@ impl OtFusion {
     }
 
     /// Chooses the marginals.
+    ///
+    /// ```
+    /// use modelfusion::align::{Marginals, OtFusion, Transport};
+    /// let ot = OtFusion::new(Transport::Sinkhorn { reg: 0.05 })?.with_marginals(Marginals::Importance);
+    /// # let _ = ot;
+    /// # Ok::<(), modelfusion::Error>(())
+    /// ```
     pub fn with_marginals(mut self, marginals: Marginals) -> Self {
         self.marginals = marginals;
         self
     }
 
     /// Chooses the ground cost.
+    ///
+    /// ```
+    /// use modelfusion::align::{GroundCost, OtFusion, Transport};
+    /// let ot = OtFusion::new(Transport::Exact)?.with_ground_cost(GroundCost::SquaredEuclidean);
+    /// # let _ = ot;
+    /// # Ok::<(), modelfusion::Error>(())
+    /// ```
     pub fn with_ground_cost(mut self, ground: GroundCost) -> Self {
         self.ground = ground;
         self

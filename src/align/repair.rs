@@ -60,6 +60,11 @@ pub struct Repair<A> {
 }
 
 /// What [`Repair::repair`] did.
+///
+/// ```
+/// let r = modelfusion::align::RepairReport::default();
+/// assert!(r.repaired.is_empty() && r.skipped.is_empty());
+/// ```
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct RepairReport {
     /// Groups whose producing layer was rescaled, in correction order.
@@ -99,6 +104,11 @@ struct Producer {
 
 impl<A> Repair<A> {
     /// REPAIR with layer inputs from `inputs` (keyed by weight name).
+    ///
+    /// ```
+    /// let r = modelfusion::align::Repair::new(()); // `()` stands for an Activations source
+    /// # let _ = r;
+    /// ```
     pub fn new(inputs: A) -> Self {
         Repair { inputs, eps: 1e-5 }
     }
@@ -109,6 +119,12 @@ impl<A> Repair<A> {
     ///
     /// Equivalent to [`endpoints`](Self::endpoints) followed by
     /// [`repair_with`](Self::repair_with); use those to repair many points of one path.
+    ///
+    /// ```
+    /// // see the type-level example of `Repair`
+    /// use modelfusion::align::Repair;
+    /// # let _ = Repair::new(());
+    /// ```
     pub fn repair<M: Model>(
         &self,
         a: &M,
@@ -125,6 +141,14 @@ impl<A> Repair<A> {
     }
 
     /// Measures the endpoints' pre-activation statistics once (two passes over the data).
+    ///
+    /// ```
+    /// # use modelfusion::align::Repair;
+    /// // repair many points of one path: measure the endpoints once
+    /// // let ends = repair.endpoints(&a, &b, &spec)?;
+    /// // for t in ts { let (m, _) = repair.repair_with(&ends, &a.lerp(&b, t)?, t)?; }
+    /// # let _ = Repair::new(());
+    /// ```
     pub fn endpoints<M: Model>(&self, a: &M, b: &M, spec: &PermutationSpec) -> Result<Endpoints>
     where
         A: Activations<M>,
@@ -145,6 +169,12 @@ impl<A> Repair<A> {
     /// Repairs `merged`, the point at `t` of the path between the endpoints measured by
     /// [`endpoints`](Self::endpoints): one pass over the data per repaired group, and
     /// one more for the report.
+    ///
+    /// ```
+    /// # use modelfusion::align::Repair;
+    /// // see `endpoints` and the type-level example
+    /// # let _ = Repair::new(());
+    /// ```
     pub fn repair_with<M: Model>(
         &self,
         ends: &Endpoints,

@@ -29,6 +29,10 @@ pub struct Moments {
 
 impl Moments {
     /// Empty moments over `features` columns.
+    ///
+    /// ```
+    /// assert_eq!(modelfusion::align::Moments::new(3).count(), 0);
+    /// ```
     pub fn new(features: usize) -> Self {
         Moments {
             n: 0,
@@ -38,6 +42,13 @@ impl Moments {
     }
 
     /// Adds a batch; errors when its column count differs or it holds a non-finite value.
+    ///
+    /// ```
+    /// let mut m = modelfusion::align::Moments::new(1);
+    /// m.update(ndarray::array![[2.0f64], [4.0]].view())?;
+    /// assert_eq!(m.mean()[0], 3.0);
+    /// # Ok::<(), modelfusion::Error>(())
+    /// ```
     pub fn update<E: Scalar>(&mut self, batch: ArrayView2<E>) -> Result<()> {
         if batch.ncols() != self.mean.len() {
             return Err(Error::shape(
@@ -66,16 +77,34 @@ impl Moments {
     }
 
     /// Samples seen.
+    ///
+    /// ```
+    /// let mut m = modelfusion::align::Moments::new(1);
+    /// m.update(ndarray::array![[1.0f32], [1.0]].view())?;
+    /// assert_eq!(m.count(), 2);
+    /// # Ok::<(), modelfusion::Error>(())
+    /// ```
     pub fn count(&self) -> usize {
         self.n
     }
 
     /// Per-column mean.
+    ///
+    /// ```
+    /// assert_eq!(modelfusion::align::Moments::new(2).mean().len(), 2);
+    /// ```
     pub fn mean(&self) -> &Array1<f64> {
         &self.mean
     }
 
     /// Per-column population variance (zero before any sample).
+    ///
+    /// ```
+    /// let mut m = modelfusion::align::Moments::new(1);
+    /// m.update(ndarray::array![[1.0f64], [3.0]].view())?;
+    /// assert_eq!(m.variance()[0], 1.0);
+    /// # Ok::<(), modelfusion::Error>(())
+    /// ```
     pub fn variance(&self) -> Array1<f64> {
         if self.n == 0 {
             return Array1::zeros(self.mean.len());
@@ -108,6 +137,10 @@ pub struct CrossMoments {
 
 impl CrossMoments {
     /// Empty moments for `p` and `q` columns.
+    ///
+    /// ```
+    /// assert_eq!(modelfusion::align::CrossMoments::new(2, 3).covariance().dim(), (2, 3));
+    /// ```
     pub fn new(p: usize, q: usize) -> Self {
         CrossMoments {
             x: Moments::new(p),
@@ -118,6 +151,13 @@ impl CrossMoments {
 
     /// Adds a batch of paired samples; errors when the sample counts or column counts
     /// differ from what was set up, or on a non-finite value.
+    ///
+    /// ```
+    /// let mut c = modelfusion::align::CrossMoments::new(1, 1);
+    /// c.update(ndarray::array![[1.0f64], [3.0]].view(), ndarray::array![[2.0f64], [0.0]].view())?;
+    /// assert_eq!(c.covariance()[[0, 0]], -1.0);
+    /// # Ok::<(), modelfusion::Error>(())
+    /// ```
     pub fn update<E: Scalar>(&mut self, x: ArrayView2<E>, y: ArrayView2<E>) -> Result<()> {
         if x.nrows() != y.nrows() {
             return Err(Error::invalid(
@@ -160,33 +200,66 @@ impl CrossMoments {
     }
 
     /// Samples seen.
+    ///
+    /// ```
+    /// assert_eq!(modelfusion::align::CrossMoments::new(1, 1).count(), 0);
+    /// ```
     pub fn count(&self) -> usize {
         self.x.n
     }
 
     /// The moments of `x` alone.
+    ///
+    /// ```
+    /// assert_eq!(modelfusion::align::CrossMoments::new(2, 1).x().mean().len(), 2);
+    /// ```
     pub fn x(&self) -> &Moments {
         &self.x
     }
 
     /// The moments of `y` alone.
+    ///
+    /// ```
+    /// assert_eq!(modelfusion::align::CrossMoments::new(2, 1).y().mean().len(), 1);
+    /// ```
     pub fn y(&self) -> &Moments {
         &self.y
     }
 
     /// Population cross-covariance `E[(x - mx)(y - my)^T]`, `(p, q)`.
+    ///
+    /// ```
+    /// let mut c = modelfusion::align::CrossMoments::new(1, 1);
+    /// c.update(ndarray::array![[0.0f64], [2.0]].view(), ndarray::array![[0.0f64], [2.0]].view())?;
+    /// assert_eq!(c.covariance()[[0, 0]], 1.0);
+    /// # Ok::<(), modelfusion::Error>(())
+    /// ```
     pub fn covariance(&self) -> Array2<f64> {
         let n = self.x.n.max(1) as f64;
         &self.cross / n
     }
 
     /// Cross-correlation `E[x y^T]`, `(p, q)`.
+    ///
+    /// ```
+    /// let mut c = modelfusion::align::CrossMoments::new(1, 1);
+    /// c.update(ndarray::array![[1.0f64], [3.0]].view(), ndarray::array![[1.0f64], [1.0]].view())?;
+    /// assert_eq!(c.cross_correlation()[[0, 0]], 2.0);
+    /// # Ok::<(), modelfusion::Error>(())
+    /// ```
     pub fn cross_correlation(&self) -> Array2<f64> {
         self.covariance() + outer(&self.x.mean, &self.y.mean)
     }
 
     /// Pearson correlation `cov / (std_x std_y^T)`, with `eps` added to each standard
     /// deviation (constant features correlate 0 with everything).
+    ///
+    /// ```
+    /// let mut c = modelfusion::align::CrossMoments::new(1, 1);
+    /// c.update(ndarray::array![[1.0f64], [3.0]].view(), ndarray::array![[5.0f64], [1.0]].view())?;
+    /// assert!((c.correlation(0.0)[[0, 0]] + 1.0).abs() < 1e-12);
+    /// # Ok::<(), modelfusion::Error>(())
+    /// ```
     pub fn correlation(&self, eps: f64) -> Array2<f64> {
         let sx = self.x.variance().mapv(|v| v.sqrt() + eps);
         let sy = self.y.variance().mapv(|v| v.sqrt() + eps);

@@ -65,6 +65,10 @@ pub struct WeightMatching {
 impl WeightMatching {
     /// Weight matching with the group order drawn from `seed`, at most 100 sweeps,
     /// starting from the identity.
+    ///
+    /// ```
+    /// assert_eq!(modelfusion::align::WeightMatching::new(3).max_iter(), 100);
+    /// ```
     pub fn new(seed: u64) -> Self {
         WeightMatching {
             seed,
@@ -106,11 +110,21 @@ impl WeightMatching {
     }
 
     /// The seed of the group order.
+    ///
+    /// ```
+    /// assert_eq!(modelfusion::align::WeightMatching::new(3).seed(), 3);
+    /// ```
     pub fn seed(&self) -> u64 {
         self.seed
     }
 
     /// The sweep cap.
+    ///
+    /// ```
+    /// let wm = modelfusion::align::WeightMatching::new(0).with_max_iter(7)?;
+    /// assert_eq!(wm.max_iter(), 7);
+    /// # Ok::<(), modelfusion::Error>(())
+    /// ```
     pub fn max_iter(&self) -> usize {
         self.max_iter
     }
