@@ -29,7 +29,10 @@ fn read_npy(path: &str) -> Npy {
         )
     };
     let header = std::str::from_utf8(&bytes[start..start + hlen]).expect("ascii header");
-    assert!(header.contains("'fortran_order': False"), "{path}: need C order");
+    assert!(
+        header.contains("'fortran_order': False"),
+        "{path}: need C order"
+    );
     let shape_txt = header
         .split("'shape': (")
         .nth(1)
@@ -70,17 +73,38 @@ fn median(mut t: Vec<f64>) -> f64 {
     t[t.len() / 2]
 }
 
+/// CPU time of this process in seconds (Linux `/proc`, 10 ms ticks); `NaN` elsewhere.
+fn cpu_time() -> f64 {
+    let Ok(s) = std::fs::read_to_string("/proc/self/stat") else {
+        return f64::NAN;
+    };
+    let f: Vec<&str> = s
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let tick = |k: usize| {
+        f.get(k)
+            .and_then(|x| x.parse::<f64>().ok())
+            .unwrap_or(f64::NAN)
+    };
+    (tick(11) + tick(12)) / 100.0
+}
+
 fn time_lap<F: modelfusion::Scalar>(m: Array2<F>, maximize: bool, reps: usize) {
     let mut times = Vec::new();
     let mut cost = 0.0;
+    let c0 = cpu_time();
     for _ in 0..reps {
         let t0 = Instant::now();
         let a = linear_sum_assignment(m.view(), maximize).expect("solvable");
         times.push(t0.elapsed().as_secs_f64());
         cost = a.cost.to_f64_lossless();
     }
+    let cpu = (cpu_time() - c0) / reps as f64;
     println!(
-        "{{\"solver\": \"modelfusion\", \"dtype\": \"{}\", \"time_s\": {}, \"cost\": {}}}",
+        "{{\"solver\": \"modelfusion\", \"dtype\": \"{}\", \"time_s\": {}, \"cpu_s\": {cpu}, \"cost\": {}}}",
         F::NAME,
         median(times),
         cost
@@ -121,7 +145,6 @@ fn main() {
                 .reg(reg)
                 .tol(tol)
                 .max_iter(max_iter)
-                .epsilon_scaling(std::env::var("EPS").map_or(true, |v| v != "0"))
                 .build()
                 .expect("valid parameters");
             let pool = rayon::ThreadPoolBuilder::new()

@@ -11,8 +11,13 @@ use crate::{Error, Result, Scalar};
 const NONE: u32 = u32::MAX;
 /// Independent accumulators in the vectorised loops (a multiple of every SIMD width used).
 const LANES: usize = 16;
-/// Row visits allowed per augmenting-row-reduction pass, as a multiple of the rows.
-const ARR_BUDGET: usize = 8;
+/// Row visits allowed per augmenting-row-reduction pass: `n * clamp(n / 512, 1/2, 8)`.
+/// Augmenting row reduction is an auction that settles most rows cheaply but can take
+/// many steps for the last ones; measured here, a small budget is best at n = 256 and a
+/// large one at n = 4096, where each Dijkstra search it saves costs more.
+fn arr_budget(n: usize) -> usize {
+    (n * n / 512).clamp(n / 2, 8 * n).max(16)
+}
 
 /// The solution of a linear assignment problem, in the shape of scipy's
 /// `linear_sum_assignment`: `rows` is sorted ascending and `cols[k]` is the column
@@ -105,8 +110,10 @@ impl<F: Scalar> Assignment<F> {
 /// otherwise every column. Forbidden pairs are written as `+inf` (or `-inf` when
 /// maximising).
 ///
-/// `f32` matrices are solved in `f32`; integer-valued costs (up to about `2^24 / n` in
-/// `f32`, `2^53 / n` in `f64`) are solved exactly.
+/// `f32` matrices are solved in `f32`; large square `f64` matrices are presolved in
+/// `f32` and repaired to the exact `f64` optimum (see the [module docs](crate::solve)).
+/// Integer-valued costs (up to about `2^24 / n` in `f32`, `2^53 / n` in `f64`) are
+/// solved exactly.
 ///
 /// # Errors
 /// - [`Error::Empty`] if the matrix has no rows or no columns;
@@ -232,12 +239,17 @@ pub(crate) fn lsa_with<F: Scalar>(
     check_entries(&cost, maximize)?;
     let transpose = nr > nc;
     let (kr, kc) = if transpose { (nc, nr) } else { (nr, nc) };
-    let buf = working_matrix(&cost, maximize, transpose);
-    let rowsol = match isa {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: `Isa::Avx2` is only produced after runtime detection of AVX2 and FMA.
-        Isa::Avx2 => unsafe { solve_avx2(&buf, kr, kc)? },
-        Isa::Portable => solve_dense(&buf, kr, kc)?,
+    let (buf, neg) = working_matrix(&cost, maximize, transpose);
+    let presolved = if F::NAME == "f64" && kr == kc && kr >= PRESOLVE_MIN {
+        presolve_f32(&buf, kr, neg, isa)
+    } else {
+        None
+    };
+    let rowsol = match presolved {
+        // small integers: the f32 solve was exact arithmetic, nothing to repair
+        Some((warm, true)) => warm.0,
+        Some((warm, false)) => run_kernel(isa, &buf, kr, kc, Some(warm), neg)?.0,
+        None => run_kernel(isa, &buf, kr, kc, None, neg)?.0,
     };
     drop(buf);
     let pairs: Vec<(usize, usize)> = if transpose {
@@ -303,16 +315,17 @@ fn check_entries<F: Scalar>(cost: &ArrayView2<F>, maximize: bool) -> Result<()> 
     })
 }
 
-/// The matrix the kernel minimises, row-major with at most as many rows as columns:
-/// borrowed when the input already is that, else a (negated and/or transposed) copy.
+/// The matrix the kernel works on, row-major with at most as many rows as columns, and
+/// whether the kernel must negate it (maximising): the input itself when it already is
+/// row-major and not transposed, else a (transposed, negated) copy.
 fn working_matrix<'a, F: Scalar>(
     cost: &'a ArrayView2<F>,
     maximize: bool,
     transpose: bool,
-) -> Cow<'a, [F]> {
-    if !maximize && !transpose {
+) -> (Cow<'a, [F]>, bool) {
+    if !transpose {
         if let Some(s) = cost.as_slice() {
-            return Cow::Borrowed(s);
+            return (Cow::Borrowed(s), maximize);
         }
     }
     let sign = if maximize { -F::one() } else { F::one() };
@@ -322,7 +335,7 @@ fn working_matrix<'a, F: Scalar>(
         for row in cost.rows() {
             out.extend(row.iter().map(|&x| sign * x));
         }
-        return Cow::Owned(out);
+        return (Cow::Owned(out), false);
     }
     // out[j * nr + i] = sign * cost[i, j], in cache-friendly tiles
     const T: usize = 32;
@@ -336,38 +349,135 @@ fn working_matrix<'a, F: Scalar>(
             }
         }
     }
-    Cow::Owned(out)
+    (Cow::Owned(out), false)
+}
+
+/// Square `f64` problems from this size on are first solved in `f32` (half the memory
+/// traffic), and that solution repaired in `f64` (see [`presolve_f32`]).
+const PRESOLVE_MIN: usize = 1024;
+
+/// A warm start: the column of every row and the column duals.
+type Warm<W> = (Vec<u32>, Vec<W>);
+
+/// Solves the `f64` problem `c` (square, `n x n`) rounded to `f32` and returns that
+/// solution with its duals, as a warm start for the exact `f64` solve: there every row
+/// whose assigned column is not a minimiser of its `f64` reduced costs is freed and
+/// re-augmented, so the final answer is exactly optimal for the `f64` matrix while
+/// most of the work ran on the half-size copy. `None` when the values do not fit in
+/// `f32` or the rounded problem fails. The flag is `true` when every finite cost is an
+/// integer small enough (`4 n max|c| < 2^24`) that the `f32` solve ran in exact
+/// arithmetic: its answer is then already the exact optimum.
+fn presolve_f32<F: Scalar>(c: &[F], n: usize, neg: bool, isa: Isa) -> Option<(Warm<F>, bool)> {
+    // one branch-free (vectorised) pass: convert, and collect the flags
+    const ROUND: f64 = 6_755_399_441_055_744.0; // x + ROUND - ROUND rounds |x| < 2^51
+    let mut c32 = vec![0.0f32; c.len()];
+    let (mut overflow, mut integral, mut max_abs) = (false, true, 0.0f64);
+    for (y, &x) in c32.iter_mut().zip(c) {
+        let xf = x.to_f64_lossless();
+        let xf = if neg { -xf } else { xf };
+        *y = xf as f32;
+        let finite = xf.is_finite();
+        overflow |= finite & y.is_infinite();
+        integral &= !finite | ((xf + ROUND) - ROUND == xf);
+        let a = if finite { xf.abs() } else { 0.0 };
+        max_abs = if a > max_abs { a } else { max_abs };
+    }
+    if overflow {
+        return None;
+    }
+    let (rowsol, v32) = run_kernel(isa, &c32, n, n, None, false).ok()?;
+    let exact = integral && 4.0 * n as f64 * max_abs < f64::from(1u32 << 24);
+    let v = v32
+        .into_iter()
+        .map(|x| F::from_f64_lossy(f64::from(x)))
+        .collect();
+    Some(((rowsol, v), exact))
+}
+
+/// Runs the kernel compiled for `isa`, minimising `c` (or `-c` with `neg`); returns the
+/// column of every row and the duals (of the minimised matrix).
+fn run_kernel<W: Scalar>(
+    isa: Isa,
+    c: &[W],
+    nr: usize,
+    nc: usize,
+    warm: Option<Warm<W>>,
+    neg: bool,
+) -> Result<Warm<W>> {
+    match (isa, neg) {
+        // SAFETY (both AVX2 arms): `Isa::Avx2` is only produced after runtime detection
+        // of AVX2 and FMA.
+        #[cfg(target_arch = "x86_64")]
+        (Isa::Avx2, false) => unsafe { solve_avx2::<W, false>(c, nr, nc, warm) },
+        #[cfg(target_arch = "x86_64")]
+        (Isa::Avx2, true) => unsafe { solve_avx2::<W, true>(c, nr, nc, warm) },
+        (Isa::Portable, false) => solve_dense::<W, false>(c, nr, nc, warm),
+        (Isa::Portable, true) => solve_dense::<W, true>(c, nr, nc, warm),
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn solve_avx2<W: Scalar>(c: &[W], nr: usize, nc: usize) -> Result<Vec<u32>> {
-    solve_dense(c, nr, nc)
+fn solve_avx2<W: Scalar, const NEG: bool>(
+    c: &[W],
+    nr: usize,
+    nc: usize,
+    warm: Option<Warm<W>>,
+) -> Result<Warm<W>> {
+    solve_dense::<W, NEG>(c, nr, nc, warm)
 }
 
 /// Solves the `nr x nc` (`nr <= nc`) row-major minimisation problem `c`; returns the
-/// column of every row.
+/// column of every row and the column duals. A warm start (square problems) replaces
+/// the initialisation: rows whose column is not tight are freed and re-augmented.
 #[inline(always)]
-fn solve_dense<W: Scalar>(c: &[W], nr: usize, nc: usize) -> Result<Vec<u32>> {
+fn solve_dense<W: Scalar, const NEG: bool>(
+    c: &[W],
+    nr: usize,
+    nc: usize,
+    warm: Option<Warm<W>>,
+) -> Result<Warm<W>> {
     debug_assert!(nr <= nc && c.len() == nr * nc);
-    let mut s = Kernel {
+    let mut s = Kernel::<W, NEG> {
         c,
         nc,
         v: vec![W::zero(); nc],
         rowsol: vec![NONE; nr],
         colsol: vec![NONE; nc],
     };
-    let mut free: Vec<u32> = if nr == nc {
-        s.column_reduction()?
-    } else {
-        (0..nr as u32).collect()
-    };
-    for _ in 0..2 {
-        if free.is_empty() {
-            break;
+    let free: Vec<u32> = if let Some((rowsol, v)) = warm {
+        debug_assert!(nr == nc);
+        s.v = v;
+        let mut free = Vec::new();
+        for (i, &j) in rowsol.iter().enumerate() {
+            let row = s.row(i);
+            // dual feasible with u_i = min_j (c_ij - v_j); keep the row iff its column
+            // attains that minimum (complementary slackness), else free it
+            if j != NONE && s.colsol[j as usize] == NONE {
+                let ju = j as usize;
+                if sg::<W, NEG>(row[ju]) - s.v[ju] == min_reduced::<W, NEG>(row, &s.v) {
+                    s.rowsol[i] = j;
+                    s.colsol[ju] = i as u32;
+                    continue;
+                }
+            }
+            free.push(i as u32);
         }
-        free = s.augmenting_row_reduction(&free)?;
-    }
+        free
+    } else {
+        let mut free: Vec<u32> = if nr == nc {
+            s.column_reduction()?
+        } else {
+            (0..nr as u32).collect()
+        };
+        for _ in 0..2 {
+            if free.is_empty() {
+                break;
+            }
+            free = s.augmenting_row_reduction(&free)?;
+        }
+        free
+    };
     let mut ws = Workspace {
         d: [vec![W::infinity(); nc], vec![W::infinity(); nc]],
         pred: [vec![0; nc], vec![0; nc]],
@@ -384,10 +494,10 @@ fn solve_dense<W: Scalar>(c: &[W], nr: usize, nc: usize) -> Result<Vec<u32>> {
     for &f in &free {
         s.augment(f, &mut ws)?;
     }
-    Ok(s.rowsol)
+    Ok((s.rowsol, s.v))
 }
 
-struct Kernel<'a, W> {
+struct Kernel<'a, W, const NEG: bool> {
     c: &'a [W],
     nc: usize,
     v: Vec<W>,
@@ -415,13 +525,17 @@ struct Workspace<W> {
 impl<W: Scalar> Workspace<W> {
     /// [`relax`] from the current buffers into the other ones, which become current.
     #[inline(always)]
-    fn relax(&mut self, row: &[W], v: &[W], base: W, i: u32) -> (W, W) {
+    fn relax<const NEG: bool>(&mut self, row: &[W], v: &[W], base: W, i: u32) -> (W, W) {
         let (d0, d1) = self.d.split_at_mut(1);
         let (p0, p1) = self.pred.split_at_mut(1);
         let m = if self.cur == 0 {
-            relax(row, v, &self.pen, &d0[0], &p0[0], &mut d1[0], &mut p1[0], base, i)
+            relax::<W, NEG>(
+                row, v, &self.pen, &d0[0], &p0[0], &mut d1[0], &mut p1[0], base, i,
+            )
         } else {
-            relax(row, v, &self.pen, &d1[0], &p1[0], &mut d0[0], &mut p0[0], base, i)
+            relax::<W, NEG>(
+                row, v, &self.pen, &d1[0], &p1[0], &mut d0[0], &mut p0[0], base, i,
+            )
         };
         self.cur ^= 1;
         m
@@ -434,7 +548,7 @@ fn infeasible(what: String) -> Error {
     }
 }
 
-impl<'a, W: Scalar> Kernel<'a, W> {
+impl<'a, W: Scalar, const NEG: bool> Kernel<'a, W, NEG> {
     #[inline(always)]
     fn row(&self, i: usize) -> &'a [W] {
         let c: &'a [W] = self.c;
@@ -449,9 +563,9 @@ impl<'a, W: Scalar> Kernel<'a, W> {
         let mut imin = vec![0u32; n];
         self.v.fill(W::infinity());
         for i in 0..n {
-            col_min_update(self.row(i), &mut self.v, &mut imin, i as u32);
+            col_min_update::<W, NEG>(self.row(i), &mut self.v, &mut imin, i as u32);
         }
-        if let Some(j) = self.v.iter().position(|&x| !(x < W::infinity())) {
+        if let Some(j) = self.v.iter().position(|&x| x == W::infinity()) {
             return Err(infeasible(format!("column {j} has only +inf entries")));
         }
         let mut matches = vec![0u32; n];
@@ -475,9 +589,9 @@ impl<'a, W: Scalar> Kernel<'a, W> {
             } else if m == 1 {
                 // reduction transfer: give row i the slack to its second-best column
                 let j1 = self.rowsol[i] as usize;
-                let mu = min_reduced_excluding(self.row(i), &self.v, j1);
+                let mu = min_reduced_excluding::<W, NEG>(self.row(i), &self.v, j1);
                 if mu < W::infinity() {
-                    self.v[j1] = self.v[j1] - mu;
+                    self.v[j1] -= mu;
                 }
             }
         }
@@ -487,7 +601,7 @@ impl<'a, W: Scalar> Kernel<'a, W> {
     /// One pass of augmenting row reduction; returns the rows still free.
     #[inline(always)]
     fn augmenting_row_reduction(&mut self, free: &[u32]) -> Result<Vec<u32>> {
-        let budget = ARR_BUDGET * self.rowsol.len().max(16);
+        let budget = arr_budget(self.rowsol.len());
         let mut steps = 0usize;
         let mut next = Vec::new();
         let mut k = 0;
@@ -508,20 +622,20 @@ impl<'a, W: Scalar> Kernel<'a, W> {
             }
             let iu = i as usize;
             let row = self.row(iu);
-            let (u1, u2) = two_smallest_reduced(row, &self.v);
-            if !(u1 < W::infinity()) {
+            let (u1, u2) = two_smallest_reduced::<W, NEG>(row, &self.v);
+            if u1 == W::infinity() {
                 return Err(infeasible(format!("row {i} has only +inf entries")));
             }
-            let j1 = first_reduced_eq(row, &self.v, u1, usize::MAX);
+            let j1 = first_reduced_eq::<W, NEG>(row, &self.v, u1, usize::MAX);
             let mut j = j1;
             let mut i0 = self.colsol[j1];
             let strict = u1 < u2;
             if strict {
                 if u2 < W::infinity() {
-                    self.v[j1] = self.v[j1] - (u2 - u1);
+                    self.v[j1] -= u2 - u1;
                 }
             } else if i0 != NONE {
-                j = first_reduced_eq(row, &self.v, u2, j1);
+                j = first_reduced_eq::<W, NEG>(row, &self.v, u2, j1);
                 i0 = self.colsol[j];
             }
             self.rowsol[iu] = j as u32;
@@ -546,13 +660,13 @@ impl<'a, W: Scalar> Kernel<'a, W> {
         ws.d[ws.cur].fill(inf);
         ws.done.clear();
         ws.stack.clear();
-        let (mut m, mut mf) = ws.relax(self.row(f as usize), &self.v, W::zero(), f);
+        let (mut m, mut mf) = ws.relax::<NEG>(self.row(f as usize), &self.v, W::zero(), f);
         // distance of the columns on the stack (all settled at the same level)
         let mut level = W::neg_infinity();
         let sink = loop {
             if ws.stack.is_empty() {
                 level = m;
-                if !(m < inf) {
+                if m == inf {
                     // restore the duals of the settled columns before failing
                     for &(j, vj, _) in &ws.done {
                         self.v[j as usize] = vj;
@@ -585,8 +699,8 @@ impl<'a, W: Scalar> Kernel<'a, W> {
             let k = ws.stack.pop().expect("non-empty stack");
             let (j, vj, dj) = ws.done[k];
             let i = self.colsol[j as usize];
-            let base = dj - (self.c[i as usize * self.nc + j as usize] - vj);
-            (m, mf) = ws.relax(self.row(i as usize), &self.v, base, i);
+            let base = dj - (sg::<W, NEG>(self.c[i as usize * self.nc + j as usize]) - vj);
+            (m, mf) = ws.relax::<NEG>(self.row(i as usize), &self.v, base, i);
         };
         let m = mf;
         ws.pen[sink as usize] = inf;
@@ -608,10 +722,18 @@ impl<'a, W: Scalar> Kernel<'a, W> {
     }
 }
 
+/// A cost as the kernel minimises it: negated when maximising (`NEG`), so that a
+/// maximisation needs no negated copy of the matrix.
+#[inline(always)]
+fn sg<W: Scalar, const NEG: bool>(x: W) -> W {
+    if NEG { -x } else { x }
+}
+
 /// `v[j] = min(v[j], row[j])`, remembering the row index of each new minimum.
 #[inline(always)]
-fn col_min_update<W: Scalar>(row: &[W], v: &mut [W], imin: &mut [u32], i: u32) {
+fn col_min_update<W: Scalar, const NEG: bool>(row: &[W], v: &mut [W], imin: &mut [u32], i: u32) {
     for ((&r, vj), ij) in row.iter().zip(v.iter_mut()).zip(imin.iter_mut()) {
+        let r = sg::<W, NEG>(r);
         let b = r < *vj;
         *vj = if b { r } else { *vj };
         *ij = if b { i } else { *ij };
@@ -626,28 +748,13 @@ fn lane_min<W: Scalar>(acc: &[W; LANES]) -> W {
 
 /// `min_j (row[j] - v[j])`.
 #[inline(always)]
-fn min_reduced<W: Scalar>(row: &[W], v: &[W]) -> W {
-    let mut acc = [W::infinity(); LANES];
-    let rc = row.chunks_exact(LANES);
-    let vc = v.chunks_exact(LANES);
-    let (rr, vr) = (rc.remainder(), vc.remainder());
-    for (r, vv) in rc.zip(vc) {
-        for l in 0..LANES {
-            let x = r[l] - vv[l];
-            acc[l] = if x < acc[l] { x } else { acc[l] };
-        }
-    }
-    let mut m = lane_min(&acc);
-    for (&r, &vv) in rr.iter().zip(vr) {
-        let x = r - vv;
-        m = if x < m { x } else { m };
-    }
-    m
+fn min_reduced<W: Scalar, const NEG: bool>(row: &[W], v: &[W]) -> W {
+    two_smallest_reduced::<W, NEG>(row, v).0
 }
 
 /// The smallest and second smallest (counting ties) of `row[j] - v[j]`, in one pass.
 #[inline(always)]
-fn two_smallest_reduced<W: Scalar>(row: &[W], v: &[W]) -> (W, W) {
+fn two_smallest_reduced<W: Scalar, const NEG: bool>(row: &[W], v: &[W]) -> (W, W) {
     let inf = W::infinity();
     let (mut m1, mut m2) = ([inf; LANES], [inf; LANES]);
     let rc = row.chunks_exact(LANES);
@@ -655,7 +762,7 @@ fn two_smallest_reduced<W: Scalar>(row: &[W], v: &[W]) -> (W, W) {
     let (rr, vr) = (rc.remainder(), vc.remainder());
     for (r, vv) in rc.zip(vc) {
         for l in 0..LANES {
-            let x = r[l] - vv[l];
+            let x = sg::<W, NEG>(r[l]) - vv[l];
             m2[l] = m2[l].min(m1[l].max(x));
             m1[l] = m1[l].min(x);
         }
@@ -670,22 +777,27 @@ fn two_smallest_reduced<W: Scalar>(row: &[W], v: &[W]) -> (W, W) {
         push(m2[l]);
     }
     for (&r, &vv) in rr.iter().zip(vr) {
-        push(r - vv);
+        push(sg::<W, NEG>(r) - vv);
     }
     (a, b)
 }
 
 /// `min_{j != skip} (row[j] - v[j])`.
 #[inline(always)]
-fn min_reduced_excluding<W: Scalar>(row: &[W], v: &[W], skip: usize) -> W {
-    let a = min_reduced(&row[..skip], &v[..skip]);
-    let b = min_reduced(&row[skip + 1..], &v[skip + 1..]);
+fn min_reduced_excluding<W: Scalar, const NEG: bool>(row: &[W], v: &[W], skip: usize) -> W {
+    let a = min_reduced::<W, NEG>(&row[..skip], &v[..skip]);
+    let b = min_reduced::<W, NEG>(&row[skip + 1..], &v[skip + 1..]);
     if a < b { a } else { b }
 }
 
 /// First `j != skip` with `row[j] - v[j] == target` (the value must occur).
 #[inline(always)]
-fn first_reduced_eq<W: Scalar>(row: &[W], v: &[W], target: W, skip: usize) -> usize {
+fn first_reduced_eq<W: Scalar, const NEG: bool>(
+    row: &[W],
+    v: &[W],
+    target: W,
+    skip: usize,
+) -> usize {
     let n = row.len();
     let mut j0 = 0;
     while j0 < n {
@@ -693,10 +805,10 @@ fn first_reduced_eq<W: Scalar>(row: &[W], v: &[W], target: W, skip: usize) -> us
         let hit = row[j0..j1]
             .iter()
             .zip(&v[j0..j1])
-            .fold(false, |h, (&r, &vv)| h | (r - vv == target));
+            .fold(false, |h, (&r, &vv)| h | (sg::<W, NEG>(r) - vv == target));
         if hit {
             for j in j0..j1 {
-                if j != skip && row[j] - v[j] == target {
+                if j != skip && sg::<W, NEG>(row[j]) - v[j] == target {
                     return j;
                 }
             }
@@ -726,7 +838,7 @@ fn collect_eq<W: Scalar>(d: &[W], m: W, out: &mut Vec<u32>) {
 /// (settled columns have `v[j] = -inf`, so they never improve); returns `min_j d_out[j]`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn relax<W: Scalar>(
+fn relax<W: Scalar, const NEG: bool>(
     row: &[W],
     v: &[W],
     pen: &[W],
@@ -752,7 +864,7 @@ fn relax<W: Scalar>(
         let d_o = &mut d_out[c0..c0 + LANES];
         let p_o = &mut p_out[c0..c0 + LANES];
         for l in 0..LANES {
-            let nd = base + r[l] - vv[l];
+            let nd = base + sg::<W, NEG>(r[l]) - vv[l];
             let old = di[l];
             let mask = ((nd < old) as u32).wrapping_neg();
             let x = nd.min(old);
@@ -765,7 +877,7 @@ fn relax<W: Scalar>(
     let mut m = lane_min(&acc);
     let mut mf = lane_min(&accf);
     for j in split..n {
-        let nd = base + row[j] - v[j];
+        let nd = base + sg::<W, NEG>(row[j]) - v[j];
         let b = nd < d_in[j];
         d_out[j] = if b { nd } else { d_in[j] };
         p_out[j] = if b { i } else { p_in[j] };
@@ -794,7 +906,15 @@ mod tests {
     /// vector loops and their tails.
     #[test]
     fn isa_paths_agree() {
-        for &(n, m) in &[(1, 1), (5, 5), (17, 17), (33, 40), (64, 64), (70, 31), (129, 129)] {
+        for &(n, m) in &[
+            (1, 1),
+            (5, 5),
+            (17, 17),
+            (33, 40),
+            (64, 64),
+            (70, 31),
+            (129, 129),
+        ] {
             for int in [false, true] {
                 let c = random(n, m, (n * 1000 + m) as u64, int);
                 let mut totals = Vec::new();
@@ -803,7 +923,53 @@ mod tests {
                     let c32 = c.mapv(|x| x as f32);
                     lsa_with(c32.view(), true, isa).unwrap();
                 }
-                assert!(totals.windows(2).all(|w| (w[0] - w[1]).abs() < 1e-9), "{totals:?}");
+                assert!(
+                    totals.windows(2).all(|w| (w[0] - w[1]).abs() < 1e-9),
+                    "{totals:?}"
+                );
+            }
+        }
+    }
+
+    /// The f32 presolve + f64 repair gives the exact f64 optimum (compared with the
+    /// plain f64 solve), on costs with near-ties below f32 resolution too.
+    #[test]
+    fn f32_presolve_keeps_f64_optimum() {
+        let mut rng = ChaCha8Rng::seed_from_u64(99);
+        for &n in &[100, 150, 300] {
+            let base = random(n, n, n as u64, false);
+            let ties = base.mapv(|x| 1.0 + (x * 8.0).floor() + rng.random::<f64>() * 1e-9);
+            let mut forbidden = base.clone();
+            for i in 0..n {
+                for j in 0..n {
+                    if (i * 7 + j * 3) % 5 == 0 && i != j {
+                        forbidden[[i, j]] = f64::INFINITY;
+                    }
+                }
+            }
+            for c in [base, ties, forbidden] {
+                for isa in simd::available() {
+                    let (plain, _) =
+                        run_kernel(isa, c.as_slice().unwrap(), n, n, None, false).unwrap();
+                    let (warm, _) = presolve_f32(c.as_slice().unwrap(), n, false, isa).unwrap();
+                    let (fixed, _) =
+                        run_kernel(isa, c.as_slice().unwrap(), n, n, Some(warm), false).unwrap();
+                    let total = |rs: &[u32]| -> f64 {
+                        rs.iter()
+                            .enumerate()
+                            .map(|(i, &j)| c[[i, j as usize]])
+                            .sum()
+                    };
+                    assert_eq!(total(&plain), total(&fixed), "n = {n}");
+                    // maximising -c through the kernel's negation, plain and presolved
+                    let neg = c.mapv(|x| -x);
+                    let ns = neg.as_slice().unwrap();
+                    let (plain_neg, _) = run_kernel(isa, ns, n, n, None, true).unwrap();
+                    let (warm, _) = presolve_f32(ns, n, true, isa).unwrap();
+                    let (fixed_neg, _) = run_kernel(isa, ns, n, n, Some(warm), true).unwrap();
+                    assert_eq!(total(&plain), total(&plain_neg), "n = {n}");
+                    assert_eq!(total(&plain), total(&fixed_neg), "n = {n}");
+                }
             }
         }
     }
@@ -812,7 +978,11 @@ mod tests {
     fn first_reduced_eq_skips() {
         let row = [1.0, 0.0, 0.0];
         let v = [0.0; 3];
-        assert_eq!(first_reduced_eq(&row, &v, 0.0, usize::MAX), 1);
-        assert_eq!(first_reduced_eq(&row, &v, 0.0, 1), 2);
+        assert_eq!(first_reduced_eq::<f64, false>(&row, &v, 0.0, usize::MAX), 1);
+        assert_eq!(first_reduced_eq::<f64, false>(&row, &v, 0.0, 1), 2);
+        assert_eq!(
+            first_reduced_eq::<f64, true>(&[-1.0, 0.0, 0.0], &v, 0.0, usize::MAX),
+            1
+        );
     }
 }

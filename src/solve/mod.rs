@@ -32,9 +32,15 @@
 //!
 //! The hot loops are compiled twice, for the portable baseline and for AVX2 + FMA,
 //! picked at run time (`MODELFUSION_SIMD=portable` forces the baseline). `f32`
-//! matrices are solved in `f32` (half the memory traffic); integer-valued costs are
-//! solved exactly in both types. Forbidden pairs are `+inf` (`-inf` when maximising);
-//! a problem they make infeasible is reported, never looped on.
+//! matrices are solved in `f32` (half the memory traffic). Square `f64` matrices of
+//! size 1024 and up are first solved rounded to `f32`; that assignment and its duals
+//! then warm-start the `f64` solve, which keeps every row whose column minimises its
+//! exact reduced cost and re-augments the others, so the answer is exactly optimal
+//! for the `f64` matrix while most memory traffic was at half width. Integer-valued
+//! costs are solved exactly in both types. Maximising negates the costs inside the
+//! kernel (a compile-time flag), so a row-major input is never copied. Forbidden pairs
+//! are `+inf` (`-inf` when maximising); a problem they make infeasible is reported,
+//! never looped on.
 //!
 //! # Sinkhorn
 //! The plan is `P_ij = exp((f_i + g_j - M_ij) / reg)`. Iterating on `f`, `g` with

@@ -377,8 +377,11 @@ impl Sinkhorn {
             simd::best(),
         );
         Ok(TransportPlan {
-            plan: Array2::from_shape_vec((n, m), out.plan.into_iter().map(F::from_f64_lossy).collect())
-                .expect("n x m entries"),
+            plan: Array2::from_shape_vec(
+                (n, m),
+                out.plan.into_iter().map(F::from_f64_lossy).collect(),
+            )
+            .expect("n x m entries"),
             f: out.f.into_iter().map(F::from_f64_lossy).collect(),
             g: out.g.into_iter().map(F::from_f64_lossy).collect(),
             cost: out.cost,
@@ -495,14 +498,20 @@ pub fn sinkhorn_operator<F: Scalar>(
         n,
         m,
     };
+    // Same iteration in the stabilised scaling form: one exact log-domain row
+    // normalisation (so that the kernel cannot overflow), then `n_iter` pairs of
+    // row / column scalings on the absorbed kernel, with the same absorption and
+    // log-domain fallbacks as `Sinkhorn` (a fallback counts as one iteration).
     let isa = simd::best();
-    let (mut f, mut g) = (vec![0.0; n], vec![0.0; m]);
+    let mut f = vec![0.0; n];
+    lse_update_f(&pr, &vec![0.0; m], &mut f, tau, 1.0, isa);
+    let mut st = Stage::new(&pr, tau, 1.0, true, isa, f, vec![0.0; m]);
     for _ in 0..n_iter {
-        lse_update_f(&pr, &g, &mut f, tau, 1.0, isa);
-        lse_update_g(&pr, &f, &mut g, tau, 1.0, isa);
+        // a negative tolerance never stops early
+        st.iterate(-1.0);
     }
-    let mut plan = vec![0.0; n * m];
-    build_kernel(&pr, &f, &g, tau, &mut plan, isa);
+    st.absorb();
+    let plan = st.k;
     Ok(
         Array2::from_shape_vec((n, m), plan.into_iter().map(F::from_f64_lossy).collect())
             .expect("n x m entries"),
@@ -596,17 +605,14 @@ struct Solution {
     converged: bool,
 }
 
-/// Runs `op(block_index, first_row, rows)` over the fixed row blocks, in parallel when
+/// Runs `op(first_row, rows)` over the fixed row blocks, in parallel when
 /// the problem is large; results are returned in block order.
-fn for_blocks<T: Send>(
-    pr: &Problem,
-    op: impl Fn(usize, usize, usize) -> T + Sync + Send,
-) -> Vec<T> {
+fn for_blocks<T: Send>(pr: &Problem, op: impl Fn(usize, usize) -> T + Sync + Send) -> Vec<T> {
     let br = pr.block_rows();
     let nb = pr.n.div_ceil(br);
     let run = |k: usize| {
         let r0 = k * br;
-        op(k, r0, br.min(pr.n - r0))
+        op(r0, br.min(pr.n - r0))
     };
     if pr.parallel() {
         (0..nb).into_par_iter().map(run).collect()
@@ -685,6 +691,43 @@ fn dot(x: &[f64], y: &[f64]) -> f64 {
     acc[0] + s
 }
 
+/// [`dot`] with AVX2 + FMA: four independent 4-wide accumulators (LLVM's own
+/// vectorisation of the reduction stays at 128 bits).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+fn dot_avx2(x: &[f64], y: &[f64]) -> f64 {
+    use std::arch::x86_64::{
+        _mm256_add_pd, _mm256_fmadd_pd, _mm256_loadu_pd, _mm256_setzero_pd, _mm256_storeu_pd,
+    };
+    let n = x.len().min(y.len());
+    let split = n - n % 16;
+    let (x, y) = (&x[..n], &y[..n]);
+    let mut acc = [_mm256_setzero_pd(); 4];
+    for c0 in (0..split).step_by(16) {
+        for (q, a) in acc.iter_mut().enumerate() {
+            let o = c0 + 4 * q;
+            // SAFETY: o + 4 <= split <= n = len of both slices.
+            let (vx, vy) = unsafe {
+                (
+                    _mm256_loadu_pd(x.as_ptr().add(o)),
+                    _mm256_loadu_pd(y.as_ptr().add(o)),
+                )
+            };
+            *a = _mm256_fmadd_pd(vx, vy, *a);
+        }
+    }
+    let sum = _mm256_add_pd(_mm256_add_pd(acc[0], acc[1]), _mm256_add_pd(acc[2], acc[3]));
+    let mut t = [0.0; 4];
+    // SAFETY: `t` holds exactly four f64.
+    unsafe { _mm256_storeu_pd(t.as_mut_ptr(), sum) };
+    let mut s = (t[0] + t[1]) + (t[2] + t[3]);
+    for j in split..n {
+        s += x[j] * y[j];
+    }
+    s
+}
+
 /// Output of one fused pass over a block of rows.
 struct BlockOut {
     /// `sum_i |u_old_i (K v)_i - a_i|` (balanced) or `max_i |ln u_new - ln u_old|`.
@@ -695,20 +738,42 @@ struct BlockOut {
     spread: f64,
 }
 
-/// One fused pass: `u_i = (a_i / (K v)_i)^phi` and `partial = sum_i u_i K_i` over the
-/// block. Reading each row of `K` once serves both half-iterations.
-#[allow(clippy::too_many_arguments)]
+/// The Sinkhorn scaling `(mass / sum)^phi` (`phi = 1`: balanced).
 #[inline(always)]
-fn fused_block(
-    k: &[f64],
-    v: &[f64],
-    a: &[f64],
-    u_old: &[f64],
-    u_new: &mut [f64],
-    partial: &mut [f64],
+fn scaling(mass: f64, sum: f64, phi: f64) -> f64 {
+    if phi == 1.0 {
+        mass / sum
+    } else {
+        (mass / sum).powf(phi)
+    }
+}
+
+/// The slices and settings of one fused pass over a block of rows.
+struct BlockArgs<'x> {
+    k: &'x [f64],
+    v: &'x [f64],
+    a: &'x [f64],
+    u_old: &'x [f64],
+    u_new: &'x mut [f64],
+    partial: &'x mut [f64],
     phi: f64,
     balanced: bool,
-) -> BlockOut {
+}
+
+/// One fused pass: `u_i = (a_i / (K v)_i)^phi` and `partial = sum_i u_i K_i` over the
+/// block. Reading each row of `K` once serves both half-iterations.
+#[inline(always)]
+fn fused_block(dot: impl Fn(&[f64], &[f64]) -> f64, b: BlockArgs) -> BlockOut {
+    let BlockArgs {
+        k,
+        v,
+        a,
+        u_old,
+        u_new,
+        partial,
+        phi,
+        balanced,
+    } = b;
     let m = v.len();
     partial.fill(0.0);
     let mut out = BlockOut {
@@ -726,7 +791,7 @@ fn fused_block(
             u_new[i] = 0.0;
             continue;
         }
-        let ui = if phi == 1.0 { ai / s } else { (ai / s).powf(phi) };
+        let ui = scaling(ai, s, phi);
         if !(ui.is_finite() && ui > 0.0) {
             out.bad = true;
             u_new[i] = ui;
@@ -744,38 +809,17 @@ fn fused_block(
     out
 }
 
-#[allow(clippy::too_many_arguments)]
-fn fused_block_isa(
-    k: &[f64],
-    v: &[f64],
-    a: &[f64],
-    u_old: &[f64],
-    u_new: &mut [f64],
-    partial: &mut [f64],
-    phi: f64,
-    balanced: bool,
-    isa: Isa,
-) -> BlockOut {
+fn fused_block_isa(b: BlockArgs, isa: Isa) -> BlockOut {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
-    #[allow(clippy::too_many_arguments)]
-    fn avx2(
-        k: &[f64],
-        v: &[f64],
-        a: &[f64],
-        u_old: &[f64],
-        u_new: &mut [f64],
-        partial: &mut [f64],
-        phi: f64,
-        balanced: bool,
-    ) -> BlockOut {
-        fused_block(k, v, a, u_old, u_new, partial, phi, balanced)
+    fn avx2(b: BlockArgs) -> BlockOut {
+        fused_block(|x, y| dot_avx2(x, y), b)
     }
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `Isa::Avx2` is only produced after runtime detection of AVX2 and FMA.
-        Isa::Avx2 => unsafe { avx2(k, v, a, u_old, u_new, partial, phi, balanced) },
-        Isa::Portable => fused_block(k, v, a, u_old, u_new, partial, phi, balanced),
+        Isa::Avx2 => unsafe { avx2(b) },
+        Isa::Portable => fused_block(dot, b),
     }
 }
 
@@ -848,11 +892,10 @@ fn lse_update_g(pr: &Problem, f: &[f64], g: &mut [f64], reg: f64, phi: f64, isa:
     let m = pr.m;
     let inv = 1.0 / reg;
     // pass 1: column maxima of (f_i - M_ij) / reg
-    let maxes = for_blocks(pr, |_, r0, nr| {
+    let maxes = for_blocks(pr, |r0, nr| {
         let mut mx = vec![f64::NEG_INFINITY; m];
-        for i in r0..r0 + nr {
-            let row = &pr.cost[i * m..(i + 1) * m];
-            let fi = f[i];
+        let rows = &pr.cost[r0 * m..(r0 + nr) * m];
+        for (row, &fi) in rows.chunks_exact(m).zip(&f[r0..r0 + nr]) {
             for (x, &c) in mx.iter_mut().zip(row) {
                 *x = x.max((fi - c) * inv);
             }
@@ -883,7 +926,7 @@ fn lse_update_g(pr: &Problem, f: &[f64], g: &mut [f64], reg: f64, phi: f64, isa:
     fn sums_avx2(rows: &[f64], f: &[f64], colmax: &[f64], inv: f64, s: &mut [f64]) {
         sums_body(rows, f, colmax, inv, s)
     }
-    let partials = for_blocks(pr, |_, r0, nr| {
+    let partials = for_blocks(pr, |r0, nr| {
         let mut s = vec![0.0; m];
         let rows = &pr.cost[r0 * m..(r0 + nr) * m];
         let fb = &f[r0..r0 + nr];
@@ -928,7 +971,37 @@ struct Stage<'p, 'a> {
     partials: Vec<f64>,
 }
 
-impl Stage<'_, '_> {
+impl<'p, 'a> Stage<'p, 'a> {
+    /// A stage at regulariser `reg` from potentials `f`, `g` (kernel built).
+    fn new(
+        pr: &'p Problem<'a>,
+        reg: f64,
+        phi: f64,
+        balanced: bool,
+        isa: Isa,
+        f: Vec<f64>,
+        g: Vec<f64>,
+    ) -> Self {
+        let (n, m) = (pr.n, pr.m);
+        let mut st = Stage {
+            pr,
+            reg,
+            phi,
+            balanced,
+            isa,
+            f,
+            g,
+            k: vec![0.0; n * m],
+            u: vec![1.0; n],
+            u_next: vec![1.0; n],
+            v: vec![1.0; m],
+            v_next: vec![1.0; m],
+            partials: Vec::new(),
+        };
+        st.reset_kernel();
+        st
+    }
+
     /// Folds `u`, `v` into `f`, `g` and rebuilds the kernel.
     fn absorb(&mut self) {
         let reg = self.reg;
@@ -967,7 +1040,17 @@ impl Stage<'_, '_> {
             &'x mut [f64],
         );
         let job = |(((kb, ab), (uo, un)), part): Item| {
-            fused_block_isa(kb, v, ab, uo, un, part, phi, balanced, isa)
+            let args = BlockArgs {
+                k: kb,
+                v,
+                a: ab,
+                u_old: uo,
+                u_new: un,
+                partial: part,
+                phi,
+                balanced,
+            };
+            fused_block_isa(args, isa)
         };
         let outs: Vec<BlockOut> = if pr.parallel() {
             k.par_chunks(br * m)
@@ -989,7 +1072,11 @@ impl Stage<'_, '_> {
         let mut bad = false;
         for o in &outs {
             bad |= o.bad;
-            err = if balanced { err + o.err } else { err.max(o.err) };
+            err = if balanced {
+                err + o.err
+            } else {
+                err.max(o.err)
+            };
             spread = spread.max(o.spread);
         }
         if balanced && err <= tol {
@@ -1012,7 +1099,7 @@ impl Stage<'_, '_> {
                 self.v_next[j] = 0.0;
                 continue;
             }
-            let vj = if phi == 1.0 { bj / t } else { (bj / t).powf(phi) };
+            let vj = scaling(bj, t, phi);
             if !(vj.is_finite() && vj > 0.0) {
                 self.absorb();
                 self.log_step();
@@ -1071,7 +1158,9 @@ fn solve_f64(
         let (lo, hi) = pr
             .cost
             .iter()
-            .fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), &c| (l.min(c), h.max(c)));
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), &c| {
+                (l.min(c), h.max(c))
+            });
         let mut r = hi - lo;
         while r > p.reg {
             regs.push(r);
@@ -1080,23 +1169,7 @@ fn solve_f64(
     }
     regs.push(p.reg);
     let phi = p.reg_m.map_or(1.0, |rm| rm / (rm + p.reg));
-    let (n, m) = (pr.n, pr.m);
-    let mut st = Stage {
-        pr,
-        reg: regs[0],
-        phi,
-        balanced,
-        isa,
-        f: f0,
-        g: g0,
-        k: vec![0.0; n * m],
-        u: vec![1.0; n],
-        u_next: vec![1.0; n],
-        v: vec![1.0; m],
-        v_next: vec![1.0; m],
-        partials: Vec::new(),
-    };
-    st.reset_kernel();
+    let mut st = Stage::new(pr, regs[0], phi, balanced, isa, f0, g0);
     let mass: f64 = pr.a.iter().sum();
     let mut iterations = 0;
     let mut converged = false;
@@ -1108,7 +1181,11 @@ fn solve_f64(
             st.reg = reg;
             st.reset_kernel();
         }
-        let tol = if last { p.tol } else { p.tol.max(STAGE_TOL * mass) };
+        let tol = if last {
+            p.tol
+        } else {
+            p.tol.max(STAGE_TOL * mass)
+        };
         while iterations < p.max_iter {
             match st.iterate(tol) {
                 Step::Done(e) => {
@@ -1155,5 +1232,9 @@ fn marginal_error(plan: &[f64], pr: &Problem) -> f64 {
         }
         e += (s - ai).abs();
     }
-    e + cols.iter().zip(pr.b).map(|(c, b)| (c - b).abs()).sum::<f64>()
+    e + cols
+        .iter()
+        .zip(pr.b)
+        .map(|(c, b)| (c - b).abs())
+        .sum::<f64>()
 }
