@@ -1,36 +1,36 @@
 //! The reference networks: gradients against finite differences, permutation
 //! invariance, features, and errors on bad input.
+#![cfg(feature = "nn")]
 
 mod nn_common;
 
-use modelfusion::nn::{Classification, Mlp, Mode, Network, ResMlp};
-use modelfusion::{Activations, Error, Gradient, Model, Objective, StateDict, StateDictF32, StateDictF64};
+use modelfusion::nn::{Architecture, Classification, Mlp, Mode, Network, ResMlp};
+use modelfusion::{
+    Activations, Error, Gradient, Model, Objective, StateDict, StateDictF32, StateDictF64,
+};
 use ndarray::{Array2, ArrayD};
 use nn_common::*;
 use proptest::prelude::*;
 
-/// Compares the gradient of `net`'s mean batch loss with central finite differences, in
-/// f64, for every element of every trained parameter; buffers must get zero gradient.
-fn check_batch_gradient<N: Network>(net: &N, params: &StateDictF64, mode: Mode) {
-    let x = random_batch::<f64>(7, net.input_dim(), 11);
-    let labels: Vec<usize> = (0..7).map(|i| i % net.num_classes()).collect();
-    let step = net
-        .batch_loss_and_gradient(params, x.view(), &labels, mode)
-        .unwrap();
-    let loss_at = |p: &StateDictF64| {
-        net.batch_loss_and_gradient(p, x.view(), &labels, mode)
-            .unwrap()
-            .loss
-    };
+/// Compares `grad` with central finite differences of `loss` (in f64) for every element
+/// of every parameter not `skip`ped; skipped parameters must have zero gradient.
+/// Returns the number of elements checked.
+fn check_against_finite_differences(
+    params: &StateDictF64,
+    grad: &StateDictF64,
+    loss: impl Fn(&StateDictF64) -> f64,
+    skip: impl Fn(&str) -> bool,
+    what: &str,
+) -> usize {
     assert_eq!(
-        step.gradient.names().collect::<Vec<_>>(),
+        grad.names().collect::<Vec<_>>(),
         params.names().collect::<Vec<_>>()
     );
     let h = 1e-6;
     let mut checked = 0;
     for name in params.names() {
-        let g = step.gradient.get(name).unwrap();
-        if net.is_buffer(name) {
+        let g = grad.get(name).unwrap();
+        if skip(name) {
             assert!(g.iter().all(|&v| v == 0.0), "buffer {name} has a gradient");
             continue;
         }
@@ -39,16 +39,34 @@ fn check_batch_gradient<N: Network>(net: &N, params: &StateDictF64, mode: Mode) 
             let mut minus = params.clone();
             plus.get_mut(name).unwrap().as_slice_mut().unwrap()[idx] += h;
             minus.get_mut(name).unwrap().as_slice_mut().unwrap()[idx] -= h;
-            let numeric = (loss_at(&plus) - loss_at(&minus)) / (2.0 * h);
+            let numeric = (loss(&plus) - loss(&minus)) / (2.0 * h);
             let analytic = g.as_slice().unwrap()[idx];
-            let tol = 1e-6 * (1.0 + numeric.abs());
             assert!(
-                (numeric - analytic).abs() < tol,
-                "{name}[{idx}] ({mode:?}): numeric {numeric}, analytic {analytic}"
+                (numeric - analytic).abs() < 1e-6 * (1.0 + numeric.abs()),
+                "{name}[{idx}] ({what}): numeric {numeric}, analytic {analytic}"
             );
             checked += 1;
         }
     }
+    checked
+}
+
+/// Checks the gradient of `net`'s mean loss on a random batch.
+fn check_batch_gradient<N: Network>(net: &N, params: &StateDictF64, mode: Mode) {
+    let x = random_batch::<f64>(7, net.input_dim(), 11);
+    let labels: Vec<usize> = (0..7).map(|i| i % net.num_classes()).collect();
+    let batch = |p: &StateDictF64| {
+        net.batch_loss_and_gradient(p, x.view(), &labels, mode)
+            .unwrap()
+    };
+    let grad = batch(params).gradient;
+    let checked = check_against_finite_differences(
+        params,
+        &grad,
+        |p| batch(p).loss,
+        |n| net.is_buffer(n),
+        &format!("{mode:?}"),
+    );
     assert!(checked >= 15, "{checked}");
 }
 
@@ -78,31 +96,26 @@ fn dataset_gradient_matches_finite_differences() {
     randomise_running_stats(&res, &mut rp, 4);
     let task_m = Classification::new(&mlp, &data, 4).unwrap();
     let task_r = Classification::new(&res, &data, 4).unwrap();
-    fn check<O: Gradient<StateDictF64>>(task: &O, params: &StateDictF64, skip: &dyn Fn(&str) -> bool) {
+    fn check<O: Gradient<StateDictF64>>(
+        task: &O,
+        params: &StateDictF64,
+        skip: &dyn Fn(&str) -> bool,
+    ) {
         let (loss, grad) = task.loss_and_gradient(params).unwrap();
         assert!((loss - task.loss(params).unwrap()).abs() < 1e-12);
-        let h = 1e-6;
-        for name in params.names() {
-            if skip(name) {
-                continue;
-            }
-            for idx in 0..params.get(name).unwrap().len() {
-                let mut plus = params.clone();
-                let mut minus = params.clone();
-                plus.get_mut(name).unwrap().as_slice_mut().unwrap()[idx] += h;
-                minus.get_mut(name).unwrap().as_slice_mut().unwrap()[idx] -= h;
-                let numeric = (task.loss(&plus).unwrap() - task.loss(&minus).unwrap()) / (2.0 * h);
-                let analytic = grad.get(name).unwrap().as_slice().unwrap()[idx];
-                assert!(
-                    (numeric - analytic).abs() < 1e-6 * (1.0 + numeric.abs()),
-                    "{name}[{idx}]: numeric {numeric}, analytic {analytic}"
-                );
-            }
-        }
+        check_against_finite_differences(
+            params,
+            &grad,
+            |p| task.loss(p).unwrap(),
+            skip,
+            "data set",
+        );
     }
     check(&task_m, &mlp.init(0), &|_| false);
     check(&task_r, &rp, &|n| res.is_buffer(n));
-    check(&task_r.clone().with_mode(Mode::Train), &rp, &|n| res.is_buffer(n));
+    check(&task_r.clone().with_mode(Mode::Train), &rp, &|n| {
+        res.is_buffer(n)
+    });
 }
 
 #[test]
@@ -120,11 +133,23 @@ fn init_is_seeded_and_pytorch_like() {
     assert!(a.cast::<ArrayD<f64>>().max_abs_diff(&b).unwrap() < 1e-7);
     let res = ResMlp::new(4, 3, 5, 1, 2).unwrap();
     let r: StateDictF32 = res.init(0);
-    assert_eq!(r.get("blocks.0.norm.running_var").unwrap().iter().sum::<f32>(), 3.0);
-    assert_eq!(r.get("blocks.0.norm.weight").unwrap().iter().sum::<f32>(), 3.0);
+    assert_eq!(
+        r.get("blocks.0.norm.running_var")
+            .unwrap()
+            .iter()
+            .sum::<f32>(),
+        3.0
+    );
+    assert_eq!(
+        r.get("blocks.0.norm.weight").unwrap().iter().sum::<f32>(),
+        3.0
+    );
     assert_eq!(
         r.names().collect::<Vec<_>>(),
-        res.param_shapes().iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>()
+        res.shapes()
+            .iter()
+            .map(|(n, _)| n.as_str())
+            .collect::<Vec<_>>()
     );
 }
 
@@ -188,6 +213,7 @@ fn group_features_and_layer_inputs_have_documented_keys_and_shapes() {
     let tm = Classification::new(&mlp, &data, 4).unwrap();
     let tr = Classification::new(&res, &data, 4).unwrap();
     assert_eq!(Activations::<StateDictF32>::num_batches(&tm), 3);
+    assert_eq!(tm.num_batches(), 3);
     let f = tm.activations(&pm, 2).unwrap(); // last batch: 2 samples
     let keys: Vec<_> = f.keys().cloned().collect();
     assert_eq!(keys, vec!["hidden.0", "hidden.1"]);
@@ -203,13 +229,16 @@ fn group_features_and_layer_inputs_have_documented_keys_and_shapes() {
     assert_eq!(fr["blocks.0.hidden"].dim(), (4, 8));
     // Layer inputs: one per weight, the input of that layer.
     let li = tm.layer_inputs().activations(&pm, 0).unwrap();
-    assert_eq!(li.keys().cloned().collect::<Vec<_>>(), vec!["layers.0.weight", "layers.1.weight", "layers.2.weight"]);
+    assert_eq!(
+        li.keys().cloned().collect::<Vec<_>>(),
+        vec!["layers.0.weight", "layers.1.weight", "layers.2.weight"]
+    );
     let (x, _) = data.batch(0, 4).unwrap();
     assert_eq!(li["layers.0.weight"], x.to_owned());
     assert_eq!(li["layers.1.weight"], f_of(&tm, &pm, 0, "hidden.0"));
     let lr = tr.layer_inputs().activations(&pr, 0).unwrap();
     let weights: Vec<String> = res
-        .param_shapes()
+        .shapes()
         .into_iter()
         .filter(|(_, s)| s.len() == 2)
         .map(|(n, _)| n)
@@ -218,7 +247,7 @@ fn group_features_and_layer_inputs_have_documented_keys_and_shapes() {
     sorted.sort();
     assert_eq!(lr.keys().cloned().collect::<Vec<_>>(), sorted);
     for (name, feats) in &lr {
-        let in_dim = res.param_shapes().into_iter().find(|(n, _)| n == name).unwrap().1[1];
+        let in_dim = res.shapes().into_iter().find(|(n, _)| n == name).unwrap().1[1];
         assert_eq!(feats.dim(), (4, in_dim), "{name}");
     }
 }
@@ -263,7 +292,10 @@ fn bad_inputs_are_clear_errors() {
     let x = Array2::<f32>::zeros((4, 6));
     let e = mlp.forward(&p, x.view(), Mode::Eval).unwrap_err();
     assert!(matches!(e, Error::ShapeMismatch { .. }));
-    assert!(e.to_string().contains("[4, 5]") && e.to_string().contains("[4, 6]"), "{e}");
+    assert!(
+        e.to_string().contains("[4, 5]") && e.to_string().contains("[4, 6]"),
+        "{e}"
+    );
     // Empty batch.
     assert!(matches!(
         mlp.forward(&p, Array2::<f32>::zeros((0, 5)).view(), Mode::Eval),
@@ -276,19 +308,40 @@ fn bad_inputs_are_clear_errors() {
         .unwrap_err();
     assert!(e.to_string().contains("label 3"), "{e}");
     // Wrong number of labels.
-    assert!(mlp.batch_loss_and_gradient(&p, x.view(), &[0], Mode::Eval).is_err());
+    assert!(
+        mlp.batch_loss_and_gradient(&p, x.view(), &[0], Mode::Eval)
+            .is_err()
+    );
     // Missing parameter.
-    let missing: StateDictF32 = StateDict::from_pairs(p.iter().filter(|(n, _)| *n != "layers.1.bias").map(|(n, t)| (n, t.clone()))).unwrap();
+    let missing: StateDictF32 = StateDict::from_pairs(
+        p.iter()
+            .filter(|(n, _)| *n != "layers.1.bias")
+            .map(|(n, t)| (n, t.clone())),
+    )
+    .unwrap();
     let e = mlp.forward(&missing, x.view(), Mode::Eval).unwrap_err();
-    assert!(matches!(e, Error::MissingParam { ref name, .. } if name == "layers.1.bias"), "{e}");
+    assert!(
+        matches!(e, Error::MissingParam { ref name, .. } if name == "layers.1.bias"),
+        "{e}"
+    );
     // Wrong shape.
     let mut wrong = p.clone();
-    wrong.replace("layers.2.weight", ArrayD::zeros(vec![3, 7])).unwrap();
-    let e = mlp.forward(&wrong, x.view(), Mode::Eval).unwrap_err().to_string();
-    assert!(e.contains("layers.2.weight") && e.contains("[3, 6]") && e.contains("[3, 7]"), "{e}");
+    wrong
+        .replace("layers.2.weight", ArrayD::zeros(vec![3, 7]))
+        .unwrap();
+    let e = mlp
+        .forward(&wrong, x.view(), Mode::Eval)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("layers.2.weight") && e.contains("[3, 6]") && e.contains("[3, 7]"),
+        "{e}"
+    );
     // Extra parameter.
     let mut extra = p.clone();
-    extra.insert("layers.9.weight", ArrayD::zeros(vec![1])).unwrap();
+    extra
+        .insert("layers.9.weight", ArrayD::zeros(vec![1]))
+        .unwrap();
     let e = mlp.check_params(&extra).unwrap_err().to_string();
     assert!(e.contains("layers.9.weight"), "{e}");
     // A ResMlp's params do not fit the MLP.
@@ -315,4 +368,46 @@ fn bad_inputs_are_clear_errors() {
     // Architecture errors.
     assert!(Mlp::new(&[3]).is_err());
     assert!(ResMlp::new(3, 4, 0, 1, 2).is_err());
+}
+
+#[test]
+fn results_do_not_depend_on_the_number_of_threads() {
+    let (_, res) = nets();
+    let data = random_dataset(50, 5, 3, 3);
+    let mut p: StateDictF32 = res.init(0);
+    randomise_running_stats(&res, &mut p, 2);
+    let task = Classification::new(&res, &data, 4).unwrap();
+    let run = || {
+        let (loss, grad) = task.loss_and_gradient(&p).unwrap();
+        (loss, grad, task.logits(&p).unwrap())
+    };
+    let parallel = rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build()
+        .unwrap()
+        .install(run);
+    let serial = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .unwrap()
+        .install(run);
+    assert_eq!(parallel.0.to_bits(), serial.0.to_bits());
+    assert_eq!(parallel.1, serial.1);
+    assert_eq!(parallel.2, serial.2);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(16))]
+
+    /// By convexity of -ln, the ensemble's loss is at most the mean of its members'.
+    #[test]
+    fn ensemble_loss_is_at_most_the_mean_member_loss(s1 in 0u64..1000, s2 in 0u64..1000) {
+        let (mlp, _) = nets();
+        let data = random_dataset(20, 5, 3, s1 ^ s2);
+        let task = Classification::new(&mlp, &data, 8).unwrap();
+        let (a, b): (StateDictF64, StateDictF64) = (mlp.init(s1), mlp.init(s2));
+        let ens = task.evaluate_ensemble(&[&a, &b]).unwrap();
+        let mean = 0.5 * (task.loss(&a).unwrap() + task.loss(&b).unwrap());
+        prop_assert!(ens.loss <= mean + 1e-12, "{} > {}", ens.loss, mean);
+    }
 }

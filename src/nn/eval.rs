@@ -1,6 +1,8 @@
 //! A network paired with a data set: the crate's objective traits for the reference
 //! networks.
 
+use std::borrow::Cow;
+
 use ndarray::{Array2, Axis, concatenate};
 use rayon::prelude::*;
 
@@ -11,7 +13,7 @@ use crate::tensor::{Scalar, Tensor};
 
 use super::data::{Dataset, check_batch_size};
 use super::layers::{convert_batch, softmax_cross_entropy};
-use super::train::check_data;
+use super::train::{check_data, reset_running_stats};
 use super::{ForwardPass, Mode, Network};
 
 /// A classification task: a network evaluated on a data set in minibatches.
@@ -47,6 +49,7 @@ pub struct Classification<'a, N> {
     data: &'a Dataset,
     batch_size: usize,
     mode: Mode,
+    reset_stats: Option<&'a Dataset>,
 }
 
 /// Loss and accuracy of a network on a data set.
@@ -91,6 +94,7 @@ impl<'a, N: Network> Classification<'a, N> {
             data,
             batch_size,
             mode: Mode::Eval,
+            reset_stats: None,
         })
     }
 
@@ -108,6 +112,32 @@ impl<'a, N: Network> Classification<'a, N> {
     pub fn with_mode(mut self, mode: Mode) -> Self {
         self.mode = mode;
         self
+    }
+
+    /// The same task, but every model is first given fresh running statistics computed
+    /// on `data` ([`reset_running_stats`](super::reset_running_stats), in this task's
+    /// batch size) before its loss, gradient, error rate or logits are computed: the
+    /// usual way to evaluate interpolated or merged networks with batch normalisation.
+    /// [`Activations`] read the model as given. Costs one extra pass over `data` per
+    /// evaluation; a no-op for networks without buffers. Errors when `data` does not fit
+    /// the network.
+    ///
+    /// ```
+    /// use modelfusion::nn::{data, Classification, Network, ResMlp};
+    /// use modelfusion::{Model, Objective, StateDictF32};
+    /// let d = data::digits()?.head(100);
+    /// let net = ResMlp::new(64, 16, 32, 1, 10)?;
+    /// let mut p: StateDictF32 = net.init(0);
+    /// p.get_mut("blocks.0.norm.running_var").unwrap().fill(100.0); // stale statistics
+    /// let plain = Classification::new(&net, &d, 50)?;
+    /// let reset = plain.clone().with_reset_stats(&d)?;
+    /// assert_ne!(plain.loss(&p)?, reset.loss(&p)?);
+    /// # Ok::<(), modelfusion::Error>(())
+    /// ```
+    pub fn with_reset_stats(mut self, data: &'a Dataset) -> Result<Self> {
+        check_data(self.net, data)?;
+        self.reset_stats = Some(data);
+        Ok(self)
     }
 
     /// The network.
@@ -169,6 +199,7 @@ impl<'a, N: Network> Classification<'a, N> {
     /// # Ok::<(), modelfusion::Error>(())
     /// ```
     pub fn evaluate<T: Tensor>(&self, params: &StateDict<T>) -> Result<Evaluation> {
+        let params = &*self.prepare(params)?;
         let (mut loss, mut correct) = (0.0, 0usize);
         self.ordered_batches(
             |b| {
@@ -216,6 +247,7 @@ impl<'a, N: Network> Classification<'a, N> {
     /// # Ok::<(), modelfusion::Error>(())
     /// ```
     pub fn logits<T: Tensor>(&self, params: &StateDict<T>) -> Result<Array2<T::Elem>> {
+        let params = &*self.prepare(params)?;
         let mut parts = Vec::with_capacity(self.num_batches());
         self.ordered_batches(
             |b| Ok(self.forward_batch(params, b)?.0),
@@ -226,6 +258,88 @@ impl<'a, N: Network> Classification<'a, N> {
         )?;
         let views: Vec<_> = parts.iter().map(|p| p.view()).collect();
         concatenate(Axis(0), &views).map_err(|e| Error::invalid("logits", e.to_string()))
+    }
+
+    /// Loss and accuracy of the output ensemble of `models`: the mean of their softmax
+    /// probabilities, the baseline every fusion is compared with. The loss is the mean of
+    /// `-ln p(label)` under the averaged probabilities.
+    ///
+    /// ```
+    /// use modelfusion::nn::{data, Classification, Mlp, Network};
+    /// use modelfusion::StateDictF32;
+    /// let (d, net) = (data::digits()?.head(50), Mlp::new(&[64, 10])?);
+    /// let task = Classification::new(&net, &d, 16)?;
+    /// let (a, b): (StateDictF32, StateDictF32) = (net.init(0), net.init(1));
+    /// let single = task.evaluate(&a)?;
+    /// let same = task.evaluate_ensemble(&[&a, &a])?;
+    /// assert!((single.loss - same.loss).abs() < 1e-5 && single.accuracy == same.accuracy);
+    /// assert!(task.evaluate_ensemble(&[&a, &b])?.loss < 3.0);
+    /// assert!(task.evaluate_ensemble::<ndarray::ArrayD<f32>>(&[]).is_err());
+    /// # Ok::<(), modelfusion::Error>(())
+    /// ```
+    pub fn evaluate_ensemble<T: Tensor>(&self, models: &[&StateDict<T>]) -> Result<Evaluation> {
+        if models.is_empty() {
+            return Err(Error::empty("the list of ensemble members"));
+        }
+        let n = self.data.len();
+        let mut probs = Array2::<f64>::zeros((n, self.net.num_classes()));
+        for model in models {
+            let logits = self.logits(model)?.mapv(|v| v.to_f64_lossless());
+            probs += &super::softmax(logits.view());
+        }
+        probs /= models.len() as f64;
+        let predictions = super::predict(probs.view());
+        let mut loss = 0.0;
+        let mut correct = 0;
+        for ((row, &label), &pred) in probs.outer_iter().zip(self.data.y()).zip(&predictions) {
+            loss -= row[label].max(f64::MIN_POSITIVE).ln();
+            correct += usize::from(pred == label);
+        }
+        Ok(Evaluation {
+            loss: self.finite(loss / n as f64)?,
+            accuracy: correct as f64 / n as f64,
+            samples: n,
+        })
+    }
+
+    /// The mean loss and its gradient on one minibatch: batch `step % num_batches()`,
+    /// cycling through the data set in order (shuffle it first with
+    /// [`Dataset::shuffled`] for a random order). For stochastic training, e.g. as the
+    /// per-step gradient of curve fitting:
+    /// `|m, step| task.minibatch_loss_and_gradient(m, step)`.
+    ///
+    /// ```
+    /// use modelfusion::nn::{data, Classification, Mlp, Network};
+    /// use modelfusion::{Model, StateDictF32};
+    /// let (d, net) = (data::digits()?.shuffled(0), Mlp::new(&[64, 10])?);
+    /// let task = Classification::new(&net, &d, 64)?;
+    /// let p: StateDictF32 = net.init(0);
+    /// let (loss, grad) = task.minibatch_loss_and_gradient(&p, 3)?;
+    /// assert!(loss > 0.0 && grad.num_tensors() == 2);
+    /// assert_eq!(task.minibatch_loss_and_gradient(&p, 3 + task.num_batches())?.0, loss);
+    /// # Ok::<(), modelfusion::Error>(())
+    /// ```
+    pub fn minibatch_loss_and_gradient<T: Tensor>(
+        &self,
+        params: &StateDict<T>,
+        step: usize,
+    ) -> Result<(f64, StateDict<T>)> {
+        let b = step % self.num_batches().max(1);
+        self.batch_gradient(&*self.prepare(params)?, b)
+    }
+
+    /// The mean loss and gradient of batch `b` at `params` as given.
+    fn batch_gradient<T: Tensor>(
+        &self,
+        params: &StateDict<T>,
+        b: usize,
+    ) -> Result<(f64, StateDict<T>)> {
+        let (x, y) = self.data.batch(b, self.batch_size)?;
+        let x = convert_batch::<T::Elem>(x);
+        let out = self
+            .net
+            .batch_loss_and_gradient(params, x.view(), y, self.mode)?;
+        Ok((self.finite(out.loss)?, out.gradient))
     }
 
     /// `1 - accuracy` as an [`Objective`] (for loss barriers on the error rate).
@@ -259,7 +373,15 @@ impl<'a, N: Network> Classification<'a, N> {
         LayerInputs(self.clone())
     }
 
-    fn num_batches(&self) -> usize {
+    /// Number of batches the data set is evaluated in.
+    ///
+    /// ```
+    /// use modelfusion::nn::{data, Classification, Mlp};
+    /// let (d, net) = (data::digits()?, Mlp::new(&[64, 10])?);
+    /// assert_eq!(Classification::new(&net, &d, 1000)?.num_batches(), 2);
+    /// # Ok::<(), modelfusion::Error>(())
+    /// ```
+    pub fn num_batches(&self) -> usize {
         self.data.num_batches(self.batch_size)
     }
 
@@ -271,6 +393,19 @@ impl<'a, N: Network> Classification<'a, N> {
         let (x, _) = self.data.batch(b, self.batch_size)?;
         let x = convert_batch::<T::Elem>(x);
         self.net.forward(params, x.view(), self.mode)
+    }
+
+    /// `params`, with fresh running statistics if the task resets them.
+    fn prepare<'m, T: Tensor>(&self, params: &'m StateDict<T>) -> Result<Cow<'m, StateDict<T>>> {
+        match self.reset_stats {
+            Some(data) => Ok(Cow::Owned(reset_running_stats(
+                self.net,
+                params,
+                data,
+                self.batch_size,
+            )?)),
+            None => Ok(Cow::Borrowed(params)),
+        }
     }
 
     fn finite(&self, loss: f64) -> Result<f64> {
@@ -316,14 +451,12 @@ impl<N: Network, T: Tensor> Gradient<StateDict<T>> for Classification<'_, N> {
         let n = self.data.len() as f64;
         let mut loss = 0.0;
         let mut total: Option<StateDict<T>> = None;
+        let model = &*self.prepare(model)?;
         self.ordered_batches(
             |b| {
-                let (x, y) = self.data.batch(b, self.batch_size)?;
-                let x = convert_batch::<T::Elem>(x);
-                let step = self
-                    .net
-                    .batch_loss_and_gradient(model, x.view(), y, self.mode)?;
-                Ok((step.loss, y.len() as f64, step.gradient))
+                let size = self.data.batch(b, self.batch_size)?.1.len() as f64;
+                let (batch_loss, grad) = self.batch_gradient(model, b)?;
+                Ok((batch_loss, size, grad))
             },
             |(batch_loss, size, grad)| {
                 loss += batch_loss * size;
@@ -402,9 +535,23 @@ impl<N: Network, T: Tensor> Objective<StateDict<T>> for ErrorRate<'_, N> {
 #[derive(Clone, Debug)]
 pub struct LayerInputs<'a, N>(Classification<'a, N>);
 
+impl<N: Network> LayerInputs<'_, N> {
+    /// Number of batches the data set is read in.
+    ///
+    /// ```
+    /// use modelfusion::nn::{data, Classification, Mlp};
+    /// let (d, net) = (data::digits()?, Mlp::new(&[64, 10])?);
+    /// assert_eq!(Classification::new(&net, &d, 1000)?.layer_inputs().num_batches(), 2);
+    /// # Ok::<(), modelfusion::Error>(())
+    /// ```
+    pub fn num_batches(&self) -> usize {
+        self.0.num_batches()
+    }
+}
+
 impl<N: Network, T: Tensor> Activations<StateDict<T>> for LayerInputs<'_, N> {
     fn num_batches(&self) -> usize {
-        self.0.num_batches()
+        LayerInputs::num_batches(self)
     }
 
     fn activations(&self, model: &StateDict<T>, batch: usize) -> Result<Features<T::Elem>> {

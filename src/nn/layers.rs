@@ -2,7 +2,9 @@
 //! ReLU, batch normalisation, softmax cross-entropy and PyTorch-style initialisation.
 //! Every function works on `(samples, features)` matrices.
 
-use ndarray::{Array1, Array2, ArrayD, ArrayView1, ArrayView2, Axis, Ix1, Ix2, Zip};
+use ndarray::{
+    Array1, Array2, ArrayD, ArrayView, ArrayView1, ArrayView2, Axis, Dimension, Ix1, Ix2, Zip,
+};
 use rand::RngExt;
 use rand_chacha::ChaCha8Rng;
 
@@ -15,32 +17,39 @@ pub(crate) const BN_MOMENTUM: f64 = 0.1;
 /// Added to the variance before the square root (PyTorch's default).
 pub(crate) const BN_EPS: f64 = 1e-5;
 
+/// The parameter `name` viewed with dimension `D` (`Ix2` for a weight matrix, `Ix1` for a
+/// bias, a norm scale or a running statistic).
+fn param<'a, T: Tensor, D: Dimension>(
+    params: &'a StateDict<T>,
+    name: &str,
+) -> Result<ArrayView<'a, T::Elem, D>> {
+    let t = params.require(name, "the network parameters")?;
+    t.view().into_dimensionality::<D>().map_err(|_| {
+        Error::invalid(
+            name,
+            format!(
+                "expected {} axes, got shape {:?}",
+                D::NDIM.unwrap_or(0),
+                t.shape()
+            ),
+        )
+    })
+}
+
 /// The 2-d parameter `name` (a weight matrix).
 pub(crate) fn param2<'a, T: Tensor>(
     params: &'a StateDict<T>,
     name: &str,
 ) -> Result<ArrayView2<'a, T::Elem>> {
-    let t = params.require(name, "the network parameters")?;
-    t.view().into_dimensionality::<Ix2>().map_err(|_| {
-        Error::invalid(
-            name,
-            format!("expected a matrix, got shape {:?}", t.shape()),
-        )
-    })
+    param::<T, Ix2>(params, name)
 }
 
-/// The 1-d parameter `name` (a bias, a norm scale or a running statistic).
+/// The 1-d parameter `name`.
 pub(crate) fn param1<'a, T: Tensor>(
     params: &'a StateDict<T>,
     name: &str,
 ) -> Result<ArrayView1<'a, T::Elem>> {
-    let t = params.require(name, "the network parameters")?;
-    t.view().into_dimensionality::<Ix1>().map_err(|_| {
-        Error::invalid(
-            name,
-            format!("expected a vector, got shape {:?}", t.shape()),
-        )
-    })
+    param::<T, Ix1>(params, name)
 }
 
 /// `x W^T + b`.
@@ -164,23 +173,15 @@ pub(crate) fn batch_norm_backward<S: Scalar>(
     (dgamma, dbeta, dx)
 }
 
-/// The running statistics after one momentum update with the batch statistics of
-/// `cache` (unbiased variance, as PyTorch). `None` when the cache is from evaluation.
-pub(crate) fn running_stats_update<S: Scalar>(
-    running_mean: ArrayView1<S>,
-    running_var: ArrayView1<S>,
-    cache: &BnCache<S>,
-) -> Option<(Array1<S>, Array1<S>)> {
+/// The batch mean and unbiased batch variance (as PyTorch's running statistics use)
+/// of a training-mode cache; `None` for an evaluation-mode one.
+pub(crate) fn batch_statistics<S: Scalar>(cache: &BnCache<S>) -> Option<(Array1<S>, Array1<S>)> {
     if !cache.batch_stats {
         return None;
     }
     let n = cache.xhat.nrows() as f64;
-    let m = S::from_f64_lossy(BN_MOMENTUM);
-    let keep = S::one() - m;
     let unbias = S::from_f64_lossy(n / (n - 1.0));
-    let mean = &running_mean * keep + &cache.mean * m;
-    let var = &running_var * keep + cache.var.mapv(|v| v * unbias) * m;
-    Some((mean, var))
+    Some((cache.mean.clone(), cache.var.mapv(|v| v * unbias)))
 }
 
 /// Softmax cross-entropy of a batch: returns the summed loss (f64), the gradient of the
@@ -227,12 +228,13 @@ pub(crate) fn softmax_cross_entropy<S: Scalar>(
     Ok((total, grad, correct))
 }
 
-/// Index and value (as f64) of the largest entry; the first one on ties.
+/// Index and value (as f64) of the largest entry; the first one on ties. NaNs are
+/// ignored (a row of NaNs gives index 0 and negative infinity).
 pub(crate) fn argmax_row<S: Scalar>(row: ArrayView1<S>) -> (usize, f64) {
     let mut best = (0, f64::NEG_INFINITY);
     for (j, &z) in row.iter().enumerate() {
         let z = z.to_f64_lossless();
-        if z > best.1 || (j == 0 && z.is_nan()) {
+        if z > best.1 {
             best = (j, z);
         }
     }
@@ -263,6 +265,14 @@ pub(crate) fn init_linear<T: Tensor>(
 /// Converts a batch of `f32` inputs to the network's scalar type.
 pub(crate) fn convert_batch<S: Scalar>(x: ArrayView2<f32>) -> Array2<S> {
     x.mapv(|v| S::from_f64_lossy(f64::from(v)))
+}
+
+/// The rows `rows` of `x` (all in range), converted to the network's scalar type, in
+/// one copy.
+pub(crate) fn gather_rows<S: Scalar>(x: ArrayView2<f32>, rows: &[usize]) -> Array2<S> {
+    Array2::from_shape_fn((rows.len(), x.ncols()), |(i, j)| {
+        S::from_f64_lossy(f64::from(x[[rows[i], j]]))
+    })
 }
 
 #[cfg(test)]
@@ -298,10 +308,10 @@ mod tests {
         )
         .unwrap();
         assert!((y[[0, 0]] + 1.0).abs() < 1e-4 && (y[[1, 1]] - 1.0).abs() < 1e-4);
-        let (m, v) = running_stats_update(zeros.view(), ones.view(), &cache).unwrap();
+        let (m, v) = batch_statistics(&cache).unwrap();
         // mean (2, 4), unbiased variance (2, 8)
-        assert!((m[0] - 0.2).abs() < 1e-12 && (m[1] - 0.4).abs() < 1e-12);
-        assert!((v[0] - (0.9 + 0.2)).abs() < 1e-12 && (v[1] - (0.9 + 0.8)).abs() < 1e-12);
+        assert!((m[0] - 2.0).abs() < 1e-12 && (m[1] - 4.0).abs() < 1e-12);
+        assert!((v[0] - 2.0).abs() < 1e-12 && (v[1] - 8.0).abs() < 1e-12);
         let one = array![[1.0f64, 2.0]];
         assert!(
             batch_norm(

@@ -7,6 +7,8 @@ use rand_chacha::ChaCha8Rng;
 use crate::error::{Error, Result};
 use crate::model::StateDict;
 use crate::objective::Features;
+use crate::perm::PermutationSpec;
+use crate::perm::specs::{Architecture, MlpShapes};
 use crate::tensor::{Scalar, Tensor};
 
 use super::layers::{self, linear, linear_backward, param1, param2};
@@ -20,15 +22,17 @@ use super::{ForwardPass, Mode, Network};
 ///
 /// ```
 /// use modelfusion::nn::{Mlp, Network};
+/// use modelfusion::perm::specs::Architecture;
 /// let net = Mlp::new(&[64, 128, 128, 10])?;
 /// assert_eq!(net.num_hidden(), 2);
 /// assert_eq!(net.groups(), vec![("hidden.0".to_string(), 128), ("hidden.1".to_string(), 128)]);
-/// assert_eq!(net.param_shapes()[2], ("layers.1.weight".to_string(), vec![128, 128]));
+/// assert_eq!(net.shapes()[2], ("layers.1.weight".to_string(), vec![128, 128]));
+/// assert_eq!(net.spec().num_groups(), 2); // the ready spec `perm::specs::mlp(2)`
 /// # Ok::<(), modelfusion::Error>(())
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Mlp {
-    sizes: Vec<usize>,
+    shapes: MlpShapes,
 }
 
 /// What [`Mlp::forward`](Network::forward) keeps: the input of every layer.
@@ -50,20 +54,8 @@ impl Mlp {
     /// assert!(Mlp::new(&[784, 0, 10]).is_err());
     /// ```
     pub fn new(sizes: &[usize]) -> Result<Self> {
-        if sizes.len() < 2 {
-            return Err(Error::invalid(
-                "sizes",
-                format!("an MLP needs at least an input and an output size, got {sizes:?}"),
-            ));
-        }
-        if let Some(i) = sizes.iter().position(|&s| s == 0) {
-            return Err(Error::invalid(
-                "sizes",
-                format!("layer size {i} is zero in {sizes:?}"),
-            ));
-        }
         Ok(Mlp {
-            sizes: sizes.to_vec(),
+            shapes: MlpShapes::new(sizes)?,
         })
     }
 
@@ -74,7 +66,7 @@ impl Mlp {
     /// # Ok::<(), modelfusion::Error>(())
     /// ```
     pub fn sizes(&self) -> &[usize] {
-        &self.sizes
+        self.shapes.sizes()
     }
 
     /// Number of hidden layers (permutation groups).
@@ -84,11 +76,23 @@ impl Mlp {
     /// # Ok::<(), modelfusion::Error>(())
     /// ```
     pub fn num_hidden(&self) -> usize {
-        self.sizes.len() - 2
+        self.sizes().len() - 2
     }
 
     fn num_layers(&self) -> usize {
-        self.sizes.len() - 1
+        self.sizes().len() - 1
+    }
+}
+
+/// The ready permutation spec [`perm::specs::mlp`](crate::perm::specs::mlp) and the
+/// parameter shapes.
+impl Architecture for Mlp {
+    fn spec(&self) -> PermutationSpec {
+        self.shapes.spec()
+    }
+
+    fn shapes(&self) -> Vec<(String, Vec<usize>)> {
+        self.shapes.shapes()
     }
 }
 
@@ -96,32 +100,20 @@ impl Network for Mlp {
     type Cache<S: Scalar> = MlpCache<S>;
 
     fn describe(&self) -> String {
-        format!("MLP {:?}", self.sizes)
+        format!("MLP {:?}", self.sizes())
     }
 
     fn input_dim(&self) -> usize {
-        self.sizes[0]
+        self.sizes()[0]
     }
 
     fn num_classes(&self) -> usize {
-        self.sizes[self.sizes.len() - 1]
-    }
-
-    fn param_shapes(&self) -> Vec<(String, Vec<usize>)> {
-        (0..self.num_layers())
-            .flat_map(|i| {
-                let (fan_in, out) = (self.sizes[i], self.sizes[i + 1]);
-                [
-                    (format!("layers.{i}.weight"), vec![out, fan_in]),
-                    (format!("layers.{i}.bias"), vec![out]),
-                ]
-            })
-            .collect()
+        self.sizes()[self.sizes().len() - 1]
     }
 
     fn groups(&self) -> Vec<(String, usize)> {
         (0..self.num_hidden())
-            .map(|i| (format!("hidden.{i}"), self.sizes[i + 1]))
+            .map(|i| (format!("hidden.{i}"), self.sizes()[i + 1]))
             .collect()
     }
 
@@ -133,8 +125,8 @@ impl Network for Mlp {
             let _ = layers::init_linear(
                 &mut params,
                 &format!("layers.{i}"),
-                self.sizes[i + 1],
-                self.sizes[i],
+                self.sizes()[i + 1],
+                self.sizes()[i],
                 &mut rng,
             );
         }

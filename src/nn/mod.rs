@@ -7,11 +7,16 @@
 //!
 //! # Networks
 //!
-//! Parameters live in a [`StateDict`] of `ndarray::ArrayD<S>` (`S` = `f32` or `f64`),
-//! in PyTorch layout (a linear weight is `(out, in)`), with PyTorch's names, so the
-//! permutation specs of `modelfusion::perm` (`mlp(num_hidden)`, `res_mlp(num_blocks)`)
-//! apply to them directly. The networks' methods are generic over the tensor type `T`
-//! (any [`Tensor`]; usually `ArrayD<f32>`, or `ArrayD<f64>` for gradient checks).
+//! Parameters live in a [`StateDict`] (usually [`StateDictF32`](crate::StateDictF32)),
+//! in PyTorch layout (a linear weight is `(out, in)`) and with PyTorch-style names, so
+//! the ready permutation specs [`perm::specs::mlp`](crate::perm::specs::mlp)`(num_hidden)`
+//! and [`perm::specs::res_mlp`](crate::perm::specs::res_mlp)`(num_blocks)` apply to them
+//! directly; every network is an [`Architecture`], so `net.spec()` returns its spec and
+//! `net.shapes()` its parameter shapes. The networks' methods are generic over the
+//! tensor type `T` (any
+//! [`Tensor`]; usually `ArrayD<f32>`, or `ArrayD<f64>` for gradient checks), and the
+//! architecture value holds no weights: `net.init(seed)` makes a state dict, and every
+//! call takes one.
 //!
 //! **[`Mlp`]**, built from layer sizes `[in, h1, ..., hk, out]`:
 //!
@@ -45,18 +50,33 @@
 //! # Evaluating and training
 //!
 //! [`Classification`] pairs a network with a [`Dataset`] and implements the crate's
-//! [`Objective`](crate::Objective) (mean cross-entropy), [`Gradient`](crate::Gradient)
-//! and [`Activations`](crate::Activations) (features keyed by permutation group);
-//! [`ErrorRate`] is `1 - accuracy`, [`LayerInputs`] gives the input of every linear layer
-//! keyed by its weight's name (RegMean). [`train`] runs minibatch SGD (momentum, Nesterov,
-//! weight decay) or Adam as configured by a validated [`TrainConfig`].
+//! [`Objective`](crate::Objective) (mean cross-entropy over the data set),
+//! [`Gradient`](crate::Gradient) and [`Activations`](crate::Activations) (features keyed
+//! by permutation group: post-ReLU units for `hidden.{i}` and `blocks.{j}.hidden`; for
+//! `residual`, the stream after the stem and after every block stacked as extra rows).
+//! It also gives the logits of the whole data set ([`Classification::logits`]), the
+//! output ensemble of several models ([`Classification::evaluate_ensemble`]: averaged
+//! [`softmax`] probabilities), one minibatch's gradient
+//! ([`Classification::minibatch_loss_and_gradient`], for stochastic training), the
+//! error rate ([`ErrorRate`], `1 - accuracy`, for barriers on the error) and the input of
+//! every linear layer keyed by its weight's name ([`LayerInputs`], for RegMean and
+//! REPAIR). Normalisation uses running statistics unless switched to batch statistics
+//! with [`Classification::with_mode`], or recomputed on data for every evaluated model
+//! with [`Classification::with_reset_stats`] (for interpolated or merged networks).
+//!
+//! [`train`] (or [`train_with`], with a per-epoch callback) runs minibatch SGD
+//! (momentum, Nesterov, weight decay) or Adam, with seeded shuffling, as configured by a
+//! validated [`TrainConfig`]. [`reset_running_stats`] recomputes the norm statistics of
+//! an interpolated or merged network on data. Data: the embedded UCI digits ([`data::digits`]),
+//! Fashion-MNIST ([`data::fashion_mnist`]) and any IDX files ([`data::read_idx`]).
 //!
 //! ```
 //! use modelfusion::nn::{data, train, Classification, Mlp, Network, OptimizerConfig, TrainConfig};
+//! use modelfusion::StateDictF32;
 //!
 //! let (train_set, test_set) = data::digits()?.split(0.2, 0)?;
 //! let net = Mlp::new(&[64, 32, 10])?;
-//! let init = net.init::<ArrayD<f32>>(1);
+//! let init: StateDictF32 = net.init(1);
 //! let config = TrainConfig::new(OptimizerConfig::adam(1e-2)?, 3, 32, 7)?;
 //! let trained = train(&net, &init, &train_set, &config)?;
 //! assert_eq!(trained.loss_history.len(), 3);
@@ -74,20 +94,24 @@ mod train;
 
 use std::fmt::Debug;
 
-use ndarray::{Array2, ArrayView2, Axis};
+use ndarray::{Array1, Array2, ArrayView2, Axis};
 
 use crate::error::{Error, Result};
 use crate::model::{Model, StateDict};
 use crate::objective::Features;
 use crate::tensor::{Scalar, Tensor};
 
+/// Re-exported: every [`Network`] is an [`Architecture`] (shapes and permutation spec).
+pub use crate::perm::specs::Architecture;
 pub use data::Dataset;
 pub use eval::{Classification, ErrorRate, Evaluation, LayerInputs};
 pub use mlp::Mlp;
 pub use mlp::MlpCache;
 pub use res_mlp::ResMlp;
 pub use res_mlp::ResMlpCache;
-pub use train::{LrSchedule, OptimizerConfig, TrainConfig, Trained, train};
+pub use train::{
+    LrSchedule, OptimizerConfig, TrainConfig, Trained, reset_running_stats, train, train_with,
+};
 
 /// How normalisation layers compute their statistics in a forward pass.
 ///
@@ -109,8 +133,11 @@ pub enum Mode {
 /// batches. Implemented by [`Mlp`] and [`ResMlp`]; the objectives in this module are
 /// written once against it.
 ///
-/// Required methods describe the architecture (parameter shapes, buffers, permutation
-/// groups) and run one batch forward and backward. The provided ones validate
+/// A network is an [`Architecture`]: its parameter names and shapes
+/// ([`shapes`](Architecture::shapes), in state-dict order) and its permutation spec
+/// ([`spec`](Architecture::spec)). Required methods describe the rest of the
+/// architecture (buffers, permutation group widths) and run one batch forward and
+/// backward. The provided ones validate
 /// parameters and inputs, and compute logits and a batch's loss and gradient.
 ///
 /// ```
@@ -118,7 +145,7 @@ pub enum Mode {
 /// use ndarray::Array2;
 ///
 /// let net = Mlp::new(&[4, 3, 2])?;
-/// let params = net.init::<ArrayD<f64>>(0);
+/// let params = net.init::<ndarray::ArrayD<f64>>(0);
 /// let x = Array2::from_elem((5, 4), 0.5);
 /// let (logits, cache) = net.forward(&params, x.view(), Mode::Eval)?;
 /// assert_eq!(logits.dim(), (5, 2));
@@ -127,7 +154,7 @@ pub enum Mode {
 /// # use modelfusion::Model;
 /// # Ok::<(), modelfusion::Error>(())
 /// ```
-pub trait Network: Clone + Debug + Send + Sync {
+pub trait Network: Architecture + Clone + Debug + Send + Sync {
     /// What a forward pass keeps for the backward pass and for feature extraction.
     type Cache<S: Scalar>: Send;
 
@@ -137,8 +164,6 @@ pub trait Network: Clone + Debug + Send + Sync {
     fn input_dim(&self) -> usize;
     /// Number of output classes (logits).
     fn num_classes(&self) -> usize;
-    /// Every parameter's name and shape, in state-dict order.
-    fn param_shapes(&self) -> Vec<(String, Vec<usize>)>;
     /// Permutation groups `(name, width)`, in order.
     fn groups(&self) -> Vec<(String, usize)>;
     /// True for buffers: state-dict entries that are not trained by gradient (running
@@ -167,15 +192,53 @@ pub trait Network: Clone + Debug + Send + Sync {
         cache: &Self::Cache<T::Elem>,
         dlogits: ArrayView2<T::Elem>,
     ) -> Result<StateDict<T>>;
-    /// New values of the buffers after a training-mode forward pass (momentum update of
-    /// the running statistics); empty for networks without buffers or an
+    /// The batch statistics of a training-mode forward pass, keyed by the buffer they
+    /// feed (`blocks.{j}.norm.running_mean`: the batch mean; `...running_var`: the
+    /// unbiased batch variance); empty for networks without buffers or an
     /// evaluation-mode cache.
+    fn batch_statistics<S: Scalar>(&self, _cache: &Self::Cache<S>) -> Vec<(String, Array1<S>)> {
+        Vec::new()
+    }
+    /// New values of the buffers after a training-mode forward pass: the momentum update
+    /// `(1 - 0.1) * running + 0.1 * batch` of every statistic in
+    /// [`batch_statistics`](Network::batch_statistics).
+    ///
+    /// ```
+    /// use modelfusion::nn::{Mode, Network, ResMlp};
+    /// use modelfusion::{Model, StateDictF64};
+    /// let net = ResMlp::new(2, 2, 2, 1, 2)?;
+    /// let p: StateDictF64 = net.init(0);
+    /// let x = ndarray::array![[1.0, 0.0], [0.0, 1.0], [2.0, 2.0]];
+    /// let (_, cache) = net.forward(&p, x.view(), Mode::Train)?;
+    /// let update = net.running_stats_update(&p, &cache)?;
+    /// assert_eq!(update.len(), 2);
+    /// assert_eq!(update[0].0, "blocks.0.norm.running_mean");
+    /// let (_, eval_cache) = net.forward(&p, x.view(), Mode::Eval)?;
+    /// assert!(net.running_stats_update(&p, &eval_cache)?.is_empty());
+    /// # Ok::<(), modelfusion::Error>(())
+    /// ```
     fn running_stats_update<T: Tensor>(
         &self,
-        _params: &StateDict<T>,
-        _cache: &Self::Cache<T::Elem>,
+        params: &StateDict<T>,
+        cache: &Self::Cache<T::Elem>,
     ) -> Result<Vec<(String, T)>> {
-        Ok(Vec::new())
+        let m = T::Elem::from_f64_lossy(layers::BN_MOMENTUM);
+        let keep = T::Elem::from_f64_lossy(1.0 - layers::BN_MOMENTUM);
+        self.batch_statistics(cache)
+            .into_iter()
+            .map(|(name, batch)| {
+                let old = layers::param1(params, &name)?;
+                if old.len() != batch.len() {
+                    return Err(Error::shape(
+                        format!("buffer `{name}`"),
+                        &[batch.len()],
+                        old.shape(),
+                    ));
+                }
+                let new = &old * keep + batch * m;
+                Ok((name, T::from_array(new.into_dyn())))
+            })
+            .collect()
     }
     /// Features at every permutation group, `(samples, width)` each: the post-ReLU
     /// hidden units; for a residual stream, the stream after the stem and after every
@@ -194,14 +257,14 @@ pub trait Network: Clone + Debug + Send + Sync {
     /// use ndarray::ArrayD;
     ///
     /// let net = Mlp::new(&[4, 3, 2])?;
-    /// let mut params = net.init::<ArrayD<f32>>(0);
+    /// let mut params = net.init::<ndarray::ArrayD<f32>>(0);
     /// params.replace("layers.1.weight", ArrayD::zeros(vec![2, 5]))?;
     /// let e = net.check_params(&params).unwrap_err().to_string();
     /// assert!(e.contains("layers.1.weight") && e.contains("[2, 3]") && e.contains("[2, 5]"));
     /// # Ok::<(), modelfusion::Error>(())
     /// ```
     fn check_params<T: Tensor>(&self, params: &StateDict<T>) -> Result<()> {
-        let expected = self.param_shapes();
+        let expected = self.shapes();
         for (name, shape) in &expected {
             let t = params.get(name).ok_or_else(|| Error::MissingParam {
                 name: name.clone(),
@@ -258,7 +321,7 @@ pub trait Network: Clone + Debug + Send + Sync {
     /// ```
     /// use modelfusion::nn::{Mlp, Network};
     /// let net = Mlp::new(&[4, 3, 2])?;
-    /// let logits = net.logits(&net.init::<ArrayD<f32>>(0), ndarray::Array2::zeros((6, 4)).view())?;
+    /// let logits = net.logits(&net.init::<ndarray::ArrayD<f32>>(0), ndarray::Array2::zeros((6, 4)).view())?;
     /// assert_eq!(logits.dim(), (6, 2));
     /// # Ok::<(), modelfusion::Error>(())
     /// ```
@@ -277,9 +340,9 @@ pub trait Network: Clone + Debug + Send + Sync {
     /// use modelfusion::nn::{Mlp, Mode, Network};
     /// let net = Mlp::new(&[4, 3, 2])?;
     /// let x = ndarray::Array2::<f64>::zeros((2, 4));
-    /// let step = net.batch_loss_and_gradient(&net.init::<ArrayD<f64>>(0), x.view(), &[0, 1], Mode::Train)?;
+    /// let step = net.batch_loss_and_gradient(&net.init::<ndarray::ArrayD<f64>>(0), x.view(), &[0, 1], Mode::Train)?;
     /// assert!(step.loss > 0.0);
-    /// assert!(net.batch_loss_and_gradient(&net.init::<ArrayD<f64>>(0), x.view(), &[0, 2], Mode::Train).is_err());
+    /// assert!(net.batch_loss_and_gradient(&net.init::<ndarray::ArrayD<f64>>(0), x.view(), &[0, 2], Mode::Train).is_err());
     /// # Ok::<(), modelfusion::Error>(())
     /// ```
     fn batch_loss_and_gradient<T: Tensor>(
@@ -315,7 +378,7 @@ pub type ForwardPass<N, T> = (
 /// ```
 /// use modelfusion::nn::{Mlp, Mode, Network};
 /// let net = Mlp::new(&[2, 2])?;
-/// let step = net.batch_loss_and_gradient(&net.init::<ArrayD<f32>>(0), ndarray::Array2::zeros((1, 2)).view(), &[1], Mode::Eval)?;
+/// let step = net.batch_loss_and_gradient(&net.init::<ndarray::ArrayD<f32>>(0), ndarray::Array2::zeros((1, 2)).view(), &[1], Mode::Eval)?;
 /// assert!(step.correct <= 1);
 /// # Ok::<(), modelfusion::Error>(())
 /// ```

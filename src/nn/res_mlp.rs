@@ -1,12 +1,14 @@
 //! The residual MLP with batch normalisation.
 
-use ndarray::{Array2, ArrayD, ArrayView2, concatenate};
+use ndarray::{Array1, Array2, ArrayD, ArrayView2, concatenate};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use crate::error::{Error, Result};
 use crate::model::StateDict;
 use crate::objective::Features;
+use crate::perm::PermutationSpec;
+use crate::perm::specs::{Architecture, ResMlpShapes};
 use crate::tensor::{Scalar, Tensor};
 
 use super::layers::{self, BnCache, linear, linear_backward, param1, param2};
@@ -24,12 +26,14 @@ use super::{ForwardPass, Mode, Network};
 ///
 /// ```
 /// use modelfusion::nn::{Network, ResMlp};
+/// use modelfusion::perm::specs::Architecture;
 /// let net = ResMlp::new(64, 32, 64, 2, 10)?;
 /// assert_eq!(net.groups()[0], ("residual".to_string(), 32));
 /// assert_eq!(net.groups()[2], ("blocks.1.hidden".to_string(), 64));
 /// assert!(net.is_buffer("blocks.0.norm.running_var"));
 /// assert!(!net.is_buffer("blocks.0.norm.weight"));
-/// assert_eq!(net.param_shapes().len(), 2 + 2 * 8 + 2);
+/// assert_eq!(net.shapes().len(), 2 + 2 * 8 + 2);
+/// assert_eq!(net.spec().num_groups(), 3); // the ready spec `perm::specs::res_mlp(2)`
 /// # Ok::<(), modelfusion::Error>(())
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -76,16 +80,8 @@ impl ResMlp {
         num_blocks: usize,
         num_classes: usize,
     ) -> Result<Self> {
-        for (name, v) in [
-            ("input_dim", input_dim),
-            ("width", width),
-            ("hidden", hidden),
-            ("num_classes", num_classes),
-        ] {
-            if v == 0 {
-                return Err(Error::invalid(name, "must be positive, got 0"));
-            }
-        }
+        // Validates every size but the number of blocks.
+        ResMlpShapes::new(input_dim, width, hidden, num_blocks, num_classes)?;
         Ok(ResMlp {
             input_dim,
             width,
@@ -128,6 +124,30 @@ impl ResMlp {
 
 const NORM_BUFFERS: [&str; 2] = ["running_mean", "running_var"];
 
+impl ResMlp {
+    fn arch(&self) -> ResMlpShapes {
+        ResMlpShapes {
+            input: self.input_dim,
+            width: self.width,
+            hidden: self.hidden,
+            blocks: self.num_blocks,
+            classes: self.num_classes,
+        }
+    }
+}
+
+/// The ready permutation spec [`perm::specs::res_mlp`](crate::perm::specs::res_mlp) and
+/// the parameter shapes.
+impl Architecture for ResMlp {
+    fn spec(&self) -> PermutationSpec {
+        self.arch().spec()
+    }
+
+    fn shapes(&self) -> Vec<(String, Vec<usize>)> {
+        self.arch().shapes()
+    }
+}
+
 impl Network for ResMlp {
     type Cache<S: Scalar> = ResMlpCache<S>;
 
@@ -144,26 +164,6 @@ impl Network for ResMlp {
 
     fn num_classes(&self) -> usize {
         self.num_classes
-    }
-
-    fn param_shapes(&self) -> Vec<(String, Vec<usize>)> {
-        let (d, h) = (self.width, self.hidden);
-        let mut v = vec![
-            ("stem.weight".to_string(), vec![d, self.input_dim]),
-            ("stem.bias".to_string(), vec![d]),
-        ];
-        for j in 0..self.num_blocks {
-            for p in ["weight", "bias", "running_mean", "running_var"] {
-                v.push((format!("blocks.{j}.norm.{p}"), vec![d]));
-            }
-            v.push((format!("blocks.{j}.fc1.weight"), vec![h, d]));
-            v.push((format!("blocks.{j}.fc1.bias"), vec![h]));
-            v.push((format!("blocks.{j}.fc2.weight"), vec![d, h]));
-            v.push((format!("blocks.{j}.fc2.bias"), vec![d]));
-        }
-        v.push(("head.weight".to_string(), vec![self.num_classes, d]));
-        v.push(("head.bias".to_string(), vec![self.num_classes]));
-        v
     }
 
     fn groups(&self) -> Vec<(String, usize)> {
@@ -339,7 +339,7 @@ impl Network for ResMlp {
         let mut by_name: std::collections::HashMap<String, ArrayD<T::Elem>> =
             grads.into_iter().collect();
         let mut out = StateDict::new();
-        for (name, shape) in self.param_shapes() {
+        for (name, shape) in self.shapes() {
             let g = by_name
                 .remove(&name)
                 .map_or_else(|| T::zeros(&shape), T::from_array);
@@ -348,22 +348,15 @@ impl Network for ResMlp {
         Ok(out)
     }
 
-    fn running_stats_update<T: Tensor>(
-        &self,
-        params: &StateDict<T>,
-        cache: &ResMlpCache<T::Elem>,
-    ) -> Result<Vec<(String, T)>> {
+    fn batch_statistics<S: Scalar>(&self, cache: &ResMlpCache<S>) -> Vec<(String, Array1<S>)> {
         let mut out = Vec::new();
         for (j, bc) in cache.blocks.iter().enumerate() {
-            let pre = format!("blocks.{j}.norm");
-            let rm = param1(params, &format!("{pre}.running_mean"))?;
-            let rv = param1(params, &format!("{pre}.running_var"))?;
-            if let Some((m, v)) = layers::running_stats_update(rm, rv, &bc.norm) {
-                out.push((format!("{pre}.running_mean"), T::from_array(m.into_dyn())));
-                out.push((format!("{pre}.running_var"), T::from_array(v.into_dyn())));
+            if let Some((m, v)) = layers::batch_statistics(&bc.norm) {
+                out.push((format!("blocks.{j}.norm.running_mean"), m));
+                out.push((format!("blocks.{j}.norm.running_var"), v));
             }
         }
-        Ok(out)
+        out
     }
 
     fn group_features<S: Scalar>(&self, cache: &ResMlpCache<S>) -> Features<S> {

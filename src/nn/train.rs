@@ -2,7 +2,7 @@
 //! optional L2 weight decay, a constant or cosine learning-rate schedule, seeded
 //! shuffling.
 
-use ndarray::{ArrayD, Axis, Zip};
+use ndarray::{Array1, ArrayD, Zip};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
@@ -12,7 +12,7 @@ use crate::model::{Model, StateDict};
 use crate::tensor::{Scalar, Tensor};
 
 use super::data::Dataset;
-use super::layers::convert_batch;
+use super::layers::{convert_batch, gather_rows};
 use super::{Mode, Network};
 
 /// The optimiser and its hyperparameters. Build it with [`sgd`](OptimizerConfig::sgd),
@@ -406,6 +406,36 @@ pub fn train<N: Network, T: Tensor>(
     data: &Dataset,
     config: &TrainConfig,
 ) -> Result<Trained<T>> {
+    train_with(net, init, data, config, |_, _, _| Ok(()))
+}
+
+/// As [`train`], calling `on_epoch(epoch, params, mean_loss)` after every epoch (e.g. to
+/// keep checkpoints for SWA or LAWA, or to evaluate on held-out data); an error from
+/// the callback stops training and is returned.
+///
+/// ```
+/// use modelfusion::nn::{data, train_with, Mlp, Network, OptimizerConfig, TrainConfig};
+/// use modelfusion::StateDictF32;
+/// let d = data::digits()?.head(100);
+/// let net = Mlp::new(&[64, 10])?;
+/// let init: StateDictF32 = net.init(0);
+/// let mut checkpoints = Vec::new();
+/// let config = TrainConfig::new(OptimizerConfig::adam(1e-2)?, 3, 25, 0)?;
+/// let t = train_with(&net, &init, &d, &config, |epoch, params, _loss| {
+///     checkpoints.push((epoch, params.clone()));
+///     Ok(())
+/// })?;
+/// assert_eq!(checkpoints.len(), 3);
+/// assert_eq!(checkpoints[2].1, t.params);
+/// # Ok::<(), modelfusion::Error>(())
+/// ```
+pub fn train_with<N: Network, T: Tensor>(
+    net: &N,
+    init: &StateDict<T>,
+    data: &Dataset,
+    config: &TrainConfig,
+    mut on_epoch: impl FnMut(usize, &StateDict<T>, f64) -> Result<()>,
+) -> Result<Trained<T>> {
     config.optimizer.validate()?;
     net.check_params(init)?;
     check_data(net, data)?;
@@ -425,7 +455,7 @@ pub fn train<N: Network, T: Tensor>(
             if has_buffers && chunk.len() == 1 && data.len() > 1 {
                 continue;
             }
-            let x = convert_batch::<T::Elem>(data.x().select(Axis(0), chunk).view());
+            let x = gather_rows::<T::Elem>(data.x().view(), chunk);
             let y: Vec<usize> = chunk.iter().map(|&i| data.y()[i]).collect();
             let step = net.batch_loss_and_gradient(&params, x.view(), &y, Mode::Train)?;
             if !step.loss.is_finite() {
@@ -449,12 +479,79 @@ pub fn train<N: Network, T: Tensor>(
         let seen_f = seen.max(1) as f64;
         loss_history.push(loss_sum / seen_f);
         accuracy_history.push(correct as f64 / seen_f);
+        on_epoch(epoch, &params, loss_sum / seen_f)?;
     }
     Ok(Trained {
         params,
         loss_history,
         accuracy_history,
     })
+}
+
+/// Recomputes every buffer (running statistic) of `params` from `data`: each batch runs
+/// forward with batch statistics, and each buffer becomes the sample-weighted mean of its
+/// batch statistics over the data set (PyTorch's cumulative average, `momentum=None`,
+/// weighted by batch size). This is the usual repair of batch-norm statistics after
+/// interpolating or merging networks. Every other parameter is returned unchanged, and a
+/// network without buffers gets `params` back as they are. A final batch of a single
+/// sample is skipped.
+///
+/// ```
+/// use modelfusion::nn::{data, reset_running_stats, Classification, Network, ResMlp};
+/// use modelfusion::{Model, StateDictF32};
+/// let d = data::digits()?.head(200);
+/// let net = ResMlp::new(64, 16, 32, 2, 10)?;
+/// let p: StateDictF32 = net.init(0);
+/// let fresh = reset_running_stats(&net, &p, &d, 50)?;
+/// assert_ne!(fresh.get("blocks.1.norm.running_var"), p.get("blocks.1.norm.running_var"));
+/// assert_eq!(fresh.get("blocks.1.fc1.weight"), p.get("blocks.1.fc1.weight"));
+/// # Ok::<(), modelfusion::Error>(())
+/// ```
+pub fn reset_running_stats<N: Network, T: Tensor>(
+    net: &N,
+    params: &StateDict<T>,
+    data: &Dataset,
+    batch_size: usize,
+) -> Result<StateDict<T>> {
+    super::data::check_batch_size(batch_size)?;
+    net.check_params(params)?;
+    check_data(net, data)?;
+    if !params.names().any(|n| net.is_buffer(n)) {
+        return Ok(params.clone());
+    }
+    let mut sums: Vec<(String, Array1<f64>)> = Vec::new();
+    let mut total = 0usize;
+    for (x, _) in data.batches(batch_size)? {
+        let n = x.nrows();
+        if n < 2 && data.len() >= 2 {
+            continue;
+        }
+        let x = convert_batch::<T::Elem>(x);
+        let (_, cache) = net.forward(params, x.view(), Mode::Train)?;
+        let stats = net.batch_statistics(&cache);
+        if sums.is_empty() {
+            sums = stats
+                .iter()
+                .map(|(name, s)| (name.clone(), Array1::zeros(s.len())))
+                .collect();
+        }
+        for ((_, acc), (_, s)) in sums.iter_mut().zip(&stats) {
+            acc.zip_mut_with(s, |a, &b| *a += b.to_f64_lossless() * n as f64);
+        }
+        total += n;
+    }
+    if total == 0 {
+        return Err(Error::invalid(
+            "data",
+            "recomputing batch statistics needs batches of at least 2 samples",
+        ));
+    }
+    let mut out = params.clone();
+    for (name, acc) in sums {
+        let value = acc.mapv(|v| T::Elem::from_f64_lossy(v / total as f64));
+        out.replace(&name, T::from_array(value.into_dyn()))?;
+    }
+    Ok(out)
 }
 
 /// Errors unless `data` fits `net`: non-empty, the right feature count, no more classes

@@ -85,7 +85,11 @@ pub fn res_mlp_group_axes(net: &ResMlp, block: Option<usize>) -> Vec<(String, us
 }
 
 /// Applies `perm` (new index i holds old index perm[i]) on every listed axis.
-pub fn permute<T: Tensor>(params: &StateDict<T>, axes: &[(String, usize)], perm: &[usize]) -> StateDict<T> {
+pub fn permute<T: Tensor>(
+    params: &StateDict<T>,
+    axes: &[(String, usize)],
+    perm: &[usize],
+) -> StateDict<T> {
     let mut out = params.clone();
     for (name, axis) in axes {
         let t = out.get(name).unwrap().take(*axis, perm).unwrap();
@@ -113,7 +117,10 @@ pub fn max_diff<S: modelfusion::Scalar>(a: &Array2<S>, b: &Array2<S>) -> f64 {
 
 /// Both reference networks behind one enum, for tests that run on each.
 pub fn nets() -> (Mlp, ResMlp) {
-    (Mlp::new(&[5, 7, 6, 3]).unwrap(), ResMlp::new(5, 6, 8, 2, 3).unwrap())
+    (
+        Mlp::new(&[5, 7, 6, 3]).unwrap(),
+        ResMlp::new(5, 6, 8, 2, 3).unwrap(),
+    )
 }
 
 /// Asserts `net` sees `params` as valid.

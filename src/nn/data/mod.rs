@@ -224,7 +224,7 @@ impl Dataset {
     /// ```
     /// let d = modelfusion::nn::data::digits()?;
     /// let (train, test) = d.split(0.25, 0)?;
-    /// assert_eq!(test.len(), 450);
+    /// assert_eq!(test.len(), 451); // rounded per class
     /// assert_eq!(d.split(0.25, 0)?, (train, test)); // deterministic
     /// assert!(d.split(1.0, 0).is_err());
     /// # Ok::<(), modelfusion::Error>(())
