@@ -186,6 +186,39 @@ impl BarrierReport {
     }
 }
 
+impl std::fmt::Display for BarrierReport {
+    /// One line: both barriers with their `t`, the endpoint values and the point count;
+    /// a precision (`{:.3}`) applies to every number.
+    ///
+    /// ```
+    /// use modelfusion::barrier::BarrierReport;
+    /// let r = BarrierReport { curve: vec![(0.0, 1.0), (0.5, 3.0), (1.0, 2.0)], start: 1.0,
+    ///     end: 2.0, frankle: 1.5, frankle_t: 0.5, interpolated: 1.5, interpolated_t: 0.5 };
+    /// assert_eq!(
+    ///     r.to_string(),
+    ///     "barrier 1.5 at t = 0.5 (Frankle), 1.5 at t = 0.5 (interpolated); L0 = 1, L1 = 2, 3 points"
+    /// );
+    /// assert!(format!("{r:.2}").starts_with("barrier 1.50 at t = 0.50"));
+    /// ```
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let num = |x: f64| match f.precision() {
+            Some(p) => format!("{x:.p$}"),
+            None => x.to_string(),
+        };
+        write!(
+            f,
+            "barrier {} at t = {} (Frankle), {} at t = {} (interpolated); L0 = {}, L1 = {}, {} points",
+            num(self.frankle),
+            num(self.frankle_t),
+            num(self.interpolated),
+            num(self.interpolated_t),
+            num(self.start),
+            num(self.end),
+            self.curve.len()
+        )
+    }
+}
+
 /// Evaluates `objective` along `path` at the grid of `config` (plus refinement) and
 /// reports both barrier definitions. Works for any [`PathSampler`] and any
 /// [`Objective`] (loss, error rate, ...).

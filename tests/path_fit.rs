@@ -344,3 +344,40 @@ fn non_finite_losses_and_gradients_are_reported() {
     let e = fit_curve_stochastic(&curve, &mut failing, &cfg, go_on).unwrap_err();
     assert!(e.to_string().contains("data loader broke"));
 }
+
+#[test]
+fn frozen_parameters_stay_put() {
+    let ring = Ring { c: 0.5, s: 1.0 };
+    let a = model(&[-1.0, 0.0, 0.2], [1.0, 2.0, 3.0, 4.0]);
+    let b = model(&[1.0, 0.0, -0.2], [-1.0, 0.5, 0.0, 2.0]);
+    let curve = Bezier::straight(&a, &b, 3).unwrap();
+    let cfg = FitConfig::new(100, Optimizer::sgd(0.01, 0.9).unwrap())
+        .unwrap()
+        .with_weight_decay(0.1)
+        .unwrap()
+        .with_frozen(["m"]);
+    let fit = fit_curve(&curve, &ring, &cfg, go_on).unwrap();
+    let (before, after) = (&curve.controls()[1], &fit.curve.controls()[1]);
+    let bits = |m: &StateDictF64, n: &str| {
+        m.get(n)
+            .unwrap()
+            .iter()
+            .map(|x| x.to_bits())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(bits(before, "m"), bits(after, "m"));
+    assert_ne!(bits(before, "w"), bits(after, "w"));
+    // Without freezing, `m` moves (the ring objective and weight decay both pull on it).
+    let cfg = FitConfig::new(100, Optimizer::sgd(0.01, 0.9).unwrap()).unwrap();
+    let fit = fit_curve(&curve, &ring, &cfg, go_on).unwrap();
+    assert_ne!(bits(before, "m"), bits(&fit.curve.controls()[1], "m"));
+    // Unknown names are rejected before any work.
+    let cfg = FitConfig::new(1, Optimizer::adam(0.1).unwrap())
+        .unwrap()
+        .with_frozen(["bn.running_var"]);
+    let e = fit_curve(&curve, &ring, &cfg, go_on).unwrap_err();
+    assert!(
+        matches!(e, Error::MissingParam { .. }) && e.to_string().contains("bn.running_var"),
+        "{e}"
+    );
+}

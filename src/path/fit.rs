@@ -13,10 +13,11 @@ use rand_chacha::ChaCha8Rng;
 use crate::error::{Error, Result};
 use crate::model::Model;
 use crate::objective::Gradient;
+use crate::tensor::{Scalar, Tensor};
 
 use super::curves::{ControlCurve, straight_line_controls};
 use super::optim::{ModelOptimizer, Optimizer};
-use super::{PathSampler, validate_controls};
+use super::{PathSampler, check_coefficients, validate_controls};
 
 /// The objective of curve fitting when it changes from step to step (minibatches):
 /// the loss and gradient of `model` for training step `step`.
@@ -140,6 +141,7 @@ pub struct FitConfig {
     weight_decay: f64,
     init: BendInit,
     seed: u64,
+    frozen: Vec<String>,
 }
 
 impl FitConfig {
@@ -157,6 +159,7 @@ impl FitConfig {
             weight_decay: 0.0,
             init: BendInit::StraightLine,
             seed: 0,
+            frozen: Vec::new(),
         })
     }
 
@@ -188,6 +191,27 @@ impl FitConfig {
     pub fn with_seed(mut self, seed: u64) -> Self {
         self.seed = seed;
         self
+    }
+
+    /// Parameters that are not trained: their values in the bends stay where the
+    /// initialisation put them (on the straight line by default), they get no weight
+    /// decay. Use it for buffers such as batch-norm running statistics. Every name must
+    /// be a parameter of the model ([`fit_curve`] checks).
+    ///
+    /// ```
+    /// use modelfusion::path::{FitConfig, Optimizer};
+    /// let cfg = FitConfig::new(10, Optimizer::adam(0.1)?)?.with_frozen(["bn.running_mean", "bn.running_var"]);
+    /// assert_eq!(cfg.frozen().len(), 2);
+    /// # Ok::<(), modelfusion::Error>(())
+    /// ```
+    pub fn with_frozen<S: Into<String>>(mut self, names: impl IntoIterator<Item = S>) -> Self {
+        self.frozen = names.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// The parameters that are not trained.
+    pub fn frozen(&self) -> &[String] {
+        &self.frozen
     }
 
     /// Number of steps.
@@ -273,30 +297,32 @@ where
     S: StochasticGradient<M> + ?Sized,
 {
     let c = path.coefficients(t)?;
-    let all: Vec<usize> = (0..c.len()).collect();
-    curve_step(&c, path.controls(), &all, t, objective, step, weight_decay)
+    let (total, loss, grad) =
+        curve_step(&c, path.controls(), t, objective, step, weight_decay, &[])?;
+    let grads = c
+        .iter()
+        .map(|&ck| grad.scale(ck))
+        .collect::<Result<Vec<M>>>()?;
+    Ok((total, loss, grads))
 }
 
-/// Loss and gradients for the controls `which` at one `t`.
+/// The loss at `phi(t)` (with and without the weight-decay term) and the gradient of the
+/// total with respect to `phi(t)`; control `k`'s gradient is `c[k]` times it. Frozen
+/// parameters get a zero gradient and no weight decay.
 fn curve_step<M, S>(
     c: &[f64],
     controls: &[M],
-    which: &[usize],
     t: f64,
     objective: &mut S,
     step: usize,
     weight_decay: f64,
-) -> Result<(f64, f64, Vec<M>)>
+    frozen: &[String],
+) -> Result<(f64, f64, M)>
 where
     M: Model,
     S: StochasticGradient<M> + ?Sized,
 {
-    if c.len() != controls.len() {
-        return Err(Error::invalid(
-            "coefficients",
-            format!("{} coefficients for {} controls", c.len(), controls.len()),
-        ));
-    }
+    check_coefficients(c, controls.len())?;
     let refs: Vec<&M> = controls.iter().collect();
     let point = M::weighted_sum(&refs, c)?;
     let (loss, mut grad) = objective.loss_and_gradient_at(&point, step)?;
@@ -313,15 +339,22 @@ where
     })?;
     grad.check_finite(&format!("the objective's gradient at step {step}, t = {t}"))?;
     let mut total = loss;
-    if weight_decay > 0.0 {
-        total += 0.5 * weight_decay * point.norm().powi(2);
-        grad = grad.add(&point.scale(weight_decay)?)?;
+    let names: Vec<String> = point.names().map(str::to_string).collect();
+    let wd = <<M::Tensor as Tensor>::Elem as Scalar>::from_f64_lossy(weight_decay);
+    for name in &names {
+        let p = point.require(name, "the point")?;
+        let g = grad.get_mut(name).ok_or_else(|| Error::MissingParam {
+            name: name.clone(),
+            context: "the gradient".into(),
+        })?;
+        if frozen.iter().any(|f| f == name) {
+            g.view_mut().fill(Scalar::from_f64_lossy(0.0));
+        } else if weight_decay > 0.0 {
+            total += 0.5 * weight_decay * p.norm_sq();
+            g.axpy(wd, p)?;
+        }
     }
-    let grads = which
-        .iter()
-        .map(|&k| grad.scale(c[k]))
-        .collect::<Result<Vec<M>>>()?;
-    Ok((total, loss, grads))
+    Ok((total, loss, grad))
 }
 
 /// Trains the inner controls of `curve` (its endpoints stay fixed, bit for bit) to
@@ -435,13 +468,17 @@ where
             format!("needs at least one inner control to train, got {n} controls"),
         ));
     }
+    if let Some(name) = config.frozen.iter().find(|f| given[0].get(f).is_none()) {
+        return Err(Error::MissingParam {
+            name: name.clone(),
+            context: "the curve's models (listed as frozen in the fit config)".into(),
+        });
+    }
     let mut controls = match config.init {
         BendInit::StraightLine => straight_line_controls(&given[0], &given[n - 1], n)?,
         BendInit::Given => given.to_vec(),
     };
-    let inner: Vec<usize> = (1..n - 1).collect();
-    let mut optims: Vec<ModelOptimizer<M>> = inner
-        .iter()
+    let mut optims: Vec<ModelOptimizer<M>> = (1..n - 1)
         .map(|_| ModelOptimizer::new(config.optimizer.clone()))
         .collect();
     let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
@@ -450,18 +487,18 @@ where
     for step in 0..config.steps {
         let t: f64 = rng.random();
         let c = curve.coefficients(t)?;
-        let (_, loss, grads) = curve_step(
+        let (_, loss, grad) = curve_step(
             &c,
             &controls,
-            &inner,
             t,
             objective,
             step,
             config.weight_decay,
+            &config.frozen,
         )?;
         let lr_factor = config.schedule.factor(step, config.steps);
-        for ((&k, g), opt) in inner.iter().zip(&grads).zip(&mut optims) {
-            opt.step(&mut controls[k], g, lr_factor)?;
+        for (k, opt) in (1..n - 1).zip(&mut optims) {
+            opt.step_scaled(&mut controls[k], &grad, c[k], lr_factor)?;
         }
         history.push(FitStep { step, t, loss });
         if progress(step, t, loss).is_break() {

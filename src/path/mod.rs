@@ -79,17 +79,24 @@ pub trait PathSampler<M: Model> {
     fn point(&self, t: f64) -> Result<M> {
         let c = self.coefficients(t)?;
         let controls = self.controls();
-        if c.len() != controls.len() {
-            return Err(Error::invalid(
-                "coefficients",
-                format!("{} coefficients for {} controls", c.len(), controls.len()),
-            ));
-        }
+        check_coefficients(&c, controls.len())?;
         if let Some(k) = selected_control(&c) {
             return Ok(controls[k].clone());
         }
         let refs: Vec<&M> = controls.iter().collect();
         M::weighted_sum(&refs, &c)
+    }
+}
+
+/// Errors unless there is one coefficient per control.
+pub(crate) fn check_coefficients(c: &[f64], num_controls: usize) -> Result<()> {
+    if c.len() == num_controls {
+        Ok(())
+    } else {
+        Err(Error::invalid(
+            "coefficients",
+            format!("{} coefficients for {num_controls} controls", c.len()),
+        ))
     }
 }
 
@@ -203,6 +210,38 @@ fn context(e: Error, what: &str) -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::{StateDict, StateDictF64};
+    use ndarray::arr1;
+
+    /// A user-defined path: a circle arc through the controls' span (coefficients that
+    /// are not a partition of unity), or a broken one with the wrong count.
+    struct Custom(Vec<StateDictF64>, bool);
+    impl PathSampler<StateDictF64> for Custom {
+        fn controls(&self) -> &[StateDictF64] {
+            &self.0
+        }
+        fn coefficients(&self, t: f64) -> Result<Vec<f64>> {
+            check_t(t)?;
+            let a = std::f64::consts::FRAC_PI_2 * t;
+            Ok(if self.1 {
+                vec![a.cos(), a.sin()]
+            } else {
+                vec![1.0]
+            })
+        }
+    }
+
+    #[test]
+    fn custom_paths() {
+        let m = |x: f64| StateDict::from_pairs([("w", arr1(&[x, 1.0 - x]).into_dyn())]).unwrap();
+        let arc = Custom(vec![m(1.0), m(0.0)], true);
+        let mid = arc.point(0.5).unwrap();
+        assert!((mid.norm() - 1.0).abs() < 1e-15);
+        assert_eq!(arc.point(0.0).unwrap(), m(1.0));
+        let broken = Custom(vec![m(1.0), m(0.0)], false);
+        let e = broken.point(0.3).unwrap_err().to_string();
+        assert!(e.contains("1 coefficients for 2 controls"), "{e}");
+    }
 
     #[test]
     fn unit_vector_detection() {

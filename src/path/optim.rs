@@ -176,6 +176,36 @@ impl<M: Model> ModelOptimizer<M> {
     /// One update of `params` against `grad` (same names and shapes), with the learning
     /// rate multiplied by `lr_factor` (a schedule).
     pub fn step(&mut self, params: &mut M, grad: &M, lr_factor: f64) -> Result<()> {
+        self.step_scaled(params, grad, 1.0, lr_factor)
+    }
+
+    /// [`step`](Self::step) against the gradient `grad_scale * grad`, without forming it
+    /// (a curve's control `k` gets `c_k(t)` times the gradient at `phi(t)`).
+    ///
+    /// ```
+    /// use modelfusion::path::{ModelOptimizer, Optimizer};
+    /// use modelfusion::{Model, StateDict};
+    /// use ndarray::arr1;
+    /// let mut w = StateDict::from_pairs([("w", arr1(&[1.0f64]).into_dyn())])?;
+    /// let mut opt = ModelOptimizer::new(Optimizer::sgd(0.5, 0.0)?);
+    /// let g = w.clone();
+    /// opt.step_scaled(&mut w, &g, 0.5, 1.0)?; // w -= 0.5 * (0.5 * g)
+    /// assert_eq!(w.get("w").unwrap()[[0]], 0.75);
+    /// # Ok::<(), modelfusion::Error>(())
+    /// ```
+    pub fn step_scaled(
+        &mut self,
+        params: &mut M,
+        grad: &M,
+        grad_scale: f64,
+        lr_factor: f64,
+    ) -> Result<()> {
+        if !grad_scale.is_finite() {
+            return Err(Error::invalid(
+                "grad_scale",
+                format!("must be finite, got {grad_scale}"),
+            ));
+        }
         params
             .check_compatible(grad)
             .map_err(|e| Error::invalid("grad", format!("does not fit the parameters: {e}")))?;
@@ -194,6 +224,7 @@ impl<M: Model> ModelOptimizer<M> {
         }
         self.steps += 1;
         let e = <<M::Tensor as Tensor>::Elem as Scalar>::from_f64_lossy;
+        let gs = e(grad_scale);
         let names: Vec<String> = params.names().map(str::to_string).collect();
         for name in &names {
             let g = grad.require(name, "the gradient")?.view();
@@ -215,6 +246,7 @@ impl<M: Model> ModelOptimizer<M> {
                 } => {
                     let (lr, mu) = (e(lr * lr_factor), e(momentum));
                     Zip::from(p).and(m).and(&g).for_each(|p, v, &g| {
+                        let g = gs * g;
                         *v = mu * *v + g;
                         let d = if nesterov { g + mu * *v } else { *v };
                         *p -= lr * d;
@@ -239,6 +271,7 @@ impl<M: Model> ModelOptimizer<M> {
                     let one = e(1.0);
                     let (lr_c, c2) = (e(lr * lr_factor / c1), e(c2));
                     Zip::from(p).and(m).and(s).and(&g).for_each(|p, m, v, &g| {
+                        let g = gs * g;
                         *m = b1 * *m + (one - b1) * g;
                         *v = b2 * *v + (one - b2) * g * g;
                         *p -= lr_c * *m / ((*v / c2).sqrt() + eps);
@@ -283,6 +316,31 @@ mod tests {
         // First Adam step moves by lr * g / (|g| + eps) = 0.1 (up to eps).
         assert!((w.get("w").unwrap()[[0]] - 0.9).abs() < 1e-8);
         assert_eq!(opt.steps(), 1);
+    }
+
+    #[test]
+    fn scaled_step_is_a_step_on_the_scaled_gradient() {
+        for opt in [
+            Optimizer::sgd(0.1, 0.9).unwrap(),
+            Optimizer::Sgd {
+                lr: 0.1,
+                momentum: 0.9,
+                nesterov: true,
+            },
+            Optimizer::adam(0.1).unwrap(),
+        ] {
+            let (mut a, mut b) = (sd(&[1.0, -2.0]), sd(&[1.0, -2.0]));
+            let (mut oa, mut ob) = (ModelOptimizer::new(opt.clone()), ModelOptimizer::new(opt));
+            for i in 0..5 {
+                let g = sd(&[0.5 * i as f64, 1.0]);
+                oa.step_scaled(&mut a, &g, 0.3, 0.7).unwrap();
+                ob.step(&mut b, &g.scale(0.3).unwrap(), 0.7).unwrap();
+            }
+            assert!(a.max_abs_diff(&b).unwrap() < 1e-15);
+        }
+        let mut w = sd(&[1.0]);
+        let mut o = ModelOptimizer::new(Optimizer::adam(0.1).unwrap());
+        assert!(o.step_scaled(&mut w, &sd(&[1.0]), f64::NAN, 1.0).is_err());
     }
 
     #[test]
