@@ -24,6 +24,7 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod align;
 pub mod barrier;
 pub mod error;
 pub mod merge;
@@ -33,6 +34,7 @@ pub mod nn;
 pub mod objective;
 pub mod path;
 pub mod perm;
+pub mod pipeline;
 #[cfg(feature = "plot")]
 pub mod plot;
 pub mod solve;

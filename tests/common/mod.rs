@@ -207,3 +207,31 @@ pub fn max_abs(a: &Array2<f32>, b: &Array2<f32>) -> f32 {
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f32::max)
 }
+
+/// Standard normal `(n, d)` inputs, seeded.
+pub fn gaussian_inputs(n: usize, d: usize, seed: u64) -> Array2<f32> {
+    use rand::SeedableRng;
+    use rand_distr::Distribution;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let nd = rand_distr::StandardNormal;
+    Array2::from_shape_fn((n, d), |_| nd.sample(&mut rng))
+}
+
+/// `n` standard normal images `(c, hw, hw)`, seeded.
+pub fn gaussian_images(n: usize, c: usize, hw: usize, seed: u64) -> Vec<Array3<f32>> {
+    let flat = gaussian_inputs(n, c * hw * hw, seed);
+    flat.outer_iter()
+        .map(|r| r.to_owned().into_shape_with_order((c, hw, hw)).unwrap())
+        .collect()
+}
+
+/// `model` plus independent `N(0, std^2)` noise on every element, seeded.
+pub fn with_noise(model: &StateDictF32, std: f32, seed: u64) -> StateDictF32 {
+    use rand::SeedableRng;
+    use rand_distr::Distribution;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let nd = rand_distr::Normal::new(0.0f32, std).unwrap();
+    model
+        .try_map(|_, t| Ok(t.mapv(|v| v + nd.sample(&mut rng))))
+        .unwrap()
+}

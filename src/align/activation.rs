@@ -1,0 +1,194 @@
+//! Activation matching: one assignment per group on the correlation of hidden features.
+
+use std::collections::BTreeMap;
+
+use super::stats::CrossMoments;
+use super::{AlignStats, Aligner, Alignment, assignment_score, check_pair, max_assignment};
+use crate::error::{Error, Result};
+use crate::model::Model;
+use crate::objective::Activations;
+use crate::perm::{PermutationSet, PermutationSpec};
+
+/// The similarity activation matching maximises.
+///
+/// ```
+/// use modelfusion::align::Correlation;
+/// assert_eq!(Correlation::default(), Correlation::Cross);
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Correlation {
+    /// The cross-correlation `E[a_A a_B^T]` (uncentred).
+    #[default]
+    Cross,
+    /// Pearson correlation: centred and divided by both standard deviations.
+    Pearson,
+}
+
+/// Activation matching: for every permutation group, streams the features of both models
+/// over the batches of an [`Activations`] source (keyed by group name), accumulates their
+/// means and cross-covariance in `f64` (batch statistics merged pairwise), and solves one
+/// assignment maximising the matched [`Correlation`].
+///
+/// The activation source lives in the aligner (auxiliary data belongs to the algorithm
+/// value). Every batch must give both models the same number of samples, with the
+/// group's width as the number of columns.
+///
+/// ```
+/// use modelfusion::align::{ActivationMatching, Aligner, Correlation};
+/// use modelfusion::perm::{specs::{Architecture, MlpShapes}, PermutationSet};
+/// use modelfusion::{Activations, Features, Model, Result, StateDictF32};
+/// use ndarray::{Array2, ArrayD, Ix2};
+///
+/// /// Post-ReLU hidden features of a 1-hidden-layer MLP on fixed inputs.
+/// struct Hidden(Array2<f32>);
+/// impl Activations<StateDictF32> for Hidden {
+///     fn num_batches(&self) -> usize { 1 }
+///     fn activations(&self, m: &StateDictF32, _: usize) -> Result<Features<f32>> {
+///         let w = m.get("layers.0.weight").unwrap().clone().into_dimensionality::<Ix2>().unwrap();
+///         let b = m.get("layers.0.bias").unwrap();
+///         let h = (self.0.dot(&w.t()) + b).mapv(|v| v.max(0.0));
+///         Ok([("hidden.0".to_string(), h.into_dimensionality::<Ix2>().unwrap())].into())
+///     }
+/// }
+/// let arch = MlpShapes::new(&[5, 12, 2])?;
+/// let spec = arch.spec();
+/// let a = arch.random_model(0);
+/// let planted = PermutationSet::random(&spec, &a, 3)?;
+/// let b = spec.apply(&planted, &a)?;
+/// let x = Array2::from_shape_fn((64, 5), |(i, j)| ((i * 7 + j * 3) % 11) as f32 / 5.0 - 1.0);
+/// let am = ActivationMatching::new(Hidden(x)).with_correlation(Correlation::Pearson);
+/// let al = am.align(&a, &b, &spec)?;
+/// assert_eq!(al.apply(&spec, &b)?.max_abs_diff(&a)?, 0.0);
+/// # Ok::<(), modelfusion::Error>(())
+/// ```
+#[derive(Clone, Debug)]
+pub struct ActivationMatching<A> {
+    activations: A,
+    correlation: Correlation,
+    eps: f64,
+}
+
+impl<A> ActivationMatching<A> {
+    /// Matching on the [`Correlation::Cross`] of the features `activations` gives.
+    ///
+    /// ```
+    /// use modelfusion::align::{ActivationMatching, Correlation};
+    /// let am = ActivationMatching::new(()); // any value; it must implement Activations to align
+    /// assert_eq!(am.activations(), &());
+    /// ```
+    pub fn new(activations: A) -> Self {
+        ActivationMatching {
+            activations,
+            correlation: Correlation::Cross,
+            eps: 1e-8,
+        }
+    }
+
+    /// Chooses the similarity.
+    ///
+    /// ```
+    /// use modelfusion::align::{ActivationMatching, Correlation};
+    /// let am = ActivationMatching::new(()).with_correlation(Correlation::Pearson);
+    /// # let _ = am;
+    /// ```
+    pub fn with_correlation(mut self, correlation: Correlation) -> Self {
+        self.correlation = correlation;
+        self
+    }
+
+    /// The activation source.
+    ///
+    /// ```
+    /// let am = modelfusion::align::ActivationMatching::new(5u8);
+    /// assert_eq!(*am.activations(), 5);
+    /// ```
+    pub fn activations(&self) -> &A {
+        &self.activations
+    }
+}
+
+impl<M: Model, A: Activations<M>> Aligner<M> for ActivationMatching<A> {
+    fn align(&self, reference: &M, other: &M, spec: &PermutationSpec) -> Result<Alignment> {
+        let sizes = check_pair(reference, other, spec)?;
+        let stats = group_moments(&self.activations, reference, other, &sizes)?;
+        let mut perms = PermutationSet::new();
+        let mut objective = Vec::new();
+        for (g, cm) in stats {
+            let score = match self.correlation {
+                Correlation::Cross => cm.cross_correlation(),
+                Correlation::Pearson => cm.correlation(self.eps),
+            };
+            let p = max_assignment(&score)?;
+            objective.push(assignment_score(&score, &p));
+            perms.insert(g, p);
+        }
+        Ok(Alignment::from_permutations(
+            perms,
+            AlignStats {
+                objective,
+                sweeps: 1,
+                converged: true,
+                ..AlignStats::default()
+            },
+        ))
+    }
+}
+
+/// Streams both models' features over every batch and accumulates, per group of
+/// `sizes`, their joint moments.
+pub(crate) fn group_moments<M: Model, A: Activations<M>>(
+    source: &A,
+    reference: &M,
+    other: &M,
+    sizes: &BTreeMap<String, usize>,
+) -> Result<BTreeMap<String, CrossMoments>> {
+    let nb = source.num_batches();
+    if nb == 0 {
+        return Err(Error::empty("the activation source (it has no batches)"));
+    }
+    let mut stats: BTreeMap<String, CrossMoments> = sizes
+        .iter()
+        .map(|(g, &n)| (g.clone(), CrossMoments::new(n, n)))
+        .collect();
+    for b in 0..nb {
+        let fa = source.activations(reference, b)?;
+        let fb = source.activations(other, b)?;
+        for (g, cm) in stats.iter_mut() {
+            let (xa, xb) = (
+                features_of(&fa, g, b, "reference")?,
+                features_of(&fb, g, b, "other")?,
+            );
+            cm.update(xa.view(), xb.view()).map_err(|e| match e {
+                Error::InvalidParameter { param, reason } => Error::InvalidParameter {
+                    param,
+                    reason: format!("{reason} in batch {b}, group `{g}`"),
+                },
+                Error::ShapeMismatch {
+                    what,
+                    expected,
+                    got,
+                } => Error::ShapeMismatch {
+                    what: format!("{what} of group `{g}` in batch {b} (the group's width)"),
+                    expected,
+                    got,
+                },
+                other => other,
+            })?;
+        }
+    }
+    Ok(stats)
+}
+
+fn features_of<'f, E>(
+    f: &'f crate::objective::Features<E>,
+    g: &str,
+    b: usize,
+    which: &str,
+) -> Result<&'f ndarray::Array2<E>> {
+    f.get(g).ok_or_else(|| {
+        Error::invalid(
+            "activations",
+            format!("batch {b} of the {which} model has no features for group `{g}`"),
+        )
+    })
+}
