@@ -25,6 +25,8 @@
 #![warn(missing_docs)]
 
 pub mod error;
+#[cfg(feature = "safetensors")]
+pub mod io;
 pub mod merge;
 pub mod model;
 pub mod objective;
