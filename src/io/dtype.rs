@@ -203,15 +203,33 @@ impl IoScalar for f64 {
     }
     #[inline]
     fn to_f16(self) -> f16 {
-        f16::from_f64(self)
+        f16::from_f32(f64_to_f32_round_odd(self))
     }
     #[inline]
     fn to_bf16(self) -> bf16 {
-        bf16::from_f64(self)
+        bf16::from_f32(f64_to_f32_round_odd(self))
     }
     fn as_bytes_of(src: &[Self], dtype: Dtype) -> Option<&[u8]> {
         (cfg!(target_endian = "little") && dtype == Dtype::F64).then(|| bytemuck::cast_slice(src))
     }
+}
+
+/// Rounds `x` to `f32` with round-to-odd: exact values stay, inexact ones are truncated
+/// toward zero and get their last mantissa bit set. Rounding that result once more to a
+/// type with at most 22 mantissa bits (f16, bf16) to nearest even gives the correctly
+/// rounded value of `x`; going through a plain `x as f32` instead would round twice
+/// (`1 + 2^-11 + 2^-40` would become the f16 tie `1 + 2^-11` and then `1`).
+#[inline]
+fn f64_to_f32_round_odd(x: f64) -> f32 {
+    let r = x as f32;
+    if r.is_nan() || r.is_infinite() || r as f64 == x {
+        return r;
+    }
+    let mut bits = r.to_bits();
+    if (r as f64).abs() > x.abs() {
+        bits -= 1; // one step toward zero: truncation
+    }
+    f32::from_bits(bits | 1)
 }
 
 fn check_lengths(dtype: Dtype, bytes: usize, elems: usize, what: &str) -> Result<()> {
