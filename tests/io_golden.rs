@@ -23,7 +23,11 @@ fn json(name: &str) -> Value {
 }
 
 fn u64s(v: &Value) -> Vec<u64> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .collect()
 }
 
 #[test]
@@ -39,7 +43,11 @@ fn python_written_files_load_with_expected_values() {
         let sd32: StateDict<ArrayD<f32>> = load(&path).unwrap();
         for (name, t) in tensors.as_object().unwrap() {
             let info = ck.info(name).unwrap();
-            assert_eq!(info.dtype().as_str(), t["dtype"].as_str().unwrap(), "{file}/{name}");
+            assert_eq!(
+                info.dtype().as_str(),
+                t["dtype"].as_str().unwrap(),
+                "{file}/{name}"
+            );
             let shape: Vec<usize> = u64s(&t["shape"]).into_iter().map(|x| x as usize).collect();
             assert_eq!(info.shape(), shape.as_slice(), "{file}/{name}");
             let want: Vec<f64> = u64s(&t["bits"]).into_iter().map(f64::from_bits).collect();
@@ -50,7 +58,12 @@ fn python_written_files_load_with_expected_values() {
             assert_eq!(got64, want64, "{file}/{name} as f64");
             if info.dtype() != Dtype::F64 {
                 // Every value of a narrower type is exact in f32.
-                let got32: Vec<u32> = sd32.get(name).unwrap().iter().map(|x| x.to_bits()).collect();
+                let got32: Vec<u32> = sd32
+                    .get(name)
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.to_bits())
+                    .collect();
                 let want32: Vec<u32> = want.iter().map(|&x| (x as f32).to_bits()).collect();
                 assert_eq!(got32, want32, "{file}/{name} as f32");
             }
@@ -68,27 +81,44 @@ fn python_sharded_checkpoint_lists_its_files() {
 
 fn check_narrowing<T: IoScalar>(inputs: &[T], f16_bits: &[u64], bf16_bits: &[u64], what: &str) {
     for (i, &x) in inputs.iter().enumerate() {
-        assert_eq!(x.to_f16().to_bits() as u64, f16_bits[i], "{what} #{i} {x} -> f16");
-        assert_eq!(x.to_bf16().to_bits() as u64, bf16_bits[i], "{what} #{i} {x} -> bf16");
+        assert_eq!(
+            x.to_f16().to_bits() as u64,
+            f16_bits[i],
+            "{what} #{i} {x} -> f16"
+        );
+        assert_eq!(
+            x.to_bf16().to_bits() as u64,
+            bf16_bits[i],
+            "{what} #{i} {x} -> bf16"
+        );
     }
     // The buffer conversion agrees with the scalar one.
     let mut bytes = vec![0u8; inputs.len() * 2];
     modelfusion::io::encode(Dtype::F16, inputs, &mut bytes).unwrap();
-    let got: Vec<u64> = bytes.chunks(2).map(|c| u16::from_le_bytes([c[0], c[1]]) as u64).collect();
+    let got: Vec<u64> = bytes
+        .chunks(2)
+        .map(|c| u16::from_le_bytes([c[0], c[1]]) as u64)
+        .collect();
     assert_eq!(got, f16_bits, "{what} buffer -> f16");
 }
 
 #[test]
 fn narrowing_matches_numpy_round_to_nearest_even() {
     let r = json("rounding.json");
-    let f32s: Vec<f32> = u64s(&r["f32_bits"]).into_iter().map(|b| f32::from_bits(b as u32)).collect();
+    let f32s: Vec<f32> = u64s(&r["f32_bits"])
+        .into_iter()
+        .map(|b| f32::from_bits(b as u32))
+        .collect();
     check_narrowing(
         &f32s,
         &u64s(&r["f32_to_f16_bits"]),
         &u64s(&r["f32_to_bf16_bits"]),
         "f32",
     );
-    let f64s: Vec<f64> = u64s(&r["f64_bits"]).into_iter().map(f64::from_bits).collect();
+    let f64s: Vec<f64> = u64s(&r["f64_bits"])
+        .into_iter()
+        .map(f64::from_bits)
+        .collect();
     check_narrowing(
         &f64s,
         &u64s(&r["f64_to_f16_bits"]),
@@ -105,10 +135,20 @@ fn rust_source() -> StateDict<ArrayD<f32>> {
 fn write_rust_fixtures(dir: &Path) {
     let sd = rust_source();
     for d in Dtype::ALL {
-        save_file(&sd, dir.join(format!("{}.safetensors", d.as_str().to_lowercase())), d).unwrap();
+        save_file(
+            &sd,
+            dir.join(format!("{}.safetensors", d.as_str().to_lowercase())),
+            d,
+        )
+        .unwrap();
     }
     // Two shards of at most 32 bytes of bf16 data each, plus the index.
-    save(&sd, dir.join("sharded"), &SaveOptions::new(Dtype::BF16).max_shard_size(32)).unwrap();
+    save(
+        &sd,
+        dir.join("sharded"),
+        &SaveOptions::new(Dtype::BF16).max_shard_size(32),
+    )
+    .unwrap();
 }
 
 fn files_under(dir: &Path) -> Vec<PathBuf> {
@@ -139,8 +179,15 @@ fn rust_written_files_match_committed_bytes() {
     assert_eq!(ours.len(), 7, "{ours:?}");
     assert_eq!(ours.len(), theirs.len());
     for (a, b) in ours.iter().zip(&theirs) {
-        assert_eq!(a.strip_prefix(tmp.path()).unwrap(), b.strip_prefix(&committed).unwrap());
-        assert!(std::fs::read(a).unwrap() == std::fs::read(b).unwrap(), "{} differs", b.display());
+        assert_eq!(
+            a.strip_prefix(tmp.path()).unwrap(),
+            b.strip_prefix(&committed).unwrap()
+        );
+        assert!(
+            std::fs::read(a).unwrap() == std::fs::read(b).unwrap(),
+            "{} differs",
+            b.display()
+        );
     }
     // And they load back to the source values (rounded per dtype).
     let sd = rust_source();

@@ -484,6 +484,21 @@ impl ShardIndex {
         self.weight_map.is_empty()
     }
 
+    /// `(tensor name, shard file)` pairs, by tensor name.
+    ///
+    /// ```
+    /// # use modelfusion::io::ShardIndex;
+    /// let idx = ShardIndex::parse(br#"{"weight_map":{"b":"y.safetensors","a":"x.safetensors"}}"#, None)?;
+    /// let pairs: Vec<_> = idx.iter().collect();
+    /// assert_eq!(pairs, [("a", "x.safetensors"), ("b", "y.safetensors")]);
+    /// # Ok::<(), modelfusion::Error>(())
+    /// ```
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.weight_map
+            .iter()
+            .map(|(n, &i)| (n.as_str(), self.files[i].as_str()))
+    }
+
     pub(crate) fn shard_of(&self, name: &str) -> Option<usize> {
         self.weight_map.get(name).copied()
     }

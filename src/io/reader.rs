@@ -204,15 +204,11 @@ impl Checkpoint {
             shards.push(shard);
         }
         if let Some((idx, ipath)) = index
-            && idx.len() != tensors.len()
+            && let Some((name, file)) = idx.iter().find(|(n, _)| !by_name.contains_key(*n))
         {
             return Err(format_err(
                 Some(ipath),
-                format!(
-                    "the index lists {} tensors but the shards hold {}",
-                    idx.len(),
-                    tensors.len()
-                ),
+                format!("the index places tensor `{name}` in {file}, which does not hold it"),
             ));
         }
         Ok(Checkpoint {
