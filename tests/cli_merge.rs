@@ -26,7 +26,10 @@ fn merge(dir: &Path, yaml: &str, extra: &[&str]) -> (bool, String) {
         .args(extra)
         .output()
         .unwrap();
-    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 const SHAPES: [(&str, [usize; 2]); 3] = [
@@ -39,9 +42,17 @@ fn setup() -> (tempfile::TempDir, Vec<StateDict<ArrayD<f32>>>) {
     let dir = tempfile::tempdir().unwrap();
     let shapes: Vec<(&str, Vec<usize>)> = SHAPES.iter().map(|(n, s)| (*n, s.to_vec())).collect();
     let mut models = Vec::new();
-    for (i, d) in [Dtype::F32, Dtype::BF16, Dtype::F16].into_iter().enumerate() {
+    for (i, d) in [Dtype::F32, Dtype::BF16, Dtype::F16]
+        .into_iter()
+        .enumerate()
+    {
         let p = dir.path().join(format!("m{i}"));
-        save(&random_sd(&shapes, 40 + i as u64, 1.0), &p, &SaveOptions::new(d)).unwrap();
+        save(
+            &random_sd(&shapes, 40 + i as u64, 1.0),
+            &p,
+            &SaveOptions::new(d),
+        )
+        .unwrap();
         models.push(load(&p).unwrap());
     }
     std::fs::write(
@@ -80,7 +91,11 @@ fn linear_merge_matches_the_formula() {
     assert!(ck.tensors().iter().all(|t| t.dtype() == Dtype::BF16));
     let got: StateDict<ArrayD<f32>> = load(&out).unwrap();
     for (name, _) in SHAPES {
-        let w0 = if name.contains("self_attn") { 2.0f32 } else { 1.0 };
+        let w0 = if name.contains("self_attn") {
+            2.0f32
+        } else {
+            1.0
+        };
         let ws = [w0, 1.0, 2.0];
         let total: f32 = ws.iter().sum();
         let t: Vec<&ArrayD<f32>> = models.iter().map(|m| m.get(name).unwrap()).collect();
@@ -93,7 +108,10 @@ fn linear_merge_matches_the_formula() {
             }
             let want = acc.to_bf16().to_f32();
             let have = g.as_slice().unwrap()[k];
-            assert!((want - have).abs() <= 1e-2 * want.abs().max(1e-3), "{name}[{k}]: {want} vs {have}");
+            assert!(
+                (want - have).abs() <= 1e-2 * want.abs().max(1e-3),
+                "{name}[{k}]: {want} vs {have}"
+            );
         }
     }
     let cfg: serde_json::Value =
@@ -133,9 +151,17 @@ fn errors_before_any_work() {
     let other = dir.path().join("bad");
     let mut sh: Vec<(&str, Vec<usize>)> = SHAPES.iter().map(|(n, s)| (*n, s.to_vec())).collect();
     sh[2].1 = vec![12, 8];
-    save(&random_sd(&sh, 1, 1.0), &other, &SaveOptions::new(Dtype::F32)).unwrap();
+    save(
+        &random_sd(&sh, 1, 1.0),
+        &other,
+        &SaveOptions::new(Dtype::F32),
+    )
+    .unwrap();
     let cases = [
-        ("merge_method: blend\nmodels: [{model: m0}]\n", vec!["unknown method `blend`", "linear"]),
+        (
+            "merge_method: blend\nmodels: [{model: m0}]\n",
+            vec!["unknown method `blend`", "linear"],
+        ),
         (
             "merge_method: linear\nmodels:\n  - model: m0\n    parameters: {weight: 1, density: 0.5}\n",
             vec!["density", "linear"],
@@ -148,8 +174,14 @@ fn errors_before_any_work() {
             "merge_method: linear\nmodels:\n  - model: m0\n    parameters: {weight: 1}\n  - model: bad\n    parameters: {weight: 1}\n",
             vec!["lm_head.weight", "[10, 8]", "[12, 8]"],
         ),
-        ("merge_method: linear\nmodels:\n  - model: m0\n", vec!["weight", "models[0]"]),
-        ("merge_method: linear\nmodels: [{model: m0, parameters: {weight: 1}}]\nout_dtype: int4\n", vec!["int4"]),
+        (
+            "merge_method: linear\nmodels:\n  - model: m0\n",
+            vec!["weight", "models[0]"],
+        ),
+        (
+            "merge_method: linear\nmodels: [{model: m0, parameters: {weight: 1}}]\nout_dtype: int4\n",
+            vec!["int4"],
+        ),
         ("merge_method: [oops\n", vec!["merge.yml"]),
         ("merge_method: linear\nslices: []\n", vec!["slices"]),
         (
@@ -166,7 +198,10 @@ fn errors_before_any_work() {
         let leftovers = std::fs::read_dir(dir.path().join("out")).map_or(0, |d| d.count());
         assert_eq!(leftovers, 0, "output left behind for:\n{yaml}");
     }
-    let out = bin().args(["merge", "/no/such/config.yml", "x"]).output().unwrap();
+    let out = bin()
+        .args(["merge", "/no/such/config.yml", "x"])
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("/no/such/config.yml"));
 }
@@ -174,7 +209,11 @@ fn errors_before_any_work() {
 #[test]
 fn inspect_lists_tensors() {
     let (dir, _) = setup();
-    let out = bin().arg("inspect").arg(dir.path().join("m1")).output().unwrap();
+    let out = bin()
+        .arg("inspect")
+        .arg(dir.path().join("m1"))
+        .output()
+        .unwrap();
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("lm_head.weight\tBF16\t[10, 8]"), "{text}");

@@ -152,6 +152,9 @@ pub trait IoScalar: Scalar + sealed::Sealed {
     /// The elements as little-endian bytes of `dtype`, without copying, when the
     /// in-memory layout already is that (e.g. `f32` as `F32` on a little-endian machine).
     fn as_bytes_of(src: &[Self], dtype: Dtype) -> Option<&[u8]>;
+    /// The mutable counterpart of [`IoScalar::as_bytes_of`]: lets a reader fill the
+    /// elements straight from a file.
+    fn as_bytes_of_mut(dst: &mut [Self], dtype: Dtype) -> Option<&mut [u8]>;
 }
 
 impl IoScalar for f32 {
@@ -182,6 +185,10 @@ impl IoScalar for f32 {
     fn as_bytes_of(src: &[Self], dtype: Dtype) -> Option<&[u8]> {
         (cfg!(target_endian = "little") && dtype == Dtype::F32).then(|| bytemuck::cast_slice(src))
     }
+    fn as_bytes_of_mut(dst: &mut [Self], dtype: Dtype) -> Option<&mut [u8]> {
+        (cfg!(target_endian = "little") && dtype == Dtype::F32)
+            .then(|| bytemuck::cast_slice_mut(dst))
+    }
 }
 
 impl IoScalar for f64 {
@@ -211,6 +218,10 @@ impl IoScalar for f64 {
     }
     fn as_bytes_of(src: &[Self], dtype: Dtype) -> Option<&[u8]> {
         (cfg!(target_endian = "little") && dtype == Dtype::F64).then(|| bytemuck::cast_slice(src))
+    }
+    fn as_bytes_of_mut(dst: &mut [Self], dtype: Dtype) -> Option<&mut [u8]> {
+        (cfg!(target_endian = "little") && dtype == Dtype::F64)
+            .then(|| bytemuck::cast_slice_mut(dst))
     }
 }
 

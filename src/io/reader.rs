@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
 use ndarray::{ArrayD, IxDyn};
+use rayon::prelude::*;
 
 use super::dtype::{IoScalar, decode};
 use super::header::{Header, INDEX_FILE, ShardIndex, TensorInfo, format_err};
@@ -16,6 +17,33 @@ use crate::tensor::Tensor;
 /// The single-file name a checkpoint directory without an index holds.
 pub const SINGLE_FILE: &str = "model.safetensors";
 
+/// Elements per piece when reading a large tensor in parallel.
+const READ_PIECE: usize = 1 << 18;
+/// Elements decoded per positioned read when the stored dtype differs from `T`.
+const DECODE_PIECE: usize = 1 << 16;
+
+thread_local! {
+    static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+#[cfg(unix)]
+fn read_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+    std::os::unix::fs::FileExt::read_exact_at(file, buf, offset)
+}
+
+#[cfg(windows)]
+fn read_at(file: &File, mut buf: &mut [u8], mut offset: u64) -> std::io::Result<()> {
+    while !buf.is_empty() {
+        let n = std::os::windows::fs::FileExt::seek_read(file, buf, offset)?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        buf = &mut buf[n..];
+        offset += n as u64;
+    }
+    Ok(())
+}
+
 pub(crate) fn io_err(path: &Path, source: std::io::Error) -> Error {
     Error::Io {
         path: path.to_path_buf(),
@@ -25,6 +53,7 @@ pub(crate) fn io_err(path: &Path, source: std::io::Error) -> Error {
 
 struct Shard {
     path: PathBuf,
+    file: File,
     map: Mmap,
     data_start: usize,
 }
@@ -91,6 +120,7 @@ fn map_file(path: &Path) -> Result<(Shard, Header)> {
     let data_start = header.data_start;
     let shard = Shard {
         path: path.to_path_buf(),
+        file,
         map,
         data_start,
     };
@@ -361,12 +391,15 @@ impl Checkpoint {
     pub fn read<T: IoScalar>(&self, name: &str) -> Result<ArrayD<T>> {
         let t = self.require(name)?;
         let mut data = vec![T::zero(); t.numel()];
-        decode(t.dtype, self.bytes_of(t, 0, t.numel()), &mut data)?;
+        self.read_range(t, 0, &mut data)?;
         ArrayD::from_shape_vec(IxDyn(&t.shape), data)
             .map_err(|e| Error::invalid("shape", e.to_string()))
     }
 
     /// Reads elements `start..start + out.len()` of `name` (row-major) into `out`.
+    ///
+    /// Data is read with positioned reads (`pread`), not through the memory map, so a
+    /// streaming reader's resident memory is only its own buffers.
     ///
     /// ```
     /// # use modelfusion::{StateDict, io::{save_file, Checkpoint, Dtype}};
@@ -392,28 +425,41 @@ impl Checkpoint {
                 ),
             ));
         }
-        decode(t.dtype, self.bytes_of(t, start, out.len()), out)
+        self.read_range(t, start, out)
     }
 
-    /// Tells the OS that this process no longer needs the mapped pages of elements
-    /// `start..start + len` of tensor `index` (in [`Checkpoint::tensors`] order), so they
-    /// stop counting towards its resident memory. The data stays in the page cache and is
-    /// read again transparently if touched. A no-op where unsupported.
-    pub(crate) fn release(&self, index: usize, start: usize, len: usize) {
-        #[cfg(unix)]
-        if let Some(t) = self.tensors.get(index) {
-            let s = &self.shards[t.shard];
-            let size = t.dtype.size();
-            let off = s.data_start + t.begin + start * size;
-            // SAFETY: the map is a read-only shared file mapping; dropping its pages only
-            // means they are faulted in again from the file on the next access.
-            let _ = unsafe {
-                s.map
-                    .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, off, len * size)
-            };
+    /// Reads a checked element range of `t`, in parallel pieces when it is large.
+    fn read_range<T: IoScalar>(&self, t: &TensorInfo, start: usize, out: &mut [T]) -> Result<()> {
+        if out.len() < 2 * READ_PIECE {
+            return self.read_piece(t, start, out);
         }
-        #[cfg(not(unix))]
-        let _ = (index, start, len);
+        out.par_chunks_mut(READ_PIECE)
+            .enumerate()
+            .try_for_each(|(j, piece)| self.read_piece(t, start + j * READ_PIECE, piece))
+    }
+
+    /// Reads a checked element range of `t`: straight into `out` when the stored layout
+    /// is `T`'s, else through a per-thread byte buffer and [`decode`].
+    fn read_piece<T: IoScalar>(&self, t: &TensorInfo, start: usize, out: &mut [T]) -> Result<()> {
+        let s = &self.shards[t.shard];
+        let size = t.dtype.size();
+        let off = (s.data_start + t.begin + start * size) as u64;
+        let io = |e| io_err(&s.path, e);
+        if let Some(dst) = T::as_bytes_of_mut(out, t.dtype) {
+            return read_at(&s.file, dst, off).map_err(io);
+        }
+        BUF.with(|buf| {
+            let mut buf = buf.borrow_mut();
+            let mut done = 0;
+            while done < out.len() {
+                let n = (out.len() - done).min(DECODE_PIECE);
+                buf.resize(n * size, 0);
+                read_at(&s.file, &mut buf, off + (done * size) as u64).map_err(io)?;
+                decode(t.dtype, &buf, &mut out[done..done + n])?;
+                done += n;
+            }
+            Ok(())
+        })
     }
 
     /// Reads every tensor into a [`StateDict`], in [`Checkpoint::tensors`] order.

@@ -2,6 +2,7 @@
 //! never need to be in memory together, writing the output as it goes.
 
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use ndarray::{ArrayD, IxDyn};
 use rayon::prelude::*;
@@ -42,7 +43,7 @@ pub enum Chunking {
 /// ```
 /// use modelfusion::io::{Chunking, Dtype, SaveOptions, StreamOptions};
 /// let o = StreamOptions::new(SaveOptions::new(Dtype::BF16)).chunking(Chunking::Elementwise { chunk_elems: 1 << 18 });
-/// assert!(o.release_pages);
+/// assert_eq!(o.save.dtype, Dtype::BF16);
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StreamOptions {
@@ -50,13 +51,10 @@ pub struct StreamOptions {
     pub save: SaveOptions,
     /// How tensors are handed to the merger.
     pub chunking: Chunking,
-    /// Drop each input tensor's pages from this process's memory map once merged (they
-    /// stay in the OS page cache), so resident memory does not grow with the model size.
-    pub release_pages: bool,
 }
 
 impl StreamOptions {
-    /// Whole-tensor merging, pages released, with the given save options.
+    /// Whole-tensor merging with the given save options.
     ///
     /// ```
     /// use modelfusion::io::{Chunking, Dtype, SaveOptions, StreamOptions};
@@ -66,7 +64,6 @@ impl StreamOptions {
         StreamOptions {
             save,
             chunking: Chunking::Whole,
-            release_pages: true,
         }
     }
 
@@ -316,39 +313,32 @@ where
         .iter()
         .map(|(_, s)| s.iter().product::<usize>() as u64 * out_size)
         .sum();
-    // Each input's position of every planned tensor (for releasing pages).
-    let positions: Vec<Vec<usize>> = inputs
-        .iter()
-        .map(|c| {
-            let mut pos = vec![0; plan.len()];
-            for (i, t) in c.tensors().iter().enumerate() {
-                if let Some(k) = writer.index_of(t.name()) {
-                    pos[k] = i;
-                }
-            }
-            pos
-        })
-        .collect();
-    let release = |k: usize, start: usize, len: usize| {
-        if options.release_pages {
-            for (c, pos) in inputs.iter().zip(&positions) {
-                c.release(pos[k], start, len);
-            }
-        }
-    };
     let (mut bytes_read, mut bytes_done) = (0u64, 0u64);
+    let mut whole_bufs: Vec<Vec<T>> = vec![Vec::new(); inputs.len()];
+    let pools: Vec<Mutex<Vec<Vec<T>>>> = (0..rayon::current_num_threads().max(1))
+        .map(|_| Mutex::new(vec![Vec::new(); inputs.len()]))
+        .collect();
     for (k, (name, shape)) in plan.iter().enumerate() {
         let numel: usize = shape.iter().product();
         match options.chunking {
             Chunking::Whole => {
+                // Reuse one buffer per input across tensors (no fresh pages per tensor).
                 let ts = inputs
                     .par_iter()
-                    .map(|c| c.read::<T>(name))
+                    .zip(whole_bufs.par_iter_mut())
+                    .map(|(c, buf)| {
+                        let mut v = std::mem::take(buf);
+                        v.clear();
+                        v.resize(numel, T::zero());
+                        c.read_into(name, 0, &mut v)?;
+                        to_array(v, shape)
+                    })
                     .collect::<Result<Vec<_>>>()?;
                 let refs: Vec<&ArrayD<T>> = ts.iter().collect();
                 let out = merger.merge_tensor(name, &refs)?;
-                drop(ts);
-                release(k, 0, numel);
+                for (buf, t) in whole_bufs.iter_mut().zip(ts) {
+                    *buf = t.into_raw_vec_and_offset().0;
+                }
                 if out.shape() != shape.as_slice() {
                     return Err(Error::shape(
                         format!("merged tensor `{name}` (the merger's output)"),
@@ -360,29 +350,43 @@ where
             }
             Chunking::Elementwise { chunk_elems } => {
                 let nchunks = numel.div_ceil(chunk_elems);
-                (0..nchunks).into_par_iter().try_for_each(|j| {
-                    let start = j * chunk_elems;
-                    let len = chunk_elems.min(numel - start);
-                    let ts = inputs
-                        .iter()
-                        .map(|c| {
-                            let mut buf = vec![T::zero(); len];
-                            c.read_into(name, start, &mut buf)?;
-                            ArrayD::from_shape_vec(IxDyn(&[len]), buf)
-                                .map_err(|e| Error::invalid("chunk", e.to_string()))
-                        })
-                        .collect::<Result<Vec<_>>>()?;
-                    let refs: Vec<&ArrayD<T>> = ts.iter().collect();
-                    let out = merger.merge_tensor(name, &refs)?;
-                    release(k, start, len);
-                    if out.shape() != [len] {
-                        return Err(Error::shape(
-                            format!("merged chunk {j} of tensor `{name}` (the merger's output)"),
-                            &[len],
-                            out.shape(),
-                        ));
+                let workers = pools.len().min(nchunks);
+                // Worker `w` takes chunks w, w + workers, ...; its buffers persist.
+                (0..workers).into_par_iter().try_for_each(|w| {
+                    let mut pool = pools[w]
+                        .lock()
+                        .map_err(|_| Error::invalid("merger", "a worker panicked"))?;
+                    for j in (w..nchunks).step_by(workers) {
+                        let start = j * chunk_elems;
+                        let len = chunk_elems.min(numel - start);
+                        let ts = inputs
+                            .iter()
+                            .zip(pool.iter_mut())
+                            .map(|(c, buf)| {
+                                let mut v = std::mem::take(buf);
+                                v.clear();
+                                v.resize(len, T::zero());
+                                c.read_into(name, start, &mut v)?;
+                                to_array(v, &[len])
+                            })
+                            .collect::<Result<Vec<_>>>()?;
+                        let refs: Vec<&ArrayD<T>> = ts.iter().collect();
+                        let out = merger.merge_tensor(name, &refs)?;
+                        for (buf, t) in pool.iter_mut().zip(ts) {
+                            *buf = t.into_raw_vec_and_offset().0;
+                        }
+                        if out.shape() != [len] {
+                            return Err(Error::shape(
+                                format!(
+                                    "merged chunk {j} of tensor `{name}` (the merger's output)"
+                                ),
+                                &[len],
+                                out.shape(),
+                            ));
+                        }
+                        writer.write(k, start, &flat(&out))?;
                     }
-                    writer.write(k, start, &flat(&out))
+                    Ok(())
                 })?;
             }
         }
@@ -407,6 +411,10 @@ where
         bytes_written: bytes_done,
         files,
     })
+}
+
+fn to_array<T: IoScalar>(v: Vec<T>, shape: &[usize]) -> Result<ArrayD<T>> {
+    ArrayD::from_shape_vec(IxDyn(shape), v).map_err(|e| Error::invalid("shape", e.to_string()))
 }
 
 /// Elements per parallel write of a whole merged tensor.

@@ -133,12 +133,27 @@ pub struct Config {
 
 /// mergekit keys modelfusion does not implement, with what to do instead.
 const UNSUPPORTED_KEYS: [(&str, &str); 6] = [
-    ("slices", "layer slicing (frankenmerges) is not supported; merge whole models"),
-    ("tokenizer_source", "tokenizer merging is not supported; the base (or first) model's tokenizer files are copied"),
-    ("tokenizer", "tokenizer merging is not supported; the base (or first) model's tokenizer files are copied"),
-    ("chat_template", "chat templates are not handled; edit tokenizer_config.json afterwards"),
+    (
+        "slices",
+        "layer slicing (frankenmerges) is not supported; merge whole models",
+    ),
+    (
+        "tokenizer_source",
+        "tokenizer merging is not supported; the base (or first) model's tokenizer files are copied",
+    ),
+    (
+        "tokenizer",
+        "tokenizer merging is not supported; the base (or first) model's tokenizer files are copied",
+    ),
+    (
+        "chat_template",
+        "chat templates are not handled; edit tokenizer_config.json afterwards",
+    ),
     ("modules", "per-module configs are not supported"),
-    ("parameters_by_layer", "per-layer parameters are not supported; use {filter, value} lists"),
+    (
+        "parameters_by_layer",
+        "per-layer parameters are not supported; use {filter, value} lists",
+    ),
 ];
 
 fn config_err(reason: impl Into<String>) -> Error {
@@ -190,7 +205,11 @@ impl Config {
         for (i, m) in raw.models.iter().enumerate() {
             for (k, v) in &m.parameters {
                 if !method.model_params.iter().any(|p| p.name == k) {
-                    return Err(unknown_param(method, k, &format!("models[{i}] ({})", m.model)));
+                    return Err(unknown_param(
+                        method,
+                        k,
+                        &format!("models[{i}] ({})", m.model),
+                    ));
                 }
                 check_value(k, v, &format!("models[{i}]"))?;
             }
@@ -236,7 +255,10 @@ impl Config {
         // globally); filtered values need a default entry.
         for (i, m) in models.iter().enumerate() {
             for p in method.model_params.iter().filter(|p| p.default.is_none()) {
-                let v = m.parameters.get(p.name).or_else(|| raw.parameters.get(p.name));
+                let v = m
+                    .parameters
+                    .get(p.name)
+                    .or_else(|| raw.parameters.get(p.name));
                 match v {
                     None => {
                         return Err(Error::MissingParam {
@@ -314,12 +336,18 @@ impl Config {
             Some(ParamValue::Number(x)) => Ok(*x),
             Some(ParamValue::Filtered(list)) => list
                 .iter()
-                .find(|e| e.filter.as_ref().is_some_and(|f| tensor.contains(f.as_str())))
+                .find(|e| {
+                    e.filter
+                        .as_ref()
+                        .is_some_and(|f| tensor.contains(f.as_str()))
+                })
                 .or_else(|| list.iter().find(|e| e.filter.is_none()))
                 .map(|e| e.value.get())
                 .or(default)
                 .ok_or_else(missing),
-            Some(ParamValue::Gradient(_)) => Err(Error::invalid(name, "gradient lists are not supported")),
+            Some(ParamValue::Gradient(_)) => {
+                Err(Error::invalid(name, "gradient lists are not supported"))
+            }
         }
     }
 }
@@ -329,7 +357,10 @@ fn check_value(name: &str, v: &ParamValue, place: &str) -> Result<()> {
         if x.is_finite() {
             Ok(())
         } else {
-            Err(Error::invalid(name, format!("in {place} must be finite, got {x}")))
+            Err(Error::invalid(
+                name,
+                format!("in {place} must be finite, got {x}"),
+            ))
         }
     };
     match v {
@@ -391,18 +422,39 @@ mod tests {
     fn errors_name_the_problem() {
         let cases = [
             ("merge_method: frobnicate\nmodels: []\n", "frobnicate"),
-            ("merge_method: linear\nmodels:\n  - model: a\n    parameters: {weight: 1, densty: 0.5}\n", "densty"),
+            (
+                "merge_method: linear\nmodels:\n  - model: a\n    parameters: {weight: 1, densty: 0.5}\n",
+                "densty",
+            ),
             ("merge_method: linear\nmodels:\n  - model: a\n", "weight"),
-            ("merge_method: linear\nmodels:\n  - model: a\n    parameters: {weight: [0, 1]}\n", "gradient"),
-            ("merge_method: linear\nmodels:\n  - model: a\n    parameters: {weight: [{filter: x, value: 1}]}\n", "no default"),
+            (
+                "merge_method: linear\nmodels:\n  - model: a\n    parameters: {weight: [0, 1]}\n",
+                "gradient",
+            ),
+            (
+                "merge_method: linear\nmodels:\n  - model: a\n    parameters: {weight: [{filter: x, value: 1}]}\n",
+                "no default",
+            ),
             ("merge_method: linear\nslices: []\nmodels: []\n", "slices"),
             ("merge_method: linear\nfoo: 1\nmodels: []\n", "`foo`"),
-            ("merge_method: linear\nmodels:\n  - model: a\n    parameters: {weight: 1}\ndtype: int8\n", "int8"),
-            ("merge_method: linear\nbase_model: x\nmodels:\n  - model: a\n    parameters: {weight: 1}\n", "base_model"),
+            (
+                "merge_method: linear\nmodels:\n  - model: a\n    parameters: {weight: 1}\ndtype: int8\n",
+                "int8",
+            ),
+            (
+                "merge_method: linear\nbase_model: x\nmodels:\n  - model: a\n    parameters: {weight: 1}\n",
+                "base_model",
+            ),
             ("merge_method: linear\nmodels: []\n", "at least 1"),
-            ("merge_method: linear\nmodels:\n  - model: a\n    parameters: {weight: .nan}\n", "finite"),
+            (
+                "merge_method: linear\nmodels:\n  - model: a\n    parameters: {weight: .nan}\n",
+                "finite",
+            ),
             ("merge_method: [1]\n", "test.yml"),
-            ("merge_method: linear\nmodels:\n  - model: a\n    weight: 1\n", "weight"),
+            (
+                "merge_method: linear\nmodels:\n  - model: a\n    weight: 1\n",
+                "weight",
+            ),
         ];
         for (text, want) in cases {
             let err = parse(text).unwrap_err().to_string();

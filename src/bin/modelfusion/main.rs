@@ -24,7 +24,11 @@ use config::Config;
 use methods::ConfigMerger;
 
 #[derive(Parser, Debug)]
-#[command(name = "modelfusion", version, about = "Merge model checkpoints (safetensors) out of core, from mergekit-style YAML configs")]
+#[command(
+    name = "modelfusion",
+    version,
+    about = "Merge model checkpoints (safetensors) out of core, from mergekit-style YAML configs"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -66,7 +70,10 @@ enum Command {
 
 fn parse_size(s: &str) -> std::result::Result<u64, String> {
     let t = s.trim().to_ascii_uppercase();
-    let t = t.strip_suffix("IB").or_else(|| t.strip_suffix('B')).unwrap_or(&t);
+    let t = t
+        .strip_suffix("IB")
+        .or_else(|| t.strip_suffix('B'))
+        .unwrap_or(&t);
     let (num, mult) = match t.chars().last() {
         Some('K') => (&t[..t.len() - 1], 1u64 << 10),
         Some('M') => (&t[..t.len() - 1], 1 << 20),
@@ -154,7 +161,8 @@ fn copy_aux_files(from: &Path, out: &Path, dtype: Dtype) -> Result<Vec<String>> 
                     if let Some(obj) = v.as_object_mut() {
                         obj.insert("torch_dtype".into(), torch_name(dtype).into());
                     }
-                    let s = serde_json::to_string_pretty(&v).map_err(|e| Error::invalid("config.json", e.to_string()))?;
+                    let s = serde_json::to_string_pretty(&v)
+                        .map_err(|e| Error::invalid("config.json", e.to_string()))?;
                     std::fs::write(&dst, s + "\n").map_err(|e| io(&dst, e))?;
                 }
                 Err(_) => {
@@ -202,7 +210,11 @@ fn run_merge(a: MergeArgs) -> Result<()> {
         "{} merge of {} checkpoint(s){}: {} tensors, {:.3} GB out as {} (compute {}, seed {})",
         config.method.name,
         cks.len(),
-        if config.has_base { " (first is the base)" } else { "" },
+        if config.has_base {
+            " (first is the base)"
+        } else {
+            ""
+        },
         plan.len(),
         out_bytes as f64 / 1e9,
         out_dtype,
@@ -231,8 +243,10 @@ fn run_merge(a: MergeArgs) -> Result<()> {
         ProgressBar::hidden()
     };
     bar.set_style(
-        ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta} {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        ProgressStyle::with_template(
+            "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta} {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let merger = ConfigMerger::new(&config);
     let start = Instant::now();

@@ -18,7 +18,10 @@ pub struct ParamSpec {
 }
 
 const fn req(name: &'static str) -> ParamSpec {
-    ParamSpec { name, default: None }
+    ParamSpec {
+        name,
+        default: None,
+    }
 }
 
 const fn opt(name: &'static str, default: f64) -> ParamSpec {
@@ -58,7 +61,11 @@ pub struct MethodSpec {
     pub available: bool,
 }
 
-const TASK_GLOBALS: &[ParamSpec] = &[opt("normalize", 1.0), opt("lambda", 1.0), opt("int8_mask", 0.0)];
+const TASK_GLOBALS: &[ParamSpec] = &[
+    opt("normalize", 1.0),
+    opt("lambda", 1.0),
+    opt("int8_mask", 0.0),
+];
 
 /// Every method the config format names. Those with `available: false` are recognised
 /// (so their configs validate) but not yet wired to an implementation.
@@ -79,7 +86,11 @@ pub const METHODS: &[MethodSpec] = &[
         min_models: 1,
         max_models: None,
         model_params: &[req("weight")],
-        global_params: &[opt("normalize", 0.0), opt("lambda", 1.0), opt("int8_mask", 0.0)],
+        global_params: &[
+            opt("normalize", 0.0),
+            opt("lambda", 1.0),
+            opt("int8_mask", 0.0),
+        ],
         elementwise: true,
         available: false,
     },
@@ -99,7 +110,12 @@ pub const METHODS: &[MethodSpec] = &[
         min_models: 1,
         max_models: None,
         model_params: &[req("weight"), opt("density", 1.0)],
-        global_params: &[opt("normalize", 1.0), opt("lambda", 1.0), opt("rescale", 1.0), opt("int8_mask", 0.0)],
+        global_params: &[
+            opt("normalize", 1.0),
+            opt("lambda", 1.0),
+            opt("rescale", 1.0),
+            opt("int8_mask", 0.0),
+        ],
         elementwise: false,
         available: false,
     },
@@ -109,7 +125,12 @@ pub const METHODS: &[MethodSpec] = &[
         min_models: 1,
         max_models: None,
         model_params: &[req("weight"), opt("density", 1.0)],
-        global_params: &[opt("normalize", 1.0), opt("lambda", 1.0), opt("rescale", 1.0), opt("int8_mask", 0.0)],
+        global_params: &[
+            opt("normalize", 1.0),
+            opt("lambda", 1.0),
+            opt("rescale", 1.0),
+            opt("int8_mask", 0.0),
+        ],
         elementwise: false,
         available: false,
     },
@@ -185,7 +206,11 @@ pub fn method_spec(name: &str) -> Result<&'static MethodSpec> {
         )
     })?;
     if !m.available {
-        let ready: Vec<&str> = METHODS.iter().filter(|m| m.available).map(|m| m.name).collect();
+        let ready: Vec<&str> = METHODS
+            .iter()
+            .filter(|m| m.available)
+            .map(|m| m.name)
+            .collect();
         return Err(Error::invalid(
             "merge_method",
             format!(
