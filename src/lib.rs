@@ -31,6 +31,7 @@ pub mod merge;
 pub mod model;
 pub mod objective;
 pub mod path;
+pub mod perm;
 pub mod tensor;
 
 pub use error::{Error, Result};

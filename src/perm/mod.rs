@@ -1,0 +1,542 @@
+//! Permutation symmetry: [`Permutation`]s, [`PermutationSpec`]s that say which axes of
+//! which parameters a permutation acts on, and ready specs for common architectures.
+//!
+//! Hidden units of a network can be reordered without changing the function it
+//! computes: for a hidden layer with permutation `P`, `W_l -> P W_l`, `b_l -> P b_l`,
+//! `W_{l+1} -> W_{l+1} P^T`. A [`PermutationSpec`] records, for each permutation
+//! *group*, every `(parameter, axis)` it reorders (PyTorch layout: a weight is
+//! `(out, in, ...)`, so a group permutes axis 0 of the layer that produces it and axis
+//! 1 of the layers that consume it). A [`PermutationSet`] holds one permutation per
+//! group and applies them all to a model.
+//!
+//! ```
+//! use modelfusion::perm::{specs::{self, Architecture}, PermutationSet};
+//! use modelfusion::Model;
+//!
+//! let arch = specs::MlpShapes::new(&[4, 8, 8, 3]).unwrap();
+//! let model = arch.random_model(7);
+//! let spec = arch.spec();
+//! let perms = PermutationSet::random(&spec, &model, 42).unwrap();
+//! let permuted = spec.apply(&perms, &model).unwrap();
+//! let back = spec.apply(&perms.inverse(), &permuted).unwrap();
+//! assert_eq!(back.max_abs_diff(&model).unwrap(), 0.0);
+//! ```
+
+pub mod specs;
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use rand_chacha::ChaCha8Rng;
+
+use crate::error::{Error, Result};
+use crate::model::Model;
+use crate::tensor::Tensor;
+
+/// A bijection of `0..n`, stored as gather indices: applied to an axis, output position
+/// `i` takes input position `perm[i]` (as [`Tensor::take`] does).
+///
+/// ```
+/// use modelfusion::perm::Permutation;
+/// let p = Permutation::new(vec![2, 0, 1]).unwrap();
+/// assert_eq!(p.apply_to(&['a', 'b', 'c']).unwrap(), vec!['c', 'a', 'b']);
+/// assert!(p.then(&p.inverse()).unwrap().is_identity());
+/// assert!(Permutation::new(vec![0, 0, 1]).is_err());
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Permutation {
+    idx: Vec<usize>,
+}
+
+impl Permutation {
+    /// Validates that `idx` is a bijection of `0..idx.len()`.
+    pub fn new(idx: Vec<usize>) -> Result<Self> {
+        let n = idx.len();
+        let mut seen = vec![false; n];
+        for (pos, &i) in idx.iter().enumerate() {
+            if i >= n {
+                return Err(Error::InvalidPermutation {
+                    reason: format!("entry {i} at position {pos} is out of range for length {n}"),
+                });
+            }
+            if std::mem::replace(&mut seen[i], true) {
+                return Err(Error::InvalidPermutation {
+                    reason: format!("entry {i} appears twice (second time at position {pos})"),
+                });
+            }
+        }
+        Ok(Permutation { idx })
+    }
+
+    /// The identity on `0..n`.
+    ///
+    /// ```
+    /// assert!(modelfusion::perm::Permutation::identity(4).is_identity());
+    /// ```
+    pub fn identity(n: usize) -> Self {
+        Permutation {
+            idx: (0..n).collect(),
+        }
+    }
+
+    /// A uniformly random permutation of `0..n`, reproducible from `seed`.
+    ///
+    /// ```
+    /// use modelfusion::perm::Permutation;
+    /// assert_eq!(Permutation::random(10, 3), Permutation::random(10, 3));
+    /// ```
+    pub fn random(n: usize, seed: u64) -> Self {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        Self::random_with(n, &mut rng)
+    }
+
+    fn random_with(n: usize, rng: &mut ChaCha8Rng) -> Self {
+        let mut idx: Vec<usize> = (0..n).collect();
+        idx.shuffle(rng);
+        Permutation { idx }
+    }
+
+    /// Length `n`.
+    pub fn len(&self) -> usize {
+        self.idx.len()
+    }
+
+    /// True for the permutation of the empty set.
+    pub fn is_empty(&self) -> bool {
+        self.idx.is_empty()
+    }
+
+    /// The gather indices.
+    pub fn as_slice(&self) -> &[usize] {
+        &self.idx
+    }
+
+    /// True when `perm[i] == i` for all `i`.
+    pub fn is_identity(&self) -> bool {
+        self.idx.iter().enumerate().all(|(i, &j)| i == j)
+    }
+
+    /// The inverse: applying `p` then `p.inverse()` restores the original order.
+    pub fn inverse(&self) -> Self {
+        let mut inv = vec![0; self.idx.len()];
+        for (i, &j) in self.idx.iter().enumerate() {
+            inv[j] = i;
+        }
+        Permutation { idx: inv }
+    }
+
+    /// The permutation equal to applying `self` first and `next` second.
+    ///
+    /// ```
+    /// use modelfusion::perm::Permutation;
+    /// let p = Permutation::new(vec![1, 2, 0]).unwrap();
+    /// let q = Permutation::new(vec![0, 2, 1]).unwrap();
+    /// let x = ['a', 'b', 'c'];
+    /// let pq = p.then(&q).unwrap();
+    /// assert_eq!(pq.apply_to(&x).unwrap(), q.apply_to(&p.apply_to(&x).unwrap()).unwrap());
+    /// assert!(p.then(&Permutation::identity(2)).is_err());
+    /// ```
+    pub fn then(&self, next: &Permutation) -> Result<Self> {
+        if self.len() != next.len() {
+            return Err(Error::InvalidPermutation {
+                reason: format!(
+                    "cannot compose permutations of lengths {} and {}",
+                    self.len(),
+                    next.len()
+                ),
+            });
+        }
+        Ok(Permutation {
+            idx: next.idx.iter().map(|&j| self.idx[j]).collect(),
+        })
+    }
+
+    /// Reorders a slice: output `i` is `items[perm[i]]`; errors when the lengths differ.
+    /// For tensors use [`Tensor::take`].
+    pub fn apply_to<T: Clone>(&self, items: &[T]) -> Result<Vec<T>> {
+        if items.len() != self.len() {
+            return Err(Error::InvalidPermutation {
+                reason: format!(
+                    "permutation of length {} applied to {} items",
+                    self.len(),
+                    items.len()
+                ),
+            });
+        }
+        Ok(self.idx.iter().map(|&i| items[i].clone()).collect())
+    }
+
+    /// Number of positions `i` with `perm[i] != i`.
+    ///
+    /// ```
+    /// let p = modelfusion::perm::Permutation::new(vec![1, 0, 2]).unwrap();
+    /// assert_eq!(p.num_moved(), 2);
+    /// ```
+    pub fn num_moved(&self) -> usize {
+        self.idx
+            .iter()
+            .enumerate()
+            .filter(|&(i, &j)| i != j)
+            .count()
+    }
+}
+
+/// Which `(parameter, axis)` pairs each permutation group reorders.
+///
+/// Built from either direction — group to axes ([`from_groups`](Self::from_groups)) or
+/// parameter to per-axis group ([`from_axes`](Self::from_axes)) — and checked for
+/// consistency (an axis belongs to at most one group). [`validate`](Self::validate)
+/// checks it against a model's shapes.
+///
+/// ```
+/// use modelfusion::perm::PermutationSpec;
+/// // A 2-layer MLP: one hidden group.
+/// let spec = PermutationSpec::from_axes([
+///     ("fc1.weight", vec![Some("h"), None]),
+///     ("fc1.bias", vec![Some("h")]),
+///     ("fc2.weight", vec![None, Some("h")]),
+/// ]).unwrap();
+/// assert_eq!(spec.group("h").unwrap().len(), 3);
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct PermutationSpec {
+    groups: BTreeMap<String, Vec<(String, usize)>>,
+    params: BTreeMap<String, BTreeMap<usize, String>>,
+}
+
+impl PermutationSpec {
+    /// Builds a spec from `group -> [(param, axis)]` lists (Git Re-Basin's
+    /// `perm_to_axes`). Errors when an axis is claimed twice or a group is empty.
+    ///
+    /// ```
+    /// use modelfusion::perm::PermutationSpec;
+    /// let spec = PermutationSpec::from_groups([
+    ///     ("h", vec![("fc1.weight", 0), ("fc1.bias", 0), ("fc2.weight", 1)]),
+    /// ]).unwrap();
+    /// assert_eq!(spec.axes("fc2.weight").unwrap(), vec![None, Some("h")]);
+    /// let bad = PermutationSpec::from_groups([("a", vec![("w", 0)]), ("b", vec![("w", 0)])]);
+    /// assert!(bad.is_err());
+    /// ```
+    pub fn from_groups<G, P>(groups: impl IntoIterator<Item = (G, Vec<(P, usize)>)>) -> Result<Self>
+    where
+        G: Into<String>,
+        P: Into<String>,
+    {
+        let mut spec = PermutationSpec::default();
+        for (g, members) in groups {
+            let g = g.into();
+            if members.is_empty() {
+                return Err(Error::Spec {
+                    reason: format!("group `{g}` lists no (parameter, axis) pairs"),
+                });
+            }
+            if spec.groups.contains_key(&g) {
+                return Err(Error::Spec {
+                    reason: format!("group `{g}` is defined twice"),
+                });
+            }
+            for (p, axis) in members {
+                spec.claim(&g, p.into(), axis)?;
+            }
+        }
+        Ok(spec.canonical())
+    }
+
+    /// Builds a spec from `param -> [group or none, per axis]` (Git Re-Basin's
+    /// `axes_to_perm`).
+    pub fn from_axes<P, G>(params: impl IntoIterator<Item = (P, Vec<Option<G>>)>) -> Result<Self>
+    where
+        P: Into<String>,
+        G: Into<String>,
+    {
+        let mut spec = PermutationSpec::default();
+        for (p, axes) in params {
+            let p = p.into();
+            if spec.params.contains_key(&p) {
+                return Err(Error::Spec {
+                    reason: format!("parameter `{p}` is listed twice"),
+                });
+            }
+            for (axis, g) in axes.into_iter().enumerate() {
+                if let Some(g) = g {
+                    spec.claim(&g.into(), p.clone(), axis)?;
+                }
+            }
+        }
+        Ok(spec.canonical())
+    }
+
+    /// Sorts every group's members, so that equal specs compare equal however built.
+    fn canonical(mut self) -> Self {
+        for members in self.groups.values_mut() {
+            members.sort();
+        }
+        self
+    }
+
+    fn claim(&mut self, group: &str, param: String, axis: usize) -> Result<()> {
+        let axes = self.params.entry(param.clone()).or_default();
+        if let Some(other) = axes.get(&axis) {
+            return Err(Error::Spec {
+                reason: format!(
+                    "axis {axis} of `{param}` is claimed by both group `{other}` and group `{group}`"
+                ),
+            });
+        }
+        axes.insert(axis, group.to_string());
+        self.groups
+            .entry(group.to_string())
+            .or_default()
+            .push((param, axis));
+        Ok(())
+    }
+
+    /// Group names, sorted.
+    pub fn group_names(&self) -> impl Iterator<Item = &str> {
+        self.groups.keys().map(String::as_str)
+    }
+
+    /// Number of groups.
+    pub fn num_groups(&self) -> usize {
+        self.groups.len()
+    }
+
+    /// The `(param, axis)` pairs of a group.
+    pub fn group(&self, name: &str) -> Option<&[(String, usize)]> {
+        self.groups.get(name).map(Vec::as_slice)
+    }
+
+    /// Every group with its `(param, axis)` pairs, sorted by group name.
+    pub fn groups(&self) -> impl Iterator<Item = (&str, &[(String, usize)])> {
+        self.groups.iter().map(|(g, m)| (g.as_str(), m.as_slice()))
+    }
+
+    /// Parameters the spec mentions, sorted.
+    pub fn param_names(&self) -> impl Iterator<Item = &str> {
+        self.params.keys().map(String::as_str)
+    }
+
+    /// The per-axis groups of a parameter, up to its highest permuted axis (`None` for an
+    /// axis no group reorders); `None` if the spec does not mention it.
+    pub fn axes(&self, param: &str) -> Option<Vec<Option<&str>>> {
+        let axes = self.params.get(param)?;
+        let len = axes.keys().next_back().map_or(0, |&a| a + 1);
+        Some((0..len).map(|a| axes.get(&a).map(String::as_str)).collect())
+    }
+
+    /// The `(axis, group)` pairs of a parameter, by axis.
+    pub fn param_axes(&self, param: &str) -> impl Iterator<Item = (usize, &str)> {
+        self.params
+            .get(param)
+            .into_iter()
+            .flat_map(|m| m.iter().map(|(&a, g)| (a, g.as_str())))
+    }
+
+    /// Checks the spec against a model: every parameter it names exists, every permuted
+    /// axis exists, and all axes of one group have the same length. Returns each
+    /// group's size.
+    ///
+    /// ```
+    /// use modelfusion::perm::specs::{Architecture, MlpShapes};
+    /// let arch = MlpShapes::new(&[4, 6, 2]).unwrap();
+    /// let sizes = arch.spec().validate(&arch.random_model(0)).unwrap();
+    /// assert_eq!(sizes["hidden.0"], 6);
+    /// ```
+    pub fn validate<M: Model>(&self, model: &M) -> Result<BTreeMap<String, usize>> {
+        let mut sizes = BTreeMap::new();
+        for (g, members) in &self.groups {
+            let mut first: Option<(&str, usize, usize)> = None;
+            for (p, axis) in members {
+                let t = model.get(p).ok_or_else(|| Error::Spec {
+                    reason: format!(
+                        "group `{g}` names parameter `{p}`, which the model does not have"
+                    ),
+                })?;
+                let shape = t.shape();
+                let len = *shape.get(*axis).ok_or_else(|| Error::Spec {
+                    reason: format!(
+                        "group `{g}` permutes axis {axis} of `{p}`, which has shape {shape:?}"
+                    ),
+                })?;
+                match first {
+                    None => first = Some((p, *axis, len)),
+                    Some((p0, a0, l0)) if l0 != len => {
+                        return Err(Error::Spec {
+                            reason: format!(
+                                "group `{g}` has size {l0} on axis {a0} of `{p0}` but size {len} on axis {axis} of `{p}` (shape {shape:?})"
+                            ),
+                        });
+                    }
+                    Some(_) => {}
+                }
+            }
+            if let Some((_, _, len)) = first {
+                sizes.insert(g.clone(), len);
+            }
+        }
+        Ok(sizes)
+    }
+
+    /// Applies one permutation per group to every axis the group reorders; parameters
+    /// the spec does not mention are copied unchanged.
+    ///
+    /// Errors when the spec does not fit the model, a group has no permutation in
+    /// `perms`, or a permutation's length differs from its group's size.
+    pub fn apply<M: Model>(&self, perms: &PermutationSet, model: &M) -> Result<M> {
+        let sizes = self.validate(model)?;
+        for (g, &size) in &sizes {
+            let p = perms.get(g).ok_or_else(|| Error::Spec {
+                reason: format!("no permutation given for group `{g}`"),
+            })?;
+            if p.len() != size {
+                return Err(Error::InvalidPermutation {
+                    reason: format!(
+                        "permutation for group `{g}` has length {}, the group has size {size}",
+                        p.len()
+                    ),
+                });
+            }
+        }
+        model.try_map(|name, t| {
+            let mut out: Option<M::Tensor> = None;
+            for (axis, g) in self.param_axes(name) {
+                let p = perms.get(g).ok_or_else(|| Error::Spec {
+                    reason: format!("no permutation given for group `{g}`"),
+                })?;
+                out = Some(out.as_ref().unwrap_or(t).take(axis, p.as_slice())?);
+            }
+            Ok(out.unwrap_or_else(|| t.clone()))
+        })
+    }
+}
+
+impl fmt::Display for PermutationSpec {
+    /// One line per group: `group: param[axis], ...`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (g, members) in &self.groups {
+            let list: Vec<String> = members.iter().map(|(p, a)| format!("{p}[{a}]")).collect();
+            writeln!(f, "{g}: {}", list.join(", "))?;
+        }
+        Ok(())
+    }
+}
+
+/// One [`Permutation`] per group, by group name.
+///
+/// ```
+/// use modelfusion::perm::{Permutation, PermutationSet};
+/// let mut set = PermutationSet::new();
+/// set.insert("h", Permutation::new(vec![1, 0]).unwrap());
+/// assert!(!set.is_identity());
+/// assert!(set.then(&set.inverse()).unwrap().is_identity());
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct PermutationSet {
+    perms: BTreeMap<String, Permutation>,
+}
+
+impl PermutationSet {
+    /// An empty set.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The identity for every group of `spec`, sized from `model`.
+    pub fn identity<M: Model>(spec: &PermutationSpec, model: &M) -> Result<Self> {
+        Ok(PermutationSet {
+            perms: spec
+                .validate(model)?
+                .into_iter()
+                .map(|(g, n)| (g, Permutation::identity(n)))
+                .collect(),
+        })
+    }
+
+    /// A uniformly random permutation for every group of `spec`, reproducible from
+    /// `seed` (groups drawn in sorted name order from one stream).
+    pub fn random<M: Model>(spec: &PermutationSpec, model: &M, seed: u64) -> Result<Self> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        Ok(PermutationSet {
+            perms: spec
+                .validate(model)?
+                .into_iter()
+                .map(|(g, n)| (g, Permutation::random_with(n, &mut rng)))
+                .collect(),
+        })
+    }
+
+    /// Sets the permutation of `group`, returning the previous one.
+    pub fn insert(&mut self, group: impl Into<String>, perm: Permutation) -> Option<Permutation> {
+        self.perms.insert(group.into(), perm)
+    }
+
+    /// The permutation of `group`.
+    pub fn get(&self, group: &str) -> Option<&Permutation> {
+        self.perms.get(group)
+    }
+
+    /// `(group, permutation)` pairs, sorted by group.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &Permutation)> {
+        self.perms.iter().map(|(g, p)| (g.as_str(), p))
+    }
+
+    /// Number of groups.
+    pub fn len(&self) -> usize {
+        self.perms.len()
+    }
+
+    /// True when the set holds no group.
+    pub fn is_empty(&self) -> bool {
+        self.perms.is_empty()
+    }
+
+    /// True when every permutation is the identity.
+    pub fn is_identity(&self) -> bool {
+        self.perms.values().all(Permutation::is_identity)
+    }
+
+    /// The inverse of every permutation.
+    pub fn inverse(&self) -> Self {
+        PermutationSet {
+            perms: self
+                .perms
+                .iter()
+                .map(|(g, p)| (g.clone(), p.inverse()))
+                .collect(),
+        }
+    }
+
+    /// Group-wise composition: applying the result equals applying `self`, then `next`.
+    /// Both sets must have the same groups with the same lengths.
+    pub fn then(&self, next: &PermutationSet) -> Result<Self> {
+        if self.perms.len() != next.perms.len() {
+            return Err(Error::InvalidPermutation {
+                reason: format!(
+                    "cannot compose sets of {} and {} groups",
+                    self.perms.len(),
+                    next.perms.len()
+                ),
+            });
+        }
+        self.perms
+            .iter()
+            .map(|(g, p)| {
+                let q = next.perms.get(g).ok_or_else(|| Error::InvalidPermutation {
+                    reason: format!("group `{g}` is missing from the second set"),
+                })?;
+                Ok((g.clone(), p.then(q)?))
+            })
+            .collect::<Result<BTreeMap<_, _>>>()
+            .map(|perms| PermutationSet { perms })
+    }
+}
+
+impl FromIterator<(String, Permutation)> for PermutationSet {
+    fn from_iter<I: IntoIterator<Item = (String, Permutation)>>(iter: I) -> Self {
+        PermutationSet {
+            perms: iter.into_iter().collect(),
+        }
+    }
+}
