@@ -198,6 +198,8 @@ fn run_merge(a: MergeArgs) -> Result<()> {
     let cks = open_inputs(&config)?;
     let refs: Vec<&Checkpoint> = cks.iter().collect();
     let plan = check_compatible(&refs)?;
+    let merger = ConfigMerger::new(&config);
+    merger.preflight(plan.iter().map(|(n, _)| n.as_str()))?;
     let out_dtype = config
         .out_dtype
         .or_else(|| cks[0].tensors().first().map(|t| t.dtype()))
@@ -248,7 +250,6 @@ fn run_merge(a: MergeArgs) -> Result<()> {
         )
         .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    let merger = ConfigMerger::new(&config);
     let start = Instant::now();
     let progress = |p: &modelfusion::io::Progress| {
         bar.set_position(p.bytes_done);

@@ -234,6 +234,24 @@ impl<'a> ConfigMerger<'a> {
         ConfigMerger { config }
     }
 
+    /// Runs the merger on one-element stand-ins (base 0, model `i` = `i + 1`) for every
+    /// tensor name, so that bad hyperparameters fail before any data is read.
+    pub fn preflight<'n>(&self, names: impl IntoIterator<Item = &'n str>) -> Result<()> {
+        let k = self.config.inputs.len();
+        let dummies: Vec<ArrayD<f32>> = (0..k)
+            .map(|i| {
+                let v = if self.config.has_base { i as f32 } else { i as f32 + 1.0 };
+                ArrayD::from_elem(vec![1], v)
+            })
+            .collect();
+        let refs: Vec<&ArrayD<f32>> = dummies.iter().collect();
+        for name in names {
+            self.merge_tensor(name, &refs)
+                .map_err(|e| Error::invalid("config", format!("for tensor `{name}`: {e}")))?;
+        }
+        Ok(())
+    }
+
     /// `sum_i w_i x_i`, divided by `sum_i w_i` when `normalize` is set.
     // TEMPORARY: stands in for `modelfusion::merge`'s linear merger until that lands.
     fn linear<T>(&self, name: &str, ts: &[&ArrayD<T>]) -> Result<ArrayD<T>>
