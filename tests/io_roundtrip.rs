@@ -205,6 +205,23 @@ fn large_buffers_convert_like_small_ones() {
 }
 
 #[test]
+fn unaligned_buffers_convert_like_aligned_ones() {
+    let xs: Vec<f32> = (0..1000).map(|i| (i as f32 - 500.0) * 0.013).collect();
+    for d in Dtype::ALL {
+        let n = xs.len() * d.size();
+        let mut aligned = vec![0u8; n];
+        encode(d, &xs, &mut aligned).unwrap();
+        let mut storage = vec![0u8; n + 1];
+        encode(d, &xs, &mut storage[1..]).unwrap();
+        assert_eq!(&storage[1..], aligned.as_slice(), "{d} encode");
+        let (mut a, mut b) = (vec![0f64; xs.len()], vec![0f64; xs.len()]);
+        decode(d, &aligned, &mut a).unwrap();
+        decode(d, &storage[1..], &mut b).unwrap();
+        assert_eq!(a, b, "{d} decode");
+    }
+}
+
+#[test]
 fn conversion_length_errors() {
     let mut out = [0f32; 2];
     assert!(decode(Dtype::F32, &[0u8; 7], &mut out).is_err());

@@ -3,6 +3,7 @@
 use std::fmt;
 use std::str::FromStr;
 
+use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use rayon::prelude::*;
 
@@ -155,6 +156,25 @@ pub trait IoScalar: Scalar + sealed::Sealed {
     /// The mutable counterpart of [`IoScalar::as_bytes_of`]: lets a reader fill the
     /// elements straight from a file.
     fn as_bytes_of_mut(dst: &mut [Self], dtype: Dtype) -> Option<&mut [u8]>;
+    /// Widens a slice of `f16` (SIMD where the CPU has it). Lengths must match.
+    ///
+    /// ```
+    /// use modelfusion::io::IoScalar;
+    /// let mut out = [0f32; 2];
+    /// f32::from_f16_slice(&[modelfusion::io::f16::ONE, modelfusion::io::f16::NEG_ONE], &mut out);
+    /// assert_eq!(out, [1.0, -1.0]);
+    /// ```
+    fn from_f16_slice(src: &[f16], out: &mut [Self]);
+    /// Narrows a slice to `f16`, rounding to nearest even (SIMD where the CPU has it).
+    /// Lengths must match.
+    ///
+    /// ```
+    /// use modelfusion::io::IoScalar;
+    /// let mut out = [modelfusion::io::f16::ZERO; 1];
+    /// f64::to_f16_slice(&[1.0 + 2f64.powi(-11) + 2f64.powi(-40)], &mut out);
+    /// assert_eq!(out[0].to_bits(), 0x3c01); // correctly rounded, not double-rounded
+    /// ```
+    fn to_f16_slice(src: &[Self], out: &mut [f16]);
 }
 
 impl IoScalar for f32 {
@@ -189,6 +209,12 @@ impl IoScalar for f32 {
         (cfg!(target_endian = "little") && dtype == Dtype::F32)
             .then(|| bytemuck::cast_slice_mut(dst))
     }
+    fn from_f16_slice(src: &[f16], out: &mut [Self]) {
+        src.convert_to_f32_slice(out);
+    }
+    fn to_f16_slice(src: &[Self], out: &mut [f16]) {
+        out.convert_from_f32_slice(src);
+    }
 }
 
 impl IoScalar for f64 {
@@ -222,6 +248,20 @@ impl IoScalar for f64 {
     fn as_bytes_of_mut(dst: &mut [Self], dtype: Dtype) -> Option<&mut [u8]> {
         (cfg!(target_endian = "little") && dtype == Dtype::F64)
             .then(|| bytemuck::cast_slice_mut(dst))
+    }
+    fn from_f16_slice(src: &[f16], out: &mut [Self]) {
+        src.convert_to_f64_slice(out);
+    }
+    fn to_f16_slice(src: &[Self], out: &mut [f16]) {
+        // Through round-to-odd f32 (see `to_f16`), then the SIMD f32 path.
+        let mut tmp = [0f32; 256];
+        for (o, s) in out.chunks_mut(256).zip(src.chunks(256)) {
+            let t = &mut tmp[..s.len()];
+            for (d, &x) in t.iter_mut().zip(s) {
+                *d = f64_to_f32_round_odd(x);
+            }
+            o.convert_from_f32_slice(t);
+        }
     }
 }
 
@@ -277,11 +317,15 @@ fn decode_serial<T: IoScalar>(dtype: Dtype, bytes: &[u8], out: &mut [T]) {
                 *o = T::cast_from_f32(f32::from_bits((bits as u32) << 16));
             }
         }
-        Dtype::F16 => {
-            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
-                *o = T::cast_from_f32(f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32());
+        Dtype::F16 => match bytemuck::try_cast_slice::<u8, f16>(bytes) {
+            Ok(src) if cfg!(target_endian = "little") => T::from_f16_slice(src, out),
+            _ => {
+                for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                    *o =
+                        T::cast_from_f32(f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32());
+                }
             }
-        }
+        },
     }
 }
 
@@ -302,11 +346,14 @@ fn encode_serial<T: IoScalar>(dtype: Dtype, src: &[T], out: &mut [u8]) {
                 c.copy_from_slice(&x.to_bf16().to_bits().to_le_bytes());
             }
         }
-        Dtype::F16 => {
-            for (c, &x) in out.chunks_exact_mut(2).zip(src) {
-                c.copy_from_slice(&x.to_f16().to_bits().to_le_bytes());
+        Dtype::F16 => match bytemuck::try_cast_slice_mut::<u8, f16>(out) {
+            Ok(dst) if cfg!(target_endian = "little") => T::to_f16_slice(src, dst),
+            _ => {
+                for (c, &x) in out.chunks_exact_mut(2).zip(src) {
+                    c.copy_from_slice(&x.to_f16().to_bits().to_le_bytes());
+                }
             }
-        }
+        },
     }
 }
 

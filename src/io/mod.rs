@@ -38,6 +38,8 @@ mod stream;
 mod writer;
 
 pub use dtype::{Dtype, IoScalar, decode, encode};
+/// The 16-bit float types of the `half` crate, as stored in F16 and BF16 tensors.
+pub use half::{bf16, f16};
 pub use header::{Header, INDEX_FILE, MAX_HEADER_SIZE, MAX_INDEX_SIZE, ShardIndex, TensorInfo};
 pub use reader::{Checkpoint, SINGLE_FILE, load};
 pub use stream::{

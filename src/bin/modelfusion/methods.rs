@@ -240,7 +240,11 @@ impl<'a> ConfigMerger<'a> {
         let k = self.config.inputs.len();
         let dummies: Vec<ArrayD<f32>> = (0..k)
             .map(|i| {
-                let v = if self.config.has_base { i as f32 } else { i as f32 + 1.0 };
+                let v = if self.config.has_base {
+                    i as f32
+                } else {
+                    i as f32 + 1.0
+                };
                 ArrayD::from_elem(vec![1], v)
             })
             .collect();
