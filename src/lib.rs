@@ -29,6 +29,8 @@ pub mod error;
 pub mod io;
 pub mod merge;
 pub mod model;
+#[cfg(feature = "nn")]
+pub mod nn;
 pub mod objective;
 pub mod path;
 pub mod perm;
