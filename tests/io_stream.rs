@@ -178,12 +178,26 @@ fn expect_no_output(out: &std::path::Path) {
     assert_eq!(n, 0, "output files left behind");
 }
 
+/// Merges input m0 with `other`, which must fail without output; returns the error
+/// and how often the merger ran.
+fn merge_with(dir: &std::path::Path, other: &StateDict<ArrayD<f32>>) -> (Error, usize) {
+    let p = dir.join("other");
+    save(other, &p, &SaveOptions::new(Dtype::F32)).unwrap();
+    let a = Checkpoint::open(dir.join("m0")).unwrap();
+    let b = Checkpoint::open(&p).unwrap();
+    let probe = Probe::new();
+    let out = dir.join("out");
+    let opts = StreamOptions::new(SaveOptions::new(Dtype::F32));
+    let err = merge_checkpoints::<f32, _>(&[&a, &b], &probe, &out, &opts, |_| {}).unwrap_err();
+    expect_no_output(&out);
+    (err, probe.calls.load(Ordering::SeqCst))
+}
+
 #[test]
 fn name_mismatch_found_before_any_data() {
     let (dir, _) = inputs(1);
-    let other = dir.path().join("other");
-    let mut sd = random_sd(&shapes(), 5, 1.0);
-    sd = StateDict::from_pairs(sd.into_iter().map(|(n, t)| {
+    let sd = random_sd(&shapes(), 5, 1.0);
+    let renamed = StateDict::from_pairs(sd.into_iter().map(|(n, t)| {
         (
             if n == "head" {
                 "lm_head".to_string()
@@ -194,58 +208,26 @@ fn name_mismatch_found_before_any_data() {
         )
     }))
     .unwrap();
-    save(&sd, &other, &SaveOptions::new(Dtype::F32)).unwrap();
-    let a = Checkpoint::open(dir.path().join("m0")).unwrap();
-    let b = Checkpoint::open(&other).unwrap();
-    let probe = Probe::new();
-    let out = dir.path().join("out");
-    let err = merge_checkpoints::<f32, _>(
-        &[&a, &b],
-        &probe,
-        &out,
-        &StreamOptions::new(SaveOptions::new(Dtype::F32)),
-        |_| {},
-    )
-    .unwrap_err();
+    let (err, calls) = merge_with(dir.path(), &renamed);
     assert!(matches!(err, Error::NameMismatch { .. }), "{err}");
     let msg = err.to_string();
     assert!(msg.contains("`head`") && msg.contains("`lm_head`"), "{msg}");
-    assert_eq!(probe.calls.load(Ordering::SeqCst), 0);
-    expect_no_output(&out);
+    assert_eq!(calls, 0);
 }
 
 #[test]
 fn shape_mismatch_found_before_any_data() {
     let (dir, _) = inputs(2);
-    let other = dir.path().join("other");
     let mut sh = shapes();
     sh[3].1 = vec![8, 6];
-    save(
-        &random_sd(&sh, 5, 1.0),
-        &other,
-        &SaveOptions::new(Dtype::F32),
-    )
-    .unwrap();
-    let a = Checkpoint::open(dir.path().join("m0")).unwrap();
-    let b = Checkpoint::open(&other).unwrap();
-    let probe = Probe::new();
-    let out = dir.path().join("out");
-    let err = merge_checkpoints::<f32, _>(
-        &[&a, &b],
-        &probe,
-        &out,
-        &StreamOptions::new(SaveOptions::new(Dtype::F32)),
-        |_| {},
-    )
-    .unwrap_err();
+    let (err, calls) = merge_with(dir.path(), &random_sd(&sh, 5, 1.0));
     let msg = err.to_string();
     assert!(matches!(err, Error::ShapeMismatch { .. }), "{msg}");
     assert!(
         msg.contains("`head`") && msg.contains("[8, 5]") && msg.contains("[8, 6]"),
         "{msg}"
     );
-    assert_eq!(probe.calls.load(Ordering::SeqCst), 0);
-    expect_no_output(&out);
+    assert_eq!(calls, 0);
 }
 
 #[test]

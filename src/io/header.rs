@@ -14,11 +14,23 @@ use super::dtype::Dtype;
 use crate::error::{Error, Result};
 
 /// Largest header accepted, in bytes (the same cap as the reference implementation).
+///
+/// ```
+/// assert_eq!(modelfusion::io::MAX_HEADER_SIZE, 100_000_000);
+/// ```
 pub const MAX_HEADER_SIZE: u64 = 100_000_000;
 /// Largest index file (`model.safetensors.index.json`) accepted, in bytes.
+///
+/// ```
+/// assert!(modelfusion::io::MAX_INDEX_SIZE >= 1 << 20);
+/// ```
 pub const MAX_INDEX_SIZE: u64 = 256 << 20;
 
 /// The file name of a sharded checkpoint's index.
+///
+/// ```
+/// assert_eq!(modelfusion::io::INDEX_FILE, "model.safetensors.index.json");
+/// ```
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
 
 pub(crate) fn format_err(path: Option<&Path>, reason: impl Into<String>) -> Error {

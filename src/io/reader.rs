@@ -15,6 +15,10 @@ use crate::model::StateDict;
 use crate::tensor::Tensor;
 
 /// The single-file name a checkpoint directory without an index holds.
+///
+/// ```
+/// assert_eq!(modelfusion::io::SINGLE_FILE, "model.safetensors");
+/// ```
 pub const SINGLE_FILE: &str = "model.safetensors";
 
 /// Elements per piece when reading a large tensor in parallel.

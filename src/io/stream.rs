@@ -326,13 +326,7 @@ where
                 let ts = inputs
                     .par_iter()
                     .zip(whole_bufs.par_iter_mut())
-                    .map(|(c, buf)| {
-                        let mut v = std::mem::take(buf);
-                        v.clear();
-                        v.resize(numel, T::zero());
-                        c.read_into(name, 0, &mut v)?;
-                        to_array(v, shape)
-                    })
+                    .map(|(c, buf)| read_reusing(c, name, 0, shape, buf))
                     .collect::<Result<Vec<_>>>()?;
                 let refs: Vec<&ArrayD<T>> = ts.iter().collect();
                 let out = merger.merge_tensor(name, &refs)?;
@@ -362,13 +356,7 @@ where
                         let ts = inputs
                             .iter()
                             .zip(pool.iter_mut())
-                            .map(|(c, buf)| {
-                                let mut v = std::mem::take(buf);
-                                v.clear();
-                                v.resize(len, T::zero());
-                                c.read_into(name, start, &mut v)?;
-                                to_array(v, &[len])
-                            })
+                            .map(|(c, buf)| read_reusing(c, name, start, &[len], buf))
                             .collect::<Result<Vec<_>>>()?;
                         let refs: Vec<&ArrayD<T>> = ts.iter().collect();
                         let out = merger.merge_tensor(name, &refs)?;
@@ -413,7 +401,19 @@ where
     })
 }
 
-fn to_array<T: IoScalar>(v: Vec<T>, shape: &[usize]) -> Result<ArrayD<T>> {
+/// Reads `shape.product()` elements of `name` from `start` into the vector taken out of
+/// `buf` (reusing its allocation); hand the array's vector back to `buf` afterwards.
+fn read_reusing<T: IoScalar>(
+    c: &Checkpoint,
+    name: &str,
+    start: usize,
+    shape: &[usize],
+    buf: &mut Vec<T>,
+) -> Result<ArrayD<T>> {
+    let mut v = std::mem::take(buf);
+    v.clear();
+    v.resize(shape.iter().product(), T::zero());
+    c.read_into(name, start, &mut v)?;
     ArrayD::from_shape_vec(IxDyn(shape), v).map_err(|e| Error::invalid("shape", e.to_string()))
 }
 

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use modelfusion::io::{
     Checkpoint, Chunking, Dtype, SaveOptions, StreamOptions, check_compatible, merge_checkpoints,
@@ -34,33 +34,36 @@ struct Cli {
     command: Command,
 }
 
+#[derive(Args, Debug)]
+struct MergeArgs {
+    /// The merge config (mergekit format: merge_method, base_model, models, parameters, dtype, out_dtype).
+    config: PathBuf,
+    /// Output directory (created if needed; must not hold an input).
+    out: PathBuf,
+    /// Seed for random methods (DARE, DELLA); the same seed gives the same output.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Largest output shard, e.g. 5G, 500M, or bytes; default: one file.
+    #[arg(long, value_parser = parse_size)]
+    max_shard_size: Option<u64>,
+    /// Elements per chunk for elementwise methods (linear, task arithmetic).
+    #[arg(long, default_value_t = 1 << 18)]
+    chunk_elems: usize,
+    /// Check the config and the inputs' headers, print the plan, write nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Never draw a progress bar (it is hidden anyway when stderr is not a terminal).
+    #[arg(long)]
+    no_progress: bool,
+    /// Do not copy config.json and tokenizer files from the base (or first) model.
+    #[arg(long)]
+    no_copy_files: bool,
+}
+
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Merge the checkpoints a YAML config names into OUT (a directory).
-    Merge {
-        /// The merge config (mergekit format: merge_method, base_model, models, parameters, dtype, out_dtype).
-        config: PathBuf,
-        /// Output directory (created if needed; must not hold an input).
-        out: PathBuf,
-        /// Seed for random methods (DARE); the same seed gives the same output.
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-        /// Largest output shard, e.g. 5G, 500M, or bytes; default: one file.
-        #[arg(long, value_parser = parse_size)]
-        max_shard_size: Option<u64>,
-        /// Elements per chunk for elementwise methods (linear, task arithmetic).
-        #[arg(long, default_value_t = 1 << 18)]
-        chunk_elems: usize,
-        /// Check the config and the inputs' headers, print the plan, write nothing.
-        #[arg(long)]
-        dry_run: bool,
-        /// Never draw a progress bar (it is hidden anyway when stderr is not a terminal).
-        #[arg(long)]
-        no_progress: bool,
-        /// Do not copy config.json and tokenizer files from the base (or first) model.
-        #[arg(long)]
-        no_copy_files: bool,
-    },
+    Merge(MergeArgs),
     /// List the tensors of a checkpoint (file or directory): name, dtype, shape.
     Inspect {
         /// A .safetensors file or a checkpoint directory.
@@ -177,17 +180,6 @@ fn copy_aux_files(from: &Path, out: &Path, dtype: Dtype) -> Result<Vec<String>> 
     Ok(copied)
 }
 
-struct MergeArgs {
-    config: PathBuf,
-    out: PathBuf,
-    seed: u64,
-    max_shard_size: Option<u64>,
-    chunk_elems: usize,
-    dry_run: bool,
-    progress: bool,
-    copy_files: bool,
-}
-
 fn run_merge(a: MergeArgs) -> Result<()> {
     let text = std::fs::read_to_string(&a.config).map_err(|e| Error::Io {
         path: a.config.clone(),
@@ -239,7 +231,7 @@ fn run_merge(a: MergeArgs) -> Result<()> {
         Chunking::Whole
     };
     let opts = StreamOptions::new(save).chunking(chunking);
-    let bar = if a.progress && std::io::stderr().is_terminal() {
+    let bar = if !a.no_progress && std::io::stderr().is_terminal() {
         ProgressBar::with_draw_target(Some(out_bytes), ProgressDrawTarget::stderr())
     } else {
         ProgressBar::hidden()
@@ -262,7 +254,7 @@ fn run_merge(a: MergeArgs) -> Result<()> {
     };
     bar.finish_and_clear();
     let secs = start.elapsed().as_secs_f64();
-    let copied = if a.copy_files {
+    let copied = if !a.no_copy_files {
         copy_aux_files(&config.inputs[0], &a.out, out_dtype)?
     } else {
         Vec::new()
@@ -302,25 +294,7 @@ fn run_inspect(path: &Path) -> Result<()> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let r = match cli.command {
-        Command::Merge {
-            config,
-            out,
-            seed,
-            max_shard_size,
-            chunk_elems,
-            dry_run,
-            no_progress,
-            no_copy_files,
-        } => run_merge(MergeArgs {
-            config,
-            out,
-            seed,
-            max_shard_size,
-            chunk_elems,
-            dry_run,
-            progress: !no_progress,
-            copy_files: !no_copy_files,
-        }),
+        Command::Merge(args) => run_merge(args),
         Command::Inspect { path } => run_inspect(&path),
     };
     match r {
