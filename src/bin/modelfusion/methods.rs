@@ -66,6 +66,33 @@ const TASK_GLOBALS: &[ParamSpec] = &[
     opt("lambda", 1.0),
     opt("int8_mask", 0.0),
 ];
+const DARE_GLOBALS: &[ParamSpec] = &[
+    opt("normalize", 1.0),
+    opt("lambda", 1.0),
+    opt("rescale", 1.0),
+    opt("int8_mask", 0.0),
+];
+const SPARSE_MODEL: &[ParamSpec] = &[req("weight"), opt("density", 1.0)];
+const CRUMBS_MODEL: &[ParamSpec] = &[req("weight"), opt("density", 0.9), opt("gamma", 0.01)];
+const DELLA_MODEL: &[ParamSpec] = &[req("weight"), opt("density", 1.0), opt("epsilon", 0.15)];
+
+/// A sparsifying task-vector method: base model required, one model or more, whole tensors.
+const fn task_method(
+    name: &'static str,
+    model_params: &'static [ParamSpec],
+    global_params: &'static [ParamSpec],
+) -> MethodSpec {
+    MethodSpec {
+        name,
+        base: BaseUse::Required,
+        min_models: 1,
+        max_models: None,
+        model_params,
+        global_params,
+        elementwise: false,
+        available: false,
+    }
+}
 
 /// Every method the config format names. Those with `available: false` are recognised
 /// (so their configs validate) but not yet wired to an implementation.
@@ -94,86 +121,13 @@ pub const METHODS: &[MethodSpec] = &[
         elementwise: true,
         available: false,
     },
-    MethodSpec {
-        name: "ties",
-        base: BaseUse::Required,
-        min_models: 1,
-        max_models: None,
-        model_params: &[req("weight"), opt("density", 1.0)],
-        global_params: TASK_GLOBALS,
-        elementwise: false,
-        available: false,
-    },
-    MethodSpec {
-        name: "dare_ties",
-        base: BaseUse::Required,
-        min_models: 1,
-        max_models: None,
-        model_params: &[req("weight"), opt("density", 1.0)],
-        global_params: &[
-            opt("normalize", 1.0),
-            opt("lambda", 1.0),
-            opt("rescale", 1.0),
-            opt("int8_mask", 0.0),
-        ],
-        elementwise: false,
-        available: false,
-    },
-    MethodSpec {
-        name: "dare_linear",
-        base: BaseUse::Required,
-        min_models: 1,
-        max_models: None,
-        model_params: &[req("weight"), opt("density", 1.0)],
-        global_params: &[
-            opt("normalize", 1.0),
-            opt("lambda", 1.0),
-            opt("rescale", 1.0),
-            opt("int8_mask", 0.0),
-        ],
-        elementwise: false,
-        available: false,
-    },
-    MethodSpec {
-        name: "breadcrumbs",
-        base: BaseUse::Required,
-        min_models: 1,
-        max_models: None,
-        model_params: &[req("weight"), opt("density", 0.9), opt("gamma", 0.01)],
-        global_params: TASK_GLOBALS,
-        elementwise: false,
-        available: false,
-    },
-    MethodSpec {
-        name: "breadcrumbs_ties",
-        base: BaseUse::Required,
-        min_models: 1,
-        max_models: None,
-        model_params: &[req("weight"), opt("density", 0.9), opt("gamma", 0.01)],
-        global_params: TASK_GLOBALS,
-        elementwise: false,
-        available: false,
-    },
-    MethodSpec {
-        name: "della",
-        base: BaseUse::Required,
-        min_models: 1,
-        max_models: None,
-        model_params: &[req("weight"), opt("density", 1.0), opt("epsilon", 0.15)],
-        global_params: TASK_GLOBALS,
-        elementwise: false,
-        available: false,
-    },
-    MethodSpec {
-        name: "della_linear",
-        base: BaseUse::Required,
-        min_models: 1,
-        max_models: None,
-        model_params: &[req("weight"), opt("density", 1.0), opt("epsilon", 0.15)],
-        global_params: TASK_GLOBALS,
-        elementwise: false,
-        available: false,
-    },
+    task_method("ties", SPARSE_MODEL, TASK_GLOBALS),
+    task_method("dare_ties", SPARSE_MODEL, DARE_GLOBALS),
+    task_method("dare_linear", SPARSE_MODEL, DARE_GLOBALS),
+    task_method("breadcrumbs", CRUMBS_MODEL, TASK_GLOBALS),
+    task_method("breadcrumbs_ties", CRUMBS_MODEL, TASK_GLOBALS),
+    task_method("della", DELLA_MODEL, TASK_GLOBALS),
+    task_method("della_linear", DELLA_MODEL, TASK_GLOBALS),
     MethodSpec {
         name: "slerp",
         base: BaseUse::Required,
