@@ -15,7 +15,7 @@ cd "$(dirname "$0")/../.."
 WORK=${1:-/tmp/modelfusion-io-bench}
 SIZE=${2:-1024}
 PY=${PY:-/work/venv/bin/python}
-BIN=target/release/modelfusion
+BIN=${CARGO_TARGET_DIR:-target}/release/modelfusion
 RUNS=${RUNS:-3}
 cargo build --release --features cli --bin modelfusion >/dev/null
 mkdir -p "$WORK"
