@@ -195,6 +195,11 @@ fn header_bytes(
     out
 }
 
+thread_local! {
+    /// Per-thread staging buffer for converted output (reused: no allocation per write).
+    static ENCODE_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 #[cfg(unix)]
 fn write_at(file: &File, buf: &[u8], offset: u64) -> std::io::Result<()> {
     std::os::unix::fs::FileExt::write_all_at(file, buf, offset)
@@ -450,11 +455,13 @@ impl CheckpointWriter {
         let offset = t.offset + (start * self.dtype.size()) as u64;
         match T::as_bytes_of(data, self.dtype) {
             Some(bytes) => write_at(&shard.file, bytes, offset),
-            None => {
-                let mut buf = vec![0u8; data.len() * self.dtype.size()];
+            None => ENCODE_BUF.with(|buf| {
+                let mut buf = buf.borrow_mut();
+                buf.clear();
+                buf.resize(data.len() * self.dtype.size(), 0);
                 encode(self.dtype, data, &mut buf)?;
-                write_at(&shard.file, &buf, offset)
-            }
+                Ok(write_at(&shard.file, &buf, offset))
+            })?,
         }
         .map_err(|e| io_err(&shard.path, e))?;
         t.written.fetch_add(data.len(), Ordering::Relaxed);
