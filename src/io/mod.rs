@@ -16,6 +16,22 @@
 //! the tensor, never a panic, and no declared size is allocated before it is checked
 //! against the file.
 //!
+//! The `modelfusion` binary (feature `cli`) runs these merges from a mergekit-style YAML
+//! config (`merge_method`, `base_model`, `models: [{model, parameters}]`, `parameters`,
+//! `dtype`, `out_dtype`; parameter values may be `[{filter: NAME_PART, value: X},
+//! {value: DEFAULT}]` lists):
+//!
+//! ```text
+//! $ cat merge.yml
+//! merge_method: linear
+//! models:
+//!   - {model: ./a, parameters: {weight: 0.7}}
+//!   - {model: ./b, parameters: {weight: 0.3}}
+//! out_dtype: bfloat16
+//! $ modelfusion merge merge.yml ./merged --max-shard-size 5G
+//! $ modelfusion inspect ./merged
+//! ```
+//!
 //! ```
 //! use modelfusion::StateDict;
 //! use modelfusion::io::{load, save, Dtype, SaveOptions};
