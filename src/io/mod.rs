@@ -33,7 +33,7 @@
 //! ```
 //!
 //! ```
-//! use modelfusion::StateDict;
+//! use modelfusion::{Model, StateDict};
 //! use modelfusion::io::{load, save, Dtype, SaveOptions};
 //! use ndarray::{arr1, ArrayD};
 //!
