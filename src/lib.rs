@@ -24,6 +24,7 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod barrier;
 pub mod error;
 #[cfg(feature = "safetensors")]
 pub mod io;
@@ -34,9 +35,13 @@ pub mod nn;
 pub mod objective;
 pub mod path;
 pub mod perm;
+#[cfg(feature = "plot")]
+pub mod plot;
+pub mod solve;
 pub mod tensor;
 
 pub use error::{Error, Result};
 pub use model::{Model, StateDict, StateDictF32, StateDictF64};
 pub use objective::{Activations, Features, Gradient, Objective};
+pub use solve::{Assignment, TransportPlan, linear_sum_assignment, sinkhorn};
 pub use tensor::{Scalar, Tensor};
