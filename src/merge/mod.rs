@@ -3,6 +3,98 @@
 //! [`Merger`] merges whole models; [`TensorMerger`] merges one parameter at a time,
 //! which lets a merge stream over checkpoints that never fit in memory together. Every
 //! `TensorMerger` is a `Merger` through a blanket implementation.
+//!
+//! Auxiliary data (a base model, Fishers, Gram matrices, an objective) lives in the
+//! merger value, and hyperparameters are validated when the value is built, so a bad
+//! density or decay fails before any tensor is touched. Notation: `theta_i` the models
+//! to merge, `w_i` their weights, `tau_i = theta_i - base` their task vectors.
+//!
+//! | method | type | formula | defaults |
+//! |---|---|---|---|
+//! | uniform average / uniform soup | [`Average::uniform`] | `mean_i theta_i` | |
+//! | weighted average | [`Average::weighted`] | `sum_i w_i theta_i` (`/ sum_i w_i` when normalising) | normalise: caller's choice |
+//! | SWA | [`Swa`] | `avg += (theta - avg) / (n + 1)`, streaming | |
+//! | EMA | [`Ema`] | `ema = decay ema + (1 - decay) theta`, streaming | decay in `[0, 1)`, e.g. 0.999 |
+//! | LAWA | [`Lawa`] | mean of the last `k` models, streaming | |
+//! | SWAG | [`Swag`] | `N(mean, diag/2 + D D^T / (2(K-1)))`, seeded sampling | rank `K` e.g. 20 |
+//! | greedy soup | [`GreedySoup`] | add by ascending held-out loss while it strictly improves | |
+//! | task arithmetic | [`TaskMerge::task_arithmetic`] | `base + lambda sum_i w_i tau_i` | `w_i = 1` |
+//! | TIES | [`TaskMerge::ties`] | trim to top `ceil(density n)` magnitudes, elect `sign(sum_i w_i tau_i)`, disjoint mean, `* lambda` | paper: density 0.2, lambda 1 |
+//! | DARE | [`TaskMerge::dare`] | keep w.p. `density`, scale `1/density` (or match L1), sum or TIES consensus | seeded per (seed, tensor, model) |
+//! | breadcrumbs | [`TaskMerge::breadcrumbs`] | drop top `gamma` and the small rest, keep `density` | gamma 0.01 |
+//! | DELLA | [`TaskMerge::della`] | keep w.p. `density + epsilon (rank/(n-1) - 1/2)`, scale `1/p`, TIES consensus | |
+//! | SLERP | [`Slerp`] | `sin((1-t)O)/sin O a + sin(tO)/sin O b`, lerp if `abs(cos) > 0.9995` | two models |
+//! | multi-model SLERP | [`KarcherMean`] | weighted spherical (Karcher) mean of directions, times the mean norm | tol 1e-10 |
+//! | model stock | [`ModelStock`] | `t = N cos / (1 + (N-1) cos)`, `t mean_i theta_i + (1-t) base` | `N >= 2` |
+//! | Fisher | [`Fisher`] | `sum_i l_i F_i theta_i / sum_i l_i F_i`, `F_i = max(F_i, floor)` | floor `1e-6` |
+//! | RegMean | [`RegMean`] (feature `linalg`) | `W^T = (sum_i G~_i)^-1 sum_i G~_i W_i^T`, `G~ = alpha G + (1-alpha) diag G` | alpha 0.9 |
+//! | output ensemble | [`Ensemble`] | mean of logits or probabilities | |
+//!
+//! ## Determinism
+//!
+//! Per-tensor methods run over contiguous slices in cache-sized blocks, in parallel over
+//! fixed chunks of large tensors; every reduction sums its per-chunk parts in chunk
+//! order and every random stream (DARE, DELLA, SWAG) is a `ChaCha8Rng` seeded from
+//! `(seed, tensor name, model index, chunk index)` through a fixed hash (FNV-1a +
+//! SplitMix64), so results do not depend on the thread count or on the order in which
+//! tensors are merged.
+//!
+//! ## Speed
+//!
+//! The element-wise methods are memory-bound, so they are written to touch memory once:
+//! a weighted average reads every input once per output block and writes the block
+//! once; TIES/breadcrumbs find their exact magnitude thresholds with one streaming pass
+//! over all models (a deterministic sample brackets the rank, the pass counts and
+//! collects the bracket, `select_nth_unstable` finishes; an exact selection takes over
+//! if a bracket misses) and then merge in a second pass. Hot loops are branch-free and
+//! are compiled twice, for the baseline and for AVX2 (picked at run time; results are
+//! bitwise identical since Rust never contracts to FMA). Outputs are written with
+//! non-temporal stores (no read-for-ownership) and fresh outputs are allocated through
+//! [`output_buffer`] (huge pages on Linux). `merge_tensor_into` methods write into a
+//! buffer the caller reuses. Numbers: `docs/benchmarks.md`, section *Merging*.
+//!
+//! ## RegMean and the `linalg` feature
+//!
+//! [`RegMean`] always exists so that its Gram matrices can be collected
+//! ([`gram_matrices`]), but without the `linalg` feature [`RegMean::new`] returns
+//! [`Error::FeatureDisabled`] before any tensor is
+//! touched. Build with `--features openblas-system` (Debian: `libopenblas-dev`).
+//!
+//! ```
+//! use modelfusion::merge::{Average, Merger, TaskMerge};
+//! use modelfusion::{Model, StateDict};
+//! use ndarray::arr1;
+//!
+//! let base = StateDict::from_pairs([("w", arr1(&[0.0f32, 0.0]).into_dyn())])?;
+//! let a = StateDict::from_pairs([("w", arr1(&[1.0f32, -2.0]).into_dyn())])?;
+//! let b = StateDict::from_pairs([("w", arr1(&[3.0f32, 2.0]).into_dyn())])?;
+//! let avg = Average::uniform().merge(&[&a, &b])?;
+//! assert_eq!(avg.get("w").unwrap().as_slice().unwrap(), &[2.0, 0.0]);
+//! let ties = TaskMerge::ties(base, 1.0, 1.0)?.merge(&[&a, &b])?;
+//! assert_eq!(ties.get("w").unwrap().as_slice().unwrap(), &[2.0, 0.0]); // signs disagree on w[1]: tie, 0
+//! # Ok::<(), modelfusion::Error>(())
+//! ```
+
+mod average;
+mod ensemble;
+mod fisher;
+mod kernel;
+mod regmean;
+mod select;
+mod slerp;
+mod soup;
+mod stock;
+mod task;
+
+pub use average::{Average, Ema, Lawa, Swa, Swag};
+pub use ensemble::{Ensemble, EnsembleMode, Outputs};
+pub use fisher::{DEFAULT_FISHER_FLOOR, Fisher, diagonal_fisher};
+pub use kernel::output_buffer;
+pub use regmean::{DEFAULT_REGMEAN_ALPHA, Grams, RegMean, gram_matrices};
+pub use slerp::{KarcherMean, SLERP_LERP_THRESHOLD, Slerp};
+pub use soup::{GreedySoup, SoupReport, SoupStep};
+pub use stock::ModelStock;
+pub use task::{Consensus, Rescale, Sparsification, TaskMerge};
 
 use crate::error::{Error, Result};
 use crate::model::Model;

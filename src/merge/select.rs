@@ -1,0 +1,202 @@
+//! Order statistics of `|theta_i - base|` in expected linear time without a full copy:
+//! a deterministic sample brackets each wanted rank, one streaming pass over all models
+//! at once (the base is read once) counts the elements above each bracket and collects
+//! those inside it, and `select_nth_unstable` finishes on the (small) brackets. If a
+//! bracket misses (adversarial data, many ties), an exact selection over all
+//! magnitudes takes over for that request.
+
+use super::kernel::map_chunks;
+use crate::tensor::Scalar;
+
+/// Number of sample points used to bracket a rank.
+const SAMPLES: usize = 1 << 16;
+/// Below this size the magnitudes are copied and selected directly.
+const SMALL: usize = 1 << 17;
+/// Elements per block of the streaming pass.
+const SUB: usize = 1024;
+
+fn desc<E: Scalar>(a: &E, b: &E) -> std::cmp::Ordering {
+    b.partial_cmp(a).unwrap_or(std::cmp::Ordering::Less)
+}
+
+/// For every request `(model, k)`, the `k`-th largest of `|xs[model][i] - base[i]|`
+/// (`1 <= k <= n`, duplicates counted; NaN compares as the largest).
+pub(crate) fn kth_largest_many<E: Scalar>(
+    xs: &[&[E]],
+    base: &[E],
+    requests: &[(usize, usize)],
+) -> Vec<E> {
+    let n = base.len();
+    if n <= SMALL {
+        return requests
+            .iter()
+            .map(|&(m, k)| exact(xs[m], base, k))
+            .collect();
+    }
+    let brackets = brackets(xs, base, requests);
+    let parts = map_chunks(n, |_, start, end| {
+        super::kernel::simd(
+            #[inline(always)]
+            || scan_chunk(xs, base, requests, &brackets, start, end),
+        )
+    });
+    requests
+        .iter()
+        .enumerate()
+        .map(|(q, &(m, k))| {
+            let above: usize = parts.iter().map(|p| p.0[q]).sum();
+            resolve(k, above, parts.iter().map(|p| p.1[q].as_slice()))
+                .unwrap_or_else(|| exact(xs[m], base, k))
+        })
+        .collect()
+}
+
+/// A bracket `[lo, hi]` per request `(model, k)` that holds the `k`-th largest
+/// magnitude with overwhelming probability, from a deterministic, evenly spread sample.
+fn brackets<E: Scalar>(xs: &[&[E]], base: &[E], requests: &[(usize, usize)]) -> Vec<(E, E)> {
+    let n = base.len();
+    let s = SAMPLES as f64;
+    requests
+        .iter()
+        .map(|&(m, k)| {
+            let x = xs[m];
+            let mut sample: Vec<E> = (0..SAMPLES)
+                .map(|j| {
+                    let i = (j as u128 * n as u128 / SAMPLES as u128) as usize;
+                    (x[i] - base[i]).abs()
+                })
+                .collect();
+            sample.sort_unstable_by(desc);
+            let q = k as f64 / n as f64;
+            let margin = 4.0 * (s * q * (1.0 - q)).sqrt() + 16.0;
+            let r_hi = (q * s - margin).floor();
+            let r_lo = (q * s + margin).ceil();
+            let hi = if r_hi < 0.0 {
+                E::infinity()
+            } else {
+                sample[r_hi as usize]
+            };
+            let lo = if r_lo >= s - 1.0 {
+                E::zero()
+            } else {
+                sample[r_lo as usize]
+            };
+            (lo, hi)
+        })
+        .collect()
+}
+
+/// The `k`-th largest magnitude given `above` magnitudes above the bracket and the
+/// ones inside it (in any order); `None` when the bracket missed rank `k`.
+fn resolve<'a, E: Scalar>(
+    k: usize,
+    above: usize,
+    inside: impl Iterator<Item = &'a [E]> + Clone,
+) -> Option<E> {
+    let total: usize = inside.clone().map(<[E]>::len).sum();
+    if above < k && k <= above + total {
+        let mut all: Vec<E> = Vec::with_capacity(total);
+        for p in inside {
+            all.extend_from_slice(p);
+        }
+        let (_, v, _) = all.select_nth_unstable_by(k - above - 1, desc);
+        Some(*v)
+    } else {
+        None
+    }
+}
+
+/// Per request: the count of magnitudes above its bracket and the ones inside it, over
+/// `start..end`.
+#[inline(always)]
+#[allow(clippy::type_complexity)]
+fn scan_chunk<E: Scalar>(
+    xs: &[&[E]],
+    base: &[E],
+    requests: &[(usize, usize)],
+    brackets: &[(E, E)],
+    start: usize,
+    end: usize,
+) -> (Vec<usize>, Vec<Vec<E>>) {
+    let r = requests.len();
+    {
+        let mut above = vec![0usize; r];
+        let mut inside: Vec<Vec<E>> = vec![Vec::new(); r];
+        let mut buf = [E::zero(); SUB];
+        let mut cand = [E::zero(); SUB];
+        let mut s0 = start;
+        while s0 < end {
+            let len = SUB.min(end - s0);
+            let bb = &base[s0..s0 + len];
+            for (q, &(m, _)) in requests.iter().enumerate() {
+                let (lo, hi) = brackets[q];
+                let b = &mut buf[..len];
+                for ((v, &t), &bv) in b.iter_mut().zip(&xs[m][s0..s0 + len]).zip(bb) {
+                    *v = (t - bv).abs();
+                }
+                // Branch-free count (NaN counts as above) and compaction into a stack
+                // buffer (the index never passes the element being looked at).
+                let mut up = 0u32;
+                let mut c = 0usize;
+                for &v in b.iter() {
+                    up += u32::from(v > hi || v.is_nan());
+                    if let Some(slot) = cand.get_mut(c) {
+                        *slot = v;
+                    }
+                    c += usize::from((v >= lo) & (v <= hi));
+                }
+                above[q] += up as usize;
+                inside[q].extend_from_slice(&cand[..c]);
+            }
+            s0 += len;
+        }
+        (above, inside)
+    }
+}
+
+fn exact<E: Scalar>(theta: &[E], base: &[E], k: usize) -> E {
+    let mut m: Vec<E> = theta
+        .iter()
+        .zip(base)
+        .map(|(&t, &b)| (t - b).abs())
+        .collect();
+    let (_, v, _) = m.select_nth_unstable_by(k - 1, desc);
+    *v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sorted(theta: &[f32], base: &[f32]) -> Vec<f32> {
+        let mut m: Vec<f32> = theta.iter().zip(base).map(|(t, b)| (t - b).abs()).collect();
+        m.sort_by(|a, b| b.partial_cmp(a).unwrap());
+        m
+    }
+
+    #[test]
+    fn matches_sort_small_and_large() {
+        let n = SMALL * 3 + 17;
+        let mut x = 0x1234_5678u32;
+        let theta: Vec<f32> = (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                (x as f32 / u32::MAX as f32) * 2.0 - 1.0
+            })
+            .collect();
+        let tied: Vec<f32> = (0..n).map(|i| (i % 3) as f32).collect();
+        let base = vec![0.1f32; n];
+        let ks = [1, 2, n / 5, n / 2, n - 1, n];
+        let reqs: Vec<(usize, usize)> = ks.iter().flat_map(|&k| [(0, k), (1, k)]).collect();
+        let got = kth_largest_many(&[&theta, &tied], &base, &reqs);
+        let (s0, s1) = (sorted(&theta, &base), sorted(&tied, &base));
+        for (&(m, k), g) in reqs.iter().zip(got) {
+            let want = if m == 0 { s0[k - 1] } else { s1[k - 1] };
+            assert_eq!(g, want, "model {m}, k = {k}");
+        }
+        let small = kth_largest_many(&[&theta[..100]], &base[..100], &[(0, 37)]);
+        assert_eq!(small[0], sorted(&theta[..100], &base[..100])[36]);
+    }
+}

@@ -1,0 +1,326 @@
+//! Spherical interpolation: [`Slerp`] between two models and the weighted spherical
+//! (Karcher) mean [`KarcherMean`] of any number, both per tensor.
+
+use super::TensorMerger;
+use super::kernel::{self, check_shapes};
+use crate::error::{Error, Result};
+use crate::tensor::{Scalar, Tensor};
+
+/// Above this `|cos|` between the two tensors SLERP falls back to linear interpolation
+/// (mergekit's threshold).
+pub const SLERP_LERP_THRESHOLD: f64 = 0.9995;
+
+/// SLERP between exactly two models, per tensor (as mergekit):
+/// with `Omega = arccos(cos(a, b))`,
+/// `slerp(a, b; t) = sin((1 - t) Omega) / sin(Omega) * a + sin(t Omega) / sin(Omega) * b`,
+/// falling back to `(1 - t) a + t b` when `|cos| > 0.9995` or a tensor is zero.
+/// `t = 0` returns `a` and `t = 1` returns `b` exactly.
+///
+/// ```
+/// use modelfusion::merge::{Merger, Slerp};
+/// use modelfusion::{Model, StateDict};
+/// use ndarray::arr1;
+///
+/// let a = StateDict::from_pairs([("w", arr1(&[1.0f64, 0.0]).into_dyn())])?;
+/// let b = StateDict::from_pairs([("w", arr1(&[0.0f64, 1.0]).into_dyn())])?;
+/// let mid = Slerp::new(0.5)?.merge(&[&a, &b])?;
+/// let h = 0.5f64.sqrt();
+/// assert!((mid.get("w").unwrap()[[0]] - h).abs() < 1e-12 && (mid.get("w").unwrap()[[1]] - h).abs() < 1e-12);
+/// assert!(Slerp::new(1.5).is_err());
+/// assert!(Slerp::new(0.5)?.merge(&[&a]).is_err()); // needs two models
+/// # Ok::<(), modelfusion::Error>(())
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Slerp {
+    t: f64,
+}
+
+impl Slerp {
+    /// SLERP at `t` in `[0, 1]`.
+    ///
+    /// ```
+    /// assert_eq!(modelfusion::merge::Slerp::new(0.3)?.t(), 0.3);
+    /// # Ok::<(), modelfusion::Error>(())
+    /// ```
+    pub fn new(t: f64) -> Result<Self> {
+        if !(0.0..=1.0).contains(&t) {
+            return Err(Error::invalid("t", format!("must be in [0, 1], got {t}")));
+        }
+        Ok(Slerp { t })
+    }
+
+    /// The interpolation parameter.
+    ///
+    /// ```
+    /// assert_eq!(modelfusion::merge::Slerp::new(1.0)?.t(), 1.0);
+    /// # Ok::<(), modelfusion::Error>(())
+    /// ```
+    pub fn t(&self) -> f64 {
+        self.t
+    }
+
+    /// The coefficients `(c_a, c_b)` SLERP applies to two tensors with cosine `cos`
+    /// (`None` when either is zero).
+    ///
+    /// ```
+    /// use modelfusion::merge::Slerp;
+    /// let s = Slerp::new(0.25)?;
+    /// assert_eq!(s.coefficients(Some(1.0)), (0.75, 0.25)); // collinear: lerp
+    /// assert_eq!(s.coefficients(None), (0.75, 0.25));
+    /// let (ca, cb) = s.coefficients(Some(0.0));
+    /// assert!((ca - (0.75f64 * std::f64::consts::FRAC_PI_2).sin()).abs() < 1e-15);
+    /// assert!((cb - (0.25f64 * std::f64::consts::FRAC_PI_2).sin()).abs() < 1e-15);
+    /// # Ok::<(), modelfusion::Error>(())
+    /// ```
+    pub fn coefficients(&self, cos: Option<f64>) -> (f64, f64) {
+        let t = self.t;
+        match cos {
+            Some(c) if c.abs() <= SLERP_LERP_THRESHOLD => {
+                let omega = c.clamp(-1.0, 1.0).acos();
+                let so = omega.sin();
+                (((1.0 - t) * omega).sin() / so, (t * omega).sin() / so)
+            }
+            _ => (1.0 - t, t),
+        }
+    }
+}
+
+/// `[a.b, a.a, b.b]` accumulated in `f64` in a fixed order.
+fn dot_norms<E: Scalar>(a: &[E], b: &[E]) -> (f64, f64, f64) {
+    let s = kernel::sum_chunks(a.len(), 3, |st, e| {
+        let mut acc = vec![0.0; 3];
+        for (&x, &y) in a[st..e].iter().zip(&b[st..e]) {
+            let (x, y) = (x.to_f64_lossless(), y.to_f64_lossless());
+            acc[0] += x * y;
+            acc[1] += x * x;
+            acc[2] += y * y;
+        }
+        acc
+    });
+    (s[0], s[1], s[2])
+}
+
+impl<T: Tensor> TensorMerger<T> for Slerp {
+    fn merge_tensor(&self, name: &str, tensors: &[&T]) -> Result<T> {
+        check_shapes(name, tensors)?;
+        if tensors.len() != 2 {
+            return Err(Error::invalid(
+                "models",
+                format!(
+                    "SLERP merges exactly 2 models, got {} (parameter `{name}`); use KarcherMean for more",
+                    tensors.len()
+                ),
+            ));
+        }
+        let a = kernel::elems(tensors[0]);
+        let b = kernel::elems(tensors[1]);
+        let (ab, aa, bb) = dot_norms(&a, &b);
+        let cos = if aa > 0.0 && bb > 0.0 {
+            Some(ab / (aa.sqrt() * bb.sqrt()))
+        } else {
+            None
+        };
+        let (ca, cb) = self.coefficients(cos);
+        kernel::weighted_sum(tensors, &[ca, cb])
+    }
+}
+
+/// Multi-model SLERP as the weighted Karcher (Frechet) mean on the unit sphere, per
+/// tensor: directions `u_i = theta_i / |theta_i|`, the mean direction `m` minimising
+/// `sum_i w_i arccos(<m, u_i>)^2`, found by Riemannian gradient steps
+/// `m <- exp_m(sum_i w_i log_m(u_i))` from the normalised Euclidean mean, and the
+/// result `(sum_i w_i |theta_i|) m`. Weights are normalised to sum to 1. For two
+/// tensors of equal norm with weights `(1 - t, t)` this is [`Slerp`] at `t`.
+///
+/// A tensor with a zero input falls back to the weighted linear average; directions
+/// whose Euclidean mean vanishes (e.g. antipodal) are an error.
+///
+/// ```
+/// use modelfusion::merge::{KarcherMean, Merger};
+/// use modelfusion::{Model, StateDict};
+/// use ndarray::arr1;
+///
+/// let a = StateDict::from_pairs([("w", arr1(&[2.0f64, 0.0]).into_dyn())])?;
+/// let b = StateDict::from_pairs([("w", arr1(&[0.0f64, 2.0]).into_dyn())])?;
+/// let m = KarcherMean::uniform().merge(&[&a, &b])?;
+/// let h = 2.0 * 0.5f64.sqrt();
+/// assert!((m.get("w").unwrap()[[0]] - h).abs() < 1e-9 && (m.get("w").unwrap()[[1]] - h).abs() < 1e-9);
+/// assert!(KarcherMean::weighted(vec![1.0, -1.0]).is_err());
+/// # Ok::<(), modelfusion::Error>(())
+/// ```
+#[derive(Clone, Debug, PartialEq)]
+pub struct KarcherMean {
+    weights: Option<Vec<f64>>,
+    max_iter: usize,
+    tol: f64,
+}
+
+impl KarcherMean {
+    /// Equal weights; tolerance `1e-10` on the step length (radians), 100 iterations.
+    ///
+    /// ```
+    /// let k = modelfusion::merge::KarcherMean::uniform();
+    /// # let _ = k;
+    /// ```
+    pub fn uniform() -> Self {
+        KarcherMean {
+            weights: None,
+            max_iter: 100,
+            tol: 1e-10,
+        }
+    }
+
+    /// Non-negative weights (normalised to sum 1), one per model; errors if negative,
+    /// non-finite or all zero.
+    ///
+    /// ```
+    /// assert!(modelfusion::merge::KarcherMean::weighted(vec![0.0, 0.0]).is_err());
+    /// ```
+    pub fn weighted(weights: Vec<f64>) -> Result<Self> {
+        Ok(KarcherMean {
+            weights: Some(kernel::normalized_nonnegative(&weights)?),
+            ..Self::uniform()
+        })
+    }
+
+    /// Sets the stopping tolerance (`> 0`) and the iteration cap (`>= 1`); the merge
+    /// errors with [`Error::NotConverged`] if the cap is hit.
+    ///
+    /// ```
+    /// use modelfusion::merge::KarcherMean;
+    /// assert!(KarcherMean::uniform().with_tolerance(1e-8, 50).is_ok());
+    /// assert!(KarcherMean::uniform().with_tolerance(0.0, 50).is_err());
+    /// ```
+    pub fn with_tolerance(mut self, tol: f64, max_iter: usize) -> Result<Self> {
+        if !(tol > 0.0 && tol.is_finite()) || max_iter == 0 {
+            return Err(Error::invalid(
+                "tol",
+                format!("need tol > 0 and max_iter >= 1, got {tol}, {max_iter}"),
+            ));
+        }
+        self.tol = tol;
+        self.max_iter = max_iter;
+        Ok(self)
+    }
+}
+
+impl<T: Tensor> TensorMerger<T> for KarcherMean {
+    fn merge_tensor(&self, name: &str, tensors: &[&T]) -> Result<T> {
+        check_shapes(name, tensors)?;
+        let k = tensors.len();
+        let w = match &self.weights {
+            Some(w) => {
+                kernel::check_count(w.len(), k, "weights", name)?;
+                w.clone()
+            }
+            None => vec![1.0 / k as f64; k],
+        };
+        let data: Vec<_> = tensors.iter().map(|t| kernel::elems(*t)).collect();
+        let xs: Vec<&[T::Elem]> = data.iter().map(|c| c.as_ref()).collect();
+        let n = xs[0].len();
+        let norms: Vec<f64> = xs
+            .iter()
+            .map(|x| {
+                kernel::sum_chunks(n, 1, |s, e| {
+                    vec![x[s..e].iter().map(|v| v.to_f64_lossless().powi(2)).sum()]
+                })[0]
+                    .sqrt()
+            })
+            .collect();
+        if n == 0 || norms.contains(&0.0) {
+            return kernel::weighted_sum(tensors, &w);
+        }
+        // Start at the normalised Euclidean mean of the directions.
+        let coef: Vec<f64> = w.iter().zip(&norms).map(|(w, r)| w / r).collect();
+        let mut m = vec![0.0f64; n];
+        kernel::for_chunks(&mut m, |_, s, o| {
+            for (j, v) in o.iter_mut().enumerate() {
+                *v = xs
+                    .iter()
+                    .zip(&coef)
+                    .map(|(x, c)| c * x[s + j].to_f64_lossless())
+                    .sum();
+            }
+        });
+        let mn = norm(&m);
+        if mn < 1e-12 {
+            return Err(Error::Infeasible {
+                reason: format!(
+                    "the directions of parameter `{name}` cancel out (e.g. antipodal); their spherical mean is undefined"
+                ),
+            });
+        }
+        m.iter_mut().for_each(|v| *v /= mn);
+        let mut converged = false;
+        let mut step = f64::INFINITY;
+        for _ in 0..self.max_iter {
+            // cos_i = <m, u_i>; log_m(u_i) = theta_i / sin theta_i (u_i - cos_i m).
+            let cos: Vec<f64> = xs
+                .iter()
+                .zip(&norms)
+                .map(|(x, r)| (dot_f64(&m, x) / r).clamp(-1.0, 1.0))
+                .collect();
+            let a: Vec<f64> = cos
+                .iter()
+                .zip(&w)
+                .map(|(&c, &wi)| {
+                    let th = c.acos();
+                    if th < 1e-12 { wi } else { wi * th / th.sin() }
+                })
+                .collect();
+            let ua: Vec<f64> = a.iter().zip(&norms).map(|(a, r)| a / r).collect();
+            let shift: f64 = a.iter().zip(&cos).map(|(a, c)| a * c).sum();
+            // v = sum_i a_i u_i - shift * m, computed chunk-wise.
+            let mut v = vec![0.0f64; n];
+            kernel::for_chunks(&mut v, |_, s, o| {
+                for (j, out) in o.iter_mut().enumerate() {
+                    let i = s + j;
+                    let mut acc = -shift * m[i];
+                    for (x, c) in xs.iter().zip(&ua) {
+                        acc += c * x[i].to_f64_lossless();
+                    }
+                    *out = acc;
+                }
+            });
+            step = norm(&v);
+            if step < self.tol {
+                converged = true;
+                break;
+            }
+            let (c, sn) = (step.cos(), step.sin() / step);
+            kernel::for_chunks(&mut m, |_, s, o| {
+                for (j, mv) in o.iter_mut().enumerate() {
+                    *mv = c * *mv + sn * v[s + j];
+                }
+            });
+            let mn = norm(&m);
+            m.iter_mut().for_each(|v| *v /= mn);
+        }
+        if !converged {
+            return Err(Error::NotConverged {
+                method: format!("Karcher mean of parameter `{name}`"),
+                iterations: self.max_iter,
+                error: step,
+            });
+        }
+        let r: f64 = w.iter().zip(&norms).map(|(w, r)| w * r).sum();
+        let out: Vec<T::Elem> = m.iter().map(|&v| T::Elem::from_f64_lossy(r * v)).collect();
+        kernel::build(tensors[0].shape(), out)
+    }
+}
+
+fn dot_f64<E: Scalar>(m: &[f64], x: &[E]) -> f64 {
+    kernel::sum_chunks(m.len(), 1, |s, e| {
+        vec![
+            m[s..e]
+                .iter()
+                .zip(&x[s..e])
+                .map(|(a, b)| a * b.to_f64_lossless())
+                .sum(),
+        ]
+    })[0]
+}
+
+fn norm(v: &[f64]) -> f64 {
+    dot_f64(v, v).sqrt()
+}
