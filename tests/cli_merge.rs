@@ -186,7 +186,7 @@ fn errors_before_any_work() {
         ("merge_method: linear\nslices: []\n", vec!["slices"]),
         (
             "merge_method: linear\nmodels:\n  - model: m0\n    parameters: {weight: 1}\n  - model: m0\n    parameters: {weight: -1}\n",
-            vec!["weights sum to 0"],
+            vec!["sum to 0"],
         ),
     ];
     for (yaml, wants) in cases {
@@ -219,4 +219,106 @@ fn inspect_lists_tensors() {
     assert!(text.contains("lm_head.weight\tBF16\t[10, 8]"), "{text}");
     let out = bin().args(["inspect", "/no/such/model"]).output().unwrap();
     assert!(!out.status.success());
+}
+
+/// Every method through the binary equals the library's in-memory merge of the same
+/// (loaded) models: the streaming path and the per-tensor base change nothing.
+#[test]
+fn every_method_matches_the_in_memory_merge() {
+    use modelfusion::merge::{Average, Consensus, Merger, ModelStock, Rescale, Slerp, TaskMerge};
+    let (dir, models) = setup();
+    let (base, a, b) = (&models[0], &models[1], &models[2]);
+    type Sd = StateDict<ArrayD<f32>>;
+    let two = |w: [f64; 2]| {
+        format!(
+            "base_model: m0\nmodels:\n  - model: m1\n    parameters: {{weight: {}, density: 0.5}}\n  - model: m2\n    parameters: {{weight: {}, density: 0.5}}\nout_dtype: float32\n",
+            w[0], w[1]
+        )
+    };
+    let cases: Vec<(String, Sd)> = vec![
+        (
+            format!("merge_method: ties\nparameters: {{lambda: 0.8}}\n{}", two([0.7, 0.3])),
+            TaskMerge::ties(base.clone(), 0.5, 0.8).unwrap().with_weights(vec![0.7, 0.3]).unwrap().merge(&[a, b]).unwrap(),
+        ),
+        (
+            format!("merge_method: task_arithmetic\n{}", two([0.7, 0.3]).replace(", density: 0.5", "")),
+            TaskMerge::task_arithmetic(base.clone(), 1.0).unwrap().with_weights(vec![0.7, 0.3]).unwrap().merge(&[a, b]).unwrap(),
+        ),
+        (
+            format!("merge_method: dare_ties\n{}", two([1.0, 1.0])),
+            TaskMerge::dare(base.clone(), 0.5, 9, 1.0).unwrap().with_rescale(Rescale::L1Norm).unwrap()
+                .with_consensus(Consensus::SignElection).with_weights(vec![1.0, 1.0]).unwrap().merge(&[a, b]).unwrap(),
+        ),
+        (
+            format!("merge_method: dare_linear\n{}", two([1.0, 3.0])),
+            TaskMerge::dare(base.clone(), 0.5, 9, 1.0).unwrap().with_rescale(Rescale::L1Norm).unwrap()
+                .with_weights(vec![0.25, 0.75]).unwrap().merge(&[a, b]).unwrap(),
+        ),
+        (
+            format!("merge_method: breadcrumbs\n{}", two([0.5, 0.5])),
+            TaskMerge::breadcrumbs(base.clone(), 0.5, 0.01, 1.0).unwrap().with_weights(vec![0.5, 0.5]).unwrap().merge(&[a, b]).unwrap(),
+        ),
+        (
+            format!("merge_method: della\nparameters: {{epsilon: 0.1}}\n{}", two([0.5, 0.5])),
+            TaskMerge::della(base.clone(), 0.5, 0.1, 9, 1.0).unwrap().with_weights(vec![0.5, 0.5]).unwrap().merge(&[a, b]).unwrap(),
+        ),
+        (
+            "merge_method: slerp\nbase_model: m0\nmodels: [{model: m1}]\nparameters: {t: 0.3}\nout_dtype: float32\n".to_string(),
+            Slerp::new(0.3).unwrap().merge(&[base, a]).unwrap(),
+        ),
+        (
+            "merge_method: model_stock\nbase_model: m0\nmodels: [{model: m1}, {model: m2}]\nout_dtype: float32\n".to_string(),
+            ModelStock::new(base.clone()).merge(&[a, b]).unwrap(),
+        ),
+        (
+            "merge_method: linear\nmodels:\n  - {model: m0, parameters: {weight: 1}}\n  - {model: m2, parameters: {weight: 3}}\nout_dtype: float32\n".to_string(),
+            Average::weighted(vec![1.0, 3.0], true).unwrap().merge(&[base, b]).unwrap(),
+        ),
+    ];
+    for (yaml, want) in cases {
+        let (ok, err) = merge(dir.path(), &yaml, &["--seed", "9", "--chunk-elems", "7"]);
+        assert!(ok, "{err}\n{yaml}");
+        let got: StateDict<ArrayD<f32>> = load(dir.path().join("out")).unwrap();
+        assert_eq!(got, want, "{yaml}");
+    }
+}
+
+#[test]
+fn bad_hyperparameters_fail_before_writing() {
+    let (dir, _) = setup();
+    let cases = [
+        (
+            "merge_method: ties\nbase_model: m0\nmodels: [{model: m1, parameters: {weight: 1, density: 0}}]\n",
+            "density",
+        ),
+        (
+            "merge_method: slerp\nbase_model: m0\nmodels: [{model: m1}]\nparameters: {t: .nan}\n",
+            "t",
+        ),
+        (
+            "merge_method: ties\nbase_model: m0\nmodels:\n  - {model: m1, parameters: {weight: 1, density: 0.5}}\n  - {model: m2, parameters: {weight: 1, density: 0.7}}\n",
+            "differs between models",
+        ),
+        (
+            "merge_method: ties\nbase_model: m0\nparameters: {normalize: false}\nmodels: [{model: m1, parameters: {weight: 1}}]\n",
+            "normalize",
+        ),
+        (
+            "merge_method: model_stock\nbase_model: m0\nmodels: [{model: m1}]\n",
+            "at least 2",
+        ),
+        (
+            "merge_method: slerp\nmodels: [{model: m1}]\nparameters: {t: 0.5}\n",
+            "base_model",
+        ),
+    ];
+    for (yaml, want) in cases {
+        let (ok, err) = merge(dir.path(), yaml, &[]);
+        assert!(!ok, "should fail:\n{yaml}");
+        assert!(err.contains(want), "`{want}` not in `{err}` for:\n{yaml}");
+        assert!(
+            !dir.path().join("out").exists(),
+            "output created for:\n{yaml}"
+        );
+    }
 }

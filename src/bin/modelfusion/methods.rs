@@ -2,8 +2,8 @@
 //! defaults) and the tensor merger each config becomes.
 
 use modelfusion::io::IoScalar;
-use modelfusion::merge::TensorMerger;
-use modelfusion::{Error, Result, Tensor};
+use modelfusion::merge::{Average, Consensus, ModelStock, Rescale, Slerp, TaskMerge, TensorMerger};
+use modelfusion::{Error, Result, StateDict, Tensor};
 use ndarray::ArrayD;
 
 use crate::config::Config;
@@ -57,8 +57,6 @@ pub struct MethodSpec {
     pub global_params: &'static [ParamSpec],
     /// Acts elementwise with one rule per tensor, so tensors may be streamed in chunks.
     pub elementwise: bool,
-    /// Implemented in this build.
-    pub available: bool,
 }
 
 const TASK_GLOBALS: &[ParamSpec] = &[
@@ -90,12 +88,10 @@ const fn task_method(
         model_params,
         global_params,
         elementwise: false,
-        available: false,
     }
 }
 
-/// Every method the config format names. Those with `available: false` are recognised
-/// (so their configs validate) but not yet wired to an implementation.
+/// Every method the command line runs, with mergekit's names and defaults.
 pub const METHODS: &[MethodSpec] = &[
     MethodSpec {
         name: "linear",
@@ -105,7 +101,6 @@ pub const METHODS: &[MethodSpec] = &[
         model_params: &[req("weight")],
         global_params: &[opt("normalize", 1.0)],
         elementwise: true,
-        available: true,
     },
     MethodSpec {
         name: "task_arithmetic",
@@ -119,7 +114,6 @@ pub const METHODS: &[MethodSpec] = &[
             opt("int8_mask", 0.0),
         ],
         elementwise: true,
-        available: false,
     },
     task_method("ties", SPARSE_MODEL, TASK_GLOBALS),
     task_method("dare_ties", SPARSE_MODEL, DARE_GLOBALS),
@@ -136,7 +130,6 @@ pub const METHODS: &[MethodSpec] = &[
         model_params: &[],
         global_params: &[req("t")],
         elementwise: false,
-        available: false,
     },
     MethodSpec {
         name: "model_stock",
@@ -146,38 +139,23 @@ pub const METHODS: &[MethodSpec] = &[
         model_params: &[],
         global_params: &[opt("filter_wise", 0.0)],
         elementwise: false,
-        available: false,
     },
 ];
 
 /// The table entry of `name`, or an error listing the known methods.
 pub fn method_spec(name: &str) -> Result<&'static MethodSpec> {
-    let m = METHODS.iter().find(|m| m.name == name).ok_or_else(|| {
+    METHODS.iter().find(|m| m.name == name).ok_or_else(|| {
         let known: Vec<&str> = METHODS.iter().map(|m| m.name).collect();
         Error::invalid(
             "merge_method",
             format!("unknown method `{name}`; known: {}", known.join(", ")),
         )
-    })?;
-    if !m.available {
-        let ready: Vec<&str> = METHODS
-            .iter()
-            .filter(|m| m.available)
-            .map(|m| m.name)
-            .collect();
-        return Err(Error::invalid(
-            "merge_method",
-            format!(
-                "`{name}` is not implemented in this build yet; available: {}",
-                ready.join(", ")
-            ),
-        ));
-    }
-    Ok(m)
+    })
 }
 
-/// The tensor merger a validated config describes; parameters are resolved per tensor
-/// name (so `{filter, value}` lists apply).
+/// The tensor merger a validated config describes. Parameters are resolved per tensor
+/// name (so `{filter, value}` lists apply) and the matching `modelfusion::merge` merger
+/// is built for each tensor; methods with a base model get it as a one-tensor state dict.
 pub struct ConfigMerger<'a> {
     config: &'a Config,
 }
@@ -189,7 +167,8 @@ impl<'a> ConfigMerger<'a> {
     }
 
     /// Runs the merger on one-element stand-ins (base 0, model `i` = `i + 1`) for every
-    /// tensor name, so that bad hyperparameters fail before any data is read.
+    /// tensor name, so that bad hyperparameters (a density of 0, a `t` outside [0, 1],
+    /// per-model values the method cannot take) fail before any data is read.
     pub fn preflight<'n>(&self, names: impl IntoIterator<Item = &'n str>) -> Result<()> {
         let k = self.config.inputs.len();
         let dummies: Vec<ArrayD<f32>> = (0..k)
@@ -209,36 +188,6 @@ impl<'a> ConfigMerger<'a> {
         }
         Ok(())
     }
-
-    /// `sum_i w_i x_i`, divided by `sum_i w_i` when `normalize` is set.
-    // TEMPORARY: stands in for `modelfusion::merge`'s linear merger until that lands.
-    fn linear<T>(&self, name: &str, ts: &[&ArrayD<T>]) -> Result<ArrayD<T>>
-    where
-        T: IoScalar,
-        ArrayD<T>: Tensor<Elem = T>,
-    {
-        let c = self.config;
-        let w = (0..ts.len())
-            .map(|i| c.model_param(i, "weight", name))
-            .collect::<Result<Vec<f64>>>()?;
-        let total: f64 = w.iter().sum();
-        let scale = if c.global_param("normalize", name)? != 0.0 {
-            if total.abs() < 1e-12 {
-                return Err(Error::invalid(
-                    "weight",
-                    format!("weights sum to {total} for tensor `{name}`; cannot normalize"),
-                ));
-            }
-            1.0 / total
-        } else {
-            1.0
-        };
-        let mut out = ts[0].mapv(|x| x * T::from_f64_lossy(w[0] * scale));
-        for (t, wi) in ts[1..].iter().zip(&w[1..]) {
-            out.scaled_add(T::from_f64_lossy(wi * scale), *t);
-        }
-        Ok(out)
-    }
 }
 
 impl<T> TensorMerger<ArrayD<T>> for ConfigMerger<'_>
@@ -246,13 +195,112 @@ where
     T: IoScalar,
     ArrayD<T>: Tensor<Elem = T>,
 {
-    fn merge_tensor(&self, name: &str, tensors: &[&ArrayD<T>]) -> Result<ArrayD<T>> {
-        match self.config.method.name {
-            "linear" => self.linear(name, tensors),
-            other => Err(Error::invalid(
-                "merge_method",
-                format!("`{other}` is not implemented in this build yet"),
-            )),
+    fn merge_tensor(&self, name: &str, ts: &[&ArrayD<T>]) -> Result<ArrayD<T>> {
+        let c = self.config;
+        let models = if c.has_base { &ts[1..] } else { ts };
+        let per_model = |p: &str| {
+            (0..models.len())
+                .map(|i| c.model_param(i, p, name))
+                .collect::<Result<Vec<f64>>>()
+        };
+        // Parameters modelfusion's mergers take once per tensor, not per model.
+        let shared = |p: &str| -> Result<f64> {
+            let v = per_model(p)?;
+            match v.iter().find(|&&x| x != v[0]) {
+                Some(other) => Err(Error::invalid(
+                    p,
+                    format!(
+                        "differs between models for tensor `{name}` ({} vs {other}); `{}` takes one value per tensor",
+                        v[0], c.method.name
+                    ),
+                )),
+                None => Ok(v[0]),
+            }
+        };
+        let global = |p: &str| c.global_param(p, name);
+        let method = c.method.name;
+        if method == "linear" {
+            return Average::weighted(per_model("weight")?, global("normalize")? != 0.0)?
+                .merge_tensor(name, models);
         }
+        // A base-model method: `ts[0]` is the base.
+        let base = StateDict::from_pairs([(name, ts[0].clone())])?;
+        let tm = match method {
+            "slerp" => return Slerp::new(global("t")?)?.merge_tensor(name, ts),
+            "model_stock" => return ModelStock::new(base).merge_tensor(name, models),
+            "task_arithmetic" => TaskMerge::task_arithmetic(base, global("lambda")?)?,
+            "ties" => TaskMerge::ties(base, shared("density")?, global("lambda")?)?,
+            "dare_ties" | "dare_linear" => {
+                let rescale = if global("rescale")? != 0.0 {
+                    Rescale::L1Norm
+                } else {
+                    Rescale::None
+                };
+                let m = TaskMerge::dare(base, shared("density")?, c.seed, global("lambda")?)?
+                    .with_rescale(rescale)?;
+                if method == "dare_ties" {
+                    m.with_consensus(Consensus::SignElection)
+                } else {
+                    m
+                }
+            }
+            "breadcrumbs" | "breadcrumbs_ties" => {
+                let m = TaskMerge::breadcrumbs(
+                    base,
+                    shared("density")?,
+                    shared("gamma")?,
+                    global("lambda")?,
+                )?;
+                if method == "breadcrumbs_ties" {
+                    m.with_consensus(Consensus::SignElection)
+                } else {
+                    m
+                }
+            }
+            "della" | "della_linear" => {
+                let m = TaskMerge::della(
+                    base,
+                    shared("density")?,
+                    shared("epsilon")?,
+                    c.seed,
+                    global("lambda")?,
+                )?;
+                if method == "della_linear" {
+                    m.with_consensus(Consensus::Sum)
+                } else {
+                    m
+                }
+            }
+            other => {
+                return Err(Error::invalid(
+                    "merge_method",
+                    format!("`{other}` has no implementation"),
+                ));
+            }
+        };
+        let mut w = per_model("weight")?;
+        let normalize = global("normalize")? != 0.0;
+        match tm.consensus() {
+            Consensus::Sum if normalize => {
+                let total: f64 = w.iter().sum();
+                if total.abs() < 1e-12 {
+                    return Err(Error::invalid(
+                        "weight",
+                        format!("weights sum to {total} for tensor `{name}`; cannot normalize"),
+                    ));
+                }
+                w.iter_mut().for_each(|x| *x /= total);
+            }
+            Consensus::SignElection if !normalize => {
+                return Err(Error::invalid(
+                    "normalize",
+                    format!(
+                        "`{method}` always normalises (its disjoint mean divides by the agreeing weights); remove `normalize: false`"
+                    ),
+                ));
+            }
+            _ => {}
+        }
+        tm.with_weights(w)?.merge_tensor(name, models)
     }
 }
