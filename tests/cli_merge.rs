@@ -252,6 +252,11 @@ fn every_method_matches_the_in_memory_merge() {
         (
             format!("merge_method: dare_linear\n{}", two([1.0, 3.0])),
             TaskMerge::dare(base.clone(), 0.5, 9, 1.0).unwrap().with_rescale(Rescale::L1Norm).unwrap()
+                .with_weights(vec![1.0, 3.0]).unwrap().merge(&[a, b]).unwrap(),
+        ),
+        (
+            format!("merge_method: dare_linear\nparameters: {{normalize: true}}\n{}", two([1.0, 3.0])),
+            TaskMerge::dare(base.clone(), 0.5, 9, 1.0).unwrap().with_rescale(Rescale::L1Norm).unwrap()
                 .with_weights(vec![0.25, 0.75]).unwrap().merge(&[a, b]).unwrap(),
         ),
         (

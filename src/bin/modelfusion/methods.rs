@@ -59,12 +59,26 @@ pub struct MethodSpec {
     pub elementwise: bool,
 }
 
-const TASK_GLOBALS: &[ParamSpec] = &[
+// Global parameters. Methods that sum task vectors default to `normalize: false` and
+// those with TIES sign election to `true` (the disjoint mean always divides by the
+// agreeing weights, so `false` is refused for them).
+const SUM_GLOBALS: &[ParamSpec] = &[
+    opt("normalize", 0.0),
+    opt("lambda", 1.0),
+    opt("int8_mask", 0.0),
+];
+const SIGN_GLOBALS: &[ParamSpec] = &[
     opt("normalize", 1.0),
     opt("lambda", 1.0),
     opt("int8_mask", 0.0),
 ];
-const DARE_GLOBALS: &[ParamSpec] = &[
+const DARE_SUM_GLOBALS: &[ParamSpec] = &[
+    opt("normalize", 0.0),
+    opt("lambda", 1.0),
+    opt("rescale", 1.0),
+    opt("int8_mask", 0.0),
+];
+const DARE_SIGN_GLOBALS: &[ParamSpec] = &[
     opt("normalize", 1.0),
     opt("lambda", 1.0),
     opt("rescale", 1.0),
@@ -108,20 +122,16 @@ pub const METHODS: &[MethodSpec] = &[
         min_models: 1,
         max_models: None,
         model_params: &[req("weight")],
-        global_params: &[
-            opt("normalize", 0.0),
-            opt("lambda", 1.0),
-            opt("int8_mask", 0.0),
-        ],
+        global_params: SUM_GLOBALS,
         elementwise: true,
     },
-    task_method("ties", SPARSE_MODEL, TASK_GLOBALS),
-    task_method("dare_ties", SPARSE_MODEL, DARE_GLOBALS),
-    task_method("dare_linear", SPARSE_MODEL, DARE_GLOBALS),
-    task_method("breadcrumbs", CRUMBS_MODEL, TASK_GLOBALS),
-    task_method("breadcrumbs_ties", CRUMBS_MODEL, TASK_GLOBALS),
-    task_method("della", DELLA_MODEL, TASK_GLOBALS),
-    task_method("della_linear", DELLA_MODEL, TASK_GLOBALS),
+    task_method("ties", SPARSE_MODEL, SIGN_GLOBALS),
+    task_method("dare_ties", SPARSE_MODEL, DARE_SIGN_GLOBALS),
+    task_method("dare_linear", SPARSE_MODEL, DARE_SUM_GLOBALS),
+    task_method("breadcrumbs", CRUMBS_MODEL, SUM_GLOBALS),
+    task_method("breadcrumbs_ties", CRUMBS_MODEL, SIGN_GLOBALS),
+    task_method("della", DELLA_MODEL, SIGN_GLOBALS),
+    task_method("della_linear", DELLA_MODEL, SUM_GLOBALS),
     MethodSpec {
         name: "slerp",
         base: BaseUse::Required,
