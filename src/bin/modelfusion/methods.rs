@@ -246,41 +246,22 @@ where
                 } else {
                     Rescale::None
                 };
-                let m = TaskMerge::dare(base, shared("density")?, c.seed, global("lambda")?)?
-                    .with_rescale(rescale)?;
-                if method == "dare_ties" {
-                    m.with_consensus(Consensus::SignElection)
-                } else {
-                    m
-                }
+                TaskMerge::dare(base, shared("density")?, c.seed, global("lambda")?)?
+                    .with_rescale(rescale)?
             }
-            "breadcrumbs" | "breadcrumbs_ties" => {
-                let m = TaskMerge::breadcrumbs(
-                    base,
-                    shared("density")?,
-                    shared("gamma")?,
-                    global("lambda")?,
-                )?;
-                if method == "breadcrumbs_ties" {
-                    m.with_consensus(Consensus::SignElection)
-                } else {
-                    m
-                }
-            }
-            "della" | "della_linear" => {
-                let m = TaskMerge::della(
-                    base,
-                    shared("density")?,
-                    shared("epsilon")?,
-                    c.seed,
-                    global("lambda")?,
-                )?;
-                if method == "della_linear" {
-                    m.with_consensus(Consensus::Sum)
-                } else {
-                    m
-                }
-            }
+            "breadcrumbs" | "breadcrumbs_ties" => TaskMerge::breadcrumbs(
+                base,
+                shared("density")?,
+                shared("gamma")?,
+                global("lambda")?,
+            )?,
+            "della" | "della_linear" => TaskMerge::della(
+                base,
+                shared("density")?,
+                shared("epsilon")?,
+                c.seed,
+                global("lambda")?,
+            )?,
             other => {
                 return Err(Error::invalid(
                     "merge_method",
@@ -288,6 +269,14 @@ where
                 ));
             }
         };
+        // TIES sign election for ties, dare_ties, breadcrumbs_ties and della; sums otherwise.
+        let tm = tm.with_consensus(
+            if matches!(method, "ties" | "dare_ties" | "breadcrumbs_ties" | "della") {
+                Consensus::SignElection
+            } else {
+                Consensus::Sum
+            },
+        );
         let mut w = per_model("weight")?;
         let normalize = global("normalize")? != 0.0;
         match tm.consensus() {
