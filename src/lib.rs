@@ -27,6 +27,8 @@
 pub mod align;
 pub mod barrier;
 pub mod error;
+#[cfg(feature = "safetensors")]
+pub mod io;
 pub mod merge;
 pub mod model;
 #[cfg(feature = "nn")]

@@ -1,0 +1,679 @@
+//! Writing checkpoints: a writer that knows every tensor's shape up front, so each
+//! file's header is written first and tensor data can then be written in any order, from
+//! any thread, straight to its final offset.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use ndarray::ArrayD;
+use serde_json::{Map, Value, json};
+
+use super::dtype::{Dtype, IoScalar, encode};
+use super::header::INDEX_FILE;
+use super::reader::{SINGLE_FILE, io_err};
+use crate::error::{Error, Result};
+use crate::model::StateDict;
+use crate::tensor::Tensor;
+
+/// How to save a checkpoint: output dtype, shard size, header metadata.
+///
+/// ```
+/// use modelfusion::io::{Dtype, SaveOptions};
+/// let o = SaveOptions::new(Dtype::BF16).max_shard_size(5 << 30);
+/// assert_eq!(o.dtype, Dtype::BF16);
+/// assert_eq!(o.max_shard_size, Some(5 << 30));
+/// assert_eq!(o.metadata["format"], "pt");
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SaveOptions {
+    /// The stored element type (narrowing rounds to nearest even).
+    pub dtype: Dtype,
+    /// Largest shard in bytes of tensor data; `None` writes one file. A tensor larger than
+    /// this gets a shard of its own.
+    pub max_shard_size: Option<u64>,
+    /// The `__metadata__` map of every file (defaults to `{"format": "pt"}`, which the
+    /// Hugging Face loaders expect).
+    pub metadata: BTreeMap<String, String>,
+}
+
+impl SaveOptions {
+    /// One file of `dtype`, metadata `{"format": "pt"}`.
+    ///
+    /// ```
+    /// let o = modelfusion::io::SaveOptions::new(modelfusion::io::Dtype::F32);
+    /// assert_eq!(o.max_shard_size, None);
+    /// ```
+    pub fn new(dtype: Dtype) -> Self {
+        SaveOptions {
+            dtype,
+            max_shard_size: None,
+            metadata: BTreeMap::from([("format".to_string(), "pt".to_string())]),
+        }
+    }
+
+    /// Sets the largest shard size in bytes.
+    ///
+    /// ```
+    /// let o = modelfusion::io::SaveOptions::new(modelfusion::io::Dtype::F32).max_shard_size(1 << 20);
+    /// assert_eq!(o.max_shard_size, Some(1 << 20));
+    /// ```
+    pub fn max_shard_size(mut self, bytes: u64) -> Self {
+        self.max_shard_size = Some(bytes);
+        self
+    }
+}
+
+struct OutShard {
+    path: PathBuf,
+    file: File,
+}
+
+struct OutTensor {
+    name: String,
+    shape: Vec<usize>,
+    numel: usize,
+    shard: usize,
+    /// Absolute byte offset in its file.
+    offset: u64,
+    written: AtomicUsize,
+}
+
+/// A checkpoint being written, with every tensor's name and shape fixed up front.
+///
+/// [`CheckpointWriter::create`] plans the shards, writes each file's header and sizes the
+/// files; [`write`](CheckpointWriter::write) then stores any element range of any tensor
+/// at its final place (it takes `&self` and may be called from several threads at once);
+/// [`finish`](CheckpointWriter::finish) checks that every element was written and writes
+/// the index of a sharded checkpoint. Dropping an unfinished writer deletes its files.
+///
+/// Shards follow the Hugging Face naming: one file is `model.safetensors`; several are
+/// `model-00001-of-00003.safetensors`, ... with `model.safetensors.index.json`.
+///
+/// ```
+/// use modelfusion::io::{load, CheckpointWriter, Dtype, SaveOptions};
+/// use modelfusion::{Model, StateDict};
+/// use ndarray::ArrayD;
+///
+/// let dir = std::env::temp_dir().join("modelfusion-doc-writer");
+/// let w = CheckpointWriter::create(&dir, [("a", vec![2, 2]), ("b", vec![3])], &SaveOptions::new(Dtype::F32))?;
+/// w.write(1, 0, &[7.0f32, 8.0, 9.0])?;           // tensors in any order,
+/// w.write(0, 2, &[3.0f32, 4.0])?;                // ranges in any order
+/// w.write(0, 0, &[1.0f32, 2.0])?;
+/// w.finish()?;
+/// let sd: StateDict<ArrayD<f32>> = load(&dir)?;
+/// assert_eq!(sd.get("a").unwrap().as_slice().unwrap(), &[1.0, 2.0, 3.0, 4.0]);
+/// # std::fs::remove_dir_all(&dir).ok();
+/// # Ok::<(), modelfusion::Error>(())
+/// ```
+pub struct CheckpointWriter {
+    dir: PathBuf,
+    dtype: Dtype,
+    shards: Vec<OutShard>,
+    tensors: Vec<OutTensor>,
+    by_name: HashMap<String, usize>,
+    finished: bool,
+}
+
+impl std::fmt::Debug for CheckpointWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CheckpointWriter")
+            .field("dir", &self.dir)
+            .field("dtype", &self.dtype)
+            .field("shards", &self.shards.len())
+            .field("tensors", &self.tensors.len())
+            .finish()
+    }
+}
+
+/// Splits tensors of the given byte sizes into consecutive shards of at most `max` bytes
+/// (a tensor larger than `max` alone). Returns each tensor's shard.
+fn plan_shards(sizes: &[u64], max: Option<u64>) -> Vec<usize> {
+    let mut out = Vec::with_capacity(sizes.len());
+    let (mut shard, mut used) = (0usize, 0u64);
+    for &s in sizes {
+        if let Some(max) = max
+            && used > 0
+            && used.saturating_add(s) > max
+        {
+            shard += 1;
+            used = 0;
+        }
+        used = used.saturating_add(s);
+        out.push(shard);
+    }
+    out
+}
+
+/// The file name of shard `i` (0-based) of `n`.
+fn shard_name(i: usize, n: usize) -> String {
+    if n == 1 {
+        SINGLE_FILE.to_string()
+    } else {
+        format!("model-{:05}-of-{:05}.safetensors", i + 1, n)
+    }
+}
+
+/// Is `name` a file a previous save into the same directory may have left?
+fn is_own_output(name: &str) -> bool {
+    if name == SINGLE_FILE || name == INDEX_FILE {
+        return true;
+    }
+    let b = name.as_bytes();
+    b.len() == "model-00001-of-00003.safetensors".len()
+        && name.starts_with("model-")
+        && name.ends_with(".safetensors")
+        && b[6..11].iter().all(u8::is_ascii_digit)
+        && &name[11..15] == "-of-"
+        && b[15..20].iter().all(u8::is_ascii_digit)
+}
+
+fn header_bytes(
+    entries: &[(&str, &[usize], u64, u64)],
+    dtype: Dtype,
+    metadata: &BTreeMap<String, String>,
+) -> Vec<u8> {
+    let mut map = Map::new();
+    if !metadata.is_empty() {
+        map.insert("__metadata__".into(), json!(metadata));
+    }
+    for &(name, shape, begin, end) in entries {
+        map.insert(
+            name.to_string(),
+            json!({"dtype": dtype.as_str(), "shape": shape, "data_offsets": [begin, end]}),
+        );
+    }
+    let mut text = Value::Object(map).to_string().into_bytes();
+    // Pad with spaces so the data region starts 8-byte aligned, as the reference does.
+    while text.len() % 8 != 0 {
+        text.push(b' ');
+    }
+    let mut out = (text.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&text);
+    out
+}
+
+thread_local! {
+    /// Per-thread staging buffer for converted output (reused: no allocation per write).
+    static ENCODE_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+#[cfg(unix)]
+fn write_at(file: &File, buf: &[u8], offset: u64) -> std::io::Result<()> {
+    std::os::unix::fs::FileExt::write_all_at(file, buf, offset)
+}
+
+#[cfg(windows)]
+fn write_at(file: &File, mut buf: &[u8], mut offset: u64) -> std::io::Result<()> {
+    while !buf.is_empty() {
+        let n = std::os::windows::fs::FileExt::seek_write(file, buf, offset)?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        buf = &buf[n..];
+        offset += n as u64;
+    }
+    Ok(())
+}
+
+impl CheckpointWriter {
+    /// Creates the directory `dir` (if needed) and the shard files for `tensors` (names
+    /// and shapes, in the order they are stored), writing each file's header. Files a
+    /// previous save left in `dir` under the names this writer uses (`model.safetensors`,
+    /// `model-NNNNN-of-NNNNN.safetensors`, the index) are removed first, so no stale shard
+    /// survives; other files are left alone.
+    ///
+    /// ```
+    /// use modelfusion::io::{CheckpointWriter, Dtype, SaveOptions};
+    /// let dir = std::env::temp_dir().join("modelfusion-doc-writer-dup");
+    /// let r = CheckpointWriter::create(&dir, [("a", vec![1]), ("a", vec![2])], &SaveOptions::new(Dtype::F32));
+    /// assert!(r.is_err()); // duplicate name
+    /// ```
+    pub fn create<S: AsRef<str>>(
+        dir: impl AsRef<Path>,
+        tensors: impl IntoIterator<Item = (S, Vec<usize>)>,
+        options: &SaveOptions,
+    ) -> Result<CheckpointWriter> {
+        Self::create_impl(dir.as_ref(), None, tensors, options)
+    }
+
+    /// Like [`CheckpointWriter::create`] but writes the single file `path` (never sharded:
+    /// `options.max_shard_size` is ignored) and touches no other file.
+    ///
+    /// ```
+    /// use modelfusion::io::{Checkpoint, CheckpointWriter, Dtype, SaveOptions};
+    /// let path = std::env::temp_dir().join("modelfusion-doc-writer-file.safetensors");
+    /// let w = CheckpointWriter::create_file(&path, [("a", vec![1])], &SaveOptions::new(Dtype::F16))?;
+    /// w.write(0, 0, &[0.5f64])?;
+    /// w.finish()?;
+    /// assert_eq!(Checkpoint::open(&path)?.read::<f32>("a")?[[0]], 0.5);
+    /// # Ok::<(), modelfusion::Error>(())
+    /// ```
+    pub fn create_file<S: AsRef<str>>(
+        path: impl AsRef<Path>,
+        tensors: impl IntoIterator<Item = (S, Vec<usize>)>,
+        options: &SaveOptions,
+    ) -> Result<CheckpointWriter> {
+        let path = path.as_ref();
+        let dir = path.parent().unwrap_or(Path::new("."));
+        Self::create_impl(dir, Some(path), tensors, options)
+    }
+
+    fn create_impl<S: AsRef<str>>(
+        dir: &Path,
+        single: Option<&Path>,
+        tensors: impl IntoIterator<Item = (S, Vec<usize>)>,
+        options: &SaveOptions,
+    ) -> Result<CheckpointWriter> {
+        let dtype = options.dtype;
+        let mut out: Vec<OutTensor> = Vec::new();
+        let mut by_name = HashMap::new();
+        let mut sizes = Vec::new();
+        for (name, shape) in tensors {
+            let name = name.as_ref().to_string();
+            if name == "__metadata__" {
+                return Err(Error::invalid("tensor name", "`__metadata__` is reserved"));
+            }
+            let numel = shape
+                .iter()
+                .try_fold(1usize, |a, &d| a.checked_mul(d))
+                .filter(|n| n.checked_mul(dtype.size()).is_some())
+                .ok_or_else(|| {
+                    Error::invalid(
+                        "shape",
+                        format!("tensor `{name}` of shape {shape:?} is too large"),
+                    )
+                })?;
+            if by_name.insert(name.clone(), out.len()).is_some() {
+                return Err(Error::invalid(
+                    "tensor name",
+                    format!("`{name}` appears twice"),
+                ));
+            }
+            sizes.push((numel * dtype.size()) as u64);
+            out.push(OutTensor {
+                name,
+                shape,
+                numel,
+                shard: 0,
+                offset: 0,
+                written: AtomicUsize::new(0),
+            });
+        }
+        if options.max_shard_size == Some(0) {
+            return Err(Error::invalid("max_shard_size", "must be positive"));
+        }
+        let max_shard = if single.is_some() {
+            None
+        } else {
+            options.max_shard_size
+        };
+        let plan = plan_shards(&sizes, max_shard);
+        let nshards = plan.last().map_or(1, |&s| s + 1);
+        if single.is_none() {
+            std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
+            for entry in std::fs::read_dir(dir).map_err(|e| io_err(dir, e))? {
+                let entry = entry.map_err(|e| io_err(dir, e))?;
+                if entry.file_name().to_str().is_some_and(is_own_output) {
+                    let p = entry.path();
+                    std::fs::remove_file(&p).map_err(|e| io_err(&p, e))?;
+                }
+            }
+        }
+        let mut writer = CheckpointWriter {
+            dir: dir.to_path_buf(),
+            dtype,
+            shards: Vec::with_capacity(nshards),
+            tensors: Vec::new(),
+            by_name,
+            finished: false,
+        };
+        let mut first = 0;
+        for s in 0..nshards {
+            let last = plan[first..]
+                .iter()
+                .position(|&p| p != s)
+                .map_or(plan.len(), |k| first + k);
+            let mut entries = Vec::with_capacity(last - first);
+            let mut pos = 0u64;
+            for (t, &size) in out[first..last].iter().zip(&sizes[first..last]) {
+                entries.push((t.name.as_str(), t.shape.as_slice(), pos, pos + size));
+                pos += size;
+            }
+            let header = header_bytes(&entries, dtype, &options.metadata);
+            let path = match single {
+                Some(p) => p.to_path_buf(),
+                None => dir.join(shard_name(s, nshards)),
+            };
+            let mut file = File::create(&path).map_err(|e| io_err(&path, e))?;
+            let size = header.len() as u64 + pos;
+            let res = file.write_all(&header).and_then(|()| file.set_len(size));
+            // Registered even on failure, so that dropping the writer removes the file.
+            writer.shards.push(OutShard { path, file });
+            res.map_err(|e| io_err(&writer.shards[s].path, e))?;
+            let mut off = header.len() as u64;
+            for (t, &size) in out[first..last].iter_mut().zip(&sizes[first..last]) {
+                t.shard = s;
+                t.offset = off;
+                off += size;
+            }
+            first = last;
+        }
+        writer.tensors = out;
+        Ok(writer)
+    }
+
+    /// Number of tensors.
+    ///
+    /// ```
+    /// # use modelfusion::io::{CheckpointWriter, Dtype, SaveOptions};
+    /// # let dir = std::env::temp_dir().join("modelfusion-doc-writer-len");
+    /// let w = CheckpointWriter::create(&dir, [("a", vec![1])], &SaveOptions::new(Dtype::F32))?;
+    /// assert_eq!(w.len(), 1);
+    /// assert!(!w.is_empty());
+    /// # Ok::<(), modelfusion::Error>(())
+    /// ```
+    pub fn len(&self) -> usize {
+        self.tensors.len()
+    }
+
+    /// True when there are no tensors.
+    ///
+    /// ```
+    /// # use modelfusion::io::{CheckpointWriter, Dtype, SaveOptions};
+    /// # let dir = std::env::temp_dir().join("modelfusion-doc-writer-empty");
+    /// let w = CheckpointWriter::create(&dir, Vec::<(String, Vec<usize>)>::new(), &SaveOptions::new(Dtype::F32))?;
+    /// assert!(w.is_empty());
+    /// # Ok::<(), modelfusion::Error>(())
+    /// ```
+    pub fn is_empty(&self) -> bool {
+        self.tensors.is_empty()
+    }
+
+    /// The position of `name` in the order given to [`CheckpointWriter::create`].
+    ///
+    /// ```
+    /// # use modelfusion::io::{CheckpointWriter, Dtype, SaveOptions};
+    /// # let dir = std::env::temp_dir().join("modelfusion-doc-writer-index");
+    /// let w = CheckpointWriter::create(&dir, [("a", vec![1]), ("b", vec![1])], &SaveOptions::new(Dtype::F32))?;
+    /// assert_eq!(w.index_of("b"), Some(1));
+    /// # Ok::<(), modelfusion::Error>(())
+    /// ```
+    pub fn index_of(&self, name: &str) -> Option<usize> {
+        self.by_name.get(name).copied()
+    }
+
+    /// The files being written.
+    ///
+    /// ```
+    /// # use modelfusion::io::{CheckpointWriter, Dtype, SaveOptions};
+    /// # let dir = std::env::temp_dir().join("modelfusion-doc-writer-files");
+    /// let w = CheckpointWriter::create(&dir, [("a", vec![4]), ("b", vec![4])], &SaveOptions::new(Dtype::F32).max_shard_size(16))?;
+    /// let names: Vec<_> = w.files().map(|p| p.file_name().unwrap().to_str().unwrap().to_string()).collect();
+    /// assert_eq!(names, ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]);
+    /// # Ok::<(), modelfusion::Error>(())
+    /// ```
+    pub fn files(&self) -> impl Iterator<Item = &Path> {
+        self.shards.iter().map(|s| s.path.as_path())
+    }
+
+    /// Writes `data` as elements `start..start + data.len()` of tensor `index` (row-major),
+    /// converting to the output dtype. Safe to call concurrently for disjoint ranges.
+    ///
+    /// ```
+    /// # use modelfusion::io::{CheckpointWriter, Dtype, SaveOptions};
+    /// # let dir = std::env::temp_dir().join("modelfusion-doc-writer-write");
+    /// let w = CheckpointWriter::create(&dir, [("a", vec![2])], &SaveOptions::new(Dtype::F32))?;
+    /// assert!(w.write(0, 1, &[1.0f32, 2.0]).is_err()); // past the end
+    /// assert!(w.write(5, 0, &[1.0f32]).is_err());     // no such tensor
+    /// # Ok::<(), modelfusion::Error>(())
+    /// ```
+    pub fn write<T: IoScalar>(&self, index: usize, start: usize, data: &[T]) -> Result<()> {
+        let t = self.tensors.get(index).ok_or_else(|| {
+            Error::invalid(
+                "index",
+                format!(
+                    "tensor index {index} out of range (0..{})",
+                    self.tensors.len()
+                ),
+            )
+        })?;
+        if start.checked_add(data.len()).is_none_or(|e| e > t.numel) {
+            return Err(Error::invalid(
+                "start",
+                format!(
+                    "range {start}..{} is outside tensor `{}` of {} elements",
+                    start.saturating_add(data.len()),
+                    t.name,
+                    t.numel
+                ),
+            ));
+        }
+        let shard = &self.shards[t.shard];
+        let offset = t.offset + (start * self.dtype.size()) as u64;
+        match T::as_bytes_of(data, self.dtype) {
+            Some(bytes) => write_at(&shard.file, bytes, offset),
+            None => ENCODE_BUF.with(|buf| {
+                let mut buf = buf.borrow_mut();
+                buf.clear();
+                buf.resize(data.len() * self.dtype.size(), 0);
+                encode(self.dtype, data, &mut buf)?;
+                Ok(write_at(&shard.file, &buf, offset))
+            })?,
+        }
+        .map_err(|e| io_err(&shard.path, e))?;
+        t.written.fetch_add(data.len(), Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Writes a whole tensor by name; its shape must be the planned one.
+    ///
+    /// ```
+    /// # use modelfusion::io::{CheckpointWriter, Dtype, SaveOptions};
+    /// # let dir = std::env::temp_dir().join("modelfusion-doc-writer-tensor");
+    /// let w = CheckpointWriter::create(&dir, [("a", vec![2])], &SaveOptions::new(Dtype::F32))?;
+    /// assert!(w.write_tensor("a", &ndarray::ArrayD::<f32>::zeros(vec![3])).is_err());
+    /// w.write_tensor("a", &ndarray::ArrayD::<f32>::zeros(vec![2]))?;
+    /// w.finish()?;
+    /// # Ok::<(), modelfusion::Error>(())
+    /// ```
+    pub fn write_tensor<T: IoScalar>(&self, name: &str, tensor: &ArrayD<T>) -> Result<()> {
+        let index = self.index_of(name).ok_or_else(|| Error::MissingParam {
+            name: name.to_string(),
+            context: "the checkpoint being written".into(),
+        })?;
+        let t = &self.tensors[index];
+        if tensor.shape() != t.shape.as_slice() {
+            return Err(Error::shape(
+                format!("tensor `{name}`"),
+                &t.shape,
+                tensor.shape(),
+            ));
+        }
+        self.write(index, 0, &flat(tensor))
+    }
+
+    /// Checks that every element of every tensor was written, writes the index of a
+    /// sharded checkpoint, and returns the files written (shards, then the index).
+    ///
+    /// ```
+    /// # use modelfusion::io::{CheckpointWriter, Dtype, SaveOptions};
+    /// # let dir = std::env::temp_dir().join("modelfusion-doc-writer-finish");
+    /// let w = CheckpointWriter::create(&dir, [("a", vec![2])], &SaveOptions::new(Dtype::F32))?;
+    /// w.write(0, 0, &[1.0f32])?;
+    /// let err = w.finish().unwrap_err(); // element 1 never written
+    /// assert!(err.to_string().contains("`a`"));
+    /// assert!(!dir.join("model.safetensors").exists()); // cleaned up
+    /// # Ok::<(), modelfusion::Error>(())
+    /// ```
+    pub fn finish(mut self) -> Result<Vec<PathBuf>> {
+        for t in &self.tensors {
+            let w = t.written.load(Ordering::Relaxed);
+            if w != t.numel {
+                return Err(Error::invalid(
+                    "tensor data",
+                    format!("tensor `{}` got {w} of its {} elements", t.name, t.numel),
+                ));
+            }
+        }
+        let mut files: Vec<PathBuf> = self.shards.iter().map(|s| s.path.clone()).collect();
+        if self.shards.len() > 1 {
+            let total: u64 = self
+                .tensors
+                .iter()
+                .map(|t| (t.numel * self.dtype.size()) as u64)
+                .sum();
+            let weight_map: Map<String, Value> = self
+                .tensors
+                .iter()
+                .map(|t| {
+                    (
+                        t.name.clone(),
+                        Value::String(shard_name(t.shard, self.shards.len())),
+                    )
+                })
+                .collect();
+            let index = json!({"metadata": {"total_size": total}, "weight_map": weight_map});
+            let path = self.dir.join(INDEX_FILE);
+            let text = serde_json::to_string_pretty(&index)
+                .map_err(|e| Error::invalid("index", e.to_string()))?;
+            std::fs::write(&path, text + "\n").map_err(|e| io_err(&path, e))?;
+            files.push(path);
+        }
+        self.finished = true;
+        Ok(files)
+    }
+}
+
+impl Drop for CheckpointWriter {
+    fn drop(&mut self) {
+        if !self.finished {
+            for s in &self.shards {
+                let _ = std::fs::remove_file(&s.path);
+            }
+        }
+    }
+}
+
+/// The elements of `a` in row-major order, borrowed when already contiguous.
+pub(crate) fn flat<T: Copy>(a: &ArrayD<T>) -> std::borrow::Cow<'_, [T]> {
+    match a.as_slice() {
+        Some(s) => s.into(),
+        None => a.iter().copied().collect::<Vec<_>>().into(),
+    }
+}
+
+fn save_with<T: IoScalar>(
+    sd: &StateDict<ArrayD<T>>,
+    writer: CheckpointWriter,
+) -> Result<Vec<PathBuf>>
+where
+    ArrayD<T>: Tensor<Elem = T>,
+{
+    for (i, (_, t)) in sd.iter().enumerate() {
+        writer.write(i, 0, &flat(t))?;
+    }
+    writer.finish()
+}
+
+fn plan_of<T: IoScalar>(sd: &StateDict<ArrayD<T>>) -> Vec<(String, Vec<usize>)>
+where
+    ArrayD<T>: Tensor<Elem = T>,
+{
+    sd.iter()
+        .map(|(n, t)| (n.to_string(), Tensor::shape(t).to_vec()))
+        .collect()
+}
+
+/// Saves a state dict into the directory `dir` as a Hugging Face style checkpoint (one
+/// `model.safetensors`, or shards plus an index when `options.max_shard_size` splits it),
+/// in the state dict's order. Returns the files written.
+///
+/// ```
+/// use modelfusion::StateDict;
+/// use modelfusion::io::{save, Dtype, SaveOptions};
+/// use ndarray::arr1;
+///
+/// let dir = std::env::temp_dir().join("modelfusion-doc-save");
+/// let sd = StateDict::from_pairs([("a", arr1(&[1.0f32; 4]).into_dyn()), ("b", arr1(&[1.0f32; 4]).into_dyn())])?;
+/// let files = save(&sd, &dir, &SaveOptions::new(Dtype::F32).max_shard_size(16))?;
+/// assert_eq!(files.len(), 3); // two shards and the index
+/// assert!(dir.join("model.safetensors.index.json").exists());
+/// # std::fs::remove_dir_all(&dir).ok();
+/// # Ok::<(), modelfusion::Error>(())
+/// ```
+pub fn save<T: IoScalar>(
+    sd: &StateDict<ArrayD<T>>,
+    dir: impl AsRef<Path>,
+    options: &SaveOptions,
+) -> Result<Vec<PathBuf>>
+where
+    ArrayD<T>: Tensor<Elem = T>,
+{
+    let writer = CheckpointWriter::create(dir, plan_of(sd), options)?;
+    save_with(sd, writer)
+}
+
+/// Saves a state dict as the single file `path` with elements of `dtype`.
+///
+/// ```
+/// use modelfusion::StateDict;
+/// use modelfusion::io::{load, save_file, Dtype};
+/// use ndarray::{arr1, ArrayD};
+///
+/// let path = std::env::temp_dir().join("modelfusion-doc-save-file.safetensors");
+/// let sd = StateDict::from_pairs([("w", arr1(&[0.1f32, 0.2]).into_dyn())])?;
+/// save_file(&sd, &path, Dtype::F32)?;
+/// let back: StateDict<ArrayD<f32>> = load(&path)?;
+/// assert_eq!(back, sd);
+/// # Ok::<(), modelfusion::Error>(())
+/// ```
+pub fn save_file<T: IoScalar>(
+    sd: &StateDict<ArrayD<T>>,
+    path: impl AsRef<Path>,
+    dtype: Dtype,
+) -> Result<PathBuf>
+where
+    ArrayD<T>: Tensor<Elem = T>,
+{
+    let path = path.as_ref();
+    let writer = CheckpointWriter::create_file(path, plan_of(sd), &SaveOptions::new(dtype))?;
+    save_with(sd, writer)?;
+    Ok(path.to_path_buf())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shard_plan_splits_greedily() {
+        assert_eq!(plan_shards(&[4, 4, 4], Some(8)), [0, 0, 1]);
+        assert_eq!(plan_shards(&[10, 1, 1], Some(8)), [0, 1, 1]);
+        assert_eq!(plan_shards(&[1, 10, 1], Some(8)), [0, 1, 2]);
+        assert_eq!(plan_shards(&[1, 10, 1], None), [0, 0, 0]);
+        assert_eq!(plan_shards(&[], Some(8)), Vec::<usize>::new());
+    }
+
+    #[test]
+    fn own_output_names() {
+        assert!(is_own_output("model-00001-of-00003.safetensors"));
+        assert!(is_own_output("model.safetensors"));
+        assert!(is_own_output("model.safetensors.index.json"));
+        assert!(!is_own_output("model-0001-of-0003.safetensors"));
+        assert!(!is_own_output("config.json"));
+        assert!(!is_own_output("model-00001-of-00003.safetensors.bak"));
+    }
+
+    #[test]
+    fn header_is_padded_to_eight() {
+        let h = header_bytes(&[("a", &[1], 0, 4)], Dtype::F32, &BTreeMap::new());
+        assert_eq!((h.len() - 8) % 8, 0);
+        assert_eq!(
+            u64::from_le_bytes(h[..8].try_into().unwrap()) as usize,
+            h.len() - 8
+        );
+    }
+}
