@@ -354,3 +354,34 @@ fn bad_input_is_rejected_with_clear_errors() {
         0
     );
 }
+
+#[test]
+fn ot_handles_residual_streams_and_importance_marginals() {
+    // The residual stream is read and written by every block: OT fusion aligns it from
+    // the parameters whose inputs are ready (stem, norm parameters, fc2 biases).
+    let arch = ResMlpShapes::new(8, 16, 12, 2, 3).unwrap();
+    let spec = arch.spec();
+    let (a, b, pi) = planted(&arch, 2, 1e-4);
+    let al = OtFusion::new(Transport::Exact)
+        .unwrap()
+        .align(&a, &b, &spec)
+        .unwrap();
+    assert_eq!(al.permutations().unwrap(), pi.inverse());
+    assert_eq!(al.stats().order[0][0], "residual");
+    // importance marginals need Sinkhorn; the plan's marginals follow the weights
+    let ot = OtFusion::new(Transport::Sinkhorn { reg: 0.05 })
+        .unwrap()
+        .with_marginals(modelfusion::align::Marginals::Importance);
+    let al = ot.align(&a, &b, &spec).unwrap();
+    for (_, m) in al.iter() {
+        if let GroupMap::Transport(t) = m {
+            assert!((t.sum() - 1.0).abs() < 1e-6);
+        }
+    }
+    let e = OtFusion::new(Transport::Exact)
+        .unwrap()
+        .with_marginals(modelfusion::align::Marginals::Importance)
+        .align(&a, &b, &spec);
+    assert!(matches!(e, Err(Error::InvalidParameter { .. })));
+    assert!(ot.fuse(&a, &b, &spec, 1.5).is_err());
+}
