@@ -182,15 +182,16 @@ where
 
 /// Index of the smallest score (first on ties; NaN never wins).
 fn best_index(scores: &[f64]) -> usize {
-    scores
-        .iter()
-        .enumerate()
-        .fold(None, |best: Option<(usize, f64)>, (i, &s)| match best {
-            Some((_, b)) if !(s < b) => best,
-            _ if s.is_nan() => best,
-            _ => Some((i, s)),
-        })
-        .map_or(0, |(i, _)| i)
+    let mut best: Option<(usize, f64)> = None;
+    for (i, &s) in scores.iter().enumerate() {
+        if s.is_nan() {
+            continue;
+        }
+        if best.is_none_or(|(_, b)| s < b) {
+            best = Some((i, s));
+        }
+    }
+    best.map_or(0, |(i, _)| i)
 }
 
 #[cfg(test)]
