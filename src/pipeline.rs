@@ -1,9 +1,9 @@
 //! Fusion pipelines: choose a reference, align every model to it, merge, evaluate.
 //!
 //! A [`Pipeline`] is generic over the three contracts of the crate: an
-//! [`Aligner`](crate::align::Aligner) (weight matching, activation matching, OT fusion,
-//! or [`Identity`](crate::align::Identity) for the naive baseline), a
-//! [`Merger`](crate::merge::Merger) (any averaging or task-vector method), and an
+//! [`align::Aligner`](crate::align::Aligner) (weight matching, activation matching, OT fusion,
+//! or [`align::Identity`](crate::align::Identity) for the naive baseline), a
+//! [`merge::Merger`](crate::merge::Merger) (any averaging or task-vector method), and an
 //! optional [`Objective`] to score the inputs and the result (lower is better). It
 //! returns a [`FusionReport`] with the fused model, the aligned inputs, per-model and
 //! fused scores and the aligners' statistics.
