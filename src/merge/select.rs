@@ -9,11 +9,13 @@ use super::kernel::map_chunks;
 use crate::tensor::Scalar;
 
 /// Number of sample points used to bracket a rank.
-const SAMPLES: usize = 1 << 16;
+const SAMPLES: usize = 1 << 18;
 /// Below this size the magnitudes are copied and selected directly.
-const SMALL: usize = 1 << 17;
+const SMALL: usize = 1 << 19;
 /// Elements per block of the streaming pass.
 const SUB: usize = 1024;
+/// Elements per bit mask of the streaming pass.
+const GROUP: usize = 8;
 
 fn desc<E: Scalar>(a: &E, b: &E) -> std::cmp::Ordering {
     b.partial_cmp(a).unwrap_or(std::cmp::Ordering::Less)
@@ -66,7 +68,6 @@ fn brackets<E: Scalar>(xs: &[&[E]], base: &[E], requests: &[(usize, usize)]) -> 
                     (x[i] - base[i]).abs()
                 })
                 .collect();
-            sample.sort_unstable_by(desc);
             let q = k as f64 / n as f64;
             let margin = 4.0 * (s * q * (1.0 - q)).sqrt() + 16.0;
             let r_hi = (q * s - margin).floor();
@@ -74,12 +75,12 @@ fn brackets<E: Scalar>(xs: &[&[E]], base: &[E], requests: &[(usize, usize)]) -> 
             let hi = if r_hi < 0.0 {
                 E::infinity()
             } else {
-                sample[r_hi as usize]
+                *sample.select_nth_unstable_by(r_hi as usize, desc).1
             };
             let lo = if r_lo >= s - 1.0 {
                 E::zero()
             } else {
-                sample[r_lo as usize]
+                *sample.select_nth_unstable_by(r_lo as usize, desc).1
             };
             (lo, hi)
         })
@@ -119,39 +120,33 @@ fn scan_chunk<E: Scalar>(
     end: usize,
 ) -> (Vec<usize>, Vec<Vec<E>>) {
     let r = requests.len();
-    {
-        let mut above = vec![0usize; r];
-        let mut inside: Vec<Vec<E>> = vec![Vec::new(); r];
-        let mut buf = [E::zero(); SUB];
-        let mut cand = [E::zero(); SUB];
-        let mut s0 = start;
-        while s0 < end {
-            let len = SUB.min(end - s0);
-            let bb = &base[s0..s0 + len];
-            for (q, &(m, _)) in requests.iter().enumerate() {
-                let (lo, hi) = brackets[q];
-                let b = &mut buf[..len];
-                for ((v, &t), &bv) in b.iter_mut().zip(&xs[m][s0..s0 + len]).zip(bb) {
-                    *v = (t - bv).abs();
-                }
-                // Branch-free count (NaN counts as above) and compaction into a stack
-                // buffer (the index never passes the element being looked at).
-                let mut up = 0u32;
-                let mut c = 0usize;
-                for &v in b.iter() {
-                    up += u32::from(v > hi || v.is_nan());
-                    if let Some(slot) = cand.get_mut(c) {
-                        *slot = v;
-                    }
-                    c += usize::from((v >= lo) & (v <= hi));
-                }
-                above[q] += up as usize;
-                inside[q].extend_from_slice(&cand[..c]);
+    let mut above = vec![0usize; r];
+    let mut inside: Vec<Vec<E>> = vec![Vec::new(); r];
+    let mut buf = [E::zero(); SUB];
+    let mut s0 = start;
+    while s0 < end {
+        let len = SUB.min(end - s0);
+        let bb = &base[s0..s0 + len];
+        for (q, &(m, _)) in requests.iter().enumerate() {
+            let (lo, hi) = brackets[q];
+            let b = &mut buf[..len];
+            for ((v, &t), &bv) in b.iter_mut().zip(&xs[m][s0..s0 + len]).zip(bb) {
+                *v = (t - bv).abs();
             }
-            s0 += len;
+            // Vectorised count (NaN counts as above); the few groups of `GROUP` with a
+            // magnitude inside the bracket are found by a vectorised test and compacted.
+            let up: u32 = b.iter().map(|&v| u32::from((v > hi) | v.is_nan())).sum();
+            let within = |v: E| (v >= lo) & (v <= hi);
+            for g in b.chunks(GROUP) {
+                if g.iter().fold(false, |a, &v| a | within(v)) {
+                    inside[q].extend(g.iter().copied().filter(|&v| within(v)));
+                }
+            }
+            above[q] += up as usize;
         }
-        (above, inside)
+        s0 += len;
     }
+    (above, inside)
 }
 
 fn exact<E: Scalar>(theta: &[E], base: &[E], k: usize) -> E {
