@@ -5,11 +5,17 @@
 //! bracket misses (adversarial data, many ties), an exact selection over all
 //! magnitudes takes over for that request.
 
+use rayon::prelude::*;
+
 use super::kernel::map_chunks;
 use crate::tensor::Scalar;
 
 /// Number of sample points used to bracket a rank.
 const SAMPLES: usize = 1 << 18;
+/// Sample points are taken in evenly spread runs of this many neighbours (one cache
+/// line of `f32`), so sampling costs a sixteenth of the cache misses of single points;
+/// the bracket is widened to six standard deviations for the correlation this allows.
+const RUN: usize = 16;
 /// Below this size the magnitudes are copied and selected directly.
 const SMALL: usize = 1 << 19;
 /// Elements per block of the streaming pass.
@@ -54,22 +60,28 @@ pub(crate) fn kth_largest_many<E: Scalar>(
 }
 
 /// A bracket `[lo, hi]` per request `(model, k)` that holds the `k`-th largest
-/// magnitude with overwhelming probability, from a deterministic, evenly spread sample.
+/// magnitude with overwhelming probability, from a deterministic, evenly spread sample
+/// (requests in parallel).
 fn brackets<E: Scalar>(xs: &[&[E]], base: &[E], requests: &[(usize, usize)]) -> Vec<(E, E)> {
     let n = base.len();
     let s = SAMPLES as f64;
+    let runs = SAMPLES / RUN;
     requests
-        .iter()
+        .par_iter()
         .map(|&(m, k)| {
             let x = xs[m];
-            let mut sample: Vec<E> = (0..SAMPLES)
-                .map(|j| {
-                    let i = (j as u128 * n as u128 / SAMPLES as u128) as usize;
-                    (x[i] - base[i]).abs()
-                })
-                .collect();
+            let mut sample: Vec<E> = Vec::with_capacity(SAMPLES);
+            for r in 0..runs {
+                let i = (r as u128 * (n - RUN) as u128 / runs as u128) as usize;
+                sample.extend(
+                    x[i..i + RUN]
+                        .iter()
+                        .zip(&base[i..i + RUN])
+                        .map(|(&t, &b)| (t - b).abs()),
+                );
+            }
             let q = k as f64 / n as f64;
-            let margin = 4.0 * (s * q * (1.0 - q)).sqrt() + 16.0;
+            let margin = 6.0 * (s * q * (1.0 - q)).sqrt() + 16.0;
             let r_hi = (q * s - margin).floor();
             let r_lo = (q * s + margin).ceil();
             let hi = if r_hi < 0.0 {
