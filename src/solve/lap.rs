@@ -236,20 +236,28 @@ pub(crate) fn lsa_with<F: Scalar>(
             format!("matrix of shape [{nr}, {nc}] is too large (at most 2^32 - 2 per side)"),
         ));
     }
-    check_entries(&cost, maximize)?;
     let transpose = nr > nc;
     let (kr, kc) = if transpose { (nc, nr) } else { (nr, nc) };
+    // Large square f64 problems check their entries in the presolve's conversion pass.
+    let presolve = F::NAME == "f64" && kr == kc && kr >= PRESOLVE_MIN;
+    if !presolve {
+        check_entries(&cost, maximize)?;
+    }
     let (buf, neg) = working_matrix(&cost, maximize, transpose);
-    let presolved = if F::NAME == "f64" && kr == kc && kr >= PRESOLVE_MIN {
-        presolve_f32(&buf, kr, neg, isa)
+    let presolved = if presolve {
+        let p = presolve_f32(&buf, kr, neg, isa);
+        if matches!(p, Presolve::BadEntry) {
+            check_entries(&cost, maximize)?;
+        }
+        p
     } else {
-        None
+        Presolve::None
     };
     let rowsol = match presolved {
         // small integers: the f32 solve was exact arithmetic, nothing to repair
-        Some((warm, true)) => warm.0,
-        Some((warm, false)) => run_kernel(isa, &buf, kr, kc, Some(warm), neg)?.0,
-        None => run_kernel(isa, &buf, kr, kc, None, neg)?.0,
+        Presolve::Exact(warm) => warm.0,
+        Presolve::Warm(warm) => run_kernel(isa, &buf, kr, kc, Some(warm), neg)?.0,
+        Presolve::None | Presolve::BadEntry => run_kernel(isa, &buf, kr, kc, None, neg)?.0,
     };
     drop(buf);
     let pairs: Vec<(usize, usize)> = if transpose {
@@ -359,39 +367,116 @@ const PRESOLVE_MIN: usize = 1024;
 /// A warm start: the column of every row and the column duals.
 type Warm<W> = (Vec<u32>, Vec<W>);
 
-/// Solves the `f64` problem `c` (square, `n x n`) rounded to `f32` and returns that
-/// solution with its duals, as a warm start for the exact `f64` solve: there every row
-/// whose assigned column is not a minimiser of its `f64` reduced costs is freed and
-/// re-augmented, so the final answer is exactly optimal for the `f64` matrix while
-/// most of the work ran on the half-size copy. `None` when the values do not fit in
-/// `f32` or the rounded problem fails. The flag is `true` when every finite cost is an
-/// integer small enough (`4 n max|c| < 2^24`) that the `f32` solve ran in exact
-/// arithmetic: its answer is then already the exact optimum.
-fn presolve_f32<F: Scalar>(c: &[F], n: usize, neg: bool, isa: Isa) -> Option<(Warm<F>, bool)> {
-    // one branch-free (vectorised) pass: convert, and collect the flags
-    const ROUND: f64 = 6_755_399_441_055_744.0; // x + ROUND - ROUND rounds |x| < 2^51
-    let mut c32 = vec![0.0f32; c.len()];
-    let (mut overflow, mut integral, mut max_abs) = (false, true, 0.0f64);
-    for (y, &x) in c32.iter_mut().zip(c) {
-        let xf = x.to_f64_lossless();
-        let xf = if neg { -xf } else { xf };
-        *y = xf as f32;
-        let finite = xf.is_finite();
-        overflow |= finite & y.is_infinite();
-        integral &= !finite | ((xf + ROUND) - ROUND == xf);
-        let a = if finite { xf.abs() } else { 0.0 };
-        max_abs = if a > max_abs { a } else { max_abs };
+/// What [`presolve_f32`] achieved.
+enum Presolve<W> {
+    /// Not run, or no use (values overflow `f32`, or the rounded problem failed).
+    None,
+    /// Some entry is NaN or an infinity that cannot mark a forbidden pair.
+    BadEntry,
+    /// A warm start for the exact solve.
+    Warm(Warm<W>),
+    /// The exact optimum already: every finite cost is an integer small enough
+    /// (`4 n max|c| < 2^24`) that the `f32` solve ran in exact arithmetic.
+    Exact(Warm<W>),
+}
+
+#[cfg(test)]
+impl<W> Presolve<W> {
+    fn into_warm(self) -> Warm<W> {
+        match self {
+            Presolve::Warm(w) | Presolve::Exact(w) => w,
+            Presolve::None | Presolve::BadEntry => panic!("no warm start"),
+        }
     }
-    if overflow {
-        return None;
+}
+
+/// Solves the `f64` problem `c` (square, `n x n`, minimising `-c` with `neg`) rounded to
+/// `f32` and returns that solution with its duals, as a warm start for the exact `f64`
+/// solve: there every row whose assigned column is not a minimiser of its `f64` reduced
+/// costs is freed and re-augmented, so the final answer is exactly optimal for the
+/// `f64` matrix while most of the work ran on the half-size copy. The conversion pass
+/// also checks the entries (the caller reports a [`Presolve::BadEntry`]).
+fn presolve_f32<F: Scalar>(c: &[F], n: usize, neg: bool, isa: Isa) -> Presolve<F> {
+    let mut c32: Vec<f32> = crate::merge::output_buffer(c.len());
+    let small = f64::from(1u32 << 22) / n as f64;
+    let flags = convert_f32(c, &mut c32, neg, small, isa);
+    if flags.bad {
+        return Presolve::BadEntry;
     }
-    let (rowsol, v32) = run_kernel(isa, &c32, n, n, None, false).ok()?;
-    let exact = integral && 4.0 * n as f64 * max_abs < f64::from(1u32 << 24);
+    if flags.overflow {
+        return Presolve::None;
+    }
+    let Ok((rowsol, v32)) = run_kernel(isa, &c32, n, n, None, false) else {
+        return Presolve::None;
+    };
     let v = v32
         .into_iter()
         .map(|x| F::from_f64_lossy(f64::from(x)))
         .collect();
-    Some(((rowsol, v), exact))
+    if flags.small_integers {
+        Presolve::Exact((rowsol, v))
+    } else {
+        Presolve::Warm((rowsol, v))
+    }
+}
+
+/// What [`convert_f32`] learnt of the matrix on the way.
+struct Flags {
+    /// Some entry is NaN or `-inf` (after the sign flip).
+    bad: bool,
+    /// Some finite entry overflowed `f32`.
+    overflow: bool,
+    /// Every finite entry is an integer of magnitude below the given bound.
+    small_integers: bool,
+}
+
+/// `out = (neg ? -c : c)` rounded to `f32`, and the [`Flags`] of `c`: one pass, branch
+/// free, counting in independent 64-bit lanes so that it vectorises (compiled for `isa`).
+fn convert_f32<F: Scalar>(c: &[F], out: &mut [f32], neg: bool, small: f64, isa: Isa) -> Flags {
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx2 {
+        #[target_feature(enable = "avx2,fma")]
+        fn avx2<F: Scalar>(c: &[F], out: &mut [f32], neg: bool, small: f64) -> Flags {
+            convert_lanes(c, out, neg, small)
+        }
+        // SAFETY: `Isa::Avx2` is only produced after runtime detection of AVX2 and FMA.
+        return unsafe { avx2(c, out, neg, small) };
+    }
+    let _ = isa;
+    convert_lanes(c, out, neg, small)
+}
+
+#[inline(always)]
+fn convert_lanes<F: Scalar>(c: &[F], out: &mut [f32], neg: bool, small: f64) -> Flags {
+    const ROUND: f64 = 6_755_399_441_055_744.0; // x + ROUND - ROUND rounds |x| < 2^51
+    const L: usize = 8;
+    let sign = if neg { -1.0 } else { 1.0 };
+    let (mut bad, mut over, mut big) = ([0u64; L], [0u64; L], [0u64; L]);
+    let mut step = |k: usize, x: F, y: &mut f32| {
+        let xf = sign * x.to_f64_lossless();
+        let yf = xf as f32;
+        *y = yf;
+        let a = xf.abs();
+        let finite = a < f64::INFINITY;
+        bad[k] += u64::from(!(xf > f64::NEG_INFINITY));
+        over[k] += u64::from(finite & (yf.abs() == f32::INFINITY));
+        big[k] += u64::from(finite & !((a < small) & ((xf + ROUND) - ROUND == xf)));
+    };
+    let mut cs = c.chunks_exact(L);
+    let mut os = out.chunks_exact_mut(L);
+    for (cb, ob) in (&mut cs).zip(&mut os) {
+        for k in 0..L {
+            step(k, cb[k], &mut ob[k]);
+        }
+    }
+    for (k, (&x, y)) in cs.remainder().iter().zip(os.into_remainder()).enumerate() {
+        step(k, x, y);
+    }
+    Flags {
+        bad: bad.iter().any(|&b| b > 0),
+        overflow: over.iter().any(|&o| o > 0),
+        small_integers: big.iter().all(|&b| b == 0),
+    }
 }
 
 /// Runs the kernel compiled for `isa`, minimising `c` (or `-c` with `neg`); returns the
@@ -635,7 +720,10 @@ impl<'a, W: Scalar, const NEG: bool> Kernel<'a, W, NEG> {
                     self.v[j1] -= u2 - u1;
                 }
             } else if i0 != NONE {
-                j = first_reduced_eq::<W, NEG>(row, &self.v, u2, j1);
+                // a tie: prefer any unassigned column at the minimum (settles the row;
+                // on costs with many ties this is most of the rows), else the second
+                j = first_free_eq::<W, NEG>(row, &self.v, u1, &self.colsol)
+                    .unwrap_or_else(|| first_reduced_eq::<W, NEG>(row, &self.v, u2, j1));
                 i0 = self.colsol[j];
             }
             self.rowsol[iu] = j as u32;
@@ -820,6 +908,20 @@ fn first_reduced_eq<W: Scalar, const NEG: bool>(
 }
 
 /// Pushes every `j` with `d[j] == m`.
+/// The first unassigned column whose reduced cost equals `u`.
+#[inline(always)]
+fn first_free_eq<W: Scalar, const NEG: bool>(
+    row: &[W],
+    v: &[W],
+    u: W,
+    colsol: &[u32],
+) -> Option<usize> {
+    row.iter()
+        .zip(v)
+        .zip(colsol)
+        .position(|((&c, &vj), &i)| (i == NONE) & (sg::<W, NEG>(c) - vj == u))
+}
+
 #[inline(always)]
 fn collect_eq<W: Scalar>(d: &[W], m: W, out: &mut Vec<u32>) {
     for (c, chunk) in d.chunks(LANES).enumerate() {
@@ -951,7 +1053,7 @@ mod tests {
                 for isa in simd::available() {
                     let (plain, _) =
                         run_kernel(isa, c.as_slice().unwrap(), n, n, None, false).unwrap();
-                    let (warm, _) = presolve_f32(c.as_slice().unwrap(), n, false, isa).unwrap();
+                    let warm = presolve_f32(c.as_slice().unwrap(), n, false, isa).into_warm();
                     let (fixed, _) =
                         run_kernel(isa, c.as_slice().unwrap(), n, n, Some(warm), false).unwrap();
                     let total = |rs: &[u32]| -> f64 {
@@ -965,12 +1067,56 @@ mod tests {
                     let neg = c.mapv(|x| -x);
                     let ns = neg.as_slice().unwrap();
                     let (plain_neg, _) = run_kernel(isa, ns, n, n, None, true).unwrap();
-                    let (warm, _) = presolve_f32(ns, n, true, isa).unwrap();
+                    let warm = presolve_f32(ns, n, true, isa).into_warm();
                     let (fixed_neg, _) = run_kernel(isa, ns, n, n, Some(warm), true).unwrap();
                     assert_eq!(total(&plain), total(&plain_neg), "n = {n}");
                     assert_eq!(total(&plain), total(&fixed_neg), "n = {n}");
                 }
             }
+        }
+    }
+
+    /// The presolve's conversion pass checks entries, flags small integers and
+    /// overflow, and the public entry point reports bad entries at presolve sizes.
+    #[test]
+    fn presolve_flags_and_bad_entries() {
+        let n = PRESOLVE_MIN;
+        let int = random(n, n, 5, true);
+        for isa in simd::available() {
+            assert!(matches!(
+                presolve_f32(int.as_slice().unwrap(), n, false, isa),
+                Presolve::Exact(_)
+            ));
+            let mut frac = int.clone();
+            frac[[n - 1, n - 2]] += 0.5;
+            assert!(matches!(
+                presolve_f32(frac.as_slice().unwrap(), n, true, isa),
+                Presolve::Warm(_)
+            ));
+            let mut huge = int.clone();
+            huge[[3, 4]] = 1e300;
+            assert!(matches!(
+                presolve_f32(huge.as_slice().unwrap(), n, false, isa),
+                Presolve::None
+            ));
+            for (bad, neg) in [
+                (f64::NAN, false),
+                (f64::NEG_INFINITY, false),
+                (f64::INFINITY, true),
+            ] {
+                let mut c = int.clone();
+                c[[n - 1, 7]] = bad;
+                assert!(matches!(
+                    presolve_f32(c.as_slice().unwrap(), n, neg, isa),
+                    Presolve::BadEntry
+                ));
+                let err = lsa_with(c.view(), neg, isa).unwrap_err().to_string();
+                assert!(err.contains(&format!("[{}, 7]", n - 1)), "{err}");
+            }
+            let mut forbidden = int.clone();
+            forbidden[[0, 0]] = f64::INFINITY;
+            let a = lsa_with(forbidden.view(), false, isa).unwrap();
+            assert_ne!(a.cols[0], 0);
         }
     }
 
