@@ -458,7 +458,7 @@ fn convert_lanes<F: Scalar>(c: &[F], out: &mut [f32], neg: bool, small: f64) -> 
         *y = yf;
         let a = xf.abs();
         let finite = a < f64::INFINITY;
-        bad[k] += u64::from(!(xf > f64::NEG_INFINITY));
+        bad[k] += u64::from((xf == f64::NEG_INFINITY) | xf.is_nan());
         over[k] += u64::from(finite & (yf.abs() == f32::INFINITY));
         big[k] += u64::from(finite & !((a < small) & ((xf + ROUND) - ROUND == xf)));
     };
