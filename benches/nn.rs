@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use modelfusion::StateDictF32;
-use modelfusion::nn::{Mlp, Mode, Network, OptimizerConfig, ResMlp, TrainConfig, data, train};
+use modelfusion::nn::{Mlp, Mode, Network, Optimizer, ResMlp, TrainConfig, data, train};
 use ndarray::Array2;
 
 fn bench(c: &mut Criterion) {
@@ -46,7 +46,7 @@ fn bench(c: &mut Criterion) {
     let (train_set, _) = data::digits().unwrap().split(0.2, 0).unwrap();
     let demo = Mlp::new(&[64, 128, 128, 10]).unwrap();
     let init: StateDictF32 = demo.init(0);
-    let config = TrainConfig::new(OptimizerConfig::adam(1e-3).unwrap(), 1, 32, 0).unwrap();
+    let config = TrainConfig::new(Optimizer::adam(1e-3).unwrap(), 1, 32, 0).unwrap();
     g.bench_function("digits_epoch_mlp_64x128x128x10_adam_batch32", |b| {
         b.iter(|| {
             train(&demo, &init, &train_set, &config)

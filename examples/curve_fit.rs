@@ -11,7 +11,7 @@ use std::ops::ControlFlow;
 use std::time::Instant;
 
 use modelfusion::barrier::{BarrierConfig, BarrierReport, loss_barrier};
-use modelfusion::nn::{Classification, Mlp, Network, OptimizerConfig, TrainConfig, data, train};
+use modelfusion::nn::{Classification, Mlp, Network, TrainConfig, data, train};
 use modelfusion::path::{
     Bezier, FitConfig, Linear, LrSchedule, Optimizer, PathSampler, fit_curve_stochastic,
 };
@@ -34,7 +34,7 @@ fn main() -> Result<()> {
     let start = Instant::now();
     let mut ends = Vec::new();
     for seed in [0u64, 1] {
-        let config = TrainConfig::new(OptimizerConfig::adam(1e-3)?, 20, 32, seed)?;
+        let config = TrainConfig::new(Optimizer::adam(1e-3)?, 20, 32, seed)?;
         let init: StateDictF32 = net.init(seed);
         ends.push(train(&net, &init, &train_set, &config)?.params);
     }

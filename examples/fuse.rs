@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use modelfusion::align::{Identity, WeightMatching};
 use modelfusion::merge::{Average, GreedySoup};
-use modelfusion::nn::{Classification, Mlp, Network, OptimizerConfig, TrainConfig, data, train};
+use modelfusion::nn::{Classification, Mlp, Network, Optimizer, TrainConfig, data, train};
 use modelfusion::perm::specs::Architecture;
 use modelfusion::pipeline::{Pipeline, Reference};
 use modelfusion::{Result, StateDictF32};
@@ -26,7 +26,7 @@ fn main() -> Result<()> {
 
     let mut models: Vec<StateDictF32> = Vec::new();
     for seed in 0..3u64 {
-        let config = TrainConfig::new(OptimizerConfig::adam(1e-3)?, 20, 32, seed)?;
+        let config = TrainConfig::new(Optimizer::adam(1e-3)?, 20, 32, seed)?;
         let trained = train(&net, &net.init(seed), &train_set, &config)?;
         let e = eval.evaluate(&trained.params)?;
         println!(

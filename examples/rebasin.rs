@@ -22,8 +22,8 @@ use modelfusion::align::{
 };
 use modelfusion::barrier::{BarrierConfig, loss_barrier};
 use modelfusion::nn::{
-    Classification, Dataset, Evaluation, LrSchedule, Mlp, Network, OptimizerConfig, TrainConfig,
-    data, train,
+    Classification, Dataset, Evaluation, LrSchedule, Mlp, Network, Optimizer, TrainConfig, data,
+    train,
 };
 use modelfusion::path::Linear;
 use modelfusion::path::PathSampler;
@@ -157,10 +157,8 @@ fn run() -> Result<()> {
     );
 
     let config = |seed| -> Result<TrainConfig> {
-        Ok(
-            TrainConfig::new(OptimizerConfig::adam(1e-3)?, epochs, 128, seed)?
-                .with_schedule(LrSchedule::Cosine),
-        )
+        Ok(TrainConfig::new(Optimizer::adam(1e-3)?, epochs, 128, seed)?
+            .with_schedule(LrSchedule::Cosine))
     };
     let a = train(
         &net,

@@ -9,7 +9,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use modelfusion::nn::{Classification, Mlp, Network, OptimizerConfig, TrainConfig, data, train};
+use modelfusion::nn::{Classification, Mlp, Network, Optimizer, TrainConfig, data, train};
 use modelfusion::{Model, Result, StateDictF32};
 
 fn main() -> Result<()> {
@@ -35,7 +35,7 @@ fn main() -> Result<()> {
     let mut models = Vec::new();
     for seed in [0u64, 1] {
         let start = Instant::now();
-        let config = TrainConfig::new(OptimizerConfig::adam(1e-3)?, epochs, 32, seed)?;
+        let config = TrainConfig::new(Optimizer::adam(1e-3)?, epochs, 32, seed)?;
         let init: StateDictF32 = net.init(seed);
         let trained = train(&net, &init, &train_set, &config)?;
         let e = eval.evaluate(&trained.params)?;

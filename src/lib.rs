@@ -27,6 +27,8 @@
 //! - [`merge`]: averaging (SWA, EMA, LAWA, SWAG, soups), task vectors (task arithmetic,
 //!   TIES, DARE, breadcrumbs, DELLA), SLERP, model stock, Fisher, RegMean, ensembles.
 //! - [`pipeline`]: reference choice -> align -> merge -> evaluate.
+//! - [`optim`]: SGD (momentum, Nesterov) and Adam on model-shaped values, with weight
+//!   decay, frozen parameters and learning-rate schedules (used by `nn` and `path`).
 //! - [`io`]: safetensors checkpoints (f32, f64, f16, bf16), sharding, streaming merges.
 //! - [`nn`]: reference networks with hand-written backward passes and data sets, to run
 //!   all of the above end to end without a deep-learning framework.
@@ -74,6 +76,7 @@ pub mod model;
 #[cfg(feature = "nn")]
 pub mod nn;
 pub mod objective;
+pub mod optim;
 pub mod path;
 pub mod perm;
 pub mod pipeline;

@@ -5,8 +5,7 @@
 mod nn_common;
 
 use modelfusion::nn::{
-    Classification, LrSchedule, Mlp, Mode, Network, OptimizerConfig, ResMlp, TrainConfig, data,
-    train,
+    Classification, LrSchedule, Mlp, Mode, Network, Optimizer, ResMlp, TrainConfig, data, train,
 };
 use modelfusion::{Error, Model, StateDictF32, StateDictF64};
 use nn_common::*;
@@ -15,7 +14,7 @@ use nn_common::*;
 fn mlp_learns_the_digits() {
     let (train_set, test_set) = data::digits().unwrap().split(0.2, 0).unwrap();
     let net = Mlp::new(&[64, 64, 10]).unwrap();
-    let config = TrainConfig::new(OptimizerConfig::adam(3e-3).unwrap(), 8, 32, 1).unwrap();
+    let config = TrainConfig::new(Optimizer::adam(3e-3).unwrap(), 8, 32, 1).unwrap();
     let init: StateDictF32 = net.init(0);
     let t = train(&net, &init, &train_set, &config).unwrap();
     assert_eq!(t.loss_history.len(), 8);
@@ -36,7 +35,7 @@ fn mlp_learns_the_digits() {
 fn res_mlp_learns_the_digits_with_sgd() {
     let (train_set, test_set) = data::digits().unwrap().split(0.2, 0).unwrap();
     let net = ResMlp::new(64, 32, 64, 2, 10).unwrap();
-    let config = TrainConfig::new(OptimizerConfig::nesterov(0.05, 0.9).unwrap(), 6, 32, 3)
+    let config = TrainConfig::new(Optimizer::nesterov(0.05, 0.9).unwrap(), 6, 32, 3)
         .unwrap()
         .with_weight_decay(1e-4)
         .unwrap()
@@ -70,12 +69,12 @@ fn res_mlp_learns_the_digits_with_sgd() {
 fn training_is_deterministic_for_a_seed() {
     let data = random_dataset(40, 5, 3, 0);
     let (mlp, res) = nets();
-    let config = TrainConfig::new(OptimizerConfig::sgd(0.1, 0.9).unwrap(), 3, 8, 5).unwrap();
+    let config = TrainConfig::new(Optimizer::sgd(0.1, 0.9).unwrap(), 3, 8, 5).unwrap();
     let a = train(&mlp, &mlp.init::<ndarray::ArrayD<f32>>(1), &data, &config).unwrap();
     let b = train(&mlp, &mlp.init::<ndarray::ArrayD<f32>>(1), &data, &config).unwrap();
     assert_eq!(a.params, b.params);
     assert_eq!(a.loss_history, b.loss_history);
-    let other = TrainConfig::new(OptimizerConfig::sgd(0.1, 0.9).unwrap(), 3, 8, 6).unwrap();
+    let other = TrainConfig::new(Optimizer::sgd(0.1, 0.9).unwrap(), 3, 8, 6).unwrap();
     let c = train(&mlp, &mlp.init::<ndarray::ArrayD<f32>>(1), &data, &other).unwrap();
     assert_ne!(a.params, c.params);
     let ra = train(&res, &res.init::<ndarray::ArrayD<f32>>(1), &data, &config).unwrap();
@@ -91,7 +90,7 @@ fn running_statistics_follow_the_momentum_rule_and_skip_the_optimiser() {
     let data = random_dataset(12, 5, 3, 4);
     let net = ResMlp::new(5, 4, 6, 1, 3).unwrap();
     let init: StateDictF64 = net.init(0);
-    let config = TrainConfig::new(OptimizerConfig::sgd(0.5, 0.9).unwrap(), 1, 12, 0)
+    let config = TrainConfig::new(Optimizer::sgd(0.5, 0.9).unwrap(), 1, 12, 0)
         .unwrap()
         .with_weight_decay(0.5)
         .unwrap();
@@ -118,7 +117,7 @@ fn a_single_sample_batch_is_skipped_with_batch_norm() {
     // 9 samples in batches of 4: the last batch has one sample.
     let data = random_dataset(9, 5, 3, 1);
     let (_, res) = nets();
-    let config = TrainConfig::new(OptimizerConfig::adam(1e-3).unwrap(), 2, 4, 0).unwrap();
+    let config = TrainConfig::new(Optimizer::adam(1e-3).unwrap(), 2, 4, 0).unwrap();
     assert!(train(&res, &res.init::<ndarray::ArrayD<f32>>(0), &data, &config).is_ok());
 }
 
@@ -126,7 +125,7 @@ fn a_single_sample_batch_is_skipped_with_batch_norm() {
 fn bad_training_inputs_are_errors() {
     let data = random_dataset(10, 5, 3, 1);
     let (mlp, res) = nets();
-    let config = TrainConfig::new(OptimizerConfig::adam(1e-3).unwrap(), 1, 4, 0).unwrap();
+    let config = TrainConfig::new(Optimizer::adam(1e-3).unwrap(), 1, 4, 0).unwrap();
     // Parameters of another network.
     let e = train(&mlp, &res.init::<ndarray::ArrayD<f32>>(0), &data, &config).unwrap_err();
     assert!(matches!(e, Error::MissingParam { .. }), "{e}");
@@ -137,7 +136,7 @@ fn bad_training_inputs_are_errors() {
         Err(Error::ShapeMismatch { .. })
     ));
     // A diverging learning rate is an error, not NaN parameters.
-    let hot = TrainConfig::new(OptimizerConfig::sgd(1e30, 0.0).unwrap(), 5, 4, 0).unwrap();
+    let hot = TrainConfig::new(Optimizer::sgd(1e30, 0.0).unwrap(), 5, 4, 0).unwrap();
     let p: StateDictF32 = mlp.init(0);
     assert!(matches!(
         train(&mlp, &p, &data, &hot),
@@ -145,16 +144,16 @@ fn bad_training_inputs_are_errors() {
     ));
     // Invalid hyperparameters, each named.
     for (r, param) in [
-        (OptimizerConfig::sgd(-0.1, 0.0), "lr"),
-        (OptimizerConfig::sgd(0.1, -0.5), "momentum"),
-        (OptimizerConfig::nesterov(0.1, 0.0), "momentum"),
-        (OptimizerConfig::adam_with(0.1, 0.9, 1.5, 1e-8), "beta2"),
-        (OptimizerConfig::adam_with(0.1, 0.9, 0.99, -1.0), "eps"),
+        (Optimizer::sgd(-0.1, 0.0), "lr"),
+        (Optimizer::sgd(0.1, -0.5), "momentum"),
+        (Optimizer::nesterov(0.1, 0.0), "momentum"),
+        (Optimizer::adam_with(0.1, 0.9, 1.5, 1e-8), "beta2"),
+        (Optimizer::adam_with(0.1, 0.9, 0.99, -1.0), "eps"),
     ] {
         let e = r.unwrap_err().to_string();
         assert!(e.contains(param), "{e}");
     }
-    let raw = OptimizerConfig::Adam {
+    let raw = Optimizer::Adam {
         lr: 0.0,
         beta1: 0.9,
         beta2: 0.999,
@@ -224,7 +223,7 @@ fn tasks_with_reset_statistics_evaluate_the_reset_model() {
     use modelfusion::{Gradient, Objective};
     let (train_set, test_set) = data::digits().unwrap().head(400).split(0.25, 0).unwrap();
     let net = ResMlp::new(64, 16, 32, 2, 10).unwrap();
-    let config = TrainConfig::new(OptimizerConfig::adam(3e-3).unwrap(), 3, 32, 0).unwrap();
+    let config = TrainConfig::new(Optimizer::adam(3e-3).unwrap(), 3, 32, 0).unwrap();
     let a = train(
         &net,
         &net.init::<ndarray::ArrayD<f32>>(0),

@@ -7,8 +7,8 @@
 use std::ops::ControlFlow;
 
 use modelfusion::barrier::{BarrierConfig, loss_barrier};
-use modelfusion::nn::{Classification, Mlp, Network, OptimizerConfig, TrainConfig, data, train};
-use modelfusion::path::{Bezier, FitConfig, Linear, LrSchedule, Optimizer, fit_curve_stochastic};
+use modelfusion::nn::{Classification, Mlp, Network, Optimizer, TrainConfig, data, train};
+use modelfusion::path::{Bezier, FitConfig, Linear, LrSchedule, fit_curve_stochastic};
 use modelfusion::{Result, StateDictF32};
 use ndarray::ArrayD;
 
@@ -16,7 +16,7 @@ use ndarray::ArrayD;
 fn fitted_bezier_cuts_the_digits_barrier() -> Result<()> {
     let (train_set, test_set) = data::digits()?.split(0.2, 0)?;
     let net = Mlp::new(&[64, 32, 32, 10])?;
-    let config = |seed| TrainConfig::new(OptimizerConfig::adam(3e-3)?, 25, 32, seed);
+    let config = |seed| TrainConfig::new(Optimizer::adam(3e-3)?, 25, 32, seed);
     let a = train(&net, &net.init::<ArrayD<f32>>(1), &train_set, &config(11)?)?.params;
     let b = train(&net, &net.init::<ArrayD<f32>>(2), &train_set, &config(12)?)?.params;
 

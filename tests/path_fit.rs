@@ -94,7 +94,7 @@ fn fitted_curves_cut_the_barrier() {
         (3, Optimizer::adam(0.02).unwrap()),
     ] {
         let curve = Bezier::straight(&a, &b, curve_n).unwrap();
-        let cfg = FitConfig::new(1500, opt.clone())
+        let cfg = FitConfig::new(1500, opt)
             .unwrap()
             .with_schedule(LrSchedule::Garipov)
             .with_seed(3);
@@ -268,10 +268,10 @@ fn stochastic_objective_gets_the_step() {
 #[test]
 fn bad_configs_are_rejected() {
     let adam = Optimizer::adam(0.1).unwrap();
-    let e = FitConfig::new(0, adam.clone()).unwrap_err().to_string();
+    let e = FitConfig::new(0, adam).unwrap_err().to_string();
     assert!(e.contains("steps"), "{e}");
     for wd in [-0.1, f64::NAN, f64::INFINITY] {
-        let e = FitConfig::new(1, adam.clone())
+        let e = FitConfig::new(1, adam)
             .unwrap()
             .with_weight_decay(wd)
             .unwrap_err();

@@ -71,13 +71,13 @@
 //! Fashion-MNIST ([`data::fashion_mnist`]) and any IDX files ([`data::read_idx`]).
 //!
 //! ```
-//! use modelfusion::nn::{data, train, Classification, Mlp, Network, OptimizerConfig, TrainConfig};
+//! use modelfusion::nn::{data, train, Classification, Mlp, Network, Optimizer, TrainConfig};
 //! use modelfusion::StateDictF32;
 //!
 //! let (train_set, test_set) = data::digits()?.split(0.2, 0)?;
 //! let net = Mlp::new(&[64, 32, 10])?;
 //! let init: StateDictF32 = net.init(1);
-//! let config = TrainConfig::new(OptimizerConfig::adam(1e-2)?, 3, 32, 7)?;
+//! let config = TrainConfig::new(Optimizer::adam(1e-2)?, 3, 32, 7)?;
 //! let trained = train(&net, &init, &train_set, &config)?;
 //! assert_eq!(trained.loss_history.len(), 3);
 //! let eval = Classification::new(&net, &test_set, 256)?;
@@ -101,6 +101,7 @@ use crate::model::{Model, StateDict};
 use crate::objective::Features;
 use crate::tensor::{Scalar, Tensor};
 
+pub use crate::optim::{LrSchedule, Optimizer};
 /// Re-exported: every [`Network`] is an [`Architecture`] (shapes and permutation spec).
 pub use crate::perm::specs::Architecture;
 pub use data::Dataset;
@@ -109,9 +110,7 @@ pub use mlp::Mlp;
 pub use mlp::MlpCache;
 pub use res_mlp::ResMlp;
 pub use res_mlp::ResMlpCache;
-pub use train::{
-    LrSchedule, OptimizerConfig, TrainConfig, Trained, reset_running_stats, train, train_with,
-};
+pub use train::{TrainConfig, Trained, reset_running_stats, train, train_with};
 
 /// How normalisation layers compute their statistics in a forward pass.
 ///

@@ -16,8 +16,8 @@ use crate::objective::Gradient;
 use crate::tensor::{Scalar, Tensor};
 
 use super::curves::{ControlCurve, straight_line_controls};
-use super::optim::{ModelOptimizer, Optimizer};
 use super::{PathSampler, check_coefficients, validate_controls};
+use crate::optim::{LrSchedule, ModelOptimizer, Optimizer};
 
 /// The objective of curve fitting when it changes from step to step (minibatches):
 /// the loss and gradient of `model` for training step `step`.
@@ -52,53 +52,6 @@ pub trait StochasticGradient<M: Model> {
 impl<M: Model, F: FnMut(&M, usize) -> Result<(f64, M)>> StochasticGradient<M> for F {
     fn loss_and_gradient_at(&mut self, model: &M, step: usize) -> Result<(f64, M)> {
         self(model, step)
-    }
-}
-
-/// How the learning rate changes over the run; `factor(s, steps)` multiplies the base
-/// rate at step `s`.
-///
-/// ```
-/// use modelfusion::path::LrSchedule;
-/// assert_eq!(LrSchedule::Constant.factor(70, 100), 1.0);
-/// assert_eq!(LrSchedule::Garipov.factor(10, 100), 1.0);
-/// assert!((LrSchedule::Garipov.factor(95, 100) - 0.01).abs() < 1e-12);
-/// assert!((LrSchedule::Cosine.factor(50, 100) - 0.5).abs() < 1e-12);
-/// ```
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum LrSchedule {
-    /// The base rate throughout.
-    #[default]
-    Constant,
-    /// The reference's schedule: the base rate for the first half, then linear decay to
-    /// 1% of it at 90% of the run, 1% after.
-    Garipov,
-    /// Cosine decay from the base rate to 0: `(1 + cos(pi s / steps)) / 2`.
-    Cosine,
-}
-
-impl LrSchedule {
-    /// The factor at step `step` of `steps`.
-    pub fn factor(&self, step: usize, steps: usize) -> f64 {
-        let frac = if steps == 0 {
-            0.0
-        } else {
-            step as f64 / steps as f64
-        };
-        match self {
-            LrSchedule::Constant => 1.0,
-            LrSchedule::Garipov => {
-                if frac <= 0.5 {
-                    1.0
-                } else if frac <= 0.9 {
-                    1.0 - (frac - 0.5) / 0.4 * 0.99
-                } else {
-                    0.01
-                }
-            }
-            LrSchedule::Cosine => 0.5 * (1.0 + (std::f64::consts::PI * frac).cos()),
-        }
     }
 }
 
@@ -479,7 +432,7 @@ where
         BendInit::Given => given.to_vec(),
     };
     let mut optims: Vec<ModelOptimizer<M>> = (1..n - 1)
-        .map(|_| ModelOptimizer::new(config.optimizer.clone()))
+        .map(|_| ModelOptimizer::new(config.optimizer))
         .collect();
     let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
     let mut history = Vec::with_capacity(config.steps);

@@ -39,17 +39,16 @@ use crate::model::Model;
 
 mod curves;
 mod fit;
-mod optim;
 
+pub use crate::optim::{LrSchedule, ModelOptimizer, Optimizer};
 pub use curves::{
     Bezier, ControlCurve, Linear, PolyChain, bernstein, polychain_coefficients,
     straight_line_controls,
 };
 pub use fit::{
-    BendInit, FitConfig, FitResult, FitStep, LrSchedule, StochasticGradient,
-    curve_loss_and_gradients, fit_curve, fit_curve_stochastic,
+    BendInit, FitConfig, FitResult, FitStep, StochasticGradient, curve_loss_and_gradients,
+    fit_curve, fit_curve_stochastic,
 };
-pub use optim::{ModelOptimizer, Optimizer};
 
 /// A path in weight space written as `phi(t) = sum_k c_k(t) * theta_k` over control
 /// models `theta_k`; `phi(0)` and `phi(1)` are the endpoints.
