@@ -132,6 +132,39 @@ fn path_suffix(path: &Option<PathBuf>) -> String {
     }
 }
 
+/// Errors naming `name` unless `x` is finite and `> 0`.
+pub(crate) fn check_positive(name: &str, x: f64) -> Result<()> {
+    if x.is_finite() && x > 0.0 {
+        Ok(())
+    } else {
+        Err(Error::invalid(
+            name,
+            format!("must be finite and > 0, got {x}"),
+        ))
+    }
+}
+
+/// Errors naming `name` unless `x` is finite and `>= 0`.
+pub(crate) fn check_nonnegative(name: &str, x: f64) -> Result<()> {
+    if x.is_finite() && x >= 0.0 {
+        Ok(())
+    } else {
+        Err(Error::invalid(
+            name,
+            format!("must be finite and >= 0, got {x}"),
+        ))
+    }
+}
+
+/// Errors naming `name` unless `x` is in `[0, 1)`.
+pub(crate) fn check_unit(name: &str, x: f64) -> Result<()> {
+    if (0.0..1.0).contains(&x) {
+        Ok(())
+    } else {
+        Err(Error::invalid(name, format!("must be in [0, 1), got {x}")))
+    }
+}
+
 impl Error {
     /// Shorthand for [`Error::InvalidParameter`].
     ///

@@ -24,7 +24,7 @@
 use ndarray::Zip;
 use num_traits::Float;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, check_nonnegative, check_positive, check_unit};
 use crate::model::Model;
 use crate::tensor::{Scalar, Tensor};
 
@@ -150,29 +150,12 @@ impl Optimizer {
     /// assert!(bad.validate().unwrap_err().to_string().contains("lr"));
     /// ```
     pub fn validate(&self) -> Result<()> {
-        let positive = |name: &str, x: f64| {
-            if x.is_finite() && x > 0.0 {
-                Ok(())
-            } else {
-                Err(Error::invalid(
-                    name,
-                    format!("must be finite and > 0, got {x}"),
-                ))
-            }
-        };
-        let unit = |name: &str, x: f64| {
-            if (0.0..1.0).contains(&x) {
-                Ok(())
-            } else {
-                Err(Error::invalid(name, format!("must be in [0, 1), got {x}")))
-            }
-        };
-        positive("lr", self.lr())?;
+        check_positive("lr", self.lr())?;
         match *self {
             Optimizer::Sgd {
                 momentum, nesterov, ..
             } => {
-                unit("momentum", momentum)?;
+                check_unit("momentum", momentum)?;
                 if nesterov && momentum == 0.0 {
                     return Err(Error::invalid(
                         "momentum",
@@ -184,9 +167,9 @@ impl Optimizer {
             Optimizer::Adam {
                 beta1, beta2, eps, ..
             } => {
-                unit("beta1", beta1)?;
-                unit("beta2", beta2)?;
-                positive("eps", eps)
+                check_unit("beta1", beta1)?;
+                check_unit("beta2", beta2)?;
+                check_positive("eps", eps)
             }
         }
     }
@@ -303,12 +286,7 @@ impl<M: Model> ModelOptimizer<M> {
     /// # Ok::<(), modelfusion::Error>(())
     /// ```
     pub fn with_weight_decay(mut self, weight_decay: f64) -> Result<Self> {
-        if !(weight_decay.is_finite() && weight_decay >= 0.0) {
-            return Err(Error::invalid(
-                "weight_decay",
-                format!("must be finite and >= 0, got {weight_decay}"),
-            ));
-        }
+        check_nonnegative("weight_decay", weight_decay)?;
         self.weight_decay = weight_decay;
         Ok(self)
     }
@@ -371,12 +349,7 @@ impl<M: Model> ModelOptimizer<M> {
                 format!("must be finite, got {grad_scale}"),
             ));
         }
-        if !(lr_factor.is_finite() && lr_factor >= 0.0) {
-            return Err(Error::invalid(
-                "lr_factor",
-                format!("must be finite and >= 0, got {lr_factor}"),
-            ));
-        }
+        check_nonnegative("lr_factor", lr_factor)?;
         self.check_gradient(params, grad)?;
         let zeros = || params.try_map(|_, t| Ok(<M::Tensor as Tensor>::zeros(t.shape())));
         if self.first.is_none() {

@@ -291,12 +291,7 @@ impl<M: Model> Ema<M> {
     /// assert!(Ema::<modelfusion::StateDictF32>::new(0.999).is_ok());
     /// ```
     pub fn new(decay: f64) -> Result<Self> {
-        if !(0.0..1.0).contains(&decay) {
-            return Err(Error::invalid(
-                "decay",
-                format!("must be in [0, 1), got {decay}"),
-            ));
-        }
+        crate::error::check_unit("decay", decay)?;
         Ok(Ema {
             decay,
             ema: None,
@@ -593,12 +588,7 @@ impl<M: Model> Swag<M> {
     /// # Ok::<(), modelfusion::Error>(())
     /// ```
     pub fn sample(&self, seed: u64, scale: f64) -> Result<M> {
-        if !scale.is_finite() || scale < 0.0 {
-            return Err(Error::invalid(
-                "scale",
-                format!("must be finite and >= 0, got {scale}"),
-            ));
-        }
+        crate::error::check_nonnegative("scale", scale)?;
         let var = self.variance()?;
         let (mean, _) = self.moments()?;
         if scale == 0.0 {

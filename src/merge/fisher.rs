@@ -174,12 +174,7 @@ impl<M: Model> Fisher<M> {
     /// # Ok::<(), modelfusion::Error>(())
     /// ```
     pub fn with_floor(mut self, floor: f64) -> Result<Self> {
-        if !(floor > 0.0 && floor.is_finite()) {
-            return Err(Error::invalid(
-                "floor",
-                format!("must be finite and > 0, got {floor}"),
-            ));
-        }
+        crate::error::check_positive("floor", floor)?;
         self.floor = floor;
         Ok(self)
     }

@@ -135,12 +135,7 @@ impl Sparsification {
             }
             Sparsification::Breadcrumbs { density, gamma } => {
                 check_density(density)?;
-                if !(0.0..1.0).contains(&gamma) {
-                    return Err(Error::invalid(
-                        "gamma",
-                        format!("must be in [0, 1), got {gamma}"),
-                    ));
-                }
+                crate::error::check_unit("gamma", gamma)?;
                 if gamma + density > 1.0 {
                     return Err(Error::invalid(
                         "gamma",

@@ -7,7 +7,7 @@ use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, check_nonnegative};
 use crate::model::{Model, StateDict};
 use crate::optim::{LrSchedule, ModelOptimizer, Optimizer};
 use crate::tensor::{Scalar, Tensor};
@@ -75,12 +75,7 @@ impl TrainConfig {
     /// # Ok::<(), modelfusion::Error>(())
     /// ```
     pub fn with_weight_decay(mut self, weight_decay: f64) -> Result<Self> {
-        if !(weight_decay.is_finite() && weight_decay >= 0.0) {
-            return Err(Error::invalid(
-                "weight_decay",
-                format!("must be finite and >= 0, got {weight_decay}"),
-            ));
-        }
+        check_nonnegative("weight_decay", weight_decay)?;
         self.weight_decay = weight_decay;
         Ok(self)
     }

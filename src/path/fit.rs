@@ -10,7 +10,7 @@ use std::ops::ControlFlow;
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, check_nonnegative};
 use crate::model::Model;
 use crate::objective::Gradient;
 use crate::tensor::{Scalar, Tensor};
@@ -118,12 +118,7 @@ impl FitConfig {
 
     /// Adds `weight_decay / 2 * |phi(t)|^2` to the loss at each step (>= 0, finite).
     pub fn with_weight_decay(mut self, weight_decay: f64) -> Result<Self> {
-        if !(weight_decay.is_finite() && weight_decay >= 0.0) {
-            return Err(Error::invalid(
-                "weight_decay",
-                format!("must be finite and >= 0, got {weight_decay}"),
-            ));
-        }
+        check_nonnegative("weight_decay", weight_decay)?;
         self.weight_decay = weight_decay;
         Ok(self)
     }

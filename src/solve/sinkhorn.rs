@@ -6,6 +6,7 @@ use rayon::prelude::*;
 
 use super::fastexp::exp;
 use super::simd::{self, Isa};
+use crate::error::check_positive;
 use crate::{Error, Result, Scalar};
 
 /// Lanes of the vectorised reductions.
@@ -129,26 +130,15 @@ impl SinkhornBuilder {
     /// assert!(Sinkhorn::builder().reg_m(f64::NAN).build().is_err());
     /// ```
     pub fn build(self) -> Result<Sinkhorn> {
-        positive("reg", self.reg)?;
-        positive("tol", self.tol)?;
+        check_positive("reg", self.reg)?;
+        check_positive("tol", self.tol)?;
         if let Some(r) = self.reg_m {
-            positive("reg_m", r)?;
+            check_positive("reg_m", r)?;
         }
         if self.max_iter == 0 {
             return Err(Error::invalid("max_iter", "must be at least 1, got 0"));
         }
         Ok(Sinkhorn { p: self })
-    }
-}
-
-fn positive(name: &str, x: f64) -> Result<()> {
-    if x.is_finite() && x > 0.0 {
-        Ok(())
-    } else {
-        Err(Error::invalid(
-            name,
-            format!("must be finite and > 0, got {x}"),
-        ))
     }
 }
 
@@ -479,7 +469,7 @@ pub fn sinkhorn_operator<F: Scalar>(
             "score matrix of shape [{n}, {m}] given to sinkhorn_operator"
         )));
     }
-    positive("tau", tau)?;
+    check_positive("tau", tau)?;
     if n_iter == 0 {
         return Err(Error::invalid("n_iter", "must be at least 1, got 0"));
     }
