@@ -102,6 +102,40 @@ fn planted_permutations_are_recovered_mlp() {
     }
 }
 
+/// On narrow MLPs, coordinate descent from the identity stops in a local optimum for a
+/// few planted permutations; random restarts find the planted one for all of them, and
+/// never end below the single start.
+#[test]
+fn restarts_escape_local_optima() {
+    let (mut stuck_single, mut stuck_restarts, mut total) = (0, 0, 0);
+    for width in [8usize, 12, 16] {
+        let arch = MlpShapes::new(&[5, width, width, 3]).unwrap();
+        let spec = arch.spec();
+        for seed in 0..100u64 {
+            let (a, b, pi) = planted(&arch, seed, 0.0);
+            let one = wm(seed).align(&a, &b, &spec).unwrap();
+            let four = wm(seed)
+                .with_restarts(4)
+                .unwrap()
+                .align(&a, &b, &spec)
+                .unwrap();
+            let last = |al: &modelfusion::align::Alignment| *al.stats().objective.last().unwrap();
+            assert!(last(&four) >= last(&one), "width {width}, seed {seed}");
+            total += 1;
+            stuck_single += usize::from(one.permutations().unwrap() != pi.inverse());
+            stuck_restarts += usize::from(four.permutations().unwrap() != pi.inverse());
+        }
+    }
+    assert!(
+        stuck_single > 0,
+        "no local optimum in {total} single starts"
+    );
+    assert_eq!(
+        stuck_restarts, 0,
+        "{stuck_restarts} of {total} stuck with 4 starts"
+    );
+}
+
 #[test]
 fn planted_permutations_are_recovered_res_mlp_width_64() {
     let arch = ResMlpShapes::new(16, 64, 64, 3, 10).unwrap();

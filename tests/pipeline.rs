@@ -31,13 +31,14 @@ fn shuffled_copies(arch: &MlpShapes, n: u64, seed: u64) -> (StateDictF32, Vec<St
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(24))]
     /// Aligned, permuted copies of one network average back to that network (in the
-    /// reference's basis). Widths from 8: at width 4 coordinate descent from the
-    /// identity can stop in a local optimum (seen at width 4, seed 139), as Git Re-Basin can.
+    /// reference's basis). Coordinate descent from the identity alone can stop in a
+    /// local optimum on narrow layers (about 1 in 30 pairs at widths 8 to 16; see
+    /// `restarts_escape_local_optima` in align_props.rs), so this uses 4 starts.
     #[test]
     fn aligned_copies_average_to_the_reference(width in 8usize..32, n in 2u64..5, seed in 0u64..1000) {
         let arch = MlpShapes::new(&[5, width, width, 3]).unwrap();
         let (_, copies) = shuffled_copies(&arch, n, seed);
-        let report = Pipeline::new(arch.spec(), WeightMatching::new(seed), Average::uniform())
+        let report = Pipeline::new(arch.spec(), WeightMatching::new(seed).with_restarts(4).unwrap(), Average::uniform())
             .reference(Reference::Index(1))
             .run(&copies)
             .unwrap();

@@ -151,7 +151,16 @@ fn scan_chunk<E: Scalar>(
             let within = |v: E| (v >= lo) & (v <= hi);
             for g in b.chunks(GROUP) {
                 if g.iter().fold(false, |a, &v| a | within(v)) {
-                    inside[q].extend(g.iter().copied().filter(|&v| within(v)));
+                    // branch-free compaction (the slot index never passes the element)
+                    let mut kept = [E::zero(); GROUP];
+                    let mut c = 0;
+                    for &v in g {
+                        if let Some(slot) = kept.get_mut(c) {
+                            *slot = v;
+                        }
+                        c += usize::from(within(v));
+                    }
+                    inside[q].extend_from_slice(&kept[..c]);
                 }
             }
             above[q] += up as usize;
