@@ -126,6 +126,7 @@ fn restarts_escape_local_optima() {
             stuck_restarts += usize::from(four.permutations().unwrap() != pi.inverse());
         }
     }
+    println!("stuck with one start: {stuck_single} of {total}");
     assert!(
         stuck_single > 0,
         "no local optimum in {total} single starts"

@@ -116,8 +116,8 @@ impl WeightMatching {
     /// those of that run. The first start is the identity (or
     /// [`with_init`](Self::with_init)), every other one a random permutation drawn from
     /// the seed. Coordinate descent can stop in a local optimum, more often on narrow
-    /// layers (measured: 32 of 900 planted permutations of 8- to 16-unit MLPs from the
-    /// identity; none of them with 4 starts); restarts trade time for that risk.
+    /// layers (measured: 32 of 900 planted permutations of 8- to 16-unit MLPs missed
+    /// from the identity, none with 4 starts); restarts trade time for that risk.
     ///
     /// ```
     /// use modelfusion::align::WeightMatching;
