@@ -303,6 +303,32 @@ fn ot_fuses_a_wider_mlp_into_a_narrower_one() {
         .unwrap()
         .align(&a, &b, &narrow.spec());
     assert!(matches!(e, Err(Error::InvalidParameter { .. })));
+
+    // the activation-based variant: duplicated units have identical activations
+    struct Hidden(ndarray::Array2<f32>);
+    impl modelfusion::Activations<StateDictF32> for Hidden {
+        fn num_batches(&self) -> usize {
+            2
+        }
+        fn activations(
+            &self,
+            m: &StateDictF32,
+            batch: usize,
+        ) -> modelfusion::Result<modelfusion::Features<f32>> {
+            let x = self.0.slice(ndarray::s![batch * 32..(batch + 1) * 32, ..]);
+            let h = mlp_forward(m, 1, &x.to_owned()).mapv(|v| v.max(0.0));
+            Ok([("hidden.0".to_string(), h)].into())
+        }
+    }
+    let acts = Hidden(gaussian_inputs(64, 5, 1));
+    let ot = OtFusion::new(Transport::Sinkhorn { reg: 0.001 })
+        .unwrap()
+        .with_activations(acts);
+    let al = ot.align(&a, &b, &narrow.spec()).unwrap();
+    assert_eq!(al.get("hidden.0").unwrap().sizes(), (6, 12));
+    let aligned = al.apply(&narrow.spec(), &b).unwrap();
+    let d = max_abs(&mlp_forward(&aligned, 2, &x), &mlp_forward(&a, 2, &x));
+    assert!(d < 1e-2, "{d}");
 }
 
 #[test]

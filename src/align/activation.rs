@@ -110,7 +110,7 @@ impl<A> ActivationMatching<A> {
 impl<M: Model, A: Activations<M>> Aligner<M> for ActivationMatching<A> {
     fn align(&self, reference: &M, other: &M, spec: &PermutationSpec) -> Result<Alignment> {
         let sizes = check_pair(reference, other, spec)?;
-        let stats = group_moments(&self.activations, reference, other, &sizes)?;
+        let stats = group_moments(&self.activations, reference, other, &sizes, &sizes)?;
         let mut perms = PermutationSet::new();
         let mut objective = Vec::new();
         for (g, cm) in stats {
@@ -134,21 +134,27 @@ impl<M: Model, A: Activations<M>> Aligner<M> for ActivationMatching<A> {
     }
 }
 
-/// Streams both models' features over every batch and accumulates, per group of
-/// `sizes`, their joint moments.
+/// Streams both models' features over every batch and accumulates, per group, their
+/// joint moments (`sizes_a` / `sizes_b`: the groups' widths in each model).
 pub(crate) fn group_moments<M: Model, A: Activations<M>>(
     source: &A,
     reference: &M,
     other: &M,
-    sizes: &BTreeMap<String, usize>,
+    sizes_a: &BTreeMap<String, usize>,
+    sizes_b: &BTreeMap<String, usize>,
 ) -> Result<BTreeMap<String, CrossMoments>> {
     let nb = source.num_batches();
     if nb == 0 {
         return Err(Error::empty("the activation source (it has no batches)"));
     }
-    let mut stats: BTreeMap<String, CrossMoments> = sizes
+    let mut stats: BTreeMap<String, CrossMoments> = sizes_a
         .iter()
-        .map(|(g, &n)| (g.clone(), CrossMoments::new(n, n)))
+        .map(|(g, &n)| {
+            (
+                g.clone(),
+                CrossMoments::new(n, sizes_b.get(g).copied().unwrap_or(n)),
+            )
+        })
         .collect();
     for b in 0..nb {
         let fa = source.activations(reference, b)?;

@@ -58,7 +58,7 @@ use crate::tensor::{Scalar, Tensor};
 
 pub use activation::{ActivationMatching, Correlation};
 pub use multi::{MultiAlignment, align_to_mean, align_to_reference};
-pub use ot::{GroundCost, Marginals, OtFusion, Transport};
+pub use ot::{ActivationFeatures, GroundCost, Marginals, OtFusion, Transport, WeightFeatures};
 pub use repair::{Endpoints, Repair, RepairReport};
 pub use stats::{CrossMoments, Moments};
 pub use weight::WeightMatching;

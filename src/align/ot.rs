@@ -4,9 +4,11 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use ndarray::{Array1, Array2, Axis, concatenate};
 
+use super::activation::group_moments;
 use super::{AlignStats, Aligner, Alignment, GroupMap, map_axis, validate_both};
 use crate::error::{Error, Result};
 use crate::model::Model;
+use crate::objective::Activations;
 use crate::perm::{Permutation, PermutationSpec};
 use crate::tensor::{Scalar, Tensor};
 
@@ -43,11 +45,13 @@ pub enum Marginals {
     #[default]
     Uniform,
     /// Mass proportional to the L1 norm of the unit's incoming weights (its row in
-    /// the ground-cost features), normalised to sum 1.
+    /// the ground-cost features), or with activations to the root mean square of its
+    /// activation, normalised to sum 1.
     Importance,
 }
 
-/// Distance between two units' (input-aligned) weight rows.
+/// Distance between two units' descriptions: input-aligned weight rows, or activation
+/// vectors over the samples.
 ///
 /// ```
 /// use modelfusion::align::GroundCost;
@@ -78,6 +82,12 @@ pub enum GroundCost {
 /// stream, which is read and written everywhere, the parameters whose other axes are
 /// ready are used).
 ///
+/// [`with_activations`](OtFusion::with_activations) switches to Singh & Jaggi's
+/// activation-based variant: each unit is described by its activations over the
+/// batches of an [`Activations`] source, and the ground cost is the distance between
+/// those vectors, `E[(a_i - b_j)^2]` over the samples (squared or not), computed from
+/// streamed moments without storing the activations.
+///
 /// With [`Transport::Exact`] and equal widths the plan is a permutation and the
 /// alignment is hard (it keeps `other`'s function, and equals a permutation alignment);
 /// with [`Transport::Sinkhorn`], and whenever the widths differ (fusing a wider MLP into
@@ -100,11 +110,21 @@ pub enum GroundCost {
 /// # Ok::<(), modelfusion::Error>(())
 /// ```
 #[derive(Clone, Debug, PartialEq)]
-pub struct OtFusion {
+pub struct OtFusion<S = WeightFeatures> {
     transport: Transport,
     marginals: Marginals,
     ground: GroundCost,
+    source: S,
 }
+
+/// OT fusion's default unit description: incoming weights (see [`OtFusion`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WeightFeatures;
+
+/// OT fusion's activation-based unit description: an [`Activations`] source (see
+/// [`OtFusion::with_activations`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ActivationFeatures<A>(pub A);
 
 impl OtFusion {
     /// OT fusion with `transport`, uniform marginals and the Euclidean ground cost.
@@ -127,9 +147,54 @@ impl OtFusion {
             transport,
             marginals: Marginals::Uniform,
             ground: GroundCost::Euclidean,
+            source: WeightFeatures,
         })
     }
 
+    /// Describes units by their activations over the batches of `activations` instead
+    /// of their weights (keyed by group name, as for
+    /// [`ActivationMatching`](super::ActivationMatching)). The ground cost is the
+    /// distance between the two units' activation vectors; importance marginals weigh
+    /// each unit by the root mean square of its activation. Groups are independent, so
+    /// the visiting order is by name.
+    ///
+    /// ```
+    /// use modelfusion::align::{Aligner, OtFusion, Transport};
+    /// use modelfusion::perm::{specs::{Architecture, MlpShapes}, PermutationSet};
+    /// use modelfusion::{Activations, Features, Model, Result, StateDictF32};
+    /// use ndarray::{Array2, Ix2};
+    ///
+    /// /// Post-ReLU hidden features of a 1-hidden-layer MLP on fixed inputs.
+    /// struct Hidden(Array2<f32>);
+    /// impl Activations<StateDictF32> for Hidden {
+    ///     fn num_batches(&self) -> usize { 1 }
+    ///     fn activations(&self, m: &StateDictF32, _: usize) -> Result<Features<f32>> {
+    ///         let w = m.get("layers.0.weight").unwrap().clone().into_dimensionality::<Ix2>().unwrap();
+    ///         let h = (self.0.dot(&w.t()) + m.get("layers.0.bias").unwrap()).mapv(|v| v.max(0.0));
+    ///         Ok([("hidden.0".to_string(), h.into_dimensionality::<Ix2>().unwrap())].into())
+    ///     }
+    /// }
+    /// let arch = MlpShapes::new(&[5, 12, 2])?;
+    /// let spec = arch.spec();
+    /// let a = arch.random_model(0);
+    /// let b = spec.apply(&PermutationSet::random(&spec, &a, 3)?, &a)?;
+    /// let x = Array2::from_shape_fn((64, 5), |(i, j)| ((i * 7 + j * 3) % 11) as f32 / 5.0 - 1.0);
+    /// let ot = OtFusion::new(Transport::Exact)?.with_activations(Hidden(x));
+    /// let al = ot.align(&a, &b, &spec)?;
+    /// assert_eq!(al.apply(&spec, &b)?.max_abs_diff(&a)?, 0.0);
+    /// # Ok::<(), modelfusion::Error>(())
+    /// ```
+    pub fn with_activations<A>(self, activations: A) -> OtFusion<ActivationFeatures<A>> {
+        OtFusion {
+            transport: self.transport,
+            marginals: self.marginals,
+            ground: self.ground,
+            source: ActivationFeatures(activations),
+        }
+    }
+}
+
+impl<S> OtFusion<S> {
     /// Chooses the marginals.
     ///
     /// ```
@@ -180,7 +245,10 @@ impl OtFusion {
         other: &M,
         spec: &PermutationSpec,
         weight: f64,
-    ) -> Result<(M, Alignment)> {
+    ) -> Result<(M, Alignment)>
+    where
+        Self: Aligner<M>,
+    {
         if !(0.0..=1.0).contains(&weight) {
             return Err(Error::invalid(
                 "weight",
@@ -218,7 +286,7 @@ impl OtFusion {
     }
 }
 
-impl<M: Model> Aligner<M> for OtFusion {
+impl<M: Model> Aligner<M> for OtFusion<WeightFeatures> {
     fn align(&self, reference: &M, other: &M, spec: &PermutationSpec) -> Result<Alignment> {
         let (sa, sb) = check_shapes(reference, other, spec)?;
         let mut done: BTreeMap<String, GroupMap> = BTreeMap::new();
@@ -250,6 +318,55 @@ impl<M: Model> Aligner<M> for OtFusion {
             },
         ))
     }
+}
+
+impl<M: Model, A: Activations<M>> Aligner<M> for OtFusion<ActivationFeatures<A>> {
+    fn align(&self, reference: &M, other: &M, spec: &PermutationSpec) -> Result<Alignment> {
+        let (sa, sb) = check_shapes(reference, other, spec)?;
+        let moments = group_moments(&self.source.0, reference, other, &sa, &sb)?;
+        let mut done: BTreeMap<String, GroupMap> = BTreeMap::new();
+        let mut objective = Vec::new();
+        let mut visits = Vec::new();
+        for (g, cm) in moments {
+            // E[(a_i - b_j)^2] = E[a_i^2] + E[b_j^2] - 2 E[a_i b_j]
+            let second =
+                |m: &super::Moments| -> Array1<f64> { m.variance() + m.mean().mapv(|v| v * v) };
+            let (qa, qb) = (second(cm.x()), second(cm.y()));
+            let cross = cm.cross_correlation();
+            let cost = Array2::from_shape_fn(cross.dim(), |(i, j)| {
+                let d2 = (qa[i] + qb[j] - 2.0 * cross[[i, j]]).max(0.0);
+                match self.ground {
+                    GroundCost::Euclidean => d2.sqrt(),
+                    GroundCost::SquaredEuclidean => d2,
+                }
+            });
+            let (ma, mb) = match self.marginals {
+                Marginals::Uniform => (uniform(sa[&g]), uniform(sb[&g])),
+                Marginals::Importance => (normalized_rms(&qa), normalized_rms(&qb)),
+            };
+            let map = self.plan(&cost, &ma, &mb)?;
+            objective.push(transport_cost(&cost, &map));
+            visits.push(g.clone());
+            done.insert(g, map);
+        }
+        Ok(Alignment::from_maps(
+            done,
+            AlignStats {
+                objective,
+                sweeps: 1,
+                converged: true,
+                moved: BTreeMap::new(),
+                order: vec![visits],
+            },
+        ))
+    }
+}
+
+/// Per-unit root mean square activations (plus a floor), normalised to sum 1.
+fn normalized_rms(second_moments: &Array1<f64>) -> Array1<f64> {
+    let w = second_moments.mapv(|q| q.sqrt() + 1e-12);
+    let s = w.sum();
+    w / s
 }
 
 /// The spec fits both models, they hold the same names, and shapes agree except on
