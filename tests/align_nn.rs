@@ -44,15 +44,27 @@ fn check_recovered<N: Network>(
     assert!((task.loss(&aligned).unwrap() - task.loss(a).unwrap()).abs() < 1e-5);
 }
 
+/// A 64-24-24-10 MLP, a planted permutation of it, and its spec.
+fn planted_mlp() -> (
+    Mlp,
+    StateDictF32,
+    StateDictF32,
+    PermutationSet,
+    modelfusion::perm::PermutationSpec,
+) {
+    let net = Mlp::new(&[64, 24, 24, 10]).unwrap();
+    let a: StateDictF32 = net.init(1);
+    let spec = specs::mlp(2);
+    let pi = PermutationSet::random(&spec, &a, 4).unwrap();
+    let b = spec.apply(&pi, &a).unwrap();
+    (net, a, b, pi, spec)
+}
+
 #[test]
 fn activation_matching_recovers_planted_permutations() {
     let d = digits(300);
     for corr in [Correlation::Cross, Correlation::Pearson] {
-        let net = Mlp::new(&[64, 24, 24, 10]).unwrap();
-        let a: StateDictF32 = net.init(1);
-        let spec = specs::mlp(2);
-        let pi = PermutationSet::random(&spec, &a, 4).unwrap();
-        let b = spec.apply(&pi, &a).unwrap();
+        let (net, a, b, pi, spec) = planted_mlp();
         let task = Classification::new(&net, &d, 300).unwrap();
         let al = ActivationMatching::new(task.clone())
             .with_correlation(corr)
@@ -80,11 +92,7 @@ fn activation_matching_recovers_planted_permutations() {
 #[test]
 fn ot_fusion_on_activations_recovers_planted_permutations() {
     let d = digits(300);
-    let net = Mlp::new(&[64, 24, 24, 10]).unwrap();
-    let a: StateDictF32 = net.init(1);
-    let spec = specs::mlp(2);
-    let pi = PermutationSet::random(&spec, &a, 4).unwrap();
-    let b = spec.apply(&pi, &a).unwrap();
+    let (net, a, b, pi, spec) = planted_mlp();
     let task = Classification::new(&net, &d, 300).unwrap();
     for ground in [GroundCost::Euclidean, GroundCost::SquaredEuclidean] {
         let al = OtFusion::new(Transport::Exact)

@@ -307,16 +307,7 @@ impl<M: Model> Aligner<M> for OtFusion<WeightFeatures> {
             visits.push(g.clone());
             done.insert(g, map);
         }
-        Ok(Alignment::from_maps(
-            done,
-            AlignStats {
-                objective,
-                sweeps: 1,
-                converged: true,
-                moved: BTreeMap::new(),
-                order: vec![visits],
-            },
-        ))
+        Ok(one_pass(done, objective, visits))
     }
 }
 
@@ -332,14 +323,7 @@ impl<M: Model, A: Activations<M>> Aligner<M> for OtFusion<ActivationFeatures<A>>
             let second =
                 |m: &super::Moments| -> Array1<f64> { m.variance() + m.mean().mapv(|v| v * v) };
             let (qa, qb) = (second(cm.x()), second(cm.y()));
-            let cross = cm.cross_correlation();
-            let cost = Array2::from_shape_fn(cross.dim(), |(i, j)| {
-                let d2 = (qa[i] + qb[j] - 2.0 * cross[[i, j]]).max(0.0);
-                match self.ground {
-                    GroundCost::Euclidean => d2.sqrt(),
-                    GroundCost::SquaredEuclidean => d2,
-                }
-            });
+            let cost = distances(&qa, &qb, &cm.cross_correlation(), self.ground);
             let (ma, mb) = match self.marginals {
                 Marginals::Uniform => (uniform(sa[&g]), uniform(sb[&g])),
                 Marginals::Importance => (normalized_rms(&qa), normalized_rms(&qb)),
@@ -349,16 +333,7 @@ impl<M: Model, A: Activations<M>> Aligner<M> for OtFusion<ActivationFeatures<A>>
             visits.push(g.clone());
             done.insert(g, map);
         }
-        Ok(Alignment::from_maps(
-            done,
-            AlignStats {
-                objective,
-                sweeps: 1,
-                converged: true,
-                moved: BTreeMap::new(),
-                order: vec![visits],
-            },
-        ))
+        Ok(one_pass(done, objective, visits))
     }
 }
 
@@ -491,7 +466,17 @@ fn features<M: Model>(
 fn ground_cost(fa: &Array2<f64>, fb: &Array2<f64>, ground: GroundCost) -> Array2<f64> {
     let na: Array1<f64> = fa.rows().into_iter().map(|r| r.dot(&r)).collect();
     let nb: Array1<f64> = fb.rows().into_iter().map(|r| r.dot(&r)).collect();
-    let g = fa.dot(&fb.t());
+    distances(&na, &nb, &fa.dot(&fb.t()), ground)
+}
+
+/// Distances from squared norms and inner products:
+/// `d_ij^2 = na_i + nb_j - 2 g_ij` (clamped at 0), squared or not per `ground`.
+fn distances(
+    na: &Array1<f64>,
+    nb: &Array1<f64>,
+    g: &Array2<f64>,
+    ground: GroundCost,
+) -> Array2<f64> {
     Array2::from_shape_fn(g.dim(), |(i, j)| {
         let d2 = (na[i] + nb[j] - 2.0 * g[[i, j]]).max(0.0);
         match ground {
@@ -499,6 +484,25 @@ fn ground_cost(fa: &Array2<f64>, fb: &Array2<f64>, ground: GroundCost) -> Array2
             GroundCost::SquaredEuclidean => d2,
         }
     })
+}
+
+/// The alignment of the group maps computed in `visits` order, with their transport
+/// costs as the objective.
+fn one_pass(
+    done: BTreeMap<String, GroupMap>,
+    objective: Vec<f64>,
+    visits: Vec<String>,
+) -> Alignment {
+    Alignment::from_maps(
+        done,
+        AlignStats {
+            objective,
+            sweeps: 1,
+            converged: true,
+            moved: BTreeMap::new(),
+            order: vec![visits],
+        },
+    )
 }
 
 fn uniform(n: usize) -> Array1<f64> {
