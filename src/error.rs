@@ -156,6 +156,15 @@ pub(crate) fn check_nonnegative(name: &str, x: f64) -> Result<()> {
     }
 }
 
+/// Errors naming `name` unless `x` is in `[0, 1]`.
+pub(crate) fn check_fraction(name: &str, x: f64) -> Result<()> {
+    if (0.0..=1.0).contains(&x) {
+        Ok(())
+    } else {
+        Err(Error::invalid(name, format!("must be in [0, 1], got {x}")))
+    }
+}
+
 /// Errors naming `name` unless `x` is in `[0, 1)`.
 pub(crate) fn check_unit(name: &str, x: f64) -> Result<()> {
     if (0.0..1.0).contains(&x) {

@@ -68,6 +68,7 @@
 
 pub mod align;
 pub mod barrier;
+mod buffer;
 pub mod error;
 #[cfg(feature = "safetensors")]
 pub mod io;

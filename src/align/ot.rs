@@ -135,13 +135,8 @@ impl OtFusion {
     /// assert!(OtFusion::new(Transport::Sinkhorn { reg: 0.0 }).is_err());
     /// ```
     pub fn new(transport: Transport) -> Result<Self> {
-        if let Transport::Sinkhorn { reg } = transport
-            && !(reg.is_finite() && reg > 0.0)
-        {
-            return Err(Error::invalid(
-                "reg",
-                format!("the Sinkhorn regularisation must be finite and positive, got {reg}"),
-            ));
+        if let Transport::Sinkhorn { reg } = transport {
+            crate::error::check_positive("reg", reg)?;
         }
         Ok(OtFusion {
             transport,
@@ -249,12 +244,7 @@ impl<S> OtFusion<S> {
     where
         Self: Aligner<M>,
     {
-        if !(0.0..=1.0).contains(&weight) {
-            return Err(Error::invalid(
-                "weight",
-                format!("must be in [0, 1], got {weight}"),
-            ));
-        }
+        crate::error::check_fraction("weight", weight)?;
         let al = self.align(reference, other, spec)?;
         let aligned = al.apply(spec, other)?;
         Ok((aligned.lerp(reference, weight)?, al))
@@ -326,7 +316,9 @@ impl<M: Model, A: Activations<M>> Aligner<M> for OtFusion<ActivationFeatures<A>>
             let cost = distances(&qa, &qb, &cm.cross_correlation(), self.ground);
             let (ma, mb) = match self.marginals {
                 Marginals::Uniform => (uniform(sa[&g]), uniform(sb[&g])),
-                Marginals::Importance => (normalized_rms(&qa), normalized_rms(&qb)),
+                Marginals::Importance => {
+                    (marginal(qa.mapv(f64::sqrt)), marginal(qb.mapv(f64::sqrt)))
+                }
             };
             let map = self.plan(&cost, &ma, &mb)?;
             objective.push(transport_cost(&cost, &map));
@@ -335,13 +327,6 @@ impl<M: Model, A: Activations<M>> Aligner<M> for OtFusion<ActivationFeatures<A>>
         }
         Ok(one_pass(done, objective, visits))
     }
-}
-
-/// Per-unit root mean square activations (plus a floor), normalised to sum 1.
-fn normalized_rms(second_moments: &Array1<f64>) -> Array1<f64> {
-    let w = second_moments.mapv(|q| q.sqrt() + 1e-12);
-    let s = w.sum();
-    w / s
 }
 
 /// The spec fits both models, they hold the same names, and shapes agree except on
@@ -510,11 +495,17 @@ fn uniform(n: usize) -> Array1<f64> {
 }
 
 fn importance(f: &Array2<f64>) -> Array1<f64> {
-    let w: Array1<f64> = f
-        .rows()
-        .into_iter()
-        .map(|r| r.iter().map(|v| v.abs()).sum::<f64>() + 1e-12)
-        .collect();
+    marginal(
+        f.rows()
+            .into_iter()
+            .map(|r| r.iter().map(|v| v.abs()).sum::<f64>())
+            .collect(),
+    )
+}
+
+/// Unit masses `w` (plus a floor, so no unit is empty), normalised to sum 1.
+fn marginal(w: Array1<f64>) -> Array1<f64> {
+    let w = w + 1e-12;
     let s = w.sum();
     w / s
 }

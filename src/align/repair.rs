@@ -184,9 +184,7 @@ impl<A> Repair<A> {
     where
         A: Activations<M>,
     {
-        if !(0.0..=1.0).contains(&t) {
-            return Err(Error::invalid("t", format!("must be in [0, 1], got {t}")));
-        }
+        crate::error::check_fraction("t", t)?;
         if !merged.names().eq(ends.names.iter().map(String::as_str)) {
             return Err(Error::NameMismatch {
                 detail: "the merged model's parameters differ from the endpoints'".into(),

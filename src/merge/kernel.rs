@@ -54,39 +54,7 @@ pub fn output_buffer<E: Scalar>(n: usize) -> Vec<E> {
     zeros(n)
 }
 
-/// A zero-filled output buffer (see [`output_buffer`]).
-pub(crate) fn zeros<E: Scalar>(n: usize) -> Vec<E> {
-    let v = vec![E::zero(); n];
-    advise_huge_pages(&v);
-    v
-}
-
-#[cfg(target_os = "linux")]
-fn advise_huge_pages<E>(v: &[E]) {
-    const HUGE: usize = 2 << 20;
-    let bytes = std::mem::size_of_val(v);
-    if bytes < 2 * HUGE {
-        return;
-    }
-    let start = v.as_ptr() as usize;
-    let aligned = start.next_multiple_of(HUGE);
-    let end = (start + bytes) / HUGE * HUGE;
-    if end > aligned {
-        // SAFETY: the range lies inside `v`'s allocation; MADV_HUGEPAGE only changes
-        // how the kernel backs those pages, never their contents. A failure (e.g. THP
-        // disabled) leaves ordinary pages, so the result is ignored.
-        unsafe {
-            libc::madvise(
-                aligned as *mut libc::c_void,
-                end - aligned,
-                libc::MADV_HUGEPAGE,
-            );
-        }
-    }
-}
-
-#[cfg(not(target_os = "linux"))]
-fn advise_huge_pages<E>(_: &[E]) {}
+pub(crate) use crate::buffer::zeros;
 
 /// Errors unless `tensors` is non-empty and all of one shape; names `name` and the model.
 pub(crate) fn check_shapes<T: Tensor>(name: &str, tensors: &[&T]) -> Result<()> {

@@ -124,12 +124,7 @@ impl RegMean {
     /// assert!(RegMean::new(vec![], 0.9).is_err());
     /// ```
     pub fn new(grams: Vec<Grams>, alpha: f64) -> Result<Self> {
-        if !(0.0..=1.0).contains(&alpha) {
-            return Err(Error::invalid(
-                "alpha",
-                format!("must be in [0, 1], got {alpha}"),
-            ));
-        }
+        crate::error::check_fraction("alpha", alpha)?;
         let first = grams
             .first()
             .ok_or_else(|| Error::empty("the list of Gram matrices"))?;

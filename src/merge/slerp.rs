@@ -43,9 +43,7 @@ impl Slerp {
     /// # Ok::<(), modelfusion::Error>(())
     /// ```
     pub fn new(t: f64) -> Result<Self> {
-        if !(0.0..=1.0).contains(&t) {
-            return Err(Error::invalid("t", format!("must be in [0, 1], got {t}")));
-        }
+        crate::error::check_fraction("t", t)?;
         Ok(Slerp { t })
     }
 

@@ -397,7 +397,7 @@ impl<W> Presolve<W> {
 /// `f64` matrix while most of the work ran on the half-size copy. The conversion pass
 /// also checks the entries (the caller reports a [`Presolve::BadEntry`]).
 fn presolve_f32<F: Scalar>(c: &[F], n: usize, neg: bool, isa: Isa) -> Presolve<F> {
-    let mut c32: Vec<f32> = crate::merge::output_buffer(c.len());
+    let mut c32: Vec<f32> = crate::buffer::zeros(c.len());
     let small = f64::from(1u32 << 22) / n as f64;
     let flags = convert_f32(c, &mut c32, neg, small, isa);
     if flags.bad {
@@ -907,7 +907,6 @@ fn first_reduced_eq<W: Scalar, const NEG: bool>(
     if skip == 0 { 1.min(n - 1) } else { 0 }
 }
 
-/// Pushes every `j` with `d[j] == m`.
 /// The first unassigned column whose reduced cost equals `u`.
 #[inline(always)]
 fn first_free_eq<W: Scalar, const NEG: bool>(
@@ -922,6 +921,7 @@ fn first_free_eq<W: Scalar, const NEG: bool>(
         .position(|((&c, &vj), &i)| (i == NONE) & (sg::<W, NEG>(c) - vj == u))
 }
 
+/// Pushes every `j` with `d[j] == m`.
 #[inline(always)]
 fn collect_eq<W: Scalar>(d: &[W], m: W, out: &mut Vec<u32>) {
     for (c, chunk) in d.chunks(LANES).enumerate() {
