@@ -20,7 +20,7 @@ fn conversions(c: &mut Criterion) {
     let xs: Vec<f32> = (0..N).map(|i| ((i % 1000) as f32 - 500.0) * 1e-3).collect();
     let mut g = c.benchmark_group("convert");
     g.throughput(Throughput::Elements(N as u64));
-    for d in Dtype::ALL {
+    for d in Dtype::FLOATS {
         let mut bytes = vec![0u8; N * d.size()];
         g.bench_function(format!("encode f32 -> {d}"), |b| {
             b.iter(|| encode(d, &xs, &mut bytes).unwrap())

@@ -112,6 +112,14 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// Valid input that modelfusion does not support (e.g. a packed sub-byte dtype).
+    #[error("unsupported: {what}: {reason}")]
+    Unsupported {
+        /// What was found.
+        what: String,
+        /// Why it is not supported, and what is.
+        reason: String,
+    },
     /// A user-supplied objective, gradient or activation source failed.
     #[error("objective failed: {0}")]
     Objective(String),

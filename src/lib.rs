@@ -69,6 +69,7 @@
 pub mod align;
 pub mod barrier;
 mod buffer;
+pub mod dtype;
 pub mod error;
 #[cfg(feature = "safetensors")]
 pub mod io;
@@ -86,6 +87,7 @@ pub mod plot;
 pub mod solve;
 pub mod tensor;
 
+pub use dtype::{Dtype, RawTensor};
 pub use error::{Error, Result};
 pub use model::{Model, StateDict, StateDictF32, StateDictF64};
 pub use objective::{Activations, Features, Gradient, Objective};

@@ -24,6 +24,7 @@ use std::fmt::Debug;
 
 use ndarray::ArrayD;
 
+use crate::dtype::RawTensor;
 use crate::error::{Error, Result};
 use crate::tensor::{Scalar, Tensor};
 
@@ -284,7 +285,11 @@ pub trait Model: Clone + Send + Sync + Debug + 'static {
 
 /// An ordered map from parameter names to tensors: the ready [`Model`].
 ///
-/// Names are unique; iteration follows insertion order.
+/// Names are unique; iteration follows insertion order. Beside its float parameters a
+/// state dict may hold non-float tensors ([`RawTensor`]: `num_batches_tracked`, masks),
+/// which are carried unchanged: model algebra and mergers skip them, and every model
+/// built by [`Model::try_map`] (a merge result, an aligned model) gets the source
+/// model's copy (for a merge: the first or base model's).
 ///
 /// ```
 /// use modelfusion::{Model, StateDict};
@@ -301,6 +306,8 @@ pub struct StateDict<T> {
     names: Vec<String>,
     tensors: Vec<T>,
     index: HashMap<String, usize>,
+    /// Non-float tensors, carried unchanged (not parameters: model algebra skips them).
+    raw: Vec<(String, RawTensor)>,
 }
 
 impl<T> Default for StateDict<T> {
@@ -309,6 +316,7 @@ impl<T> Default for StateDict<T> {
             names: Vec::new(),
             tensors: Vec::new(),
             index: HashMap::new(),
+            raw: Vec::new(),
         }
     }
 }
@@ -335,15 +343,20 @@ impl<T: Tensor> StateDict<T> {
         Ok(sd)
     }
 
-    /// Appends a parameter; errors if the name is taken.
-    pub fn insert(&mut self, name: impl Into<String>, tensor: T) -> Result<()> {
-        let name = name.into();
-        if self.index.contains_key(&name) {
+    fn check_free(&self, name: &str) -> Result<()> {
+        if self.index.contains_key(name) || self.raw(name).is_some() {
             return Err(Error::invalid(
                 "name",
                 format!("parameter `{name}` is already present"),
             ));
         }
+        Ok(())
+    }
+
+    /// Appends a parameter; errors if the name is taken (by a parameter or a raw tensor).
+    pub fn insert(&mut self, name: impl Into<String>, tensor: T) -> Result<()> {
+        let name = name.into();
+        self.check_free(&name)?;
         self.index.insert(name.clone(), self.names.len());
         self.names.push(name);
         self.tensors.push(tensor);
@@ -366,6 +379,144 @@ impl<T: Tensor> StateDict<T> {
             context: "the state dict".into(),
         })?;
         Ok(std::mem::replace(&mut self.tensors[i], tensor))
+    }
+
+    /// Appends a non-float tensor (carried unchanged: never merged, never part of model
+    /// algebra, copied by [`Model::try_map`] into every model built from this one). Errors
+    /// if the name is taken.
+    ///
+    /// ```
+    /// use modelfusion::{Dtype, Model, RawTensor, StateDict};
+    /// use ndarray::{arr1, ArrayD};
+    /// let mut sd = StateDict::from_pairs([("bn.weight", arr1(&[1.0f32]).into_dyn())])?;
+    /// sd.insert_raw("bn.num_batches_tracked", RawTensor::new(Dtype::I64, vec![], 7i64.to_le_bytes().to_vec())?)?;
+    /// let doubled = sd.scale(2.0)?;
+    /// assert_eq!(doubled.raw("bn.num_batches_tracked"), sd.raw("bn.num_batches_tracked"));
+    /// assert_eq!(doubled.num_tensors(), 1); // raw tensors are not parameters
+    /// # Ok::<(), modelfusion::Error>(())
+    /// ```
+    pub fn insert_raw(&mut self, name: impl Into<String>, tensor: RawTensor) -> Result<()> {
+        let name = name.into();
+        self.check_free(&name)?;
+        self.raw.push((name, tensor));
+        Ok(())
+    }
+
+    /// The non-float tensor called `name`, if any.
+    pub fn raw(&self, name: &str) -> Option<&RawTensor> {
+        self.raw.iter().find(|(n, _)| n == name).map(|(_, t)| t)
+    }
+
+    /// The non-float tensors, in insertion order.
+    pub fn raw_tensors(&self) -> impl ExactSizeIterator<Item = (&str, &RawTensor)> {
+        self.raw.iter().map(|(n, t)| (n.as_str(), t))
+    }
+
+    /// Removes and returns every non-float tensor (leaving only float parameters).
+    ///
+    /// ```
+    /// use modelfusion::{Dtype, RawTensor, StateDict};
+    /// use ndarray::ArrayD;
+    /// let mut sd: StateDict<ArrayD<f32>> = StateDict::new();
+    /// sd.insert_raw("mask", RawTensor::new(Dtype::BOOL, vec![1], vec![1])?)?;
+    /// assert_eq!(sd.take_raw().len(), 1);
+    /// assert_eq!(sd.raw_tensors().len(), 0);
+    /// # Ok::<(), modelfusion::Error>(())
+    /// ```
+    pub fn take_raw(&mut self) -> Vec<(String, RawTensor)> {
+        std::mem::take(&mut self.raw)
+    }
+
+    /// Removes the parameter or raw tensor `name`; returns whether it was present.
+    ///
+    /// ```
+    /// use modelfusion::{Model, StateDict};
+    /// use ndarray::arr1;
+    /// let mut sd = StateDict::from_pairs([("a", arr1(&[1.0f32]).into_dyn()), ("b", arr1(&[2.0f32]).into_dyn())])?;
+    /// assert!(sd.remove("a"));
+    /// assert!(!sd.remove("a"));
+    /// assert_eq!(sd.names().collect::<Vec<_>>(), ["b"]);
+    /// # Ok::<(), modelfusion::Error>(())
+    /// ```
+    pub fn remove(&mut self, name: &str) -> bool {
+        let before = (self.names.len(), self.raw.len());
+        self.retain(|n| n != name);
+        before != (self.names.len(), self.raw.len())
+    }
+
+    /// Keeps only the parameters and raw tensors whose name satisfies `keep`, in order.
+    ///
+    /// ```
+    /// use modelfusion::{Model, StateDict};
+    /// use ndarray::arr1;
+    /// let mut sd = StateDict::from_pairs([("bn.weight", arr1(&[1.0f32]).into_dyn()), ("fc.weight", arr1(&[2.0f32]).into_dyn())])?;
+    /// sd.retain(|n| n.starts_with("fc."));
+    /// assert_eq!(sd.names().collect::<Vec<_>>(), ["fc.weight"]);
+    /// # Ok::<(), modelfusion::Error>(())
+    /// ```
+    pub fn retain(&mut self, mut keep: impl FnMut(&str) -> bool) {
+        let names = std::mem::take(&mut self.names);
+        let tensors = std::mem::take(&mut self.tensors);
+        self.index.clear();
+        for (n, t) in names.into_iter().zip(tensors) {
+            if keep(&n) {
+                self.index.insert(n.clone(), self.names.len());
+                self.names.push(n);
+                self.tensors.push(t);
+            }
+        }
+        self.raw.retain(|(n, _)| keep(n));
+    }
+
+    /// Renames every parameter and raw tensor by `f` (`None` keeps the name); errors,
+    /// changing nothing, when two names would collide.
+    ///
+    /// ```
+    /// use modelfusion::{Model, StateDict};
+    /// use ndarray::arr1;
+    /// // A checkpoint saved from `nn.DataParallel` has every name prefixed by `module.`.
+    /// let mut sd = StateDict::from_pairs([("module.fc.weight", arr1(&[1.0f32]).into_dyn())])?;
+    /// sd.rename_with(|n| n.strip_prefix("module.").map(str::to_string))?;
+    /// assert_eq!(sd.names().collect::<Vec<_>>(), ["fc.weight"]);
+    /// let mut two = StateDict::from_pairs([("a", arr1(&[1.0f32]).into_dyn()), ("b", arr1(&[2.0f32]).into_dyn())])?;
+    /// assert!(two.rename_with(|_| Some("c".into())).is_err());
+    /// # Ok::<(), modelfusion::Error>(())
+    /// ```
+    pub fn rename_with(&mut self, mut f: impl FnMut(&str) -> Option<String>) -> Result<()> {
+        let new_names: Vec<String> = self
+            .names
+            .iter()
+            .map(|n| f(n).unwrap_or_else(|| n.clone()))
+            .collect();
+        let new_raw: Vec<String> = self
+            .raw
+            .iter()
+            .map(|(n, _)| f(n).unwrap_or_else(|| n.clone()))
+            .collect();
+        let mut seen = std::collections::HashSet::new();
+        for (old, new) in self
+            .names
+            .iter()
+            .chain(self.raw.iter().map(|(n, _)| n))
+            .zip(new_names.iter().chain(&new_raw))
+        {
+            if !seen.insert(new.as_str()) {
+                return Err(Error::invalid(
+                    "rename",
+                    format!("renaming `{old}` to `{new}` collides with another tensor"),
+                ));
+            }
+        }
+        self.index = new_names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.clone(), i))
+            .collect();
+        self.names = new_names;
+        for ((n, _), new) in self.raw.iter_mut().zip(new_raw) {
+            *n = new;
+        }
+        Ok(())
     }
 
     /// Number of parameters.
@@ -417,10 +568,13 @@ impl<T: Tensor> StateDict<T> {
                 })
                 .collect(),
             index: self.index.clone(),
+            raw: self.raw.clone(),
         }
     }
 }
 
+/// Yields the float parameters; raw tensors are dropped (take them first with
+/// [`StateDict::take_raw`]).
 impl<T: Tensor> IntoIterator for StateDict<T> {
     type Item = (String, T);
     type IntoIter = std::iter::Zip<std::vec::IntoIter<String>, std::vec::IntoIter<T>>;
@@ -456,6 +610,7 @@ impl<T: Tensor> Model for StateDict<T> {
             names: self.names.clone(),
             tensors,
             index: self.index.clone(),
+            raw: self.raw.clone(),
         })
     }
 

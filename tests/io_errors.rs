@@ -71,14 +71,6 @@ fn header_not_json_object() {
 fn unknown_dtype() {
     open_err(
         &raw_file(
-            r#"{"w":{"dtype":"I64","shape":[1],"data_offsets":[0,8]}}"#,
-            8,
-            0,
-        ),
-        &["tensor `w`", "unsupported dtype `I64`"],
-    );
-    open_err(
-        &raw_file(
             r#"{"w":{"dtype":"Q4","shape":[1],"data_offsets":[0,8]}}"#,
             8,
             0,

@@ -44,7 +44,7 @@ proptest! {
         d in 0usize..4,
         shard in prop::option::of(1u64..64),
     ) {
-        let dtype = Dtype::ALL[d];
+        let dtype = Dtype::FLOATS[d];
         let named: Vec<(String, Vec<usize>)> =
             shapes.into_iter().enumerate().map(|(i, s)| (format!("layer{i}.w"), s)).collect();
         let refs: Vec<(&str, Vec<usize>)> = named.iter().map(|(n, s)| (n.as_str(), s.clone())).collect();
@@ -96,7 +96,7 @@ proptest! {
     /// payloads excepted: they must stay NaN).
     #[test]
     fn decode_encode_is_identity(d in 0usize..4, raw in prop::collection::vec(any::<u8>(), 0..64)) {
-        let dtype = Dtype::ALL[d];
+        let dtype = Dtype::FLOATS[d];
         let n = raw.len() / dtype.size();
         let raw = &raw[..n * dtype.size()];
         let mut vals = vec![0f64; n];
@@ -188,7 +188,7 @@ fn large_buffers_convert_like_small_ones() {
     // Above the parallel threshold the result must equal the serial element rule.
     let n = 300_000;
     let xs: Vec<f32> = (0..n).map(|i| (i as f32 - 150_000.0) * 0.37).collect();
-    for d in Dtype::ALL {
+    for d in Dtype::FLOATS {
         let mut bytes = vec![0u8; n * d.size()];
         encode(d, &xs, &mut bytes).unwrap();
         let mut back = vec![0f32; n];
@@ -207,7 +207,7 @@ fn large_buffers_convert_like_small_ones() {
 #[test]
 fn unaligned_buffers_convert_like_aligned_ones() {
     let xs: Vec<f32> = (0..1000).map(|i| (i as f32 - 500.0) * 0.013).collect();
-    for d in Dtype::ALL {
+    for d in Dtype::FLOATS {
         let n = xs.len() * d.size();
         let mut aligned = vec![0u8; n];
         encode(d, &xs, &mut aligned).unwrap();

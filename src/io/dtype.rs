@@ -1,12 +1,10 @@
 //! Storage element types of a checkpoint and the conversions between them.
 
-use std::fmt;
-use std::str::FromStr;
-
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use rayon::prelude::*;
 
+pub use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::tensor::Scalar;
 
@@ -14,111 +12,6 @@ use crate::tensor::Scalar;
 const PAR_MIN: usize = 1 << 17;
 /// Elements per parallel piece in [`decode`] and [`encode`].
 const PAR_PIECE: usize = 1 << 16;
-
-/// The element type of a tensor as stored in a safetensors file.
-///
-/// Only floating-point types are supported; they are read into (and written from) `f32`
-/// or `f64` tensors. Narrowing conversions round to nearest, ties to even.
-///
-/// ```
-/// use modelfusion::io::Dtype;
-/// let d: Dtype = "bfloat16".parse()?;
-/// assert_eq!(d, Dtype::BF16);
-/// assert_eq!(d.size(), 2);
-/// assert_eq!(d.as_str(), "BF16");
-/// assert!("int8".parse::<Dtype>().is_err());
-/// # Ok::<(), modelfusion::Error>(())
-/// ```
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Dtype {
-    /// IEEE 754 half precision.
-    F16,
-    /// bfloat16 (the upper half of an `f32`).
-    BF16,
-    /// IEEE 754 single precision.
-    F32,
-    /// IEEE 754 double precision.
-    F64,
-}
-
-impl Dtype {
-    /// All supported dtypes.
-    ///
-    /// ```
-    /// assert_eq!(modelfusion::io::Dtype::ALL.len(), 4);
-    /// ```
-    pub const ALL: [Dtype; 4] = [Dtype::F16, Dtype::BF16, Dtype::F32, Dtype::F64];
-
-    /// Bytes per element.
-    ///
-    /// ```
-    /// assert_eq!(modelfusion::io::Dtype::F64.size(), 8);
-    /// ```
-    pub fn size(self) -> usize {
-        match self {
-            Dtype::F16 | Dtype::BF16 => 2,
-            Dtype::F32 => 4,
-            Dtype::F64 => 8,
-        }
-    }
-
-    /// The name used in safetensors headers (`"F16"`, `"BF16"`, `"F32"`, `"F64"`).
-    ///
-    /// ```
-    /// assert_eq!(modelfusion::io::Dtype::F16.as_str(), "F16");
-    /// ```
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Dtype::F16 => "F16",
-            Dtype::BF16 => "BF16",
-            Dtype::F32 => "F32",
-            Dtype::F64 => "F64",
-        }
-    }
-
-    /// The dtype of a safetensors header name, exactly as the format spells it.
-    ///
-    /// ```
-    /// use modelfusion::io::Dtype;
-    /// assert_eq!(Dtype::from_header("BF16"), Some(Dtype::BF16));
-    /// assert_eq!(Dtype::from_header("bf16"), None);
-    /// ```
-    pub fn from_header(s: &str) -> Option<Dtype> {
-        Dtype::ALL.into_iter().find(|d| d.as_str() == s)
-    }
-}
-
-impl fmt::Display for Dtype {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for Dtype {
-    type Err = Error;
-
-    /// Accepts header names (`F16`), PyTorch/mergekit names (`float16`, `bfloat16`,
-    /// `float32`, `float64`, `half`, `float`, `double`) and short names (`f16`, `bf16`,
-    /// `fp16`, `f32`, `fp32`, `f64`, `fp64`), case-insensitively.
-    fn from_str(s: &str) -> Result<Self> {
-        let lower = s.trim().to_ascii_lowercase();
-        let lower = lower.strip_prefix("torch.").unwrap_or(&lower);
-        Ok(match lower {
-            "f16" | "fp16" | "float16" | "half" => Dtype::F16,
-            "bf16" | "bfloat16" => Dtype::BF16,
-            "f32" | "fp32" | "float32" | "float" => Dtype::F32,
-            "f64" | "fp64" | "float64" | "double" => Dtype::F64,
-            _ => {
-                return Err(Error::invalid(
-                    "dtype",
-                    format!(
-                        "unknown dtype `{s}`; expected one of float16, bfloat16, float32, float64"
-                    ),
-                ));
-            }
-        })
-    }
-}
 
 mod sealed {
     pub trait Sealed {}
@@ -284,6 +177,14 @@ fn f64_to_f32_round_odd(x: f64) -> f32 {
 }
 
 fn check_lengths(dtype: Dtype, bytes: usize, elems: usize, what: &str) -> Result<()> {
+    if !dtype.is_float() {
+        return Err(Error::invalid(
+            "dtype",
+            format!(
+                "{dtype} is not a float type: such tensors are carried as raw bytes, not converted"
+            ),
+        ));
+    }
     if elems.checked_mul(dtype.size()) == Some(bytes) {
         Ok(())
     } else {
@@ -326,6 +227,8 @@ fn decode_serial<T: IoScalar>(dtype: Dtype, bytes: &[u8], out: &mut [T]) {
                 }
             }
         },
+        // `decode` refuses every other dtype before calling this.
+        _ => {}
     }
 }
 
@@ -354,12 +257,14 @@ fn encode_serial<T: IoScalar>(dtype: Dtype, src: &[T], out: &mut [u8]) {
                 }
             }
         },
+        // `encode` refuses every other dtype before calling this.
+        _ => {}
     }
 }
 
 /// Converts little-endian `bytes` holding elements of `dtype` into `out`.
 ///
-/// `bytes.len()` must be `out.len() * dtype.size()`. Large buffers are converted in
+/// `dtype` must be a float type and `bytes.len()` must be `out.len() * dtype.size()`. Large buffers are converted in
 /// parallel (rayon).
 ///
 /// ```
@@ -384,7 +289,7 @@ pub fn decode<T: IoScalar>(dtype: Dtype, bytes: &[u8], out: &mut [T]) -> Result<
 
 /// Converts `src` into little-endian bytes of `dtype` in `out`, rounding to nearest even.
 ///
-/// `out.len()` must be `src.len() * dtype.size()`. Large buffers are converted in
+/// `dtype` must be a float type and `out.len()` must be `src.len() * dtype.size()`. Large buffers are converted in
 /// parallel (rayon).
 ///
 /// ```

@@ -280,11 +280,20 @@ fn parse_entries(map: Map<String, Value>, data_len: usize, path: Option<&Path>) 
             .get("dtype")
             .and_then(Value::as_str)
             .ok_or_else(|| terr("missing string field `dtype`".into()))?;
-        let dtype = Dtype::from_header(dtype_name).ok_or_else(|| {
-            terr(format!(
-                "unsupported dtype `{dtype_name}` (supported: F16, BF16, F32, F64)"
-            ))
-        })?;
+        let dtype = match Dtype::from_header(dtype_name) {
+            Some(d) => d,
+            None if Dtype::is_unsupported_header(dtype_name) => {
+                return Err(Error::Unsupported {
+                    what: format!(
+                        "tensor `{name}`{} has dtype {dtype_name}",
+                        path.map(|p| format!(" of {}", p.display()))
+                            .unwrap_or_default()
+                    ),
+                    reason: "packed sub-byte dtypes (F4, F6_E2M3, F6_E3M2) are valid safetensors but modelfusion cannot carry them yet".into(),
+                });
+            }
+            None => return Err(terr(format!("unknown dtype `{dtype_name}`"))),
+        };
         let shape = entry
             .get("shape")
             .and_then(as_usize_array)

@@ -4,6 +4,9 @@
 //!   `f64` tensors from or to a `.safetensors` file or a Hugging Face style sharded
 //!   directory (`model-00001-of-0000N.safetensors` + `model.safetensors.index.json`),
 //!   stored as F16, BF16, F32 or F64 ([`Dtype`]); narrowing rounds to nearest even.
+//!   Tensors of every other dtype (I64 `num_batches_tracked`, BOOL masks, U8 tables,
+//!   8-bit floats) load as [`RawTensor`](crate::RawTensor)s and are written back with
+//!   their dtype, bit for bit.
 //! * [`Checkpoint`]: a lazily read, memory-mapped checkpoint. Opening it validates the
 //!   headers ([`Header::parse`], [`ShardIndex::parse`]) and reads no tensor data;
 //!   tensors (or ranges of them) are then read one at a time.
@@ -61,4 +64,4 @@ pub use reader::{Checkpoint, SINGLE_FILE, load};
 pub use stream::{
     Chunking, MergeSummary, Progress, StreamOptions, check_compatible, merge_checkpoints,
 };
-pub use writer::{CheckpointWriter, SaveOptions, save, save_file};
+pub use writer::{CheckpointWriter, SaveOptions, TensorPlan, save, save_file};

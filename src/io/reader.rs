@@ -10,6 +10,7 @@ use rayon::prelude::*;
 
 use super::dtype::{IoScalar, decode};
 use super::header::{Header, INDEX_FILE, ShardIndex, TensorInfo, format_err};
+use crate::dtype::RawTensor;
 use crate::error::{Error, Result};
 use crate::model::StateDict;
 use crate::tensor::Tensor;
@@ -358,6 +359,44 @@ impl Checkpoint {
         })
     }
 
+    /// The entry of `name`, which must be a float tensor.
+    fn require_float(&self, name: &str) -> Result<&TensorInfo> {
+        let t = self.require(name)?;
+        if !t.dtype.is_float() {
+            return Err(Error::invalid(
+                "tensor",
+                format!(
+                    "tensor `{name}` of {} is {} (not a float type): read it with `Checkpoint::read_raw`",
+                    self.root.display(),
+                    t.dtype
+                ),
+            ));
+        }
+        Ok(t)
+    }
+
+    /// Reads tensor `name` of any dtype as a [`RawTensor`] (bytes copied unchanged).
+    ///
+    /// ```
+    /// # use modelfusion::{Dtype, RawTensor, StateDict, io::{save_file, Checkpoint}};
+    /// # let p = std::env::temp_dir().join("modelfusion-doc-read-raw.safetensors");
+    /// let mut sd: StateDict<ndarray::ArrayD<f32>> = StateDict::new();
+    /// sd.insert_raw("steps", RawTensor::new(Dtype::I64, vec![], 9i64.to_le_bytes().to_vec())?)?;
+    /// save_file(&sd, &p, Dtype::F32)?;
+    /// let ck = Checkpoint::open(&p)?;
+    /// assert_eq!(ck.read_raw("steps")?.bytes(), &9i64.to_le_bytes());
+    /// assert!(ck.read::<f32>("steps").is_err()); // not a float tensor
+    /// # Ok::<(), modelfusion::Error>(())
+    /// ```
+    pub fn read_raw(&self, name: &str) -> Result<RawTensor> {
+        let t = self.require(name)?;
+        RawTensor::new(
+            t.dtype,
+            t.shape.clone(),
+            self.bytes_of(t, 0, t.numel()).to_vec(),
+        )
+    }
+
     /// The stored bytes of `name` (little-endian elements of its dtype), borrowed from
     /// the memory map.
     ///
@@ -393,7 +432,7 @@ impl Checkpoint {
     /// # Ok::<(), modelfusion::Error>(())
     /// ```
     pub fn read<T: IoScalar>(&self, name: &str) -> Result<ArrayD<T>> {
-        let t = self.require(name)?;
+        let t = self.require_float(name)?;
         let mut data = vec![T::zero(); t.numel()];
         self.read_range(t, 0, &mut data)?;
         ArrayD::from_shape_vec(IxDyn(&t.shape), data)
@@ -418,7 +457,7 @@ impl Checkpoint {
     /// # Ok::<(), modelfusion::Error>(())
     /// ```
     pub fn read_into<T: IoScalar>(&self, name: &str, start: usize, out: &mut [T]) -> Result<()> {
-        let t = self.require(name)?;
+        let t = self.require_float(name)?;
         let n = t.numel();
         if start.checked_add(out.len()).is_none_or(|e| e > n) {
             return Err(Error::invalid(
@@ -466,7 +505,9 @@ impl Checkpoint {
         })
     }
 
-    /// Reads every tensor into a [`StateDict`], in [`Checkpoint::tensors`] order.
+    /// Reads every tensor into a [`StateDict`], in [`Checkpoint::tensors`] order: float
+    /// tensors converted to `T`, every other dtype (e.g. `I64` `num_batches_tracked`) as
+    /// a [`RawTensor`], bit for bit.
     ///
     /// ```
     /// # use modelfusion::{Model, StateDict, io::{save_file, Checkpoint, Dtype}};
@@ -482,7 +523,11 @@ impl Checkpoint {
     {
         let mut sd = StateDict::new();
         for t in &self.tensors {
-            sd.insert(t.name.clone(), self.read::<T>(&t.name)?)?;
+            if t.dtype.is_float() {
+                sd.insert(t.name.clone(), self.read::<T>(&t.name)?)?;
+            } else {
+                sd.insert_raw(t.name.clone(), self.read_raw(&t.name)?)?;
+            }
         }
         Ok(sd)
     }
@@ -506,7 +551,8 @@ fn read_limited(path: &Path) -> Result<Vec<u8>> {
 
 /// Loads a checkpoint (a `.safetensors` file or a sharded directory, see
 /// [`Checkpoint::open`]) into a [`StateDict`] of `T` (`f32` or `f64`), converting from
-/// whatever float type each tensor is stored in.
+/// whatever float type each tensor is stored in; non-float tensors are kept as
+/// [`RawTensor`]s (see [`Checkpoint::to_state_dict`]).
 ///
 /// ```
 /// use modelfusion::{Model, StateDict};

@@ -9,7 +9,7 @@ use rayon::prelude::*;
 
 use super::dtype::IoScalar;
 use super::reader::Checkpoint;
-use super::writer::{CheckpointWriter, SaveOptions, flat};
+use super::writer::{CheckpointWriter, SaveOptions, TensorPlan, flat};
 use crate::error::{Error, Result};
 use crate::merge::TensorMerger;
 use crate::tensor::Tensor;
@@ -119,13 +119,19 @@ impl Progress {
 /// What a finished streaming merge did.
 ///
 /// ```
-/// let s = modelfusion::io::MergeSummary { tensors: 1, bytes_read: 12, bytes_written: 4, files: vec![] };
+/// let s = modelfusion::io::MergeSummary { tensors: 1, bytes_read: 12, bytes_written: 4, files: vec![], carried: vec![], carried_differing: vec![] };
 /// assert_eq!(s.tensors, 1);
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MergeSummary {
-    /// Tensors merged.
+    /// Tensors merged (float tensors; the carried ones are listed in `carried`).
     pub tensors: usize,
+    /// Non-float tensors (e.g. `num_batches_tracked`), copied unchanged from the first
+    /// input (the base model, for methods that have one).
+    pub carried: Vec<String>,
+    /// Those of `carried` whose bytes differ among the inputs (the first input's were
+    /// kept).
+    pub carried_differing: Vec<String>,
     /// Tensor bytes read from all inputs.
     pub bytes_read: u64,
     /// Tensor bytes written.
@@ -135,7 +141,9 @@ pub struct MergeSummary {
 }
 
 /// Checks, from the headers alone, that all inputs hold the same tensor names with the
-/// same shapes (dtypes may differ), and returns `(name, shape)` in the first input's order.
+/// same shapes, and returns `(name, shape)` in the first input's order. Float dtypes may
+/// differ among inputs; a non-float tensor (carried, not merged) must have the same dtype
+/// in every input.
 ///
 /// ```
 /// use modelfusion::StateDict;
@@ -190,6 +198,19 @@ pub fn check_compatible(inputs: &[&Checkpoint]) -> Result<Vec<(String, Vec<usize
                 name: t.name().to_string(),
                 context: other.path().display().to_string(),
             })?;
+            if (o.dtype() != t.dtype()) && !(o.dtype().is_float() && t.dtype().is_float()) {
+                return Err(Error::invalid(
+                    "dtype",
+                    format!(
+                        "tensor `{}` is {} in {} (input 0) but {} in {} (input {k}); non-float tensors are carried unchanged and must agree",
+                        t.name(),
+                        t.dtype(),
+                        first.path().display(),
+                        o.dtype(),
+                        other.path().display()
+                    ),
+                ));
+            }
             if o.shape() != t.shape() {
                 return Err(Error::shape(
                     format!(
@@ -256,8 +277,11 @@ fn check_output_not_input(inputs: &[&Checkpoint], out_dir: &Path) -> Result<()> 
 /// [`Chunking::Whole`], resident memory is about one tensor per input plus the merged
 /// one; with [`Chunking::Elementwise`] a few chunks per thread. `progress` is called after
 /// each tensor. The merger gets the inputs in the order given (a base model, if the
-/// method has one, is wherever the merger expects it). On error, the partial output
-/// files are removed.
+/// method has one, is wherever the merger expects it). Non-float tensors (integers,
+/// booleans, 8-bit floats) are never merged: they are copied, bit for bit and in their
+/// dtype, from the first input, and listed in [`MergeSummary::carried`] (with those that
+/// differ among the inputs in [`MergeSummary::carried_differing`]). On error, the partial
+/// output files are removed.
 ///
 /// ```
 /// use modelfusion::merge::TensorMerger;
@@ -307,12 +331,32 @@ where
         return Err(Error::invalid("chunk_elems", "must be positive"));
     }
     check_output_not_input(inputs, out_dir)?;
-    let writer = CheckpointWriter::create(out_dir, plan.iter().cloned(), &options.save)?;
-    let out_size = options.save.dtype.size() as u64;
+    let first = inputs[0];
+    // The stored dtype of carried (non-float) tensors; `None` for merged ones.
+    let carried_dtype = |name: &str| {
+        first
+            .info(name)
+            .map(|t| t.dtype())
+            .filter(|d| !d.is_float())
+    };
+    let out_dtype = options.save.dtype.parse_float()?;
+    let writer = CheckpointWriter::create(
+        out_dir,
+        plan.iter().map(|(n, s)| TensorPlan {
+            name: n.clone(),
+            shape: s.clone(),
+            dtype: carried_dtype(n),
+        }),
+        &options.save,
+    )?;
+    let out_bytes = |name: &str, numel: usize| {
+        numel as u64 * carried_dtype(name).unwrap_or(out_dtype).size() as u64
+    };
     let bytes_total: u64 = plan
         .iter()
-        .map(|(_, s)| s.iter().product::<usize>() as u64 * out_size)
+        .map(|(n, s)| out_bytes(n, s.iter().product()))
         .sum();
+    let (mut carried, mut carried_differing) = (Vec::new(), Vec::new());
     let (mut bytes_read, mut bytes_done) = (0u64, 0u64);
     let mut whole_bufs: Vec<Vec<T>> = vec![Vec::new(); inputs.len()];
     let pools: Vec<Mutex<Vec<Vec<T>>>> = (0..rayon::current_num_threads().max(1))
@@ -321,6 +365,17 @@ where
     for (k, (name, shape)) in plan.iter().enumerate() {
         let numel: usize = shape.iter().product();
         match options.chunking {
+            _ if carried_dtype(name).is_some() => {
+                let raw = first.read_raw(name)?;
+                if inputs[1..]
+                    .iter()
+                    .any(|c| c.raw(name).ok() != Some(raw.bytes()))
+                {
+                    carried_differing.push(name.clone());
+                }
+                writer.write_raw(k, &raw)?;
+                carried.push(name.clone());
+            }
             Chunking::Whole => {
                 // Reuse one buffer per input across tensors (no fresh pages per tensor).
                 let ts = inputs
@@ -383,7 +438,7 @@ where
             .filter_map(|c| c.info(name))
             .map(|t| t.byte_len() as u64)
             .sum::<u64>();
-        bytes_done += numel as u64 * out_size;
+        bytes_done += out_bytes(name, numel);
         progress(&Progress {
             tensor_index: k,
             tensors: plan.len(),
@@ -394,7 +449,9 @@ where
     }
     let files = writer.finish()?;
     Ok(MergeSummary {
-        tensors: plan.len(),
+        tensors: plan.len() - carried.len(),
+        carried,
+        carried_differing,
         bytes_read,
         bytes_written: bytes_done,
         files,

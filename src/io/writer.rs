@@ -14,6 +14,7 @@ use serde_json::{Map, Value, json};
 use super::dtype::{Dtype, IoScalar, encode};
 use super::header::INDEX_FILE;
 use super::reader::{SINGLE_FILE, io_err};
+use crate::dtype::RawTensor;
 use crate::error::{Error, Result};
 use crate::model::StateDict;
 use crate::tensor::Tensor;
@@ -66,6 +67,47 @@ impl SaveOptions {
     }
 }
 
+/// One tensor of a checkpoint to be written: its name, shape, and stored dtype (`None`:
+/// the writer's [`SaveOptions::dtype`]). Built from `(name, shape)` or
+/// `(name, shape, dtype)` tuples.
+///
+/// ```
+/// use modelfusion::io::{Dtype, TensorPlan};
+/// let p: TensorPlan = ("w", vec![2, 3]).into();
+/// assert_eq!(p.dtype, None);
+/// let q: TensorPlan = ("steps", vec![], Dtype::I64).into();
+/// assert_eq!(q.dtype, Some(Dtype::I64));
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TensorPlan {
+    /// The tensor's name.
+    pub name: String,
+    /// Its shape.
+    pub shape: Vec<usize>,
+    /// Its stored dtype; `None` for the writer's output dtype.
+    pub dtype: Option<Dtype>,
+}
+
+impl<S: AsRef<str>> From<(S, Vec<usize>)> for TensorPlan {
+    fn from((name, shape): (S, Vec<usize>)) -> Self {
+        TensorPlan {
+            name: name.as_ref().to_string(),
+            shape,
+            dtype: None,
+        }
+    }
+}
+
+impl<S: AsRef<str>> From<(S, Vec<usize>, Dtype)> for TensorPlan {
+    fn from((name, shape, dtype): (S, Vec<usize>, Dtype)) -> Self {
+        TensorPlan {
+            name: name.as_ref().to_string(),
+            shape,
+            dtype: Some(dtype),
+        }
+    }
+}
+
 struct OutShard {
     path: PathBuf,
     file: File,
@@ -74,6 +116,7 @@ struct OutShard {
 struct OutTensor {
     name: String,
     shape: Vec<usize>,
+    dtype: Dtype,
     numel: usize,
     shard: usize,
     /// Absolute byte offset in its file.
@@ -171,15 +214,14 @@ fn is_own_output(name: &str) -> bool {
 }
 
 fn header_bytes(
-    entries: &[(&str, &[usize], u64, u64)],
-    dtype: Dtype,
+    entries: &[(&str, &[usize], Dtype, u64, u64)],
     metadata: &BTreeMap<String, String>,
 ) -> Vec<u8> {
     let mut map = Map::new();
     if !metadata.is_empty() {
         map.insert("__metadata__".into(), json!(metadata));
     }
-    for &(name, shape, begin, end) in entries {
+    for &(name, shape, dtype, begin, end) in entries {
         map.insert(
             name.to_string(),
             json!({"dtype": dtype.as_str(), "shape": shape, "data_offsets": [begin, end]}),
@@ -231,9 +273,9 @@ impl CheckpointWriter {
     /// let r = CheckpointWriter::create(&dir, [("a", vec![1]), ("a", vec![2])], &SaveOptions::new(Dtype::F32));
     /// assert!(r.is_err()); // duplicate name
     /// ```
-    pub fn create<S: AsRef<str>>(
+    pub fn create<P: Into<TensorPlan>>(
         dir: impl AsRef<Path>,
-        tensors: impl IntoIterator<Item = (S, Vec<usize>)>,
+        tensors: impl IntoIterator<Item = P>,
         options: &SaveOptions,
     ) -> Result<CheckpointWriter> {
         Self::create_impl(dir.as_ref(), None, tensors, options)
@@ -251,9 +293,9 @@ impl CheckpointWriter {
     /// assert_eq!(Checkpoint::open(&path)?.read::<f32>("a")?[[0]], 0.5);
     /// # Ok::<(), modelfusion::Error>(())
     /// ```
-    pub fn create_file<S: AsRef<str>>(
+    pub fn create_file<P: Into<TensorPlan>>(
         path: impl AsRef<Path>,
-        tensors: impl IntoIterator<Item = (S, Vec<usize>)>,
+        tensors: impl IntoIterator<Item = P>,
         options: &SaveOptions,
     ) -> Result<CheckpointWriter> {
         let path = path.as_ref();
@@ -261,18 +303,19 @@ impl CheckpointWriter {
         Self::create_impl(dir, Some(path), tensors, options)
     }
 
-    fn create_impl<S: AsRef<str>>(
+    fn create_impl<P: Into<TensorPlan>>(
         dir: &Path,
         single: Option<&Path>,
-        tensors: impl IntoIterator<Item = (S, Vec<usize>)>,
+        tensors: impl IntoIterator<Item = P>,
         options: &SaveOptions,
     ) -> Result<CheckpointWriter> {
-        let dtype = options.dtype;
+        let default_dtype = options.dtype.parse_float()?;
         let mut out: Vec<OutTensor> = Vec::new();
         let mut by_name = HashMap::new();
         let mut sizes = Vec::new();
-        for (name, shape) in tensors {
-            let name = name.as_ref().to_string();
+        for plan in tensors {
+            let TensorPlan { name, shape, dtype } = plan.into();
+            let dtype = dtype.unwrap_or(default_dtype);
             if name == "__metadata__" {
                 return Err(Error::invalid("tensor name", "`__metadata__` is reserved"));
             }
@@ -296,6 +339,7 @@ impl CheckpointWriter {
             out.push(OutTensor {
                 name,
                 shape,
+                dtype,
                 numel,
                 shard: 0,
                 offset: 0,
@@ -324,7 +368,7 @@ impl CheckpointWriter {
         }
         let mut writer = CheckpointWriter {
             dir: dir.to_path_buf(),
-            dtype,
+            dtype: default_dtype,
             shards: Vec::with_capacity(nshards),
             tensors: Vec::new(),
             by_name,
@@ -339,10 +383,16 @@ impl CheckpointWriter {
             let mut entries = Vec::with_capacity(last - first);
             let mut pos = 0u64;
             for (t, &size) in out[first..last].iter().zip(&sizes[first..last]) {
-                entries.push((t.name.as_str(), t.shape.as_slice(), pos, pos + size));
+                entries.push((
+                    t.name.as_str(),
+                    t.shape.as_slice(),
+                    t.dtype,
+                    pos,
+                    pos + size,
+                ));
                 pos += size;
             }
-            let header = header_bytes(&entries, dtype, &options.metadata);
+            let header = header_bytes(&entries, &options.metadata);
             let path = match single {
                 Some(p) => p.to_path_buf(),
                 None => dir.join(shard_name(s, nshards)),
@@ -451,20 +501,73 @@ impl CheckpointWriter {
                 ),
             ));
         }
+        if !t.dtype.is_float() {
+            return Err(Error::invalid(
+                "tensor",
+                format!(
+                    "tensor `{}` is stored as {}: write it with `write_raw`",
+                    t.name, t.dtype
+                ),
+            ));
+        }
         let shard = &self.shards[t.shard];
-        let offset = t.offset + (start * self.dtype.size()) as u64;
-        match T::as_bytes_of(data, self.dtype) {
+        let offset = t.offset + (start * t.dtype.size()) as u64;
+        match T::as_bytes_of(data, t.dtype) {
             Some(bytes) => write_at(&shard.file, bytes, offset),
             None => ENCODE_BUF.with(|buf| {
                 let mut buf = buf.borrow_mut();
                 buf.clear();
-                buf.resize(data.len() * self.dtype.size(), 0);
-                encode(self.dtype, data, &mut buf)?;
+                buf.resize(data.len() * t.dtype.size(), 0);
+                encode(t.dtype, data, &mut buf)?;
                 Ok(write_at(&shard.file, &buf, offset))
             })?,
         }
         .map_err(|e| io_err(&shard.path, e))?;
         t.written.fetch_add(data.len(), Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Writes the whole tensor `index` from stored bytes: `raw` must have the planned
+    /// dtype and shape. This is how non-float tensors (and any tensor copied unchanged)
+    /// are written.
+    ///
+    /// ```
+    /// use modelfusion::io::{Checkpoint, CheckpointWriter, Dtype, SaveOptions};
+    /// use modelfusion::RawTensor;
+    /// let path = std::env::temp_dir().join("modelfusion-doc-writer-raw.safetensors");
+    /// let w = CheckpointWriter::create_file(&path, [("n", vec![], Dtype::I64)], &SaveOptions::new(Dtype::F32))?;
+    /// assert!(w.write(0, 0, &[1.0f32]).is_err()); // not a float tensor
+    /// w.write_raw(0, &RawTensor::new(Dtype::I64, vec![], 3i64.to_le_bytes().to_vec())?)?;
+    /// w.finish()?;
+    /// assert_eq!(Checkpoint::open(&path)?.info("n").unwrap().dtype(), Dtype::I64);
+    /// # Ok::<(), modelfusion::Error>(())
+    /// ```
+    pub fn write_raw(&self, index: usize, raw: &RawTensor) -> Result<()> {
+        let t = self.tensors.get(index).ok_or_else(|| {
+            Error::invalid(
+                "index",
+                format!(
+                    "tensor index {index} out of range (0..{})",
+                    self.tensors.len()
+                ),
+            )
+        })?;
+        if raw.dtype() != t.dtype || raw.shape() != t.shape.as_slice() {
+            return Err(Error::invalid(
+                "tensor",
+                format!(
+                    "tensor `{}` is planned as {} {:?}, got {} {:?}",
+                    t.name,
+                    t.dtype,
+                    t.shape,
+                    raw.dtype(),
+                    raw.shape()
+                ),
+            ));
+        }
+        let shard = &self.shards[t.shard];
+        write_at(&shard.file, raw.bytes(), t.offset).map_err(|e| io_err(&shard.path, e))?;
+        t.written.store(t.numel, Ordering::Relaxed);
         Ok(())
     }
 
@@ -523,7 +626,7 @@ impl CheckpointWriter {
             let total: u64 = self
                 .tensors
                 .iter()
-                .map(|t| (t.numel * self.dtype.size()) as u64)
+                .map(|t| (t.numel * t.dtype.size()) as u64)
                 .sum();
             let weight_map: Map<String, Value> = self
                 .tensors
@@ -575,15 +678,23 @@ where
     for (i, (_, t)) in sd.iter().enumerate() {
         writer.write(i, 0, &flat(t))?;
     }
+    for (j, (_, r)) in sd.raw_tensors().enumerate() {
+        writer.write_raw(sd.len() + j, r)?;
+    }
     writer.finish()
 }
 
-fn plan_of<T: IoScalar>(sd: &StateDict<ArrayD<T>>) -> Vec<(String, Vec<usize>)>
+/// The float parameters (in the output dtype), then the raw tensors (in their own).
+fn plan_of<T: IoScalar>(sd: &StateDict<ArrayD<T>>) -> Vec<TensorPlan>
 where
     ArrayD<T>: Tensor<Elem = T>,
 {
     sd.iter()
-        .map(|(n, t)| (n.to_string(), Tensor::shape(t).to_vec()))
+        .map(|(n, t)| (n, Tensor::shape(t).to_vec()).into())
+        .chain(
+            sd.raw_tensors()
+                .map(|(n, r)| (n, r.shape().to_vec(), r.dtype()).into()),
+        )
         .collect()
 }
 
@@ -669,7 +780,7 @@ mod tests {
 
     #[test]
     fn header_is_padded_to_eight() {
-        let h = header_bytes(&[("a", &[1], 0, 4)], Dtype::F32, &BTreeMap::new());
+        let h = header_bytes(&[("a", &[1], Dtype::F32, 0, 4)], &BTreeMap::new());
         assert_eq!((h.len() - 8) % 8, 0);
         assert_eq!(
             u64::from_le_bytes(h[..8].try_into().unwrap()) as usize,

@@ -132,15 +132,6 @@ fn open_inputs(config: &Config) -> Result<Vec<Checkpoint>> {
         .collect()
 }
 
-fn torch_name(d: Dtype) -> &'static str {
-    match d {
-        Dtype::F16 => "float16",
-        Dtype::BF16 => "bfloat16",
-        Dtype::F32 => "float32",
-        Dtype::F64 => "float64",
-    }
-}
-
 /// Copies config/tokenizer files next to the merged weights; sets `torch_dtype`.
 fn copy_aux_files(from: &Path, out: &Path, dtype: Dtype) -> Result<Vec<String>> {
     let mut copied = Vec::new();
@@ -162,7 +153,7 @@ fn copy_aux_files(from: &Path, out: &Path, dtype: Dtype) -> Result<Vec<String>> 
             match serde_json::from_str::<serde_json::Value>(&text) {
                 Ok(mut v) => {
                     if let Some(obj) = v.as_object_mut() {
-                        obj.insert("torch_dtype".into(), torch_name(dtype).into());
+                        obj.insert("torch_dtype".into(), dtype.torch_name().into());
                     }
                     let s = serde_json::to_string_pretty(&v)
                         .map_err(|e| Error::invalid("config.json", e.to_string()))?;
@@ -194,7 +185,13 @@ fn run_merge(a: MergeArgs) -> Result<()> {
     merger.preflight(plan.iter().map(|(n, _)| n.as_str()))?;
     let out_dtype = config
         .out_dtype
-        .or_else(|| cks[0].tensors().first().map(|t| t.dtype()))
+        .or_else(|| {
+            cks[0]
+                .tensors()
+                .iter()
+                .map(|t| t.dtype())
+                .find(|d| d.is_float())
+        })
         .unwrap_or(Dtype::F32);
     let out_bytes: u64 = plan
         .iter()
@@ -272,6 +269,19 @@ fn run_merge(a: MergeArgs) -> Result<()> {
             format!(" (copied {})", copied.join(", "))
         }
     );
+    if !summary.carried.is_empty() {
+        eprintln!(
+            "carried {} non-float tensor(s) unchanged from {} ({} differ among the inputs{})",
+            summary.carried.len(),
+            config.inputs[0].display(),
+            summary.carried_differing.len(),
+            summary
+                .carried_differing
+                .first()
+                .map(|n| format!(", e.g. `{n}`"))
+                .unwrap_or_default()
+        );
+    }
     Ok(())
 }
 
