@@ -53,7 +53,7 @@ use ndarray::{Array2, ArrayD, Axis, IxDyn};
 
 use crate::error::{Error, Result};
 use crate::model::Model;
-use crate::perm::{Permutation, PermutationSet, PermutationSpec};
+use crate::perm::{Permutation, PermutationSet, PermutationSpec, Role};
 use crate::tensor::{Scalar, Tensor};
 
 pub use activation::{ActivationMatching, Correlation};
@@ -401,7 +401,7 @@ impl Alignment {
     /// # Ok::<(), modelfusion::Error>(())
     /// ```
     pub fn apply<M: Model>(&self, spec: &PermutationSpec, model: &M) -> Result<M> {
-        let sizes = spec.validate(model)?;
+        let sizes = spec.require_sound(model)?;
         for (g, &size) in &sizes {
             let m = self.maps.get(g).ok_or_else(|| Error::Spec {
                 reason: format!("the alignment has no map for group `{g}`"),
@@ -419,6 +419,11 @@ impl Alignment {
         if let Some(perms) = self.permutations() {
             return spec.apply(&perms, model);
         }
+        if spec.has_repeats() {
+            return Err(Error::Spec {
+                reason: "soft (transport) maps cannot act on flattened axes (repeat factors above 1) yet; align with permutations".into(),
+            });
+        }
         let matrices: BTreeMap<&str, (Array2<f64>, Array2<f64>)> = self
             .maps
             .iter()
@@ -430,7 +435,10 @@ impl Alignment {
                 let (mo, mi) = matrices.get(g).ok_or_else(|| Error::Spec {
                     reason: format!("the alignment has no map for group `{g}`"),
                 })?;
-                let m = if axis == 0 { mo } else { mi };
+                let m = match spec.role(name, axis, t.shape().len()) {
+                    Role::Consume => mi,
+                    Role::Produce | Role::Follow => mo,
+                };
                 out = Some(map_axis(out.as_ref().unwrap_or(t), axis, m)?);
             }
             Ok(out.unwrap_or_else(|| t.clone()))
@@ -492,10 +500,10 @@ pub(crate) fn validate_both<M: Model>(
     spec: &PermutationSpec,
 ) -> Result<(BTreeMap<String, usize>, BTreeMap<String, usize>)> {
     let sa = spec
-        .validate(reference)
+        .require_sound(reference)
         .map_err(|e| context(e, "the reference model"))?;
     let sb = spec
-        .validate(other)
+        .require_sound(other)
         .map_err(|e| context(e, "the other model"))?;
     Ok((sa, sb))
 }

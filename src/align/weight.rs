@@ -27,7 +27,12 @@ use crate::tensor::{Scalar, Tensor};
 ///
 /// (`X_(axis)`: the tensor unfolded along `axis` into a `(units, rest)` matrix), solves
 /// the assignment maximising `sum_i C_p[i, perm[i]]` (in the models' precision), and
-/// takes it unless it scores below the current permutation. It stops after a
+/// takes it unless it scores below the current permutation. The objective is over
+/// weights only: passive parameters ([`PermutationSpec::is_passive`]: BatchNorm running
+/// statistics, tied copies) are permuted with their group when the alignment is applied
+/// but left out of the sums, as in the reference implementation, whose objective has no
+/// running statistics. Axes with a repeat factor (a flatten) are matched per unit,
+/// summing over the unit's block. It stops after a
 /// sweep in which no group gained more than `1e-12`, or after
 /// [`max_iter`](Self::with_max_iter) sweeps.
 ///
@@ -329,22 +334,39 @@ impl<'a, E: Scalar> Problem<'a, E> {
         let mut params = Vec::new();
         let mut fixed = 0.0;
         for name in reference.names() {
+            if spec.is_passive(name) {
+                // Permuted with its group but not matched (running statistics, ties).
+                continue;
+            }
             let a = reference.require(name, "the reference model")?;
             let b = other.require(name, "the other model")?;
-            let axes: Vec<(usize, usize)> = spec
-                .param_axes(name)
-                .map(|(ax, g)| {
-                    index.get(g).map(|&gi| (ax, gi)).ok_or_else(|| Error::Spec {
-                        reason: format!("group `{g}` of `{name}` is unknown"),
-                    })
-                })
-                .collect::<Result<_>>()?;
+            // An axis with repeat factor r (a flatten) is split into (units, r): a pure
+            // reshape of the row-major data, after which the group permutes whole axes.
+            let mut shape = Vec::with_capacity(a.shape().len() + 1);
+            let mut axes: Vec<(usize, usize)> = Vec::new();
+            let groups_of: BTreeMap<usize, &str> = spec.param_axes(name).collect();
+            for (ax, &len) in a.shape().iter().enumerate() {
+                match groups_of.get(&ax) {
+                    Some(g) => {
+                        let gi = *index.get(g).ok_or_else(|| Error::Spec {
+                            reason: format!("group `{g}` of `{name}` is unknown"),
+                        })?;
+                        let r = spec.rule(name, ax).repeat;
+                        axes.push((shape.len(), gi));
+                        shape.push(len / r);
+                        if r > 1 {
+                            shape.push(r);
+                        }
+                    }
+                    None => shape.push(len),
+                }
+            }
             if axes.is_empty() {
                 fixed += a.dot(b)?;
                 continue;
             }
             for &(ax, gi) in &axes {
-                sizes[gi] = a.shape()[ax];
+                sizes[gi] = shape[ax];
                 terms[gi].push(Term {
                     param: params.len(),
                     axis: ax,
@@ -354,7 +376,7 @@ impl<'a, E: Scalar> Problem<'a, E> {
             params.push(Param {
                 a: standard(a.view()),
                 b: standard(b.view()),
-                shape: a.shape().to_vec(),
+                shape,
                 axes,
             });
         }

@@ -22,9 +22,17 @@
 //! assert_eq!(back.max_abs_diff(&model).unwrap(), 0.0);
 //! ```
 
+mod builder;
+mod check;
+mod file;
+pub mod infer;
 pub mod specs;
 
-use std::collections::BTreeMap;
+pub use builder::SpecBuilder;
+pub use check::{FunctionCheck, SpecIssue, SpecReport, check_function_preserved};
+pub use file::SPEC_FILE_VERSION;
+
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use rand::SeedableRng;
@@ -183,12 +191,98 @@ impl Permutation {
     }
 }
 
+/// What a `(parameter, axis)` pair does for its group's units.
+///
+/// ```
+/// use modelfusion::perm::Role;
+/// assert_eq!(Role::infer(0, 2), Role::Produce); // rows of a weight `(out, in)`
+/// assert_eq!(Role::infer(1, 4), Role::Consume); // input channels of a conv
+/// assert_eq!(Role::infer(0, 1), Role::Follow);  // a bias or norm vector
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Role {
+    /// The axis indexes the units a layer writes (axis 0 of a PyTorch weight).
+    Produce,
+    /// The axis indexes the units a layer reads (axis 1 of a PyTorch weight).
+    Consume,
+    /// A per-unit vector that moves with its units (bias, norm scale and shift, running
+    /// statistics).
+    Follow,
+}
+
+impl Role {
+    /// The PyTorch-layout convention: axis 0 of a tensor with two or more axes produces,
+    /// any other axis of such a tensor consumes, a 1-D tensor follows.
+    pub fn infer(axis: usize, ndim: usize) -> Role {
+        match (axis, ndim) {
+            (_, 0 | 1) => Role::Follow,
+            (0, _) => Role::Produce,
+            _ => Role::Consume,
+        }
+    }
+
+    /// Lower-case name (`produce`, `consume`, `follow`).
+    ///
+    /// ```
+    /// assert_eq!(modelfusion::perm::Role::Consume.as_str(), "consume");
+    /// ```
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Produce => "produce",
+            Role::Consume => "consume",
+            Role::Follow => "follow",
+        }
+    }
+}
+
+/// How a group acts on one `(parameter, axis)`: its [`Role`] (when declared; otherwise
+/// inferred from the tensor's shape, see [`Role::infer`]) and its repeat factor.
+///
+/// A repeat factor `r > 1` says the axis holds `r` consecutive entries per unit, as the
+/// first linear layer after a flatten does: channel `c` of a `(C, H, W)` feature map
+/// becomes features `c*H*W .. (c+1)*H*W`, so `r = H*W` and the axis has `C * r` entries.
+///
+/// ```
+/// use modelfusion::perm::{AxisRule, Role};
+/// let r = AxisRule { role: Some(Role::Consume), repeat: 49 };
+/// assert_eq!(r.repeat, 49);
+/// assert_eq!(AxisRule::default().repeat, 1);
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AxisRule {
+    /// The declared role (`None`: inferred from the shape).
+    pub role: Option<Role>,
+    /// Entries per unit along the axis (1 for a plain axis).
+    pub repeat: usize,
+}
+
+impl Default for AxisRule {
+    fn default() -> Self {
+        AxisRule {
+            role: None,
+            repeat: 1,
+        }
+    }
+}
+
 /// Which `(parameter, axis)` pairs each permutation group reorders.
 ///
 /// Built from either direction — group to axes ([`from_groups`](Self::from_groups)) or
-/// parameter to per-axis group ([`from_axes`](Self::from_axes)) — and checked for
-/// consistency (an axis belongs to at most one group). [`validate`](Self::validate)
-/// checks it against a model's shapes.
+/// parameter to per-axis group ([`from_axes`](Self::from_axes)) — or with the
+/// vocabulary of [`SpecBuilder`] (producers, consumers, norms, flatten, tied and
+/// invariant parameters), and checked for consistency (an axis belongs to at most one
+/// group). [`validate`](Self::validate) checks it against a model's shapes;
+/// [`check`](Self::check) also looks for what a hand-written spec typically gets wrong
+/// (a forgotten bias, a consumer on the wrong axis, a group that no layer reads), and
+/// [`PermutationSpec::apply`] and every aligner refuse a spec with such issues.
+///
+/// Besides the groups a spec records:
+/// - *invariant* parameters: their axes outside any group are deliberately left alone
+///   (the network's input and output axes), so [`check`](Self::check) does not report
+///   them;
+/// - *passive* parameters: permuted with their group but left out of weight matching's
+///   objective (BatchNorm running statistics, which the reference Git Re-Basin code does
+///   not match; a parameter tied to another, which would count twice).
 ///
 /// ```
 /// use modelfusion::perm::PermutationSpec;
@@ -204,11 +298,20 @@ impl Permutation {
 pub struct PermutationSpec {
     groups: BTreeMap<String, Vec<(String, usize)>>,
     params: BTreeMap<String, BTreeMap<usize, String>>,
+    /// Rules that differ from the default (inferred role, repeat 1).
+    rules: BTreeMap<(String, usize), AxisRule>,
+    invariant: BTreeSet<String>,
+    passive: BTreeSet<String>,
 }
+
+/// Parameter name suffixes of running statistics, passive in specs built from lists.
+const STATISTICS: [&str; 2] = ["running_mean", "running_var"];
 
 impl PermutationSpec {
     /// Builds a spec from `group -> [(param, axis)]` lists (Git Re-Basin's
-    /// `perm_to_axes`). Errors when an axis is claimed twice or a group is empty.
+    /// `perm_to_axes`). Errors when an axis is claimed twice or a group is empty. Roles
+    /// are inferred from shapes ([`Role::infer`]); parameters named `*running_mean` or
+    /// `*running_var` are passive.
     ///
     /// ```
     /// use modelfusion::perm::PermutationSpec;
@@ -238,14 +341,15 @@ impl PermutationSpec {
                 });
             }
             for (p, axis) in members {
-                spec.claim(&g, p.into(), axis)?;
+                spec.claim(&g, p.into(), axis, AxisRule::default())?;
             }
         }
-        Ok(spec.canonical())
+        Ok(spec.with_default_passive().canonical())
     }
 
     /// Builds a spec from `param -> [group or none, per axis]` (Git Re-Basin's
-    /// `axes_to_perm`).
+    /// `axes_to_perm`). Roles and passive parameters as for
+    /// [`from_groups`](Self::from_groups).
     pub fn from_axes<P, G>(params: impl IntoIterator<Item = (P, Vec<Option<G>>)>) -> Result<Self>
     where
         P: Into<String>,
@@ -261,11 +365,22 @@ impl PermutationSpec {
             }
             for (axis, g) in axes.into_iter().enumerate() {
                 if let Some(g) = g {
-                    spec.claim(&g.into(), p.clone(), axis)?;
+                    spec.claim(&g.into(), p.clone(), axis, AxisRule::default())?;
                 }
             }
         }
-        Ok(spec.canonical())
+        Ok(spec.with_default_passive().canonical())
+    }
+
+    fn with_default_passive(mut self) -> Self {
+        let stats: Vec<String> = self
+            .params
+            .keys()
+            .filter(|p| STATISTICS.iter().any(|s| p.ends_with(s)))
+            .cloned()
+            .collect();
+        self.passive.extend(stats);
+        self
     }
 
     /// Sorts every group's members, so that equal specs compare equal however built.
@@ -276,7 +391,12 @@ impl PermutationSpec {
         self
     }
 
-    fn claim(&mut self, group: &str, param: String, axis: usize) -> Result<()> {
+    fn claim(&mut self, group: &str, param: String, axis: usize, rule: AxisRule) -> Result<()> {
+        if rule.repeat == 0 {
+            return Err(Error::Spec {
+                reason: format!("axis {axis} of `{param}` has repeat factor 0"),
+            });
+        }
         let axes = self.params.entry(param.clone()).or_default();
         if let Some(other) = axes.get(&axis) {
             return Err(Error::Spec {
@@ -286,11 +406,93 @@ impl PermutationSpec {
             });
         }
         axes.insert(axis, group.to_string());
+        if rule != AxisRule::default() {
+            self.rules.insert((param.clone(), axis), rule);
+        }
         self.groups
             .entry(group.to_string())
             .or_default()
             .push((param, axis));
         Ok(())
+    }
+
+    /// Declares parameters invariant: their axes outside every group are deliberately
+    /// not permuted (e.g. the input axis of the first layer and the outputs of the last),
+    /// so [`check`](Self::check) does not report them as forgotten.
+    ///
+    /// ```
+    /// use modelfusion::perm::PermutationSpec;
+    /// let spec = PermutationSpec::from_groups([("h", vec![("a.weight", 0)])])?
+    ///     .with_invariant(["head.bias"]);
+    /// assert!(spec.is_invariant("head.bias"));
+    /// # Ok::<(), modelfusion::Error>(())
+    /// ```
+    pub fn with_invariant<S: Into<String>>(mut self, params: impl IntoIterator<Item = S>) -> Self {
+        self.invariant.extend(params.into_iter().map(Into::into));
+        self
+    }
+
+    /// Declares parameters passive: permuted with their groups, but left out of weight
+    /// matching's objective.
+    ///
+    /// ```
+    /// use modelfusion::perm::PermutationSpec;
+    /// let spec = PermutationSpec::from_groups([("h", vec![("bn.running_mean", 0), ("bn.scale", 0)])])?;
+    /// assert!(spec.is_passive("bn.running_mean")); // by name, in specs built from lists
+    /// assert!(spec.with_passive(["bn.scale"]).is_passive("bn.scale"));
+    /// # Ok::<(), modelfusion::Error>(())
+    /// ```
+    pub fn with_passive<S: Into<String>>(mut self, params: impl IntoIterator<Item = S>) -> Self {
+        self.passive.extend(params.into_iter().map(Into::into));
+        self
+    }
+
+    /// Whether `param` was declared invariant.
+    pub fn is_invariant(&self, param: &str) -> bool {
+        self.invariant.contains(param)
+    }
+
+    /// Whether `param` is passive (permuted, not matched).
+    pub fn is_passive(&self, param: &str) -> bool {
+        self.passive.contains(param)
+    }
+
+    /// The invariant parameters, sorted.
+    pub fn invariant_params(&self) -> impl Iterator<Item = &str> {
+        self.invariant.iter().map(String::as_str)
+    }
+
+    /// The passive parameters, sorted.
+    pub fn passive_params(&self) -> impl Iterator<Item = &str> {
+        self.passive.iter().map(String::as_str)
+    }
+
+    /// The rule of `(param, axis)`: declared role and repeat factor.
+    ///
+    /// ```
+    /// use modelfusion::perm::{PermutationSpec, Role};
+    /// let spec = PermutationSpec::from_groups([("h", vec![("w", 0)])])?;
+    /// assert_eq!(spec.rule("w", 0).role, None);
+    /// assert_eq!(spec.rule("w", 0).repeat, 1);
+    /// # Ok::<(), modelfusion::Error>(())
+    /// ```
+    pub fn rule(&self, param: &str, axis: usize) -> AxisRule {
+        self.rules
+            .get(&(param.to_string(), axis))
+            .copied()
+            .unwrap_or_default()
+    }
+
+    /// The role of `(param, axis)`: the declared one, else inferred from `ndim`.
+    pub fn role(&self, param: &str, axis: usize, ndim: usize) -> Role {
+        self.rule(param, axis)
+            .role
+            .unwrap_or_else(|| Role::infer(axis, ndim))
+    }
+
+    /// True when some axis has a repeat factor above 1 (a flatten).
+    pub fn has_repeats(&self) -> bool {
+        self.rules.values().any(|r| r.repeat > 1)
     }
 
     /// Group names, sorted.
@@ -334,9 +536,10 @@ impl PermutationSpec {
             .flat_map(|m| m.iter().map(|(&a, g)| (a, g.as_str())))
     }
 
-    /// Checks the spec against a model: every parameter it names exists, every permuted
-    /// axis exists, and all axes of one group have the same length. Returns each
-    /// group's size.
+    /// Checks the spec against a model's shapes: every parameter it names exists, every
+    /// permuted axis exists and is a multiple of its repeat factor, and all axes of one
+    /// group have the same number of units. Returns each group's size. This is the
+    /// shape check only; [`check`](Self::check) looks for likely mistakes too.
     ///
     /// ```
     /// use modelfusion::perm::specs::{Architecture, MlpShapes};
@@ -360,12 +563,26 @@ impl PermutationSpec {
                         "group `{g}` permutes axis {axis} of `{p}`, which has shape {shape:?}"
                     ),
                 })?;
+                let repeat = self.rule(p, *axis).repeat;
+                if len % repeat != 0 {
+                    return Err(Error::Spec {
+                        reason: format!(
+                            "group `{g}` permutes axis {axis} of `{p}` (shape {shape:?}) in blocks of {repeat}, which do not divide its length {len}"
+                        ),
+                    });
+                }
+                let units = len / repeat;
                 match first {
-                    None => first = Some((p, *axis, len)),
-                    Some((p0, a0, l0)) if l0 != len => {
+                    None => first = Some((p, *axis, units)),
+                    Some((p0, a0, l0)) if l0 != units => {
                         return Err(Error::Spec {
                             reason: format!(
-                                "group `{g}` has size {l0} on axis {a0} of `{p0}` but size {len} on axis {axis} of `{p}` (shape {shape:?})"
+                                "group `{g}` has size {l0} on axis {a0} of `{p0}` but size {units} on axis {axis} of `{p}` (shape {shape:?}{})",
+                                if repeat > 1 {
+                                    format!(", blocks of {repeat}")
+                                } else {
+                                    String::new()
+                                }
                             ),
                         });
                     }
@@ -379,13 +596,28 @@ impl PermutationSpec {
         Ok(sizes)
     }
 
+    /// The gather indices that permutation `p` of `(param, axis)`'s group induces on the
+    /// axis itself (expanded by the axis' repeat factor).
+    pub fn axis_indices(&self, param: &str, axis: usize, p: &Permutation) -> Vec<usize> {
+        let r = self.rule(param, axis).repeat;
+        if r == 1 {
+            return p.as_slice().to_vec();
+        }
+        p.as_slice()
+            .iter()
+            .flat_map(|&u| u * r..(u + 1) * r)
+            .collect()
+    }
+
     /// Applies one permutation per group to every axis the group reorders; parameters
     /// the spec does not mention are copied unchanged.
     ///
-    /// Errors when the spec does not fit the model, a group has no permutation in
-    /// `perms`, or a permutation's length differs from its group's size.
+    /// Errors when the spec does not fit the model or has issues ([`check`](Self::check):
+    /// a forgotten parameter, a group no layer reads or writes), a group has no
+    /// permutation in `perms` (or `perms` has one for a group the spec does not have),
+    /// or a permutation's length differs from its group's size.
     pub fn apply<M: Model>(&self, perms: &PermutationSet, model: &M) -> Result<M> {
-        let sizes = self.validate(model)?;
+        let sizes = self.require_sound(model)?;
         for (g, &size) in &sizes {
             let p = perms.get(g).ok_or_else(|| Error::Spec {
                 reason: format!("no permutation given for group `{g}`"),
@@ -399,13 +631,21 @@ impl PermutationSpec {
                 });
             }
         }
+        if let Some((g, _)) = perms.iter().find(|(g, _)| !sizes.contains_key(*g)) {
+            return Err(Error::Spec {
+                reason: format!(
+                    "a permutation is given for group `{g}`, which the spec does not have"
+                ),
+            });
+        }
         model.try_map(|name, t| {
             let mut out: Option<M::Tensor> = None;
             for (axis, g) in self.param_axes(name) {
                 let p = perms.get(g).ok_or_else(|| Error::Spec {
                     reason: format!("no permutation given for group `{g}`"),
                 })?;
-                out = Some(out.as_ref().unwrap_or(t).take(axis, p.as_slice())?);
+                let idx = self.axis_indices(name, axis, p);
+                out = Some(out.as_ref().unwrap_or(t).take(axis, &idx)?);
             }
             Ok(out.unwrap_or_else(|| t.clone()))
         })

@@ -30,7 +30,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal, Uniform};
 
-use super::PermutationSpec;
+use super::{PermutationSpec, SpecBuilder};
 use crate::error::{Error, Result};
 use crate::model::StateDict;
 
@@ -88,42 +88,18 @@ fn is_norm_scale(name: &str) -> bool {
 /// The four tensors of a batch-norm layer.
 const NORM_PARAMS: [&str; 4] = ["weight", "bias", "running_mean", "running_var"];
 
-/// A spec under construction: `(group, param, axis)` triples.
-#[derive(Default)]
-struct Builder(Vec<(String, String, usize)>);
+/// The ready specs are consistent by construction.
+fn built(b: &SpecBuilder) -> PermutationSpec {
+    b.build()
+        .unwrap_or_else(|e| unreachable!("ready specs are consistent: {e}"))
+}
 
-impl Builder {
-    fn add(&mut self, group: &str, param: String, axis: usize) {
-        self.0.push((group.to_string(), param, axis));
-    }
-    /// A layer producing `group` on axis 0 of its weight and its bias (if any).
-    fn produces(&mut self, group: &str, layer: &str, bias: bool) {
-        self.add(group, format!("{layer}.weight"), 0);
-        if bias {
-            self.add(group, format!("{layer}.bias"), 0);
-        }
-    }
-    /// A layer consuming `group` on axis 1 of its weight.
-    fn consumes(&mut self, group: &str, layer: &str) {
-        self.add(group, format!("{layer}.weight"), 1);
-    }
-    /// A norm layer whose four tensors follow `group`.
-    fn norm(&mut self, group: &str, layer: &str) {
-        for p in NORM_PARAMS {
-            self.add(group, format!("{layer}.{p}"), 0);
-        }
-    }
-    fn build(self) -> PermutationSpec {
-        let mut groups: Vec<(String, Vec<(String, usize)>)> = Vec::new();
-        for (g, p, a) in self.0 {
-            match groups.iter_mut().find(|(name, _)| *name == g) {
-                Some((_, members)) => members.push((p, a)),
-                None => groups.push((g, vec![(p, a)])),
-            }
-        }
-        PermutationSpec::from_groups(groups)
-            .unwrap_or_else(|e| unreachable!("ready specs are consistent: {e}"))
-    }
+/// Declares the network's input layer and output layer invariant (their input and
+/// output axes are not permuted).
+fn ends(b: &mut SpecBuilder, first: &str, last: &str) {
+    b.invariant(format!("{first}.weight"))
+        .invariant(format!("{last}.weight"))
+        .invariant(format!("{last}.bias"));
 }
 
 fn check_positive(param: &str, values: &[usize]) -> Result<()> {
@@ -144,13 +120,14 @@ fn check_positive(param: &str, values: &[usize]) -> Result<()> {
 /// assert_eq!(spec.group_names().collect::<Vec<_>>(), vec!["hidden.0", "hidden.1"]);
 /// ```
 pub fn mlp(num_hidden: usize) -> PermutationSpec {
-    let mut b = Builder::default();
+    let mut b = SpecBuilder::new();
     for i in 0..num_hidden {
         let g = format!("hidden.{i}");
-        b.produces(&g, &format!("layers.{i}"), true);
-        b.consumes(&g, &format!("layers.{}", i + 1));
+        b.producer(&g, &format!("layers.{i}"), true);
+        b.consumer(&g, &format!("layers.{}", i + 1));
     }
-    b.build()
+    ends(&mut b, "layers.0", &format!("layers.{num_hidden}"));
+    built(&b)
 }
 
 /// The spec of the residual MLP with `num_blocks` blocks; groups `residual` and
@@ -162,19 +139,20 @@ pub fn mlp(num_hidden: usize) -> PermutationSpec {
 /// assert!(spec.group("residual").unwrap().iter().any(|(p, a)| p == "head.weight" && *a == 1));
 /// ```
 pub fn res_mlp(num_blocks: usize) -> PermutationSpec {
-    let mut b = Builder::default();
-    b.produces("residual", "stem", true);
+    let mut b = SpecBuilder::new();
+    b.producer("residual", "stem", true);
     for j in 0..num_blocks {
         let blk = format!("blocks.{j}");
         let hidden = format!("{blk}.hidden");
-        b.norm("residual", &format!("{blk}.norm"));
-        b.consumes("residual", &format!("{blk}.fc1"));
-        b.produces(&hidden, &format!("{blk}.fc1"), true);
-        b.consumes(&hidden, &format!("{blk}.fc2"));
-        b.produces("residual", &format!("{blk}.fc2"), true);
+        b.batch_norm("residual", &format!("{blk}.norm"));
+        b.consumer("residual", &format!("{blk}.fc1"));
+        b.producer(&hidden, &format!("{blk}.fc1"), true);
+        b.consumer(&hidden, &format!("{blk}.fc2"));
+        b.producer("residual", &format!("{blk}.fc2"), true);
     }
-    b.consumes("residual", "head");
-    b.build()
+    b.consumer("residual", "head");
+    ends(&mut b, "stem", "head");
+    built(&b)
 }
 
 /// Layer sizes of an MLP: `[in, h1, ..., hk, out]`.
@@ -362,24 +340,25 @@ impl Vgg {
 
 impl Architecture for Vgg {
     fn spec(&self) -> PermutationSpec {
-        let mut b = Builder::default();
+        let mut b = SpecBuilder::new();
         let nc = self.channels.len();
         for i in 0..nc {
             let g = format!("conv.{i}");
-            b.produces(&g, &format!("convs.{i}"), true);
-            b.norm(&g, &format!("norms.{i}"));
+            b.producer(&g, &format!("convs.{i}"), true);
+            b.batch_norm(&g, &format!("norms.{i}"));
             if i + 1 < nc {
-                b.consumes(&g, &format!("convs.{}", i + 1));
+                b.consumer(&g, &format!("convs.{}", i + 1));
             } else {
-                b.consumes(&g, "fcs.0");
+                b.consumer(&g, "fcs.0");
             }
         }
         for j in 0..self.fc.len() - 1 {
             let g = format!("fc.{j}");
-            b.produces(&g, &format!("fcs.{j}"), true);
-            b.consumes(&g, &format!("fcs.{}", j + 1));
+            b.producer(&g, &format!("fcs.{j}"), true);
+            b.consumer(&g, &format!("fcs.{}", j + 1));
         }
-        b.build()
+        ends(&mut b, "convs.0", &format!("fcs.{}", self.fc.len() - 1));
+        built(&b)
     }
 
     fn shapes(&self) -> Vec<(String, Vec<usize>)> {
@@ -473,9 +452,9 @@ impl ResNet {
 
 impl Architecture for ResNet {
     fn spec(&self) -> PermutationSpec {
-        let mut b = Builder::default();
-        b.produces("stream.1", "conv1", false);
-        b.norm("stream.1", "bn1");
+        let mut b = SpecBuilder::new();
+        b.producer("stream.1", "conv1", false);
+        b.batch_norm("stream.1", "bn1");
         for (si, &(_, blocks)) in self.stages.iter().enumerate() {
             let s = si + 1;
             let stream = format!("stream.{s}");
@@ -484,23 +463,24 @@ impl Architecture for ResNet {
                 let inner = format!("{l}.inner");
                 let input = if self.has_shortcut(s, blk) {
                     let prev = format!("stream.{}", s - 1);
-                    b.consumes(&prev, &format!("{l}.shortcut.0"));
-                    b.produces(&stream, &format!("{l}.shortcut.0"), false);
-                    b.norm(&stream, &format!("{l}.shortcut.1"));
+                    b.consumer(&prev, &format!("{l}.shortcut.0"));
+                    b.producer(&stream, &format!("{l}.shortcut.0"), false);
+                    b.batch_norm(&stream, &format!("{l}.shortcut.1"));
                     prev
                 } else {
                     stream.clone()
                 };
-                b.consumes(&input, &format!("{l}.conv1"));
-                b.produces(&inner, &format!("{l}.conv1"), false);
-                b.norm(&inner, &format!("{l}.bn1"));
-                b.consumes(&inner, &format!("{l}.conv2"));
-                b.produces(&stream, &format!("{l}.conv2"), false);
-                b.norm(&stream, &format!("{l}.bn2"));
+                b.consumer(&input, &format!("{l}.conv1"));
+                b.producer(&inner, &format!("{l}.conv1"), false);
+                b.batch_norm(&inner, &format!("{l}.bn1"));
+                b.consumer(&inner, &format!("{l}.conv2"));
+                b.producer(&stream, &format!("{l}.conv2"), false);
+                b.batch_norm(&stream, &format!("{l}.bn2"));
             }
         }
-        b.consumes(&format!("stream.{}", self.stages.len()), "linear");
-        b.build()
+        b.consumer(&format!("stream.{}", self.stages.len()), "linear");
+        ends(&mut b, "conv1", "linear");
+        built(&b)
     }
 
     fn shapes(&self) -> Vec<(String, Vec<usize>)> {
