@@ -52,6 +52,7 @@
 
 mod dtype;
 mod header;
+mod permute;
 mod reader;
 mod stream;
 mod writer;
@@ -60,6 +61,9 @@ pub use dtype::{Dtype, IoScalar, decode, encode};
 /// The 16-bit float types of the `half` crate, as stored in F16 and BF16 tensors.
 pub use half::{bf16, f16};
 pub use header::{Header, INDEX_FILE, MAX_HEADER_SIZE, MAX_INDEX_SIZE, ShardIndex, TensorInfo};
+pub use permute::{
+    PermutedSummary, SIDE_FILES, config_of, copy_side_files, infer_checkpoint_spec, write_permuted,
+};
 pub use reader::{Checkpoint, SINGLE_FILE, load};
 pub use stream::{
     Chunking, MergeSummary, Progress, StreamOptions, check_compatible, merge_checkpoints,

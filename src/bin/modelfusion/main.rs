@@ -1,10 +1,15 @@
-//! `modelfusion`: merge checkpoints from a mergekit-style YAML config, out of core.
+//! `modelfusion`: merge checkpoints from a mergekit-style YAML config, out of core; find,
+//! check and apply permutation specs; align checkpoints by weight matching.
 //!
 //! ```text
 //! modelfusion merge config.yml ./merged [--seed 0] [--max-shard-size 5G] [--dry-run]
 //! modelfusion inspect ./model
+//! modelfusion spec ./model [--spec auto|FILE] [--write spec.json]
+//! modelfusion permute ./model --seed 1 -o ./permuted
+//! modelfusion align ./reference ./other -o ./aligned [--seed 0] [--restarts 4]
 //! ```
 
+mod align_cmd;
 mod config;
 mod methods;
 
@@ -16,7 +21,8 @@ use std::time::Instant;
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use modelfusion::io::{
-    Checkpoint, Chunking, Dtype, SaveOptions, StreamOptions, check_compatible, merge_checkpoints,
+    Checkpoint, Chunking, Dtype, SaveOptions, StreamOptions, check_compatible, copy_side_files,
+    merge_checkpoints,
 };
 use modelfusion::{Error, Result};
 
@@ -27,7 +33,7 @@ use methods::ConfigMerger;
 #[command(
     name = "modelfusion",
     version,
-    about = "Merge model checkpoints (safetensors) out of core, from mergekit-style YAML configs"
+    about = "Merge model checkpoints (safetensors) out of core, from mergekit-style YAML configs; align them modulo permutation symmetry"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -69,6 +75,13 @@ enum Command {
         /// A .safetensors file or a checkpoint directory.
         path: PathBuf,
     },
+    /// Detect the architecture of a checkpoint (or read a spec file), print its
+    /// permutation groups and check the spec against the checkpoint's shapes.
+    Spec(align_cmd::SpecArgs),
+    /// Write a randomly permuted, function-identical copy of a checkpoint (to test specs).
+    Permute(align_cmd::PermuteArgs),
+    /// Weight-match OTHER into REFERENCE's basis and write it, each tensor in its own dtype.
+    Align(align_cmd::AlignArgs),
 }
 
 fn parse_size(s: &str) -> std::result::Result<u64, String> {
@@ -94,19 +107,6 @@ fn parse_size(s: &str) -> std::result::Result<u64, String> {
     Ok((x * mult as f64) as u64)
 }
 
-/// Files copied from the base (or first) model's directory when present.
-const AUX_FILES: [&str; 9] = [
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-];
-
 fn open_inputs(config: &Config) -> Result<Vec<Checkpoint>> {
     config
         .inputs
@@ -130,45 +130,6 @@ fn open_inputs(config: &Config) -> Result<Vec<Checkpoint>> {
             Checkpoint::open(p)
         })
         .collect()
-}
-
-/// Copies config/tokenizer files next to the merged weights; sets `torch_dtype`.
-fn copy_aux_files(from: &Path, out: &Path, dtype: Dtype) -> Result<Vec<String>> {
-    let mut copied = Vec::new();
-    if !from.is_dir() {
-        return Ok(copied);
-    }
-    let io = |p: &Path, e| Error::Io {
-        path: p.to_path_buf(),
-        source: e,
-    };
-    for name in AUX_FILES {
-        let src = from.join(name);
-        if !src.is_file() {
-            continue;
-        }
-        let dst = out.join(name);
-        if name == "config.json" {
-            let text = std::fs::read_to_string(&src).map_err(|e| io(&src, e))?;
-            match serde_json::from_str::<serde_json::Value>(&text) {
-                Ok(mut v) => {
-                    if let Some(obj) = v.as_object_mut() {
-                        obj.insert("torch_dtype".into(), dtype.torch_name().into());
-                    }
-                    let s = serde_json::to_string_pretty(&v)
-                        .map_err(|e| Error::invalid("config.json", e.to_string()))?;
-                    std::fs::write(&dst, s + "\n").map_err(|e| io(&dst, e))?;
-                }
-                Err(_) => {
-                    std::fs::copy(&src, &dst).map_err(|e| io(&src, e))?;
-                }
-            }
-        } else {
-            std::fs::copy(&src, &dst).map_err(|e| io(&src, e))?;
-        }
-        copied.push(name.to_string());
-    }
-    Ok(copied)
 }
 
 fn run_merge(a: MergeArgs) -> Result<()> {
@@ -252,7 +213,7 @@ fn run_merge(a: MergeArgs) -> Result<()> {
     bar.finish_and_clear();
     let secs = start.elapsed().as_secs_f64();
     let copied = if !a.no_copy_files {
-        copy_aux_files(&config.inputs[0], &a.out, out_dtype)?
+        copy_side_files(&config.inputs[0], &a.out, Some(out_dtype))?
     } else {
         Vec::new()
     };
@@ -306,6 +267,9 @@ fn main() -> ExitCode {
     let r = match cli.command {
         Command::Merge(args) => run_merge(args),
         Command::Inspect { path } => run_inspect(&path),
+        Command::Spec(args) => align_cmd::run_spec(args),
+        Command::Permute(args) => align_cmd::run_permute(args),
+        Command::Align(args) => align_cmd::run_align(args),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

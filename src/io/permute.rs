@@ -1,0 +1,219 @@
+//! Checkpoint-level alignment: the spec of a checkpoint on disk, a permuted copy written
+//! tensor by tensor in each tensor's own dtype, and the files that travel beside the
+//! weights (config, tokenizer).
+
+use std::path::{Path, PathBuf};
+
+use super::reader::{Checkpoint, io_err};
+use super::writer::{CheckpointWriter, SaveOptions, TensorPlan};
+use crate::dtype::Dtype;
+use crate::error::{Error, Result};
+use crate::perm::infer::{Inferred, infer_spec};
+use crate::perm::{PermutationSet, PermutationSpec};
+
+/// Files copied from a checkpoint's directory next to a merged or aligned one, when
+/// present.
+///
+/// ```
+/// assert!(modelfusion::io::SIDE_FILES.contains(&"tokenizer.json"));
+/// ```
+pub const SIDE_FILES: [&str; 9] = [
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+];
+
+/// Largest `config.json` read for spec inference.
+const MAX_CONFIG: u64 = 16 << 20;
+
+/// The `config.json` beside a checkpoint (in its directory, or beside its file), if any.
+///
+/// ```
+/// use modelfusion::{StateDict, io::{save_file, Checkpoint, Dtype, config_of}};
+/// let dir = std::env::temp_dir().join("modelfusion-doc-config-of");
+/// std::fs::create_dir_all(&dir).unwrap();
+/// let p = dir.join("model.safetensors");
+/// save_file(&StateDict::<ndarray::ArrayD<f32>>::new(), &p, Dtype::F32)?;
+/// std::fs::write(dir.join("config.json"), r#"{"hidden_size": 8}"#).unwrap();
+/// assert_eq!(config_of(&Checkpoint::open(&p)?)?.unwrap()["hidden_size"], 8);
+/// # Ok::<(), modelfusion::Error>(())
+/// ```
+pub fn config_of(ck: &Checkpoint) -> Result<Option<serde_json::Value>> {
+    let dir = if ck.path().is_dir() {
+        ck.path().to_path_buf()
+    } else {
+        ck.path().parent().unwrap_or(Path::new(".")).to_path_buf()
+    };
+    let p = dir.join("config.json");
+    let Ok(meta) = std::fs::metadata(&p) else {
+        return Ok(None);
+    };
+    if !meta.is_file() || meta.len() > MAX_CONFIG {
+        return Err(Error::invalid(
+            "config.json",
+            format!(
+                "{} is not a regular file of at most {MAX_CONFIG} bytes",
+                p.display()
+            ),
+        ));
+    }
+    let text = std::fs::read_to_string(&p).map_err(|e| io_err(&p, e))?;
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|e| Error::Format {
+            format: "JSON",
+            path: Some(p),
+            reason: e.to_string(),
+        })
+}
+
+/// Infers the spec of a checkpoint on disk from its float tensors' names and shapes and
+/// its `config.json` (see [`crate::perm::infer`]); reads no tensor data.
+pub fn infer_checkpoint_spec(ck: &Checkpoint) -> Result<Inferred> {
+    let config = config_of(ck)?;
+    infer_spec(
+        ck.tensors()
+            .iter()
+            .filter(|t| t.dtype().is_float())
+            .map(|t| (t.name(), t.shape())),
+        config.as_ref(),
+    )
+}
+
+/// What [`write_permuted`] wrote.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PermutedSummary {
+    /// Tensors written.
+    pub tensors: usize,
+    /// Tensors whose bytes a permutation moved.
+    pub permuted: usize,
+    /// Files written (shards, then the index if sharded).
+    pub files: Vec<PathBuf>,
+}
+
+/// Writes `ck` with `perms` applied through `spec` into `out` (a directory, or a single
+/// `.safetensors` file when `out` ends so), one tensor at a time. Every tensor keeps its
+/// stored dtype and is moved byte for byte (a permutation converts nothing, so the result
+/// is exact in F16, BF16 or any other dtype); tensors the spec does not mention, integer
+/// buffers among them, are copied unchanged; the header metadata is kept.
+/// `max_shard_size` shards a directory output. The spec must be sound for the
+/// checkpoint's shapes and `perms` must hold exactly its groups.
+pub fn write_permuted(
+    ck: &Checkpoint,
+    spec: &PermutationSpec,
+    perms: &PermutationSet,
+    out: &Path,
+    max_shard_size: Option<u64>,
+    mut progress: impl FnMut(usize, usize, &str),
+) -> Result<PermutedSummary> {
+    for (g, members) in spec.groups() {
+        let p = perms.get(g).ok_or_else(|| Error::Spec {
+            reason: format!("no permutation given for group `{g}`"),
+        })?;
+        for (param, axis) in members {
+            let info = ck.info(param).ok_or_else(|| Error::Spec {
+                reason: format!(
+                    "group `{g}` names `{param}`, which {} does not hold",
+                    ck.path().display()
+                ),
+            })?;
+            let len = info.shape().get(*axis).copied().unwrap_or(0);
+            if len != p.len() * spec.rule(param, *axis).repeat {
+                return Err(Error::Spec {
+                    reason: format!(
+                        "permutation of group `{g}` (length {}) does not fit axis {axis} of `{param}` (shape {:?})",
+                        p.len(),
+                        info.shape()
+                    ),
+                });
+            }
+        }
+    }
+    if let Some((g, _)) = perms.iter().find(|(g, _)| spec.group(g).is_none()) {
+        return Err(Error::Spec {
+            reason: format!("a permutation is given for group `{g}`, which the spec does not have"),
+        });
+    }
+    let plan = ck.tensors().iter().map(|t| TensorPlan {
+        name: t.name().to_string(),
+        shape: t.shape().to_vec(),
+        dtype: Some(t.dtype()),
+    });
+    let mut options = SaveOptions::new(Dtype::F32);
+    options.metadata = ck.metadata().clone();
+    options.max_shard_size = max_shard_size;
+    let single = out.extension().is_some_and(|e| e == "safetensors");
+    let writer = if single {
+        CheckpointWriter::create_file(out, plan, &options)?
+    } else {
+        CheckpointWriter::create(out, plan, &options)?
+    };
+    let n = ck.len();
+    let mut permuted = 0;
+    for (k, t) in ck.tensors().iter().enumerate() {
+        let mut raw = ck.read_raw(t.name())?;
+        for (axis, g) in spec.param_axes(t.name()) {
+            if let Some(p) = perms.get(g) {
+                raw = raw.take(axis, &spec.axis_indices(t.name(), axis, p))?;
+            }
+        }
+        if spec.param_axes(t.name()).next().is_some() {
+            permuted += 1;
+        }
+        writer.write_raw(k, &raw)?;
+        progress(k, n, t.name());
+    }
+    let files = writer.finish()?;
+    Ok(PermutedSummary {
+        tensors: n,
+        permuted,
+        files,
+    })
+}
+
+/// Copies the [`SIDE_FILES`] present in `from` (a checkpoint directory; nothing for a
+/// single file) into `out`, setting `torch_dtype` in `config.json` to `dtype` when given.
+/// Returns the names copied.
+pub fn copy_side_files(from: &Path, out: &Path, dtype: Option<Dtype>) -> Result<Vec<String>> {
+    let mut copied = Vec::new();
+    if !from.is_dir() {
+        return Ok(copied);
+    }
+    let out_dir = if out.extension().is_some_and(|e| e == "safetensors") {
+        out.parent().unwrap_or(Path::new(".")).to_path_buf()
+    } else {
+        out.to_path_buf()
+    };
+    for name in SIDE_FILES {
+        let src = from.join(name);
+        if !src.is_file() {
+            continue;
+        }
+        let dst = out_dir.join(name);
+        let text = (name == "config.json")
+            .then(|| std::fs::read_to_string(&src).ok())
+            .flatten()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok());
+        match (text, dtype) {
+            (Some(mut v), Some(d)) if v.is_object() => {
+                if let Some(obj) = v.as_object_mut() {
+                    obj.insert("torch_dtype".into(), d.torch_name().into());
+                }
+                let s = serde_json::to_string_pretty(&v)
+                    .map_err(|e| Error::invalid("config.json", e.to_string()))?;
+                std::fs::write(&dst, s + "\n").map_err(|e| io_err(&dst, e))?;
+            }
+            _ => {
+                std::fs::copy(&src, &dst).map_err(|e| io_err(&src, e))?;
+            }
+        }
+        copied.push(name.to_string());
+    }
+    Ok(copied)
+}
