@@ -177,44 +177,6 @@ impl PermutationSpec {
             by_size.entry(n).or_default().push(g.clone());
         }
         let mut issues = Vec::new();
-        for name in model.names() {
-            if self.is_invariant(name) {
-                continue;
-            }
-            let Some(t) = model.get(name) else { continue };
-            let shape = t.shape();
-            let listed: BTreeSet<usize> = self.param_axes(name).map(|(a, _)| a).collect();
-            // Channel axes only: axes 0 and 1 (PyTorch layout); the kernel axes of a
-            // convolution are not units.
-            let hits: Vec<(usize, Vec<String>)> = shape
-                .iter()
-                .enumerate()
-                .take(2)
-                .filter(|(a, _)| !listed.contains(a))
-                .filter_map(|(a, n)| by_size.get(n).map(|gs| (a, gs.clone())))
-                .collect();
-            if hits.is_empty() {
-                continue;
-            }
-            if listed.is_empty() {
-                issues.push(SpecIssue::Unlisted {
-                    param: name.to_string(),
-                    shape: shape.to_vec(),
-                    matches: hits
-                        .into_iter()
-                        .flat_map(|(a, gs)| gs.into_iter().map(move |g| (a, g)))
-                        .collect(),
-                });
-            } else {
-                for (axis, groups) in hits {
-                    issues.push(SpecIssue::UnlistedAxis {
-                        param: name.to_string(),
-                        axis,
-                        groups,
-                    });
-                }
-            }
-        }
         for (g, members) in self.groups() {
             let mut produce = false;
             let mut consume = false;
@@ -252,6 +214,44 @@ impl PermutationSpec {
                 issues.push(SpecIssue::NoConsumer {
                     group: g.to_string(),
                 });
+            }
+        }
+        for name in model.names() {
+            if self.is_invariant(name) {
+                continue;
+            }
+            let Some(t) = model.get(name) else { continue };
+            let shape = t.shape();
+            let listed: BTreeSet<usize> = self.param_axes(name).map(|(a, _)| a).collect();
+            // Channel axes only: axes 0 and 1 (PyTorch layout); the kernel axes of a
+            // convolution are not units.
+            let hits: Vec<(usize, Vec<String>)> = shape
+                .iter()
+                .enumerate()
+                .take(2)
+                .filter(|(a, _)| !listed.contains(a))
+                .filter_map(|(a, n)| by_size.get(n).map(|gs| (a, gs.clone())))
+                .collect();
+            if hits.is_empty() {
+                continue;
+            }
+            if listed.is_empty() {
+                issues.push(SpecIssue::Unlisted {
+                    param: name.to_string(),
+                    shape: shape.to_vec(),
+                    matches: hits
+                        .into_iter()
+                        .flat_map(|(a, gs)| gs.into_iter().map(move |g| (a, g)))
+                        .collect(),
+                });
+            } else {
+                for (axis, groups) in hits {
+                    issues.push(SpecIssue::UnlistedAxis {
+                        param: name.to_string(),
+                        axis,
+                        groups,
+                    });
+                }
             }
         }
         Ok(SpecReport { sizes, issues })
