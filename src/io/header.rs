@@ -208,19 +208,24 @@ impl Header {
         let data_len = file.len() - 8 - n;
         // Entries are validated one at a time as the JSON streams by (no `Value` tree
         // of the whole header), so memory stays near the size of the result.
-        let mut failure = None;
+        let (mut failure, mut context) = (None, None);
         let mut de = serde_json::Deserializer::from_str(text.trim_end_matches(' '));
         let parsed = HeaderSeed {
             data_len,
             path,
             failure: &mut failure,
+            context: &mut context,
         }
         .deserialize(&mut de)
         .and_then(|entries| de.end().map(|()| entries));
-        let (mut tensors, metadata) = match (parsed, failure) {
-            (_, Some(e)) => return Err(e),
-            (Err(e), None) => return Err(err(format!("header is not valid JSON: {e}"))),
-            (Ok(entries), None) => entries,
+        let (mut tensors, metadata) = match (parsed, failure, context) {
+            (_, Some(e), _) => return Err(e),
+            // well-formed JSON of the wrong shape (or a duplicate key) inside an entry
+            (Err(e), None, Some(ctx)) if e.classify() == serde_json::error::Category::Data => {
+                return Err(err(format!("{ctx}: {e}")));
+            }
+            (Err(e), None, _) => return Err(err(format!("header is not valid JSON: {e}"))),
+            (Ok(entries), None, _) => entries,
         };
         check_layout(&mut tensors, data_len, path)?;
         Ok(Header {
@@ -298,11 +303,13 @@ impl<'de, V: Deserialize<'de>> Deserialize<'de> for UniqueMap<V> {
 }
 
 /// Streams the top-level header object: each entry is validated as soon as it is read.
-/// A validation error is parked in `failure` (serde's error type cannot carry ours).
+/// A validation error is parked in `failure` (serde's error type cannot carry ours);
+/// `context` names the entry being read when serde_json itself fails.
 struct HeaderSeed<'a> {
     data_len: usize,
     path: Option<&'a Path>,
     failure: &'a mut Option<Error>,
+    context: &'a mut Option<String>,
 }
 
 impl<'de> DeserializeSeed<'de> for HeaderSeed<'_> {
@@ -330,21 +337,15 @@ impl<'de> Visitor<'de> for HeaderSeed<'_> {
                 if metadata.is_some() {
                     return Err(fail(format_err(path, "duplicate `__metadata__` entry")));
                 }
-                let m = map.next_value::<UniqueMap<Value>>().map_err(|e| {
-                    fail(format_err(
-                        path,
-                        format!("`__metadata__` is not a JSON object with unique keys: {e}"),
-                    ))
-                })?;
+                *self.context = Some("`__metadata__` is not a JSON object with unique keys".into());
+                let m = map.next_value::<UniqueMap<Value>>()?;
                 metadata = Some(parse_metadata(m, path).map_err(&mut fail)?);
                 continue;
             }
-            let entry = map.next_value::<UniqueMap<Value>>().map_err(|e| {
-                fail(format_err(
-                    path,
-                    format!("tensor `{name}`: entry is not a JSON object with unique keys: {e}"),
-                ))
-            })?;
+            *self.context = Some(format!(
+                "tensor `{name}`: entry is not a JSON object with unique keys"
+            ));
+            let entry = map.next_value::<UniqueMap<Value>>()?;
             tensors.push(parse_entry(name, &entry.0, self.data_len, path).map_err(&mut fail)?);
         }
         Ok((tensors, metadata.unwrap_or_default()))
