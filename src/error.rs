@@ -22,7 +22,7 @@ use std::path::PathBuf;
 #[non_exhaustive]
 pub enum Error {
     /// Two tensors (or a tensor and what a spec or method expects) have different shapes.
-    #[error("shape mismatch for {what}: expected {expected:?}, got {got:?}")]
+    #[error("shape mismatch for {}: expected {expected:?}, got {got:?}", esc(.what))]
     ShapeMismatch {
         /// What was being compared, e.g. "parameter `fc1.weight` of model 2".
         what: String,
@@ -32,7 +32,7 @@ pub enum Error {
         got: Vec<usize>,
     },
     /// A named parameter (tensor) is absent where it is needed.
-    #[error("parameter `{name}` is missing from {context}")]
+    #[error("parameter `{}` is missing from {}", esc(.name), esc(.context))]
     MissingParam {
         /// The parameter's name.
         name: String,
@@ -40,13 +40,13 @@ pub enum Error {
         context: String,
     },
     /// Two models do not hold the same set of parameter names.
-    #[error("models have different parameters: {detail}")]
+    #[error("models have different parameters: {}", esc(.detail))]
     NameMismatch {
         /// Which names differ.
         detail: String,
     },
     /// A hyperparameter or argument is out of its allowed range.
-    #[error("invalid value for `{param}`: {reason}")]
+    #[error("invalid value for `{}`: {}", esc(.param), esc(.reason))]
     InvalidParameter {
         /// The parameter's name as the caller knows it.
         param: String,
@@ -54,37 +54,37 @@ pub enum Error {
         reason: String,
     },
     /// An input that must not be empty is empty.
-    #[error("empty input: {what}")]
+    #[error("empty input: {}", esc(.what))]
     Empty {
         /// What was empty.
         what: String,
     },
     /// A NaN or infinity where finite numbers are required.
-    #[error("non-finite value in {what}")]
+    #[error("non-finite value in {}", esc(.what))]
     NonFinite {
         /// Where it was found (tensor name and index where known).
         what: String,
     },
     /// A problem without a feasible solution (e.g. an assignment blocked by infinite costs).
-    #[error("infeasible problem: {reason}")]
+    #[error("infeasible problem: {}", esc(.reason))]
     Infeasible {
         /// Why no solution exists.
         reason: String,
     },
     /// An index vector that is not a bijection, or of the wrong length.
-    #[error("invalid permutation: {reason}")]
+    #[error("invalid permutation: {}", esc(.reason))]
     InvalidPermutation {
         /// What is wrong with it.
         reason: String,
     },
     /// A permutation spec that is inconsistent in itself or does not fit a model.
-    #[error("invalid permutation spec: {reason}")]
+    #[error("invalid permutation spec: {}", esc(.reason))]
     Spec {
         /// What is wrong: names the parameter, axis, group and sizes.
         reason: String,
     },
     /// An iterative method stopped at its iteration cap when the caller required convergence.
-    #[error("{method} did not converge after {iterations} iterations (error {error:e})")]
+    #[error("{} did not converge after {iterations} iterations (error {error:e})", esc(.method))]
     NotConverged {
         /// The method.
         method: String,
@@ -94,7 +94,7 @@ pub enum Error {
         error: f64,
     },
     /// A file or stream that does not follow its format.
-    #[error("malformed {format} data{}: {reason}", path_suffix(.path))]
+    #[error("malformed {format} data{}: {}", path_suffix(.path), esc(.reason))]
     Format {
         /// The format, e.g. "IDX" or "safetensors".
         format: &'static str,
@@ -104,7 +104,7 @@ pub enum Error {
         reason: String,
     },
     /// An I/O error, with the path it happened on.
-    #[error("I/O error on {}: {source}", .path.display())]
+    #[error("I/O error on {}: {}", esc_path(.path), esc(&.source.to_string()))]
     Io {
         /// The file or directory.
         path: PathBuf,
@@ -121,10 +121,10 @@ pub enum Error {
         reason: String,
     },
     /// A user-supplied objective, gradient or activation source failed.
-    #[error("objective failed: {0}")]
+    #[error("objective failed: {}", esc(.0))]
     Objective(String),
     /// A feature the call needs is not compiled in.
-    #[error("feature `{feature}` is required for {what}")]
+    #[error("feature `{feature}` is required for {}", esc(.what))]
     FeatureDisabled {
         /// The cargo feature to enable.
         feature: &'static str,
@@ -133,9 +133,56 @@ pub enum Error {
     },
 }
 
+/// Displays a name, path or reason with its control characters escaped, so that a
+/// hostile tensor or file name cannot inject terminal escape sequences (or a NUL) into
+/// a message: C0/C1 controls and DEL print as `\0`, `\t`, `\n`, `\r` or `\u{XX}`, and
+/// the Unicode bidirectional overrides (U+202A..U+202E, U+2066..U+2069) as `\u{XXXX}`.
+/// Everything else, including other non-ASCII text, prints as it is.
+///
+/// ```
+/// use modelfusion::error::Escaped;
+/// assert_eq!(Escaped("a\x1b[31mb\0").to_string(), "a\\u{1b}[31mb\\0");
+/// assert_eq!(Escaped("layers.0.weight").to_string(), "layers.0.weight");
+/// ```
+#[derive(Clone, Copy, Debug)]
+pub struct Escaped<'a>(pub &'a str);
+
+impl std::fmt::Display for Escaped<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut rest = self.0;
+        while let Some(i) = rest.find(needs_escape) {
+            f.write_str(&rest[..i])?;
+            let c = rest[i..].chars().next().unwrap_or('?');
+            match c {
+                '\0' => f.write_str("\\0")?,
+                '\t' => f.write_str("\\t")?,
+                '\n' => f.write_str("\\n")?,
+                '\r' => f.write_str("\\r")?,
+                c => write!(f, "\\u{{{:x}}}", u32::from(c))?,
+            }
+            rest = &rest[i + c.len_utf8()..];
+        }
+        f.write_str(rest)
+    }
+}
+
+fn needs_escape(c: char) -> bool {
+    c.is_control()
+        || ('\u{202a}'..='\u{202e}').contains(&c)
+        || ('\u{2066}'..='\u{2069}').contains(&c)
+}
+
+fn esc(s: &str) -> Escaped<'_> {
+    Escaped(s)
+}
+
+fn esc_path(p: &std::path::Path) -> String {
+    Escaped(&p.to_string_lossy()).to_string()
+}
+
 fn path_suffix(path: &Option<PathBuf>) -> String {
     match path {
-        Some(p) => format!(" in {}", p.display()),
+        Some(p) => format!(" in {}", esc_path(p)),
         None => String::new(),
     }
 }
@@ -223,3 +270,42 @@ impl Error {
 
 /// The result type of every fallible modelfusion call.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_characters_are_escaped_in_every_message() {
+        let hostile = "w\x1b[31mred\0nul\u{202e}";
+        let errors = [
+            Error::shape(hostile, &[1], &[2]),
+            Error::MissingParam {
+                name: hostile.into(),
+                context: hostile.into(),
+            },
+            Error::invalid(hostile, hostile),
+            Error::NonFinite {
+                what: hostile.into(),
+            },
+            Error::Format {
+                format: "safetensors",
+                path: Some(PathBuf::from(hostile)),
+                reason: hostile.into(),
+            },
+            Error::Io {
+                path: PathBuf::from(hostile),
+                source: std::io::Error::other(hostile),
+            },
+            Error::Objective(hostile.into()),
+        ];
+        for e in errors {
+            let s = e.to_string();
+            assert!(
+                !s.contains('\x1b') && !s.contains('\0') && !s.contains('\u{202e}'),
+                "{s:?}"
+            );
+            assert!(s.contains("w\\u{1b}[31mred\\0nul\\u{202e}"), "{s}");
+        }
+    }
+}

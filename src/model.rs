@@ -151,10 +151,28 @@ pub trait Model: Clone + Send + Sync + Debug + 'static {
         self.zip_map(other, |_, a, b| a.zip_map(b, |x, y| x - y))
     }
 
-    /// `alpha * self`.
+    /// `alpha * self`. A non-finite `alpha`, and an `alpha` that makes a finite
+    /// parameter overflow, are [`Error::InvalidParameter`] naming `alpha` (and the
+    /// parameter); non-finite elements already in `self` are carried as they are.
+    ///
+    /// ```
+    /// use modelfusion::{Model, StateDict};
+    /// use ndarray::arr1;
+    /// let a = StateDict::from_pairs([("w", arr1(&[2.0f32]).into_dyn())])?;
+    /// assert_eq!(a.scale(0.5)?.get("w").unwrap()[[0]], 1.0);
+    /// assert!(a.scale(f64::NAN).unwrap_err().to_string().contains("alpha"));
+    /// assert!(a.scale(1e308).unwrap_err().to_string().contains("`w`"));
+    /// # Ok::<(), modelfusion::Error>(())
+    /// ```
     fn scale(&self, alpha: f64) -> Result<Self> {
-        let alpha = <<Self::Tensor as Tensor>::Elem as Scalar>::from_f64_lossy(alpha);
-        self.try_map(|_, a| Ok(a.map(|x| x * alpha)))
+        if !alpha.is_finite() {
+            return Err(Error::invalid(
+                "alpha",
+                format!("must be finite, got {alpha}"),
+            ));
+        }
+        let a32 = <<Self::Tensor as Tensor>::Elem as Scalar>::from_f64_lossy(alpha);
+        self.try_map(|name, a| overflow_guard("alpha", alpha, name, &[a], a.map(|x| x * a32)))
     }
 
     /// `(1 - t) * self + t * other`; `t = 0` returns `self` and `t = 1` returns `other`
@@ -172,8 +190,10 @@ pub trait Model: Clone + Send + Sync + Debug + 'static {
             });
         }
         let s = <<Self::Tensor as Tensor>::Elem as Scalar>::from_f64_lossy(1.0 - t);
-        let t = <<Self::Tensor as Tensor>::Elem as Scalar>::from_f64_lossy(t);
-        self.zip_map(other, |_, a, b| a.zip_map(b, |x, y| s * x + t * y))
+        let te = <<Self::Tensor as Tensor>::Elem as Scalar>::from_f64_lossy(t);
+        self.zip_map(other, |name, a, b| {
+            overflow_guard("t", t, name, &[a, b], a.zip_map(b, |x, y| s * x + te * y)?)
+        })
     }
 
     /// `sum_i weights[i] * models[i]` (no normalisation).
@@ -223,10 +243,14 @@ pub trait Model: Clone + Send + Sync + Debug + 'static {
             weights.iter().map(|&w| Scalar::from_f64_lossy(w)).collect();
         first.try_map(|name, t0| {
             let mut acc = t0.map(|x| x * ws[0]);
+            let mut inputs = vec![t0];
             for (m, &w) in models.iter().zip(&ws).skip(1) {
-                acc.axpy(w, m.require(name, "a model")?)?;
+                let t = m.require(name, "a model")?;
+                acc.axpy(w, t)?;
+                inputs.push(t);
             }
-            Ok(acc)
+            let largest = weights.iter().fold(0.0f64, |s, w| s.max(w.abs()));
+            overflow_guard("weights", largest, name, &inputs, acc)
         })
     }
 
@@ -623,6 +647,26 @@ impl<T: Tensor> Model for StateDict<T> {
 pub type StateDictF32 = StateDict<ArrayD<f32>>;
 /// `f64` tensors.
 pub type StateDictF64 = StateDict<ArrayD<f64>>;
+
+/// `out` unless it holds a non-finite element although every input is finite: then
+/// the parameter `param` (whose largest magnitude is `value`) made tensor `name`
+/// overflow, which is an [`Error::InvalidParameter`] naming both.
+fn overflow_guard<T: Tensor>(
+    param: &str,
+    value: f64,
+    name: &str,
+    inputs: &[&T],
+    out: T,
+) -> Result<T> {
+    if out.all_finite() || inputs.iter().any(|t| !t.all_finite()) {
+        Ok(out)
+    } else {
+        Err(Error::invalid(
+            param,
+            format!("{value:e} makes the finite parameter `{name}` overflow to a non-finite value"),
+        ))
+    }
+}
 
 #[cfg(test)]
 mod tests {

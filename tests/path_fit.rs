@@ -328,7 +328,10 @@ fn non_finite_losses_and_gradients_are_reported() {
         e.to_string().contains("t = ") && e.to_string().contains("step 0"),
         "{e}"
     );
-    let mut inf_grad = |m: &StateDictF64, _: usize| Ok((1.0, m.scale(f64::INFINITY)?));
+    // (`scale` refuses a non-finite alpha, so the infinite gradient is built directly)
+    let mut inf_grad = |m: &StateDictF64, _: usize| {
+        Ok((1.0, m.try_map(|_, t| Ok(t.mapv(|x| x * f64::INFINITY)))?))
+    };
     let e = fit_curve_stochastic(&curve, &mut inf_grad, &cfg, go_on).unwrap_err();
     assert!(
         e.to_string().contains("gradient") && e.to_string().contains("`w`"),

@@ -8,7 +8,9 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use serde_json::{Map, Value};
+use serde::Deserialize;
+use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, Visitor};
+use serde_json::Value;
 
 use super::dtype::Dtype;
 use crate::error::{Error, Result};
@@ -203,13 +205,29 @@ impl Header {
         }
         let text = std::str::from_utf8(text)
             .map_err(|e| err(format!("header is not valid UTF-8: {e}")))?;
-        let value: Value = serde_json::from_str(text.trim_end_matches(' '))
-            .map_err(|e| err(format!("header is not valid JSON: {e}")))?;
-        let Value::Object(map) = value else {
-            return Err(err("header is not a JSON object".into()));
-        };
         let data_len = file.len() - 8 - n;
-        let (tensors, metadata) = parse_entries(map, data_len, path)?;
+        // Entries are validated one at a time as the JSON streams by (no `Value` tree
+        // of the whole header), so memory stays near the size of the result.
+        let (mut failure, mut context) = (None, None);
+        let mut de = serde_json::Deserializer::from_str(text.trim_end_matches(' '));
+        let parsed = HeaderSeed {
+            data_len,
+            path,
+            failure: &mut failure,
+            context: &mut context,
+        }
+        .deserialize(&mut de)
+        .and_then(|entries| de.end().map(|()| entries));
+        let (mut tensors, metadata) = match (parsed, failure, context) {
+            (_, Some(e), _) => return Err(e),
+            // well-formed JSON of the wrong shape (or a duplicate key) inside an entry
+            (Err(e), None, Some(ctx)) if e.classify() == serde_json::error::Category::Data => {
+                return Err(err(format!("{ctx}: {e}")));
+            }
+            (Err(e), None, _) => return Err(err(format!("header is not valid JSON: {e}"))),
+            (Ok(entries), None, _) => entries,
+        };
+        check_layout(&mut tensors, data_len, path)?;
         Ok(Header {
             tensors,
             metadata,
@@ -253,88 +271,177 @@ fn as_usize_array(v: &Value) -> Option<Vec<usize>> {
 
 type Entries = (Vec<TensorInfo>, BTreeMap<String, String>);
 
-fn parse_entries(map: Map<String, Value>, data_len: usize, path: Option<&Path>) -> Result<Entries> {
-    let mut metadata = BTreeMap::new();
-    let mut tensors = Vec::with_capacity(map.len());
-    for (name, v) in map {
-        let terr = |reason: String| format_err(path, format!("tensor `{name}`: {reason}"));
-        if name == "__metadata__" {
-            let Value::Object(m) = v else {
-                return Err(format_err(path, "`__metadata__` is not a JSON object"));
-            };
-            for (k, v) in m {
-                let Value::String(s) = v else {
-                    return Err(format_err(
-                        path,
-                        format!("`__metadata__` value of `{k}` is not a string"),
-                    ));
-                };
-                metadata.insert(k, s);
+/// A JSON object whose keys must be unique: serde_json's own map keeps the last of
+/// duplicate keys, while the safetensors format (like the reference parser) refuses them.
+struct UniqueMap<V>(BTreeMap<String, V>);
+
+impl<'de, V: Deserialize<'de>> Deserialize<'de> for UniqueMap<V> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct Vis<V>(std::marker::PhantomData<V>);
+        impl<'de, V: Deserialize<'de>> Visitor<'de> for Vis<V> {
+            type Value = UniqueMap<V>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
             }
-            continue;
-        }
-        let Value::Object(entry) = v else {
-            return Err(terr("entry is not a JSON object".into()));
-        };
-        let dtype_name = entry
-            .get("dtype")
-            .and_then(Value::as_str)
-            .ok_or_else(|| terr("missing string field `dtype`".into()))?;
-        let dtype = match Dtype::from_header(dtype_name) {
-            Some(d) => d,
-            None if Dtype::is_unsupported_header(dtype_name) => {
-                return Err(Error::Unsupported {
-                    what: format!(
-                        "tensor `{name}`{} has dtype {dtype_name}",
-                        path.map(|p| format!(" of {}", p.display()))
-                            .unwrap_or_default()
-                    ),
-                    reason: "packed sub-byte dtypes (F4, F6_E2M3, F6_E3M2) are valid safetensors but modelfusion cannot carry them yet".into(),
-                });
+            fn visit_map<A: MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> std::result::Result<Self::Value, A::Error> {
+                let mut out = BTreeMap::new();
+                while let Some(k) = map.next_key::<String>()? {
+                    if out.contains_key(&k) {
+                        return Err(de::Error::custom(format!("duplicate key `{k}`")));
+                    }
+                    let v = map.next_value()?;
+                    out.insert(k, v);
+                }
+                Ok(UniqueMap(out))
             }
-            None => return Err(terr(format!("unknown dtype `{dtype_name}`"))),
+        }
+        d.deserialize_map(Vis(std::marker::PhantomData))
+    }
+}
+
+/// Streams the top-level header object: each entry is validated as soon as it is read.
+/// A validation error is parked in `failure` (serde's error type cannot carry ours);
+/// `context` names the entry being read when serde_json itself fails.
+struct HeaderSeed<'a> {
+    data_len: usize,
+    path: Option<&'a Path>,
+    failure: &'a mut Option<Error>,
+    context: &'a mut Option<String>,
+}
+
+impl<'de> DeserializeSeed<'de> for HeaderSeed<'_> {
+    type Value = Entries;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> std::result::Result<Entries, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for HeaderSeed<'_> {
+    type Value = Entries;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<Entries, A::Error> {
+        let path = self.path;
+        let mut fail = |e: Error| {
+            *self.failure = Some(e);
+            de::Error::custom("invalid header entry")
         };
-        let shape = entry
-            .get("shape")
-            .and_then(as_usize_array)
-            .ok_or_else(|| terr("`shape` is not an array of non-negative integers".into()))?;
-        let offsets = entry
-            .get("data_offsets")
-            .and_then(as_usize_array)
-            .filter(|o| o.len() == 2)
-            .ok_or_else(|| terr("`data_offsets` is not a pair of non-negative integers".into()))?;
-        let (begin, end) = (offsets[0], offsets[1]);
-        if begin > end {
-            return Err(terr(format!("data_offsets [{begin}, {end}] are reversed")));
+        let mut metadata = None;
+        let mut tensors = Vec::new();
+        while let Some(name) = map.next_key::<String>()? {
+            if name == "__metadata__" {
+                if metadata.is_some() {
+                    return Err(fail(format_err(path, "duplicate `__metadata__` entry")));
+                }
+                *self.context = Some("`__metadata__` is not a JSON object with unique keys".into());
+                let m = map.next_value::<UniqueMap<Value>>()?;
+                metadata = Some(parse_metadata(m, path).map_err(&mut fail)?);
+                continue;
+            }
+            *self.context = Some(format!(
+                "tensor `{name}`: entry is not a JSON object with unique keys"
+            ));
+            let entry = map.next_value::<UniqueMap<Value>>()?;
+            tensors.push(parse_entry(name, &entry.0, self.data_len, path).map_err(&mut fail)?);
         }
-        if end > data_len {
-            return Err(terr(format!(
-                "data_offsets [{begin}, {end}] run past the end of the data ({data_len} bytes)"
-            )));
+        Ok((tensors, metadata.unwrap_or_default()))
+    }
+}
+
+fn parse_metadata(m: UniqueMap<Value>, path: Option<&Path>) -> Result<BTreeMap<String, String>> {
+    m.0.into_iter()
+        .map(|(k, v)| match v {
+            Value::String(s) => Ok((k, s)),
+            _ => Err(format_err(
+                path,
+                format!("`__metadata__` value of `{k}` is not a string"),
+            )),
+        })
+        .collect()
+}
+
+fn parse_entry(
+    name: String,
+    entry: &BTreeMap<String, Value>,
+    data_len: usize,
+    path: Option<&Path>,
+) -> Result<TensorInfo> {
+    let terr = |reason: String| format_err(path, format!("tensor `{name}`: {reason}"));
+    let dtype_name = entry
+        .get("dtype")
+        .and_then(Value::as_str)
+        .ok_or_else(|| terr("missing string field `dtype`".into()))?;
+    let dtype = match Dtype::from_header(dtype_name) {
+        Some(d) => d,
+        None if Dtype::is_unsupported_header(dtype_name) => {
+            return Err(Error::Unsupported {
+                what: format!(
+                    "tensor `{name}`{} has dtype {dtype_name}",
+                    path.map(|p| format!(" of {}", p.display()))
+                        .unwrap_or_default()
+                ),
+                reason: "packed sub-byte dtypes (F4, F6_E2M3, F6_E3M2) are valid safetensors but modelfusion cannot carry them yet".into(),
+            });
         }
-        let nbytes = shape
-            .iter()
-            .try_fold(dtype.size(), |acc, &d| acc.checked_mul(d))
-            .ok_or_else(|| terr(format!("shape {shape:?} overflows")))?;
-        if nbytes != end - begin {
-            return Err(terr(format!(
-                "shape {shape:?} of {dtype} needs {nbytes} bytes but data_offsets [{begin}, {end}] span {}",
-                end - begin
-            )));
-        }
-        tensors.push(TensorInfo {
-            name,
-            dtype,
-            shape,
-            begin,
-            end,
-            shard: 0,
-        });
+        None => return Err(terr(format!("unknown dtype `{dtype_name}`"))),
+    };
+    let shape = entry
+        .get("shape")
+        .and_then(as_usize_array)
+        .ok_or_else(|| terr("`shape` is not an array of non-negative integers".into()))?;
+    let offsets = entry
+        .get("data_offsets")
+        .and_then(as_usize_array)
+        .filter(|o| o.len() == 2)
+        .ok_or_else(|| terr("`data_offsets` is not a pair of non-negative integers".into()))?;
+    let (begin, end) = (offsets[0], offsets[1]);
+    if begin > end {
+        return Err(terr(format!("data_offsets [{begin}, {end}] are reversed")));
+    }
+    if end > data_len {
+        return Err(terr(format!(
+            "data_offsets [{begin}, {end}] run past the end of the data ({data_len} bytes)"
+        )));
+    }
+    let nbytes = shape
+        .iter()
+        .try_fold(dtype.size(), |acc, &d| acc.checked_mul(d))
+        .ok_or_else(|| terr(format!("shape {shape:?} overflows")))?;
+    if nbytes != end - begin {
+        return Err(terr(format!(
+            "shape {shape:?} of {dtype} needs {nbytes} bytes but data_offsets [{begin}, {end}] span {}",
+            end - begin
+        )));
+    }
+    Ok(TensorInfo {
+        name,
+        dtype,
+        shape,
+        begin,
+        end,
+        shard: 0,
+    })
+}
+
+/// Refuses duplicate names, then sorts by offset and checks that the tensors tile the
+/// data region exactly.
+fn check_layout(tensors: &mut [TensorInfo], data_len: usize, path: Option<&Path>) -> Result<()> {
+    let mut by_name: Vec<&str> = tensors.iter().map(|t| t.name.as_str()).collect();
+    by_name.sort_unstable();
+    if let Some(w) = by_name.windows(2).find(|w| w[0] == w[1]) {
+        return Err(format_err(
+            path,
+            format!("tensor `{}` appears more than once in the header", w[0]),
+        ));
     }
     tensors.sort_by_key(|t| (t.begin, t.end));
     let mut pos = 0usize;
     let mut prev: Option<&str> = None;
-    for t in &tensors {
+    for t in tensors.iter() {
         if t.begin < pos {
             return Err(format_err(
                 path,
@@ -370,7 +477,7 @@ fn parse_entries(map: Map<String, Value>, data_len: usize, path: Option<&Path>) 
             ),
         ));
     }
-    Ok((tensors, metadata))
+    Ok(())
 }
 
 /// A validated sharded-checkpoint index (`model.safetensors.index.json`): which file
@@ -412,15 +519,23 @@ impl ShardIndex {
                 bytes.len()
             )));
         }
-        let value: Value =
+        // Only `weight_map` is read; its keys must be unique (a duplicate is refused,
+        // where serde_json's map would keep the last), and so must the top-level keys.
+        #[derive(Deserialize)]
+        struct RawIndex {
+            weight_map: Option<UniqueMap<Value>>,
+            #[serde(flatten)]
+            _rest: UniqueMap<de::IgnoredAny>,
+        }
+        let raw: RawIndex =
             serde_json::from_slice(bytes).map_err(|e| err(format!("not valid JSON: {e}")))?;
-        let map = value
-            .get("weight_map")
-            .and_then(Value::as_object)
-            .ok_or_else(|| err("missing object `weight_map`".into()))?;
+        let map = raw
+            .weight_map
+            .ok_or_else(|| err("missing object `weight_map`".into()))?
+            .0;
         let mut files: Vec<String> = Vec::new();
         let mut weight_map = BTreeMap::new();
-        for (name, file) in map {
+        for (name, file) in &map {
             let file = file
                 .as_str()
                 .ok_or_else(|| err(format!("weight_map entry `{name}` is not a string")))?;

@@ -51,6 +51,7 @@
 //! ```
 
 mod dtype;
+mod guard;
 mod header;
 mod permute;
 mod reader;
@@ -58,6 +59,7 @@ mod stream;
 mod writer;
 
 pub use dtype::{Dtype, IoScalar, decode, encode};
+pub use guard::read_capped;
 /// The 16-bit float types of the `half` crate, as stored in F16 and BF16 tensors.
 pub use half::{bf16, f16};
 pub use header::{Header, INDEX_FILE, MAX_HEADER_SIZE, MAX_INDEX_SIZE, ShardIndex, TensorInfo};

@@ -9,6 +9,7 @@ use ndarray::{ArrayD, IxDyn};
 use rayon::prelude::*;
 
 use super::dtype::{IoScalar, decode};
+use super::guard::{open_regular, read_capped};
 use super::header::{Header, INDEX_FILE, ShardIndex, TensorInfo, format_err};
 use crate::dtype::RawTensor;
 use crate::error::{Error, Result};
@@ -109,8 +110,7 @@ impl std::fmt::Debug for Checkpoint {
 }
 
 fn map_file(path: &Path) -> Result<(Shard, Header)> {
-    let file = File::open(path).map_err(|e| io_err(path, e))?;
-    let len = file.metadata().map_err(|e| io_err(path, e))?.len();
+    let (file, len) = open_regular(path, "checkpoint file")?;
     if len < 8 {
         return Err(format_err(
             Some(path),
@@ -152,24 +152,46 @@ impl Checkpoint {
         if !meta.is_dir() {
             return Self::from_files(path, &[path.to_path_buf()], None);
         }
+        // Anything at the index's (or the single file's) path is read, so that a
+        // directory, device or FIFO there is an error rather than silently skipped.
         let index_path = path.join(INDEX_FILE);
-        if index_path.is_file() {
-            let bytes = read_limited(&index_path)?;
+        let found = || -> Result<Vec<PathBuf>> {
+            let mut found = Vec::new();
+            for entry in std::fs::read_dir(path).map_err(|e| io_err(path, e))? {
+                let p = entry.map_err(|e| io_err(path, e))?.path();
+                if p.extension().is_some_and(|e| e == "safetensors") && p.is_file() {
+                    found.push(p);
+                }
+            }
+            Ok(found)
+        };
+        if std::fs::symlink_metadata(&index_path).is_ok() {
+            let bytes = read_capped(
+                &index_path,
+                super::header::MAX_INDEX_SIZE,
+                "checkpoint index",
+            )?;
             let index = ShardIndex::parse(&bytes, Some(&index_path))?;
+            if index.is_empty() {
+                let shards = found()?;
+                if !shards.is_empty() {
+                    return Err(format_err(
+                        Some(&index_path),
+                        format!(
+                            "the index lists no tensors but the directory holds {} *.safetensors file(s)",
+                            shards.len()
+                        ),
+                    ));
+                }
+            }
             let files: Vec<PathBuf> = index.files().iter().map(|f| path.join(f)).collect();
             return Self::from_files(path, &files, Some((&index, &index_path)));
         }
         let single = path.join(SINGLE_FILE);
-        if single.is_file() {
+        if std::fs::symlink_metadata(&single).is_ok() {
             return Self::from_files(path, &[single], None);
         }
-        let mut found = Vec::new();
-        for entry in std::fs::read_dir(path).map_err(|e| io_err(path, e))? {
-            let p = entry.map_err(|e| io_err(path, e))?.path();
-            if p.extension().is_some_and(|e| e == "safetensors") && p.is_file() {
-                found.push(p);
-            }
-        }
+        let found = found()?;
         match found.as_slice() {
             [one] => Self::from_files(path, std::slice::from_ref(one), None),
             [] => Err(format_err(
@@ -534,21 +556,6 @@ impl Checkpoint {
 }
 
 /// Reads a whole (small) file, refusing anything above the index size limit.
-fn read_limited(path: &Path) -> Result<Vec<u8>> {
-    let len = std::fs::metadata(path).map_err(|e| io_err(path, e))?.len();
-    if len > super::header::MAX_INDEX_SIZE {
-        return Err(Error::Format {
-            format: "safetensors index",
-            path: Some(path.to_path_buf()),
-            reason: format!(
-                "index is {len} bytes, above the limit of {}",
-                super::header::MAX_INDEX_SIZE
-            ),
-        });
-    }
-    std::fs::read(path).map_err(|e| io_err(path, e))
-}
-
 /// Loads a checkpoint (a `.safetensors` file or a sharded directory, see
 /// [`Checkpoint::open`]) into a [`StateDict`] of `T` (`f32` or `f64`), converting from
 /// whatever float type each tensor is stored in; non-float tensors are kept as

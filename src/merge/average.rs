@@ -129,7 +129,7 @@ impl Average {
             .weights_for(tensors.len())
             .map_err(|e| rename(e, name))?;
         kernel::weighted_sum_tensors_into(tensors, &w, out);
-        Ok(())
+        check_average(name, tensors, &w, out)
     }
 }
 
@@ -139,8 +139,23 @@ impl<T: Tensor> TensorMerger<T> for Average {
         let w = self
             .weights_for(tensors.len())
             .map_err(|e| rename(e, name))?;
-        kernel::weighted_sum(tensors, &w)
+        let out: T = kernel::weighted_sum(tensors, &w)?;
+        check_average(name, tensors, &w, &kernel::elems(&out))?;
+        Ok(out)
     }
+}
+
+/// Errors unless a weighted average is finite: names the input holding a NaN or an
+/// infinity, or the weights that made finite inputs overflow.
+fn check_average<T: Tensor>(name: &str, tensors: &[&T], w: &[f64], out: &[T::Elem]) -> Result<()> {
+    kernel::check_merged(name, tensors, &[], out, || {
+        let largest = w.iter().fold(0.0f64, |s, x| s.max(x.abs()));
+        kernel::overflow_error(
+            "weights",
+            format!("a weight of magnitude {largest:e}"),
+            name,
+        )
+    })
 }
 
 fn rename(e: Error, name: &str) -> Error {
@@ -225,6 +240,7 @@ impl<M: Model> Swa<M> {
     /// # Ok::<(), modelfusion::Error>(())
     /// ```
     pub fn update(&mut self, model: &M) -> Result<()> {
+        model.check_finite(&format!("the model of SWA update {}", self.count))?;
         match &mut self.mean {
             None => self.mean = Some(model.clone()),
             Some(mean) => blend_into(mean, model, 1.0 / (self.count as f64 + 1.0))?,
@@ -311,6 +327,7 @@ impl<M: Model> Ema<M> {
     /// # Ok::<(), modelfusion::Error>(())
     /// ```
     pub fn update(&mut self, model: &M) -> Result<()> {
+        model.check_finite(&format!("the model of EMA update {}", self.count))?;
         match &mut self.ema {
             None => self.ema = Some(model.clone()),
             Some(e) => blend_into(e, model, 1.0 - self.decay)?,
@@ -391,6 +408,7 @@ impl<M: Model> Lawa<M> {
     /// # Ok::<(), modelfusion::Error>(())
     /// ```
     pub fn update(&mut self, model: &M) -> Result<()> {
+        model.check_finite("the model given to LAWA")?;
         if let Some(first) = self.window.front() {
             first.check_compatible(model)?;
         }
@@ -496,7 +514,12 @@ impl<M: Model> Swag<M> {
     /// # Ok::<(), modelfusion::Error>(())
     /// ```
     pub fn update(&mut self, model: &M) -> Result<()> {
+        model.check_finite(&format!("the model of SWAG update {}", self.count))?;
         let sq = model.try_map(|_, t| Ok(t.map(|x| x * x)))?;
+        sq.check_finite(&format!(
+            "the squares (second moment) of the model of SWAG update {}: an element is too large to square",
+            self.count
+        ))?;
         match (&mut self.mean, &mut self.sq_mean) {
             (Some(mean), Some(sq_mean)) => {
                 let a = 1.0 / (self.count as f64 + 1.0);
@@ -638,6 +661,12 @@ impl<M: Model> Swag<M> {
                     *x = E::<M>::from_f64_lossy(val);
                 }
             });
+            if !kernel::all_finite(&out) {
+                return Err(Error::invalid(
+                    "scale",
+                    format!("{scale:e} makes the SWAG sample of parameter `{name}` overflow to a non-finite value"),
+                ));
+            }
             kernel::build(mt.shape(), out)
         })
     }

@@ -120,6 +120,17 @@ impl Ensemble {
                     o.shape(),
                 ));
             }
+            if let Some(k) = o.iter().position(|v| !v.is_finite()) {
+                let c = o.ncols().max(1);
+                return Err(Error::NonFinite {
+                    what: format!(
+                        "outputs of model {i} at [{}, {}] ({})",
+                        k / c,
+                        k % c,
+                        o.iter().nth(k).copied().unwrap_or(f64::NAN)
+                    ),
+                });
+            }
             match self.mode {
                 EnsembleMode::Logits => acc.scaled_add(*wi, o),
                 EnsembleMode::Probabilities => acc.scaled_add(*wi, &softmax_rows(o)),

@@ -272,6 +272,16 @@ impl<M: Model> TensorMerger<M::Tensor> for Fisher<M> {
                 };
             }
         });
+        kernel::check_merged(name, tensors, &[], &out, || {
+            kernel::overflow_error(
+                "coefficients",
+                format!(
+                    "{:?} (with Fisher scales {:?})",
+                    self.coefficients, self.scales
+                ),
+                name,
+            )
+        })?;
         kernel::build(shape, out)
     }
 }

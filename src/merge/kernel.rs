@@ -137,6 +137,73 @@ pub(crate) fn check_out_len(name: &str, got: usize, want: usize) -> Result<()> {
     Ok(())
 }
 
+/// True when every element of `x` is finite: branch-free (`v * 0` is `0` for a finite
+/// `v` and NaN otherwise, summed in 8 lanes so it vectorises), in parallel when large.
+pub(crate) fn all_finite<E: Scalar>(x: &[E]) -> bool {
+    let chunk_ok = |c: &[E]| {
+        let mut acc = [E::zero(); 8];
+        let mut it = c.chunks_exact(8);
+        for v in &mut it {
+            for (a, &b) in acc.iter_mut().zip(v) {
+                *a += b * E::zero();
+            }
+        }
+        it.remainder().iter().all(|v| v.is_finite()) && acc.iter().all(|a| a.is_finite())
+    };
+    map_chunks(x.len(), |_, s, e| chunk_ok(&x[s..e]))
+        .into_iter()
+        .all(|ok| ok)
+}
+
+/// The error for the first of `tensors` (model `i`) or `extra` (labelled, e.g. "the
+/// base model") whose tensor `name` holds a NaN or an infinity, if any does.
+pub(crate) fn nonfinite_input<T: Tensor>(
+    name: &str,
+    tensors: &[&T],
+    extra: &[(&str, &T)],
+) -> Option<Error> {
+    let labelled = tensors
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (format!("model {i}"), *t))
+        .chain(extra.iter().map(|(l, t)| (l.to_string(), *t)));
+    for (label, t) in labelled {
+        let data = elems(t);
+        if let Some(k) = data.iter().position(|v| !num_traits::Float::is_finite(*v)) {
+            return Some(Error::NonFinite {
+                what: format!("parameter `{name}` of {label} (element {k} is {})", data[k]),
+            });
+        }
+    }
+    None
+}
+
+/// Errors unless the merged `out` is finite: names the input that holds a NaN or an
+/// infinity (see [`nonfinite_input`]) or, when every input is finite, returns
+/// `overflow()` (an error naming the hyperparameter that made the result overflow).
+pub(crate) fn check_merged<T: Tensor>(
+    name: &str,
+    tensors: &[&T],
+    extra: &[(&str, &T)],
+    out: &[T::Elem],
+    overflow: impl FnOnce() -> Error,
+) -> Result<()> {
+    if all_finite(out) {
+        return Ok(());
+    }
+    Err(nonfinite_input(name, tensors, extra).unwrap_or_else(overflow))
+}
+
+/// The error for a merge of finite inputs that overflowed: names `param` and its value.
+pub(crate) fn overflow_error(param: &str, value: impl std::fmt::Display, name: &str) -> Error {
+    Error::invalid(
+        param,
+        format!(
+            "{value} makes the merge of the finite parameter `{name}` overflow to a non-finite value"
+        ),
+    )
+}
+
 /// Calls `f(chunk_index, start, out_chunk)` for every [`PAR_CHUNK`]-sized chunk of `out`,
 /// in parallel when `out` is large.
 pub(crate) fn for_chunks<E, F>(out: &mut [E], f: F)
@@ -365,6 +432,20 @@ mod tests {
         assert_ne!(stream_seed(1, "w", 0, 0), stream_seed(1, "w", 0, 1));
         assert_eq!(stream_seed(7, "w", 2, 3), stream_seed(7, "w", 2, 3));
         assert_eq!(keep_threshold(1.0), 1 << 32);
+    }
+
+    #[test]
+    fn finiteness_scan_finds_every_position() {
+        let n = PAR_MIN + 77;
+        let mut x = vec![1.0f32; n];
+        assert!(all_finite(&x));
+        for i in [0, 5, 8, PAR_CHUNK + 3, n - 1] {
+            for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+                x[i] = bad;
+                assert!(!all_finite(&x), "{i} {bad}");
+                x[i] = 1.0;
+            }
+        }
     }
 
     #[test]

@@ -252,13 +252,20 @@ impl<T: Tensor> TensorMerger<T> for RegMean {
         check_shapes(name, tensors)?;
         check_count(tensors.len(), self.grams.len(), "Gram matrix sets", name)?;
         if !self.grams[0].contains_key(name) {
-            let n = tensors.len() as f64;
-            return kernel::weighted_sum(tensors, &vec![1.0 / n; tensors.len()]);
+            return super::Average::uniform().merge_tensor(name, tensors);
         }
         let (a, rhs) = self.system(name, tensors)?;
         let wt = solve_spd(&a, &rhs)?; // (in, out)
         let w = wt.t().mapv(T::Elem::from_f64_lossy);
         let data: Vec<T::Elem> = w.iter().copied().collect();
+        kernel::check_merged(name, tensors, &[], &data, || {
+            Error::invalid(
+                "grams",
+                format!(
+                    "the RegMean solve for parameter `{name}` overflows (ill-conditioned Gram matrices)"
+                ),
+            )
+        })?;
         kernel::build(tensors[0].shape(), data)
     }
 }

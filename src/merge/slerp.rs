@@ -119,7 +119,11 @@ impl<T: Tensor> TensorMerger<T> for Slerp {
             None
         };
         let (ca, cb) = self.coefficients(cos);
-        kernel::weighted_sum(tensors, &[ca, cb])
+        let out: T = kernel::weighted_sum(tensors, &[ca, cb])?;
+        kernel::check_merged(name, tensors, &[], &kernel::elems(&out), || {
+            kernel::overflow_error("t", self.t, name)
+        })?;
+        Ok(out)
     }
 }
 
@@ -225,6 +229,18 @@ impl<T: Tensor> TensorMerger<T> for KarcherMean {
                     .sqrt()
             })
             .collect();
+        if norms.iter().any(|r| !r.is_finite()) {
+            return Err(
+                kernel::nonfinite_input(name, tensors, &[]).unwrap_or_else(|| {
+                    Error::invalid(
+                        "models",
+                        format!(
+                            "the norms of parameter `{name}` overflow f64 (elements too large)"
+                        ),
+                    )
+                }),
+            );
+        }
         if n == 0 || norms.contains(&0.0) {
             return kernel::weighted_sum(tensors, &w);
         }
@@ -303,6 +319,9 @@ impl<T: Tensor> TensorMerger<T> for KarcherMean {
         }
         let r: f64 = w.iter().zip(&norms).map(|(w, r)| w * r).sum();
         let out: Vec<T::Elem> = m.iter().map(|&v| T::Elem::from_f64_lossy(r * v)).collect();
+        kernel::check_merged(name, tensors, &[], &out, || {
+            kernel::overflow_error("weights", format!("{w:?}"), name)
+        })?;
         kernel::build(tensors[0].shape(), out)
     }
 }

@@ -104,6 +104,16 @@ impl<M: Model> ModelStock<M> {
             }
             acc
         });
+        if g.iter().any(|x| !x.is_finite()) {
+            return Err(
+                kernel::nonfinite_input(name, tensors, &[("the base model", base)]).unwrap_or_else(|| {
+                    Error::invalid(
+                        "models",
+                        format!("the task vectors of parameter `{name}` are too large: their inner products overflow"),
+                    )
+                }),
+            );
+        }
         let gram = |i: usize, j: usize| {
             let (i, j) = if i <= j { (i, j) } else { (j, i) };
             g[pairs.iter().position(|&p| p == (i, j)).unwrap_or(0)]
@@ -140,6 +150,14 @@ impl<M: Model> TensorMerger<M::Tensor> for ModelStock<M> {
         all.push(base);
         let mut w = vec![t / k; tensors.len()];
         w.push(1.0 - t);
-        kernel::weighted_sum(&all, &w)
+        let out: M::Tensor = kernel::weighted_sum(&all, &w)?;
+        kernel::check_merged(
+            name,
+            tensors,
+            &[("the base model", base)],
+            &kernel::elems(&out),
+            || kernel::overflow_error("t", format!("the model stock ratio {t:e}"), name),
+        )?;
+        Ok(out)
     }
 }

@@ -82,5 +82,6 @@ mod sinkhorn;
 
 pub use lap::{Assignment, ExactOt, exact_ot_uniform, linear_sum_assignment};
 pub use sinkhorn::{
-    Sinkhorn, SinkhornBuilder, TransportPlan, sinkhorn, sinkhorn_operator, sinkhorn_unbalanced,
+    REG_REL_FLOOR, Sinkhorn, SinkhornBuilder, TransportPlan, sinkhorn, sinkhorn_operator,
+    sinkhorn_unbalanced,
 };

@@ -18,6 +18,27 @@ const PAR_MIN_ENTRIES: usize = 1 << 16;
 const ABSORB: f64 = 1e30;
 /// Relative tolerance on `sum(a) == sum(b)` in the balanced problem.
 const MASS_RTOL: f64 = 1e-6;
+/// Relative tolerance on the total mass of a returned balanced plan (or the column
+/// sums of the Sinkhorn operator): a plan further off than this is garbage, not an
+/// unconverged iterate, and is refused.
+const RESULT_MASS_RTOL: f64 = 1e-3;
+
+/// The documented floor of the entropic regulariser (`reg` of [`Sinkhorn`], `tau` of
+/// [`sinkhorn_operator`]) relative to the cost scale `max |M_ij|`: a smaller value is
+/// refused with [`Error::InvalidParameter`], since `M / reg` then exceeds what `f64`
+/// resolves (the entropic term vanishes below the cost's rounding) and the iteration can
+/// only overflow. The value must also be at least `f64::MIN_POSITIVE`, whatever the costs.
+///
+/// ```
+/// use modelfusion::solve::{sinkhorn, REG_REL_FLOOR};
+/// use ndarray::array;
+/// let m = array![[0.0, 1e6], [1e6, 0.0]];
+/// let (a, b) = (array![0.5, 0.5], array![0.5, 0.5]);
+/// let err = sinkhorn(a.view(), b.view(), m.view(), REG_REL_FLOOR * 1e5).unwrap_err();
+/// assert!(err.to_string().contains("`reg`"), "{err}");
+/// assert!(sinkhorn(a.view(), b.view(), m.view(), REG_REL_FLOOR * 1e7).is_ok());
+/// ```
+pub const REG_REL_FLOOR: f64 = 1e-12;
 
 /// Parameters of [`Sinkhorn`], validated by [`SinkhornBuilder::build`].
 ///
@@ -344,11 +365,14 @@ impl Sinkhorn {
                 ),
             ));
         }
+        let scale = check_reg("reg", self.p.reg, &cost)?;
         let (f0, g0) = match warm {
             Some((f, g)) => {
                 check_len("potential `f` (one per cost row)", f.len(), n, m)?;
                 check_len("potential `g` (one per cost column)", g.len(), m, n)?;
-                (potential("f", f)?, potential("g", g)?)
+                let (f, g) = (potential("f", f)?, potential("g", g)?);
+                check_warm_span(&f, &g, scale, self.p.reg)?;
+                (f, g)
             }
             None => (vec![0.0; n], vec![0.0; m]),
         };
@@ -366,6 +390,36 @@ impl Sinkhorn {
             warm.is_some(),
             simd::best(),
         );
+        check_plan("reg", self.p.reg, scale, &out.plan, m)?;
+        if !out.cost.is_finite() {
+            return Err(Error::invalid(
+                "reg",
+                format!(
+                    "{:e} gives a plan whose transport cost <P, M> is {} (costs of scale {scale:e}); rescale the costs",
+                    self.p.reg, out.cost
+                ),
+            ));
+        }
+        if let Some((name, v)) = [("f", &out.f), ("g", &out.g)]
+            .into_iter()
+            .find_map(|(name, v)| {
+                v.iter()
+                    .find(|x| x.is_nan() || **x == f64::INFINITY)
+                    .map(|x| (name, *x))
+            })
+        {
+            return Err(Error::invalid(
+                "reg",
+                format!(
+                    "{:e} gives a potential `{name}` of {v}; raise `reg` or rescale the costs",
+                    self.p.reg
+                ),
+            ));
+        }
+        if self.p.reg_m.is_none() {
+            let total: f64 = out.plan.iter().sum();
+            check_mass("reg", self.p.reg, "total mass of the plan", total, sa)?;
+        }
         Ok(TransportPlan {
             plan: Array2::from_shape_vec(
                 (n, m),
@@ -479,6 +533,7 @@ pub fn sinkhorn_operator<F: Scalar>(
         .into_iter()
         .map(|x| -x)
         .collect();
+    let scale = check_reg("tau", tau, &cost)?;
     let a = vec![1.0; n];
     let b = vec![n as f64 / m as f64; m];
     let pr = Problem {
@@ -502,10 +557,93 @@ pub fn sinkhorn_operator<F: Scalar>(
     }
     st.absorb();
     let plan = st.k;
+    check_plan("tau", tau, scale, &plan, m)?;
+    let want = n as f64 / m as f64;
+    for j in 0..m {
+        let col: f64 = plan.iter().skip(j).step_by(m).sum();
+        check_mass("tau", tau, &format!("column {j} sum"), col, want)?;
+    }
     Ok(
         Array2::from_shape_vec((n, m), plan.into_iter().map(F::from_f64_lossy).collect())
             .expect("n x m entries"),
     )
+}
+
+/// Errors naming `name` unless `reg >= max(REG_REL_FLOOR * max |M_ij|, f64::MIN_POSITIVE)`
+/// and the cost range `max M - min M` is finite; returns the cost scale `max |M_ij|`.
+fn check_reg(name: &str, reg: f64, cost: &[f64]) -> Result<f64> {
+    let (lo, hi) = cost
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), &c| {
+            (l.min(c), h.max(c))
+        });
+    if !(hi - lo).is_finite() {
+        return Err(Error::invalid(
+            "cost",
+            format!("the range of the costs, {hi:e} - ({lo:e}), overflows f64; rescale the costs"),
+        ));
+    }
+    let scale = hi.abs().max(lo.abs());
+    let floor = (REG_REL_FLOOR * scale).max(f64::MIN_POSITIVE);
+    if reg < floor {
+        return Err(Error::invalid(
+            name,
+            format!(
+                "{reg:e} is below its floor {floor:e} (REG_REL_FLOOR = {REG_REL_FLOOR:e} times the cost scale max |M_ij| = {scale:e}, and at least {:e}); raise `{name}` or rescale the costs",
+                f64::MIN_POSITIVE
+            ),
+        ));
+    }
+    Ok(scale)
+}
+
+/// Errors unless `(f_i + g_j - M_ij) / reg` stays finite for every finite warm start.
+fn check_warm_span(f: &[f64], g: &[f64], scale: f64, reg: f64) -> Result<()> {
+    let max_abs = |v: &[f64]| {
+        v.iter()
+            .filter(|x| x.is_finite())
+            .fold(0.0f64, |s, x| s.max(x.abs()))
+    };
+    let (fm, gm) = (max_abs(f), max_abs(g));
+    if !((fm + gm + scale) / reg).is_finite() {
+        let name = if fm >= gm { "f" } else { "g" };
+        return Err(Error::invalid(
+            name,
+            format!(
+                "warm-start potentials as large as |f| = {fm:e}, |g| = {gm:e} overflow (f_i + g_j - M_ij) / reg with reg = {reg:e}"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Errors naming `name = reg` unless every entry of `plan` (`m` columns) is finite.
+fn check_plan(name: &str, reg: f64, scale: f64, plan: &[f64], m: usize) -> Result<()> {
+    if let Some(k) = plan.iter().position(|p| !p.is_finite()) {
+        return Err(Error::invalid(
+            name,
+            format!(
+                "{reg:e} gives a non-finite plan entry [{}, {}] = {} for costs of scale {scale:e}; raise `{name}` or rescale the costs",
+                k / m,
+                k % m,
+                plan[k]
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Errors naming `name = reg` unless `got` is within [`RESULT_MASS_RTOL`] of `want`.
+fn check_mass(name: &str, reg: f64, what: &str, got: f64, want: f64) -> Result<()> {
+    if (got - want).abs() > RESULT_MASS_RTOL * want.abs() || !got.is_finite() {
+        return Err(Error::invalid(
+            name,
+            format!(
+                "{reg:e} gives a plan whose {what} is {got:e} instead of {want:e}; raise `{name}` or rescale the costs"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn check_len(what: &str, got: usize, expected: usize, other: usize) -> Result<()> {

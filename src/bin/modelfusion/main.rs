@@ -16,15 +16,19 @@ mod methods;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use modelfusion::io::{
-    Checkpoint, Chunking, Dtype, SaveOptions, StreamOptions, check_compatible, copy_side_files,
-    merge_checkpoints,
+    Checkpoint, Chunking, Dtype, IoScalar, SaveOptions, StreamOptions, check_compatible,
+    copy_side_files, merge_checkpoints, read_capped,
 };
-use modelfusion::{Error, Result};
+use modelfusion::merge::TensorMerger;
+use modelfusion::{Error, Result, Tensor};
+use ndarray::ArrayD;
 
 use config::Config;
 use methods::ConfigMerger;
@@ -64,6 +68,9 @@ struct MergeArgs {
     /// Do not copy config.json and tokenizer files from the base (or first) model.
     #[arg(long)]
     no_copy_files: bool,
+    /// Write merged tensors even when they hold NaN or infinite values (refused by default).
+    #[arg(long)]
+    allow_nonfinite: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -132,18 +139,124 @@ fn open_inputs(config: &Config) -> Result<Vec<Checkpoint>> {
         .collect()
 }
 
+/// Largest merge config read, in bytes (checked from the metadata and by reading at
+/// most this much, so `/dev/zero`-like inputs fail at once).
+const MAX_CONFIG_SIZE: u64 = 16 << 20;
+
+/// Checks every merged tensor before it is written: non-finite values are an error
+/// (unless allowed), and finite values that the output dtype cannot hold (above the
+/// float16 / bfloat16 maximum: stored as infinity) are counted for a warning.
+struct Checked<'a, M> {
+    inner: &'a M,
+    allow_nonfinite: bool,
+    out_dtype: Dtype,
+    overflowed: AtomicU64,
+    first_overflow: Mutex<Option<String>>,
+}
+
+impl<'a, M> Checked<'a, M> {
+    fn new(inner: &'a M, allow_nonfinite: bool, out_dtype: Dtype) -> Self {
+        Checked {
+            inner,
+            allow_nonfinite,
+            out_dtype,
+            overflowed: AtomicU64::new(0),
+            first_overflow: Mutex::new(None),
+        }
+    }
+
+    /// Largest finite value of the output dtype, when it is narrower than `f32`.
+    fn narrow_max(&self) -> Option<f64> {
+        match self.out_dtype {
+            Dtype::F16 => Some(f64::from(modelfusion::io::f16::MAX)),
+            Dtype::BF16 => Some(f64::from(modelfusion::io::bf16::MAX)),
+            _ => None,
+        }
+    }
+
+    /// Whether `x` (finite, above the dtype's maximum) is stored as an infinity.
+    fn becomes_infinite(&self, x: f64) -> bool {
+        match self.out_dtype {
+            Dtype::F16 => modelfusion::io::f16::from_f64(x).is_infinite(),
+            Dtype::BF16 => modelfusion::io::bf16::from_f64(x).is_infinite(),
+            _ => false,
+        }
+    }
+
+    /// A warning line for the values that overflowed the output dtype, if any did.
+    fn overflow_warning(&self) -> Option<String> {
+        let n = self.overflowed.load(Ordering::Relaxed);
+        let first = self
+            .first_overflow
+            .lock()
+            .map(|g| g.clone())
+            .unwrap_or_default()?;
+        (n > 0).then(|| {
+            format!(
+                "warning: {n} merged value(s) exceed the {} maximum ({}) and are stored as infinity (first in tensor `{}`); consider out_dtype: float32",
+                self.out_dtype.torch_name(),
+                self.narrow_max().unwrap_or(f64::INFINITY),
+                modelfusion::error::Escaped(&first)
+            )
+        })
+    }
+}
+
+impl<T, M> TensorMerger<ArrayD<T>> for Checked<'_, M>
+where
+    T: IoScalar,
+    ArrayD<T>: Tensor<Elem = T>,
+    M: TensorMerger<ArrayD<T>>,
+{
+    fn merge_tensor(&self, name: &str, ts: &[&ArrayD<T>]) -> Result<ArrayD<T>> {
+        let out = self.inner.merge_tensor(name, ts)?;
+        let max = self.narrow_max().unwrap_or(f64::INFINITY);
+        let (mut nonfinite, mut overflow) = (0u64, 0u64);
+        for &x in out.iter() {
+            let v = x.to_f64_lossless();
+            if !v.is_finite() {
+                nonfinite += 1;
+            } else if v.abs() > max && self.becomes_infinite(v) {
+                overflow += 1;
+            }
+        }
+        if nonfinite > 0 && !self.allow_nonfinite {
+            return Err(Error::NonFinite {
+                what: format!(
+                    "merged tensor `{name}` ({nonfinite} of {} values are NaN or infinite); nothing more is written, pass --allow-nonfinite to write such values anyway",
+                    out.len()
+                ),
+            });
+        }
+        if overflow > 0 {
+            self.overflowed.fetch_add(overflow, Ordering::Relaxed);
+            if let Ok(mut first) = self.first_overflow.lock() {
+                first.get_or_insert_with(|| name.to_string());
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn read_config(path: &Path) -> Result<String> {
+    let bytes = read_capped(path, MAX_CONFIG_SIZE, "merge config")?;
+    String::from_utf8(bytes).map_err(|e| {
+        Error::invalid(
+            "merge config",
+            format!("`{}` is not UTF-8 text: {e}", path.display()),
+        )
+    })
+}
+
 fn run_merge(a: MergeArgs) -> Result<()> {
-    let text = std::fs::read_to_string(&a.config).map_err(|e| Error::Io {
-        path: a.config.clone(),
-        source: e,
-    })?;
+    let text = read_config(&a.config)?;
     let mut config = Config::from_yaml(&text, &a.config)?;
     config.seed = a.seed;
     let cks = open_inputs(&config)?;
     let refs: Vec<&Checkpoint> = cks.iter().collect();
     let plan = check_compatible(&refs)?;
-    let merger = ConfigMerger::new(&config);
-    merger.preflight(plan.iter().map(|(n, _)| n.as_str()))?;
+    let config_merger = ConfigMerger::new(&config);
+    config_merger.preflight(plan.iter().map(|(n, _)| n.as_str()))?;
     let out_dtype = config
         .out_dtype
         .or_else(|| {
@@ -154,6 +267,7 @@ fn run_merge(a: MergeArgs) -> Result<()> {
                 .find(|d| d.is_float())
         })
         .unwrap_or(Dtype::F32);
+    let merger = Checked::new(&config_merger, a.allow_nonfinite, out_dtype);
     let out_bytes: u64 = plan
         .iter()
         .map(|(_, s)| s.iter().product::<usize>() as u64 * out_dtype.size() as u64)
@@ -211,6 +325,9 @@ fn run_merge(a: MergeArgs) -> Result<()> {
         merge_checkpoints::<f32, _>(&refs, &merger, &a.out, &opts, progress)?
     };
     bar.finish_and_clear();
+    if let Some(w) = merger.overflow_warning() {
+        eprintln!("{w}");
+    }
     let secs = start.elapsed().as_secs_f64();
     let copied = if !a.no_copy_files {
         copy_side_files(&config.inputs[0], &a.out, Some(out_dtype))?
