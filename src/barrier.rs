@@ -265,11 +265,18 @@ where
             curve.refine(bracket_i, config.refine, chord)?;
         }
     }
+    Ok(summarise(curve))
+}
+
+/// Both barriers of an evaluated curve (sorted, with `t = 0` first and `t = 1` last).
+fn summarise<E: FnMut(f64) -> Result<f64>>(curve: Curve<E>) -> BarrierReport {
+    let (l0, l1) = (curve.points[0].1, curve.points[curve.points.len() - 1].1);
+    let chord = move |t: f64| (1.0 - t) * l0 + t * l1;
     let (i, frankle) = curve.argmax(|_| 0.5 * (l0 + l1));
     let frankle_t = curve.points[i].0;
     let (j, interpolated) = curve.argmax(chord);
     let interpolated_t = curve.points[j].0;
-    Ok(BarrierReport {
+    BarrierReport {
         curve: curve.points,
         start: l0,
         end: l1,
@@ -277,7 +284,51 @@ where
         frankle_t,
         interpolated,
         interpolated_t,
-    })
+    }
+}
+
+impl BarrierReport {
+    /// The report of a curve evaluated elsewhere (e.g. losses computed in PyTorch along
+    /// the path): `(t, loss)` pairs in any order, with `t` in `[0, 1]`, both `t = 0` and
+    /// `t = 1` present, every value finite and no `t` twice.
+    ///
+    /// ```
+    /// use modelfusion::barrier::BarrierReport;
+    /// let r = BarrierReport::from_curve([(1.0, 0.2), (0.0, 0.1), (0.5, 1.15)])?;
+    /// assert!((r.frankle - 1.0).abs() < 1e-12);
+    /// assert_eq!(r.frankle_t, 0.5);
+    /// assert!(BarrierReport::from_curve([(0.0, 0.1), (0.5, 1.0)]).is_err()); // no t = 1
+    /// # Ok::<(), modelfusion::Error>(())
+    /// ```
+    pub fn from_curve(points: impl IntoIterator<Item = (f64, f64)>) -> Result<BarrierReport> {
+        let mut points: Vec<(f64, f64)> = points.into_iter().collect();
+        for &(t, v) in &points {
+            if !(0.0..=1.0).contains(&t) {
+                return Err(Error::invalid("t", format!("must be in [0, 1], got {t}")));
+            }
+            if !v.is_finite() {
+                return Err(Error::NonFinite {
+                    what: format!("the loss at t = {t} (got {v})"),
+                });
+            }
+        }
+        points.sort_by(|a, b| a.0.total_cmp(&b.0));
+        if let Some(w) = points.windows(2).find(|w| w[0].0 == w[1].0) {
+            return Err(Error::invalid("t", format!("t = {} appears twice", w[0].0)));
+        }
+        if points.first().map(|p| p.0) != Some(0.0) || points.last().map(|p| p.0) != Some(1.0) {
+            return Err(Error::invalid(
+                "points",
+                "the curve needs both endpoints, t = 0 and t = 1",
+            ));
+        }
+        Ok(summarise(Curve {
+            points,
+            eval: |t: f64| -> Result<f64> {
+                Err(Error::invalid("t", format!("no value at t = {t}")))
+            },
+        }))
+    }
 }
 
 /// Evaluated points, sorted by t, with memoised evaluation.

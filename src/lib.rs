@@ -18,7 +18,9 @@
 //!
 //! - [`perm`]: permutation specs say which axes of which parameters a hidden unit's
 //!   permutation reorders; [`perm::specs`] has them for MLPs, residual MLPs, VGG and
-//!   ResNet-20, and every spec is checked against the model's shapes.
+//!   ResNet-20, [`perm::infer`] detects them in PyTorch checkpoints, [`perm::SpecBuilder`]
+//!   and spec files write new ones, and every spec is checked against the model (a
+//!   forgotten bias or a consumer on the wrong axis is an error).
 //! - [`solve`]: the numeric core: [`linear_sum_assignment`] (Jonker-Volgenant, scipy's
 //!   contract) and [`sinkhorn`] (log-domain stabilised, balanced and unbalanced).
 //! - [`align`]: Git Re-Basin weight and activation matching, OT fusion, REPAIR.
@@ -29,7 +31,8 @@
 //! - [`pipeline`]: reference choice -> align -> merge -> evaluate.
 //! - [`optim`]: SGD (momentum, Nesterov) and Adam on model-shaped values, with weight
 //!   decay, frozen parameters and learning-rate schedules (used by `nn` and `path`).
-//! - [`io`]: safetensors checkpoints (f32, f64, f16, bf16), sharding, streaming merges.
+//! - [`io`]: safetensors checkpoints (f16, bf16, f32, f64 merged; every other dtype
+//!   carried bit for bit), sharding, streaming merges, permuted copies of checkpoints.
 //! - [`nn`]: reference networks with hand-written backward passes and data sets, to run
 //!   all of the above end to end without a deep-learning framework.
 //!
@@ -56,6 +59,76 @@
 //! assert_eq!(b_aligned.max_abs_diff(&a)?, 0.0); // the shuffle is undone exactly
 //! let mid = a.lerp(&b_aligned, 0.5)?;
 //! assert!(mid.max_abs_diff(&a)? < 1e-6);
+//! # Ok::<(), modelfusion::Error>(())
+//! ```
+//!
+//! ## Walkthrough: your own checkpoint
+//!
+//! A PyTorch `state_dict` saved with `safetensors.torch.save_file` loads as it is: names
+//! as PyTorch writes them, BatchNorm's `num_batches_tracked` (I64) carried as a
+//! [`RawTensor`]. The spec is inferred from names and shapes ([`perm::infer`]), checked,
+//! and the aligned model written back in each tensor's own dtype.
+//!
+//! ```
+//! use modelfusion::align::{Aligner, WeightMatching};
+//! use modelfusion::io::{infer_checkpoint_spec, load, save, write_permuted, Checkpoint, Dtype, SaveOptions};
+//! use modelfusion::perm::PermutationSet;
+//! use modelfusion::{Model, RawTensor, StateDict, StateDictF32};
+//! use ndarray::{Array1, Array2};
+//!
+//! // Stand-in for `torch.save`: an nn.Sequential(Linear, BatchNorm1d, ReLU, Linear).
+//! let dir = std::env::temp_dir().join(format!("modelfusion-guide-{}", std::process::id()));
+//! let mut sd = StateDict::from_pairs([
+//!     ("0.weight", Array2::from_shape_fn((16, 8), |(i, j)| ((i * 8 + j) % 7) as f32 - 3.0).into_dyn()),
+//!     ("0.bias", Array1::from_shape_fn(16, |i| i as f32 * 0.1).into_dyn()),
+//!     ("1.weight", Array1::from_elem(16, 1.0f32).into_dyn()),
+//!     ("1.bias", Array1::from_elem(16, 0.0f32).into_dyn()),
+//!     ("1.running_mean", Array1::from_shape_fn(16, |i| i as f32).into_dyn()),
+//!     ("1.running_var", Array1::from_elem(16, 2.0f32).into_dyn()),
+//!     ("3.weight", Array2::from_shape_fn((4, 16), |(i, j)| ((i + 3 * j) % 5) as f32).into_dyn()),
+//!     ("3.bias", Array1::from_elem(4, 0.5f32).into_dyn()),
+//! ])?;
+//! sd.insert_raw("1.num_batches_tracked", RawTensor::new(Dtype::I64, vec![], 42i64.to_le_bytes().to_vec())?)?;
+//! save(&sd, dir.join("a"), &SaveOptions::new(Dtype::BF16))?;
+//!
+//! let ck = Checkpoint::open(dir.join("a"))?;
+//! let found = infer_checkpoint_spec(&ck)?;
+//! assert_eq!(found.family, "sequential-mlp");
+//! let a: StateDictF32 = load(dir.join("a"))?;
+//! assert!(found.spec.check(&a)?.is_sound());
+//!
+//! // A shuffled copy (what `modelfusion permute` writes), then aligned back.
+//! let perms = PermutationSet::random(&found.spec, &a, 7)?;
+//! write_permuted(&ck, &found.spec, &perms, &dir.join("b"), None, |_, _, _| {})?;
+//! let b: StateDictF32 = load(dir.join("b"))?;
+//! let alignment = WeightMatching::new(0).align(&a, &b, &found.spec)?;
+//! let back = alignment.apply(&found.spec, &b)?;
+//! assert_eq!(back.max_abs_diff(&a)?, 0.0);
+//! assert_eq!(back.raw("1.num_batches_tracked"), a.raw("1.num_batches_tracked"));
+//! # std::fs::remove_dir_all(&dir).ok();
+//! # Ok::<(), modelfusion::Error>(())
+//! ```
+//!
+//! ## Walkthrough: your own objective
+//!
+//! Any closure `Fn(&M) -> Result<f64>` is an [`Objective`], so a loss computed anywhere
+//! (a held-out set in Rust, a PyTorch evaluation behind a subprocess) drives barriers,
+//! greedy soups and curve fitting; a curve evaluated entirely elsewhere becomes a report
+//! with [`barrier::BarrierReport::from_curve`], and saved features feed activation
+//! matching through [`io::SavedActivations`].
+//!
+//! ```
+//! use modelfusion::barrier::{loss_barrier, BarrierConfig};
+//! use modelfusion::path::Linear;
+//! use modelfusion::{Model, StateDict};
+//! use ndarray::arr1;
+//!
+//! let a = StateDict::from_pairs([("w", arr1(&[1.0f64, 0.0]).into_dyn())])?;
+//! let b = StateDict::from_pairs([("w", arr1(&[0.0f64, 1.0]).into_dyn())])?;
+//! // A loss with minima at both endpoints: 1 - |w|^2 is largest between them.
+//! let loss = |m: &StateDict<ndarray::ArrayD<f64>>| Ok(1.0 - m.norm().powi(2));
+//! let report = loss_barrier(&Linear::new(a, b)?, &loss, &BarrierConfig::uniform(5)?)?;
+//! assert!((report.frankle - 0.5).abs() < 1e-12 && report.frankle_t == 0.5);
 //! # Ok::<(), modelfusion::Error>(())
 //! ```
 //!

@@ -40,6 +40,23 @@ pub trait Objective<M: Model> {
     fn loss(&self, model: &M) -> Result<f64>;
 }
 
+/// Any closure `Fn(&M) -> Result<f64>` is an objective: the way to plug in a loss
+/// computed elsewhere (a PyTorch evaluation run through a subprocess, a cached table).
+///
+/// ```
+/// use modelfusion::{Model, Objective, StateDict};
+/// use ndarray::arr1;
+/// let norm2 = |m: &StateDict<ndarray::ArrayD<f64>>| Ok(m.norm().powi(2));
+/// let m = StateDict::from_pairs([("w", arr1(&[3.0, 4.0]).into_dyn())])?;
+/// assert_eq!(norm2.loss(&m)?, 25.0);
+/// # Ok::<(), modelfusion::Error>(())
+/// ```
+impl<M: Model, F: Fn(&M) -> Result<f64>> Objective<M> for F {
+    fn loss(&self, model: &M) -> Result<f64> {
+        self(model)
+    }
+}
+
 /// An objective with its gradient: the gradient has the model's own structure (one
 /// tensor per parameter, same names and shapes).
 pub trait Gradient<M: Model>: Objective<M> {

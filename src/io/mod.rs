@@ -51,6 +51,7 @@
 //! ```
 
 mod dtype;
+mod features;
 mod guard;
 mod header;
 mod permute;
@@ -59,6 +60,7 @@ mod stream;
 mod writer;
 
 pub use dtype::{Dtype, IoScalar, decode, encode};
+pub use features::SavedActivations;
 pub use guard::read_capped;
 /// The 16-bit float types of the `half` crate, as stored in F16 and BF16 tensors.
 pub use half::{bf16, f16};

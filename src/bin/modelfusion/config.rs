@@ -189,7 +189,7 @@ impl Config {
             None => false,
         };
         let out_dtype = match raw.out_dtype.as_ref().or(raw.dtype.as_ref()) {
-            Some(d) => Some(d.parse::<Dtype>()?),
+            Some(d) => Some(d.parse::<Dtype>()?.parse_float()?),
             None => None,
         };
         for (k, v) in &raw.parameters {
