@@ -238,7 +238,7 @@ fn empty_weight_map_beside_shards_is_not_an_empty_checkpoint() {
 fn control_characters_in_tensor_and_file_names_are_escaped() {
     let dir = tempfile::tempdir().unwrap();
     let json =
-        "{\"evil\\u001b[31m\\u0000\":{\"dtype\":\"I8\",\"shape\":[1],\"data_offsets\":[0,1]}}";
+        "{\"evil\\u001b[31m\\u0000\":{\"dtype\":\"Q8\",\"shape\":[1],\"data_offsets\":[0,1]}}";
     let p = write(dir.path(), "bad\x1b[2J.safetensors", &raw_file(json, 1, 0));
     let msg = Checkpoint::open(&p).unwrap_err().to_string();
     assert!(!msg.contains('\x1b') && !msg.contains('\0'), "{msg:?}");

@@ -183,25 +183,50 @@ pub fn run_permute(a: PermuteArgs) -> Result<()> {
     write_out(&ck, &a.ckpt, &spec, &perms, &a.out, None, false)
 }
 
-pub fn run_align(a: AlignArgs) -> Result<()> {
+/// Weight matching settings shared by `align` and the `align:` section of merge configs.
+#[derive(Clone, Debug)]
+pub struct MatchSettings {
+    /// Spec source: `auto` or a spec file.
+    pub spec: String,
+    /// Seed of the group order.
+    pub seed: u64,
+    /// Starting points.
+    pub restarts: usize,
+}
+
+/// Weight-matches `other` into `reference`'s basis and writes it to `out` (with its side
+/// files), each tensor in its own dtype.
+pub fn align_into(
+    reference: &Path,
+    other: &Path,
+    out: &Path,
+    settings: &MatchSettings,
+    max_shard_size: Option<u64>,
+    hidden: bool,
+) -> Result<()> {
     let start = Instant::now();
-    let ref_ck = Checkpoint::open(&a.reference)?;
-    let other_ck = Checkpoint::open(&a.other)?;
-    let (spec, origin) = a.source.resolve(&ref_ck)?;
-    let reference: StateDictF32 = load(&a.reference)?;
-    let other: StateDictF32 = load(&a.other)?;
+    let ref_ck = Checkpoint::open(reference)?;
+    let other_ck = Checkpoint::open(other)?;
+    let source = SpecSource {
+        spec: settings.spec.clone(),
+    };
+    let (spec, origin) = source.resolve(&ref_ck)?;
+    let a: StateDictF32 = load(reference)?;
+    let b: StateDictF32 = load(other)?;
     eprintln!(
-        "spec: {origin}; weight matching {} groups (seed {}, {} start(s))",
+        "aligning {} to {}; spec: {origin}; weight matching {} groups (seed {}, {} start(s))",
+        other.display(),
+        reference.display(),
         spec.num_groups(),
-        a.seed,
-        a.restarts
+        settings.seed,
+        settings.restarts
     );
-    let spinner = bar(0, a.no_progress);
+    let spinner = bar(0, hidden);
     spinner.set_message("weight matching");
     spinner.enable_steady_tick(std::time::Duration::from_millis(200));
-    let alignment = WeightMatching::new(a.seed)
-        .with_restarts(a.restarts)?
-        .align(&reference, &other, &spec)?;
+    let alignment = WeightMatching::new(settings.seed)
+        .with_restarts(settings.restarts)?
+        .align(&a, &b, &spec)?;
     spinner.finish_and_clear();
     let perms = alignment.permutations().ok_or_else(|| {
         modelfusion::Error::invalid("alignment", "weight matching gave no permutations")
@@ -221,12 +246,20 @@ pub fn run_align(a: AlignArgs) -> Result<()> {
         stats.objective.first().copied().unwrap_or(0.0),
         stats.objective.last().copied().unwrap_or(0.0),
     );
-    write_out(
-        &other_ck,
+    write_out(&other_ck, other, &spec, &perms, out, max_shard_size, hidden)
+}
+
+pub fn run_align(a: AlignArgs) -> Result<()> {
+    let settings = MatchSettings {
+        spec: a.source.spec.clone(),
+        seed: a.seed,
+        restarts: a.restarts,
+    };
+    align_into(
+        &a.reference,
         &a.other,
-        &spec,
-        &perms,
         &a.out,
+        &settings,
         a.max_shard_size,
         a.no_progress,
     )

@@ -189,7 +189,11 @@ impl Config {
             None => false,
         };
         let out_dtype = match raw.out_dtype.as_ref().or(raw.dtype.as_ref()) {
-            Some(d) => Some(d.parse::<Dtype>()?.parse_float()?),
+            Some(d) => Some(
+                d.parse::<Dtype>()?
+                    .parse_float()
+                    .map_err(|e| Error::invalid("dtype", format!("`{d}`: {e}")))?,
+            ),
             None => None,
         };
         for (k, v) in &raw.parameters {
