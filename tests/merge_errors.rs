@@ -148,16 +148,20 @@ fn density_outside_unit_interval() {
     assert!(msg(TaskMerge::della(base.clone(), 0.5, 1.2, 0, 1.0)).contains("epsilon"));
     assert!(msg(TaskMerge::ties(base.clone(), 0.5, f64::INFINITY)).contains("lambda"));
     // Rescaling applies to every sparsification (mergekit's `rescale`).
-    assert!(TaskMerge::ties(base.clone(), 0.5, 1.0)
-        .unwrap()
-        .with_rescale(Rescale::L1Norm)
-        .is_ok());
-    assert!(Sparsification::Random {
-        density: 2.0,
-        seed: 0
-    }
-    .validate()
-    .is_err());
+    assert!(
+        TaskMerge::ties(base.clone(), 0.5, 1.0)
+            .unwrap()
+            .with_rescale(Rescale::L1Norm)
+            .is_ok()
+    );
+    assert!(
+        Sparsification::Random {
+            density: 2.0,
+            seed: 0
+        }
+        .validate()
+        .is_err()
+    );
 }
 
 #[test]

@@ -100,6 +100,7 @@ def main():
                 r1 = subprocess.run([args.mergekit, cfg, mk, "--allow-crimes", "--lazy-unpickle"], capture_output=True, text=True)
                 r2 = subprocess.run([args.bin, "merge", cfg, mf, "--no-progress"], capture_output=True, text=True)
                 if r1.returncode or r2.returncode:
+                    print(name, dname, "error", r1.stderr[-300:], r2.stderr[-300:], file=sys.stderr, flush=True)
                     rows.append((name, dname, "error", (r1.stderr[-300:] if r1.returncode else "") + (r2.stderr[-300:] if r2.returncode else ""), ""))
                     continue
                 a = {}
@@ -113,7 +114,9 @@ def main():
                 mul = max(ulps(a[k], b[k], dtype) for k in keys)
                 diff = sum(int((a[k] != b[k]).sum()) for k in keys)
                 tot = sum(a[k].numel() for k in keys)
+                print(name, dname, f"{mad:.3g}", mul, diff, tot, file=sys.stderr, flush=True)
                 rows.append((name, dname, f"{mad:.3g}", str(mul), f"{diff}/{tot}" + (f" (names differ: {only[:3]})" if only else "")))
+    sys.stdout.flush()
     print("| config | dtype | max abs diff | max ulp diff | elements differing |")
     print("|---|---|---|---|---|")
     for r in rows:

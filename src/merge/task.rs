@@ -277,7 +277,7 @@ impl<M: Model> TaskMerge<M> {
     /// use ndarray::arr1;
     /// let base = StateDict::from_pairs([("w", arr1(&[0.0f32]).into_dyn())])?;
     /// assert!(TaskMerge::ties(base.clone(), 0.2, 1.0).is_ok());
-    /// assert!(TaskMerge::ties(base, 0.0, 1.0).is_err());
+    /// assert!(TaskMerge::ties(base, 1.5, 1.0).is_err());
     /// # Ok::<(), modelfusion::Error>(())
     /// ```
     pub fn ties(base: M, density: f64, lambda: f64) -> Result<Self> {
@@ -1196,9 +1196,9 @@ fn combine_chunk<E: Scalar>(
             sparsify_block(rule, draws[i].as_mut(), &xs[i][s..s + len], bb, s, d);
             let (sc, w) = (rule.scale, ws[i]);
             if sc != one {
-                d.iter_mut().for_each(|v| *v = *v * sc);
+                d.iter_mut().for_each(|v| *v *= sc);
             }
-            d.iter_mut().for_each(|v| *v = *v * w);
+            d.iter_mut().for_each(|v| *v *= w);
         }
         let ob = &mut ot[..len];
         let (tot, rest) = acc.split_at_mut(BLOCK);

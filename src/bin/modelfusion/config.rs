@@ -575,7 +575,7 @@ mod tests {
             ("merge_method: linear\nmodels:\n  - model: a\n", "weight"),
             (
                 "merge_method: linear\nmodels:\n  - model: a\n    parameters: {weight: [{filter: x, value: abc}]}\n",
-                "`weight` in models[0] (a): a string that is not a number",
+                "in models[0] (a): a string that is not a number",
             ),
             (
                 "merge_method: linear\nmodels:\n  - model: a\n    parameters: {weight: [{filter: x, valu: 1}]}\n",
