@@ -247,7 +247,7 @@ fn every_method_matches_the_in_memory_merge() {
         (
             format!("merge_method: dare_ties\n{}", two([1.0, 1.0])),
             TaskMerge::dare(base.clone(), 0.5, 9, 1.0).unwrap().with_rescale(Rescale::L1Norm).unwrap()
-                .with_consensus(Consensus::SignElection).with_weights(vec![1.0, 1.0]).unwrap().merge(&[a, b]).unwrap(),
+                .with_consensus(Consensus::SignElection).with_normalize(false).with_weights(vec![1.0, 1.0]).unwrap().merge(&[a, b]).unwrap(),
         ),
         (
             format!("merge_method: dare_linear\n{}", two([1.0, 3.0])),
@@ -265,7 +265,7 @@ fn every_method_matches_the_in_memory_merge() {
         ),
         (
             format!("merge_method: della\nparameters: {{epsilon: 0.1}}\n{}", two([0.5, 0.5])),
-            TaskMerge::della(base.clone(), 0.5, 0.1, 9, 1.0).unwrap().with_weights(vec![0.5, 0.5]).unwrap().merge(&[a, b]).unwrap(),
+            TaskMerge::della(base.clone(), 0.5, 0.1, 9, 1.0).unwrap().with_rescale(Rescale::L1Norm).unwrap().with_weights(vec![0.5, 0.5]).unwrap().merge(&[a, b]).unwrap(),
         ),
         (
             "merge_method: slerp\nbase_model: m0\nmodels: [{model: m1}]\nparameters: {t: 0.3}\nout_dtype: float32\n".to_string(),
@@ -293,7 +293,7 @@ fn bad_hyperparameters_fail_before_writing() {
     let (dir, _) = setup();
     let cases = [
         (
-            "merge_method: ties\nbase_model: m0\nmodels: [{model: m1, parameters: {weight: 1, density: 0}}]\n",
+            "merge_method: ties\nbase_model: m0\nmodels: [{model: m1, parameters: {weight: 1, density: 1.5}}]\n",
             "density",
         ),
         (
@@ -301,12 +301,12 @@ fn bad_hyperparameters_fail_before_writing() {
             "t",
         ),
         (
-            "merge_method: ties\nbase_model: m0\nmodels:\n  - {model: m1, parameters: {weight: 1, density: 0.5}}\n  - {model: m2, parameters: {weight: 1, density: 0.7}}\n",
-            "differs between models",
+            "merge_method: della\nbase_model: m0\nmodels:\n  - {model: m1, parameters: {weight: 1, density: 0.5, epsilon: 0.5}}\n",
+            "epsilon",
         ),
         (
-            "merge_method: ties\nbase_model: m0\nparameters: {normalize: false}\nmodels: [{model: m1, parameters: {weight: 1}}]\n",
-            "normalize",
+            "merge_method: ties\nbase_model: m0\nmodels: [{model: m1, parameters: {weight: [{filter: mlp, value: x}]}}]\n",
+            "not a number",
         ),
         (
             "merge_method: model_stock\nbase_model: m0\nmodels: [{model: m1}]\n",

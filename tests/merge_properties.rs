@@ -335,7 +335,7 @@ fn della_keeps_large_entries_more_often() {
         ArrayD::from_shape_fn(IxDyn(&[n]), |i| (i[0] + 1) as f64),
     )])
     .unwrap();
-    let d = TaskMerge::della(base, 0.5, 0.8, 3, 1.0)
+    let d = TaskMerge::della(base, 0.5, 0.4, 3, 1.0)
         .unwrap()
         .merge(&[&m])
         .unwrap();

@@ -19,10 +19,10 @@
 //! | SWAG | [`Swag`] | `N(mean, diag/2 + D D^T / (2(K-1)))`, seeded sampling | rank `K` e.g. 20 |
 //! | greedy soup | [`GreedySoup`] | add by ascending held-out loss while it strictly improves | |
 //! | task arithmetic | [`TaskMerge::task_arithmetic`] | `base + lambda sum_i w_i tau_i` | `w_i = 1` |
-//! | TIES | [`TaskMerge::ties`] | trim to top `ceil(density n)` magnitudes, elect `sign(sum_i w_i tau_i)`, disjoint mean, `* lambda` | paper: density 0.2, lambda 1 |
+//! | TIES | [`TaskMerge::ties`] | trim to exactly the top `max(1, floor(density n))` magnitudes (torch tie order), elect `sign(sum_i w_i tau_i)` (+ at 0), disjoint mean, `* lambda` | paper: density 0.2, lambda 1 |
 //! | DARE | [`TaskMerge::dare`] | keep w.p. `density`, scale `1/density` (or match L1), sum or TIES consensus | seeded per (seed, tensor, model) |
 //! | breadcrumbs | [`TaskMerge::breadcrumbs`] | drop top `gamma` and the small rest, keep `density` | gamma 0.01 |
-//! | DELLA | [`TaskMerge::della`] | keep w.p. `density + epsilon (rank/(n-1) - 1/2)`, scale `1/p`, TIES consensus | |
+//! | DELLA | [`TaskMerge::della`] | keep w.p. `density - epsilon + 2 epsilon rank/(m-1)` per row, scale `1/p` (mergekit: match L1), TIES consensus | |
 //! | SLERP | [`Slerp`] | `sin((1-t)O)/sin O a + sin(tO)/sin O b`, lerp if `abs(cos) > 0.9995` | two models |
 //! | multi-model SLERP | [`KarcherMean`] | weighted spherical (Karcher) mean of directions, times the mean norm | tol 1e-10 |
 //! | model stock | [`ModelStock`] | `t = N cos / (1 + (N-1) cos)`, `t mean_i theta_i + (1-t) base` | `N >= 2` |
@@ -71,7 +71,7 @@
 //! let avg = Average::uniform().merge(&[&a, &b])?;
 //! assert_eq!(avg.get("w").unwrap().as_slice().unwrap(), &[2.0, 0.0]);
 //! let ties = TaskMerge::ties(base, 1.0, 1.0)?.merge(&[&a, &b])?;
-//! assert_eq!(ties.get("w").unwrap().as_slice().unwrap(), &[2.0, 0.0]); // signs disagree on w[1]: tie, 0
+//! assert_eq!(ties.get("w").unwrap().as_slice().unwrap(), &[2.0, 2.0]); // w[1] sums to 0: mergekit elects +, mean of the + deltas
 //! # Ok::<(), modelfusion::Error>(())
 //! ```
 

@@ -180,6 +180,201 @@ fn exact<E: Scalar>(theta: &[E], base: &[E], k: usize) -> E {
     *v
 }
 
+/// Per request `(model, v)`: how many magnitudes `|xs[model][i] - base[i]|` are `> v`
+/// and how many are `== v` (one parallel pass, chunk order, thread-count independent).
+pub(crate) fn count_around<E: Scalar>(
+    xs: &[&[E]],
+    base: &[E],
+    requests: &[(usize, E)],
+) -> Vec<(usize, usize)> {
+    let parts = map_chunks(base.len(), |_, s, e| {
+        super::kernel::simd(
+            #[inline(always)]
+            || {
+                requests
+                    .iter()
+                    .map(|&(m, v)| {
+                        let (mut gt, mut eq) = (0usize, 0usize);
+                        for (&x, &b) in xs[m][s..e].iter().zip(&base[s..e]) {
+                            let a = (x - b).abs();
+                            gt += usize::from(a > v);
+                            eq += usize::from(a == v);
+                        }
+                        (gt, eq)
+                    })
+                    .collect::<Vec<_>>()
+            },
+        )
+    });
+    let mut acc = vec![(0usize, 0usize); requests.len()];
+    for p in parts {
+        for (a, (g, q)) in acc.iter_mut().zip(p) {
+            a.0 += g;
+            a.1 += q;
+        }
+    }
+    acc
+}
+
+/// Sorts `idx` (a permutation, with `keys[idx[i]]` the key at position `i`) the way
+/// libstdc++'s `std::sort` (introsort) does, which is what torch's CPU `sort` /
+/// `argsort` calls with a value-only comparator, so ties end where torch leaves them.
+/// Only the work that decides which elements land before each position in `cuts`
+/// is done: a segment without a cut strictly inside is left unsorted (it holds the
+/// right elements already). Afterwards `idx[..p]` is torch's set of the first `p`
+/// indices for every `p` in `cuts`. `desc`: descending order (NaN first), else
+/// ascending (NaN last).
+pub(crate) fn torch_sort_cuts(keys: &[f32], idx: &mut [u32], desc: bool, cuts: &[usize]) {
+    let n = idx.len();
+    if n < 2 {
+        return;
+    }
+    let comp = |a: u32, b: u32| -> bool {
+        let (x, y) = (keys[a as usize], keys[b as usize]);
+        if desc {
+            (x.is_nan() && !y.is_nan()) || x > y
+        } else {
+            (!x.is_nan() && y.is_nan()) || x < y
+        }
+    };
+    let depth = 2 * (usize::BITS - 1 - n.leading_zeros()) as usize;
+    let needs = |first: usize, last: usize| cuts.iter().any(|&c| first < c && c < last);
+    // Segments still to process: (first, last, depth limit).
+    let mut stack = vec![(0usize, n, depth)];
+    while let Some((first, mut last, mut d)) = stack.pop() {
+        while last - first > 16 {
+            if !needs(first, last) {
+                break;
+            }
+            if d == 0 {
+                heap_sort(&mut idx[first..last], &comp);
+                last = first;
+                break;
+            }
+            d -= 1;
+            let cut = partition_pivot(idx, first, last, &comp);
+            stack.push((cut, last, d));
+            last = cut;
+        }
+        if last > first && last - first <= 16 && needs(first, last) {
+            // The final insertion sort is stable within a segment of at most 16.
+            insertion_sort(&mut idx[first..last], &comp);
+        }
+    }
+}
+
+fn partition_pivot(
+    idx: &mut [u32],
+    first: usize,
+    last: usize,
+    comp: &impl Fn(u32, u32) -> bool,
+) -> usize {
+    let mid = first + (last - first) / 2;
+    let (a, b, c) = (first + 1, mid, last - 1);
+    let m = if comp(idx[a], idx[b]) {
+        if comp(idx[b], idx[c]) {
+            b
+        } else if comp(idx[a], idx[c]) {
+            c
+        } else {
+            a
+        }
+    } else if comp(idx[a], idx[c]) {
+        a
+    } else if comp(idx[b], idx[c]) {
+        c
+    } else {
+        b
+    };
+    idx.swap(first, m);
+    let pivot = idx[first];
+    let (mut lo, mut hi) = (first + 1, last);
+    loop {
+        while comp(idx[lo], pivot) {
+            lo += 1;
+        }
+        hi -= 1;
+        while comp(pivot, idx[hi]) {
+            hi -= 1;
+        }
+        if lo >= hi {
+            return lo;
+        }
+        idx.swap(lo, hi);
+        lo += 1;
+    }
+}
+
+fn insertion_sort(v: &mut [u32], comp: &impl Fn(u32, u32) -> bool) {
+    for i in 1..v.len() {
+        let val = v[i];
+        let mut j = i;
+        while j > 0 && comp(val, v[j - 1]) {
+            v[j] = v[j - 1];
+            j -= 1;
+        }
+        v[j] = val;
+    }
+}
+
+/// libstdc++'s `__partial_sort(first, last, last)`: make_heap, then sort_heap.
+fn heap_sort(v: &mut [u32], comp: &impl Fn(u32, u32) -> bool) {
+    let len = v.len();
+    if len < 2 {
+        return;
+    }
+    let mut parent = (len - 2) / 2;
+    loop {
+        let val = v[parent];
+        adjust_heap(v, parent, len, val, comp);
+        if parent == 0 {
+            break;
+        }
+        parent -= 1;
+    }
+    let mut last = len;
+    while last > 1 {
+        last -= 1;
+        let val = v[last];
+        v[last] = v[0];
+        adjust_heap(&mut v[..last], 0, last, val, comp);
+    }
+}
+
+fn adjust_heap(
+    v: &mut [u32],
+    mut hole: usize,
+    len: usize,
+    val: u32,
+    comp: &impl Fn(u32, u32) -> bool,
+) {
+    let top = hole;
+    let mut child = hole;
+    while len > 2 && child < (len - 1) / 2 {
+        child = 2 * (child + 1);
+        if comp(v[child], v[child - 1]) {
+            child -= 1;
+        }
+        v[hole] = v[child];
+        hole = child;
+    }
+    if len >= 2 && len % 2 == 0 && child == (len - 2) / 2 {
+        child = 2 * (child + 1);
+        v[hole] = v[child - 1];
+        hole = child - 1;
+    }
+    // push_heap
+    while hole > top {
+        let parent = (hole - 1) / 2;
+        if !comp(v[parent], val) {
+            break;
+        }
+        v[hole] = v[parent];
+        hole = parent;
+    }
+    v[hole] = val;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

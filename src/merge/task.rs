@@ -17,66 +17,67 @@ use rand::Rng;
 
 use super::TensorMerger;
 use super::kernel::{self, BLOCK, base_tensor, check_count, check_shapes, check_weights};
-use super::select::kth_largest_many;
+use super::select::{count_around, kth_largest_many, torch_sort_cuts};
 use crate::error::{Error, Result};
 use crate::model::Model;
 use crate::tensor::{Scalar, Tensor};
+use rayon::prelude::*;
 
-/// How each task vector is sparsified before combining. `density` is the kept fraction
-/// and must be in `(0, 1]`; the number of kept entries of an `n`-element tensor is
-/// `k = ceil(density * n)`.
+/// How each task vector is sparsified before combining, as mergekit 0.1.5 does it.
+/// `density` is the kept fraction, in `[0, 1]`: 1 keeps everything, 0 nothing.
+/// Magnitude orders are those of torch's CPU sort of the f32 magnitudes (libstdc++
+/// introsort), so entries tied at a cut are split exactly as mergekit splits them.
 ///
 /// ```
-/// use modelfusion::merge::{Rescale, Sparsification};
-/// let s = Sparsification::Random { density: 0.1, seed: 7, rescale: Rescale::InverseDensity };
+/// use modelfusion::merge::Sparsification;
+/// let s = Sparsification::Random { density: 0.1, seed: 7 };
 /// assert!(s.validate().is_ok());
-/// assert!(Sparsification::Magnitude { density: 0.0 }.validate().is_err());
+/// assert!(Sparsification::Magnitude { density: 1.5 }.validate().is_err());
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Sparsification {
     /// Keep everything (task arithmetic).
     None,
-    /// TIES's trim: keep the `k` entries of largest magnitude (entries tied with the
-    /// `k`-th largest magnitude are all kept).
+    /// TIES's trim: keep exactly `k = max(1, floor(density * n))` entries of largest
+    /// magnitude (torch's descending sort decides among ties).
     Magnitude {
-        /// Kept fraction, in `(0, 1]`.
+        /// Kept fraction, in `[0, 1]`.
         density: f64,
     },
-    /// DARE: keep each entry independently with probability `density`, then rescale.
+    /// DARE: keep each entry independently with probability `density`.
     /// The random stream of each tensor derives from `(seed, tensor name, model index)`.
     Random {
-        /// Keep probability `p`, in `(0, 1]`.
+        /// Keep probability `p`, in `[0, 1]`.
         density: f64,
         /// The caller's seed.
         seed: u64,
-        /// How kept entries are rescaled.
-        rescale: Rescale,
     },
-    /// Model breadcrumbs: drop the largest `floor(gamma * n)` magnitudes (outliers) and
-    /// keep the next `k` ones, dropping the small rest.
+    /// Model breadcrumbs (mergekit's `magnitude_outliers`): with `t = floor(density n)`
+    /// and `g = floor(gamma n)`, keep ascending sorted positions `[b, b + t)` where
+    /// `b = max(0, n - t - g)`: the `g` largest magnitudes are dropped (fewer when
+    /// `density + gamma > 1`) and the small rest. `density = 1` keeps everything.
     Breadcrumbs {
-        /// Kept fraction, in `(0, 1]`, with `gamma + density <= 1`.
+        /// Kept fraction, in `[0, 1]`.
         density: f64,
-        /// Fraction of largest magnitudes dropped, in `[0, 1)`.
+        /// Fraction of largest magnitudes dropped, in `[0, 1]`.
         gamma: f64,
     },
-    /// DELLA's MagPrune: keep entry `j` with probability
-    /// `p_j = density + epsilon * (r_j / (n - 1) - 1/2)`, where `r_j` is its rank by
-    /// ascending magnitude in the tensor's task vector (larger magnitudes are kept more
-    /// often; the mean keep probability is `density`); kept entries are scaled by
-    /// `1 / p_j`.
+    /// DELLA's MagPrune (mergekit's `della_magprune`): magnitudes are ranked along axis
+    /// 1 (per row of a matrix; a vector is one row), and entry `j` of a row of `m` is
+    /// kept with probability `p_j = density - epsilon + 2 epsilon r_j / (m - 1)`
+    /// (`r_j` its 0-based ascending rank). `density = 1` keeps everything.
     Della {
-        /// Mean keep probability, in `(0, 1]`.
+        /// Mean keep probability, in `[0, 1]`.
         density: f64,
-        /// Spread of the keep probabilities: they span
-        /// `[density - epsilon/2, density + epsilon/2]`, which must lie in `(0, 1]`.
+        /// Spread of the keep probabilities: they span `[density - epsilon,
+        /// density + epsilon]`, which must lie inside `(0, 1)` when `0 < density < 1`.
         epsilon: f64,
         /// The caller's seed.
         seed: u64,
     },
 }
 
-/// How DARE rescales the entries it keeps.
+/// How the entries a sparsification keeps are rescaled (any sparsification).
 ///
 /// ```
 /// use modelfusion::merge::Rescale;
@@ -84,10 +85,13 @@ pub enum Sparsification {
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Rescale {
-    /// Multiply kept entries by `1 / density` (the DARE paper).
+    /// Multiply kept entries by `1 / density` (the DARE paper); DELLA divides each by
+    /// its own keep probability `p_j` (the DELLA paper).
     InverseDensity,
     /// Multiply the kept entries of each tensor's task vector by
-    /// `||tau||_1 / ||kept tau||_1`, so its L1 norm is unchanged (mergekit's option).
+    /// `||tau||_1 / ||kept tau||_1` (both sums rounded to the compute type, and no
+    /// rescaling when either is below `1e-7`), so its L1 norm is unchanged: mergekit's
+    /// `rescale: true`.
     L1Norm,
     /// No rescaling.
     None,
@@ -101,22 +105,18 @@ pub enum Rescale {
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Consensus {
-    /// `sum_i w_i tau_i` (task arithmetic, DARE-linear).
+    /// `sum_i w_i tau_i` (task arithmetic, DARE-linear); normalised, divided by
+    /// `sum_i w_i` (1 when `|sum_i w_i| < 1e-8`).
     Sum,
-    /// TIES: elect `s = sign(sum_i w_i tau_i)` per entry, then the disjoint mean
-    /// `sum_i w_i m_i tau_i / sum_i w_i m_i` over the entries whose sign is `s`
-    /// (`m_i = [sign(tau_i) = s]`; an empty set gives 0).
+    /// TIES: elect `s = +1` where `sum_i w_i tau_i >= 0`, else `-1` (mergekit), then
+    /// `sum_i m_i w_i tau_i` over the entries whose weighted sign is `s`
+    /// (`m_i = [sign(w_i tau_i) = s]`); normalised, divided by `sum_i m_i w_i` (1 when
+    /// that is 0): the disjoint mean.
     SignElection,
 }
 
 fn check_density(density: f64) -> Result<()> {
-    if !(density > 0.0 && density <= 1.0) {
-        return Err(Error::invalid(
-            "density",
-            format!("must be in (0, 1], got {density}"),
-        ));
-    }
-    Ok(())
+    crate::error::check_fraction("density", density)
 }
 
 impl Sparsification {
@@ -124,8 +124,10 @@ impl Sparsification {
     ///
     /// ```
     /// use modelfusion::merge::Sparsification;
-    /// assert!(Sparsification::Breadcrumbs { density: 0.9, gamma: 0.2 }.validate().is_err());
+    /// assert!(Sparsification::Breadcrumbs { density: 0.9, gamma: 1.2 }.validate().is_err());
     /// assert!(Sparsification::Della { density: 0.5, epsilon: 0.2, seed: 0 }.validate().is_ok());
+    /// // mergekit: density +- epsilon must lie inside (0, 1).
+    /// assert!(Sparsification::Della { density: 0.5, epsilon: 0.5, seed: 0 }.validate().is_err());
     /// ```
     pub fn validate(&self) -> Result<()> {
         match *self {
@@ -135,27 +137,18 @@ impl Sparsification {
             }
             Sparsification::Breadcrumbs { density, gamma } => {
                 check_density(density)?;
-                crate::error::check_unit("gamma", gamma)?;
-                if gamma + density > 1.0 {
-                    return Err(Error::invalid(
-                        "gamma",
-                        format!("gamma + density must be <= 1, got {gamma} + {density}"),
-                    ));
-                }
-                Ok(())
+                crate::error::check_fraction("gamma", gamma)
             }
             Sparsification::Della {
                 density, epsilon, ..
             } => {
                 check_density(density)?;
-                if !(epsilon >= 0.0
-                    && density - epsilon / 2.0 > 0.0
-                    && density + epsilon / 2.0 <= 1.0)
-                {
+                let inside = density - epsilon > 0.0 && density + epsilon < 1.0;
+                if !(epsilon >= 0.0 && (density <= 0.0 || density >= 1.0 || inside)) {
                     return Err(Error::invalid(
                         "epsilon",
                         format!(
-                            "keep probabilities density +- epsilon/2 must lie in (0, 1], got density {density}, epsilon {epsilon}"
+                            "keep probabilities density +- epsilon must lie inside (0, 1) (as mergekit requires), got density {density}, epsilon {epsilon}"
                         ),
                     ));
                 }
@@ -202,7 +195,10 @@ pub struct TaskMerge<M> {
     lambda: f64,
     weights: Option<Vec<f64>>,
     sparsification: Sparsification,
+    per_model: Option<Vec<Sparsification>>,
     consensus: Consensus,
+    rescale: Rescale,
+    normalize: Option<bool>,
 }
 
 fn check_lambda(lambda: f64) -> Result<()> {
@@ -216,7 +212,9 @@ fn check_lambda(lambda: f64) -> Result<()> {
 }
 
 impl<M: Model> TaskMerge<M> {
-    /// The general form; errors on invalid hyperparameters.
+    /// The general form; errors on invalid hyperparameters. Rescaling defaults to the
+    /// papers' ([`Rescale::InverseDensity`] for DARE and DELLA, none otherwise), and
+    /// normalisation to on for sign election, off for sums.
     ///
     /// ```
     /// use modelfusion::merge::{Consensus, Sparsification, TaskMerge};
@@ -236,12 +234,19 @@ impl<M: Model> TaskMerge<M> {
     ) -> Result<Self> {
         check_lambda(lambda)?;
         sparsification.validate()?;
+        let rescale = match sparsification {
+            Sparsification::Random { .. } | Sparsification::Della { .. } => Rescale::InverseDensity,
+            _ => Rescale::None,
+        };
         Ok(TaskMerge {
             base,
             lambda,
             weights: None,
             sparsification,
+            per_model: None,
             consensus,
+            rescale,
+            normalize: None,
         })
     }
 
@@ -263,8 +268,8 @@ impl<M: Model> TaskMerge<M> {
     }
 
     /// TIES-merging (Yadav et al. 2023): trim each task vector to its top
-    /// `ceil(density * n)` magnitudes, elect signs, disjoint mean, times `lambda`
-    /// (paper: density 0.2, lambda 1).
+    /// `max(1, floor(density * n))` magnitudes, elect signs, disjoint mean, times
+    /// `lambda` (paper: density 0.2, lambda 1).
     ///
     /// ```
     /// use modelfusion::merge::TaskMerge;
@@ -272,7 +277,7 @@ impl<M: Model> TaskMerge<M> {
     /// use ndarray::arr1;
     /// let base = StateDict::from_pairs([("w", arr1(&[0.0f32]).into_dyn())])?;
     /// assert!(TaskMerge::ties(base.clone(), 0.2, 1.0).is_ok());
-    /// assert!(TaskMerge::ties(base, 0.0, 1.0).is_err());
+    /// assert!(TaskMerge::ties(base, 1.5, 1.0).is_err());
     /// # Ok::<(), modelfusion::Error>(())
     /// ```
     pub fn ties(base: M, density: f64, lambda: f64) -> Result<Self> {
@@ -306,18 +311,15 @@ impl<M: Model> TaskMerge<M> {
     pub fn dare(base: M, density: f64, seed: u64, lambda: f64) -> Result<Self> {
         Self::new(
             base,
-            Sparsification::Random {
-                density,
-                seed,
-                rescale: Rescale::InverseDensity,
-            },
+            Sparsification::Random { density, seed },
             Consensus::Sum,
             lambda,
         )
     }
 
     /// Model breadcrumbs (Davari & Belilovsky 2024): drop the top `gamma` fraction of
-    /// magnitudes and keep the next `density` fraction (default `gamma = 0.01`), summed.
+    /// magnitudes and keep the next `density` fraction (mergekit's defaults: density 1,
+    /// which keeps everything, gamma 0.01), summed.
     ///
     /// ```
     /// use modelfusion::merge::TaskMerge;
@@ -325,7 +327,7 @@ impl<M: Model> TaskMerge<M> {
     /// use ndarray::arr1;
     /// let base = StateDict::from_pairs([("w", arr1(&[0.0f32]).into_dyn())])?;
     /// assert!(TaskMerge::breadcrumbs(base.clone(), 0.9, 0.01, 1.0).is_ok());
-    /// assert!(TaskMerge::breadcrumbs(base, 0.9, 1.0, 1.0).is_err());
+    /// assert!(TaskMerge::breadcrumbs(base, 0.9, 1.5, 1.0).is_err());
     /// # Ok::<(), modelfusion::Error>(())
     /// ```
     pub fn breadcrumbs(base: M, density: f64, gamma: f64, lambda: f64) -> Result<Self> {
@@ -338,7 +340,9 @@ impl<M: Model> TaskMerge<M> {
     }
 
     /// DELLA (Deep et al. 2024): magnitude-ranked drop probabilities
-    /// (see [`Sparsification::Della`]), sign election, disjoint mean.
+    /// (see [`Sparsification::Della`]), kept entries divided by their keep probability
+    /// (the paper; mergekit rescales to the L1 norm: [`Rescale::L1Norm`]), sign
+    /// election, disjoint mean.
     ///
     /// ```
     /// use modelfusion::merge::TaskMerge;
@@ -346,7 +350,7 @@ impl<M: Model> TaskMerge<M> {
     /// use ndarray::arr1;
     /// let base = StateDict::from_pairs([("w", arr1(&[0.0f32]).into_dyn())])?;
     /// assert!(TaskMerge::della(base.clone(), 0.5, 0.2, 1, 1.0).is_ok());
-    /// assert!(TaskMerge::della(base, 0.5, 1.5, 1, 1.0).is_err());
+    /// assert!(TaskMerge::della(base, 0.5, 0.6, 1, 1.0).is_err());
     /// # Ok::<(), modelfusion::Error>(())
     /// ```
     pub fn della(base: M, density: f64, epsilon: f64, seed: u64, lambda: f64) -> Result<Self> {
@@ -396,29 +400,67 @@ impl<M: Model> TaskMerge<M> {
         self
     }
 
-    /// Sets DARE's rescaling; errors unless the sparsification is
-    /// [`Sparsification::Random`].
+    /// Sets how kept entries are rescaled (any sparsification; see [`Rescale`]).
+    /// Never fails today; kept fallible for hyperparameter checks.
     ///
     /// ```
-    /// use modelfusion::merge::{Rescale, TaskMerge};
-    /// use modelfusion::StateDict;
+    /// use modelfusion::merge::{Merger, Rescale, TaskMerge};
+    /// use modelfusion::{Model, StateDict};
     /// use ndarray::arr1;
-    /// let base = StateDict::from_pairs([("w", arr1(&[0.0f32]).into_dyn())])?;
-    /// assert!(TaskMerge::dare(base.clone(), 0.5, 1, 1.0)?.with_rescale(Rescale::L1Norm).is_ok());
-    /// assert!(TaskMerge::ties(base, 0.5, 1.0)?.with_rescale(Rescale::L1Norm).is_err());
+    /// let base = StateDict::from_pairs([("w", arr1(&[0.0f32, 0.0, 0.0, 0.0]).into_dyn())])?;
+    /// let a = StateDict::from_pairs([("w", arr1(&[4.0f32, -1.0, 2.0, 1.0]).into_dyn())])?;
+    /// // TIES keeps the top 2 (4 and 2); L1 rescaling scales them by 8 / 6.
+    /// let m = TaskMerge::ties(base, 0.5, 1.0)?.with_rescale(Rescale::L1Norm)?.merge(&[&a])?;
+    /// let w = m.get("w").unwrap();
+    /// assert!((w[[0]] - 16.0 / 3.0).abs() < 1e-6 && w[[1]] == 0.0);
     /// # Ok::<(), modelfusion::Error>(())
     /// ```
     pub fn with_rescale(mut self, rescale: Rescale) -> Result<Self> {
-        match &mut self.sparsification {
-            Sparsification::Random { rescale: r, .. } => {
-                *r = rescale;
-                Ok(self)
-            }
-            other => Err(Error::invalid(
-                "rescale",
-                format!("only random (DARE) sparsification rescales, not {other:?}"),
-            )),
-        }
+        self.rescale = rescale;
+        Ok(self)
+    }
+
+    /// Sets whether the combined task vector is divided by the weights (the agreeing
+    /// weights under sign election; see [`Consensus`]). Default: on for sign election,
+    /// off for sums. mergekit's `normalize`.
+    ///
+    /// ```
+    /// use modelfusion::merge::{Merger, TaskMerge};
+    /// use modelfusion::{Model, StateDict};
+    /// use ndarray::arr1;
+    /// let base = StateDict::from_pairs([("w", arr1(&[0.0f32]).into_dyn())])?;
+    /// let a = StateDict::from_pairs([("w", arr1(&[1.0f32]).into_dyn())])?;
+    /// let b = StateDict::from_pairs([("w", arr1(&[3.0f32]).into_dyn())])?;
+    /// let ties = TaskMerge::ties(base, 1.0, 1.0)?;
+    /// assert_eq!(ties.clone().merge(&[&a, &b])?.get("w").unwrap()[[0]], 2.0); // mean
+    /// let sum = ties.with_normalize(false).merge(&[&a, &b])?;
+    /// assert_eq!(sum.get("w").unwrap()[[0]], 4.0); // sum of the agreeing deltas
+    /// # Ok::<(), modelfusion::Error>(())
+    /// ```
+    pub fn with_normalize(mut self, normalize: bool) -> Self {
+        self.normalize = Some(normalize);
+        self
+    }
+
+    /// Sets one sparsification per model (e.g. per-model densities), replacing the
+    /// shared one; the number is checked at merge time.
+    ///
+    /// ```
+    /// use modelfusion::merge::{Merger, Sparsification, TaskMerge};
+    /// use modelfusion::{Model, StateDict};
+    /// use ndarray::arr1;
+    /// let base = StateDict::from_pairs([("w", arr1(&[0.0f32, 0.0]).into_dyn())])?;
+    /// let a = StateDict::from_pairs([("w", arr1(&[1.0f32, 2.0]).into_dyn())])?;
+    /// let per = vec![Sparsification::Magnitude { density: 0.5 }, Sparsification::None];
+    /// let m = TaskMerge::ties(base, 1.0, 1.0)?.with_sparsifications(per)?;
+    /// assert!(m.merge(&[&a]).is_err()); // two sparsifications for one model
+    /// assert!(m.merge(&[&a, &a]).is_ok());
+    /// # Ok::<(), modelfusion::Error>(())
+    /// ```
+    pub fn with_sparsifications(mut self, per_model: Vec<Sparsification>) -> Result<Self> {
+        per_model.iter().try_for_each(Sparsification::validate)?;
+        self.per_model = Some(per_model);
+        Ok(self)
     }
 
     /// The base model.
@@ -493,7 +535,7 @@ impl<M: Model> TaskMerge<M> {
     /// # Ok::<(), modelfusion::Error>(())
     /// ```
     pub fn keep_mask(&self, name: &str, model: usize, len: usize) -> Result<Vec<bool>> {
-        let Sparsification::Random { density, seed, .. } = self.sparsification else {
+        let Sparsification::Random { density, seed } = self.sparsification_of(model) else {
             return Err(Error::invalid(
                 "sparsification",
                 "keep masks exist only for random (DARE) sparsification",
@@ -532,7 +574,9 @@ impl<M: Model> TaskMerge<M> {
         tensors: &[&M::Tensor],
         masks: &[&[bool]],
     ) -> Result<M::Tensor> {
-        if !matches!(self.sparsification, Sparsification::Random { .. }) {
+        if !(0..tensors.len())
+            .all(|i| matches!(self.sparsification_of(i), Sparsification::Random { .. }))
+        {
             return Err(Error::invalid(
                 "masks",
                 "supplied masks replace DARE's random drop; the sparsification is not random",
@@ -605,161 +649,352 @@ impl<M: Model> TaskMerge<M> {
             }
             None => vec![1.0; tensors.len()],
         };
+        if let Some(p) = &self.per_model {
+            check_count(p.len(), tensors.len(), "sparsifications", name)?;
+        }
         let b = kernel::elems(base);
         let data: Vec<Cow<'_, [<M::Tensor as Tensor>::Elem]>> =
             tensors.iter().map(|t| kernel::elems(*t)).collect();
         let xs: Vec<&[<M::Tensor as Tensor>::Elem]> = data.iter().map(|c| c.as_ref()).collect();
-        let ranks = self.magnitude_ranks(b.len());
-        let requests: Vec<(usize, usize)> = (0..xs.len())
-            .flat_map(|i| ranks.iter().flatten().map(move |&k| (i, k)))
-            .collect();
-        let thresholds = kth_largest_many(&xs, &b, &requests);
-        let per_model = ranks.iter().flatten().count();
-        let rules = xs
-            .iter()
+        let keeps = self.keeps(&xs, &b, &shape);
+        let rules = keeps
+            .into_iter()
             .enumerate()
-            .map(|(i, x)| {
-                let th = &thresholds[i * per_model..(i + 1) * per_model];
-                self.rule(name, i, x, &b, masks.map(|m| m[i]), th)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        combine(&xs, &b, &rules, &weights, self.consensus, self.lambda, out);
+            .map(|(i, keep)| self.rule(name, i, keep, &xs, &b, masks.map(|m| m[i])))
+            .collect::<Vec<_>>();
+        let normalize = self
+            .normalize
+            .unwrap_or(self.consensus == Consensus::SignElection);
+        combine(
+            &xs,
+            &b,
+            &rules,
+            &weights,
+            self.consensus,
+            normalize,
+            self.lambda,
+            out,
+        );
         Ok(())
     }
 
-    /// The magnitude ranks each task vector of an `n`-element tensor needs:
-    /// `[lower, upper]` of the kept band (`None` = no bound).
-    fn magnitude_ranks(&self, n: usize) -> [Option<usize>; 2] {
-        let k_of = |density: f64| ((density * n as f64).ceil() as usize).clamp(1, n.max(1));
-        match self.sparsification {
-            _ if n == 0 => [None, None],
-            Sparsification::Magnitude { density } => {
-                let k = k_of(density);
-                [(k < n).then_some(k), None]
-            }
-            Sparsification::Breadcrumbs { density, gamma } => {
-                let g = ((gamma * n as f64).floor() as usize).min(n - 1);
-                let k = k_of(density).min(n - g);
-                [Some(g + k), (g > 0).then_some(g + 1)]
-            }
-            _ => [None, None],
-        }
+    /// The sparsification of model `i`.
+    fn sparsification_of(&self, i: usize) -> Sparsification {
+        self.per_model
+            .as_ref()
+            .and_then(|p| p.get(i).copied())
+            .unwrap_or(self.sparsification)
     }
 
-    /// How entries of model `i`'s task vector are kept and scaled (`th`: the
-    /// thresholds of [`magnitude_ranks`](Self::magnitude_ranks) that exist, in order).
+    /// The keep rule of every model's task vector for one tensor. Magnitude cuts are
+    /// found by fast selection; where entries tied at a cut are split by it, torch's
+    /// sort is replayed (see [`torch_sort_cuts`]) to keep exactly mergekit's entries.
+    fn keeps<E: Scalar>(&self, xs: &[&[E]], b: &[E], shape: &[usize]) -> Vec<Keep<E>> {
+        let n = b.len();
+        let count = |d: f64| (d * n as f64) as usize;
+        // Per model: the wanted cut positions, as (descending?, positions).
+        let plans: Vec<Plan> = (0..xs.len())
+            .map(|i| match self.sparsification_of(i) {
+                Sparsification::None => Plan::All,
+                Sparsification::Magnitude { density } => {
+                    if density >= 1.0 {
+                        Plan::All
+                    } else if density <= 0.0 || n == 0 {
+                        Plan::Nothing
+                    } else {
+                        let k = count(density).max(1);
+                        if k >= n { Plan::All } else { Plan::Top(k) }
+                    }
+                }
+                Sparsification::Breadcrumbs { density, gamma } => {
+                    if density >= 1.0 {
+                        return Plan::All;
+                    }
+                    let target = count(density).min(n);
+                    let top = count(gamma);
+                    let bot = n.saturating_sub(target + top);
+                    if target == 0 {
+                        Plan::Nothing
+                    } else {
+                        Plan::Band(bot, bot + target)
+                    }
+                }
+                Sparsification::Random { density, .. } => {
+                    if density >= 1.0 {
+                        Plan::All
+                    } else {
+                        Plan::Random
+                    }
+                }
+                Sparsification::Della { density, .. } => {
+                    if density >= 1.0 {
+                        Plan::All
+                    } else if density <= 0.0 {
+                        Plan::Nothing
+                    } else {
+                        Plan::Della
+                    }
+                }
+            })
+            .collect();
+        // Values at the cuts: descending rank k is the k-th largest; ascending position
+        // p (the first p smallest) ends at the (n - p + 1)-th largest.
+        let mut requests: Vec<(usize, usize)> = Vec::new();
+        for (i, p) in plans.iter().enumerate() {
+            match *p {
+                Plan::Top(k) => requests.push((i, k)),
+                Plan::Band(lo, hi) => {
+                    if lo > 0 {
+                        requests.push((i, n - lo + 1));
+                    }
+                    if hi < n {
+                        requests.push((i, n - hi + 1));
+                    }
+                }
+                _ => {}
+            }
+        }
+        let values = kth_largest_many(xs, b, &requests);
+        let counted: Vec<(usize, E)> = requests
+            .iter()
+            .zip(&values)
+            .map(|(&(m, _), &v)| (m, v))
+            .collect();
+        let counts = count_around(xs, b, &counted);
+        let wide = std::mem::size_of::<E>() > 4;
+        let mut at = 0;
+        let mut next = || {
+            let r = (values[at], counts[at]);
+            at += 1;
+            r
+        };
+        plans
+            .into_iter()
+            .enumerate()
+            .map(|(i, plan)| match plan {
+                Plan::All => Keep::All,
+                Plan::Nothing => Keep::Nothing,
+                Plan::Random => Keep::Random,
+                Plan::Della => {
+                    let Sparsification::Della {
+                        density, epsilon, ..
+                    } = self.sparsification_of(i)
+                    else {
+                        return Keep::Random;
+                    };
+                    della_keep(xs[i], b, shape, density, epsilon)
+                }
+                Plan::Top(k) => {
+                    let (v, (gt, eq)) = next();
+                    // All entries tied at the k-th magnitude are kept: no tie to break.
+                    if !wide && gt + eq == k {
+                        Keep::AtLeast(v)
+                    } else {
+                        replay(xs[i], b, true, &[k], 0, k)
+                    }
+                }
+                Plan::Band(lo, hi) => {
+                    // The first p in ascending order are exactly `<= u` when the
+                    // entries `<= u` number p (n - gt of them).
+                    let lo_cut = (lo > 0).then(&mut next);
+                    let hi_cut = (hi < n).then(&mut next);
+                    let clean = |c: Option<(E, (usize, usize))>, p: usize| {
+                        c.is_none_or(|(_, (gt, _))| n - gt == p)
+                    };
+                    if !wide && clean(lo_cut, lo) && clean(hi_cut, hi) {
+                        Keep::Band {
+                            above: lo_cut.map(|c| c.0),
+                            upto: hi_cut.map(|c| c.0),
+                        }
+                    } else {
+                        replay(xs[i], b, false, &[lo, hi], lo, hi)
+                    }
+                }
+            })
+            .collect()
+    }
+
+    /// How entries of model `i`'s task vector are kept and scaled.
     fn rule<'a, E: Scalar>(
         &self,
         name: &'a str,
         i: usize,
-        x: &[E],
+        keep: Keep<E>,
+        xs: &[&[E]],
         b: &[E],
         mask: Option<&'a [bool]>,
-        th: &[E],
-    ) -> Result<Rule<'a, E>> {
-        let n = x.len();
-        let [lo_rank, hi_rank] = self.magnitude_ranks(n);
-        Ok(match self.sparsification {
-            Sparsification::None => Rule::All,
-            _ if n == 0 => Rule::All,
-            Sparsification::Magnitude { .. } | Sparsification::Breadcrumbs { .. } => {
-                match (lo_rank, hi_rank) {
-                    (None, _) => Rule::All,
-                    (Some(_), None) => Rule::Above { lo: th[0] },
-                    (Some(_), Some(_)) => Rule::Band {
-                        lo: th[0],
-                        hi: th[1],
-                    },
-                }
-            }
-            Sparsification::Random {
-                density,
-                seed,
-                rescale,
-            } => {
-                let thr = kernel::keep_threshold(density);
-                let draw = match mask {
-                    Some(m) => Draw::Given(m),
-                    None => Draw::Rng { seed, name, thr },
-                };
-                let scale = match rescale {
-                    Rescale::None => 1.0,
-                    Rescale::InverseDensity => 1.0 / density,
-                    Rescale::L1Norm => {
-                        let sums = kernel::sum_chunks(n, 2, |s, e| {
-                            let mut keep = draw.chunk(i, s / kernel::PAR_CHUNK, s);
-                            let mut acc = vec![0.0, 0.0];
-                            for j in s..e {
-                                let v = (x[j] - b[j]).abs().to_f64_lossless();
-                                acc[0] += v;
-                                if keep.next_keep() {
-                                    acc[1] += v;
-                                }
-                            }
-                            acc
-                        });
-                        if sums[1] > 0.0 {
-                            sums[0] / sums[1]
-                        } else {
-                            1.0
-                        }
-                    }
-                };
-                Rule::Random {
-                    draw,
-                    model: i,
-                    scale: E::from_f64_lossy(scale),
-                }
-            }
-            Sparsification::Della {
-                density,
-                epsilon,
-                seed,
-            } => {
-                let mut order: Vec<u32> = Vec::new();
-                let mut order64: Vec<usize> = Vec::new();
-                let probs = if n <= u32::MAX as usize {
-                    order.extend(0..n as u32);
-                    order.sort_unstable_by(|&p, &q| cmp_mag(x, b, p as usize, q as usize));
-                    ranked_probs(n, density, epsilon, order.iter().map(|&j| j as usize))
-                } else {
-                    order64.extend(0..n);
-                    order64.sort_unstable_by(|&p, &q| cmp_mag(x, b, p, q));
-                    ranked_probs(n, density, epsilon, order64.iter().copied())
-                };
-                Rule::Della {
-                    draw: Draw::Rng { seed, name, thr: 0 },
-                    model: i,
-                    probs,
-                }
-            }
-        })
-    }
-}
-
-/// Ascending magnitude of `theta - base`, ties broken by index (a total, stable order).
-fn cmp_mag<E: Scalar>(x: &[E], b: &[E], p: usize, q: usize) -> std::cmp::Ordering {
-    let mp = (x[p] - b[p]).abs();
-    let mq = (x[q] - b[q]).abs();
-    mp.partial_cmp(&mq)
-        .unwrap_or(std::cmp::Ordering::Equal)
-        .then(p.cmp(&q))
-}
-
-/// DELLA keep probabilities from the ascending-magnitude order.
-fn ranked_probs(
-    n: usize,
-    density: f64,
-    epsilon: f64,
-    order: impl Iterator<Item = usize>,
-) -> Vec<f64> {
-    let mut probs = vec![density; n];
-    if n > 1 {
-        for (rank, j) in order.enumerate() {
-            probs[j] = density + epsilon * (rank as f64 / (n - 1) as f64 - 0.5);
+    ) -> Rule<'a, E> {
+        let sp = self.sparsification_of(i);
+        let draw = match sp {
+            Sparsification::Random { density, seed } => Some(match mask {
+                Some(m) => Draw::Given(m),
+                None => Draw::Rng {
+                    seed,
+                    name,
+                    thr: kernel::keep_threshold(density),
+                },
+            }),
+            Sparsification::Della { seed, .. } => Some(Draw::Rng { seed, name, thr: 0 }),
+            _ => None,
+        };
+        let mut rule = Rule {
+            keep,
+            draw,
+            model: i,
+            scale: E::one(),
+            inverse_p: false,
+        };
+        if matches!(rule.keep, Keep::All | Keep::Nothing) {
+            return rule;
         }
+        match self.rescale {
+            Rescale::None => {}
+            Rescale::InverseDensity => match sp {
+                Sparsification::Della { .. } => rule.inverse_p = true,
+                Sparsification::Magnitude { density }
+                | Sparsification::Breadcrumbs { density, .. }
+                | Sparsification::Random { density, .. } => {
+                    rule.scale = E::from_f64_lossy(1.0 / density);
+                }
+                Sparsification::None => {}
+            },
+            Rescale::L1Norm => {
+                // mergekit's `rescaled_masked_tensor`: sums in the compute dtype, the
+                // ratio of the two, unless either sum is below 1e-7.
+                let sums = kernel::sum_chunks(b.len(), 2, |s, e| {
+                    let mut draw = rule.draw.map(|d| d.chunk(i, s / kernel::PAR_CHUNK, s));
+                    let mut buf = [E::zero(); BLOCK];
+                    let mut acc = vec![0.0, 0.0];
+                    let mut off = s;
+                    while off < e {
+                        let len = BLOCK.min(e - off);
+                        let d = &mut buf[..len];
+                        let (x, bb) = (&xs[i][off..off + len], &b[off..off + len]);
+                        sparsify_block(&rule, draw.as_mut(), x, bb, off, d);
+                        for (&x, &bv) in x.iter().zip(bb) {
+                            acc[0] += (x - bv).abs().to_f64_lossless();
+                        }
+                        acc[1] += d.iter().map(|v| v.abs().to_f64_lossless()).sum::<f64>();
+                        off += len;
+                    }
+                    acc
+                });
+                let (before, after) = (E::from_f64_lossy(sums[0]), E::from_f64_lossy(sums[1]));
+                let eps = 1e-7;
+                if before.to_f64_lossless() >= eps && after.to_f64_lossless() >= eps {
+                    rule.scale = before / after;
+                }
+            }
+        }
+        rule
     }
-    probs
+}
+
+/// What a model's sparsification needs for one tensor, before any data is read.
+#[derive(Clone, Copy, Debug)]
+enum Plan {
+    All,
+    Nothing,
+    /// The `k` largest magnitudes (torch's descending sort).
+    Top(usize),
+    /// Ascending sorted positions `lo..hi`.
+    Band(usize, usize),
+    Random,
+    Della,
+}
+
+/// Keep mask of sorted positions `lo..hi` in torch's order (descending or ascending
+/// magnitudes of `x - b`, as f32 the way mergekit ranks them), by replaying its sort.
+fn replay<E: Scalar>(
+    x: &[E],
+    b: &[E],
+    desc: bool,
+    cuts: &[usize],
+    lo: usize,
+    hi: usize,
+) -> Keep<E> {
+    let n = b.len();
+    let keys: Vec<f32> = x
+        .iter()
+        .zip(b)
+        .map(|(&x, &b)| (x - b).abs().to_f64_lossless() as f32)
+        .collect();
+    let mut idx: Vec<u32> = (0..n as u32).collect();
+    torch_sort_cuts(&keys, &mut idx, desc, cuts);
+    drop(keys);
+    let mut bits = vec![0u64; n.div_ceil(64)];
+    for &j in &idx[lo..hi] {
+        bits[j as usize / 64] |= 1 << (j % 64);
+    }
+    Keep::Bits(bits)
+}
+
+/// DELLA's keep ranks (mergekit's `della_magprune`): magnitudes are ranked along axis 1
+/// (a 1-D tensor is one row), ascending, ties by index.
+fn della_keep<E: Scalar>(x: &[E], b: &[E], shape: &[usize], density: f64, epsilon: f64) -> Keep<E> {
+    let n = b.len();
+    let (len, stride) = match shape {
+        [] | [_] => (n, 1),
+        [_, d1, rest @ ..] => (*d1, rest.iter().product::<usize>()),
+    };
+    let mut ranks = vec![0u32; n];
+    if len > 0 && stride > 0 {
+        ranks
+            .par_chunks_mut(len * stride)
+            .enumerate()
+            .for_each(|(slab, r)| {
+                let off = slab * len * stride;
+                let mut order: Vec<u32> = Vec::with_capacity(len);
+                for c in 0..stride {
+                    let at = |p: u32| off + p as usize * stride + c;
+                    let mag = |p: u32| (x[at(p)] - b[at(p)]).abs();
+                    order.clear();
+                    order.extend(0..len as u32);
+                    order.sort_unstable_by(|&p, &q| {
+                        mag(p)
+                            .partial_cmp(&mag(q))
+                            .unwrap_or(std::cmp::Ordering::Equal)
+                            .then(p.cmp(&q))
+                    });
+                    for (rank, &p) in order.iter().enumerate() {
+                        r[p as usize * stride + c] = rank as u32;
+                    }
+                }
+            });
+    }
+    let step = if len > 1 {
+        2.0 * epsilon / (len - 1) as f64
+    } else {
+        0.0
+    };
+    Keep::Della {
+        ranks,
+        low: density - epsilon,
+        step,
+    }
+}
+
+/// Which entries of one model's task vector are kept.
+enum Keep<E> {
+    All,
+    Nothing,
+    /// `|tau| >= v`.
+    AtLeast(E),
+    /// `above < |tau| <= upto` (a missing bound is no bound).
+    Band {
+        above: Option<E>,
+        upto: Option<E>,
+    },
+    /// An explicit mask, one bit per entry.
+    Bits(Vec<u64>),
+    /// At random with probability `density` (or by given masks).
+    Random,
+    /// At random with probability `low + step * rank`.
+    Della {
+        ranks: Vec<u32>,
+        low: f64,
+        step: f64,
+    },
 }
 
 /// Where DARE's keep decisions come from.
@@ -810,54 +1045,122 @@ impl<'a> Draw<'a> {
     }
 }
 
-/// Per-model keep rule for one tensor.
-enum Rule<'a, E> {
-    All,
-    /// Keep entries with `lo <= |tau|`.
-    Above {
-        lo: E,
-    },
-    /// Keep entries with `lo <= |tau| <= hi`.
-    Band {
-        lo: E,
-        hi: E,
-    },
-    /// Keep at random (or by a given mask), scale kept entries.
-    Random {
-        draw: Draw<'a>,
-        model: usize,
-        scale: E,
-    },
-    /// DELLA: per-entry keep probability, scale kept by its inverse.
-    Della {
-        draw: Draw<'a>,
-        model: usize,
-        probs: Vec<f64>,
-    },
+/// Per-model keep rule for one tensor, with the uniform scale of kept entries (or DELLA's
+/// per-entry `1 / p`).
+struct Rule<'a, E> {
+    keep: Keep<E>,
+    draw: Option<Draw<'a>>,
+    model: usize,
+    scale: E,
+    inverse_p: bool,
+}
+
+/// Writes the kept (unscaled, except DELLA's `1 / p`) task-vector entries of
+/// `s..s + d.len()` into `d`, zero elsewhere.
+#[inline(always)]
+fn sparsify_block<E: Scalar>(
+    rule: &Rule<'_, E>,
+    draw: Option<&mut ChunkDraw<'_>>,
+    x: &[E],
+    b: &[E],
+    s: usize,
+    d: &mut [E],
+) {
+    let zero = E::zero();
+    let it = d.iter_mut().zip(x).zip(b);
+    match &rule.keep {
+        Keep::All => it.for_each(|((d, &x), &b)| *d = x - b),
+        Keep::Nothing => d.fill(zero),
+        Keep::AtLeast(v) => {
+            let v = *v;
+            it.for_each(|((d, &x), &b)| {
+                let t = x - b;
+                *d = if t.abs() >= v { t } else { zero };
+            });
+        }
+        Keep::Band { above, upto } => {
+            let lo = above.unwrap_or(-E::one());
+            let hi = upto.unwrap_or(E::infinity());
+            it.for_each(|((d, &x), &b)| {
+                let t = x - b;
+                let a = t.abs();
+                *d = if (a > lo) & (a <= hi) { t } else { zero };
+            });
+        }
+        Keep::Bits(bits) => {
+            for (j, ((d, &x), &b)) in it.enumerate() {
+                let g = s + j;
+                *d = if (bits[g / 64] >> (g % 64)) & 1 == 1 {
+                    x - b
+                } else {
+                    zero
+                };
+            }
+        }
+        Keep::Random => {
+            if let Some(dr) = draw {
+                it.for_each(|((d, &x), &b)| *d = if dr.next_keep() { x - b } else { zero });
+            }
+        }
+        Keep::Della { ranks, low, step } => {
+            if let Some(dr) = draw {
+                for (j, ((d, &x), &b)) in it.enumerate() {
+                    let p = low + step * f64::from(ranks[s + j]);
+                    let u = dr.next_u32();
+                    *d = if u64::from(u) < kernel::keep_threshold(p) {
+                        if rule.inverse_p {
+                            E::from_f64_lossy((x - b).to_f64_lossless() / p)
+                        } else {
+                            x - b
+                        }
+                    } else {
+                        zero
+                    };
+                }
+            }
+        }
+    }
 }
 
 /// `base + lambda * combine(sparsified task vectors)`, blocked and chunk-parallel.
+#[allow(clippy::too_many_arguments)]
 fn combine<E: Scalar>(
     xs: &[&[E]],
     b: &[E],
     rules: &[Rule<'_, E>],
     weights: &[f64],
     consensus: Consensus,
+    normalize: bool,
     lambda: f64,
     out: &mut [E],
 ) {
     let ws: Vec<E> = weights.iter().map(|&w| E::from_f64_lossy(w)).collect();
     let lam = E::from_f64_lossy(lambda);
+    // mergekit's divisor of a plain sum: the weights' sum, 1 when about zero.
+    let mut total = E::zero();
+    for &w in &ws {
+        total += w;
+    }
+    let sum_div = if total.to_f64_lossless().abs() < 1e-8 {
+        E::one()
+    } else {
+        total
+    };
     kernel::for_chunks(out, |c, start, o| {
         kernel::simd(
             #[inline(always)]
-            || combine_chunk(xs, b, rules, &ws, consensus, lam, c, start, o),
+            || {
+                combine_chunk(
+                    xs, b, rules, &ws, consensus, normalize, sum_div, lam, c, start, o,
+                )
+            },
         )
     });
 }
 
-/// One chunk of [`combine`]: per cache block, the sparsified task vectors go to a
-/// scratch buffer, then branch-free loops (models outer, entries inner) combine them.
+/// One chunk of [`combine`], in mergekit's order of operations: per cache block, each
+/// model's `w_i * rescale * sparsified tau_i` goes to a scratch buffer, then branch-free
+/// loops (models outer, entries inner) combine them.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn combine_chunk<E: Scalar>(
@@ -866,6 +1169,8 @@ fn combine_chunk<E: Scalar>(
     rules: &[Rule<'_, E>],
     ws: &[E],
     consensus: Consensus,
+    normalize: bool,
+    sum_div: E,
     lam: E,
     c: usize,
     start: usize,
@@ -873,14 +1178,10 @@ fn combine_chunk<E: Scalar>(
 ) {
     let m = xs.len();
     let zero = E::zero();
+    let one = E::one();
     let mut draws: Vec<Option<ChunkDraw<'_>>> = rules
         .iter()
-        .map(|r| match r {
-            Rule::Random { draw, model, .. } | Rule::Della { draw, model, .. } => {
-                Some(draw.chunk(*model, c, start))
-            }
-            _ => None,
-        })
+        .map(|r| r.draw.map(|d| d.chunk(r.model, c, start)))
         .collect();
     let mut scratch = vec![zero; m * BLOCK];
     let mut acc = [zero; 3 * BLOCK];
@@ -892,85 +1193,36 @@ fn combine_chunk<E: Scalar>(
         let bb = &b[s..s + len];
         for (i, rule) in rules.iter().enumerate() {
             let d = &mut scratch[i * BLOCK..i * BLOCK + len];
-            let x = &xs[i][s..s + len];
-            match rule {
-                Rule::All => {
-                    for ((d, &x), &b) in d.iter_mut().zip(x).zip(bb) {
-                        *d = x - b;
-                    }
-                }
-                Rule::Above { lo } => {
-                    let lo = *lo;
-                    for ((d, &x), &b) in d.iter_mut().zip(x).zip(bb) {
-                        let t = x - b;
-                        *d = if t.abs() >= lo { t } else { zero };
-                    }
-                }
-                Rule::Band { lo, hi } => {
-                    let (lo, hi) = (*lo, *hi);
-                    for ((d, &x), &b) in d.iter_mut().zip(x).zip(bb) {
-                        let t = x - b;
-                        let a = t.abs();
-                        *d = if (a >= lo) & (a <= hi) { t } else { zero };
-                    }
-                }
-                Rule::Random { scale, .. } => {
-                    if let Some(dr) = draws[i].as_mut() {
-                        for ((d, &x), &b) in d.iter_mut().zip(x).zip(bb) {
-                            *d = if dr.next_keep() {
-                                (x - b) * *scale
-                            } else {
-                                zero
-                            };
-                        }
-                    }
-                }
-                Rule::Della { probs, .. } => {
-                    let p = &probs[s..s + len];
-                    if let Some(dr) = draws[i].as_mut() {
-                        for (((d, &x), &b), &p) in d.iter_mut().zip(x).zip(bb).zip(p) {
-                            let u = dr.next_u32();
-                            *d = if u64::from(u) < kernel::keep_threshold(p) {
-                                E::from_f64_lossy((x - b).to_f64_lossless() / p)
-                            } else {
-                                zero
-                            };
-                        }
-                    }
-                }
+            sparsify_block(rule, draws[i].as_mut(), &xs[i][s..s + len], bb, s, d);
+            let (sc, w) = (rule.scale, ws[i]);
+            if sc != one {
+                d.iter_mut().for_each(|v| *v *= sc);
             }
+            d.iter_mut().for_each(|v| *v *= w);
         }
         let ob = &mut ot[..len];
         let (tot, rest) = acc.split_at_mut(BLOCK);
         let (num, den) = rest.split_at_mut(BLOCK);
         let (tot, num, den) = (&mut tot[..len], &mut num[..len], &mut den[..len]);
         tot.fill(zero);
-        for (i, &w) in ws.iter().enumerate() {
-            let d = &scratch[i * BLOCK..i * BLOCK + len];
-            for (t, &d) in tot.iter_mut().zip(d) {
-                *t += w * d;
+        for i in 0..m {
+            for (t, &d) in tot.iter_mut().zip(&scratch[i * BLOCK..i * BLOCK + len]) {
+                *t += d;
             }
         }
         match consensus {
             Consensus::Sum => {
                 for ((o, &b), &t) in ob.iter_mut().zip(bb).zip(tot.iter()) {
-                    *o = b + lam * t;
+                    let mixed = if normalize { t / sum_div } else { t };
+                    *o = b + lam * mixed;
                 }
             }
             Consensus::SignElection => {
-                // tot becomes the elected sign g in {-1, 0, 1}; an entry agrees when
-                // d * g > 0 (exact: g is +-1 or 0). Sums run over |d| and the sign is
-                // restored at the end, which is bitwise the signed disjoint mean.
-                let one = E::one();
+                // mergekit's get_mask("sum"): the majority sign is + where the sum is
+                // >= 0 (so also where it is 0), - elsewhere; a weighted entry agrees
+                // when its sign equals it (zeros never agree).
                 for t in tot.iter_mut() {
-                    let v = *t;
-                    *t = if v > zero {
-                        one
-                    } else if v < zero {
-                        -one
-                    } else {
-                        zero
-                    };
+                    *t = if *t >= zero { one } else { -one };
                 }
                 num.fill(zero);
                 den.fill(zero);
@@ -979,21 +1231,18 @@ fn combine_chunk<E: Scalar>(
                     for (((n, dn), &g), &d) in
                         num.iter_mut().zip(den.iter_mut()).zip(tot.iter()).zip(d)
                     {
-                        let a = d * g;
-                        let agree = a > zero;
-                        *n += if agree { w * a } else { zero };
+                        let agree = d * g > zero;
+                        *n += if agree { d } else { zero };
                         *dn += if agree { w } else { zero };
                     }
                 }
-                for ((((o, &b), &n), &dn), &g) in ob
-                    .iter_mut()
-                    .zip(bb)
-                    .zip(num.iter())
-                    .zip(den.iter())
-                    .zip(tot.iter())
-                {
-                    let merged = if dn != zero { g * (n / dn) } else { zero };
-                    *o = b + lam * merged;
+                for (((o, &b), &n), &dn) in ob.iter_mut().zip(bb).zip(num.iter()).zip(den.iter()) {
+                    let mixed = if normalize {
+                        n / if dn == zero { one } else { dn }
+                    } else {
+                        n
+                    };
+                    *o = b + lam * mixed;
                 }
             }
         }
@@ -1002,7 +1251,6 @@ fn combine_chunk<E: Scalar>(
     }
     kernel::stream_fence();
 }
-
 impl<M: Model> TensorMerger<M::Tensor> for TaskMerge<M> {
     fn merge_tensor(&self, name: &str, tensors: &[&M::Tensor]) -> Result<M::Tensor> {
         self.run(name, tensors, None)

@@ -10,46 +10,204 @@ use serde::Deserialize;
 
 use crate::methods::{BaseUse, MethodSpec, method_spec};
 
-/// A parameter value: a scalar, or per-tensor values selected by name filters.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
-#[serde(untagged)]
+/// A parameter setting, read as mergekit 0.1.5 reads it.
+#[derive(Clone, Debug, PartialEq)]
 pub enum ParamValue {
-    /// `true` / `false` (read as 1 / 0).
-    Bool(bool),
-    /// A number.
-    Number(f64),
-    /// `[{filter: "self_attn", value: 0.3}, {value: 0.5}]`: the first entry whose
-    /// filter is a substring of the tensor name, else the entry without a filter.
-    Filtered(Vec<FilterEntry>),
-    /// A list of plain numbers: mergekit's layer gradients (not supported).
+    /// A number (`true` / `false` read as 1 / 0; numeric strings such as `"1e-3"` as
+    /// numbers).
+    Scalar(f64),
+    /// `[0, 0.5, 1]`: a gradient, interpolated piecewise linearly over the layer index
+    /// (see [`gradient_t`]); an empty list is no value.
     Gradient(Vec<f64>),
+    /// `[{filter: "self_attn", value: 0.3}, {value: 0.5}]` (or one such entry without
+    /// the list): the first entry in list order whose filter is absent, `"*"` or a
+    /// substring of the tensor name applies; when none does, the setting is no value
+    /// and the next scope (global parameters, then the default) applies.
+    Filtered(Vec<FilterEntry>),
 }
 
 /// One entry of a filtered parameter.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct FilterEntry {
-    /// Substring of tensor names this value applies to; none = the default.
+    /// Substring of tensor names this value applies to; none or `"*"`: every tensor.
     pub filter: Option<String>,
-    /// The value.
-    pub value: ScalarValue,
+    /// The value: a scalar or a gradient.
+    pub value: ParamValue,
 }
 
-/// A scalar in a filter entry.
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq)]
-#[serde(untagged)]
-pub enum ScalarValue {
-    /// Boolean.
-    Bool(bool),
-    /// Number.
-    Number(f64),
+/// How a parameter's values are read: numbers interpolate, booleans select.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// A real number.
+    Float,
+    /// A flag (gradient entries are picked, not interpolated, as mergekit does).
+    Bool,
 }
 
-impl ScalarValue {
-    fn get(self) -> f64 {
+const FORMS: &str =
+    "a number, true/false, a list of numbers (a gradient over layers), or {filter, value} entries";
+
+fn bad_value(key: &str, place: &str, why: &str, got: &serde_json::Value) -> Error {
+    Error::invalid(
+        key,
+        format!("in {place}: {why}; expected {FORMS}; got `{got}`"),
+    )
+}
+
+fn scalar(key: &str, place: &str, v: &serde_json::Value) -> Result<Option<f64>> {
+    use serde_json::Value as V;
+    let x = match v {
+        V::Bool(b) => f64::from(u8::from(*b)),
+        V::Number(n) => n.as_f64().unwrap_or(f64::NAN),
+        V::String(t) => match t.trim().parse::<f64>() {
+            Ok(x) => x,
+            Err(_) => return Err(bad_value(key, place, "a string that is not a number", v)),
+        },
+        _ => return Ok(None),
+    };
+    if !x.is_finite() {
+        return Err(bad_value(key, place, "values must be finite", v));
+    }
+    Ok(Some(x))
+}
+
+/// A scalar or a gradient (the value of a filter entry, or a whole setting).
+fn plain(key: &str, place: &str, v: &serde_json::Value) -> Result<Option<ParamValue>> {
+    if let Some(x) = scalar(key, place, v)? {
+        return Ok(Some(ParamValue::Scalar(x)));
+    }
+    if let serde_json::Value::Array(items) = v
+        && items.iter().all(|e| !e.is_object() && !e.is_array())
+    {
+        let xs = items
+            .iter()
+            .map(|e| {
+                scalar(key, place, e)?
+                    .ok_or_else(|| bad_value(key, place, "a gradient holds numbers only", e))
+            })
+            .collect::<Result<Vec<f64>>>()?;
+        return Ok(Some(ParamValue::Gradient(xs)));
+    }
+    Ok(None)
+}
+
+fn filter_entry(key: &str, place: &str, v: &serde_json::Value) -> Result<FilterEntry> {
+    let serde_json::Value::Object(map) = v else {
+        return Err(bad_value(
+            key,
+            place,
+            "a filter list holds {filter, value} entries only",
+            v,
+        ));
+    };
+    if let Some(k) = map.keys().find(|k| *k != "filter" && *k != "value") {
+        return Err(bad_value(
+            key,
+            place,
+            &format!("unknown key `{k}` in a filter entry (keys: filter, value)"),
+            v,
+        ));
+    }
+    let filter = match map.get("filter") {
+        None | Some(serde_json::Value::Null) => None,
+        Some(serde_json::Value::String(f)) => Some(f.clone()),
+        Some(other) => {
+            return Err(bad_value(
+                key,
+                place,
+                &format!("`filter` must be a string, got `{other}`"),
+                v,
+            ));
+        }
+    };
+    let value = match map.get("value") {
+        None => return Err(bad_value(key, place, "a filter entry needs `value`", v)),
+        Some(x) => plain(key, place, x)?.ok_or_else(|| {
+            bad_value(
+                key,
+                place,
+                "the `value` of a filter entry is a number or a list of numbers",
+                x,
+            )
+        })?,
+    };
+    Ok(FilterEntry { filter, value })
+}
+
+/// Parses one parameter setting, naming the key, the place and the offending value.
+pub fn parse_setting(key: &str, place: &str, v: &serde_json::Value) -> Result<ParamValue> {
+    if let Some(p) = plain(key, place, v)? {
+        return Ok(p);
+    }
+    match v {
+        serde_json::Value::Object(_) => {
+            Ok(ParamValue::Filtered(vec![filter_entry(key, place, v)?]))
+        }
+        serde_json::Value::Array(items) if items.iter().all(|e| e.is_object()) => {
+            Ok(ParamValue::Filtered(
+                items
+                    .iter()
+                    .map(|e| filter_entry(key, place, e))
+                    .collect::<Result<_>>()?,
+            ))
+        }
+        serde_json::Value::Array(_) => Err(bad_value(
+            key,
+            place,
+            "a list mixes numbers and filter entries",
+            v,
+        )),
+        _ => Err(bad_value(key, place, "not a parameter value", v)),
+    }
+}
+
+/// mergekit's gradient position of a tensor: `i / (layers - 1)` for a tensor of layer
+/// `i` (`1` when there is one layer); `0` for tensors outside the layers (embeddings,
+/// the final norm, the LM head), as mergekit plans them. A layer index is the number
+/// after a `layers`, `layer`, `h`, `blocks` or `block` segment of the name.
+pub fn gradient_t(tensor: &str, layers: usize) -> f64 {
+    match layer_index(tensor) {
+        Some(i) if layers > 1 => i as f64 / (layers - 1) as f64,
+        Some(_) => 1.0,
+        None => 0.0,
+    }
+}
+
+/// The layer index in a tensor name (`model.layers.3.mlp.up_proj.weight` -> 3).
+pub fn layer_index(tensor: &str) -> Option<usize> {
+    let parts: Vec<&str> = tensor.split('.').collect();
+    parts.windows(2).find_map(|w| {
+        matches!(w[0], "layers" | "layer" | "h" | "blocks" | "block")
+            .then(|| w[1].parse::<usize>().ok())
+            .flatten()
+    })
+}
+
+impl ParamValue {
+    /// The value for `tensor` at gradient position `t`, or `None` (no value here).
+    pub fn eval(&self, tensor: &str, t: f64, kind: Kind) -> Option<f64> {
         match self {
-            ScalarValue::Bool(b) => f64::from(u8::from(b)),
-            ScalarValue::Number(x) => x,
+            ParamValue::Scalar(x) => Some(*x),
+            ParamValue::Gradient(v) if v.is_empty() => None,
+            ParamValue::Gradient(v) => {
+                let last = v.len() - 1;
+                let scaled = t * last as f64;
+                if kind == Kind::Bool {
+                    return Some(v[(scaled as usize).min(last)]);
+                }
+                let i0 = (scaled as usize).min(last);
+                let i1 = (i0 + 1).min(last);
+                let frac = scaled - i0 as f64;
+                Some((1.0 - frac) * v[i0] + frac * v[i1])
+            }
+            ParamValue::Filtered(list) => list
+                .iter()
+                .find(|e| {
+                    e.filter
+                        .as_deref()
+                        .is_none_or(|f| f == "*" || tensor.contains(f))
+                })
+                .and_then(|e| e.value.eval(tensor, t, kind)),
         }
     }
 }
@@ -81,9 +239,9 @@ impl ModelRef {
 pub struct ModelEntry {
     /// Local path of the checkpoint (file or directory).
     pub model: String,
-    /// Per-model parameters (fall back to the global ones).
+    /// Per-model parameters (fall back to the global ones), as written.
     #[serde(default)]
-    pub parameters: BTreeMap<String, ParamValue>,
+    pub parameters: BTreeMap<String, serde_json::Value>,
 }
 
 /// The YAML document as written.
@@ -96,9 +254,9 @@ pub struct RawConfig {
     /// The models to merge.
     #[serde(default)]
     pub models: Vec<ModelEntry>,
-    /// Global parameters.
+    /// Global parameters, as written.
     #[serde(default)]
-    pub parameters: BTreeMap<String, ParamValue>,
+    pub parameters: BTreeMap<String, serde_json::Value>,
     /// Compute dtype (`float64` computes in f64, anything else in f32); also the output
     /// dtype when `out_dtype` is absent.
     pub dtype: Option<String>,
@@ -196,32 +354,38 @@ impl Config {
             ),
             None => None,
         };
+        let mut global_params = BTreeMap::new();
         for (k, v) in &raw.parameters {
             if !method.global_params.iter().any(|p| p.name == k)
                 && !method.model_params.iter().any(|p| p.name == k)
             {
                 return Err(unknown_param(method, k, "parameters"));
             }
-            check_value(k, v, "parameters")?;
+            global_params.insert(k.clone(), parse_setting(k, "parameters", v)?);
         }
         let base = raw.base_model.as_ref().map(|b| b.path().to_string());
-        let mut models: Vec<&ModelEntry> = Vec::new();
+        let mut models: Vec<(&ModelEntry, BTreeMap<String, ParamValue>)> = Vec::new();
         for (i, m) in raw.models.iter().enumerate() {
+            let place = format!("models[{i}] ({})", m.model);
+            let mut params = BTreeMap::new();
             for (k, v) in &m.parameters {
                 if !method.model_params.iter().any(|p| p.name == k) {
-                    return Err(unknown_param(
-                        method,
-                        k,
-                        &format!("models[{i}] ({})", m.model),
-                    ));
+                    let why = if method.global_params.iter().any(|p| p.name == k) {
+                        format!(
+                            "{place} (`{k}` is shared by all models: set it under the top-level `parameters`)"
+                        )
+                    } else {
+                        place.clone()
+                    };
+                    return Err(unknown_param(method, k, &why));
                 }
-                check_value(k, v, &format!("models[{i}]"))?;
+                params.insert(k.clone(), parse_setting(k, &place, v)?);
             }
             // mergekit lets the base model appear in `models`; its task vector is zero.
             if method.base != BaseUse::None && Some(&m.model) == base.as_ref() {
                 continue;
             }
-            models.push(m);
+            models.push((m, params));
         }
         let has_base = match (method.base, &base) {
             (BaseUse::Required, None) => {
@@ -255,36 +419,24 @@ impl Config {
                 models.len()
             )));
         }
-        // Required per-model parameters must resolve for every model (per model or
-        // globally); filtered values need a default entry.
-        for (i, m) in models.iter().enumerate() {
+        // Required per-model parameters must be set for every model (per model or
+        // globally); whether a filtered one resolves for every tensor is checked per
+        // tensor before any data is read (`ConfigMerger::preflight`).
+        for (i, (m, params)) in models.iter().enumerate() {
             for p in method.model_params.iter().filter(|p| p.default.is_none()) {
-                let v = m
-                    .parameters
-                    .get(p.name)
-                    .or_else(|| raw.parameters.get(p.name));
-                match v {
-                    None => {
-                        return Err(Error::MissingParam {
-                            name: p.name.to_string(),
-                            context: format!(
-                                "models[{i}] ({}) of merge_method `{}` (set it there or under `parameters`)",
-                                m.model, method.name
-                            ),
-                        });
-                    }
-                    Some(ParamValue::Filtered(list)) if list.iter().all(|e| e.filter.is_some()) => {
-                        return Err(config_err(format!(
-                            "parameter `{}` of models[{i}] has filters but no default entry ({{value: ...}} without `filter`)",
-                            p.name
-                        )));
-                    }
-                    _ => {}
+                if !params.contains_key(p.name) && !global_params.contains_key(p.name) {
+                    return Err(Error::MissingParam {
+                        name: p.name.to_string(),
+                        context: format!(
+                            "models[{i}] ({}) of merge_method `{}` (set it there or under `parameters`)",
+                            m.model, method.name
+                        ),
+                    });
                 }
             }
         }
         for p in method.global_params.iter().filter(|p| p.default.is_none()) {
-            if !raw.parameters.contains_key(p.name) {
+            if !global_params.contains_key(p.name) {
                 return Err(Error::MissingParam {
                     name: p.name.to_string(),
                     context: format!("`parameters` of merge_method `{}`", method.name),
@@ -295,13 +447,13 @@ impl Config {
         if has_base {
             inputs.extend(base.iter().map(PathBuf::from));
         }
-        inputs.extend(models.iter().map(|m| PathBuf::from(&m.model)));
+        inputs.extend(models.iter().map(|(m, _)| PathBuf::from(&m.model)));
         Ok(Config {
             method,
             inputs,
             has_base,
-            model_params: models.iter().map(|m| m.parameters.clone()).collect(),
-            global_params: raw.parameters,
+            model_params: models.into_iter().map(|(_, p)| p).collect(),
+            global_params,
             compute_f64,
             out_dtype,
             seed: 0,
@@ -309,74 +461,47 @@ impl Config {
     }
 
     /// The value of per-model parameter `name` for model `i` (0-based among `models`,
-    /// excluding the base) and tensor `tensor`: model value, else global, else default.
-    pub fn model_param(&self, i: usize, name: &str, tensor: &str) -> Result<f64> {
-        let v = self.model_params[i]
-            .get(name)
-            .or_else(|| self.global_params.get(name));
-        self.resolve(name, v, tensor)
+    /// excluding the base) and tensor `tensor` at gradient position `t`: the model's
+    /// setting, else the global one, else the default (mergekit's precedence; a setting
+    /// with no value for this tensor falls through).
+    pub fn model_param(&self, i: usize, name: &str, tensor: &str, t: f64) -> Result<f64> {
+        let scopes = [self.model_params[i].get(name), self.global_params.get(name)];
+        self.resolve(name, &scopes, tensor, t)
     }
 
-    /// The value of global parameter `name` for tensor `tensor`.
-    pub fn global_param(&self, name: &str, tensor: &str) -> Result<f64> {
-        self.resolve(name, self.global_params.get(name), tensor)
+    /// The value of global parameter `name` for tensor `tensor` at gradient position `t`.
+    pub fn global_param(&self, name: &str, tensor: &str, t: f64) -> Result<f64> {
+        self.resolve(name, &[self.global_params.get(name)], tensor, t)
     }
 
-    fn resolve(&self, name: &str, v: Option<&ParamValue>, tensor: &str) -> Result<f64> {
-        let default = self
+    fn resolve(
+        &self,
+        name: &str,
+        scopes: &[Option<&ParamValue>],
+        tensor: &str,
+        t: f64,
+    ) -> Result<f64> {
+        let spec = self
             .method
             .model_params
             .iter()
             .chain(self.method.global_params)
-            .find(|p| p.name == name)
-            .and_then(|p| p.default);
-        let missing = || Error::MissingParam {
+            .find(|p| p.name == name);
+        let kind = spec.map_or(Kind::Float, |p| p.kind);
+        let found = scopes
+            .iter()
+            .flatten()
+            .find_map(|v| v.eval(tensor, t, kind));
+        let x = found.or_else(|| spec.and_then(|p| p.default)).ok_or_else(|| Error::MissingParam {
             name: name.to_string(),
-            context: format!("the merge config (tensor `{tensor}`)"),
-        };
-        match v {
-            None => default.ok_or_else(missing),
-            Some(ParamValue::Bool(b)) => Ok(f64::from(u8::from(*b))),
-            Some(ParamValue::Number(x)) => Ok(*x),
-            Some(ParamValue::Filtered(list)) => list
-                .iter()
-                .find(|e| {
-                    e.filter
-                        .as_ref()
-                        .is_some_and(|f| tensor.contains(f.as_str()))
-                })
-                .or_else(|| list.iter().find(|e| e.filter.is_none()))
-                .map(|e| e.value.get())
-                .or(default)
-                .ok_or_else(missing),
-            Some(ParamValue::Gradient(_)) => {
-                Err(Error::invalid(name, "gradient lists are not supported"))
-            }
-        }
-    }
-}
-
-fn check_value(name: &str, v: &ParamValue, place: &str) -> Result<()> {
-    let finite = |x: f64| {
-        if x.is_finite() {
-            Ok(())
-        } else {
-            Err(Error::invalid(
-                name,
-                format!("in {place} must be finite, got {x}"),
-            ))
-        }
-    };
-    match v {
-        ParamValue::Bool(_) => Ok(()),
-        ParamValue::Number(x) => finite(*x),
-        ParamValue::Filtered(list) => list.iter().try_for_each(|e| finite(e.value.get())),
-        ParamValue::Gradient(_) => Err(Error::invalid(
-            name,
-            format!(
-                "in {place}: gradient lists (values interpolated across layers) are not supported; use [{{filter: NAME_PART, value: X}}, {{value: DEFAULT}}]"
+            context: format!(
+                "the merge config (tensor `{tensor}`: no filter matches it and there is no value to fall back on)"
             ),
-        )),
+        })?;
+        Ok(match kind {
+            Kind::Bool => f64::from(u8::from(x != 0.0)),
+            Kind::Float => x,
+        })
     }
 }
 
@@ -409,17 +534,38 @@ mod tests {
         assert_eq!(c.inputs, [PathBuf::from("a"), PathBuf::from("b")]);
         assert_eq!(c.out_dtype, Some(Dtype::BF16));
         assert!(!c.compute_f64);
-        assert_eq!(c.model_param(0, "weight", "x").unwrap(), 0.3);
-        assert_eq!(c.model_param(1, "weight", "l.attn.q").unwrap(), 2.0);
-        assert_eq!(c.model_param(1, "weight", "l.mlp").unwrap(), 1.0);
-        assert_eq!(c.global_param("normalize", "x").unwrap(), 1.0);
+        assert_eq!(c.model_param(0, "weight", "x", 0.0).unwrap(), 0.3);
+        assert_eq!(c.model_param(1, "weight", "l.attn.q", 0.0).unwrap(), 2.0);
+        assert_eq!(c.model_param(1, "weight", "l.mlp", 0.0).unwrap(), 1.0);
+        assert_eq!(c.global_param("normalize", "x", 0.0).unwrap(), 1.0);
+    }
+
+    #[test]
+    fn filters_in_list_order_gradients_and_fallback() {
+        let c = parse(
+            "merge_method: ties\nbase_model: b\nparameters:\n  weight: 1\n  density: [{filter: mlp, value: 0.2}, {value: [0, 0.5, 1]}]\nmodels:\n  - model: a\n    parameters:\n      density: [{value: 0.9}, {filter: attn, value: 0.1}]\n  - model: c\n    parameters:\n      density: {filter: attn, value: 0.3}\n",
+        )
+        .unwrap();
+        // First entry wins: the default written first applies everywhere.
+        assert_eq!(c.model_param(0, "density", "x.attn", 0.0).unwrap(), 0.9);
+        // No filter matches `mlp` in model 1: the global setting applies.
+        assert_eq!(c.model_param(1, "density", "x.mlp", 0.0).unwrap(), 0.2);
+        assert_eq!(c.model_param(1, "density", "x.attn", 0.0).unwrap(), 0.3);
+        // Gradient: piecewise linear in t.
+        assert_eq!(c.model_param(1, "density", "x.o", 0.25).unwrap(), 0.25);
+        assert_eq!(c.model_param(1, "density", "x.o", 1.0).unwrap(), 1.0);
+        assert_eq!(gradient_t("model.layers.3.mlp.up.weight", 4), 1.0);
+        assert_eq!(gradient_t("model.layers.1.mlp.up.weight", 3), 0.5);
+        assert_eq!(gradient_t("lm_head.weight", 3), 0.0);
+        let star = parse("merge_method: linear\nmodels:\n  - model: a\n    parameters:\n      weight: [{filter: \"*\", value: 2}]\n").unwrap();
+        assert_eq!(star.model_param(0, "weight", "q", 0.0).unwrap(), 2.0);
     }
 
     #[test]
     fn global_parameters_fill_in_per_model_ones() {
         let c = parse("merge_method: linear\nparameters:\n  weight: 0.5\n  normalize: false\nmodels:\n  - model: a\n  - model: b\n").unwrap();
-        assert_eq!(c.model_param(1, "weight", "t").unwrap(), 0.5);
-        assert_eq!(c.global_param("normalize", "t").unwrap(), 0.0);
+        assert_eq!(c.model_param(1, "weight", "t", 0.0).unwrap(), 0.5);
+        assert_eq!(c.global_param("normalize", "t", 0.0).unwrap(), 0.0);
     }
 
     #[test]
@@ -432,12 +578,16 @@ mod tests {
             ),
             ("merge_method: linear\nmodels:\n  - model: a\n", "weight"),
             (
-                "merge_method: linear\nmodels:\n  - model: a\n    parameters: {weight: [0, 1]}\n",
-                "gradient",
+                "merge_method: linear\nmodels:\n  - model: a\n    parameters: {weight: [{filter: x, value: abc}]}\n",
+                "in models[0] (a): a string that is not a number",
             ),
             (
-                "merge_method: linear\nmodels:\n  - model: a\n    parameters: {weight: [{filter: x, value: 1}]}\n",
-                "no default",
+                "merge_method: linear\nmodels:\n  - model: a\n    parameters: {weight: [{filter: x, valu: 1}]}\n",
+                "unknown key `valu`",
+            ),
+            (
+                "merge_method: ties\nbase_model: b\nmodels:\n  - model: a\n    parameters: {weight: 1, lambda: 2}\n",
+                "shared by all models",
             ),
             ("merge_method: linear\nslices: []\nmodels: []\n", "slices"),
             ("merge_method: linear\nfoo: 1\nmodels: []\n", "`foo`"),

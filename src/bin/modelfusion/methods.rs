@@ -2,24 +2,31 @@
 //! defaults) and the tensor merger each config becomes.
 
 use modelfusion::io::IoScalar;
-use modelfusion::merge::{Average, Consensus, ModelStock, Rescale, Slerp, TaskMerge, TensorMerger};
+use std::sync::OnceLock;
+
+use modelfusion::merge::{
+    Average, Consensus, ModelStock, Rescale, Slerp, Sparsification, TaskMerge, TensorMerger,
+};
 use modelfusion::{Error, Result, StateDict, Tensor};
 use ndarray::ArrayD;
 
-use crate::config::Config;
+use crate::config::{Config, Kind, gradient_t, layer_index};
 
-/// A parameter of a method: its mergekit name and default (`None` = required).
+/// A parameter of a method: its mergekit name, kind and default (`None` = required).
 #[derive(Debug)]
 pub struct ParamSpec {
     /// The name.
     pub name: &'static str,
-    /// The default value, if optional.
+    /// Number or flag.
+    pub kind: Kind,
+    /// The default value, if optional (flags: 0 or 1).
     pub default: Option<f64>,
 }
 
 const fn req(name: &'static str) -> ParamSpec {
     ParamSpec {
         name,
+        kind: Kind::Float,
         default: None,
     }
 }
@@ -27,7 +34,16 @@ const fn req(name: &'static str) -> ParamSpec {
 const fn opt(name: &'static str, default: f64) -> ParamSpec {
     ParamSpec {
         name,
+        kind: Kind::Float,
         default: Some(default),
+    }
+}
+
+const fn flag(name: &'static str, default: bool) -> ParamSpec {
+    ParamSpec {
+        name,
+        kind: Kind::Bool,
+        default: Some(if default { 1.0 } else { 0.0 }),
     }
 }
 
@@ -59,40 +75,32 @@ pub struct MethodSpec {
     pub elementwise: bool,
 }
 
-// Global parameters. Methods that sum task vectors default to `normalize: false` and
-// those with TIES sign election to `true` (the disjoint mean always divides by the
-// agreeing weights, so `false` is refused for them).
-const SUM_GLOBALS: &[ParamSpec] = &[
-    opt("normalize", 0.0),
-    opt("lambda", 1.0),
-    opt("int8_mask", 0.0),
-];
-const SIGN_GLOBALS: &[ParamSpec] = &[
-    opt("normalize", 1.0),
-    opt("lambda", 1.0),
-    opt("int8_mask", 0.0),
-];
-const DARE_SUM_GLOBALS: &[ParamSpec] = &[
-    opt("normalize", 0.0),
-    opt("lambda", 1.0),
-    opt("rescale", 1.0),
-    opt("int8_mask", 0.0),
-];
-const DARE_SIGN_GLOBALS: &[ParamSpec] = &[
-    opt("normalize", 1.0),
-    opt("lambda", 1.0),
-    opt("rescale", 1.0),
-    opt("int8_mask", 0.0),
-];
+/// mergekit's shared parameters of a generalised task-arithmetic method, with its
+/// per-method defaults of `normalize` and `rescale` (mergekit's registry).
+const fn gta_globals(normalize: bool, rescale: bool) -> [ParamSpec; 4] {
+    [
+        flag("int8_mask", false),
+        flag("normalize", normalize),
+        flag("rescale", rescale),
+        opt("lambda", 1.0),
+    ]
+}
+const TA_GLOBALS: &[ParamSpec] = &gta_globals(false, false);
+const TIES_GLOBALS: &[ParamSpec] = &gta_globals(true, false);
+const DARE_GLOBALS: &[ParamSpec] = &gta_globals(false, true);
+const CRUMBS_GLOBALS: &[ParamSpec] = &gta_globals(false, false);
+const DELLA_GLOBALS: &[ParamSpec] = &gta_globals(true, true);
+const DELLA_LINEAR_GLOBALS: &[ParamSpec] = &gta_globals(false, true);
 const SPARSE_MODEL: &[ParamSpec] = &[req("weight"), opt("density", 1.0)];
-const CRUMBS_MODEL: &[ParamSpec] = &[req("weight"), opt("density", 0.9), opt("gamma", 0.01)];
+const CRUMBS_MODEL: &[ParamSpec] = &[req("weight"), opt("density", 1.0), opt("gamma", 0.01)];
 const DELLA_MODEL: &[ParamSpec] = &[req("weight"), opt("density", 1.0), opt("epsilon", 0.15)];
 
-/// A sparsifying task-vector method: base model required, one model or more, whole tensors.
+/// A generalised task-arithmetic method: base model required, one model or more.
 const fn task_method(
     name: &'static str,
     model_params: &'static [ParamSpec],
     global_params: &'static [ParamSpec],
+    elementwise: bool,
 ) -> MethodSpec {
     MethodSpec {
         name,
@@ -101,11 +109,11 @@ const fn task_method(
         max_models: None,
         model_params,
         global_params,
-        elementwise: false,
+        elementwise,
     }
 }
 
-/// Every method the command line runs, with mergekit's names and defaults.
+/// Every method the command line runs, with mergekit 0.1.5's names and defaults.
 pub const METHODS: &[MethodSpec] = &[
     MethodSpec {
         name: "linear",
@@ -113,25 +121,17 @@ pub const METHODS: &[MethodSpec] = &[
         min_models: 1,
         max_models: None,
         model_params: &[req("weight")],
-        global_params: &[opt("normalize", 1.0)],
+        global_params: &[flag("normalize", true)],
         elementwise: true,
     },
-    MethodSpec {
-        name: "task_arithmetic",
-        base: BaseUse::Required,
-        min_models: 1,
-        max_models: None,
-        model_params: &[req("weight")],
-        global_params: SUM_GLOBALS,
-        elementwise: true,
-    },
-    task_method("ties", SPARSE_MODEL, SIGN_GLOBALS),
-    task_method("dare_ties", SPARSE_MODEL, DARE_SIGN_GLOBALS),
-    task_method("dare_linear", SPARSE_MODEL, DARE_SUM_GLOBALS),
-    task_method("breadcrumbs", CRUMBS_MODEL, SUM_GLOBALS),
-    task_method("breadcrumbs_ties", CRUMBS_MODEL, SIGN_GLOBALS),
-    task_method("della", DELLA_MODEL, SIGN_GLOBALS),
-    task_method("della_linear", DELLA_MODEL, SUM_GLOBALS),
+    task_method("task_arithmetic", SPARSE_MODEL, TA_GLOBALS, true),
+    task_method("ties", SPARSE_MODEL, TIES_GLOBALS, false),
+    task_method("dare_ties", SPARSE_MODEL, DARE_GLOBALS, false),
+    task_method("dare_linear", SPARSE_MODEL, DARE_GLOBALS, false),
+    task_method("breadcrumbs", CRUMBS_MODEL, CRUMBS_GLOBALS, false),
+    task_method("breadcrumbs_ties", CRUMBS_MODEL, CRUMBS_GLOBALS, false),
+    task_method("della", DELLA_MODEL, DELLA_GLOBALS, false),
+    task_method("della_linear", DELLA_MODEL, DELLA_LINEAR_GLOBALS, false),
     MethodSpec {
         name: "slerp",
         base: BaseUse::Required,
@@ -147,7 +147,7 @@ pub const METHODS: &[MethodSpec] = &[
         min_models: 2,
         max_models: None,
         model_params: &[],
-        global_params: &[opt("filter_wise", 0.0)],
+        global_params: &[flag("filter_wise", false)],
         elementwise: false,
     },
 ];
@@ -164,22 +164,36 @@ pub fn method_spec(name: &str) -> Result<&'static MethodSpec> {
 }
 
 /// The tensor merger a validated config describes. Parameters are resolved per tensor
-/// name (so `{filter, value}` lists apply) and the matching `modelfusion::merge` merger
-/// is built for each tensor; methods with a base model get it as a one-tensor state dict.
+/// name and gradient position (so filters and gradients apply) and the matching
+/// `modelfusion::merge` merger is built for each tensor; methods with a base model get
+/// it as a one-tensor state dict.
 pub struct ConfigMerger<'a> {
     config: &'a Config,
+    /// Number of layers (for gradients), from the tensor names seen by `preflight`.
+    layers: OnceLock<usize>,
 }
 
 impl<'a> ConfigMerger<'a> {
     /// Wraps a validated config.
     pub fn new(config: &'a Config) -> Self {
-        ConfigMerger { config }
+        ConfigMerger {
+            config,
+            layers: OnceLock::new(),
+        }
     }
 
-    /// Runs the merger on one-element stand-ins (base 0, model `i` = `i + 1`) for every
-    /// tensor name, so that bad hyperparameters (a density of 0, a `t` outside [0, 1],
-    /// per-model values the method cannot take) fail before any data is read.
-    pub fn preflight<'n>(&self, names: impl IntoIterator<Item = &'n str>) -> Result<()> {
+    /// Counts the layers among the tensor names (gradient positions depend on it), then
+    /// runs the merger on one-element stand-ins (base 0, model `i` = `i + 1`) for every
+    /// tensor name, so that bad hyperparameters (a density outside [0, 1], a `t` outside
+    /// [0, 1], a filtered value that resolves to nothing) fail before any data is read.
+    pub fn preflight<'n>(&self, names: impl IntoIterator<Item = &'n str> + Clone) -> Result<()> {
+        let layers = names
+            .clone()
+            .into_iter()
+            .filter_map(layer_index)
+            .max()
+            .map_or(0, |m| m + 1);
+        let _ = self.layers.set(layers);
         let k = self.config.inputs.len();
         let dummies: Vec<ArrayD<f32>> = (0..k)
             .map(|i| {
@@ -200,6 +214,38 @@ impl<'a> ConfigMerger<'a> {
     }
 }
 
+/// Model stock with `filter_wise: true` (mergekit): one ratio per vector along the last
+/// axis (a 1-D tensor is one vector).
+fn model_stock_rows<T>(name: &str, base: &ArrayD<T>, models: &[&ArrayD<T>]) -> Result<ArrayD<T>>
+where
+    T: IoScalar,
+    ArrayD<T>: Tensor<Elem = T>,
+{
+    let shape = base.shape().to_vec();
+    let row = shape.last().copied().unwrap_or(1).max(1);
+    let flat = |a: &ArrayD<T>| a.iter().copied().collect::<Vec<T>>();
+    let b = flat(base);
+    let ms: Vec<Vec<T>> = models.iter().map(|m| flat(m)).collect();
+    let mut out = Vec::with_capacity(b.len());
+    for start in (0..b.len()).step_by(row) {
+        let piece = |v: &[T]| ArrayD::from_shape_vec(vec![row], v[start..start + row].to_vec());
+        let err = |e: ndarray::ShapeError| Error::invalid("shape", e.to_string());
+        let base_row = StateDict::from_pairs([(name, piece(&b).map_err(err)?)])?;
+        let rows = ms
+            .iter()
+            .map(|m| piece(m).map_err(err))
+            .collect::<Result<Vec<_>>>()?;
+        let refs: Vec<&ArrayD<T>> = rows.iter().collect();
+        out.extend(
+            ModelStock::new(base_row)
+                .merge_tensor(name, &refs)?
+                .iter()
+                .copied(),
+        );
+    }
+    ArrayD::from_shape_vec(shape, out).map_err(|e| Error::invalid("shape", e.to_string()))
+}
+
 impl<T> TensorMerger<ArrayD<T>> for ConfigMerger<'_>
 where
     T: IoScalar,
@@ -207,99 +253,85 @@ where
 {
     fn merge_tensor(&self, name: &str, ts: &[&ArrayD<T>]) -> Result<ArrayD<T>> {
         let c = self.config;
+        let t = gradient_t(name, self.layers.get().copied().unwrap_or(0));
         let models = if c.has_base { &ts[1..] } else { ts };
         let per_model = |p: &str| {
             (0..models.len())
-                .map(|i| c.model_param(i, p, name))
+                .map(|i| c.model_param(i, p, name, t))
                 .collect::<Result<Vec<f64>>>()
         };
-        // Parameters modelfusion's mergers take once per tensor, not per model.
-        let shared = |p: &str| -> Result<f64> {
-            let v = per_model(p)?;
-            match v.iter().find(|&&x| x != v[0]) {
-                Some(other) => Err(Error::invalid(
-                    p,
-                    format!(
-                        "differs between models for tensor `{name}` ({} vs {other}); `{}` takes one value per tensor",
-                        v[0], c.method.name
-                    ),
-                )),
-                None => Ok(v[0]),
-            }
-        };
-        let global = |p: &str| c.global_param(p, name);
+        let global = |p: &str| c.global_param(p, name, t);
         let method = c.method.name;
         if method == "linear" {
             return Average::weighted(per_model("weight")?, global("normalize")? != 0.0)?
                 .merge_tensor(name, models);
         }
         // A base-model method: `ts[0]` is the base.
+        if method == "model_stock" && global("filter_wise")? != 0.0 && ts[0].ndim() > 1 {
+            return model_stock_rows(name, ts[0], models);
+        }
         let base = StateDict::from_pairs([(name, ts[0].clone())])?;
-        let tm = match method {
+        match method {
             "slerp" => return Slerp::new(global("t")?)?.merge_tensor(name, ts),
             "model_stock" => return ModelStock::new(base).merge_tensor(name, models),
-            "task_arithmetic" => TaskMerge::task_arithmetic(base, global("lambda")?)?,
-            "ties" => TaskMerge::ties(base, shared("density")?, global("lambda")?)?,
-            "dare_ties" | "dare_linear" => {
-                let rescale = if global("rescale")? != 0.0 {
-                    Rescale::L1Norm
-                } else {
-                    Rescale::None
-                };
-                TaskMerge::dare(base, shared("density")?, c.seed, global("lambda")?)?
-                    .with_rescale(rescale)?
-            }
-            "breadcrumbs" | "breadcrumbs_ties" => TaskMerge::breadcrumbs(
-                base,
-                shared("density")?,
-                shared("gamma")?,
-                global("lambda")?,
-            )?,
-            "della" | "della_linear" => TaskMerge::della(
-                base,
-                shared("density")?,
-                shared("epsilon")?,
-                c.seed,
-                global("lambda")?,
-            )?,
-            other => {
-                return Err(Error::invalid(
-                    "merge_method",
-                    format!("`{other}` has no implementation"),
-                ));
-            }
-        };
-        // TIES sign election for ties, dare_ties, breadcrumbs_ties and della; sums otherwise.
-        let tm = tm.with_consensus(
-            if matches!(method, "ties" | "dare_ties" | "breadcrumbs_ties" | "della") {
-                Consensus::SignElection
-            } else {
-                Consensus::Sum
-            },
-        );
-        let mut w = per_model("weight")?;
-        let normalize = global("normalize")? != 0.0;
-        match tm.consensus() {
-            Consensus::Sum if normalize => {
-                let total: f64 = w.iter().sum();
-                if total.abs() < 1e-12 {
-                    return Err(Error::invalid(
-                        "weight",
-                        format!("weights sum to {total} for tensor `{name}`; cannot normalize"),
-                    ));
-                }
-                w.iter_mut().for_each(|x| *x /= total);
-            }
-            Consensus::SignElection if !normalize => {
-                return Err(Error::invalid(
-                    "normalize",
-                    format!(
-                        "`{method}` always normalises (its disjoint mean divides by the agreeing weights); remove `normalize: false`"
-                    ),
-                ));
-            }
             _ => {}
         }
-        tm.with_weights(w)?.merge_tensor(name, models)
+        let density = per_model("density")?;
+        let param = |p: &str| -> Result<Vec<f64>> {
+            if c.method.model_params.iter().any(|s| s.name == p) {
+                per_model(p)
+            } else {
+                Ok(vec![0.0; models.len()])
+            }
+        };
+        let (gamma, epsilon) = (param("gamma")?, param("epsilon")?);
+        let seed = c.seed;
+        let sparsifications = (0..models.len())
+            .map(|i| {
+                let d = density[i];
+                let sp = match method {
+                    "task_arithmetic" => Sparsification::None,
+                    "ties" => Sparsification::Magnitude { density: d },
+                    "dare_ties" | "dare_linear" => Sparsification::Random { density: d, seed },
+                    "breadcrumbs" | "breadcrumbs_ties" => Sparsification::Breadcrumbs {
+                        density: d,
+                        gamma: gamma[i],
+                    },
+                    "della" | "della_linear" => Sparsification::Della {
+                        density: d,
+                        epsilon: epsilon[i],
+                        seed,
+                    },
+                    other => {
+                        return Err(Error::invalid(
+                            "merge_method",
+                            format!("`{other}` has no implementation"),
+                        ));
+                    }
+                };
+                sp.validate().map_err(|e| {
+                    let path = c.inputs[i + usize::from(c.has_base)].display();
+                    Error::invalid("config", format!("models[{i}] ({path}): {e}"))
+                })?;
+                Ok(sp)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        // TIES sign election for ties, dare_ties, breadcrumbs_ties and della; sums otherwise.
+        let consensus = if matches!(method, "ties" | "dare_ties" | "breadcrumbs_ties" | "della") {
+            Consensus::SignElection
+        } else {
+            Consensus::Sum
+        };
+        let rescale = if global("rescale")? != 0.0 {
+            Rescale::L1Norm
+        } else {
+            Rescale::None
+        };
+        TaskMerge::new(base, Sparsification::None, consensus, global("lambda")?)?
+            .with_sparsifications(sparsifications)?
+            .with_rescale(rescale)?
+            .with_normalize(global("normalize")? != 0.0)
+            .with_weights(per_model("weight")?)?
+            .merge_tensor(name, models)
     }
 }

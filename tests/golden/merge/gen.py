@@ -4,7 +4,8 @@ Run: /work/venv/bin/python tests/golden/merge/gen.py   (writes the JSON files ne
 
 Every case stores its inputs and the expected output, all float64. Conventions that are
 choices, not paper facts (documented in the Rust rustdoc too):
-- TIES keeps k = ceil(density * n) entries of largest magnitude per task vector.
+- TIES keeps k = max(1, floor(density * n)) entries of largest magnitude per task vector
+  (mergekit 0.1.5; these inputs have no ties), elects + where the weighted sum is >= 0.
 - SLERP falls back to lerp when |cos| > 0.9995 (mergekit).
 - Model stock is computed per tensor; a pair with a zero task vector counts as cos 0.
 - Fisher entries are floored: max(F, floor).
@@ -50,17 +51,17 @@ def ties(base, models, weights, density, lam):
         for m in models:
             tau = (m[k] - base[k]).reshape(-1)
             n = tau.size
-            kk = min(max(math.ceil(density * n), 1), n)
+            kk = min(max(int(density * n), 1), n)
             keep = np.zeros(n, dtype=bool)
             keep[np.argsort(-np.abs(tau), kind="stable")[:kk]] = True
             taus.append(np.where(keep, tau, 0.0))
         taus = np.stack(taus)
         w = np.asarray(weights)[:, None]
-        elected = np.sign((w * taus).sum(0))
-        agree = (np.sign(taus) == elected) & (taus != 0)
+        elected = np.where((w * taus).sum(0) >= 0, 1.0, -1.0)
+        agree = np.sign(w * taus) == elected
         num = (w * taus * agree).sum(0)
         den = (w * agree).sum(0)
-        merged = np.where(den != 0, num / np.where(den != 0, den, 1.0), 0.0)
+        merged = num / np.where(den != 0, den, 1.0)
         out[k] = base[k] + lam * merged.reshape(base[k].shape)
     return out
 

@@ -1,0 +1,127 @@
+"""Side-by-side check of modelfusion merge against mergekit 0.1.5 (not part of cargo test).
+
+Setup:  python3 -m venv /work/venv-mk && /work/venv-mk/bin/pip install mergekit
+Run:    cargo build --release --features cli
+        /work/venv-mk/bin/python benches/compare/mergekit_compare.py [--bin target/release/modelfusion]
+
+Makes small Llama-like checkpoints (fp32, fp16, bf16; deltas quantised so magnitudes
+tie often), runs `mergekit-yaml` and `modelfusion merge` on the same configs (both
+computing in float32) and prints the agreement per method and dtype: max abs and max
+ulp difference (in the output dtype). Random methods (DARE, DELLA) cannot share a
+random stream with torch: they are compared at density 1 (deterministic).
+"""
+import argparse, json, os, subprocess, sys, tempfile
+import numpy as np
+import torch
+from safetensors.torch import save_file, load_file
+
+L, H, I, V = 4, 64, 128, 96
+CFG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": H,
+       "intermediate_size": I, "num_hidden_layers": L, "num_attention_heads": 4,
+       "num_key_value_heads": 4, "vocab_size": V, "max_position_embeddings": 128,
+       "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "torch_dtype": "float32"}
+
+
+def shapes():
+    s = {"model.embed_tokens.weight": (V, H), "model.norm.weight": (H,), "lm_head.weight": (V, H)}
+    for i in range(L):
+        p = f"model.layers.{i}."
+        for n in ["q_proj", "k_proj", "v_proj", "o_proj"]:
+            s[p + f"self_attn.{n}.weight"] = (H, H)
+        s[p + "mlp.gate_proj.weight"] = (I, H)
+        s[p + "mlp.up_proj.weight"] = (I, H)
+        s[p + "mlp.down_proj.weight"] = (H, I)
+        s[p + "input_layernorm.weight"] = (H,)
+        s[p + "post_attention_layernorm.weight"] = (H,)
+    return s
+
+
+def make(dirname, dtype, seed, base=None):
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for k, sh in shapes().items():
+        if base is None:
+            t = torch.randn(sh, generator=g) * 0.05
+        else:
+            # quantised deltas: many ties in magnitude, as in bf16/fp16 fine-tunes
+            t = base[k].float() + torch.randint(-6, 7, sh, generator=g).float() / 512
+        out[k] = t.to(dtype).contiguous()
+    os.makedirs(dirname, exist_ok=True)
+    save_file(out, os.path.join(dirname, "model.safetensors"), metadata={"format": "pt"})
+    json.dump(CFG, open(os.path.join(dirname, "config.json"), "w"))
+    return out
+
+
+CONFIGS = {
+    "linear": "merge_method: linear\nmodels:\n  - model: {a}\n    parameters: {{weight: 0.3}}\n  - model: {b}\n    parameters: {{weight: 0.7}}\n",
+    "task_arithmetic": "merge_method: task_arithmetic\nbase_model: {base}\nparameters: {{lambda: 0.8}}\nmodels:\n  - model: {a}\n    parameters: {{weight: 0.5}}\n  - model: {b}\n    parameters: {{weight: [0, 0.5, 1]}}\n",
+    "ties": "merge_method: ties\nbase_model: {base}\nmodels:\n  - model: {a}\n    parameters: {{weight: 1, density: 0.3}}\n  - model: {b}\n    parameters: {{weight: 0.5, density: 0.6}}\n  - model: {c}\n    parameters: {{weight: 0.7, density: [0.2, 0.9]}}\n",
+    "ties_nonorm_rescale": "merge_method: ties\nbase_model: {base}\nparameters: {{normalize: false, rescale: true, density: 0.4}}\nmodels:\n  - model: {a}\n    parameters: {{weight: 1}}\n  - model: {b}\n    parameters: {{weight: [{{filter: mlp, value: 0.3}}, {{value: 1}}]}}\n",
+    "breadcrumbs": "merge_method: breadcrumbs\nbase_model: {base}\nmodels:\n  - model: {a}\n    parameters: {{weight: 1, density: 0.5, gamma: 0.05}}\n  - model: {b}\n    parameters: {{weight: 0.6, density: 0.8}}\n",
+    "breadcrumbs_default": "merge_method: breadcrumbs\nbase_model: {base}\nmodels:\n  - model: {a}\n    parameters: {{weight: 1}}\n  - model: {b}\n    parameters: {{weight: 0.6}}\n",
+    "breadcrumbs_ties": "merge_method: breadcrumbs_ties\nbase_model: {base}\nparameters: {{density: 0.6, gamma: 0.02}}\nmodels:\n  - model: {a}\n    parameters: {{weight: 1}}\n  - model: {b}\n    parameters: {{weight: 0.8}}\n  - model: {c}\n    parameters: {{weight: 0.5}}\n",
+    "dare_ties_d1": "merge_method: dare_ties\nbase_model: {base}\nmodels:\n  - model: {a}\n    parameters: {{weight: 1}}\n  - model: {b}\n    parameters: {{weight: 0.8}}\n",
+    "dare_linear_d1": "merge_method: dare_linear\nbase_model: {base}\nparameters: {{normalize: true}}\nmodels:\n  - model: {a}\n    parameters: {{weight: 1}}\n  - model: {b}\n    parameters: {{weight: 0.8}}\n",
+    "della_d1": "merge_method: della\nbase_model: {base}\nmodels:\n  - model: {a}\n    parameters: {{weight: 1}}\n  - model: {b}\n    parameters: {{weight: 0.8}}\n",
+    "slerp": "merge_method: slerp\nbase_model: {base}\nparameters:\n  t: [{{filter: self_attn, value: [0, 0.5, 0.3, 0.7, 1]}}, {{value: 0.4}}]\nmodels:\n  - model: {a}\n",
+    "model_stock": "merge_method: model_stock\nbase_model: {base}\nmodels:\n  - model: {a}\n  - model: {b}\n  - model: {c}\n",
+}
+
+
+def ulps(x, y, dtype):
+    bits = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}[dtype]
+    a = x.to(dtype).view(bits).to(torch.int64)
+    b = y.to(dtype).view(bits).to(torch.int64)
+    # map to a monotone integer line
+    top = 1 << (32 if dtype == torch.float32 else 16) - 1
+    a = torch.where(a < 0, -top - a, a)
+    b = torch.where(b < 0, -top - b, b)
+    return int((a - b).abs().max())
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--bin", default="target/release/modelfusion")
+    ap.add_argument("--mergekit", default=os.path.join(os.path.dirname(sys.executable), "mergekit-yaml"))
+    args = ap.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for dname, dtype in [("float32", torch.float32), ("float16", torch.float16), ("bfloat16", torch.bfloat16)]:
+            d = os.path.join(tmp, dname)
+            base = make(os.path.join(d, "base"), dtype, 1)
+            for i, m in enumerate("abc"):
+                make(os.path.join(d, m), dtype, 10 + i, base)
+            for name, tpl in CONFIGS.items():
+                text = tpl.format(base=os.path.join(d, "base"), a=os.path.join(d, "a"), b=os.path.join(d, "b"), c=os.path.join(d, "c"))
+                text += f"dtype: float32\nout_dtype: {dname}\n"
+                cfg = os.path.join(d, name + ".yml")
+                open(cfg, "w").write(text)
+                mk, mf = os.path.join(d, "mk_" + name), os.path.join(d, "mf_" + name)
+                r1 = subprocess.run([args.mergekit, cfg, mk, "--allow-crimes", "--lazy-unpickle"], capture_output=True, text=True)
+                r2 = subprocess.run([args.bin, "merge", cfg, mf, "--no-progress"], capture_output=True, text=True)
+                if r1.returncode or r2.returncode:
+                    print(name, dname, "error", r1.stderr[-300:], r2.stderr[-300:], file=sys.stderr, flush=True)
+                    rows.append((name, dname, "error", (r1.stderr[-300:] if r1.returncode else "") + (r2.stderr[-300:] if r2.returncode else ""), ""))
+                    continue
+                a = {}
+                for f in os.listdir(mk):
+                    if f.endswith(".safetensors"):
+                        a.update(load_file(os.path.join(mk, f)))
+                b = load_file(os.path.join(mf, "model.safetensors"))
+                keys = sorted(set(a) & set(b))
+                only = sorted(set(a) ^ set(b))
+                mad = max(float((a[k].float() - b[k].float()).abs().max()) for k in keys)
+                mul = max(ulps(a[k], b[k], dtype) for k in keys)
+                diff = sum(int((a[k] != b[k]).sum()) for k in keys)
+                tot = sum(a[k].numel() for k in keys)
+                print(name, dname, f"{mad:.3g}", mul, diff, tot, file=sys.stderr, flush=True)
+                rows.append((name, dname, f"{mad:.3g}", str(mul), f"{diff}/{tot}" + (f" (names differ: {only[:3]})" if only else "")))
+    sys.stdout.flush()
+    print("| config | dtype | max abs diff | max ulp diff | elements differing |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print("| " + " | ".join(r) + " |")
+
+
+if __name__ == "__main__":
+    main()
