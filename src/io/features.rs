@@ -35,7 +35,7 @@ use crate::tensor::{Scalar, Tensor};
 ///
 /// ```
 /// use modelfusion::io::{save_file, Dtype, SavedActivations};
-/// use modelfusion::{Activations, StateDict};
+/// use modelfusion::{Activations, StateDict, StateDictF32};
 /// use ndarray::{arr1, Array2, ArrayD};
 ///
 /// let dir = std::env::temp_dir().join("modelfusion-doc-saved-acts");
@@ -44,7 +44,7 @@ use crate::tensor::{Scalar, Tensor};
 /// let feats = StateDict::from_pairs([("hidden.0", Array2::<f32>::ones((4, 3)).into_dyn())])?;
 /// save_file(&feats, dir.join("a0.safetensors"), Dtype::F32)?;
 /// let source = SavedActivations::new().with_model(&model, [dir.join("a0.safetensors")])?;
-/// assert_eq!(source.num_batches(), 1);
+/// assert_eq!(Activations::<StateDictF32>::num_batches(&source), 1);
 /// assert_eq!(source.activations(&model, 0)?["hidden.0"].dim(), (4, 3));
 /// let other = StateDict::from_pairs([("w", arr1(&[1.0f32, 3.0]).into_dyn())])?;
 /// assert!(source.activations(&other, 0).is_err()); // never registered
