@@ -327,22 +327,46 @@ fn links_in_the_output_are_replaced_not_written_through() {
             assert_clean(&out);
         }
     }
-    // Aligned checkpoints and their side files take the same path.
-    let aligned = root.join("out-align");
-    std::fs::create_dir(&aligned).unwrap();
-    for name in names(&root.join("a")) {
-        std::os::unix::fs::symlink(root.join("a").join(&name), aligned.join(&name)).unwrap();
+    // Permuted (and aligned) checkpoints and their side files take the same path.
+    let mlp = root.join("mlp");
+    let shapes = [
+        ("fc1.weight", vec![4, 3]),
+        ("fc1.bias", vec![4]),
+        ("fc2.weight", vec![2, 4]),
+        ("fc2.bias", vec![2]),
+    ];
+    let sd = StateDict::from_pairs(
+        shapes
+            .into_iter()
+            .map(|(n, s)| (n, ArrayD::from_shape_fn(s, |ix| (ix[0] * 5 + 1) as f32))),
+    )
+    .unwrap();
+    save(&sd, &mlp, &SaveOptions::new(Dtype::F32)).unwrap();
+    std::fs::write(mlp.join("tokenizer.json"), "{}").unwrap();
+    let before = snapshot(&mlp);
+    let out = root.join("out-permute");
+    std::fs::create_dir(&out).unwrap();
+    for name in names(&mlp) {
+        std::os::unix::fs::symlink(mlp.join(&name), out.join(&name)).unwrap();
     }
     let o = bin()
-        .args(["permute"])
-        .arg(root.join("a"))
+        .arg("permute")
+        .arg(&mlp)
         .args(["--seed", "1", "-o"])
-        .arg(&aligned)
+        .arg(&out)
         .output()
         .unwrap();
-    // Whether or not a spec is found for this toy model, the input stays unchanged.
-    let _ = o.status;
-    assert_eq!(snapshot(&root.join("a")), before, "permute changed input a");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(snapshot(&mlp), before, "permute changed its input");
+    assert_ne!(digest(&out), digest(&mlp));
+    for name in names(&out) {
+        assert!(
+            !std::fs::symlink_metadata(out.join(&name))
+                .unwrap()
+                .is_symlink()
+        );
+    }
+    assert_clean(&out);
 }
 
 /// A small tmpfs mounted for the test (root only); unmounted on drop.
