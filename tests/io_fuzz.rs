@@ -14,7 +14,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 
 use io_common::raw_file;
-use modelfusion::io::{Dtype, Header, ShardIndex, decode};
+use modelfusion::io::{Header, ShardIndex, decode};
 use proptest::prelude::*;
 
 /// Records the largest single allocation made by the current thread while armed.

@@ -50,6 +50,7 @@
 //! # Ok::<(), modelfusion::Error>(())
 //! ```
 
+mod atomic;
 mod dtype;
 mod features;
 mod guard;
@@ -66,7 +67,8 @@ pub use guard::read_capped;
 pub use half::{bf16, f16};
 pub use header::{Header, INDEX_FILE, MAX_HEADER_SIZE, MAX_INDEX_SIZE, ShardIndex, TensorInfo};
 pub use permute::{
-    PermutedSummary, SIDE_FILES, config_of, copy_side_files, infer_checkpoint_spec, write_permuted,
+    PermutedSummary, SIDE_FILES, config_of, copy_side_files, infer_checkpoint_spec, side_files,
+    write_permuted,
 };
 pub use reader::{Checkpoint, SINGLE_FILE, load};
 pub use stream::{

@@ -4,6 +4,8 @@
 
 use std::path::{Path, PathBuf};
 
+use super::atomic;
+use super::guard::read_capped;
 use super::reader::{Checkpoint, io_err};
 use super::writer::{CheckpointWriter, SaveOptions, TensorPlan};
 use crate::dtype::Dtype;
@@ -177,43 +179,77 @@ pub fn write_permuted(
     })
 }
 
-/// Copies the [`SIDE_FILES`] present in `from` (a checkpoint directory; nothing for a
-/// single file) into `out`, setting `torch_dtype` in `config.json` to `dtype` when given.
-/// Returns the names copied.
-pub fn copy_side_files(from: &Path, out: &Path, dtype: Option<Dtype>) -> Result<Vec<String>> {
-    let mut copied = Vec::new();
+/// Largest side file read (tokenizers are tens of megabytes at most).
+const MAX_SIDE_FILE: u64 = 1 << 30;
+
+/// The [`SIDE_FILES`] present in `from` (a checkpoint directory; none for a single file),
+/// read into memory as `(name, contents)`, with `torch_dtype` in `config.json` set to
+/// `dtype` when given. Each is read through [`read_capped`](crate::io::read_capped), so a
+/// special file there is an error naming it.
+///
+/// ```
+/// use modelfusion::io::{side_files, Dtype};
+/// let dir = std::env::temp_dir().join("modelfusion-doc-side-files");
+/// std::fs::create_dir_all(&dir).unwrap();
+/// std::fs::write(dir.join("config.json"), r#"{"torch_dtype": "float32"}"#).unwrap();
+/// let files = side_files(&dir, Some(Dtype::BF16))?;
+/// assert_eq!(files[0].0, "config.json");
+/// assert!(String::from_utf8_lossy(&files[0].1).contains("bfloat16"));
+/// # Ok::<(), modelfusion::Error>(())
+/// ```
+pub fn side_files(from: &Path, dtype: Option<Dtype>) -> Result<Vec<(String, Vec<u8>)>> {
+    let mut files = Vec::new();
     if !from.is_dir() {
-        return Ok(copied);
+        return Ok(files);
     }
-    let out_dir = if out.extension().is_some_and(|e| e == "safetensors") {
-        out.parent().unwrap_or(Path::new(".")).to_path_buf()
-    } else {
-        out.to_path_buf()
-    };
     for name in SIDE_FILES {
         let src = from.join(name);
         if !src.is_file() {
             continue;
         }
-        let dst = out_dir.join(name);
-        let text = (name == "config.json")
-            .then(|| std::fs::read_to_string(&src).ok())
-            .flatten()
-            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok());
-        match (text, dtype) {
-            (Some(mut v), Some(d)) if v.is_object() => {
-                if let Some(obj) = v.as_object_mut() {
-                    obj.insert("torch_dtype".into(), d.torch_name().into());
-                }
-                let s = serde_json::to_string_pretty(&v)
-                    .map_err(|e| Error::invalid("config.json", e.to_string()))?;
-                std::fs::write(&dst, s + "\n").map_err(|e| io_err(&dst, e))?;
-            }
-            _ => {
-                std::fs::copy(&src, &dst).map_err(|e| io_err(&src, e))?;
-            }
+        let mut bytes = read_capped(&src, MAX_SIDE_FILE, name)?;
+        if let (true, Some(d)) = (name == "config.json", dtype)
+            && let Ok(mut v) = serde_json::from_slice::<serde_json::Value>(&bytes)
+            && let Some(obj) = v.as_object_mut()
+        {
+            obj.insert("torch_dtype".into(), d.torch_name().into());
+            let s = serde_json::to_string_pretty(&v)
+                .map_err(|e| Error::invalid("config.json", e.to_string()))?;
+            bytes = (s + "\n").into_bytes();
         }
-        copied.push(name.to_string());
+        files.push((name.to_string(), bytes));
+    }
+    Ok(files)
+}
+
+/// Copies the [`SIDE_FILES`] present in `from` (a checkpoint directory; nothing for a
+/// single file) into `out` (a directory, or beside `out` when it is a `.safetensors`
+/// file), setting `torch_dtype` in `config.json` to `dtype` when given. Returns the names
+/// copied. Each file is replaced atomically (temporary file, fsync, rename): a link at
+/// the destination is replaced, never written through, and a failure leaves the previous
+/// file whole.
+///
+/// ```
+/// use modelfusion::io::copy_side_files;
+/// let from = std::env::temp_dir().join("modelfusion-doc-copy-side-from");
+/// let out = std::env::temp_dir().join("modelfusion-doc-copy-side-out");
+/// std::fs::create_dir_all(&from).unwrap();
+/// std::fs::create_dir_all(&out).unwrap();
+/// std::fs::write(from.join("tokenizer.json"), "{}").unwrap();
+/// assert_eq!(copy_side_files(&from, &out, None)?, ["tokenizer.json"]);
+/// assert_eq!(std::fs::read(out.join("tokenizer.json")).unwrap(), b"{}");
+/// # Ok::<(), modelfusion::Error>(())
+/// ```
+pub fn copy_side_files(from: &Path, out: &Path, dtype: Option<Dtype>) -> Result<Vec<String>> {
+    let out_dir = if out.extension().is_some_and(|e| e == "safetensors") {
+        atomic::dir_of(out).to_path_buf()
+    } else {
+        out.to_path_buf()
+    };
+    let mut copied = Vec::new();
+    for (name, bytes) in side_files(from, dtype)? {
+        atomic::write_file(&out_dir.join(&name), &bytes)?;
+        copied.push(name);
     }
     Ok(copied)
 }

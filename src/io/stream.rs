@@ -51,6 +51,10 @@ pub struct StreamOptions {
     pub save: SaveOptions,
     /// How tensors are handed to the merger.
     pub chunking: Chunking,
+    /// Files written beside the merged checkpoint, as `(file name, contents)` (e.g. from
+    /// [`side_files`](crate::io::side_files)); they are committed with the weights, before
+    /// the index (see [`CheckpointWriter::add_file`]).
+    pub files: Vec<(String, Vec<u8>)>,
 }
 
 impl StreamOptions {
@@ -64,7 +68,20 @@ impl StreamOptions {
         StreamOptions {
             save,
             chunking: Chunking::Whole,
+            files: Vec::new(),
         }
+    }
+
+    /// Sets the files written beside the merged checkpoint.
+    ///
+    /// ```
+    /// use modelfusion::io::{Dtype, SaveOptions, StreamOptions};
+    /// let o = StreamOptions::new(SaveOptions::new(Dtype::F32)).files(vec![("config.json".into(), b"{}".to_vec())]);
+    /// assert_eq!(o.files.len(), 1);
+    /// ```
+    pub fn files(mut self, files: Vec<(String, Vec<u8>)>) -> Self {
+        self.files = files;
+        self
     }
 
     /// Sets the chunking.
@@ -280,8 +297,10 @@ fn check_output_not_input(inputs: &[&Checkpoint], out_dir: &Path) -> Result<()> 
 /// method has one, is wherever the merger expects it). Non-float tensors (integers,
 /// booleans, 8-bit floats) are never merged: they are copied, bit for bit and in their
 /// dtype, from the first input, and listed in [`MergeSummary::carried`] (with those that
-/// differ among the inputs in [`MergeSummary::carried_differing`]). On error, the partial
-/// output files are removed.
+/// differ among the inputs in [`MergeSummary::carried_differing`]). The output is written
+/// as a transaction (see [`CheckpointWriter`]): a previous result in `out_dir` stays in
+/// place until the new one is complete, and on error or a kill nothing partial is left
+/// that loads as a checkpoint (an error also removes the temporaries).
 ///
 /// ```
 /// use modelfusion::merge::TensorMerger;
@@ -349,6 +368,9 @@ where
         }),
         &options.save,
     )?;
+    for (name, contents) in &options.files {
+        writer.add_file(name, contents)?;
+    }
     let out_bytes = |name: &str, numel: usize| {
         numel as u64 * carried_dtype(name).unwrap_or(out_dtype).size() as u64
     };

@@ -2,17 +2,19 @@
 //! file's header is written first and tensor data can then be written in any order, from
 //! any thread, straight to its final offset.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
-use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use ndarray::ArrayD;
 use serde_json::{Map, Value, json};
 
+use super::atomic;
 use super::dtype::{Dtype, IoScalar, encode};
-use super::header::INDEX_FILE;
+use super::guard::read_capped;
+use super::header::{INDEX_FILE, MAX_INDEX_SIZE};
 use super::reader::{SINGLE_FILE, io_err};
 use crate::dtype::RawTensor;
 use crate::error::{Error, Result};
@@ -109,8 +111,19 @@ impl<S: AsRef<str>> From<(S, Vec<usize>, Dtype)> for TensorPlan {
 }
 
 struct OutShard {
+    /// Where the file goes once complete.
     path: PathBuf,
+    /// The temporary file being written.
+    tmp: PathBuf,
     file: File,
+    /// The header's JSON length, written into its first 8 bytes by `finish`.
+    header_len: u64,
+}
+
+/// A file written beside the checkpoint and committed with it.
+struct Staged {
+    name: String,
+    tmp: PathBuf,
 }
 
 struct OutTensor {
@@ -130,7 +143,17 @@ struct OutTensor {
 /// files; [`write`](CheckpointWriter::write) then stores any element range of any tensor
 /// at its final place (it takes `&self` and may be called from several threads at once);
 /// [`finish`](CheckpointWriter::finish) checks that every element was written and writes
-/// the index of a sharded checkpoint. Dropping an unfinished writer deletes its files.
+/// the index of a sharded checkpoint, and only then puts the files in place. Dropping an
+/// unfinished writer deletes its files.
+///
+/// **Crash safety.** Every file is written under a temporary dot-name in the output
+/// directory (`.model.safetensors.mf-tmp-<pid>-<n>`) whose 8-byte header length stays zero
+/// until [`finish`](CheckpointWriter::finish), so a temporary never opens as a checkpoint,
+/// even renamed by hand. `finish` fsyncs every file and renames it into place, the index
+/// last, fsyncing the directory; a previous result in the directory keeps loading,
+/// complete, until the new one replaces it, and its files that the new result does not
+/// reuse are removed afterwards. Renames replace links at the final names rather than
+/// writing through them. Temporaries of killed runs are removed by the next writer.
 ///
 /// Shards follow the Hugging Face naming: one file is `model.safetensors`; several are
 /// `model-00001-of-00003.safetensors`, ... with `model.safetensors.index.json`.
@@ -157,6 +180,10 @@ pub struct CheckpointWriter {
     shards: Vec<OutShard>,
     tensors: Vec<OutTensor>,
     by_name: HashMap<String, usize>,
+    /// `Some` for [`CheckpointWriter::create_file`].
+    single: Option<PathBuf>,
+    staged: Mutex<Vec<Staged>>,
+    index_tmp: Option<PathBuf>,
     finished: bool,
 }
 
@@ -237,6 +264,63 @@ fn header_bytes(
     out
 }
 
+/// The element count and byte size of a tensor, or `None` when either overflows. The byte
+/// size follows the reader's rule exactly (`dtype.size()` times each dimension in turn,
+/// checked), so the writer refuses precisely the shapes a reader refuses: `[2^62, 0]` of
+/// F32 is refused although it holds no element.
+fn sizes_of(shape: &[usize], dtype: Dtype) -> Option<(usize, usize)> {
+    let nbytes = shape
+        .iter()
+        .try_fold(dtype.size(), |acc, &d| acc.checked_mul(d))?;
+    let numel = shape
+        .iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))?;
+    Some((numel, nbytes))
+}
+
+/// Reserves the file's blocks up front where the filesystem can, so that a full disk
+/// fails at once rather than part-way (a sparse file is left where it cannot).
+fn preallocate(file: &File, size: u64) -> std::io::Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::io::AsRawFd;
+        let Ok(len) = libc::off_t::try_from(size) else {
+            return Ok(());
+        };
+        if len == 0 {
+            return Ok(());
+        }
+        // SAFETY: a valid open descriptor and in-range lengths; no memory is passed.
+        let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len) };
+        if rc != 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENOSPC) {
+                return Err(e);
+            }
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (file, size);
+    Ok(())
+}
+
+/// The files the checkpoint now in `dir` loads from, when it has an index: the parsed
+/// index and the distinct file names of its `weight_map`.
+fn old_index(dir: &Path) -> Option<(Value, Vec<String>)> {
+    let path = dir.join(INDEX_FILE);
+    std::fs::symlink_metadata(&path).ok()?;
+    let bytes = read_capped(&path, MAX_INDEX_SIZE, "checkpoint index").ok()?;
+    let value: Value = serde_json::from_slice(&bytes).ok()?;
+    let mut files: Vec<String> = Vec::new();
+    for f in value.get("weight_map")?.as_object()?.values() {
+        let f = f.as_str()?.to_string();
+        if !files.contains(&f) {
+            files.push(f);
+        }
+    }
+    Some((value, files))
+}
+
 thread_local! {
     /// Per-thread staging buffer for converted output (reused: no allocation per write).
     static ENCODE_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
@@ -262,10 +346,14 @@ fn write_at(file: &File, mut buf: &[u8], mut offset: u64) -> std::io::Result<()>
 
 impl CheckpointWriter {
     /// Creates the directory `dir` (if needed) and the shard files for `tensors` (names
-    /// and shapes, in the order they are stored), writing each file's header. Files a
-    /// previous save left in `dir` under the names this writer uses (`model.safetensors`,
-    /// `model-NNNNN-of-NNNNN.safetensors`, the index) are removed first, so no stale shard
-    /// survives; other files are left alone.
+    /// and shapes, in the order they are stored) as temporaries, writing each file's
+    /// header. A previous result in `dir` is left untouched until
+    /// [`finish`](CheckpointWriter::finish) has put the new one in place; then the files
+    /// it left under the names this writer uses (`model.safetensors`,
+    /// `model-NNNNN-of-NNNNN.safetensors`, the index) and the new result does not reuse
+    /// are removed, so no stale shard survives; other files are left alone. Temporaries
+    /// that killed runs left in `dir` are removed here. A shape whose element count or
+    /// byte size overflows is refused, by the same rule the reader applies.
     ///
     /// ```
     /// use modelfusion::io::{CheckpointWriter, Dtype, SaveOptions};
@@ -282,7 +370,8 @@ impl CheckpointWriter {
     }
 
     /// Like [`CheckpointWriter::create`] but writes the single file `path` (never sharded:
-    /// `options.max_shard_size` is ignored) and touches no other file.
+    /// `options.max_shard_size` is ignored), replaced atomically by `finish`, and touches
+    /// no other file (save those added with [`add_file`](CheckpointWriter::add_file)).
     ///
     /// ```
     /// use modelfusion::io::{Checkpoint, CheckpointWriter, Dtype, SaveOptions};
@@ -299,8 +388,7 @@ impl CheckpointWriter {
         options: &SaveOptions,
     ) -> Result<CheckpointWriter> {
         let path = path.as_ref();
-        let dir = path.parent().unwrap_or(Path::new("."));
-        Self::create_impl(dir, Some(path), tensors, options)
+        Self::create_impl(atomic::dir_of(path), Some(path), tensors, options)
     }
 
     fn create_impl<P: Into<TensorPlan>>(
@@ -319,23 +407,19 @@ impl CheckpointWriter {
             if name == "__metadata__" {
                 return Err(Error::invalid("tensor name", "`__metadata__` is reserved"));
             }
-            let numel = shape
-                .iter()
-                .try_fold(1usize, |a, &d| a.checked_mul(d))
-                .filter(|n| n.checked_mul(dtype.size()).is_some())
-                .ok_or_else(|| {
-                    Error::invalid(
-                        "shape",
-                        format!("tensor `{name}` of shape {shape:?} is too large"),
-                    )
-                })?;
+            let (numel, nbytes) = sizes_of(&shape, dtype).ok_or_else(|| {
+                Error::invalid(
+                    "shape",
+                    format!("tensor `{name}` of shape {shape:?} ({dtype}) is too large"),
+                )
+            })?;
             if by_name.insert(name.clone(), out.len()).is_some() {
                 return Err(Error::invalid(
                     "tensor name",
                     format!("`{name}` appears twice"),
                 ));
             }
-            sizes.push((numel * dtype.size()) as u64);
+            sizes.push(nbytes as u64);
             out.push(OutTensor {
                 name,
                 shape,
@@ -358,20 +442,17 @@ impl CheckpointWriter {
         let nshards = plan.last().map_or(1, |&s| s + 1);
         if single.is_none() {
             std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
-            for entry in std::fs::read_dir(dir).map_err(|e| io_err(dir, e))? {
-                let entry = entry.map_err(|e| io_err(dir, e))?;
-                if entry.file_name().to_str().is_some_and(is_own_output) {
-                    let p = entry.path();
-                    std::fs::remove_file(&p).map_err(|e| io_err(&p, e))?;
-                }
-            }
         }
+        atomic::clean_stale_temps(dir)?;
         let mut writer = CheckpointWriter {
             dir: dir.to_path_buf(),
             dtype: default_dtype,
             shards: Vec::with_capacity(nshards),
             tensors: Vec::new(),
             by_name,
+            single: single.map(Path::to_path_buf),
+            staged: Mutex::new(Vec::new()),
+            index_tmp: None,
             finished: false,
         };
         let mut first = 0;
@@ -383,26 +464,40 @@ impl CheckpointWriter {
             let mut entries = Vec::with_capacity(last - first);
             let mut pos = 0u64;
             for (t, &size) in out[first..last].iter().zip(&sizes[first..last]) {
-                entries.push((
-                    t.name.as_str(),
-                    t.shape.as_slice(),
-                    t.dtype,
-                    pos,
-                    pos + size,
-                ));
-                pos += size;
+                let end = pos
+                    .checked_add(size)
+                    .filter(|&e| usize::try_from(e).is_ok())
+                    .ok_or_else(|| {
+                        Error::invalid("shape", format!("shard {} would be too large", s + 1))
+                    })?;
+                entries.push((t.name.as_str(), t.shape.as_slice(), t.dtype, pos, end));
+                pos = end;
             }
-            let header = header_bytes(&entries, &options.metadata);
+            let mut header = header_bytes(&entries, &options.metadata);
             let path = match single {
                 Some(p) => p.to_path_buf(),
                 None => dir.join(shard_name(s, nshards)),
             };
-            let mut file = File::create(&path).map_err(|e| io_err(&path, e))?;
+            let name = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .ok_or_else(|| Error::invalid("output file", path.display().to_string()))?;
+            let (tmp, file) = atomic::create_temp(dir, name)?;
             let size = header.len() as u64 + pos;
-            let res = file.write_all(&header).and_then(|()| file.set_len(size));
+            // The header length stays zero (an invalid file) until `finish`.
+            header[..8].fill(0);
+            let res = write_at(&file, &header, 0)
+                .and_then(|()| file.set_len(size))
+                .and_then(|()| preallocate(&file, size));
             // Registered even on failure, so that dropping the writer removes the file.
-            writer.shards.push(OutShard { path, file });
-            res.map_err(|e| io_err(&writer.shards[s].path, e))?;
+            let header_len = (header.len() - 8) as u64;
+            writer.shards.push(OutShard {
+                path,
+                tmp,
+                file,
+                header_len,
+            });
+            res.map_err(|e| io_err(&writer.shards[s].tmp, e))?;
             let mut off = header.len() as u64;
             for (t, &size) in out[first..last].iter_mut().zip(&sizes[first..last]) {
                 t.shard = s;
@@ -598,8 +693,57 @@ impl CheckpointWriter {
         self.write(index, 0, &flat(tensor))
     }
 
-    /// Checks that every element of every tensor was written, writes the index of a
-    /// sharded checkpoint, and returns the files written (shards, then the index).
+    /// Writes the file `name` (a plain file name, e.g. `config.json`) with `contents`
+    /// beside the checkpoint: staged now as an fsynced temporary and put in place by
+    /// [`finish`](CheckpointWriter::finish) together with the weights, before the index.
+    /// A checkpoint file name (`model.safetensors`, a shard, the index) or a dot-name is
+    /// refused.
+    ///
+    /// ```
+    /// use modelfusion::io::{CheckpointWriter, Dtype, SaveOptions};
+    /// let dir = std::env::temp_dir().join("modelfusion-doc-writer-add-file");
+    /// let w = CheckpointWriter::create(&dir, [("a", vec![1])], &SaveOptions::new(Dtype::F32))?;
+    /// w.add_file("config.json", b"{}")?;
+    /// assert!(w.add_file("model.safetensors", b"").is_err());
+    /// assert!(w.add_file("../x", b"").is_err());
+    /// assert!(!dir.join("config.json").exists()); // not yet
+    /// w.write(0, 0, &[1.0f32])?;
+    /// w.finish()?;
+    /// assert_eq!(std::fs::read(dir.join("config.json")).unwrap(), b"{}");
+    /// # std::fs::remove_dir_all(&dir).ok();
+    /// # Ok::<(), modelfusion::Error>(())
+    /// ```
+    pub fn add_file(&self, name: &str, contents: &[u8]) -> Result<()> {
+        let plain = Path::new(name).file_name().and_then(|n| n.to_str()) == Some(name);
+        let own = is_own_output(name) || self.single.as_ref().is_some_and(|p| p.ends_with(name));
+        if !plain || name.starts_with('.') || own {
+            return Err(Error::invalid(
+                "side file name",
+                format!("`{name}` is not a plain file name beside the checkpoint"),
+            ));
+        }
+        let mut staged = self
+            .staged
+            .lock()
+            .map_err(|_| Error::invalid("side file", "a writer thread panicked"))?;
+        if staged.iter().any(|s| s.name == name) {
+            return Err(Error::invalid(
+                "side file name",
+                format!("`{name}` given twice"),
+            ));
+        }
+        let tmp = atomic::stage(&self.dir, name, contents)?;
+        staged.push(Staged {
+            name: name.to_string(),
+            tmp,
+        });
+        Ok(())
+    }
+
+    /// Checks that every element of every tensor was written, completes and fsyncs every
+    /// file, and puts them in place (shards and side files, then the index of a sharded
+    /// checkpoint, fsyncing the directory); then removes the files of a previous result
+    /// that the new one does not reuse. Returns the files written (shards, then the index).
     ///
     /// ```
     /// # use modelfusion::io::{CheckpointWriter, Dtype, SaveOptions};
@@ -621,6 +765,11 @@ impl CheckpointWriter {
                 ));
             }
         }
+        for s in &self.shards {
+            write_at(&s.file, &s.header_len.to_le_bytes(), 0)
+                .and_then(|()| s.file.sync_all())
+                .map_err(|e| io_err(&s.tmp, e))?;
+        }
         let mut files: Vec<PathBuf> = self.shards.iter().map(|s| s.path.clone()).collect();
         if self.shards.len() > 1 {
             let total: u64 = self
@@ -639,14 +788,130 @@ impl CheckpointWriter {
                 })
                 .collect();
             let index = json!({"metadata": {"total_size": total}, "weight_map": weight_map});
-            let path = self.dir.join(INDEX_FILE);
             let text = serde_json::to_string_pretty(&index)
                 .map_err(|e| Error::invalid("index", e.to_string()))?;
-            std::fs::write(&path, text + "\n").map_err(|e| io_err(&path, e))?;
-            files.push(path);
+            self.index_tmp = Some(atomic::stage(
+                &self.dir,
+                INDEX_FILE,
+                (text + "\n").as_bytes(),
+            )?);
+            files.push(self.dir.join(INDEX_FILE));
         }
+        self.commit()?;
         self.finished = true;
         Ok(files)
+    }
+
+    /// Puts the completed, fsynced temporaries in place so that the directory loads,
+    /// at every moment, either the previous result or the new one, complete.
+    fn commit(&mut self) -> Result<()> {
+        let dir = self.dir.clone();
+        let staged = std::mem::take(
+            &mut *self
+                .staged
+                .lock()
+                .map_err(|_| Error::invalid("side file", "a writer thread panicked"))?,
+        );
+        if self.single.is_some() {
+            for s in &staged {
+                atomic::rename(&s.tmp, &dir.join(&s.name))?;
+            }
+            for s in &self.shards {
+                atomic::rename(&s.tmp, &s.path)?;
+            }
+            return atomic::sync_dir(&dir);
+        }
+        let new_names: Vec<String> = (0..self.shards.len())
+            .map(|i| shard_name(i, self.shards.len()))
+            .collect();
+        // A previous sharded result keeps loading until the new index (or, for a single
+        // new file, the old index's removal) switches over. Where the new shards reuse
+        // its file names, it is first pointed at backup links of those files.
+        let old = old_index(&dir);
+        let had_index = std::fs::symlink_metadata(dir.join(INDEX_FILE)).is_ok();
+        if let Some((mut value, old_files)) = old {
+            let clash: Vec<&String> = old_files.iter().filter(|f| new_names.contains(f)).collect();
+            if !clash.is_empty() && self.redirect_old(&mut value, &clash).is_err() {
+                // No links possible: the old result stops loading before it is touched.
+                let p = dir.join(INDEX_FILE);
+                std::fs::remove_file(&p).map_err(|e| io_err(&p, e))?;
+                atomic::sync_dir(&dir)?;
+            }
+        }
+        for s in &staged {
+            atomic::rename(&s.tmp, &dir.join(&s.name))?;
+        }
+        for s in &self.shards {
+            atomic::rename(&s.tmp, &s.path)?;
+        }
+        atomic::sync_dir(&dir)?;
+        let index = dir.join(INDEX_FILE);
+        match self.index_tmp.take() {
+            Some(tmp) => atomic::rename(&tmp, &index)?,
+            None if had_index => match std::fs::remove_file(&index) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(io_err(&index, e));
+                }
+                _ => {}
+            },
+            None => {}
+        }
+        atomic::sync_dir(&dir)?;
+        // The new result is in place: remove what is left of the previous one.
+        let keep: HashSet<&str> = new_names
+            .iter()
+            .map(String::as_str)
+            .chain(self.index_tmp_name())
+            .collect();
+        for entry in std::fs::read_dir(&dir).map_err(|e| io_err(&dir, e))? {
+            let entry = entry.map_err(|e| io_err(&dir, e))?;
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            let stale = (is_own_output(name) && !keep.contains(name))
+                || name.starts_with(atomic::OLD_PREFIX);
+            if stale {
+                let p = entry.path();
+                match std::fs::remove_file(&p) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        return Err(io_err(&p, e));
+                    }
+                    _ => {}
+                }
+            }
+        }
+        atomic::sync_dir(&dir)
+    }
+
+    /// The index's name when the new result has one.
+    fn index_tmp_name(&self) -> Option<&'static str> {
+        (self.shards.len() > 1).then_some(INDEX_FILE)
+    }
+
+    /// Points the previous result's index at backup links of the files in `clash`, so
+    /// that it keeps loading while the new files take those names.
+    fn redirect_old(&self, index: &mut Value, clash: &[&String]) -> Result<()> {
+        let mut renamed = HashMap::new();
+        for &name in clash {
+            let from = self.dir.join(name);
+            let to = atomic::backup_path(&self.dir, name);
+            std::fs::hard_link(&from, &to).map_err(|e| io_err(&to, e))?;
+            let file = to
+                .file_name()
+                .and_then(|n| n.to_str())
+                .map(str::to_string)
+                .ok_or_else(|| Error::invalid("backup", to.display().to_string()))?;
+            renamed.insert(name.clone(), file);
+        }
+        if let Some(map) = index.get_mut("weight_map").and_then(Value::as_object_mut) {
+            for f in map.values_mut() {
+                if let Some(new) = f.as_str().and_then(|s| renamed.get(s)) {
+                    *f = Value::String(new.clone());
+                }
+            }
+        }
+        let text = serde_json::to_string_pretty(index)
+            .map_err(|e| Error::invalid("index", e.to_string()))?;
+        atomic::write_file(&self.dir.join(INDEX_FILE), text.as_bytes())
     }
 }
 
@@ -654,7 +919,15 @@ impl Drop for CheckpointWriter {
     fn drop(&mut self) {
         if !self.finished {
             for s in &self.shards {
-                let _ = std::fs::remove_file(&s.path);
+                let _ = std::fs::remove_file(&s.tmp);
+            }
+            if let Ok(staged) = self.staged.get_mut() {
+                for s in staged.iter() {
+                    let _ = std::fs::remove_file(&s.tmp);
+                }
+            }
+            if let Some(tmp) = &self.index_tmp {
+                let _ = std::fs::remove_file(tmp);
             }
         }
     }

@@ -24,7 +24,7 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use modelfusion::io::{
     Checkpoint, Chunking, Dtype, IoScalar, SaveOptions, StreamOptions, check_compatible,
-    copy_side_files, merge_checkpoints, read_capped,
+    merge_checkpoints, read_capped, side_files,
 };
 use modelfusion::merge::TensorMerger;
 use modelfusion::{Error, Result, Tensor};
@@ -302,7 +302,14 @@ fn run_merge(a: MergeArgs) -> Result<()> {
     } else {
         Chunking::Whole
     };
-    let opts = StreamOptions::new(save).chunking(chunking);
+    // Side files are committed with the weights, before the index.
+    let side = if a.no_copy_files {
+        Vec::new()
+    } else {
+        side_files(&config.inputs[0], Some(out_dtype))?
+    };
+    let copied: Vec<String> = side.iter().map(|(n, _)| n.clone()).collect();
+    let opts = StreamOptions::new(save).chunking(chunking).files(side);
     let bar = if !a.no_progress && std::io::stderr().is_terminal() {
         ProgressBar::with_draw_target(Some(out_bytes), ProgressDrawTarget::stderr())
     } else {
@@ -329,11 +336,6 @@ fn run_merge(a: MergeArgs) -> Result<()> {
         eprintln!("{w}");
     }
     let secs = start.elapsed().as_secs_f64();
-    let copied = if !a.no_copy_files {
-        copy_side_files(&config.inputs[0], &a.out, Some(out_dtype))?
-    } else {
-        Vec::new()
-    };
     eprintln!(
         "merged {} tensors in {secs:.2} s: {:.3} GB read, {:.3} GB written ({:.2} GB/s) -> {}{}",
         summary.tensors,
