@@ -286,3 +286,27 @@ fn regmean_bad_grams_and_shapes() {
         .merge(&[&m, &m]));
     assert!(e.contains("`w`") && e.contains("[4, 3]"), "{e}");
 }
+
+#[test]
+fn task_vector_merges_refuse_non_finite_results() {
+    use modelfusion::merge::{Merger, TaskMerge};
+    use modelfusion::{StateDict, StateDictF64};
+    use ndarray::arr1;
+    let sd =
+        |v: &[f64]| -> StateDictF64 { StateDict::from_pairs([("w", arr1(v).into_dyn())]).unwrap() };
+    let base = sd(&[0.0, 0.0]);
+    let (a, b) = (sd(&[1.0, 2.0]), sd(&[3.0, -1.0]));
+    // Finite inputs, a lambda that overflows: the error names `lambda`.
+    let huge = TaskMerge::task_arithmetic(base.clone(), 1e308).unwrap();
+    let e = huge.merge(&[&a, &b]).unwrap_err().to_string();
+    assert!(e.contains("lambda") && e.contains("`w`"), "{e}");
+    // A NaN in a model: the error names the tensor and the model.
+    let nan = sd(&[1.0, f64::NAN]);
+    for m in [
+        TaskMerge::task_arithmetic(base.clone(), 1.0).unwrap(),
+        TaskMerge::ties(base.clone(), 1.0, 1.0).unwrap(),
+    ] {
+        let e = m.merge(&[&a, &nan]).unwrap_err().to_string();
+        assert!(e.contains("`w`") && e.contains("model 1"), "{e}");
+    }
+}

@@ -656,6 +656,12 @@ impl<M: Model> TaskMerge<M> {
         let data: Vec<Cow<'_, [<M::Tensor as Tensor>::Elem]>> =
             tensors.iter().map(|t| kernel::elems(*t)).collect();
         let xs: Vec<&[<M::Tensor as Tensor>::Elem]> = data.iter().map(|c| c.as_ref()).collect();
+        // Trimming and sign election could drop a NaN silently: refuse it up front.
+        if !(kernel::all_finite(&b) && xs.iter().all(|x| kernel::all_finite(x)))
+            && let Some(e) = kernel::nonfinite_input(name, tensors, &[("the base model", base)])
+        {
+            return Err(e);
+        }
         let keeps = self.keeps(&xs, &b, &shape);
         let rules = keeps
             .into_iter()
@@ -675,7 +681,11 @@ impl<M: Model> TaskMerge<M> {
             self.lambda,
             out,
         );
-        Ok(())
+        // A non-finite result names the input holding a NaN or an infinity, else the
+        // setting that made finite inputs overflow.
+        kernel::check_merged(name, tensors, &[("the base model", base)], out, || {
+            kernel::overflow_error("lambda", self.lambda, name)
+        })
     }
 
     /// The sparsification of model `i`.
