@@ -564,6 +564,19 @@ impl CheckpointWriter {
         self.shards.iter().map(|s| s.path.as_path())
     }
 
+    /// The planned tensor `index`, or an error naming the range.
+    fn planned(&self, index: usize) -> Result<&OutTensor> {
+        self.tensors.get(index).ok_or_else(|| {
+            Error::invalid(
+                "index",
+                format!(
+                    "tensor index {index} out of range (0..{})",
+                    self.tensors.len()
+                ),
+            )
+        })
+    }
+
     /// Writes `data` as elements `start..start + data.len()` of tensor `index` (row-major),
     /// converting to the output dtype. Safe to call concurrently for disjoint ranges.
     ///
@@ -576,15 +589,7 @@ impl CheckpointWriter {
     /// # Ok::<(), modelfusion::Error>(())
     /// ```
     pub fn write<T: IoScalar>(&self, index: usize, start: usize, data: &[T]) -> Result<()> {
-        let t = self.tensors.get(index).ok_or_else(|| {
-            Error::invalid(
-                "index",
-                format!(
-                    "tensor index {index} out of range (0..{})",
-                    self.tensors.len()
-                ),
-            )
-        })?;
+        let t = self.planned(index)?;
         if start.checked_add(data.len()).is_none_or(|e| e > t.numel) {
             return Err(Error::invalid(
                 "start",
@@ -638,15 +643,7 @@ impl CheckpointWriter {
     /// # Ok::<(), modelfusion::Error>(())
     /// ```
     pub fn write_raw(&self, index: usize, raw: &RawTensor) -> Result<()> {
-        let t = self.tensors.get(index).ok_or_else(|| {
-            Error::invalid(
-                "index",
-                format!(
-                    "tensor index {index} out of range (0..{})",
-                    self.tensors.len()
-                ),
-            )
-        })?;
+        let t = self.planned(index)?;
         if raw.dtype() != t.dtype || raw.shape() != t.shape.as_slice() {
             return Err(Error::invalid(
                 "tensor",
