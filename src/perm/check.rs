@@ -283,9 +283,10 @@ impl PermutationSpec {
         })
     }
 
-    /// Applies `perms` after the shape check only (no [`check`](Self::check) issues are
-    /// refused): for diagnosing a spec.
-    fn apply_unchecked<M: Model>(&self, perms: &PermutationSet, model: &M) -> Result<M> {
+    /// Applies `perms` without refusing [`check`](Self::check) issues; groups without a
+    /// permutation are left alone. Used to diagnose a spec, and by
+    /// [`apply`](Self::apply) once it has checked the spec and the permutations.
+    pub(super) fn apply_unchecked<M: Model>(&self, perms: &PermutationSet, model: &M) -> Result<M> {
         model.try_map(|name, t| {
             let mut out: Option<M::Tensor> = None;
             for (axis, g) in self.param_axes(name) {

@@ -638,17 +638,8 @@ impl PermutationSpec {
                 ),
             });
         }
-        model.try_map(|name, t| {
-            let mut out: Option<M::Tensor> = None;
-            for (axis, g) in self.param_axes(name) {
-                let p = perms.get(g).ok_or_else(|| Error::Spec {
-                    reason: format!("no permutation given for group `{g}`"),
-                })?;
-                let idx = self.axis_indices(name, axis, p);
-                out = Some(out.as_ref().unwrap_or(t).take(axis, &idx)?);
-            }
-            Ok(out.unwrap_or_else(|| t.clone()))
-        })
+        // Every group has its permutation (checked above).
+        self.apply_unchecked(perms, model)
     }
 }
 
