@@ -142,6 +142,8 @@
 pub mod align;
 pub mod barrier;
 mod buffer;
+#[cfg(feature = "config")]
+pub mod config;
 pub mod dtype;
 pub mod error;
 #[cfg(feature = "safetensors")]

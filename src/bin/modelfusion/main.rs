@@ -10,8 +10,6 @@
 //! ```
 
 mod align_cmd;
-mod config;
-mod methods;
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -30,8 +28,7 @@ use modelfusion::merge::TensorMerger;
 use modelfusion::{Error, Result, Tensor};
 use ndarray::ArrayD;
 
-use config::Config;
-use methods::ConfigMerger;
+use modelfusion::config::{Config, ConfigMerger};
 
 #[derive(Parser, Debug)]
 #[command(

@@ -4,11 +4,13 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use modelfusion::io::Dtype;
-use modelfusion::{Error, Result};
+use crate::io::Dtype;
+use crate::{Error, Result};
 use serde::Deserialize;
 
-use crate::methods::{BaseUse, MethodSpec, method_spec};
+mod methods;
+
+pub use methods::{BaseUse, ConfigMerger, METHODS, MethodSpec, ParamSpec, method_spec};
 
 /// A parameter setting, read as mergekit 0.1.5 reads it.
 #[derive(Clone, Debug, PartialEq)]

@@ -1,16 +1,16 @@
 //! The merge methods the command line knows: their parameters (mergekit names and
 //! defaults) and the tensor merger each config becomes.
 
-use modelfusion::io::IoScalar;
 use std::sync::OnceLock;
 
-use modelfusion::merge::{
+use crate::io::IoScalar;
+use crate::merge::{
     Average, Consensus, ModelStock, Rescale, Slerp, Sparsification, TaskMerge, TensorMerger,
 };
-use modelfusion::{Error, Result, StateDict, Tensor};
+use crate::{Error, Result, StateDict, Tensor};
 use ndarray::ArrayD;
 
-use crate::config::{Config, Kind, gradient_t, layer_index};
+use super::{Config, Kind, gradient_t, layer_index};
 
 /// A parameter of a method: its mergekit name, kind and default (`None` = required).
 #[derive(Debug)]
