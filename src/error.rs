@@ -123,6 +123,12 @@ pub enum Error {
     /// A user-supplied objective, gradient or activation source failed.
     #[error("objective failed: {}", esc(.0))]
     Objective(String),
+    /// An [`Observer`](crate::progress::Observer) stopped the computation.
+    #[error("cancelled by the progress observer: {}", esc(.what))]
+    Cancelled {
+        /// What was stopped, and what was left behind (e.g. nothing written).
+        what: String,
+    },
     /// A feature the call needs is not compiled in.
     #[error("feature `{feature}` is required for {}", esc(.what))]
     FeatureDisabled {

@@ -72,6 +72,7 @@
 //! ```
 //! use modelfusion::align::{Aligner, WeightMatching};
 //! use modelfusion::io::{infer_checkpoint_spec, load, save, write_permuted, Checkpoint, Dtype, SaveOptions};
+//! use modelfusion::progress::Silent;
 //! use modelfusion::perm::PermutationSet;
 //! use modelfusion::{Model, RawTensor, StateDict, StateDictF32};
 //! use ndarray::{Array1, Array2};
@@ -99,7 +100,7 @@
 //!
 //! // A shuffled copy (what `modelfusion permute` writes), then aligned back.
 //! let perms = PermutationSet::random(&found.spec, &a, 7)?;
-//! write_permuted(&ck, &found.spec, &perms, &dir.join("b"), None, |_, _, _| {})?;
+//! write_permuted(&ck, &found.spec, &perms, &dir.join("b"), None, Silent)?;
 //! let b: StateDictF32 = load(dir.join("b"))?;
 //! let alignment = WeightMatching::new(0).align(&a, &b, &found.spec)?;
 //! let back = alignment.apply(&found.spec, &b)?;
@@ -159,6 +160,7 @@ pub mod perm;
 pub mod pipeline;
 #[cfg(feature = "plot")]
 pub mod plot;
+pub mod progress;
 pub mod solve;
 pub mod tensor;
 

@@ -12,6 +12,7 @@ use modelfusion::io::{
     save,
 };
 use modelfusion::merge::{Merger, TensorMerger};
+use modelfusion::progress::{Progress, Silent, from_fn};
 use modelfusion::{Error, Model, Result, StateDict};
 use ndarray::ArrayD;
 use proptest::prelude::*;
@@ -139,15 +140,19 @@ proptest! {
         let chunking = chunk.map_or(Chunking::Whole, |c| Chunking::Elementwise { chunk_elems: c });
         let opts = StreamOptions::new(save_opts).chunking(chunking);
         let mut last = None;
-        let summary = merge_checkpoints::<f32, _>(&refs, &merger, &out, &opts, |p| last = Some(p.clone())).unwrap();
+        let summary = merge_checkpoints::<f32, _>(&refs, &merger, &out, &opts, from_fn(|p| {
+            if let Progress::Tensor { index, bytes_done, bytes_total, .. } = *p {
+                last = Some((index, bytes_done, bytes_total));
+            }
+        })).unwrap();
         let got: StateDict<ArrayD<f32>> = load(&out).unwrap();
         let mrefs: Vec<&StateDict<ArrayD<f32>>> = models.iter().collect();
         let want = rounded(&Merger::merge(&merger, &mrefs).unwrap(), Dtype::FLOATS[d]);
         prop_assert_eq!(got, want);
-        let last = last.unwrap();
-        prop_assert_eq!(last.bytes_done, last.bytes_total);
-        prop_assert_eq!(last.tensor_index + 1, SHAPES.len());
-        prop_assert_eq!(summary.bytes_written, last.bytes_total);
+        let (index, bytes_done, bytes_total) = last.unwrap();
+        prop_assert_eq!(bytes_done, bytes_total);
+        prop_assert_eq!(index + 1, SHAPES.len());
+        prop_assert_eq!(summary.bytes_written, bytes_total);
         let numel: u64 = SHAPES.iter().map(|(_, s)| (s[0] * s[1]) as u64).sum();
         prop_assert_eq!(summary.bytes_read, numel * (4 + 2 + 2));
     }
@@ -164,7 +169,7 @@ fn whole_tensor_mergers_see_real_shapes_in_f64() {
         &Centered,
         &out,
         &StreamOptions::new(SaveOptions::new(Dtype::F64)),
-        |_| {},
+        Silent,
     )
     .unwrap();
     let got: StateDict<ArrayD<f64>> = load(&out).unwrap();
@@ -188,7 +193,7 @@ fn merge_with(dir: &std::path::Path, other: &StateDict<ArrayD<f32>>) -> (Error, 
     let probe = Probe::new();
     let out = dir.join("out");
     let opts = StreamOptions::new(SaveOptions::new(Dtype::F32));
-    let err = merge_checkpoints::<f32, _>(&[&a, &b], &probe, &out, &opts, |_| {}).unwrap_err();
+    let err = merge_checkpoints::<f32, _>(&[&a, &b], &probe, &out, &opts, Silent).unwrap_err();
     expect_no_output(&out);
     (err, probe.calls.load(Ordering::SeqCst))
 }
@@ -245,7 +250,7 @@ fn merger_failure_removes_partial_output() {
         &probe,
         &out,
         &StreamOptions::new(SaveOptions::new(Dtype::F32).max_shard_size(300)),
-        |_| {},
+        Silent,
     )
     .unwrap_err();
     assert!(err.to_string().contains("failing on `l0.b`"), "{err}");
@@ -259,7 +264,7 @@ fn merger_failure_removes_partial_output() {
         &probe,
         &out,
         &StreamOptions::new(SaveOptions::new(Dtype::F32)),
-        |_| {},
+        Silent,
     )
     .unwrap_err();
     assert!(
@@ -277,7 +282,7 @@ fn refuses_bad_arguments() {
     let opts = StreamOptions::new(SaveOptions::new(Dtype::F32));
     // Writing into an input's directory would truncate a mapped file.
     let err =
-        merge_checkpoints::<f32, _>(&refs, &Probe::new(), dir.path().join("m1"), &opts, |_| {})
+        merge_checkpoints::<f32, _>(&refs, &Probe::new(), dir.path().join("m1"), &opts, Silent)
             .unwrap_err();
     assert!(err.to_string().contains("holds input file"), "{err}");
     assert!(
@@ -286,14 +291,14 @@ fn refuses_bad_arguments() {
             .read::<f32>("embed")
             .is_ok()
     );
-    let err = merge_checkpoints::<f32, _>(&[], &Probe::new(), dir.path().join("o"), &opts, |_| {})
+    let err = merge_checkpoints::<f32, _>(&[], &Probe::new(), dir.path().join("o"), &opts, Silent)
         .unwrap_err();
     assert!(matches!(err, Error::Empty { .. }));
     let zero = opts
         .clone()
         .chunking(Chunking::Elementwise { chunk_elems: 0 });
     assert!(
-        merge_checkpoints::<f32, _>(&refs, &Probe::new(), dir.path().join("o"), &zero, |_| {})
+        merge_checkpoints::<f32, _>(&refs, &Probe::new(), dir.path().join("o"), &zero, Silent)
             .is_err()
     );
 }

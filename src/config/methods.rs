@@ -167,6 +167,7 @@ pub fn method_spec(name: &str) -> Result<&'static MethodSpec> {
 /// name and gradient position (so filters and gradients apply) and the matching
 /// `modelfusion::merge` merger is built for each tensor; methods with a base model get
 /// it as a one-tensor state dict.
+#[derive(Debug)]
 pub struct ConfigMerger<'a> {
     config: &'a Config,
     /// Number of layers (for gradients), from the tensor names seen by `preflight`.

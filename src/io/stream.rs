@@ -12,6 +12,7 @@ use super::reader::Checkpoint;
 use super::writer::{CheckpointWriter, SaveOptions, TensorPlan, flat};
 use crate::error::{Error, Result};
 use crate::merge::TensorMerger;
+use crate::progress::{Observer, Progress};
 use crate::tensor::Tensor;
 
 /// How a streaming merge hands tensors to the merger.
@@ -94,42 +95,6 @@ impl StreamOptions {
     pub fn chunking(mut self, chunking: Chunking) -> Self {
         self.chunking = chunking;
         self
-    }
-}
-
-/// Where a streaming merge is, reported after each tensor.
-///
-/// ```
-/// let p = modelfusion::io::Progress { tensor_index: 0, tensors: 2, name: "w".into(), bytes_done: 8, bytes_total: 16 };
-/// assert_eq!(p.fraction(), 0.5);
-/// ```
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Progress {
-    /// Index of the tensor just written (0-based).
-    pub tensor_index: usize,
-    /// Number of tensors in all.
-    pub tensors: usize,
-    /// Its name.
-    pub name: String,
-    /// Output bytes written so far.
-    pub bytes_done: u64,
-    /// Output bytes in all.
-    pub bytes_total: u64,
-}
-
-impl Progress {
-    /// `bytes_done / bytes_total` (1 for an empty output).
-    ///
-    /// ```
-    /// let p = modelfusion::io::Progress { tensor_index: 0, tensors: 1, name: "w".into(), bytes_done: 0, bytes_total: 0 };
-    /// assert_eq!(p.fraction(), 1.0);
-    /// ```
-    pub fn fraction(&self) -> f64 {
-        if self.bytes_total == 0 {
-            1.0
-        } else {
-            self.bytes_done as f64 / self.bytes_total as f64
-        }
     }
 }
 
@@ -305,6 +270,7 @@ fn check_output_not_input(inputs: &[&Checkpoint], out_dir: &Path) -> Result<()> 
 /// ```
 /// use modelfusion::merge::TensorMerger;
 /// use modelfusion::io::{load, merge_checkpoints, save_file, Checkpoint, Dtype, SaveOptions, StreamOptions};
+/// use modelfusion::progress::from_fn;
 /// use modelfusion::{Model, Result, StateDict, Tensor};
 /// use ndarray::{arr1, ArrayD};
 ///
@@ -325,7 +291,7 @@ fn check_output_not_input(inputs: &[&Checkpoint], out_dir: &Path) -> Result<()> 
 /// let out = tmp.join("modelfusion-doc-mc-out");
 /// let mut seen = 0;
 /// let summary = merge_checkpoints::<f32, _>(&[&a, &b], &Mean, &out,
-///     &StreamOptions::new(SaveOptions::new(Dtype::F16)), |_| seen += 1)?;
+///     &StreamOptions::new(SaveOptions::new(Dtype::F16)), from_fn(|_| seen += 1))?;
 /// assert_eq!((summary.tensors, seen), (1, 1));
 /// let merged: StateDict<ArrayD<f32>> = load(&out)?;
 /// assert_eq!(merged.get("w").unwrap().as_slice().unwrap(), &[2.0, 4.0]);
@@ -337,7 +303,7 @@ pub fn merge_checkpoints<T, M>(
     merger: &M,
     out_dir: impl AsRef<Path>,
     options: &StreamOptions,
-    mut progress: impl FnMut(&Progress),
+    mut observer: impl Observer,
 ) -> Result<MergeSummary>
 where
     T: IoScalar,
@@ -461,13 +427,23 @@ where
             .map(|t| t.byte_len() as u64)
             .sum::<u64>();
         bytes_done += out_bytes(name, numel);
-        progress(&Progress {
-            tensor_index: k,
-            tensors: plan.len(),
-            name: name.clone(),
+        let report = Progress::Tensor {
+            index: k,
+            total: plan.len(),
+            name,
             bytes_done,
             bytes_total,
-        });
+        };
+        if observer.observe(&report).is_break() {
+            return Err(Error::Cancelled {
+                what: format!(
+                    "merge into {} stopped after {} of {} tensors; nothing was written there (previous contents are kept)",
+                    out_dir.display(),
+                    k + 1,
+                    plan.len()
+                ),
+            });
+        }
     }
     let files = writer.finish()?;
     Ok(MergeSummary {
