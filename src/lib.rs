@@ -133,9 +133,53 @@
 //! # Ok::<(), modelfusion::Error>(())
 //! ```
 //!
+//! ## Walkthrough: your own merge config
+//!
+//! [`config`] reads mergekit's YAML (methods, per-model and global parameters, filters,
+//! gradients over layers, `dtype` / `out_dtype`), checks every input header and every
+//! hyperparameter before reading data, and streams the merge to disk; an `align:`
+//! section weight-matches every model to the base (or first) model first. Progress and
+//! stopping go through one [`progress::Observer`].
+//!
+//! ```
+//! # #[cfg(feature = "config")] {
+//! use modelfusion::config::{Config, RunOptions};
+//! use modelfusion::io::{load, save_file, Dtype};
+//! use modelfusion::perm::{specs::{Architecture, MlpShapes}, PermutationSet};
+//! use modelfusion::progress::{from_fn, Progress};
+//! use modelfusion::{Model, StateDictF32};
+//!
+//! let dir = std::env::temp_dir().join("modelfusion-doc-walkthrough-config");
+//! # std::fs::create_dir_all(&dir).ok();
+//! let arch = MlpShapes::new(&[4, 8, 2])?;
+//! let base = arch.random_model(0);
+//! // A fine-tune that is also shuffled: without alignment its task vector is noise.
+//! let tuned = arch.spec().apply(&PermutationSet::random(&arch.spec(), &base, 3)?, &base.scale(1.1)?)?;
+//! save_file(&base, dir.join("base.safetensors"), Dtype::F32)?;
+//! save_file(&tuned, dir.join("tuned.safetensors"), Dtype::F32)?;
+//! let yaml = format!(
+//!     "merge_method: task_arithmetic\nbase_model: {0}/base.safetensors\nalign: {{seed: 0}}\n\
+//!      models:\n  - model: {0}/tuned.safetensors\n    parameters: {{weight: 0.5}}\n",
+//!     dir.display()
+//! );
+//! let config = Config::from_yaml(&yaml, "merge.yml".as_ref())?;
+//! let mut stages = Vec::new();
+//! let summary = config.run(dir.join("out"), &RunOptions::new(), from_fn(|p| {
+//!     if let Progress::Stage { what, .. } = p { stages.push(what.to_string()) }
+//! }))?;
+//! assert_eq!(stages, ["aligning models[0] to base_model", "merging"]);
+//! let merged: StateDictF32 = load(dir.join("out"))?;
+//! // base + 0.5 * (aligned tuned - base) = 1.05 * base
+//! assert!(merged.max_abs_diff(&base.scale(1.05)?)? < 1e-6);
+//! # assert_eq!(summary.aligned.len(), 1);
+//! # std::fs::remove_dir_all(&dir).ok();
+//! # }
+//! # Ok::<(), modelfusion::Error>(())
+//! ```
+//!
 //! ## Features
 //!
-//! `nn`, `safetensors` and `plot` are on by default; `linalg` (with a LAPACK backend such
+//! `nn`, `safetensors`, `plot` and `config` are on by default; `linalg` (with a LAPACK backend such
 //! as `openblas-system`) enables RegMean; `cli` builds the `modelfusion` command-line tool.
 //! Every random choice takes a caller's seed; results do not depend on the thread count.
 #![warn(missing_docs)]
