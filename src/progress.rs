@@ -1,8 +1,9 @@
 //! Progress of long computations, reported to one shared [`Observer`] trait.
 //!
 //! Streaming merges and permuted copies report each tensor written
-//! ([`Progress::Tensor`]), weight matching each sweep ([`Progress::Sweep`]), curve
-//! fitting each step ([`Progress::Step`]), and a merge config run its stages
+//! ([`Progress::Tensor`]), weight matching each sweep ([`Progress::Sweep`]), activation
+//! statistics each batch ([`Progress::Batch`]), curve fitting each step
+//! ([`Progress::Step`]), and a merge config run its stages
 //! ([`Progress::Stage`]). Pass [`Silent`] to ignore them, a closure wrapped by
 //! [`from_fn`], or a type of your own implementing [`Observer`] (by value, or `&mut`
 //! to keep what it collected). Returning [`ControlFlow::Break`] stops the computation:
@@ -69,6 +70,14 @@ pub enum Progress<'a> {
         /// Groups whose permutation changed in this sweep.
         changed: usize,
     },
+    /// Activation statistics took in a batch (activation matching, OT fusion on
+    /// activations).
+    Batch {
+        /// Batches done.
+        done: usize,
+        /// Batches in all.
+        total: usize,
+    },
     /// Curve fitting took a step.
     Step {
         /// The step, from 0.
@@ -110,6 +119,7 @@ impl Progress<'_> {
             } => ratio(bytes_done as f64, bytes_total as f64),
             Progress::Step { step, total, .. } => ratio((step + 1) as f64, total as f64),
             Progress::Stage { index, total, .. } => ratio(index as f64, total as f64),
+            Progress::Batch { done, total } => ratio(done as f64, total as f64),
             Progress::Sweep { .. } => None,
         }
     }

@@ -63,6 +63,10 @@ pub use repair::{Endpoints, Repair, RepairReport};
 pub use stats::{CrossMoments, Moments};
 pub use weight::WeightMatching;
 
+use crate::progress::Observer;
+#[cfg(doc)]
+use crate::progress::Progress;
+
 /// Finds the alignment that brings `other` into the basis of `reference`.
 ///
 /// Auxiliary data (activations, seeds, solver options) lives in the aligner value, not
@@ -81,6 +85,50 @@ pub use weight::WeightMatching;
 pub trait Aligner<M: Model> {
     /// The alignment of `other` to `reference` for the groups of `spec`.
     fn align(&self, reference: &M, other: &M, spec: &PermutationSpec) -> Result<Alignment>;
+
+    /// [`align`](Self::align), reporting progress to `observer`: activation-based
+    /// aligners report each batch of statistics ([`Progress::Batch`]), weight matching
+    /// each sweep ([`Progress::Sweep`]); a [`ControlFlow::Break`](std::ops::ControlFlow)
+    /// stops with [`Error::Cancelled`](crate::Error::Cancelled). The default reports
+    /// nothing and calls `align`.
+    ///
+    /// ```
+    /// use modelfusion::align::{ActivationMatching, Aligner};
+    /// use modelfusion::objective::{Activations, Features};
+    /// use modelfusion::perm::specs::{Architecture, MlpShapes};
+    /// use modelfusion::progress::{from_fn, Progress};
+    /// use modelfusion::{Model, Result, StateDictF32};
+    ///
+    /// /// The first layer's pre-activations on a fixed batch, as the group `hidden.0`.
+    /// struct FirstLayer(ndarray::Array2<f32>);
+    /// impl Activations<StateDictF32> for FirstLayer {
+    ///     fn num_batches(&self) -> usize { 3 }
+    ///     fn activations(&self, m: &StateDictF32, _: usize) -> Result<Features<f32>> {
+    ///         let w = m.get("layers.0.weight").unwrap().view().into_dimensionality::<ndarray::Ix2>().unwrap();
+    ///         Ok(Features::from([("hidden.0".to_string(), self.0.dot(&w.t()))]))
+    ///     }
+    /// }
+    /// let arch = MlpShapes::new(&[3, 5, 2])?;
+    /// let (a, b) = (arch.random_model(0), arch.random_model(1));
+    /// let x = ndarray::Array2::from_shape_fn((8, 3), |(i, j)| (i * 3 + j) as f32 / 10.0);
+    /// let mut batches = Vec::new();
+    /// let aligner = ActivationMatching::new(FirstLayer(x));
+    /// aligner.align_observed(&a, &b, &arch.spec(), &mut from_fn(|p| {
+    ///     if let Progress::Batch { done, total } = *p { batches.push((done, total)) }
+    /// }))?;
+    /// assert_eq!(batches, [(1, 3), (2, 3), (3, 3)]);
+    /// # Ok::<(), modelfusion::Error>(())
+    /// ```
+    fn align_observed(
+        &self,
+        reference: &M,
+        other: &M,
+        spec: &PermutationSpec,
+        observer: &mut dyn Observer,
+    ) -> Result<Alignment> {
+        let _ = observer;
+        self.align(reference, other, spec)
+    }
 }
 
 /// How one permutation group of `other` is mapped onto `reference`'s units.
