@@ -12,7 +12,6 @@ use super::reader::Checkpoint;
 use super::writer::{CheckpointWriter, SaveOptions, TensorPlan, flat};
 use crate::error::{Error, Result};
 use crate::merge::TensorMerger;
-use crate::tensor::Tensor;
 
 /// How a streaming merge hands tensors to the merger.
 ///
@@ -341,7 +340,6 @@ pub fn merge_checkpoints<T, M>(
 ) -> Result<MergeSummary>
 where
     T: IoScalar,
-    ArrayD<T>: Tensor<Elem = T>,
     M: TensorMerger<ArrayD<T>> + Sync + ?Sized,
 {
     let out_dir = out_dir.as_ref();

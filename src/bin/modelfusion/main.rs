@@ -27,7 +27,7 @@ use modelfusion::io::{
     merge_checkpoints, read_capped, side_files,
 };
 use modelfusion::merge::TensorMerger;
-use modelfusion::{Error, Result, Tensor};
+use modelfusion::{Error, Result};
 use ndarray::ArrayD;
 
 use config::Config;
@@ -205,7 +205,6 @@ impl<'a, M> Checked<'a, M> {
 impl<T, M> TensorMerger<ArrayD<T>> for Checked<'_, M>
 where
     T: IoScalar,
-    ArrayD<T>: Tensor<Elem = T>,
     M: TensorMerger<ArrayD<T>>,
 {
     fn merge_tensor(&self, name: &str, ts: &[&ArrayD<T>]) -> Result<ArrayD<T>> {

@@ -7,7 +7,7 @@ use std::sync::OnceLock;
 use modelfusion::merge::{
     Average, Consensus, ModelStock, Rescale, Slerp, Sparsification, TaskMerge, TensorMerger,
 };
-use modelfusion::{Error, Result, StateDict, Tensor};
+use modelfusion::{Error, Result, StateDict};
 use ndarray::ArrayD;
 
 use crate::config::{Config, Kind, gradient_t, layer_index};
@@ -219,7 +219,6 @@ impl<'a> ConfigMerger<'a> {
 fn model_stock_rows<T>(name: &str, base: &ArrayD<T>, models: &[&ArrayD<T>]) -> Result<ArrayD<T>>
 where
     T: IoScalar,
-    ArrayD<T>: Tensor<Elem = T>,
 {
     let shape = base.shape().to_vec();
     let row = shape.last().copied().unwrap_or(1).max(1);
@@ -249,7 +248,6 @@ where
 impl<T> TensorMerger<ArrayD<T>> for ConfigMerger<'_>
 where
     T: IoScalar,
-    ArrayD<T>: Tensor<Elem = T>,
 {
     fn merge_tensor(&self, name: &str, ts: &[&ArrayD<T>]) -> Result<ArrayD<T>> {
         let c = self.config;
