@@ -619,7 +619,7 @@ impl CheckpointWriter {
                 buf.clear();
                 buf.resize(data.len() * t.dtype.size(), 0);
                 encode(t.dtype, data, &mut buf)?;
-                Ok(write_at(&shard.file, &buf, offset))
+                Ok::<_, Error>(write_at(&shard.file, &buf, offset))
             })?,
         }
         .map_err(|e| io_err(&shard.path, e))?;
