@@ -7,7 +7,7 @@
 //!
 //! | trait | what it is |
 //! |---|---|
-//! | [`Tensor`] | a dense array of floats (implemented for `ndarray::ArrayD<f32/f64>`) |
+//! | [`Tensor`] | a dense array of floats (implemented for every `ndarray::ArrayD<T>` with `T:` [`Scalar`]) |
 //! | [`Model`] | named parameters in a stable order, with model algebra ([`StateDict`] is the ready one) |
 //! | [`Objective`], [`Gradient`], [`Activations`] | how a model is evaluated; written by the user (or taken from [`nn`]) |
 //! | [`align::Aligner`] | brings model B into model A's basis: [`align::WeightMatching`], [`align::ActivationMatching`], [`align::OtFusion`], [`align::Identity`] |
@@ -177,6 +177,35 @@
 //! # Ok::<(), modelfusion::Error>(())
 //! ```
 //!
+//! ## Generic code, typed views and errors
+//!
+//! `T: `[`Scalar`] (or `io::IoScalar` for code that loads and saves) is the only bound
+//! generic code needs: `ArrayD<T>` is then a [`Tensor`] and `StateDict<ArrayD<T>>` a
+//! [`Model`]. [`Tensor::as_matrix`] and [`Tensor::as_vector`] give `ArrayView2` /
+//! `ArrayView1` views, with an error naming the rank and shape otherwise. `?` converts a
+//! `std::io::Error` into an [`Error`], and a `main` returning `Result<(), `[`Report`]`>`
+//! prints the message (and causes) rather than the enum's `Debug` form.
+//!
+//! ```
+//! use modelfusion::{Model, Report, Scalar, StateDict, Tensor};
+//! use ndarray::{arr1, arr2, ArrayD};
+//!
+//! /// `W x` for the layer `name`, for either float type.
+//! fn forward<T: Scalar>(m: &StateDict<ArrayD<T>>, name: &str, x: &[T]) -> modelfusion::Result<Vec<T>> {
+//!     let w = m.require(name, "the model")?.as_matrix()?;
+//!     Ok(w.dot(&ndarray::ArrayView1::from(x)).to_vec())
+//! }
+//!
+//! fn main() -> Result<(), Report> {
+//!     let m = StateDict::from_pairs([("fc", arr2(&[[1.0f32, 2.0], [0.0, 1.0]]).into_dyn())])?;
+//!     assert_eq!(forward(&m, "fc", &[1.0, 1.0])?, [3.0, 1.0]);
+//!     let m = StateDict::from_pairs([("fc", arr1(&[1.0f64, 2.0]).into_dyn())])?;
+//!     let e = forward(&m, "fc", &[1.0]).unwrap_err();
+//!     assert!(e.to_string().contains("rank-2") && e.to_string().contains("shape [2]"));
+//!     Ok(())
+//! }
+//! ```
+//!
 //! ## Features
 //!
 //! `nn`, `safetensors`, `plot` and `config` are on by default; `linalg` (with a LAPACK backend such
@@ -209,7 +238,7 @@ pub mod solve;
 pub mod tensor;
 
 pub use dtype::{Dtype, RawTensor};
-pub use error::{Error, Result};
+pub use error::{Error, Report, Result};
 pub use model::{Model, StateDict, StateDictF32, StateDictF64};
 pub use objective::{Activations, Features, Gradient, Objective};
 pub use solve::{Assignment, TransportPlan, linear_sum_assignment, sinkhorn};

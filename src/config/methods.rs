@@ -7,7 +7,7 @@ use crate::io::IoScalar;
 use crate::merge::{
     Average, Consensus, ModelStock, Rescale, Slerp, Sparsification, TaskMerge, TensorMerger,
 };
-use crate::{Error, Result, StateDict, Tensor};
+use crate::{Error, Result, StateDict};
 use ndarray::ArrayD;
 
 use super::{Config, Kind, gradient_t, layer_index};
@@ -220,7 +220,6 @@ impl<'a> ConfigMerger<'a> {
 fn model_stock_rows<T>(name: &str, base: &ArrayD<T>, models: &[&ArrayD<T>]) -> Result<ArrayD<T>>
 where
     T: IoScalar,
-    ArrayD<T>: Tensor<Elem = T>,
 {
     let shape = base.shape().to_vec();
     let row = shape.last().copied().unwrap_or(1).max(1);
@@ -250,7 +249,6 @@ where
 impl<T> TensorMerger<ArrayD<T>> for ConfigMerger<'_>
 where
     T: IoScalar,
-    ArrayD<T>: Tensor<Elem = T>,
 {
     fn merge_tensor(&self, name: &str, ts: &[&ArrayD<T>]) -> Result<ArrayD<T>> {
         let c = self.config;

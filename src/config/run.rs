@@ -493,7 +493,6 @@ impl<M> Checked<'_, M> {
 impl<T, M> TensorMerger<ArrayD<T>> for Checked<'_, M>
 where
     T: IoScalar,
-    ArrayD<T>: crate::Tensor<Elem = T>,
     M: TensorMerger<ArrayD<T>>,
 {
     fn merge_tensor(&self, name: &str, ts: &[&ArrayD<T>]) -> Result<ArrayD<T>> {

@@ -14,7 +14,6 @@ use super::header::{Header, INDEX_FILE, ShardIndex, TensorInfo, format_err};
 use crate::dtype::RawTensor;
 use crate::error::{Error, Result};
 use crate::model::StateDict;
-use crate::tensor::Tensor;
 
 /// The single-file name a checkpoint directory without an index holds.
 ///
@@ -539,10 +538,7 @@ impl Checkpoint {
     /// assert_eq!(Checkpoint::open(&p)?.to_state_dict::<f32>()?, sd);
     /// # Ok::<(), modelfusion::Error>(())
     /// ```
-    pub fn to_state_dict<T: IoScalar>(&self) -> Result<StateDict<ArrayD<T>>>
-    where
-        ArrayD<T>: Tensor<Elem = T>,
-    {
+    pub fn to_state_dict<T: IoScalar>(&self) -> Result<StateDict<ArrayD<T>>> {
         let mut sd = StateDict::new();
         for t in &self.tensors {
             if t.dtype.is_float() {
@@ -574,9 +570,6 @@ impl Checkpoint {
 /// # std::fs::remove_dir_all(&dir).ok();
 /// # Ok::<(), modelfusion::Error>(())
 /// ```
-pub fn load<T: IoScalar>(path: impl AsRef<Path>) -> Result<StateDict<ArrayD<T>>>
-where
-    ArrayD<T>: Tensor<Elem = T>,
-{
+pub fn load<T: IoScalar>(path: impl AsRef<Path>) -> Result<StateDict<ArrayD<T>>> {
     Checkpoint::open(path)?.to_state_dict()
 }

@@ -13,7 +13,6 @@ use super::writer::{CheckpointWriter, SaveOptions, TensorPlan, flat};
 use crate::error::{Error, Result};
 use crate::merge::TensorMerger;
 use crate::progress::{Observer, Progress};
-use crate::tensor::Tensor;
 
 /// How a streaming merge hands tensors to the merger.
 ///
@@ -307,7 +306,6 @@ pub fn merge_checkpoints<T, M>(
 ) -> Result<MergeSummary>
 where
     T: IoScalar,
-    ArrayD<T>: Tensor<Elem = T>,
     M: TensorMerger<ArrayD<T>> + Sync + ?Sized,
 {
     let out_dir = out_dir.as_ref();

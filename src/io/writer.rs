@@ -619,7 +619,7 @@ impl CheckpointWriter {
                 buf.clear();
                 buf.resize(data.len() * t.dtype.size(), 0);
                 encode(t.dtype, data, &mut buf)?;
-                Ok(write_at(&shard.file, &buf, offset))
+                Ok::<_, Error>(write_at(&shard.file, &buf, offset))
             })?,
         }
         .map_err(|e| io_err(&shard.path, e))?;
@@ -941,10 +941,7 @@ pub(crate) fn flat<T: Copy>(a: &ArrayD<T>) -> std::borrow::Cow<'_, [T]> {
 fn save_with<T: IoScalar>(
     sd: &StateDict<ArrayD<T>>,
     writer: CheckpointWriter,
-) -> Result<Vec<PathBuf>>
-where
-    ArrayD<T>: Tensor<Elem = T>,
-{
+) -> Result<Vec<PathBuf>> {
     for (i, (_, t)) in sd.iter().enumerate() {
         writer.write(i, 0, &flat(t))?;
     }
@@ -955,10 +952,7 @@ where
 }
 
 /// The float parameters (in the output dtype), then the raw tensors (in their own).
-fn plan_of<T: IoScalar>(sd: &StateDict<ArrayD<T>>) -> Vec<TensorPlan>
-where
-    ArrayD<T>: Tensor<Elem = T>,
-{
+fn plan_of<T: IoScalar>(sd: &StateDict<ArrayD<T>>) -> Vec<TensorPlan> {
     sd.iter()
         .map(|(n, t)| (n, Tensor::shape(t).to_vec()).into())
         .chain(
@@ -989,10 +983,7 @@ pub fn save<T: IoScalar>(
     sd: &StateDict<ArrayD<T>>,
     dir: impl AsRef<Path>,
     options: &SaveOptions,
-) -> Result<Vec<PathBuf>>
-where
-    ArrayD<T>: Tensor<Elem = T>,
-{
+) -> Result<Vec<PathBuf>> {
     let writer = CheckpointWriter::create(dir, plan_of(sd), options)?;
     save_with(sd, writer)
 }
@@ -1015,10 +1006,7 @@ pub fn save_file<T: IoScalar>(
     sd: &StateDict<ArrayD<T>>,
     path: impl AsRef<Path>,
     dtype: Dtype,
-) -> Result<PathBuf>
-where
-    ArrayD<T>: Tensor<Elem = T>,
-{
+) -> Result<PathBuf> {
     let path = path.as_ref();
     let writer = CheckpointWriter::create_file(path, plan_of(sd), &SaveOptions::new(dtype))?;
     save_with(sd, writer)?;
