@@ -85,7 +85,7 @@ fn streaming(c: &mut Criterion) {
         ),
         ("linear 3 x 64 MiB f32, whole tensors", Chunking::Whole),
     ] {
-        let opts = StreamOptions::new(SaveOptions::new(Dtype::F32)).chunking(chunking);
+        let opts = StreamOptions::new(SaveOptions::new(Dtype::F32)).with_chunking(chunking);
         let out = dir.path().join("out");
         g.bench_function(label, |b| {
             b.iter(|| merge_checkpoints::<f32, _>(&refs, &merger, &out, &opts, Silent).unwrap())

@@ -148,7 +148,8 @@ impl<M: Model, A: Activations<M>> Aligner<M> for ActivationMatching<A> {
                 converged: true,
                 ..AlignStats::default()
             },
-        ))
+        )
+        .with_spec(spec))
     }
 }
 

@@ -284,6 +284,8 @@ pub struct AlignStats {
 pub struct Alignment {
     maps: BTreeMap<String, GroupMap>,
     stats: AlignStats,
+    /// The spec it was made for (set by every aligner of the crate).
+    spec: Option<PermutationSpec>,
 }
 
 impl Alignment {
@@ -307,7 +309,11 @@ impl Alignment {
             .iter()
             .map(|(g, p)| (g.to_string(), p.num_moved()))
             .collect();
-        Alignment { maps, stats }
+        Alignment {
+            maps,
+            stats,
+            spec: None,
+        }
     }
 
     /// An alignment from arbitrary group maps.
@@ -325,7 +331,66 @@ impl Alignment {
             .iter()
             .filter_map(|(g, m)| m.permutation().map(|p| (g.clone(), p.num_moved())))
             .collect();
-        Alignment { maps, stats }
+        Alignment {
+            maps,
+            stats,
+            spec: None,
+        }
+    }
+
+    /// Remembers `spec` as the one the alignment was made for, so that
+    /// [`apply_to`](Self::apply_to) needs only the model. The crate's aligners do this
+    /// themselves.
+    ///
+    /// ```
+    /// use modelfusion::align::{Alignment, AlignStats};
+    /// use modelfusion::perm::{PermutationSet, specs::{Architecture, MlpShapes}};
+    /// let arch = MlpShapes::new(&[2, 3, 1])?;
+    /// let a = arch.random_model(0);
+    /// let al = Alignment::from_permutations(PermutationSet::random(&arch.spec(), &a, 1)?, AlignStats::default())
+    ///     .with_spec(&arch.spec());
+    /// assert_eq!(al.spec(), Some(&arch.spec()));
+    /// assert_eq!(al.apply_to(&a)?, al.apply(&arch.spec(), &a)?);
+    /// # Ok::<(), modelfusion::Error>(())
+    /// ```
+    pub fn with_spec(mut self, spec: &PermutationSpec) -> Self {
+        self.spec = Some(spec.clone());
+        self
+    }
+
+    /// The spec the alignment was made for, when known.
+    ///
+    /// ```
+    /// use modelfusion::align::{Aligner, Identity};
+    /// use modelfusion::perm::specs::{Architecture, MlpShapes};
+    /// let arch = MlpShapes::new(&[2, 3, 1])?;
+    /// let a = arch.random_model(0);
+    /// assert_eq!(Identity.align(&a, &a, &arch.spec())?.spec(), Some(&arch.spec()));
+    /// # Ok::<(), modelfusion::Error>(())
+    /// ```
+    pub fn spec(&self) -> Option<&PermutationSpec> {
+        self.spec.as_ref()
+    }
+
+    /// [`apply`](Self::apply) through the spec the alignment was made with: brings
+    /// `model` (the `other` of [`Aligner::align`]) into the reference basis. Errors for an
+    /// alignment built by hand without [`with_spec`](Self::with_spec).
+    ///
+    /// ```
+    /// use modelfusion::align::{Aligner, WeightMatching};
+    /// use modelfusion::perm::specs::{Architecture, MlpShapes};
+    /// let arch = MlpShapes::new(&[3, 6, 2])?;
+    /// let (a, b) = (arch.random_model(0), arch.random_model(1));
+    /// let aligned = WeightMatching::new(0).align(&a, &b, &arch.spec())?.apply_to(&b)?;
+    /// # use modelfusion::Model;
+    /// assert_eq!(aligned.get("layers.1.bias"), b.get("layers.1.bias"));
+    /// # Ok::<(), modelfusion::Error>(())
+    /// ```
+    pub fn apply_to<M: Model>(&self, model: &M) -> Result<M> {
+        let spec = self.spec.as_ref().ok_or_else(|| Error::Spec {
+            reason: "the alignment does not know its spec (built by hand without `with_spec`); use `apply(&spec, model)`".into(),
+        })?;
+        self.apply(spec, model)
     }
 
     /// The identity alignment for every group of `spec`, sized from `model`.
@@ -583,7 +648,7 @@ pub struct Identity;
 impl<M: Model> Aligner<M> for Identity {
     fn align(&self, reference: &M, other: &M, spec: &PermutationSpec) -> Result<Alignment> {
         check_pair(reference, other, spec)?;
-        Alignment::identity(spec, reference)
+        Ok(Alignment::identity(spec, reference)?.with_spec(spec))
     }
 }
 

@@ -298,7 +298,7 @@ impl<M: Model> Aligner<M> for OtFusion<WeightFeatures> {
             visits.push(g.clone());
             done.insert(g, map);
         }
-        Ok(one_pass(done, objective, visits))
+        Ok(one_pass(done, objective, visits).with_spec(spec))
     }
 }
 
@@ -336,7 +336,7 @@ impl<M: Model, A: Activations<M>> Aligner<M> for OtFusion<ActivationFeatures<A>>
             visits.push(g.clone());
             done.insert(g, map);
         }
-        Ok(one_pass(done, objective, visits))
+        Ok(one_pass(done, objective, visits).with_spec(spec))
     }
 }
 

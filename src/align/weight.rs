@@ -212,7 +212,7 @@ impl<M: Model> Aligner<M> for WeightMatching {
             }
         }
         let set: PermutationSet = groups.into_iter().zip(best.0).collect();
-        Ok(Alignment::from_permutations(set, best.1))
+        Ok(Alignment::from_permutations(set, best.1).with_spec(spec))
     }
 }
 

@@ -373,7 +373,9 @@ impl MergePlan<'_> {
             Vec::new()
         };
         let copied: Vec<String> = side.iter().map(|(n, _)| n.clone()).collect();
-        let stream = StreamOptions::new(save).chunking(chunking).files(side);
+        let stream = StreamOptions::new(save)
+            .with_chunking(chunking)
+            .with_files(side);
         let checked = Checked {
             inner: &self.merger,
             aligned: alignment.as_ref(),

@@ -564,7 +564,7 @@ impl Checkpoint {
 ///
 /// let dir = std::env::temp_dir().join("modelfusion-doc-load");
 /// let sd = StateDict::from_pairs([("a", arr1(&[1.5f32; 4]).into_dyn()), ("b", arr1(&[2.0f32; 4]).into_dyn())])?;
-/// save(&sd, &dir, &SaveOptions::new(Dtype::F16).max_shard_size(8))?; // two shards
+/// save(&sd, &dir, &SaveOptions::new(Dtype::F16).with_max_shard_size(8))?; // two shards
 /// let back: StateDict<ArrayD<f32>> = load(&dir)?;
 /// assert_eq!(back, sd);
 /// # std::fs::remove_dir_all(&dir).ok();

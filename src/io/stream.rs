@@ -42,7 +42,7 @@ pub enum Chunking {
 ///
 /// ```
 /// use modelfusion::io::{Chunking, Dtype, SaveOptions, StreamOptions};
-/// let o = StreamOptions::new(SaveOptions::new(Dtype::BF16)).chunking(Chunking::Elementwise { chunk_elems: 1 << 18 });
+/// let o = StreamOptions::new(SaveOptions::new(Dtype::BF16)).with_chunking(Chunking::Elementwise { chunk_elems: 1 << 18 });
 /// assert_eq!(o.save.dtype, Dtype::BF16);
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -76,10 +76,10 @@ impl StreamOptions {
     ///
     /// ```
     /// use modelfusion::io::{Dtype, SaveOptions, StreamOptions};
-    /// let o = StreamOptions::new(SaveOptions::new(Dtype::F32)).files(vec![("config.json".into(), b"{}".to_vec())]);
+    /// let o = StreamOptions::new(SaveOptions::new(Dtype::F32)).with_files(vec![("config.json".into(), b"{}".to_vec())]);
     /// assert_eq!(o.files.len(), 1);
     /// ```
-    pub fn files(mut self, files: Vec<(String, Vec<u8>)>) -> Self {
+    pub fn with_files(mut self, files: Vec<(String, Vec<u8>)>) -> Self {
         self.files = files;
         self
     }
@@ -88,10 +88,10 @@ impl StreamOptions {
     ///
     /// ```
     /// use modelfusion::io::{Chunking, Dtype, SaveOptions, StreamOptions};
-    /// let o = StreamOptions::new(SaveOptions::new(Dtype::F32)).chunking(Chunking::Elementwise { chunk_elems: 64 });
+    /// let o = StreamOptions::new(SaveOptions::new(Dtype::F32)).with_chunking(Chunking::Elementwise { chunk_elems: 64 });
     /// assert_eq!(o.chunking, Chunking::Elementwise { chunk_elems: 64 });
     /// ```
-    pub fn chunking(mut self, chunking: Chunking) -> Self {
+    pub fn with_chunking(mut self, chunking: Chunking) -> Self {
         self.chunking = chunking;
         self
     }

@@ -25,7 +25,7 @@ use crate::tensor::Tensor;
 ///
 /// ```
 /// use modelfusion::io::{Dtype, SaveOptions};
-/// let o = SaveOptions::new(Dtype::BF16).max_shard_size(5 << 30);
+/// let o = SaveOptions::new(Dtype::BF16).with_max_shard_size(5 << 30);
 /// assert_eq!(o.dtype, Dtype::BF16);
 /// assert_eq!(o.max_shard_size, Some(5 << 30));
 /// assert_eq!(o.metadata["format"], "pt");
@@ -60,10 +60,10 @@ impl SaveOptions {
     /// Sets the largest shard size in bytes.
     ///
     /// ```
-    /// let o = modelfusion::io::SaveOptions::new(modelfusion::io::Dtype::F32).max_shard_size(1 << 20);
+    /// let o = modelfusion::io::SaveOptions::new(modelfusion::io::Dtype::F32).with_max_shard_size(1 << 20);
     /// assert_eq!(o.max_shard_size, Some(1 << 20));
     /// ```
-    pub fn max_shard_size(mut self, bytes: u64) -> Self {
+    pub fn with_max_shard_size(mut self, bytes: u64) -> Self {
         self.max_shard_size = Some(bytes);
         self
     }
@@ -555,7 +555,7 @@ impl CheckpointWriter {
     /// ```
     /// # use modelfusion::io::{CheckpointWriter, Dtype, SaveOptions};
     /// # let dir = std::env::temp_dir().join("modelfusion-doc-writer-files");
-    /// let w = CheckpointWriter::create(&dir, [("a", vec![4]), ("b", vec![4])], &SaveOptions::new(Dtype::F32).max_shard_size(16))?;
+    /// let w = CheckpointWriter::create(&dir, [("a", vec![4]), ("b", vec![4])], &SaveOptions::new(Dtype::F32).with_max_shard_size(16))?;
     /// let names: Vec<_> = w.files().map(|p| p.file_name().unwrap().to_str().unwrap().to_string()).collect();
     /// assert_eq!(names, ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]);
     /// # Ok::<(), modelfusion::Error>(())
@@ -973,7 +973,7 @@ fn plan_of<T: IoScalar>(sd: &StateDict<ArrayD<T>>) -> Vec<TensorPlan> {
 ///
 /// let dir = std::env::temp_dir().join("modelfusion-doc-save");
 /// let sd = StateDict::from_pairs([("a", arr1(&[1.0f32; 4]).into_dyn()), ("b", arr1(&[1.0f32; 4]).into_dyn())])?;
-/// let files = save(&sd, &dir, &SaveOptions::new(Dtype::F32).max_shard_size(16))?;
+/// let files = save(&sd, &dir, &SaveOptions::new(Dtype::F32).with_max_shard_size(16))?;
 /// assert_eq!(files.len(), 3); // two shards and the index
 /// assert!(dir.join("model.safetensors.index.json").exists());
 /// # std::fs::remove_dir_all(&dir).ok();
