@@ -498,8 +498,10 @@ impl<T: Tensor> StateDict<T> {
     /// let permuted: std::collections::BTreeSet<&str> = spec.param_names().collect();
     /// let n = model.len();
     /// let (inside, outside) = model.partition(|n| permuted.contains(n));
-    /// assert_eq!(inside.len(), n - 1);
-    /// assert_eq!(outside.names().collect::<Vec<_>>(), ["temperature"]);
+    /// assert_eq!(inside.len() + outside.len(), n);
+    /// // The output bias and the extra parameter are outside every group.
+    /// assert_eq!(outside.names().collect::<Vec<_>>(), ["layers.1.bias", "temperature"]);
+    /// assert!(inside.names().all(|p| permuted.contains(p)));
     /// # Ok::<(), modelfusion::Error>(())
     /// ```
     pub fn partition(self, mut pred: impl FnMut(&str) -> bool) -> (Self, Self) {
