@@ -65,6 +65,21 @@ CONFIGS = {
     "della_d1": "merge_method: della\nbase_model: {base}\nmodels:\n  - model: {a}\n    parameters: {{weight: 1}}\n  - model: {b}\n    parameters: {{weight: 0.8}}\n",
     "slerp": "merge_method: slerp\nbase_model: {base}\nparameters:\n  t: [{{filter: self_attn, value: [0, 0.5, 0.3, 0.7, 1]}}, {{value: 0.4}}]\nmodels:\n  - model: {a}\n",
     "model_stock": "merge_method: model_stock\nbase_model: {base}\nmodels:\n  - model: {a}\n  - model: {b}\n  - model: {c}\n",
+    "nuslerp": "merge_method: nuslerp\nmodels:\n  - model: {a}\n    parameters: {{weight: 0.3}}\n  - model: {b}\n    parameters: {{weight: 0.7}}\n",
+    "nuslerp_base_rows": "merge_method: nuslerp\nbase_model: {base}\nparameters: {{nuslerp_flatten: false, weight: [0.2, 0.8]}}\nmodels:\n  - model: {a}\n  - model: {b}\n    parameters: {{weight: 0.6}}\n",
+    "nuslerp_base_columns": "merge_method: nuslerp\nbase_model: {base}\nparameters: {{nuslerp_flatten: false, nuslerp_row_wise: true}}\nmodels:\n  - model: {a}\n    parameters: {{weight: 1}}\n  - model: {b}\n    parameters: {{weight: 2}}\n",
+    "multislerp": "merge_method: multislerp\nmodels:\n  - model: {a}\n    parameters: {{weight: 1}}\n  - model: {b}\n    parameters: {{weight: 0.5}}\n  - model: {c}\n    parameters: {{weight: 0.7}}\n",
+    "multislerp_base": "merge_method: multislerp\nbase_model: {base}\nparameters: {{normalize_weights: false, eps: 1e-6}}\nmodels:\n  - model: {a}\n    parameters: {{weight: 0.4}}\n  - model: {b}\n    parameters: {{weight: [0.2, 0.5]}}\n",
+    "karcher": "merge_method: karcher\nmodels:\n  - model: {a}\n  - model: {b}\n  - model: {c}\n",
+    "karcher_iter": "merge_method: karcher\nparameters: {{max_iter: 2, tol: 1e-9}}\nmodels:\n  - model: {a}\n  - model: {b}\n",
+    "sce": "merge_method: sce\nbase_model: {base}\nmodels:\n  - model: {a}\n  - model: {b}\n  - model: {c}\n",
+    "sce_topk": "merge_method: sce\nbase_model: {base}\nparameters: {{select_topk: 0.4}}\nmodels:\n  - model: {a}\n  - model: {b}\n  - model: {c}\n",
+    "arcee_fusion": "merge_method: arcee_fusion\nbase_model: {base}\nmodels:\n  - model: {a}\n",
+    "nearswap": "merge_method: nearswap\nbase_model: {base}\nparameters: {{t: 0.004}}\nmodels:\n  - model: {a}\n",
+    "ram": "merge_method: ram\nbase_model: {base}\nmodels:\n  - model: {a}\n  - model: {b}\n  - model: {c}\n",
+    "ram_epsilon": "merge_method: ram\nbase_model: {base}\nparameters: {{epsilon: 0.005}}\nmodels:\n  - model: {a}\n  - model: {b}\n  - model: {c}\n",
+    "ramplus_tl": "merge_method: ramplus_tl\nbase_model: {base}\nparameters: {{epsilon: 0.005, r: 0.5, alpha: 1.5}}\nmodels:\n  - model: {a}\n  - model: {b}\n  - model: {c}\n",
+    "ramplus_tl_default": "merge_method: ramplus_tl\nbase_model: {base}\nmodels:\n  - model: {a}\n  - model: {b}\n",
 }
 
 
@@ -83,15 +98,26 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--bin", default="target/release/modelfusion")
     ap.add_argument("--mergekit", default=os.path.join(os.path.dirname(sys.executable), "mergekit-yaml"))
+    ap.add_argument("--configs", default="", help="comma-separated subset of the configs (default: all)")
+    ap.add_argument("--dtypes", default="float32,float16,bfloat16", help="comma-separated subset of float32,float16,bfloat16")
     args = ap.parse_args()
+    only = set(filter(None, args.configs.split(",")))
+    unknown = only - set(CONFIGS)
+    if unknown:
+        sys.exit(f"unknown configs: {sorted(unknown)}; known: {sorted(CONFIGS)}")
+    dtypes = args.dtypes.split(",")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for dname, dtype in [("float32", torch.float32), ("float16", torch.float16), ("bfloat16", torch.bfloat16)]:
+            if dname not in dtypes:
+                continue
             d = os.path.join(tmp, dname)
             base = make(os.path.join(d, "base"), dtype, 1)
             for i, m in enumerate("abc"):
                 make(os.path.join(d, m), dtype, 10 + i, base)
             for name, tpl in CONFIGS.items():
+                if only and name not in only:
+                    continue
                 text = tpl.format(base=os.path.join(d, "base"), a=os.path.join(d, "a"), b=os.path.join(d, "b"), c=os.path.join(d, "c"))
                 text += f"dtype: float32\nout_dtype: {dname}\n"
                 cfg = os.path.join(d, name + ".yml")
