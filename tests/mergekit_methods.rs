@@ -174,6 +174,12 @@ fn karcher_as_mergekit_computes_it() {
         .merge(&[&big, &small])
         .unwrap();
     close(&vals(&m), &[0.0, 2.0 + 0.5e-6], 1e-15);
+    let zero = sd(&[2], &[0.0, 0.0]);
+    let m = KarcherMean::mergekit(10, 1e-5)
+        .unwrap()
+        .merge(&[&big, &zero])
+        .unwrap();
+    assert_eq!(vals(&m), [0.0, 2.0]);
     let tiny = sd(&[2], &[0.0, 1e-6]);
     let m = KarcherMean::mergekit(10, 1e-5)
         .unwrap()

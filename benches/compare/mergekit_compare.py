@@ -6,11 +6,14 @@ Run:    cargo build --release --features cli
 
 Makes small Llama-like checkpoints (fp32, fp16, bf16; deltas quantised so magnitudes
 tie often), runs `mergekit-yaml` and `modelfusion merge` on the same configs (both
-computing in float32) and prints the agreement per method and dtype: max abs and max
-ulp difference (in the output dtype). Random methods (DARE, DELLA) cannot share a
-random stream with torch: they are compared at density 1 (deterministic).
+computing in float32, unless a config names its own dtype) and prints the agreement per
+method and dtype: max abs and max ulp difference (in the output dtype), and the max
+difference in ulps of each tensor's largest magnitude (blind to the huge ulp counts of
+values next to 0). `--configs a,b` and `--dtypes float16,...` run a subset. Random
+methods (DARE, DELLA) cannot share a random stream with torch: they are compared at
+density 1 (deterministic).
 """
-import argparse, json, os, subprocess, sys, tempfile
+import argparse, json, math, os, subprocess, sys, tempfile
 import numpy as np
 import torch
 from safetensors.torch import save_file, load_file
@@ -75,6 +78,7 @@ CONFIGS = {
     "sce": "merge_method: sce\nbase_model: {base}\nmodels:\n  - model: {a}\n  - model: {b}\n  - model: {c}\n",
     "sce_topk": "merge_method: sce\nbase_model: {base}\nparameters: {{select_topk: 0.4}}\nmodels:\n  - model: {a}\n  - model: {b}\n  - model: {c}\n",
     "arcee_fusion": "merge_method: arcee_fusion\nbase_model: {base}\nmodels:\n  - model: {a}\n",
+    "arcee_fusion_f64": "merge_method: arcee_fusion\nbase_model: {base}\nmodels:\n  - model: {a}\ndtype: float64\n",
     "nearswap": "merge_method: nearswap\nbase_model: {base}\nparameters: {{t: 0.004}}\nmodels:\n  - model: {a}\n",
     "ram": "merge_method: ram\nbase_model: {base}\nmodels:\n  - model: {a}\n  - model: {b}\n  - model: {c}\n",
     "ram_epsilon": "merge_method: ram\nbase_model: {base}\nparameters: {{epsilon: 0.005}}\nmodels:\n  - model: {a}\n  - model: {b}\n  - model: {c}\n",
@@ -92,6 +96,16 @@ def ulps(x, y, dtype):
     a = torch.where(a < 0, -top - a, a)
     b = torch.where(b < 0, -top - b, b)
     return int((a - b).abs().max())
+
+
+def scale_ulps(x, y, dtype):
+    """max |x - y| in ulps of the tensor's largest magnitude (blind to the huge ulp
+    counts of values next to 0)."""
+    top = float(x.float().abs().max())
+    if top == 0:
+        return 0.0
+    ulp = torch.finfo(dtype).eps * 2.0 ** (math.frexp(top)[1] - 1)
+    return float((x.float() - y.float()).abs().max()) / ulp
 
 
 def main():
@@ -119,7 +133,9 @@ def main():
                 if only and name not in only:
                     continue
                 text = tpl.format(base=os.path.join(d, "base"), a=os.path.join(d, "a"), b=os.path.join(d, "b"), c=os.path.join(d, "c"))
-                text += f"dtype: float32\nout_dtype: {dname}\n"
+                if "dtype:" not in text:
+                    text += "dtype: float32\n"
+                text += f"out_dtype: {dname}\n"
                 cfg = os.path.join(d, name + ".yml")
                 open(cfg, "w").write(text)
                 mk, mf = os.path.join(d, "mk_" + name), os.path.join(d, "mf_" + name)
@@ -127,7 +143,7 @@ def main():
                 r2 = subprocess.run([args.bin, "merge", cfg, mf, "--no-progress"], capture_output=True, text=True)
                 if r1.returncode or r2.returncode:
                     print(name, dname, "error", r1.stderr[-300:], r2.stderr[-300:], file=sys.stderr, flush=True)
-                    rows.append((name, dname, "error", (r1.stderr[-300:] if r1.returncode else "") + (r2.stderr[-300:] if r2.returncode else ""), ""))
+                    rows.append((name, dname, "error", (r1.stderr[-300:] if r1.returncode else "") + (r2.stderr[-300:] if r2.returncode else ""), "", ""))
                     continue
                 a = {}
                 for f in os.listdir(mk):
@@ -138,13 +154,14 @@ def main():
                 only = sorted(set(a) ^ set(b))
                 mad = max(float((a[k].float() - b[k].float()).abs().max()) for k in keys)
                 mul = max(ulps(a[k], b[k], dtype) for k in keys)
+                sul = max(scale_ulps(a[k], b[k], dtype) for k in keys)
                 diff = sum(int((a[k] != b[k]).sum()) for k in keys)
                 tot = sum(a[k].numel() for k in keys)
-                print(name, dname, f"{mad:.3g}", mul, diff, tot, file=sys.stderr, flush=True)
-                rows.append((name, dname, f"{mad:.3g}", str(mul), f"{diff}/{tot}" + (f" (names differ: {only[:3]})" if only else "")))
+                print(name, dname, f"{mad:.3g}", mul, f"{sul:.3g}", diff, tot, file=sys.stderr, flush=True)
+                rows.append((name, dname, f"{mad:.3g}", str(mul), f"{sul:.3g}", f"{diff}/{tot}" + (f" (names differ: {only[:3]})" if only else "")))
     sys.stdout.flush()
-    print("| config | dtype | max abs diff | max ulp diff | elements differing |")
-    print("|---|---|---|---|---|")
+    print("| config | dtype | max abs diff | max ulp diff | max diff in ulps of the tensor's max | elements differing |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
         print("| " + " | ".join(r) + " |")
 

@@ -376,7 +376,11 @@ impl<T: Tensor> TensorMerger<T> for KarcherMean {
                     }
                 })
                 .collect();
-            let ua: Vec<f64> = a.iter().zip(&norms).map(|(a, r)| a / r).collect();
+            let ua: Vec<f64> = a
+                .iter()
+                .zip(&norms)
+                .map(|(&a, r)| if a == 0.0 { 0.0 } else { a / r })
+                .collect();
             let shift: f64 = a.iter().zip(&cos).map(|(a, c)| a * c).sum();
             // v = sum_i a_i u_i - shift * m, computed chunk-wise.
             let mut v = vec![0.0f64; n];

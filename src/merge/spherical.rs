@@ -252,13 +252,12 @@ fn with_base_tensor<'a, M: Model>(
     base: Option<&'a M>,
     name: &str,
     tensors: &[&'a M::Tensor],
-) -> Result<(Vec<&'a M::Tensor>, Option<&'a M::Tensor>)> {
-    let b = base
-        .map(|b| base_tensor(b, name, tensors[0].shape()))
-        .transpose()?;
+) -> Result<Vec<&'a M::Tensor>> {
     let mut all = tensors.to_vec();
-    all.extend(b);
-    Ok((all, b))
+    if let Some(b) = base {
+        all.push(base_tensor(b, name, tensors[0].shape())?);
+    }
+    Ok(all)
 }
 
 fn base_label<T>(b: Option<&T>) -> Vec<(&'static str, &T)> {
@@ -277,7 +276,8 @@ impl<M: Model> TensorMerger<M::Tensor> for NuSlerp<M> {
                 ),
             ));
         }
-        let (all, base) = with_base_tensor(self.base.as_ref(), name, tensors)?;
+        let all = with_base_tensor(self.base.as_ref(), name, tensors)?;
+        let base = all.get(2).copied();
         let n = tensors[0].len();
         if n == 0 {
             return Ok(tensors[0].clone());
@@ -435,8 +435,8 @@ impl<M: Model> TensorMerger<M::Tensor> for MultiSlerp<M> {
         if k == 1 {
             return Ok(tensors[0].clone());
         }
-        let (all, base) = with_base_tensor(self.base.as_ref(), name, tensors)?;
-        let extra = base_label(base);
+        let all = with_base_tensor(self.base.as_ref(), name, tensors)?;
+        let extra = base_label(all.get(k).copied());
         let g = {
             let data = kernel::all_elems(&all);
             let xs: Vec<&[<M::Tensor as Tensor>::Elem]> =
