@@ -8,25 +8,13 @@ use rayon::prelude::*;
 use num_traits::{Float, One, Zero};
 
 use super::TensorMerger;
-use super::kernel::{self, base_tensor, check_shapes};
+use super::kernel;
 use crate::error::{Error, Result};
 use crate::model::Model;
 use crate::tensor::{Scalar, Tensor};
 
 /// mergekit estimates the quantiles of larger tensors from this many entries.
 pub const FUSION_QUANTILE_SAMPLE: usize = 1_000_000;
-
-/// Errors unless exactly one model is merged into the base.
-fn check_one(method: &str, name: &str, k: usize) -> Result<()> {
-    if k == 1 {
-        Ok(())
-    } else {
-        Err(Error::invalid(
-            "models",
-            format!("{method} merges exactly 1 model into the base, got {k} (parameter `{name}`)"),
-        ))
-    }
-}
 
 /// Arcee Fusion (mergekit's `arcee_fusion`), per tensor, merging one model `p` into the
 /// base `b`. Every row (vector along the last axis; a vector is one row) gets the
@@ -158,13 +146,11 @@ fn softmax_kl<E: Scalar>(x: &[E], y: &[E]) -> f64 {
 
 impl<M: Model> TensorMerger<M::Tensor> for ArceeFusion<M> {
     fn merge_tensor(&self, name: &str, tensors: &[&M::Tensor]) -> Result<M::Tensor> {
-        check_shapes(name, tensors)?;
-        check_one("Arcee Fusion", name, tensors.len())?;
+        // A NaN would silently move the thresholds: refused.
+        let base = kernel::finite_base(&self.base, name, tensors)?;
+        kernel::check_model_count("Arcee Fusion", name, tensors.len(), 1, "")?;
         let shape = tensors[0].shape();
-        let base = base_tensor(&self.base, name, shape)?;
         let extra = [("the base model", base)];
-        // A NaN would silently move the thresholds: refuse it up front.
-        kernel::require_finite(name, tensors, &extra)?;
         let n = base.len();
         if n == 0 {
             return Ok(base.clone());
@@ -243,12 +229,7 @@ impl<M: Model> NearSwap<M> {
     /// # Ok::<(), modelfusion::Error>(())
     /// ```
     pub fn new(base: M, t: f64) -> Result<Self> {
-        if !(t >= 0.0 && t.is_finite()) {
-            return Err(Error::invalid(
-                "t",
-                format!("must be finite and >= 0 (a distance), got {t}"),
-            ));
-        }
+        kernel::check_nonnegative("t", t)?;
         Ok(NearSwap { base, t })
     }
 
@@ -278,18 +259,13 @@ fn nearswap<E: Scalar>(a: E, b: E, t: f64) -> E {
 
 impl<M: Model> TensorMerger<M::Tensor> for NearSwap<M> {
     fn merge_tensor(&self, name: &str, tensors: &[&M::Tensor]) -> Result<M::Tensor> {
-        check_shapes(name, tensors)?;
-        check_one("NearSwap", name, tensors.len())?;
-        let base = base_tensor(&self.base, name, tensors[0].shape())?;
+        let base = kernel::finite_base(&self.base, name, tensors)?;
+        kernel::check_model_count("NearSwap", name, tensors.len(), 1, "")?;
         let out: M::Tensor =
             kernel::zip_map(&[base, tensors[0]], |_, v| nearswap(v[0], v[1], self.t))?;
-        kernel::check_merged(
-            name,
-            tensors,
-            &[("the base model", base)],
-            &kernel::elems(&out),
-            || kernel::overflow_error("t", self.t, name),
-        )?;
+        kernel::check_merged(name, tensors, &[], &kernel::elems(&out), || {
+            kernel::overflow_error("t", self.t, name)
+        })?;
         Ok(out)
     }
 }

@@ -192,6 +192,48 @@ pub(crate) fn require_finite<T: Tensor>(
     nonfinite_input(name, tensors, extra).map_or(Ok(()), Err)
 }
 
+/// The base's tensor `name` for `tensors` (of one shape), once no input holds a NaN
+/// or an infinity (they would hide behind masks, thresholds or clamps).
+pub(crate) fn finite_base<'a, M: crate::model::Model>(
+    base: &'a M,
+    name: &str,
+    tensors: &[&'a M::Tensor],
+) -> Result<&'a M::Tensor> {
+    check_shapes(name, tensors)?;
+    let b = base_tensor(base, name, tensors[0].shape())?;
+    require_finite(name, tensors, &[("the base model", b)])?;
+    Ok(b)
+}
+
+/// Errors unless `x` is finite and `>= 0`.
+pub(crate) fn check_nonnegative(name: &str, x: f64) -> Result<()> {
+    if x >= 0.0 && x.is_finite() {
+        Ok(())
+    } else {
+        Err(Error::invalid(
+            name,
+            format!("must be finite and >= 0, got {x}"),
+        ))
+    }
+}
+
+/// Errors unless `method` got exactly `want` models for tensor `name`.
+pub(crate) fn check_model_count(
+    method: &str,
+    name: &str,
+    got: usize,
+    want: usize,
+    hint: &str,
+) -> Result<()> {
+    if got == want {
+        return Ok(());
+    }
+    Err(Error::invalid(
+        "models",
+        format!("{method} merges exactly {want} model(s), got {got} (parameter `{name}`){hint}"),
+    ))
+}
+
 /// The elements of every tensor (see [`elems`]).
 pub(crate) fn all_elems<'a, T: Tensor>(tensors: &[&'a T]) -> Vec<Cow<'a, [T::Elem]>> {
     tensors.iter().map(|t| elems(*t)).collect()

@@ -4,7 +4,7 @@
 use num_traits::{Float, Zero};
 
 use super::TensorMerger;
-use super::kernel::{self, base_tensor, check_shapes};
+use super::kernel;
 use crate::error::{Error, Result};
 use crate::model::Model;
 use crate::tensor::{Scalar, Tensor};
@@ -43,17 +43,6 @@ pub struct Ram<M> {
     plus: Option<(f64, f64)>,
 }
 
-fn check_nonnegative(name: &str, x: f64) -> Result<()> {
-    if x >= 0.0 && x.is_finite() {
-        Ok(())
-    } else {
-        Err(Error::invalid(
-            name,
-            format!("must be finite and >= 0, got {x}"),
-        ))
-    }
-}
-
 impl<M: Model> Ram<M> {
     /// RAM around `base`; entries with `|tau| <= epsilon` (finite, `>= 0`; mergekit's
     /// default `1e-5`) do not contribute.
@@ -68,7 +57,7 @@ impl<M: Model> Ram<M> {
     /// # Ok::<(), modelfusion::Error>(())
     /// ```
     pub fn new(base: M, epsilon: f64) -> Result<Self> {
-        check_nonnegative("epsilon", epsilon)?;
+        kernel::check_nonnegative("epsilon", epsilon)?;
         Ok(Ram {
             base,
             epsilon,
@@ -93,7 +82,7 @@ impl<M: Model> Ram<M> {
         if !r.is_finite() {
             return Err(Error::invalid("r", format!("must be finite, got {r}")));
         }
-        check_nonnegative("alpha", alpha)?;
+        kernel::check_nonnegative("alpha", alpha)?;
         if !(epsilon > 0.0 && epsilon.is_finite()) {
             return Err(Error::invalid(
                 "epsilon",
@@ -159,11 +148,9 @@ impl<M: Model> Ram<M> {
 
 impl<M: Model> TensorMerger<M::Tensor> for Ram<M> {
     fn merge_tensor(&self, name: &str, tensors: &[&M::Tensor]) -> Result<M::Tensor> {
-        check_shapes(name, tensors)?;
-        let base = base_tensor(&self.base, name, tensors[0].shape())?;
+        // A NaN never counts as contributing (`|NaN| > eps` is false): refused.
+        let base = kernel::finite_base(&self.base, name, tensors)?;
         let extra = [("the base model", base)];
-        // A NaN never counts as contributing (`|NaN| > eps` is false): refuse it.
-        kernel::require_finite(name, tensors, &extra)?;
         let k = tensors.len();
         let eps = <M::Tensor as Tensor>::Elem::from_f64_lossy(self.epsilon);
         let scales = {

@@ -4,7 +4,7 @@
 use num_traits::Zero;
 
 use super::TensorMerger;
-use super::kernel::{self, base_tensor, check_shapes};
+use super::kernel;
 use super::select::torch_topk;
 use crate::error::{Error, Result};
 use crate::model::Model;
@@ -92,12 +92,7 @@ impl<M: Model> Sce<M> {
     /// # Ok::<(), modelfusion::Error>(())
     /// ```
     pub fn with_uniform_below(mut self, threshold: f64) -> Result<Self> {
-        if !(threshold >= 0.0 && threshold.is_finite()) {
-            return Err(Error::invalid(
-                "uniform_below",
-                format!("must be finite and >= 0, got {threshold}"),
-            ));
-        }
+        kernel::check_nonnegative("uniform_below", threshold)?;
         self.uniform_below = threshold;
         Ok(self)
     }
@@ -150,11 +145,8 @@ impl<M: Model> Sce<M> {
 
 impl<M: Model> TensorMerger<M::Tensor> for Sce<M> {
     fn merge_tensor(&self, name: &str, tensors: &[&M::Tensor]) -> Result<M::Tensor> {
-        check_shapes(name, tensors)?;
-        let base = base_tensor(&self.base, name, tensors[0].shape())?;
+        let base = kernel::finite_base(&self.base, name, tensors)?;
         let extra = [("the base model", base)];
-        // Selection and sign election could hide a NaN: refuse it up front.
-        kernel::require_finite(name, tensors, &extra)?;
         let b = kernel::elems(base);
         let data = kernel::all_elems(tensors);
         let xs: Vec<&[<M::Tensor as Tensor>::Elem]> = data.iter().map(|c| c.as_ref()).collect();

@@ -101,15 +101,13 @@ fn dot_norms<E: Scalar>(a: &[E], b: &[E]) -> (f64, f64, f64) {
 impl<T: Tensor> TensorMerger<T> for Slerp {
     fn merge_tensor(&self, name: &str, tensors: &[&T]) -> Result<T> {
         check_shapes(name, tensors)?;
-        if tensors.len() != 2 {
-            return Err(Error::invalid(
-                "models",
-                format!(
-                    "SLERP merges exactly 2 models, got {} (parameter `{name}`); use KarcherMean for more",
-                    tensors.len()
-                ),
-            ));
-        }
+        kernel::check_model_count(
+            "SLERP",
+            name,
+            tensors.len(),
+            2,
+            "; use KarcherMean for more",
+        )?;
         let a = kernel::elems(tensors[0]);
         let b = kernel::elems(tensors[1]);
         let (ab, aa, bb) = dot_norms(&a, &b);

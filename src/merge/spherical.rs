@@ -267,15 +267,13 @@ fn base_label<T>(b: Option<&T>) -> Vec<(&'static str, &T)> {
 impl<M: Model> TensorMerger<M::Tensor> for NuSlerp<M> {
     fn merge_tensor(&self, name: &str, tensors: &[&M::Tensor]) -> Result<M::Tensor> {
         check_shapes(name, tensors)?;
-        if tensors.len() != 2 {
-            return Err(Error::invalid(
-                "models",
-                format!(
-                    "NuSLERP merges exactly 2 models, got {} (parameter `{name}`); use MultiSlerp for more",
-                    tensors.len()
-                ),
-            ));
-        }
+        kernel::check_model_count(
+            "NuSLERP",
+            name,
+            tensors.len(),
+            2,
+            "; use MultiSlerp for more",
+        )?;
         let all = with_base_tensor(self.base.as_ref(), name, tensors)?;
         let base = all.get(2).copied();
         let n = tensors[0].len();
@@ -404,12 +402,7 @@ impl<M: Model> MultiSlerp<M> {
     /// # Ok::<(), modelfusion::Error>(())
     /// ```
     pub fn with_eps(mut self, eps: f64) -> Result<Self> {
-        if !(eps >= 0.0 && eps.is_finite()) {
-            return Err(Error::invalid(
-                "eps",
-                format!("must be finite and >= 0, got {eps}"),
-            ));
-        }
+        kernel::check_nonnegative("eps", eps)?;
         self.eps = eps;
         Ok(self)
     }
