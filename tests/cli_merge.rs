@@ -225,7 +225,10 @@ fn inspect_lists_tensors() {
 /// (loaded) models: the streaming path and the per-tensor base change nothing.
 #[test]
 fn every_method_matches_the_in_memory_merge() {
-    use modelfusion::merge::{Average, Consensus, Merger, ModelStock, Rescale, Slerp, TaskMerge};
+    use modelfusion::merge::{
+        ArceeFusion, Average, Consensus, KarcherMean, Merger, ModelStock, MultiSlerp, NearSwap,
+        NuSlerp, Ram, Rescale, Sce, Slerp, SlerpVectors, TaskMerge,
+    };
     let (dir, models) = setup();
     let (base, a, b) = (&models[0], &models[1], &models[2]);
     type Sd = StateDict<ArrayD<f32>>;
@@ -279,6 +282,42 @@ fn every_method_matches_the_in_memory_merge() {
             "merge_method: linear\nmodels:\n  - {model: m0, parameters: {weight: 1}}\n  - {model: m2, parameters: {weight: 3}}\nout_dtype: float32\n".to_string(),
             Average::weighted(vec![1.0, 3.0], true).unwrap().merge(&[base, b]).unwrap(),
         ),
+        (
+            format!("merge_method: nuslerp\nparameters: {{nuslerp_flatten: false, nuslerp_row_wise: true, lerp_zero: true}}\n{}", two([1.0, 3.0])).replace(", density: 0.5", ""),
+            NuSlerp::with_base(Some(base.clone()), 0.75).unwrap().with_vectors(SlerpVectors::FirstAxis).with_zero_lerp(true).merge(&[a, b]).unwrap(),
+        ),
+        (
+            "merge_method: nuslerp\nmodels:\n  - {model: m1, parameters: {weight: 1}}\n  - {model: m2, parameters: {weight: 1}}\nout_dtype: float32\n".to_string(),
+            NuSlerp::new(0.5).unwrap().merge(&[a, b]).unwrap(),
+        ),
+        (
+            format!("merge_method: multislerp\nparameters: {{eps: 1e-6}}\n{}", two([1.0, 3.0])).replace(", density: 0.5", ""),
+            MultiSlerp::with_base(Some(base.clone()), vec![1.0, 3.0], true).unwrap().with_eps(1e-6).unwrap().merge(&[a, b]).unwrap(),
+        ),
+        (
+            "merge_method: karcher\nparameters: {max_iter: 3}\nmodels: [{model: m0}, {model: m1}, {model: m2}]\nout_dtype: float32\n".to_string(),
+            KarcherMean::mergekit(3, 1e-5).unwrap().merge(&[base, a, b]).unwrap(),
+        ),
+        (
+            "merge_method: sce\nbase_model: m0\nmodels: [{model: m1}, {model: m2}]\nparameters: {select_topk: 0.3}\nout_dtype: float32\n".to_string(),
+            Sce::new(base.clone(), 0.3).unwrap().merge(&[a, b]).unwrap(),
+        ),
+        (
+            "merge_method: arcee_fusion\nbase_model: m0\nmodels: [{model: m1}]\nout_dtype: float32\n".to_string(),
+            ArceeFusion::new(base.clone(), 9).merge(&[a]).unwrap(),
+        ),
+        (
+            "merge_method: nearswap\nbase_model: m0\nmodels: [{model: m2}]\nparameters: {t: 0.5}\nout_dtype: float32\n".to_string(),
+            NearSwap::new(base.clone(), 0.5).unwrap().merge(&[b]).unwrap(),
+        ),
+        (
+            "merge_method: ram\nbase_model: m0\nmodels: [{model: m1}, {model: m2}]\nparameters: {epsilon: 0.5}\nout_dtype: float32\n".to_string(),
+            Ram::new(base.clone(), 0.5).unwrap().merge(&[a, b]).unwrap(),
+        ),
+        (
+            "merge_method: ramplus_tl\nbase_model: m0\nmodels: [{model: m1}, {model: m2}]\nparameters: {epsilon: 0.5, r: 0.3}\nout_dtype: float32\n".to_string(),
+            Ram::plus(base.clone(), 0.3, 0.2, 0.5).unwrap().merge(&[a, b]).unwrap(),
+        ),
     ];
     for (yaml, want) in cases {
         let (ok, err) = merge(dir.path(), &yaml, &["--seed", "9", "--chunk-elems", "7"]);
@@ -315,6 +354,30 @@ fn bad_hyperparameters_fail_before_writing() {
         (
             "merge_method: slerp\nmodels: [{model: m1}]\nparameters: {t: 0.5}\n",
             "base_model",
+        ),
+        (
+            "merge_method: karcher\nmodels: [{model: m1}, {model: m2}]\nparameters: {max_iter: 2.5}\n",
+            "max_iter",
+        ),
+        (
+            "merge_method: sce\nbase_model: m0\nmodels: [{model: m1}]\nparameters: {select_topk: -0.1}\n",
+            "select_topk",
+        ),
+        (
+            "merge_method: nearswap\nbase_model: m0\nmodels: [{model: m1}]\n",
+            "`t`",
+        ),
+        (
+            "merge_method: nuslerp\nmodels: [{model: m1, parameters: {weight: 1}}]\n",
+            "at least 2",
+        ),
+        (
+            "merge_method: multislerp\nmodels:\n  - {model: m1, parameters: {weight: 1}}\n  - {model: m2, parameters: {weight: -1}}\n",
+            "normalise",
+        ),
+        (
+            "merge_method: ramplus_tl\nbase_model: m0\nmodels: [{model: m1}]\nparameters: {epsilon: 0}\n",
+            "epsilon",
         ),
     ];
     for (yaml, want) in cases {

@@ -1,8 +1,9 @@
 //! Bad input to `modelfusion::merge`: every case is a clear error, never a panic.
 
 use modelfusion::merge::{
-    Average, Ema, Ensemble, EnsembleMode, Fisher, GreedySoup, KarcherMean, Lawa, Merger,
-    ModelStock, RegMean, Rescale, Slerp, Sparsification, Swa, Swag, TaskMerge, TensorMerger,
+    ArceeFusion, Average, Ema, Ensemble, EnsembleMode, Fisher, GreedySoup, KarcherMean, Lawa,
+    Merger, ModelStock, MultiSlerp, NearSwap, NuSlerp, Ram, RegMean, Rescale, Sce, Slerp,
+    Sparsification, Swa, Swag, TaskMerge, TensorMerger,
 };
 use modelfusion::{Error, Model, Objective, Result, StateDict, StateDictF64};
 use ndarray::{ArrayD, arr1, arr2};
@@ -29,6 +30,14 @@ fn mismatched_names_and_shapes() {
         Box::new(ModelStock::new(base.clone())),
         Box::new(KarcherMean::uniform()),
         Box::new(Fisher::new(vec![a.clone(), a.clone()]).unwrap()),
+        Box::new(NuSlerp::with_base(Some(base.clone()), 0.5).unwrap()),
+        Box::new(MultiSlerp::new(vec![1.0, 1.0], true).unwrap()),
+        Box::new(KarcherMean::mergekit(10, 1e-5).unwrap()),
+        Box::new(Sce::new(base.clone(), 0.5).unwrap()),
+        Box::new(ArceeFusion::new(base.clone(), 0)),
+        Box::new(NearSwap::new(base.clone(), 0.1).unwrap()),
+        Box::new(Ram::new(base.clone(), 1e-5).unwrap()),
+        Box::new(Ram::plus(base.clone(), 0.1, 0.2, 1e-5).unwrap()),
     ];
     for m in &mergers {
         let e = m.merge(&[&a, &other_name]).unwrap_err();
@@ -309,4 +318,40 @@ fn task_vector_merges_refuse_non_finite_results() {
         let e = m.merge(&[&a, &nan]).unwrap_err().to_string();
         assert!(e.contains("`w`") && e.contains("model 1"), "{e}");
     }
+}
+
+#[test]
+fn mergekit_ports_refuse_non_finite_inputs_naming_them() {
+    let base = sd(&[("w", &[0.0, 0.5, 1.0])]);
+    let nan_base = sd(&[("w", &[0.0, f64::NAN, 1.0])]);
+    let a = sd(&[("w", &[1.0, 2.0, -1.0])]);
+    let nan = sd(&[("w", &[1.0, f64::INFINITY, -1.0])]);
+    type Make = fn(StateDictF64) -> Box<dyn Merger<StateDictF64>>;
+    // (merger around a base, number of models it merges)
+    let cases: Vec<(Make, usize)> = vec![
+        (|b| Box::new(NuSlerp::with_base(Some(b), 0.5).unwrap()), 2),
+        (
+            |b| Box::new(MultiSlerp::with_base(Some(b), vec![1.0, 2.0], true).unwrap()),
+            2,
+        ),
+        (|b| Box::new(Sce::new(b, 0.5).unwrap()), 2),
+        (|b| Box::new(ArceeFusion::new(b, 0)), 1),
+        (|b| Box::new(NearSwap::new(b, 0.1).unwrap()), 1),
+        (|b| Box::new(Ram::new(b, 1e-5).unwrap()), 2),
+        (|b| Box::new(Ram::plus(b, 0.1, 0.2, 1e-5).unwrap()), 2),
+    ];
+    for (make, k) in cases {
+        let mut models: Vec<&StateDictF64> = vec![&a; k - 1];
+        models.push(&nan);
+        let e = msg(make(base.clone()).merge(&models));
+        assert!(
+            e.contains("`w`") && e.contains(&format!("model {}", k - 1)),
+            "{e}"
+        );
+        let ok: Vec<&StateDictF64> = vec![&a; k];
+        let e = msg(make(nan_base.clone()).merge(&ok));
+        assert!(e.contains("`w`") && e.contains("base model"), "{e}");
+    }
+    let e = msg(KarcherMean::mergekit(10, 1e-5).unwrap().merge(&[&a, &nan]));
+    assert!(e.contains("`w`") && e.contains("model 1"), "{e}");
 }

@@ -6,11 +6,14 @@ Run:    cargo build --release --features cli
 
 Makes small Llama-like checkpoints (fp32, fp16, bf16; deltas quantised so magnitudes
 tie often), runs `mergekit-yaml` and `modelfusion merge` on the same configs (both
-computing in float32) and prints the agreement per method and dtype: max abs and max
-ulp difference (in the output dtype). Random methods (DARE, DELLA) cannot share a
-random stream with torch: they are compared at density 1 (deterministic).
+computing in float32, unless a config names its own dtype) and prints the agreement per
+method and dtype: max abs and max ulp difference (in the output dtype), and the max
+difference in ulps of each tensor's largest magnitude (blind to the huge ulp counts of
+values next to 0). `--configs a,b` and `--dtypes float16,...` run a subset. Random
+methods (DARE, DELLA) cannot share a random stream with torch: they are compared at
+density 1 (deterministic).
 """
-import argparse, json, os, subprocess, sys, tempfile
+import argparse, json, math, os, subprocess, sys, tempfile
 import numpy as np
 import torch
 from safetensors.torch import save_file, load_file
@@ -65,6 +68,22 @@ CONFIGS = {
     "della_d1": "merge_method: della\nbase_model: {base}\nmodels:\n  - model: {a}\n    parameters: {{weight: 1}}\n  - model: {b}\n    parameters: {{weight: 0.8}}\n",
     "slerp": "merge_method: slerp\nbase_model: {base}\nparameters:\n  t: [{{filter: self_attn, value: [0, 0.5, 0.3, 0.7, 1]}}, {{value: 0.4}}]\nmodels:\n  - model: {a}\n",
     "model_stock": "merge_method: model_stock\nbase_model: {base}\nmodels:\n  - model: {a}\n  - model: {b}\n  - model: {c}\n",
+    "nuslerp": "merge_method: nuslerp\nmodels:\n  - model: {a}\n    parameters: {{weight: 0.3}}\n  - model: {b}\n    parameters: {{weight: 0.7}}\n",
+    "nuslerp_base_rows": "merge_method: nuslerp\nbase_model: {base}\nparameters: {{nuslerp_flatten: false, weight: [0.2, 0.8]}}\nmodels:\n  - model: {a}\n  - model: {b}\n    parameters: {{weight: 0.6}}\n",
+    "nuslerp_base_columns": "merge_method: nuslerp\nbase_model: {base}\nparameters: {{nuslerp_flatten: false, nuslerp_row_wise: true}}\nmodels:\n  - model: {a}\n    parameters: {{weight: 1}}\n  - model: {b}\n    parameters: {{weight: 2}}\n",
+    "multislerp": "merge_method: multislerp\nmodels:\n  - model: {a}\n    parameters: {{weight: 1}}\n  - model: {b}\n    parameters: {{weight: 0.5}}\n  - model: {c}\n    parameters: {{weight: 0.7}}\n",
+    "multislerp_base": "merge_method: multislerp\nbase_model: {base}\nparameters: {{normalize_weights: false, eps: 1e-6}}\nmodels:\n  - model: {a}\n    parameters: {{weight: 0.4}}\n  - model: {b}\n    parameters: {{weight: [0.2, 0.5]}}\n",
+    "karcher": "merge_method: karcher\nmodels:\n  - model: {a}\n  - model: {b}\n  - model: {c}\n",
+    "karcher_iter": "merge_method: karcher\nparameters: {{max_iter: 2, tol: 1e-9}}\nmodels:\n  - model: {a}\n  - model: {b}\n",
+    "sce": "merge_method: sce\nbase_model: {base}\nmodels:\n  - model: {a}\n  - model: {b}\n  - model: {c}\n",
+    "sce_topk": "merge_method: sce\nbase_model: {base}\nparameters: {{select_topk: 0.4}}\nmodels:\n  - model: {a}\n  - model: {b}\n  - model: {c}\n",
+    "arcee_fusion": "merge_method: arcee_fusion\nbase_model: {base}\nmodels:\n  - model: {a}\n",
+    "arcee_fusion_f64": "merge_method: arcee_fusion\nbase_model: {base}\nmodels:\n  - model: {a}\ndtype: float64\n",
+    "nearswap": "merge_method: nearswap\nbase_model: {base}\nparameters: {{t: 0.004}}\nmodels:\n  - model: {a}\n",
+    "ram": "merge_method: ram\nbase_model: {base}\nmodels:\n  - model: {a}\n  - model: {b}\n  - model: {c}\n",
+    "ram_epsilon": "merge_method: ram\nbase_model: {base}\nparameters: {{epsilon: 0.005}}\nmodels:\n  - model: {a}\n  - model: {b}\n  - model: {c}\n",
+    "ramplus_tl": "merge_method: ramplus_tl\nbase_model: {base}\nparameters: {{epsilon: 0.005, r: 0.5, alpha: 1.5}}\nmodels:\n  - model: {a}\n  - model: {b}\n  - model: {c}\n",
+    "ramplus_tl_default": "merge_method: ramplus_tl\nbase_model: {base}\nmodels:\n  - model: {a}\n  - model: {b}\n",
 }
 
 
@@ -79,21 +98,44 @@ def ulps(x, y, dtype):
     return int((a - b).abs().max())
 
 
+def scale_ulps(x, y, dtype):
+    """max |x - y| in ulps of the tensor's largest magnitude (blind to the huge ulp
+    counts of values next to 0)."""
+    top = float(x.float().abs().max())
+    if top == 0:
+        return 0.0
+    ulp = torch.finfo(dtype).eps * 2.0 ** (math.frexp(top)[1] - 1)
+    return float((x.float() - y.float()).abs().max()) / ulp
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--bin", default="target/release/modelfusion")
     ap.add_argument("--mergekit", default=os.path.join(os.path.dirname(sys.executable), "mergekit-yaml"))
+    ap.add_argument("--configs", default="", help="comma-separated subset of the configs (default: all)")
+    ap.add_argument("--dtypes", default="float32,float16,bfloat16", help="comma-separated subset of float32,float16,bfloat16")
     args = ap.parse_args()
+    only = set(filter(None, args.configs.split(",")))
+    unknown = only - set(CONFIGS)
+    if unknown:
+        sys.exit(f"unknown configs: {sorted(unknown)}; known: {sorted(CONFIGS)}")
+    dtypes = args.dtypes.split(",")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for dname, dtype in [("float32", torch.float32), ("float16", torch.float16), ("bfloat16", torch.bfloat16)]:
+            if dname not in dtypes:
+                continue
             d = os.path.join(tmp, dname)
             base = make(os.path.join(d, "base"), dtype, 1)
             for i, m in enumerate("abc"):
                 make(os.path.join(d, m), dtype, 10 + i, base)
             for name, tpl in CONFIGS.items():
+                if only and name not in only:
+                    continue
                 text = tpl.format(base=os.path.join(d, "base"), a=os.path.join(d, "a"), b=os.path.join(d, "b"), c=os.path.join(d, "c"))
-                text += f"dtype: float32\nout_dtype: {dname}\n"
+                if "dtype:" not in text:
+                    text += "dtype: float32\n"
+                text += f"out_dtype: {dname}\n"
                 cfg = os.path.join(d, name + ".yml")
                 open(cfg, "w").write(text)
                 mk, mf = os.path.join(d, "mk_" + name), os.path.join(d, "mf_" + name)
@@ -101,7 +143,7 @@ def main():
                 r2 = subprocess.run([args.bin, "merge", cfg, mf, "--no-progress"], capture_output=True, text=True)
                 if r1.returncode or r2.returncode:
                     print(name, dname, "error", r1.stderr[-300:], r2.stderr[-300:], file=sys.stderr, flush=True)
-                    rows.append((name, dname, "error", (r1.stderr[-300:] if r1.returncode else "") + (r2.stderr[-300:] if r2.returncode else ""), ""))
+                    rows.append((name, dname, "error", (r1.stderr[-300:] if r1.returncode else "") + (r2.stderr[-300:] if r2.returncode else ""), "", ""))
                     continue
                 a = {}
                 for f in os.listdir(mk):
@@ -112,13 +154,14 @@ def main():
                 only = sorted(set(a) ^ set(b))
                 mad = max(float((a[k].float() - b[k].float()).abs().max()) for k in keys)
                 mul = max(ulps(a[k], b[k], dtype) for k in keys)
+                sul = max(scale_ulps(a[k], b[k], dtype) for k in keys)
                 diff = sum(int((a[k] != b[k]).sum()) for k in keys)
                 tot = sum(a[k].numel() for k in keys)
-                print(name, dname, f"{mad:.3g}", mul, diff, tot, file=sys.stderr, flush=True)
-                rows.append((name, dname, f"{mad:.3g}", str(mul), f"{diff}/{tot}" + (f" (names differ: {only[:3]})" if only else "")))
+                print(name, dname, f"{mad:.3g}", mul, f"{sul:.3g}", diff, tot, file=sys.stderr, flush=True)
+                rows.append((name, dname, f"{mad:.3g}", str(mul), f"{sul:.3g}", f"{diff}/{tot}" + (f" (names differ: {only[:3]})" if only else "")))
     sys.stdout.flush()
-    print("| config | dtype | max abs diff | max ulp diff | elements differing |")
-    print("|---|---|---|---|---|")
+    print("| config | dtype | max abs diff | max ulp diff | max diff in ulps of the tensor's max | elements differing |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
         print("| " + " | ".join(r) + " |")
 

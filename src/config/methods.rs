@@ -5,7 +5,8 @@ use std::sync::OnceLock;
 
 use crate::io::IoScalar;
 use crate::merge::{
-    Average, Consensus, ModelStock, Rescale, Slerp, Sparsification, TaskMerge, TensorMerger,
+    ArceeFusion, Average, Consensus, KarcherMean, ModelStock, MultiSlerp, NearSwap, NuSlerp, Ram,
+    Rescale, Sce, Slerp, SlerpVectors, Sparsification, TaskMerge, TensorMerger, nuslerp_t,
 };
 use crate::{Error, Result, StateDict};
 use ndarray::ArrayD;
@@ -54,6 +55,8 @@ pub enum BaseUse {
     None,
     /// Always.
     Required,
+    /// If the config names one (then the models' task vectors are merged).
+    Optional,
 }
 
 /// One merge method.
@@ -113,7 +116,29 @@ const fn task_method(
     }
 }
 
+/// A method whose parameters are all shared (set under the top-level `parameters`).
+const fn shared_only(
+    name: &'static str,
+    base: BaseUse,
+    models: (usize, Option<usize>),
+    global_params: &'static [ParamSpec],
+    elementwise: bool,
+) -> MethodSpec {
+    MethodSpec {
+        name,
+        base,
+        min_models: models.0,
+        max_models: models.1,
+        model_params: &[],
+        global_params,
+        elementwise,
+    }
+}
+
 /// Every method the command line runs, with mergekit 0.1.5's names and defaults.
+/// Parameters mergekit does not have: nuslerp `lerp_zero`, sce `uniform_below`,
+/// arcee_fusion `exact_quantiles` (each switches off a mergekit quirk; see the
+/// library types).
 pub const METHODS: &[MethodSpec] = &[
     MethodSpec {
         name: "linear",
@@ -150,6 +175,74 @@ pub const METHODS: &[MethodSpec] = &[
         global_params: &[flag("filter_wise", false)],
         elementwise: false,
     },
+    MethodSpec {
+        name: "nuslerp",
+        base: BaseUse::Optional,
+        min_models: 2,
+        max_models: Some(2),
+        model_params: &[req("weight")],
+        global_params: &[
+            flag("nuslerp_row_wise", false),
+            flag("nuslerp_flatten", true),
+            flag("lerp_zero", false),
+        ],
+        elementwise: false,
+    },
+    MethodSpec {
+        name: "multislerp",
+        base: BaseUse::Optional,
+        min_models: 1,
+        max_models: None,
+        model_params: &[req("weight")],
+        global_params: &[flag("normalize_weights", true), opt("eps", 1e-8)],
+        elementwise: false,
+    },
+    shared_only(
+        "karcher",
+        BaseUse::None,
+        (1, None),
+        &[opt("max_iter", 10.0), opt("tol", 1e-5)],
+        false,
+    ),
+    shared_only(
+        "sce",
+        BaseUse::Required,
+        (1, None),
+        &[
+            flag("int8_mask", false),
+            opt("select_topk", 1.0),
+            opt("uniform_below", 1e-6),
+        ],
+        false,
+    ),
+    shared_only(
+        "arcee_fusion",
+        BaseUse::Required,
+        (1, Some(1)),
+        &[flag("exact_quantiles", false)],
+        false,
+    ),
+    shared_only(
+        "nearswap",
+        BaseUse::Required,
+        (1, Some(1)),
+        &[req("t")],
+        true,
+    ),
+    shared_only(
+        "ram",
+        BaseUse::Required,
+        (1, None),
+        &[opt("epsilon", 1e-5)],
+        true,
+    ),
+    shared_only(
+        "ramplus_tl",
+        BaseUse::Required,
+        (1, None),
+        &[opt("r", 0.1), opt("alpha", 0.2), opt("epsilon", 1e-5)],
+        false,
+    ),
 ];
 
 /// The table entry of `name`, or an error listing the known methods.
@@ -246,6 +339,26 @@ where
     ArrayD::from_shape_vec(shape, out).map_err(|e| Error::invalid("shape", e.to_string()))
 }
 
+/// A count parameter (`max_iter`): a whole number >= 0, as mergekit's integer type.
+fn count_param(key: &str, x: f64) -> Result<usize> {
+    if x >= 0.0 && x.fract() == 0.0 && x <= u32::MAX as f64 {
+        Ok(x as usize)
+    } else {
+        Err(Error::invalid(
+            key,
+            format!("in `parameters`: expected a whole number >= 0, got {x}"),
+        ))
+    }
+}
+
+/// The error for a method given the wrong number of models.
+fn config_count(method: &str, want: usize, got: usize) -> Error {
+    Error::invalid(
+        "models",
+        format!("merge_method `{method}` merges exactly {want} models besides the base, got {got}"),
+    )
+}
+
 impl<T> TensorMerger<ArrayD<T>> for ConfigMerger<'_>
 where
     T: IoScalar,
@@ -265,6 +378,46 @@ where
             return Average::weighted(per_model("weight")?, global("normalize")? != 0.0)?
                 .merge_tensor(name, models);
         }
+        let base_of = || -> Result<Option<StateDict<ArrayD<T>>>> {
+            c.has_base
+                .then(|| StateDict::from_pairs([(name, ts[0].clone())]))
+                .transpose()
+        };
+        let flag = |p: &str| Ok::<bool, Error>(global(p)? != 0.0);
+        match method {
+            "nuslerp" => {
+                let t = match per_model("weight")?.as_slice() {
+                    [w0, w1] => nuslerp_t(*w0, *w1),
+                    w => return Err(config_count("nuslerp", 2, w.len())),
+                };
+                let vectors = match (flag("nuslerp_flatten")?, flag("nuslerp_row_wise")?) {
+                    (true, _) => SlerpVectors::Whole,
+                    (false, true) => SlerpVectors::FirstAxis,
+                    (false, false) => SlerpVectors::LastAxis,
+                };
+                return NuSlerp::with_base(base_of()?, t)?
+                    .with_vectors(vectors)
+                    .with_zero_lerp(flag("lerp_zero")?)
+                    .merge_tensor(name, models);
+            }
+            "multislerp" => {
+                return MultiSlerp::with_base(
+                    base_of()?,
+                    per_model("weight")?,
+                    flag("normalize_weights")?,
+                )?
+                .with_eps(global("eps")?)?
+                .merge_tensor(name, models);
+            }
+            "karcher" => {
+                return KarcherMean::mergekit(
+                    count_param("max_iter", global("max_iter")?)?,
+                    global("tol")?,
+                )?
+                .merge_tensor(name, models);
+            }
+            _ => {}
+        }
         // A base-model method: `ts[0]` is the base.
         if method == "model_stock" && global("filter_wise")? != 0.0 && ts[0].ndim() > 1 {
             return model_stock_rows(name, ts[0], models);
@@ -273,6 +426,22 @@ where
         match method {
             "slerp" => return Slerp::new(global("t")?)?.merge_tensor(name, ts),
             "model_stock" => return ModelStock::new(base).merge_tensor(name, models),
+            "sce" => {
+                return Sce::new(base, global("select_topk")?)?
+                    .with_uniform_below(global("uniform_below")?)?
+                    .merge_tensor(name, models);
+            }
+            "arcee_fusion" => {
+                return ArceeFusion::new(base, c.seed)
+                    .with_exact_quantiles(flag("exact_quantiles")?)
+                    .merge_tensor(name, models);
+            }
+            "nearswap" => return NearSwap::new(base, global("t")?)?.merge_tensor(name, models),
+            "ram" => return Ram::new(base, global("epsilon")?)?.merge_tensor(name, models),
+            "ramplus_tl" => {
+                return Ram::plus(base, global("r")?, global("alpha")?, global("epsilon")?)?
+                    .merge_tensor(name, models);
+            }
             _ => {}
         }
         let density = per_model("density")?;

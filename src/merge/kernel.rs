@@ -178,6 +178,128 @@ pub(crate) fn nonfinite_input<T: Tensor>(
     None
 }
 
+/// Errors naming the first of `tensors` (model `i`) or `extra` whose tensor `name`
+/// holds a NaN or an infinity: for methods whose masks or thresholds could hide one.
+pub(crate) fn require_finite<T: Tensor>(
+    name: &str,
+    tensors: &[&T],
+    extra: &[(&str, &T)],
+) -> Result<()> {
+    let clean = |t: &T| all_finite(&elems(t));
+    if tensors.iter().all(|t| clean(t)) && extra.iter().all(|(_, t)| clean(t)) {
+        return Ok(());
+    }
+    nonfinite_input(name, tensors, extra).map_or(Ok(()), Err)
+}
+
+/// The base's tensor `name` for `tensors` (of one shape), once no input holds a NaN
+/// or an infinity (they would hide behind masks, thresholds or clamps).
+pub(crate) fn finite_base<'a, M: crate::model::Model>(
+    base: &'a M,
+    name: &str,
+    tensors: &[&'a M::Tensor],
+) -> Result<&'a M::Tensor> {
+    check_shapes(name, tensors)?;
+    let b = base_tensor(base, name, tensors[0].shape())?;
+    require_finite(name, tensors, &[("the base model", b)])?;
+    Ok(b)
+}
+
+/// Errors unless `x` is finite and `>= 0`.
+pub(crate) fn check_nonnegative(name: &str, x: f64) -> Result<()> {
+    if x >= 0.0 && x.is_finite() {
+        Ok(())
+    } else {
+        Err(Error::invalid(
+            name,
+            format!("must be finite and >= 0, got {x}"),
+        ))
+    }
+}
+
+/// Errors unless `method` got exactly `want` models for tensor `name`.
+pub(crate) fn check_model_count(
+    method: &str,
+    name: &str,
+    got: usize,
+    want: usize,
+    hint: &str,
+) -> Result<()> {
+    if got == want {
+        return Ok(());
+    }
+    Err(Error::invalid(
+        "models",
+        format!("{method} merges exactly {want} model(s), got {got} (parameter `{name}`){hint}"),
+    ))
+}
+
+/// The elements of every tensor (see [`elems`]).
+pub(crate) fn all_elems<'a, T: Tensor>(tensors: &[&'a T]) -> Vec<Cow<'a, [T::Elem]>> {
+    tensors.iter().map(|t| elems(*t)).collect()
+}
+
+/// `out[j] = f(j, v)` with `v[i] = xs[i][j]`, for every element, chunk-parallel.
+pub(crate) fn zip_map_into<E, F>(xs: &[&[E]], out: &mut [E], f: F)
+where
+    E: Scalar,
+    F: Fn(usize, &[E]) -> E + Sync + Send,
+{
+    for_chunks(out, |_, start, o| {
+        let mut v = vec![E::zero(); xs.len()];
+        for (j, y) in o.iter_mut().enumerate() {
+            for (vi, x) in v.iter_mut().zip(xs) {
+                *vi = x[start + j];
+            }
+            *y = f(start + j, &v);
+        }
+    });
+}
+
+/// [`zip_map_into`] over tensors of one shape (checked by callers), as a new tensor.
+pub(crate) fn zip_map<T, F>(tensors: &[&T], f: F) -> Result<T>
+where
+    T: Tensor,
+    F: Fn(usize, &[T::Elem]) -> T::Elem + Sync + Send,
+{
+    let first = tensors
+        .first()
+        .ok_or_else(|| Error::empty("the list of tensors"))?;
+    let data = all_elems(tensors);
+    let xs: Vec<&[T::Elem]> = data.iter().map(|c| c.as_ref()).collect();
+    let mut out = zeros(first.len());
+    zip_map_into(&xs, &mut out, f);
+    build(first.shape(), out)
+}
+
+/// The Gram matrix `g[i][j] = <x_i - b, x_j - b>` of `xs` (`b = 0` without a base),
+/// accumulated in `f64` in chunk order.
+pub(crate) fn gram<E: Scalar>(xs: &[&[E]], base: Option<&[E]>) -> Vec<Vec<f64>> {
+    let k = xs.len();
+    let n = xs.first().map_or(0, |x| x.len());
+    let pairs: Vec<(usize, usize)> = (0..k).flat_map(|i| (i..k).map(move |j| (i, j))).collect();
+    let upper = sum_chunks(n, pairs.len(), |s, e| {
+        let mut acc = vec![0.0; pairs.len()];
+        let mut tau = vec![0.0f64; k];
+        for idx in s..e {
+            let bv = base.map_or(0.0, |b| b[idx].to_f64_lossless());
+            for (t, x) in tau.iter_mut().zip(xs) {
+                *t = x[idx].to_f64_lossless() - bv;
+            }
+            for (a, &(i, j)) in acc.iter_mut().zip(&pairs) {
+                *a += tau[i] * tau[j];
+            }
+        }
+        acc
+    });
+    let mut g = vec![vec![0.0; k]; k];
+    for (&(i, j), v) in pairs.iter().zip(upper) {
+        g[i][j] = v;
+        g[j][i] = v;
+    }
+    g
+}
+
 /// Errors unless the merged `out` is finite: names the input that holds a NaN or an
 /// infinity (see [`nonfinite_input`]) or, when every input is finite, returns
 /// `overflow()` (an error naming the hyperparameter that made the result overflow).

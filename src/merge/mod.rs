@@ -24,7 +24,13 @@
 //! | breadcrumbs | [`TaskMerge::breadcrumbs`] | drop top `gamma` and the small rest, keep `density` | gamma 0.01 |
 //! | DELLA | [`TaskMerge::della`] | keep w.p. `density - epsilon + 2 epsilon rank/(m-1)` per row, scale `1/p` (mergekit: match L1), TIES consensus | |
 //! | SLERP | [`Slerp`] | `sin((1-t)O)/sin O a + sin(tO)/sin O b`, lerp if `abs(cos) > 0.9995` | two models |
-//! | multi-model SLERP | [`KarcherMean`] | weighted spherical (Karcher) mean of directions, times the mean norm | tol 1e-10 |
+//! | multi-model SLERP | [`KarcherMean`] | weighted spherical (Karcher) mean of directions, times the mean norm | tol 1e-10; mergekit `karcher`: [`KarcherMean::mergekit`], 10 iterations, tol 1e-5 |
+//! | NuSLERP | [`NuSlerp`] | SLERP per vector ([`SlerpVectors`]: whole tensor, rows, columns) of the models or of their task vectors | two models, optional base, `t` from weights ([`nuslerp_t`]) |
+//! | multi-SLERP | [`MultiSlerp`] | `(sum_i w_i abs(x_i)) m / abs(m)`, `m = sum_i w_i x_i / (abs(x_i) + eps)` | optional base, eps 1e-8 |
+//! | SCE | [`Sce`] | keep the top `select_topk` variance entries, weights by task-vector energy, TIES sign erase | select_topk 1 |
+//! | Arcee Fusion | [`ArceeFusion`] | take the model's entries with importance `abs(p - b) KL(softmax rows) >= q2 + 1.5 (q3 - q1)` | one model |
+//! | NearSwap | [`NearSwap`] | `w m + (1 - w) b`, `w = clamp(t / abs(b - m), 0, 1)` | one model |
+//! | RAM / RAM+ | [`Ram`] | entries changed by one model kept (RAM+: scaled), by several averaged | epsilon 1e-5; RAM+ r 0.1, alpha 0.2 |
 //! | model stock | [`ModelStock`] | `t = N cos / (1 + (N-1) cos)`, `t mean_i theta_i + (1-t) base` | `N >= 2` |
 //! | Fisher | [`Fisher`] | `sum_i l_i F_i theta_i / sum_i l_i F_i`, `F_i = max(F_i, floor)` | floor `1e-6` |
 //! | RegMean | [`RegMean`] (feature `linalg`) | `W^T = (sum_i G~_i)^-1 sum_i G~_i W_i^T`, `G~ = alpha G + (1-alpha) diag G` | alpha 0.9 |
@@ -78,21 +84,29 @@
 mod average;
 mod ensemble;
 mod fisher;
+mod fusion;
 mod kernel;
+mod ram;
 mod regmean;
+mod sce;
 mod select;
 mod slerp;
 mod soup;
+mod spherical;
 mod stock;
 mod task;
 
 pub use average::{Average, Ema, Lawa, Swa, Swag};
 pub use ensemble::{Ensemble, EnsembleMode, Outputs};
 pub use fisher::{DEFAULT_FISHER_FLOOR, Fisher, diagonal_fisher};
+pub use fusion::{ArceeFusion, FUSION_QUANTILE_SAMPLE, NearSwap};
 pub use kernel::output_buffer;
+pub use ram::Ram;
 pub use regmean::{DEFAULT_REGMEAN_ALPHA, Grams, RegMean, gram_matrices};
+pub use sce::Sce;
 pub use slerp::{KarcherMean, SLERP_LERP_THRESHOLD, Slerp};
 pub use soup::{GreedySoup, SoupReport, SoupStep};
+pub use spherical::{MultiSlerp, NuSlerp, SlerpVectors, nuslerp_t};
 pub use stock::ModelStock;
 pub use task::{Consensus, Rescale, Sparsification, TaskMerge};
 

@@ -317,8 +317,51 @@ fn insertion_sort(v: &mut [u32], comp: &impl Fn(u32, u32) -> bool) {
     }
 }
 
-/// libstdc++'s `__partial_sort(first, last, last)`: make_heap, then sort_heap.
-fn heap_sort(v: &mut [u32], comp: &impl Fn(u32, u32) -> bool) {
+/// The indices torch's CPU `topk(keys, k)` selects (in no particular order): libstdc++'s
+/// `partial_sort` of the first `k` when `64 k <= n`, else `nth_element` at `k - 1`, with
+/// torch's comparator (descending, NaN largest) over `(key, index)` pairs in index
+/// order, so keys tied at the cut are split exactly as torch splits them.
+pub(crate) fn torch_topk<E: Scalar>(keys: &[E], k: usize) -> Vec<u32> {
+    let n = keys.len();
+    let mut idx: Vec<u32> = (0..n as u32).collect();
+    if k == 0 || k >= n {
+        idx.truncate(k);
+        return idx;
+    }
+    let comp = |a: u32, b: u32| -> bool {
+        let (x, y) = (keys[a as usize], keys[b as usize]);
+        (x.is_nan() && !y.is_nan()) || x > y
+    };
+    if k * 64 <= n {
+        heap_select(&mut idx, k, &comp);
+    } else {
+        // libstdc++'s __introselect.
+        let nth = k - 1;
+        let (mut first, mut last) = (0, n);
+        let mut depth = 2 * (usize::BITS - 1 - n.leading_zeros()) as usize;
+        while last - first > 3 {
+            if depth == 0 {
+                heap_select(&mut idx[first..last], nth + 1 - first, &comp);
+                idx.swap(first, nth);
+                idx.truncate(k);
+                return idx;
+            }
+            depth -= 1;
+            let cut = partition_pivot(&mut idx, first, last, &comp);
+            if cut <= nth {
+                first = cut;
+            } else {
+                last = cut;
+            }
+        }
+        insertion_sort(&mut idx[first..last], &comp);
+    }
+    idx.truncate(k);
+    idx
+}
+
+/// libstdc++'s `__make_heap`.
+fn make_heap(v: &mut [u32], comp: &impl Fn(u32, u32) -> bool) {
     let len = v.len();
     if len < 2 {
         return;
@@ -332,6 +375,28 @@ fn heap_sort(v: &mut [u32], comp: &impl Fn(u32, u32) -> bool) {
         }
         parent -= 1;
     }
+}
+
+/// libstdc++'s `__heap_select(first, first + middle, last)`: afterwards `v[..middle]`
+/// holds the `middle` first elements in `comp` order (as a heap).
+fn heap_select(v: &mut [u32], middle: usize, comp: &impl Fn(u32, u32) -> bool) {
+    make_heap(&mut v[..middle], comp);
+    for i in middle..v.len() {
+        if comp(v[i], v[0]) {
+            let val = v[i];
+            v[i] = v[0];
+            adjust_heap(&mut v[..middle], 0, middle, val, comp);
+        }
+    }
+}
+
+/// libstdc++'s `__partial_sort(first, last, last)`: make_heap, then sort_heap.
+fn heap_sort(v: &mut [u32], comp: &impl Fn(u32, u32) -> bool) {
+    let len = v.len();
+    if len < 2 {
+        return;
+    }
+    make_heap(v, comp);
     let mut last = len;
     while last > 1 {
         last -= 1;

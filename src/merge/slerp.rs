@@ -101,15 +101,13 @@ fn dot_norms<E: Scalar>(a: &[E], b: &[E]) -> (f64, f64, f64) {
 impl<T: Tensor> TensorMerger<T> for Slerp {
     fn merge_tensor(&self, name: &str, tensors: &[&T]) -> Result<T> {
         check_shapes(name, tensors)?;
-        if tensors.len() != 2 {
-            return Err(Error::invalid(
-                "models",
-                format!(
-                    "SLERP merges exactly 2 models, got {} (parameter `{name}`); use KarcherMean for more",
-                    tensors.len()
-                ),
-            ));
-        }
+        kernel::check_model_count(
+            "SLERP",
+            name,
+            tensors.len(),
+            2,
+            "; use KarcherMean for more",
+        )?;
         let a = kernel::elems(tensors[0]);
         let b = kernel::elems(tensors[1]);
         let (ab, aa, bb) = dot_norms(&a, &b);
@@ -134,8 +132,18 @@ impl<T: Tensor> TensorMerger<T> for Slerp {
 /// result `(sum_i w_i |theta_i|) m`. Weights are normalised to sum to 1. For two
 /// tensors of equal norm with weights `(1 - t, t)` this is [`Slerp`] at `t`.
 ///
-/// A tensor with a zero input falls back to the weighted linear average; directions
-/// whose Euclidean mean vanishes (e.g. antipodal) are an error.
+/// Two rule sets:
+/// - strict ([`uniform`](KarcherMean::uniform), [`weighted`](KarcherMean::weighted)):
+///   a tensor with a zero input falls back to the weighted linear average; directions
+///   whose Euclidean mean vanishes (e.g. antipodal) are an error, and so is hitting the
+///   iteration cap before the step falls below the tolerance;
+/// - mergekit's `karcher` ([`mergekit`](KarcherMean::mergekit)): equal weights; inputs
+///   of norm `<= tol` drop out of the direction (their norms still count in the
+///   scale; all of them small gives zeros), a vanishing Euclidean mean starts from the
+///   first direction, directions within `tol` radians of the mean add no step, and the
+///   last iterate is returned when the cap is hit.
+///
+/// A single model is returned unchanged.
 ///
 /// ```
 /// use modelfusion::merge::{KarcherMean, Merger};
@@ -155,6 +163,7 @@ pub struct KarcherMean {
     weights: Option<Vec<f64>>,
     max_iter: usize,
     tol: f64,
+    mergekit: bool,
 }
 
 impl KarcherMean {
@@ -169,6 +178,7 @@ impl KarcherMean {
             weights: None,
             max_iter: 100,
             tol: 1e-10,
+            mergekit: false,
         }
     }
 
@@ -185,8 +195,36 @@ impl KarcherMean {
         })
     }
 
+    /// mergekit 0.1.5's `karcher` (equal weights; defaults `max_iter: 10`,
+    /// `tol: 1e-5`): at most `max_iter` steps (0: the normalised Euclidean mean of the
+    /// directions), `tol > 0` both the stopping step length and the smallest norm and
+    /// angle that count, and no error at the cap (see the type's rules).
+    ///
+    /// ```
+    /// use modelfusion::merge::{KarcherMean, Merger};
+    /// use modelfusion::{Model, StateDict};
+    /// use ndarray::arr1;
+    ///
+    /// let a = StateDict::from_pairs([("w", arr1(&[3.0f64, 0.0]).into_dyn())])?;
+    /// let z = StateDict::from_pairs([("w", arr1(&[0.0f64, 0.0]).into_dyn())])?;
+    /// // The zero tensor has no direction; its norm 0 still halves the scale.
+    /// let m = KarcherMean::mergekit(10, 1e-5)?.merge(&[&a, &z])?;
+    /// assert_eq!(m.get("w").unwrap().as_slice().unwrap(), &[1.5, 0.0]);
+    /// assert!(KarcherMean::mergekit(10, 0.0).is_err());
+    /// # Ok::<(), modelfusion::Error>(())
+    /// ```
+    pub fn mergekit(max_iter: usize, tol: f64) -> Result<Self> {
+        check_tol(tol)?;
+        Ok(KarcherMean {
+            weights: None,
+            max_iter,
+            tol,
+            mergekit: true,
+        })
+    }
+
     /// Sets the stopping tolerance (`> 0`) and the iteration cap (`>= 1`); the merge
-    /// errors with [`Error::NotConverged`] if the cap is hit.
+    /// errors with [`Error::NotConverged`] if the cap is hit (strict rules).
     ///
     /// ```
     /// use modelfusion::merge::KarcherMean;
@@ -194,15 +232,27 @@ impl KarcherMean {
     /// assert!(KarcherMean::uniform().with_tolerance(0.0, 50).is_err());
     /// ```
     pub fn with_tolerance(mut self, tol: f64, max_iter: usize) -> Result<Self> {
-        if !(tol > 0.0 && tol.is_finite()) || max_iter == 0 {
+        check_tol(tol)?;
+        if max_iter == 0 && !self.mergekit {
             return Err(Error::invalid(
-                "tol",
-                format!("need tol > 0 and max_iter >= 1, got {tol}, {max_iter}"),
+                "max_iter",
+                "must be >= 1 (strict rules stop with an error at the cap), got 0",
             ));
         }
         self.tol = tol;
         self.max_iter = max_iter;
         Ok(self)
+    }
+}
+
+fn check_tol(tol: f64) -> Result<()> {
+    if tol > 0.0 && tol.is_finite() {
+        Ok(())
+    } else {
+        Err(Error::invalid(
+            "tol",
+            format!("must be a finite number > 0, got {tol}"),
+        ))
     }
 }
 
@@ -217,7 +267,10 @@ impl<T: Tensor> TensorMerger<T> for KarcherMean {
             }
             None => vec![1.0 / k as f64; k],
         };
-        let data: Vec<_> = tensors.iter().map(|t| kernel::elems(*t)).collect();
+        if k == 1 {
+            return Ok(tensors[0].clone());
+        }
+        let data = kernel::all_elems(tensors);
         let xs: Vec<&[T::Elem]> = data.iter().map(|c| c.as_ref()).collect();
         let n = xs[0].len();
         let norms: Vec<f64> = xs
@@ -241,11 +294,31 @@ impl<T: Tensor> TensorMerger<T> for KarcherMean {
                 }),
             );
         }
-        if n == 0 || norms.contains(&0.0) {
-            return kernel::weighted_sum(tensors, &w);
-        }
+        // The weights of the directions: every model (strict), or mergekit's models of
+        // norm > tol, renormalised.
+        let dw: Vec<f64> = if self.mergekit {
+            let valid: Vec<f64> = w
+                .iter()
+                .zip(&norms)
+                .map(|(&wi, &r)| if r > self.tol { wi } else { 0.0 })
+                .collect();
+            let s: f64 = valid.iter().sum();
+            if s == 0.0 {
+                return kernel::build(tensors[0].shape(), kernel::zeros(n));
+            }
+            valid.iter().map(|v| v / s).collect()
+        } else {
+            if n == 0 || norms.contains(&0.0) {
+                return kernel::weighted_sum(tensors, &w);
+            }
+            w.clone()
+        };
         // Start at the normalised Euclidean mean of the directions.
-        let coef: Vec<f64> = w.iter().zip(&norms).map(|(w, r)| w / r).collect();
+        let coef: Vec<f64> = dw
+            .iter()
+            .zip(&norms)
+            .map(|(w, r)| if *w > 0.0 { w / r } else { 0.0 })
+            .collect();
         let mut m = vec![0.0f64; n];
         kernel::for_chunks(&mut m, |_, s, o| {
             for (j, v) in o.iter_mut().enumerate() {
@@ -257,14 +330,22 @@ impl<T: Tensor> TensorMerger<T> for KarcherMean {
             }
         });
         let mn = norm(&m);
-        if mn < 1e-12 {
+        if self.mergekit && mn < self.tol {
+            let first = dw.iter().position(|&w| w > 0.0).unwrap_or(0);
+            for (v, x) in m.iter_mut().zip(xs[first]) {
+                *v = x.to_f64_lossless() / norms[first];
+            }
+        } else if mn < 1e-12 {
             return Err(Error::Infeasible {
                 reason: format!(
                     "the directions of parameter `{name}` cancel out (e.g. antipodal); their spherical mean is undefined"
                 ),
             });
+        } else {
+            m.iter_mut().for_each(|v| *v /= mn);
         }
-        m.iter_mut().for_each(|v| *v /= mn);
+        // Directions this close to the mean add nothing (mergekit) or their limit w_i.
+        let close = if self.mergekit { self.tol } else { 1e-12 };
         let mut converged = false;
         let mut step = f64::INFINITY;
         for _ in 0..self.max_iter {
@@ -272,17 +353,32 @@ impl<T: Tensor> TensorMerger<T> for KarcherMean {
             let cos: Vec<f64> = xs
                 .iter()
                 .zip(&norms)
-                .map(|(x, r)| (dot_f64(&m, x) / r).clamp(-1.0, 1.0))
+                .zip(&dw)
+                .map(|((x, r), &wi)| {
+                    if wi > 0.0 {
+                        (dot_f64(&m, x) / r).clamp(-1.0, 1.0)
+                    } else {
+                        1.0
+                    }
+                })
                 .collect();
             let a: Vec<f64> = cos
                 .iter()
-                .zip(&w)
+                .zip(&dw)
                 .map(|(&c, &wi)| {
                     let th = c.acos();
-                    if th < 1e-12 { wi } else { wi * th / th.sin() }
+                    match (th < close, self.mergekit) {
+                        (true, true) => 0.0,
+                        (true, false) => wi,
+                        (false, _) => wi * th / th.sin(),
+                    }
                 })
                 .collect();
-            let ua: Vec<f64> = a.iter().zip(&norms).map(|(a, r)| a / r).collect();
+            let ua: Vec<f64> = a
+                .iter()
+                .zip(&norms)
+                .map(|(&a, r)| if a == 0.0 { 0.0 } else { a / r })
+                .collect();
             let shift: f64 = a.iter().zip(&cos).map(|(a, c)| a * c).sum();
             // v = sum_i a_i u_i - shift * m, computed chunk-wise.
             let mut v = vec![0.0f64; n];
@@ -291,7 +387,9 @@ impl<T: Tensor> TensorMerger<T> for KarcherMean {
                     let i = s + j;
                     let mut acc = -shift * m[i];
                     for (x, c) in xs.iter().zip(&ua) {
-                        acc += c * x[i].to_f64_lossless();
+                        if *c != 0.0 {
+                            acc += c * x[i].to_f64_lossless();
+                        }
                     }
                     *out = acc;
                 }
@@ -308,9 +406,11 @@ impl<T: Tensor> TensorMerger<T> for KarcherMean {
                 }
             });
             let mn = norm(&m);
-            m.iter_mut().for_each(|v| *v /= mn);
+            if !self.mergekit || mn > self.tol {
+                m.iter_mut().for_each(|v| *v /= mn);
+            }
         }
-        if !converged {
+        if !converged && !self.mergekit {
             return Err(Error::NotConverged {
                 method: format!("Karcher mean of parameter `{name}`"),
                 iterations: self.max_iter,

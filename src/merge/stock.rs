@@ -5,7 +5,7 @@ use super::TensorMerger;
 use super::kernel::{self, base_tensor, check_shapes};
 use crate::error::{Error, Result};
 use crate::model::Model;
-use crate::tensor::{Scalar, Tensor};
+use crate::tensor::Tensor;
 
 /// Model stock, per tensor (as mergekit): with task vectors `tau_i = theta_i - base` of
 /// `N >= 2` fine-tuned models, `cos` the mean pairwise cosine of the `tau_i` (a pair
@@ -85,26 +85,10 @@ impl<M: Model> ModelStock<M> {
         }
         let base = base_tensor(&self.base, name, tensors[0].shape())?;
         let b = kernel::elems(base);
-        let data: Vec<_> = tensors.iter().map(|t| kernel::elems(*t)).collect();
+        let data = kernel::all_elems(tensors);
         let xs: Vec<&[<M::Tensor as Tensor>::Elem]> = data.iter().map(|c| c.as_ref()).collect();
-        // Gram matrix of the task vectors, upper triangle, one pass.
-        let pairs: Vec<(usize, usize)> = (0..k).flat_map(|i| (i..k).map(move |j| (i, j))).collect();
-        let n = b.len();
-        let g = kernel::sum_chunks(n, pairs.len(), |s, e| {
-            let mut acc = vec![0.0; pairs.len()];
-            let mut tau = vec![0.0f64; k];
-            for idx in s..e {
-                let bv = b[idx].to_f64_lossless();
-                for (t, x) in tau.iter_mut().zip(&xs) {
-                    *t = x[idx].to_f64_lossless() - bv;
-                }
-                for (a, &(i, j)) in acc.iter_mut().zip(&pairs) {
-                    *a += tau[i] * tau[j];
-                }
-            }
-            acc
-        });
-        if g.iter().any(|x| !x.is_finite()) {
+        let g = kernel::gram(&xs, Some(&b));
+        if g.iter().flatten().any(|x| !x.is_finite()) {
             return Err(
                 kernel::nonfinite_input(name, tensors, &[("the base model", base)]).unwrap_or_else(|| {
                     Error::invalid(
@@ -114,16 +98,12 @@ impl<M: Model> ModelStock<M> {
                 }),
             );
         }
-        let gram = |i: usize, j: usize| {
-            let (i, j) = if i <= j { (i, j) } else { (j, i) };
-            g[pairs.iter().position(|&p| p == (i, j)).unwrap_or(0)]
-        };
         let mut cos_sum = 0.0;
         let mut count = 0usize;
         for i in 0..k {
             for j in i + 1..k {
-                let d = gram(i, i).sqrt() * gram(j, j).sqrt();
-                cos_sum += if d > 0.0 { gram(i, j) / d } else { 0.0 };
+                let d = g[i][i].sqrt() * g[j][j].sqrt();
+                cos_sum += if d > 0.0 { g[i][j] / d } else { 0.0 };
                 count += 1;
             }
         }
