@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use super::atomic;
 use super::guard::read_capped;
 use super::reader::{Checkpoint, io_err};
+use super::stream::report_tensor;
 use super::writer::{CheckpointWriter, SaveOptions, TensorPlan};
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
@@ -243,22 +244,18 @@ pub fn write_permuted(
         }
         writer.write_raw(k, &raw)?;
         bytes_done += t.byte_len() as u64;
-        let report = Progress::Tensor {
-            index: k,
-            total: n,
-            name: t.name(),
-            bytes_done,
-            bytes_total,
-        };
-        if observer.observe(&report).is_break() {
-            return Err(Error::Cancelled {
-                what: format!(
-                    "permuted copy into {} stopped after {} of {n} tensors; nothing was written there (previous contents are kept)",
-                    out.display(),
-                    k + 1
-                ),
-            });
-        }
+        report_tensor(
+            &mut observer,
+            "permuted copy",
+            out,
+            Progress::Tensor {
+                index: k,
+                total: n,
+                name: t.name(),
+                bytes_done,
+                bytes_total,
+            },
+        )?;
     }
     let files = writer.finish()?;
     Ok(PermutedSummary {

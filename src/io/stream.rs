@@ -97,6 +97,30 @@ impl StreamOptions {
     }
 }
 
+/// Reports a tensor written into `out` by a streamed `what` (a merge, a permuted copy);
+/// an observer's stop becomes [`Error::Cancelled`] (the caller's writer, dropped
+/// unfinished, then removes its temporaries).
+pub(crate) fn report_tensor(
+    observer: &mut impl Observer,
+    what: &str,
+    out: &Path,
+    report: Progress<'_>,
+) -> Result<()> {
+    if observer.observe(&report).is_continue() {
+        return Ok(());
+    }
+    let (done, total) = match report {
+        Progress::Tensor { index, total, .. } => (index + 1, total),
+        _ => (0, 0),
+    };
+    Err(Error::Cancelled {
+        what: format!(
+            "{what} into {} stopped after {done} of {total} tensors; nothing was written there (previous contents are kept)",
+            out.display()
+        ),
+    })
+}
+
 /// What a finished streaming merge did.
 ///
 /// ```
@@ -425,23 +449,18 @@ where
             .map(|t| t.byte_len() as u64)
             .sum::<u64>();
         bytes_done += out_bytes(name, numel);
-        let report = Progress::Tensor {
-            index: k,
-            total: plan.len(),
-            name,
-            bytes_done,
-            bytes_total,
-        };
-        if observer.observe(&report).is_break() {
-            return Err(Error::Cancelled {
-                what: format!(
-                    "merge into {} stopped after {} of {} tensors; nothing was written there (previous contents are kept)",
-                    out_dir.display(),
-                    k + 1,
-                    plan.len()
-                ),
-            });
-        }
+        report_tensor(
+            &mut observer,
+            "merge",
+            out_dir,
+            Progress::Tensor {
+                index: k,
+                total: plan.len(),
+                name,
+                bytes_done,
+                bytes_total,
+            },
+        )?;
     }
     let files = writer.finish()?;
     Ok(MergeSummary {
