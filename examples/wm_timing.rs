@@ -154,7 +154,7 @@ fn time<T: Tensor>(
     let al = al.ok_or_else(|| Error::invalid("--runs", "no run"))?;
     let s = al.stats();
     println!(
-        "rust: {:.4} s (best of {runs}), {} sweeps ({:.4} s/sweep), converged {}, objective {:.4} -> {:.4}, elements {}",
+        "rust: {:.4} s (best of {runs}), {} sweeps ({:.4} s/sweep), converged {}, objective {:.9} -> {:.9}, elements {}",
         secs,
         s.sweeps,
         secs / s.sweeps as f64,
