@@ -1,7 +1,6 @@
 //! Weight matching (Ainsworth, Hayase & Srinivasa 2023, "Git Re-Basin"), coordinate
 //! descent over permutation groups.
 
-use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use ndarray::{Array2, ArrayView2, ArrayViewD, CowArray, IxDyn};
@@ -234,6 +233,7 @@ impl WeightMatching {
     ) -> Result<(Vec<Permutation>, AlignStats)> {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let mut cache: Vec<Option<GroupCache>> = vec![None; groups.len()];
+        let mut scratch = Scratch::default();
         // `<A, pi(B)>` per parameter, recomputed for the parameters of the groups that
         // moved in a sweep.
         let mut parts = vec![0.0; problem.params.len()];
@@ -250,7 +250,7 @@ impl WeightMatching {
             let mut progress = false;
             let before = perms.clone();
             for &g in &order {
-                let (c, changed) = problem.update_cost(g, &perms, &mut cache[g])?;
+                let (c, changed) = problem.update_cost(g, &perms, &mut cache[g], &mut scratch)?;
                 if !changed {
                     // Same cost as at the last visit, which solved it and kept the better
                     // of the solution and the permutation: solving again changes nothing.
@@ -483,12 +483,13 @@ impl<'a, E: Scalar> Problem<'a, E> {
             let old_idx: Vec<usize> = j.iter().map(|&i| before[g].as_slice()[i]).collect();
             let mut only_j = vec![None; p.shape.len()];
             only_j[ax] = Some(j.as_slice());
-            let a_j = unfold(p.a(), &p.shape, 0, &only_j);
+            let mut buf = Vec::new();
+            let a_j = unfold(p.a(), &p.shape, 0, &only_j, &mut buf);
             let mut cur = sel.clone();
             cur[ax] = Some(&new_idx);
-            let gain = dot_reads(&a_j, p.b(), &Reads::new(&p.shape, 0, &cur));
+            let gain = dot_reads(a_j, p.b(), &Reads::new(&p.shape, 0, &cur));
             cur[ax] = Some(&old_idx);
-            let loss = dot_reads(&a_j, p.b(), &Reads::new(&p.shape, 0, &cur));
+            let loss = dot_reads(a_j, p.b(), &Reads::new(&p.shape, 0, &cur));
             *part += gain - loss;
             sel[ax] = Some(perms[g].as_slice());
         }
@@ -503,6 +504,7 @@ impl<'a, E: Scalar> Problem<'a, E> {
         g: usize,
         perms: &[Permutation],
         cache: &'c mut Option<GroupCache>,
+        scratch: &mut Scratch<E>,
     ) -> Result<(&'c Array2<f64>, bool)> {
         let n = self.sizes[g];
         let terms = &self.terms[g];
@@ -513,7 +515,7 @@ impl<'a, E: Scalar> Problem<'a, E> {
             None => {
                 let mut cost = Array2::<f64>::zeros((n, n));
                 for t in terms {
-                    self.add_full_term(&mut cost, t, perms);
+                    self.add_full_term(&mut cost, t, perms, scratch);
                 }
                 *cache = Some(GroupCache {
                     cost,
@@ -524,7 +526,7 @@ impl<'a, E: Scalar> Problem<'a, E> {
             Some(gc) => {
                 let mut changed = false;
                 for (t, seen) in terms.iter().zip(gc.seen.iter_mut()) {
-                    changed |= self.add_delta_term(&mut gc.cost, t, seen, perms);
+                    changed |= self.add_delta_term(&mut gc.cost, t, seen, perms, scratch);
                     *seen = current(t);
                 }
                 changed
@@ -537,15 +539,22 @@ impl<'a, E: Scalar> Problem<'a, E> {
     }
 
     /// `cost += A_(axis) (B with the other axes permuted)_(axis)^T`.
-    fn add_full_term(&self, cost: &mut Array2<f64>, t: &Term, perms: &[Permutation]) {
+    fn add_full_term(
+        &self,
+        cost: &mut Array2<f64>,
+        t: &Term,
+        perms: &[Permutation],
+        scratch: &mut Scratch<E>,
+    ) {
         let p = &self.params[t.param];
         let mut sel = vec![None; p.shape.len()];
         for &(ax, g) in &t.others {
             sel[ax] = Some(perms[g].as_slice());
         }
-        let a = unfold(p.a(), &p.shape, t.axis, &vec![None; p.shape.len()]);
-        let b = unfold(p.b(), &p.shape, t.axis, &sel);
-        add_product(cost, &a, &b);
+        let none = vec![None; p.shape.len()];
+        let a = unfold(p.a(), &p.shape, t.axis, &none, &mut scratch.a);
+        let b = unfold(p.b(), &p.shape, t.axis, &sel, &mut scratch.b);
+        add_product(cost, a, b, &mut scratch.prod);
     }
 
     /// Adds the change of a term since it was computed with `seen`; returns whether
@@ -558,6 +567,7 @@ impl<'a, E: Scalar> Problem<'a, E> {
         t: &Term,
         seen: &[Permutation],
         perms: &[Permutation],
+        scratch: &mut Scratch<E>,
     ) -> bool {
         let p = &self.params[t.param];
         let mut state: Vec<&Permutation> = seen.iter().collect();
@@ -581,21 +591,18 @@ impl<'a, E: Scalar> Problem<'a, E> {
             if moved.len() < nw.len() {
                 only_j[ax] = Some(moved.as_slice());
             }
-            let a_j = unfold(p.a(), &p.shape, t.axis, &only_j);
+            let a_j = unfold(p.a(), &p.shape, t.axis, &only_j, &mut scratch.a);
             sel[ax] = Some(&new_idx);
-            let mut diff = unfold(p.b(), &p.shape, t.axis, &sel).into_owned();
+            let reads = Reads::new(&p.shape, t.axis, &sel);
+            let diff = resized(&mut scratch.b, reads.rows * reads.rest);
+            fill(&reads, p.b(), diff, copy_run);
             sel[ax] = Some(&old_idx);
-            fill(
-                &Reads::new(&p.shape, t.axis, &sel),
-                p.b(),
-                &mut diff,
-                |d, s| {
-                    for (x, &y) in d.iter_mut().zip(s) {
-                        *x -= y;
-                    }
-                },
-            );
-            add_product(cost, &a_j, &diff);
+            fill(&Reads::new(&p.shape, t.axis, &sel), p.b(), diff, |d, s| {
+                for (x, &y) in d.iter_mut().zip(s) {
+                    *x -= y;
+                }
+            });
+            add_product(cost, a_j, diff, &mut scratch.prod);
             changed = true;
             state[k] = new;
         }
@@ -742,21 +749,50 @@ fn rows_per_task(rows: usize, rest: usize) -> usize {
 }
 
 /// Row-major `data` of `shape`, read through `sel` (see [`Reads::new`]) and unfolded
-/// along `axis` into a `(rows, rest)` row-major matrix, in one pass (rows in parallel);
-/// borrowed when that is `data` itself.
+/// along `axis` into a `(rows, rest)` row-major matrix in `buf`, in one pass (rows in
+/// parallel); `data` itself when that is the unfolding.
 fn unfold<'d, E: Scalar>(
     data: &'d [E],
     shape: &[usize],
     axis: usize,
     sel: &[Option<&[usize]>],
-) -> Cow<'d, [E]> {
+    buf: &'d mut Vec<E>,
+) -> &'d [E] {
     if sel.iter().all(Option::is_none) && shape[..axis].iter().all(|&d| d == 1) {
-        return Cow::Borrowed(data);
+        return data;
     }
     let reads = Reads::new(shape, axis, sel);
-    let mut out = crate::buffer::zeros(reads.rows * reads.rest);
-    fill(&reads, data, &mut out, copy_run);
-    Cow::Owned(out)
+    let out = resized(buf, reads.rows * reads.rest);
+    fill(&reads, data, out, copy_run);
+    out
+}
+
+/// Buffers reused from term to term: the two operands and their product.
+struct Scratch<E> {
+    a: Vec<E>,
+    b: Vec<E>,
+    prod: Vec<E>,
+}
+
+impl<E> Default for Scratch<E> {
+    fn default() -> Self {
+        Scratch {
+            a: Vec::new(),
+            b: Vec::new(),
+            prod: Vec::new(),
+        }
+    }
+}
+
+/// `buf` holding `len` elements (of no particular value): reallocated (zeroed, huge
+/// pages where possible) only when it is too small, so that page faults are paid once.
+fn resized<E: Scalar>(buf: &mut Vec<E>, len: usize) -> &mut [E] {
+    if buf.capacity() < len {
+        *buf = crate::buffer::zeros(len);
+    } else {
+        buf.resize(len, E::zero());
+    }
+    buf
 }
 
 /// `dst.copy_from_slice(src)`, without a library call for the short runs of
@@ -791,10 +827,10 @@ fn fill<E: Scalar>(reads: &Reads, data: &[E], out: &mut [E], op: impl Fn(&mut [E
 }
 
 /// `cost += a b^T` for row-major `a` and `b` with one row per row of `cost` each: the
-/// product in the operands' precision, added in `f64`, in blocks of rows computed in
+/// product in the operands' precision (in `prod`), added in `f64`, in blocks of rows computed in
 /// parallel. The GEMM kernel sums each entry in an order that does not depend on the
 /// blocking (tested), so the result does not depend on the number of threads.
-fn add_product<E: Scalar>(cost: &mut Array2<f64>, a: &[E], b: &[E]) {
+fn add_product<E: Scalar>(cost: &mut Array2<f64>, a: &[E], b: &[E], prod: &mut Vec<E>) {
     let n = cost.nrows();
     let k = a.len().checked_div(n).unwrap_or(0);
     let Some(c) = cost.as_slice_mut() else {
@@ -808,8 +844,8 @@ fn add_product<E: Scalar>(cost: &mut Array2<f64>, a: &[E], b: &[E]) {
     // Each block packs B again: about two blocks per thread, of at least 64 rows.
     let blocks = (2 * rayon::current_num_threads()).min(n / 64).max(1);
     let rows = n.div_ceil(blocks);
-    let mut prod: Vec<E> = crate::buffer::zeros(n * m);
-    prod.par_chunks_mut(rows * m)
+    resized(prod, n * m)
+        .par_chunks_mut(rows * m)
         .zip(c.par_chunks_mut(rows * m))
         .zip(a.par_chunks(rows * k))
         .for_each(|((p, c), a)| {
@@ -859,7 +895,8 @@ mod tests {
                     Some(&p3[..]),
                 ],
             ] {
-                let got = unfold(&data, &shape, axis, &sel);
+                let mut buf = Vec::new();
+                let got = unfold(&data, &shape, axis, &sel, &mut buf);
                 // Output shape after the selections, the axis first.
                 let out: Vec<usize> = (0..4)
                     .map(|d| sel[d].map_or(shape[d], <[usize]>::len))
@@ -882,7 +919,7 @@ mod tests {
                         want.push(at(&data, &shape, &src));
                     }
                 }
-                assert_eq!(&*got, &want[..], "axis {axis}, selection {sel:?}");
+                assert_eq!(got, &want[..], "axis {axis}, selection {sel:?}");
             }
         }
     }
@@ -905,7 +942,7 @@ mod tests {
                 .build()
                 .unwrap();
             let mut cost = Array2::<f64>::zeros((n, n));
-            pool.install(|| add_product(&mut cost, &a, &b));
+            pool.install(|| add_product(&mut cost, &a, &b, &mut Vec::new()));
             assert_eq!(cost, whole, "{threads} threads");
         }
     }
