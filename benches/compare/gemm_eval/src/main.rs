@@ -41,15 +41,22 @@ fn best(mut f: impl FnMut()) -> f64 {
 fn main() {
     let args: Vec<usize> = std::env::args()
         .skip(1)
-        .map(|s| s.parse().unwrap_or_else(|_| panic!("usage: gemm_eval N K [THREADS], got `{s}`")))
+        .map(|s| {
+            s.parse()
+                .unwrap_or_else(|_| panic!("usage: gemm_eval N K [THREADS], got `{s}`"))
+        })
         .collect();
     let (n, k) = match args[..] {
         [n, k, ..] => (n, k),
         _ => panic!("usage: gemm_eval N K [THREADS]"),
     };
     let threads = args.get(2).copied().unwrap_or(2);
-    let a: Vec<f32> = (0..n * k).map(|i| (i * 7919 % 1000) as f32 / 1000.0 - 0.5).collect();
-    let b: Vec<f32> = (0..n * k).map(|i| (i * 104729 % 997) as f32 / 997.0 - 0.5).collect();
+    let a: Vec<f32> = (0..n * k)
+        .map(|i| (i * 7919 % 1000) as f32 / 1000.0 - 0.5)
+        .collect();
+    let b: Vec<f32> = (0..n * k)
+        .map(|i| (i * 104729 % 997) as f32 / 997.0 - 0.5)
+        .collect();
     let gflops = |t: f64| 2.0 * (n * n * k) as f64 / t / 1e9;
     let mut c = vec![0f32; n * n];
 
@@ -58,7 +65,10 @@ fn main() {
     let t = best(|| {
         std::hint::black_box(a2.dot(&b2.t()));
     });
-    println!("n {n} k {k}: matrixmultiply 0.3 (1 thread) {:.1} GFLOP/s", gflops(t));
+    println!(
+        "n {n} k {k}: matrixmultiply 0.3 (1 thread) {:.1} GFLOP/s",
+        gflops(t)
+    );
     for (name, par) in [
         ("gemm 0.19 (1 thread)", gemm::Parallelism::None),
         ("gemm 0.19 (rayon)", gemm::Parallelism::Rayon(threads)),
@@ -66,8 +76,25 @@ fn main() {
         // SAFETY: `c` is n x n, `a` and `b` are n x k, strides as given.
         let t = best(|| unsafe {
             gemm::gemm(
-                n, n, k, c.as_mut_ptr(), 1, n as isize, false, a.as_ptr(), 1, k as isize,
-                b.as_ptr(), k as isize, 1, 0.0, 1.0, false, false, false, par,
+                n,
+                n,
+                k,
+                c.as_mut_ptr(),
+                1,
+                n as isize,
+                false,
+                a.as_ptr(),
+                1,
+                k as isize,
+                b.as_ptr(),
+                k as isize,
+                1,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                par,
             );
         });
         println!("n {n} k {k}: {name} {:.1} GFLOP/s", gflops(t));
@@ -80,7 +107,14 @@ fn main() {
     ] {
         let mut fc = faer::Mat::<f32>::zeros(n, n);
         let t = best(|| {
-            faer::linalg::matmul::matmul(fc.as_mut(), faer::Accum::Replace, fa, fb.transpose(), 1.0, par);
+            faer::linalg::matmul::matmul(
+                fc.as_mut(),
+                faer::Accum::Replace,
+                fa,
+                fb.transpose(),
+                1.0,
+                par,
+            );
         });
         println!("n {n} k {k}: {name} {:.1} GFLOP/s", gflops(t));
     }
@@ -89,10 +123,25 @@ fn main() {
         unsafe { openblas_set_num_threads(th as i32) };
         let t = best(|| unsafe {
             cblas_sgemm(
-                101, 111, 112, n as i32, n as i32, k as i32, 1.0, a.as_ptr(), k as i32,
-                b.as_ptr(), k as i32, 0.0, c.as_mut_ptr(), n as i32,
+                101,
+                111,
+                112,
+                n as i32,
+                n as i32,
+                k as i32,
+                1.0,
+                a.as_ptr(),
+                k as i32,
+                b.as_ptr(),
+                k as i32,
+                0.0,
+                c.as_mut_ptr(),
+                n as i32,
             );
         });
-        println!("n {n} k {k}: OpenBLAS ({th} threads) {:.1} GFLOP/s", gflops(t));
+        println!(
+            "n {n} k {k}: OpenBLAS ({th} threads) {:.1} GFLOP/s",
+            gflops(t)
+        );
     }
 }
