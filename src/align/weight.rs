@@ -14,6 +14,7 @@ use crate::error::{Error, Result};
 use crate::model::Model;
 use crate::objective::Elem;
 use crate::perm::{Permutation, PermutationSet, PermutationSpec};
+use crate::progress::{Observer, Progress, Silent};
 use crate::tensor::{Scalar, Tensor};
 
 /// Git Re-Basin weight matching: maximises `sum_params <A, pi(B)>` over one permutation
@@ -175,6 +176,33 @@ impl WeightMatching {
 
 impl<M: Model> Aligner<M> for WeightMatching {
     fn align(&self, reference: &M, other: &M, spec: &PermutationSpec) -> Result<Alignment> {
+        self.align_observed(reference, other, spec, &mut Silent)
+    }
+
+    /// Reports every sweep of every start ([`Progress::Sweep`]: start, sweep, objective,
+    /// groups changed); a stop returns [`Error::Cancelled`].
+    ///
+    /// ```
+    /// use modelfusion::align::{Aligner, WeightMatching};
+    /// use modelfusion::perm::specs::{Architecture, MlpShapes};
+    /// use modelfusion::progress::{from_fn, Progress};
+    /// let arch = MlpShapes::new(&[4, 16, 16, 2])?;
+    /// let (a, b) = (arch.random_model(0), arch.random_model(1));
+    /// let mut sweeps = Vec::new();
+    /// let al = WeightMatching::new(0).with_restarts(2)?.align_observed(&a, &b, &arch.spec(), &mut from_fn(|p| {
+    ///     if let Progress::Sweep { start, objective, .. } = *p { sweeps.push((start, objective)) }
+    /// }))?;
+    /// assert!(sweeps.iter().any(|s| s.0 == 1));
+    /// assert!(sweeps.iter().any(|s| s.1 == *al.stats().objective.last().unwrap()));
+    /// # Ok::<(), modelfusion::Error>(())
+    /// ```
+    fn align_observed(
+        &self,
+        reference: &M,
+        other: &M,
+        spec: &PermutationSpec,
+        observer: &mut dyn Observer,
+    ) -> Result<Alignment> {
         let sizes = check_pair(reference, other, spec)?;
         let groups: Vec<String> = sizes.keys().cloned().collect();
         let perms: Vec<Permutation> = match &self.init {
@@ -203,7 +231,7 @@ impl<M: Model> Aligner<M> for WeightMatching {
                 .collect::<Result<_>>()?,
         };
         let problem = Problem::new(reference, other, spec, &groups)?;
-        let mut best = self.descend::<M>(&problem, &groups, perms, self.seed)?;
+        let mut best = self.descend::<M>(&problem, &groups, perms, self.seed, 0, observer)?;
         for r in 1..self.restarts {
             let start_seed = self.seed ^ (r as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
             let mut rng = ChaCha8Rng::seed_from_u64(start_seed);
@@ -211,7 +239,7 @@ impl<M: Model> Aligner<M> for WeightMatching {
                 .iter()
                 .map(|g| Permutation::random(sizes[g], rng.random()))
                 .collect();
-            let run = self.descend::<M>(&problem, &groups, start, start_seed)?;
+            let run = self.descend::<M>(&problem, &groups, start, start_seed, r, observer)?;
             if run.1.objective.last() > best.1.objective.last() {
                 best = run;
             }
@@ -222,14 +250,17 @@ impl<M: Model> Aligner<M> for WeightMatching {
 }
 
 impl WeightMatching {
-    /// Coordinate descent from `perms` with the group order drawn from `seed`; returns
-    /// the final permutations and the run's statistics.
+    /// Coordinate descent from `perms` (start number `start`) with the group order drawn
+    /// from `seed`, each sweep reported to `observer`; returns the final permutations and
+    /// the run's statistics.
     fn descend<M: Model>(
         &self,
         problem: &Problem<'_, Elem<M>>,
         groups: &[String],
         mut perms: Vec<Permutation>,
         seed: u64,
+        start: usize,
+        observer: &mut dyn Observer,
     ) -> Result<(Vec<Permutation>, AlignStats)> {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let mut cache: Vec<Option<GroupCache>> = vec![None; groups.len()];
@@ -269,7 +300,19 @@ impl WeightMatching {
                 }
             }
             problem.update_objective(Some(&before), &perms, &mut parts);
-            objective.push(problem.objective(&parts));
+            let value = problem.objective(&parts);
+            objective.push(value);
+            let report = Progress::Sweep {
+                start,
+                sweep: sweeps - 1,
+                objective: value,
+                changed: before.iter().zip(&perms).filter(|(b, p)| b != p).count(),
+            };
+            if observer.observe(&report).is_break() {
+                return Err(Error::Cancelled {
+                    what: format!("weight matching in sweep {sweeps} of start {start}"),
+                });
+            }
             if !progress {
                 converged = true;
                 break;

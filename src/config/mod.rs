@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use crate::align::{AlignStats, Aligner, WeightMatching};
 use crate::io::{Dtype, SpecSource, read_capped};
 use crate::perm::{PermutationSet, PermutationSpec};
+use crate::progress::Observer;
 use crate::{Error, Result, StateDictF32};
 use serde::Deserialize;
 
@@ -312,18 +313,20 @@ pub struct AlignSettings {
 }
 
 impl AlignSettings {
-    /// Weight-matches `other` to `reference` through `spec` with these settings: the
-    /// permutation of each group, and the matching's statistics.
+    /// Weight-matches `other` to `reference` through `spec` with these settings, each
+    /// sweep reported to `observer`: the permutation of each group, and the matching's
+    /// statistics.
     ///
     /// ```
     /// use modelfusion::config::AlignSettings;
+    /// use modelfusion::progress::Silent;
     /// use modelfusion::perm::specs::{Architecture, MlpShapes};
     /// let arch = MlpShapes::new(&[3, 8, 2])?;
     /// let a = arch.random_model(0);
     /// let settings = AlignSettings { spec: Default::default(), seed: 0, restarts: 1 };
     /// // A permuted copy of `a` matches back onto `a`.
     /// let b = arch.spec().apply(&modelfusion::perm::PermutationSet::random(&arch.spec(), &a, 5)?, &a)?;
-    /// let (perms, stats) = settings.match_models(&a, &b, &arch.spec())?;
+    /// let (perms, stats) = settings.match_models(&a, &b, &arch.spec(), &mut Silent)?;
     /// assert_eq!(arch.spec().apply(&perms, &b)?, a);
     /// assert!(stats.sweeps >= 1);
     /// # Ok::<(), modelfusion::Error>(())
@@ -333,10 +336,11 @@ impl AlignSettings {
         reference: &StateDictF32,
         other: &StateDictF32,
         spec: &PermutationSpec,
+        observer: &mut dyn Observer,
     ) -> Result<(PermutationSet, AlignStats)> {
         let alignment = WeightMatching::new(self.seed)
             .with_restarts(self.restarts)?
-            .align(reference, other, spec)?;
+            .align_observed(reference, other, spec, observer)?;
         let perms = alignment
             .permutations()
             .ok_or_else(|| Error::invalid("align", "weight matching gave no permutations"))?;

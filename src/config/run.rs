@@ -435,9 +435,11 @@ impl MergePlan<'_> {
                 return Err(cancelled(ck.path(), "while aligning"));
             }
             let b: StateDictF32 = load(ck.path())?;
-            let (p, stats) = settings.match_models(&a, &b, &spec).map_err(|e| {
-                Error::invalid("align", format!("{what} ({}): {e}", ck.path().display()))
-            })?;
+            let (p, stats) = settings
+                .match_models(&a, &b, &spec, observer)
+                .map_err(|e| {
+                    Error::invalid("align", format!("{what} ({}): {e}", ck.path().display()))
+                })?;
             summaries.push(AlignedInput {
                 input: i,
                 spec_origin: origin.clone(),

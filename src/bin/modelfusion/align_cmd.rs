@@ -221,7 +221,26 @@ pub fn run_align(a: AlignArgs) -> Result<()> {
     let spinner = bar(0, a.no_progress);
     spinner.set_message("weight matching");
     spinner.enable_steady_tick(std::time::Duration::from_millis(200));
-    let (perms, stats) = settings.match_models(&ref_model, &other_model, &spec)?;
+    let (perms, stats) = settings.match_models(
+        &ref_model,
+        &other_model,
+        &spec,
+        &mut from_fn(|p| {
+            if let Progress::Sweep {
+                start,
+                sweep,
+                objective,
+                changed,
+            } = *p
+            {
+                spinner.set_message(format!(
+                    "weight matching: start {}, sweep {}, objective {objective:.6e}, {changed} group(s) changed",
+                    start + 1,
+                    sweep + 1
+                ));
+            }
+        }),
+    )?;
     spinner.finish_and_clear();
     let units: usize = perms.iter().map(|(_, p)| p.len()).sum();
     eprintln!(

@@ -172,6 +172,12 @@ fn run_merge(a: MergeArgs) -> Result<()> {
                 bar.set_message(format!("{}/{total} {name}", index + 1));
             }
             Progress::Stage { what, .. } => bar.set_message(what.to_string()),
+            Progress::Sweep {
+                sweep, objective, ..
+            } => bar.set_message(format!(
+                "weight matching: sweep {}, objective {objective:.6e}",
+                sweep + 1
+            )),
             _ => {}
         }),
     )?;
