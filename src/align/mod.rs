@@ -89,7 +89,7 @@ pub trait Aligner<M: Model> {
     /// [`align`](Self::align), reporting progress to `observer`: activation-based
     /// aligners report each batch of statistics ([`Progress::Batch`]), weight matching
     /// each sweep ([`Progress::Sweep`]); a [`ControlFlow::Break`](std::ops::ControlFlow)
-    /// stops with [`Error::Cancelled`](crate::Error::Cancelled). The default reports
+    /// stops with [`Error::Cancelled`]. The default reports
     /// nothing and calls `align`.
     ///
     /// ```

@@ -167,7 +167,7 @@ impl SinkhornBuilder {
 ///
 /// Minimises `<P, M> + reg * sum P_ij (ln P_ij - 1)` subject to `P 1 = a`, `P^T 1 = b`
 /// (balanced) or with KL penalties on the marginals (unbalanced, see
-/// [`SinkhornBuilder::reg_m`]). The plan is `P_ij = exp((f_i + g_j - M_ij) / reg)` with
+/// [`SinkhornBuilder::with_reg_m`]). The plan is `P_ij = exp((f_i + g_j - M_ij) / reg)` with
 /// dual potentials `f`, `g`. See the [module docs](crate::solve) for the algorithm.
 ///
 /// ```
@@ -210,7 +210,7 @@ pub struct TransportPlan<F> {
     pub cost: f64,
     /// Sinkhorn iterations run (over all epsilon-scaling stages).
     pub iterations: usize,
-    /// Final value of the stopping criterion (see [`SinkhornBuilder::tol`]).
+    /// Final value of the stopping criterion (see [`SinkhornBuilder::with_tol`]).
     pub error: f64,
     /// Whether `error <= tol` was reached within `max_iter` iterations.
     pub converged: bool,
