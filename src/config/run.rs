@@ -380,7 +380,6 @@ impl MergePlan<'_> {
             inner: &self.merger,
             aligned: alignment.as_ref(),
             allow_nonfinite: options.allow_nonfinite,
-            max: narrow_max(self.out_dtype),
             out_dtype: self.out_dtype,
             overflowed: AtomicU64::new(0),
             first_overflow: Mutex::new(None),
@@ -477,7 +476,6 @@ struct Checked<'a, M> {
     inner: &'a M,
     aligned: Option<&'a AlignedInputs>,
     allow_nonfinite: bool,
-    max: Option<f64>,
     out_dtype: Dtype,
     overflowed: AtomicU64,
     first_overflow: Mutex<Option<String>>,
@@ -519,7 +517,7 @@ where
             }
             None => self.inner.merge_tensor(name, ts)?,
         };
-        let max = self.max.unwrap_or(f64::INFINITY);
+        let max = narrow_max(self.out_dtype).unwrap_or(f64::INFINITY);
         let (mut nonfinite, mut overflow) = (0u64, 0u64);
         for &x in out.iter() {
             let v = x.to_f64_lossless();
