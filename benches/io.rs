@@ -11,6 +11,7 @@ use modelfusion::io::{
     merge_checkpoints, save,
 };
 use modelfusion::merge::TensorMerger;
+use modelfusion::progress::Silent;
 use modelfusion::{Result, StateDict};
 use ndarray::{ArrayD, IxDyn};
 
@@ -84,10 +85,10 @@ fn streaming(c: &mut Criterion) {
         ),
         ("linear 3 x 64 MiB f32, whole tensors", Chunking::Whole),
     ] {
-        let opts = StreamOptions::new(SaveOptions::new(Dtype::F32)).chunking(chunking);
+        let opts = StreamOptions::new(SaveOptions::new(Dtype::F32)).with_chunking(chunking);
         let out = dir.path().join("out");
         g.bench_function(label, |b| {
-            b.iter(|| merge_checkpoints::<f32, _>(&refs, &merger, &out, &opts, |_| {}).unwrap())
+            b.iter(|| merge_checkpoints::<f32, _>(&refs, &merger, &out, &opts, Silent).unwrap())
         });
     }
     g.throughput(Throughput::Bytes((4 * side * side * 4) as u64));

@@ -4,11 +4,11 @@
 //! `cargo bench --bench path -- --measurement-time 2 --warm-up-time 1`
 
 use std::hint::black_box;
-use std::ops::ControlFlow;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use modelfusion::barrier::{BarrierConfig, loss_barrier};
 use modelfusion::path::{Bezier, FitConfig, Optimizer, PathSampler, fit_curve};
+use modelfusion::progress::Silent;
 use modelfusion::{Gradient, Model, Objective, Result, StateDict, StateDictF32};
 use ndarray::{ArrayD, IxDyn};
 use rand::{RngExt, SeedableRng};
@@ -57,12 +57,7 @@ fn benches(c: &mut Criterion) {
     ] {
         let cfg = FitConfig::new(10, opt).unwrap();
         g.bench_function(format!("fit_10_steps_{name}_half_norm"), |bench| {
-            bench.iter(|| {
-                black_box(
-                    fit_curve(&curve, &HalfNorm, &cfg, |_, _, _| ControlFlow::Continue(()))
-                        .unwrap(),
-                )
-            })
+            bench.iter(|| black_box(fit_curve(&curve, &HalfNorm, &cfg, Silent).unwrap()))
         });
     }
     g.finish();

@@ -34,7 +34,11 @@ fn bench(c: &mut Criterion) {
         let m = clouds(n, 1);
         let u = Array1::from_elem(n, 1.0 / n as f64);
         for reg in [0.05, 0.01] {
-            let s = Sinkhorn::builder().reg(reg).tol(1e-9).build().unwrap();
+            let s = Sinkhorn::builder()
+                .with_reg(reg)
+                .with_tol(1e-9)
+                .build()
+                .unwrap();
             for threads in [1, 2] {
                 let pool = rayon::ThreadPoolBuilder::new()
                     .num_threads(threads)

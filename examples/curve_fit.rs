@@ -7,7 +7,6 @@
 //! cargo run --release --example curve_fit -- curve.svg    # and plots the test loss
 //! ```
 
-use std::ops::ControlFlow;
 use std::time::Instant;
 
 use modelfusion::barrier::{BarrierConfig, BarrierReport, loss_barrier};
@@ -15,6 +14,7 @@ use modelfusion::nn::{Classification, Mlp, Network, TrainConfig, data, train};
 use modelfusion::path::{
     Bezier, FitConfig, Linear, LrSchedule, Optimizer, PathSampler, fit_curve_stochastic,
 };
+use modelfusion::progress::{Progress, from_fn};
 use modelfusion::{Result, StateDictF32};
 
 /// Steps of curve training (minibatches of 64: about 130 passes over the training set).
@@ -53,20 +53,27 @@ fn main() -> Result<()> {
         .with_seed(3);
     let start = Instant::now();
     let mut running = 0.0;
-    let fit = fit_curve_stochastic(&curve, &mut minibatch, &config, |step, _t, loss| {
-        running = if step == 0 {
-            loss
-        } else {
-            0.98 * running + 0.02 * loss
-        };
-        if (step + 1) % 500 == 0 {
-            println!(
-                "  step {:>4}: running training loss along the curve {running:.4}",
-                step + 1
-            );
-        }
-        ControlFlow::Continue(())
-    })?;
+    let fit = fit_curve_stochastic(
+        &curve,
+        &mut minibatch,
+        &config,
+        from_fn(|p| {
+            let Progress::Step { step, loss, .. } = *p else {
+                return;
+            };
+            running = if step == 0 {
+                loss
+            } else {
+                0.98 * running + 0.02 * loss
+            };
+            if (step + 1) % 500 == 0 {
+                println!(
+                    "  step {:>4}: running training loss along the curve {running:.4}",
+                    step + 1
+                );
+            }
+        }),
+    )?;
     println!(
         "fitted the curve ({CURVE_STEPS} steps) in {:.1?}\n",
         start.elapsed()

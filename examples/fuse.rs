@@ -51,8 +51,8 @@ fn main() -> Result<()> {
     let naive = Pipeline::new(spec.clone(), Identity, Average::uniform()).run(&models)?;
     row("naive average", &naive.fused)?;
     let aligned = Pipeline::new(spec, WeightMatching::new(0), Average::uniform())
-        .reference(Reference::Best)
-        .evaluate_with(&held)
+        .with_reference(Reference::Best)
+        .with_objective(&held)
         .run(&models)?;
     row(
         &format!("weight-matched average (ref {})", aligned.reference),

@@ -142,9 +142,9 @@ fn main() {
             let m = Array2::from_shape_vec((s[0], s[1]), m).unwrap();
             let (a, b) = (Array1::from(a), Array1::from(b));
             let solver = Sinkhorn::builder()
-                .reg(reg)
-                .tol(tol)
-                .max_iter(max_iter)
+                .with_reg(reg)
+                .with_tol(tol)
+                .with_max_iter(max_iter)
                 .build()
                 .expect("valid parameters");
             let pool = rayon::ThreadPoolBuilder::new()

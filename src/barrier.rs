@@ -52,12 +52,12 @@ pub const DEFAULT_GRID_POINTS: usize = 25;
 /// use modelfusion::barrier::BarrierConfig;
 /// assert_eq!(BarrierConfig::default().grid().len(), 25);
 /// assert_eq!(BarrierConfig::uniform(5)?.grid(), &[0.0, 0.25, 0.5, 0.75, 1.0]);
-/// let cfg = BarrierConfig::with_grid(vec![0.3, 0.5])?.with_refinement(10);
+/// let cfg = BarrierConfig::from_grid(vec![0.3, 0.5])?.with_refinement(10);
 /// assert_eq!(cfg.grid(), &[0.0, 0.3, 0.5, 1.0]);
 /// assert_eq!(cfg.refinement(), 10);
-/// assert!(BarrierConfig::with_grid(vec![]).is_err());
-/// assert!(BarrierConfig::with_grid(vec![0.5, 0.2]).is_err());
-/// assert!(BarrierConfig::with_grid(vec![1.5]).is_err());
+/// assert!(BarrierConfig::from_grid(vec![]).is_err());
+/// assert!(BarrierConfig::from_grid(vec![0.5, 0.2]).is_err());
+/// assert!(BarrierConfig::from_grid(vec![1.5]).is_err());
 /// assert!(BarrierConfig::uniform(1).is_err());
 /// # Ok::<(), modelfusion::Error>(())
 /// ```
@@ -98,7 +98,7 @@ impl BarrierConfig {
     }
 
     /// An explicit grid; 0 and 1 are added when missing.
-    pub fn with_grid(grid: Vec<f64>) -> Result<Self> {
+    pub fn from_grid(grid: Vec<f64>) -> Result<Self> {
         if grid.is_empty() {
             return Err(Error::empty("the grid of t for the loss barrier"));
         }

@@ -112,6 +112,20 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// An I/O error without a path, from `?` on a [`std::io::Error`] (the crate's own
+    /// file operations report [`Error::Io`], naming the path).
+    ///
+    /// ```
+    /// fn read_config(path: &str) -> modelfusion::Result<String> {
+    ///     let bytes = std::fs::read(path)?; // std::io::Error -> Error::IoUnnamed
+    ///     Ok(String::from_utf8_lossy(&bytes).into_owned())
+    /// }
+    /// let e = read_config("/nonexistent/modelfusion.yaml").unwrap_err();
+    /// assert!(matches!(e, modelfusion::Error::IoUnnamed(_)));
+    /// assert!(e.to_string().starts_with("I/O error: "), "{e}");
+    /// ```
+    #[error("I/O error: {}", esc(&.0.to_string()))]
+    IoUnnamed(#[from] std::io::Error),
     /// Valid input that modelfusion does not support (e.g. a packed sub-byte dtype).
     #[error("unsupported: {what}: {reason}")]
     Unsupported {
@@ -123,6 +137,12 @@ pub enum Error {
     /// A user-supplied objective, gradient or activation source failed.
     #[error("objective failed: {}", esc(.0))]
     Objective(String),
+    /// An [`Observer`](crate::progress::Observer) stopped the computation.
+    #[error("cancelled by the progress observer: {}", esc(.what))]
+    Cancelled {
+        /// What was stopped, and what was left behind (e.g. nothing written).
+        what: String,
+    },
     /// A feature the call needs is not compiled in.
     #[error("feature `{feature}` is required for {}", esc(.what))]
     FeatureDisabled {
@@ -271,6 +291,106 @@ impl Error {
 /// The result type of every fallible modelfusion call.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// An [`Error`] for `main` to return: its `Debug` form (what Rust prints when `main`
+/// returns `Err`) is the error's `Display` message followed by its chain of causes, as
+/// `anyhow` prints, instead of the derived `Debug` of the enum. `?` converts anything
+/// that converts into an [`Error`] (a [`std::io::Error`] included).
+///
+/// A cause whose message the level above already shows in full (as [`Error::Io`] shows
+/// its `std::io::Error`) is not repeated. `{:#?}` prints the derived `Debug` of the
+/// error, for debugging.
+///
+/// ```
+/// use modelfusion::{Report, Tensor};
+///
+/// fn main() -> Result<(), Report> {
+///     let dir = std::env::current_dir()?; // a std::io::Error converts
+///     let w = ndarray::ArrayD::<f32>::zeros(ndarray::IxDyn(&[2, 3]));
+///     let rows = w.as_matrix()?.nrows(); // so does a modelfusion::Error
+///     println!("{rows} rows, in {}", dir.display());
+///     Ok(())
+/// }
+/// ```
+///
+/// What `main` prints for an `Err`:
+///
+/// ```
+/// use modelfusion::{Error, Report};
+/// use std::io::{Error as IoError, ErrorKind};
+///
+/// let e = Report::from(Error::invalid("density", "must be in [0, 1], got 1.5"));
+/// assert_eq!(format!("{e:?}"), "invalid value for `density`: must be in [0, 1], got 1.5");
+/// let e = Report::from(Error::Io { path: "a.safetensors".into(), source: IoError::from(ErrorKind::NotFound) });
+/// assert_eq!(format!("{e:?}"), "I/O error on a.safetensors: entity not found"); // the cause once
+/// assert!(format!("{e:#?}").starts_with("Io {"));
+/// ```
+pub struct Report(Error);
+
+impl Report {
+    /// The error inside.
+    ///
+    /// ```
+    /// let r = modelfusion::Report::from(modelfusion::Error::empty("models"));
+    /// assert!(matches!(r.error(), modelfusion::Error::Empty { .. }));
+    /// ```
+    pub fn error(&self) -> &Error {
+        &self.0
+    }
+
+    /// Unwraps the error, e.g. to match on it.
+    ///
+    /// ```
+    /// let r = modelfusion::Report::from(modelfusion::Error::empty("models"));
+    /// assert_eq!(r.into_error().to_string(), "empty input: models");
+    /// ```
+    pub fn into_error(self) -> Error {
+        self.0
+    }
+}
+
+impl<E: Into<Error>> From<E> for Report {
+    fn from(e: E) -> Self {
+        Report(e.into())
+    }
+}
+
+impl std::fmt::Display for Report {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(&self.0, f)
+    }
+}
+
+impl std::fmt::Debug for Report {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if f.alternate() {
+            return std::fmt::Debug::fmt(&self.0, f);
+        }
+        let mut shown = self.0.to_string();
+        f.write_str(&shown)?;
+        let mut causes = Vec::new();
+        let mut next = std::error::Error::source(&self.0);
+        while let Some(cause) = next {
+            let text = esc(&cause.to_string()).to_string();
+            if !shown.contains(&text) {
+                causes.push(text.clone());
+            }
+            shown = text;
+            next = cause.source();
+        }
+        match causes.as_slice() {
+            [] => Ok(()),
+            [one] => write!(f, "\n\nCaused by:\n    {one}"),
+            many => {
+                f.write_str("\n\nCaused by:")?;
+                for (i, c) in many.iter().enumerate() {
+                    write!(f, "\n    {i}: {c}")?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -297,15 +417,19 @@ mod tests {
                 path: PathBuf::from(hostile),
                 source: std::io::Error::other(hostile),
             },
+            Error::IoUnnamed(std::io::Error::other(hostile)),
             Error::Objective(hostile.into()),
         ];
         for e in errors {
             let s = e.to_string();
-            assert!(
-                !s.contains('\x1b') && !s.contains('\0') && !s.contains('\u{202e}'),
-                "{s:?}"
-            );
-            assert!(s.contains("w\\u{1b}[31mred\\0nul\\u{202e}"), "{s}");
+            let report = format!("{:?}", Report::from(e));
+            for s in [s, report] {
+                assert!(
+                    !s.contains('\x1b') && !s.contains('\0') && !s.contains('\u{202e}'),
+                    "{s:?}"
+                );
+                assert!(s.contains("w\\u{1b}[31mred\\0nul\\u{202e}"), "{s}");
+            }
         }
     }
 }

@@ -7,7 +7,7 @@
 //!
 //! | trait | what it is |
 //! |---|---|
-//! | [`Tensor`] | a dense array of floats (implemented for `ndarray::ArrayD<f32/f64>`) |
+//! | [`Tensor`] | a dense array of floats (implemented for every `ndarray::ArrayD<T>` with `T:` [`Scalar`]) |
 //! | [`Model`] | named parameters in a stable order, with model algebra ([`StateDict`] is the ready one) |
 //! | [`Objective`], [`Gradient`], [`Activations`] | how a model is evaluated; written by the user (or taken from [`nn`]) |
 //! | [`align::Aligner`] | brings model B into model A's basis: [`align::WeightMatching`], [`align::ActivationMatching`], [`align::OtFusion`], [`align::Identity`] |
@@ -72,6 +72,7 @@
 //! ```
 //! use modelfusion::align::{Aligner, WeightMatching};
 //! use modelfusion::io::{infer_checkpoint_spec, load, save, write_permuted, Checkpoint, Dtype, SaveOptions};
+//! use modelfusion::progress::Silent;
 //! use modelfusion::perm::PermutationSet;
 //! use modelfusion::{Model, RawTensor, StateDict, StateDictF32};
 //! use ndarray::{Array1, Array2};
@@ -99,7 +100,7 @@
 //!
 //! // A shuffled copy (what `modelfusion permute` writes), then aligned back.
 //! let perms = PermutationSet::random(&found.spec, &a, 7)?;
-//! write_permuted(&ck, &found.spec, &perms, &dir.join("b"), None, |_, _, _| {})?;
+//! write_permuted(&ck, &found.spec, &perms, &dir.join("b"), None, Silent)?;
 //! let b: StateDictF32 = load(dir.join("b"))?;
 //! let alignment = WeightMatching::new(0).align(&a, &b, &found.spec)?;
 //! let back = alignment.apply(&found.spec, &b)?;
@@ -132,9 +133,82 @@
 //! # Ok::<(), modelfusion::Error>(())
 //! ```
 //!
+//! ## Walkthrough: your own merge config
+//!
+//! [`config`] reads mergekit's YAML (methods, per-model and global parameters, filters,
+//! gradients over layers, `dtype` / `out_dtype`), checks every input header and every
+//! hyperparameter before reading data, and streams the merge to disk; an `align:`
+//! section weight-matches every model to the base (or first) model first. Progress and
+//! stopping go through one [`progress::Observer`].
+//!
+//! ```
+//! # #[cfg(feature = "config")] {
+//! use modelfusion::config::{Config, RunOptions};
+//! use modelfusion::io::{load, save_file, Dtype};
+//! use modelfusion::perm::{specs::{Architecture, MlpShapes}, PermutationSet};
+//! use modelfusion::progress::{from_fn, Progress};
+//! use modelfusion::{Model, StateDictF32};
+//!
+//! let dir = std::env::temp_dir().join("modelfusion-doc-walkthrough-config");
+//! # std::fs::create_dir_all(&dir).ok();
+//! let arch = MlpShapes::new(&[4, 8, 2])?;
+//! let base = arch.random_model(0);
+//! // A fine-tune that is also shuffled: without alignment its task vector is noise.
+//! let tuned = arch.spec().apply(&PermutationSet::random(&arch.spec(), &base, 3)?, &base.scale(1.1)?)?;
+//! save_file(&base, dir.join("base.safetensors"), Dtype::F32)?;
+//! save_file(&tuned, dir.join("tuned.safetensors"), Dtype::F32)?;
+//! let yaml = format!(
+//!     "merge_method: task_arithmetic\nbase_model: {0}/base.safetensors\nalign: {{seed: 0}}\n\
+//!      models:\n  - model: {0}/tuned.safetensors\n    parameters: {{weight: 0.5}}\n",
+//!     dir.display()
+//! );
+//! let config = Config::from_yaml(&yaml, "merge.yml".as_ref())?;
+//! let mut stages = Vec::new();
+//! let summary = config.run(dir.join("out"), &RunOptions::new(), from_fn(|p| {
+//!     if let Progress::Stage { what, .. } = p { stages.push(what.to_string()) }
+//! }))?;
+//! assert_eq!(stages, ["aligning models[0] to base_model", "merging"]);
+//! let merged: StateDictF32 = load(dir.join("out"))?;
+//! // base + 0.5 * (aligned tuned - base) = 1.05 * base
+//! assert!(merged.max_abs_diff(&base.scale(1.05)?)? < 1e-6);
+//! # assert_eq!(summary.aligned.len(), 1);
+//! # std::fs::remove_dir_all(&dir).ok();
+//! # }
+//! # Ok::<(), modelfusion::Error>(())
+//! ```
+//!
+//! ## Generic code, typed views and errors
+//!
+//! `T: `[`Scalar`] (or `io::IoScalar` for code that loads and saves) is the only bound
+//! generic code needs: `ArrayD<T>` is then a [`Tensor`] and `StateDict<ArrayD<T>>` a
+//! [`Model`]. [`Tensor::as_matrix`] and [`Tensor::as_vector`] give `ArrayView2` /
+//! `ArrayView1` views, with an error naming the rank and shape otherwise. `?` converts a
+//! `std::io::Error` into an [`Error`], and a `main` returning `Result<(), `[`Report`]`>`
+//! prints the message (and causes) rather than the enum's `Debug` form.
+//!
+//! ```
+//! use modelfusion::{Model, Report, Scalar, StateDict, Tensor};
+//! use ndarray::{arr1, arr2, ArrayD};
+//!
+//! /// `W x` for the layer `name`, for either float type.
+//! fn forward<T: Scalar>(m: &StateDict<ArrayD<T>>, name: &str, x: &[T]) -> modelfusion::Result<Vec<T>> {
+//!     let w = m.require(name, "the model")?.as_matrix()?;
+//!     Ok(w.dot(&ndarray::ArrayView1::from(x)).to_vec())
+//! }
+//!
+//! fn main() -> Result<(), Report> {
+//!     let m = StateDict::from_pairs([("fc", arr2(&[[1.0f32, 2.0], [0.0, 1.0]]).into_dyn())])?;
+//!     assert_eq!(forward(&m, "fc", &[1.0, 1.0])?, [3.0, 1.0]);
+//!     let m = StateDict::from_pairs([("fc", arr1(&[1.0f64, 2.0]).into_dyn())])?;
+//!     let e = forward(&m, "fc", &[1.0]).unwrap_err();
+//!     assert!(e.to_string().contains("rank-2") && e.to_string().contains("shape [2]"));
+//!     Ok(())
+//! }
+//! ```
+//!
 //! ## Features
 //!
-//! `nn`, `safetensors` and `plot` are on by default; `linalg` (with a LAPACK backend such
+//! `nn`, `safetensors`, `plot` and `config` are on by default; `linalg` (with a LAPACK backend such
 //! as `openblas-system`) enables RegMean; `cli` builds the `modelfusion` command-line tool.
 //! Every random choice takes a caller's seed; results do not depend on the thread count.
 #![warn(missing_docs)]
@@ -142,6 +216,8 @@
 pub mod align;
 pub mod barrier;
 mod buffer;
+#[cfg(feature = "config")]
+pub mod config;
 pub mod dtype;
 pub mod error;
 #[cfg(feature = "safetensors")]
@@ -157,11 +233,12 @@ pub mod perm;
 pub mod pipeline;
 #[cfg(feature = "plot")]
 pub mod plot;
+pub mod progress;
 pub mod solve;
 pub mod tensor;
 
 pub use dtype::{Dtype, RawTensor};
-pub use error::{Error, Result};
+pub use error::{Error, Report, Result};
 pub use model::{Model, StateDict, StateDictF32, StateDictF64};
 pub use objective::{Activations, Features, Gradient, Objective};
 pub use solve::{Assignment, TransportPlan, linear_sum_assignment, sinkhorn};

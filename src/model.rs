@@ -478,18 +478,44 @@ impl<T: Tensor> StateDict<T> {
     /// assert_eq!(sd.names().collect::<Vec<_>>(), ["fc.weight"]);
     /// # Ok::<(), modelfusion::Error>(())
     /// ```
-    pub fn retain(&mut self, mut keep: impl FnMut(&str) -> bool) {
-        let names = std::mem::take(&mut self.names);
-        let tensors = std::mem::take(&mut self.tensors);
-        self.index.clear();
-        for (n, t) in names.into_iter().zip(tensors) {
-            if keep(&n) {
-                self.index.insert(n.clone(), self.names.len());
-                self.names.push(n);
-                self.tensors.push(t);
-            }
+    pub fn retain(&mut self, keep: impl FnMut(&str) -> bool) {
+        *self = std::mem::take(self).partition(keep).0;
+    }
+
+    /// Splits the state dict in two by name, keeping the order: the parameters and raw
+    /// tensors whose name satisfies `pred`, then the rest. With
+    /// [`PermutationSpec::param_names`](crate::perm::PermutationSpec::param_names) it
+    /// separates what a spec permutes from what it leaves alone; raw (non-float) tensors
+    /// are set apart by [`take_raw`](Self::take_raw).
+    ///
+    /// ```
+    /// use modelfusion::{Model, StateDict};
+    /// use modelfusion::perm::specs::{Architecture, MlpShapes};
+    /// let arch = MlpShapes::new(&[2, 3, 1])?;
+    /// let spec = arch.spec();
+    /// let mut model = arch.random_model(0);
+    /// model.insert("temperature", ndarray::arr1(&[1.0f32]).into_dyn())?;
+    /// let permuted: std::collections::BTreeSet<&str> = spec.param_names().collect();
+    /// let n = model.len();
+    /// let (inside, outside) = model.partition(|n| permuted.contains(n));
+    /// assert_eq!(inside.len() + outside.len(), n);
+    /// // The output bias and the extra parameter are outside every group.
+    /// assert_eq!(outside.names().collect::<Vec<_>>(), ["layers.1.bias", "temperature"]);
+    /// assert!(inside.names().all(|p| permuted.contains(p)));
+    /// # Ok::<(), modelfusion::Error>(())
+    /// ```
+    pub fn partition(self, mut pred: impl FnMut(&str) -> bool) -> (Self, Self) {
+        let (mut yes, mut no) = (Self::default(), Self::default());
+        for (n, t) in self.names.into_iter().zip(self.tensors) {
+            let side = if pred(&n) { &mut yes } else { &mut no };
+            side.index.insert(n.clone(), side.names.len());
+            side.names.push(n);
+            side.tensors.push(t);
         }
-        self.raw.retain(|(n, _)| keep(n));
+        for (n, r) in self.raw {
+            if pred(&n) { &mut yes } else { &mut no }.raw.push((n, r));
+        }
+        (yes, no)
     }
 
     /// Renames every parameter and raw tensor by `f` (`None` keeps the name); errors,

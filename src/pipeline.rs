@@ -58,8 +58,8 @@ impl Default for Reference {
 
 /// Reference choice -> alignment -> merge -> evaluation.
 ///
-/// Built with [`new`](Self::new); [`reference`](Self::reference) and
-/// [`evaluate_with`](Self::evaluate_with) are optional.
+/// Built with [`new`](Self::new); [`with_reference`](Self::with_reference) and
+/// [`with_objective`](Self::with_objective) are optional.
 pub struct Pipeline<'a, M, A, G> {
     spec: PermutationSpec,
     aligner: A,
@@ -104,13 +104,13 @@ where
     }
 
     /// Chooses the reference model.
-    pub fn reference(mut self, reference: Reference) -> Self {
+    pub fn with_reference(mut self, reference: Reference) -> Self {
         self.reference = reference;
         self
     }
 
     /// Scores every input and the result with `objective` (lower is better).
-    pub fn evaluate_with(mut self, objective: &'a dyn Objective<M>) -> Self {
+    pub fn with_objective(mut self, objective: &'a dyn Objective<M>) -> Self {
         self.evaluator = Some(objective);
         self
     }

@@ -2,10 +2,11 @@
 //!
 //! A tensor only has to expose its shape and an [`ndarray`] view of its elements;
 //! everything else (element-wise combination, reductions, reordering along an axis,
-//! unfolding to a matrix) is provided on top of that. The crate implements it for
-//! [`ndarray::ArrayD<f32>`] and [`ndarray::ArrayD<f64>`]; a wrapper around another
-//! storage (a memory map, a GPU buffer copied to the host) implements the four required
-//! methods and gets the rest.
+//! unfolding to a matrix, typed views such as [`Tensor::as_matrix`]) is provided on top
+//! of that. Every [`ndarray::ArrayD<T>`] with `T: `[`Scalar`] implements it, so generic
+//! code needs no bound beyond `T: Scalar`; a wrapper around another storage (a memory
+//! map, a GPU buffer copied to the host) implements the four required methods and gets
+//! the rest.
 //!
 //! ```
 //! use modelfusion::Tensor;
@@ -22,7 +23,8 @@ use std::iter::Sum;
 use std::ops::{AddAssign, DivAssign, MulAssign, SubAssign};
 
 use ndarray::{
-    Array2, ArrayD, ArrayViewD, ArrayViewMutD, Axis, IxDyn, LinalgScalar, ScalarOperand, Zip,
+    Array2, ArrayBase, ArrayD, ArrayView1, ArrayView2, ArrayViewD, ArrayViewMut1, ArrayViewMut2,
+    ArrayViewMutD, Axis, Dimension, IxDyn, LinalgScalar, RawData, ScalarOperand, Zip,
 };
 use num_traits::{Float, FromPrimitive, ToPrimitive};
 
@@ -279,33 +281,128 @@ pub trait Tensor: Clone + Send + Sync + Debug + 'static {
         Array2::from_shape_vec((rows, cols), data)
             .map_err(|e| Error::invalid("axis", e.to_string()))
     }
+
+    /// The tensor as a matrix view (no copy), for code written against [`ArrayView2`]:
+    /// a `Linear` weight is `(out, in)`. Errors ([`Error::InvalidParameter`], naming the
+    /// rank needed and the shape found) unless the tensor has exactly two axes; a
+    /// convolution kernel becomes a matrix with [`unfold`](Tensor::unfold) instead.
+    ///
+    /// ```
+    /// use modelfusion::Tensor;
+    /// use ndarray::{arr2, ArrayD, IxDyn};
+    ///
+    /// let w = arr2(&[[1.0f32, 2.0], [3.0, 4.0]]).into_dyn();
+    /// assert_eq!(w.as_matrix()?.dot(&w.as_matrix()?.t())[(0, 1)], 11.0);
+    /// let conv = ArrayD::<f32>::zeros(IxDyn(&[8, 3, 3, 3]));
+    /// let e = conv.as_matrix().unwrap_err().to_string();
+    /// assert!(e.contains("rank-2") && e.contains("[8, 3, 3, 3]"), "{e}");
+    /// # Ok::<(), modelfusion::Error>(())
+    /// ```
+    fn as_matrix(&self) -> Result<ArrayView2<'_, Self::Elem>> {
+        with_rank(self.view(), "as_matrix")
+    }
+
+    /// The tensor as a mutable matrix view; errors as [`as_matrix`](Tensor::as_matrix).
+    ///
+    /// ```
+    /// use modelfusion::Tensor;
+    /// use ndarray::arr2;
+    ///
+    /// let mut w = arr2(&[[1.0f64, 2.0], [3.0, 4.0]]).into_dyn();
+    /// w.as_matrix_mut()?.row_mut(1).fill(0.0);
+    /// assert_eq!(w.as_slice().unwrap(), &[1.0, 2.0, 0.0, 0.0]);
+    /// # Ok::<(), modelfusion::Error>(())
+    /// ```
+    fn as_matrix_mut(&mut self) -> Result<ArrayViewMut2<'_, Self::Elem>> {
+        with_rank(self.view_mut(), "as_matrix_mut")
+    }
+
+    /// The tensor as a vector view (no copy), e.g. a bias or a norm's scale. Errors
+    /// ([`Error::InvalidParameter`], naming the rank needed and the shape found) unless
+    /// the tensor has exactly one axis.
+    ///
+    /// ```
+    /// use modelfusion::Tensor;
+    /// use ndarray::{arr1, arr2};
+    ///
+    /// let b = arr1(&[1.0f32, 2.0, 3.0]).into_dyn();
+    /// assert_eq!(b.as_vector()?.sum(), 6.0);
+    /// let e = arr2(&[[1.0f32]]).into_dyn().as_vector().unwrap_err().to_string();
+    /// assert!(e.contains("rank-1") && e.contains("[1, 1]"), "{e}");
+    /// # Ok::<(), modelfusion::Error>(())
+    /// ```
+    fn as_vector(&self) -> Result<ArrayView1<'_, Self::Elem>> {
+        with_rank(self.view(), "as_vector")
+    }
+
+    /// The tensor as a mutable vector view; errors as [`as_vector`](Tensor::as_vector).
+    ///
+    /// ```
+    /// use modelfusion::Tensor;
+    /// use ndarray::arr1;
+    ///
+    /// let mut b = arr1(&[1.0f32, 2.0]).into_dyn();
+    /// b.as_vector_mut()?[0] = 5.0;
+    /// assert_eq!(b.as_slice().unwrap(), &[5.0, 2.0]);
+    /// # Ok::<(), modelfusion::Error>(())
+    /// ```
+    fn as_vector_mut(&mut self) -> Result<ArrayViewMut1<'_, Self::Elem>> {
+        with_rank(self.view_mut(), "as_vector_mut")
+    }
 }
 
-macro_rules! impl_tensor_for_arrayd {
-    ($t:ty) => {
-        impl Tensor for ArrayD<$t> {
-            type Elem = $t;
-            fn shape(&self) -> &[usize] {
-                (**self).shape()
-            }
-            fn view(&self) -> ArrayViewD<'_, $t> {
-                (**self).view()
-            }
-            fn view_mut(&mut self) -> ArrayViewMutD<'_, $t> {
-                (**self).view_mut()
-            }
-            fn from_array(array: ArrayD<$t>) -> Self {
-                array
-            }
-            fn to_array(&self) -> ArrayD<$t> {
-                self.clone()
-            }
-        }
-    };
+/// `view` with the fixed rank of `D`; the error names `method`, that rank and the shape.
+fn with_rank<S: RawData, D: Dimension>(
+    view: ArrayBase<S, IxDyn>,
+    method: &str,
+) -> Result<ArrayBase<S, D>> {
+    let got = view.shape().to_vec();
+    view.into_dimensionality().map_err(|_| {
+        Error::invalid(
+            "tensor",
+            format!(
+                "{method} needs a rank-{} tensor, got rank {} (shape {got:?})",
+                D::NDIM.unwrap_or(0),
+                got.len()
+            ),
+        )
+    })
 }
 
-impl_tensor_for_arrayd!(f32);
-impl_tensor_for_arrayd!(f64);
+/// Every [`ndarray::ArrayD`] of a [`Scalar`] is a tensor, so generic code needs only
+/// `T: Scalar` (or [`IoScalar`](crate::io::IoScalar), which implies it):
+///
+/// ```
+/// use modelfusion::{Scalar, Tensor};
+/// use ndarray::{arr1, ArrayD};
+///
+/// fn relative_change<T: Scalar>(a: &ArrayD<T>, b: &ArrayD<T>) -> modelfusion::Result<f64> {
+///     let diff = a.zip_map(b, |x, y| x - y)?;
+///     Ok(diff.norm() / a.norm())
+/// }
+/// let a = arr1(&[3.0f32, 4.0]).into_dyn();
+/// let b = arr1(&[3.0f32, 3.0]).into_dyn();
+/// assert_eq!(relative_change(&a, &b)?, 0.2);
+/// # Ok::<(), modelfusion::Error>(())
+/// ```
+impl<T: Scalar> Tensor for ArrayD<T> {
+    type Elem = T;
+    fn shape(&self) -> &[usize] {
+        (**self).shape()
+    }
+    fn view(&self) -> ArrayViewD<'_, T> {
+        (**self).view()
+    }
+    fn view_mut(&mut self) -> ArrayViewMutD<'_, T> {
+        (**self).view_mut()
+    }
+    fn from_array(array: ArrayD<T>) -> Self {
+        array
+    }
+    fn to_array(&self) -> ArrayD<T> {
+        self.clone()
+    }
+}
 
 #[cfg(test)]
 mod tests {

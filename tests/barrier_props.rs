@@ -165,7 +165,7 @@ fn user_grids_gain_their_endpoints() {
     let r = loss_barrier(
         &line,
         &ring,
-        &BarrierConfig::with_grid(vec![0.25, 0.5]).unwrap(),
+        &BarrierConfig::from_grid(vec![0.25, 0.5]).unwrap(),
     )
     .unwrap();
     let ts: Vec<f64> = r.curve.iter().map(|p| p.0).collect();
@@ -173,7 +173,7 @@ fn user_grids_gain_their_endpoints() {
     let r = loss_barrier(
         &line,
         &ring,
-        &BarrierConfig::with_grid(vec![0.0, 1.0]).unwrap(),
+        &BarrierConfig::from_grid(vec![0.0, 1.0]).unwrap(),
     )
     .unwrap();
     assert_eq!(r.curve.len(), 2);
@@ -254,7 +254,7 @@ proptest! {
 
 #[test]
 fn bad_grids_are_rejected() {
-    let e = BarrierConfig::with_grid(vec![]).unwrap_err();
+    let e = BarrierConfig::from_grid(vec![]).unwrap_err();
     assert!(matches!(e, Error::Empty { .. }), "{e}");
     for (g, needle) in [
         (vec![0.0, 1.5], "1.5"),
@@ -263,7 +263,7 @@ fn bad_grids_are_rejected() {
         (vec![0.5, 0.5], "increasing"),
         (vec![0.7, 0.2], "increasing"),
     ] {
-        let e = BarrierConfig::with_grid(g.clone()).unwrap_err().to_string();
+        let e = BarrierConfig::from_grid(g.clone()).unwrap_err().to_string();
         assert!(e.contains("grid") && e.contains(needle), "{g:?}: {e}");
     }
     for n in [0, 1] {
@@ -297,7 +297,7 @@ fn non_finite_objective_values_name_t() {
     let e = loss_barrier(
         &line,
         &NanInTheMiddle,
-        &BarrierConfig::with_grid(vec![0.5]).unwrap(),
+        &BarrierConfig::from_grid(vec![0.5]).unwrap(),
     )
     .unwrap_err();
     assert!(

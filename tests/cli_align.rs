@@ -160,3 +160,56 @@ fn bad_specs_and_unknown_layouts_are_clear_errors() {
         "{err}"
     );
 }
+
+#[test]
+fn merge_config_align_section_aligns_every_model_to_the_base() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    resnet_checkpoint(dir, "a", 1);
+    let (ok, _, err) = run(dir, &["permute", "a", "--seed", "3", "-o", "p"]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = run(dir, &["permute", "a", "--seed", "4", "-o", "q"]);
+    assert!(ok, "{err}");
+    // The base and two permuted copies of it: aligned, every task vector is zero, so
+    // the merge is the base byte for byte (I64 buffers included); unaligned it is not.
+    let config = |align: &str| {
+        format!(
+            "merge_method: task_arithmetic\nbase_model: a\n{align}models:\n  - model: p\n    parameters: {{weight: 0.5}}\n  - model: q\n    parameters: {{weight: 0.5}}\n"
+        )
+    };
+    std::fs::write(dir.join("aligned.yml"), config("align: {seed: 1}\n")).unwrap();
+    std::fs::write(dir.join("plain.yml"), config("")).unwrap();
+    let (ok, _, err) = run(dir, &["merge", "aligned.yml", "m", "--no-progress"]);
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("aligned input 1") && err.contains("aligned input 2"),
+        "{err}"
+    );
+    assert!(err.contains("cifar-resnet"), "{err}");
+    let n = Checkpoint::open(dir.join("a")).unwrap().len();
+    assert_eq!(same_bytes(&dir.join("a"), &dir.join("m")), n);
+    assert!(dir.join("m/tokenizer.json").exists());
+    let (ok, _, err) = run(dir, &["merge", "plain.yml", "u", "--no-progress"]);
+    assert!(ok, "{err}");
+    assert!(same_bytes(&dir.join("a"), &dir.join("u")) < n / 2);
+    // Without a base model the first model is the reference.
+    std::fs::write(
+        dir.join("linear.yml"),
+        "merge_method: linear\nalign: {spec: auto}\nmodels:\n  - model: a\n    parameters: {weight: 1}\n  - model: q\n    parameters: {weight: 1}\n",
+    )
+    .unwrap();
+    let (ok, _, err) = run(dir, &["merge", "linear.yml", "l", "--no-progress"]);
+    assert!(ok, "{err}");
+    assert_eq!(same_bytes(&dir.join("a"), &dir.join("l")), n);
+    // Mistakes in the section are named.
+    for (section, want) in [
+        ("align: {sed: 1}\n", "sed"),
+        ("align: {restarts: 0}\n", "align.restarts"),
+        ("align: {spec: missing.json}\n", "missing.json"),
+    ] {
+        std::fs::write(dir.join("bad.yml"), config(section)).unwrap();
+        let (ok, _, err) = run(dir, &["merge", "bad.yml", "x", "--no-progress"]);
+        assert!(!ok && err.contains(want), "`{want}` not in {err}");
+        assert!(!dir.join("x/model.safetensors").exists());
+    }
+}

@@ -430,7 +430,7 @@ fn full_disk_keeps_the_previous_result() {
 #[test]
 fn unfinished_files_never_open_and_stale_ones_are_removed() {
     let dir = tempfile::tempdir().unwrap();
-    let opts = SaveOptions::new(Dtype::F32).max_shard_size(8);
+    let opts = SaveOptions::new(Dtype::F32).with_max_shard_size(8);
     let w = CheckpointWriter::create(dir.path(), [("a", vec![2]), ("b", vec![2])], &opts).unwrap();
     w.write(0, 0, &[1.0f32, 2.0]).unwrap();
     w.write(1, 0, &[3.0f32, 4.0]).unwrap();

@@ -59,7 +59,7 @@ fn sharded(dir: &Path) -> PathBuf {
     save(
         &small_sd(),
         &p,
-        &SaveOptions::new(Dtype::F32).max_shard_size(16),
+        &SaveOptions::new(Dtype::F32).with_max_shard_size(16),
     )
     .unwrap();
     assert!(p.join(INDEX_FILE).is_file());
@@ -291,7 +291,7 @@ fn sinkhorn_huge_costs_are_refused_or_solved() {
     // with a reg above the floor the plan is finite and meets both marginals
     let reg = 1e100;
     let ot = Sinkhorn::builder()
-        .reg(reg)
+        .with_reg(reg)
         .build()
         .unwrap()
         .solve(a.view(), b.view(), m.view())
@@ -307,8 +307,8 @@ fn sinkhorn_huge_costs_are_refused_or_solved() {
         "epsilon-scaled sinkhorn on costs of +-1.7e308",
         move || {
             Sinkhorn::builder()
-                .reg(1e300)
-                .epsilon_scaling(true)
+                .with_reg(1e300)
+                .with_epsilon_scaling(true)
                 .build()
                 .unwrap()
                 .solve(uniform(2).view(), uniform(2).view(), m.view())
@@ -323,7 +323,7 @@ fn sinkhorn_huge_costs_are_refused_or_solved() {
 fn sinkhorn_extreme_warm_starts_are_refused() {
     let m = Array2::from_shape_fn((3, 3), |(i, j)| (i as f64 - j as f64).powi(2));
     let (a, b) = (uniform(3), uniform(3));
-    let s = Sinkhorn::builder().reg(0.1).build().unwrap();
+    let s = Sinkhorn::builder().with_reg(0.1).build().unwrap();
     let f = arr1(&[1e308, -1e308, 0.0]);
     let g = arr1(&[-1e308, 1e308, 0.0]);
     let msg = assert_invalid(

@@ -215,7 +215,7 @@ fn sharded_dir() -> tempfile::TempDir {
     save(
         &sd,
         dir.path(),
-        &SaveOptions::new(Dtype::F32).max_shard_size(32),
+        &SaveOptions::new(Dtype::F32).with_max_shard_size(32),
     )
     .unwrap();
     dir

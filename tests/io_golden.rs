@@ -146,7 +146,7 @@ fn write_rust_fixtures(dir: &Path) {
     save(
         &sd,
         dir.join("sharded"),
-        &SaveOptions::new(Dtype::BF16).max_shard_size(32),
+        &SaveOptions::new(Dtype::BF16).with_max_shard_size(32),
     )
     .unwrap();
 }

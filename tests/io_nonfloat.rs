@@ -7,6 +7,7 @@ use modelfusion::io::{
     Checkpoint, Dtype, SaveOptions, StreamOptions, load, merge_checkpoints, save, save_file,
 };
 use modelfusion::merge::{Average, Merger};
+use modelfusion::progress::Silent;
 use modelfusion::{Model, RawTensor, StateDict};
 use ndarray::{ArrayD, arr1};
 
@@ -149,7 +150,7 @@ fn streamed_merges_carry_and_report_raw_tensors() {
         &Average::uniform(),
         &out,
         &StreamOptions::new(SaveOptions::new(Dtype::BF16)),
-        |_| {},
+        Silent,
     )
     .unwrap();
     assert_eq!(s.tensors, 1);
@@ -180,7 +181,7 @@ fn streamed_merges_carry_and_report_raw_tensors() {
         &Average::uniform(),
         dir.join("out2"),
         &StreamOptions::new(SaveOptions::new(Dtype::F32)),
-        |_| {},
+        Silent,
     )
     .unwrap_err()
     .to_string();

@@ -252,7 +252,7 @@ fn writer_rejects_bad_plans_and_cleans_up() {
         CheckpointWriter::create(
             dir.path(),
             [("a", vec![1])],
-            &SaveOptions::new(Dtype::F32).max_shard_size(0)
+            &SaveOptions::new(Dtype::F32).with_max_shard_size(0)
         )
         .is_err()
     );
@@ -260,7 +260,7 @@ fn writer_rejects_bad_plans_and_cleans_up() {
     let w = CheckpointWriter::create(
         dir.path(),
         [("a", vec![4]), ("b", vec![4])],
-        &o.clone().max_shard_size(16),
+        &o.clone().with_max_shard_size(16),
     )
     .unwrap();
     assert_eq!(w.files().count(), 2);
@@ -275,7 +275,7 @@ fn saving_again_replaces_stale_shards_only() {
     save(
         &sd,
         dir.path(),
-        &SaveOptions::new(Dtype::F32).max_shard_size(32),
+        &SaveOptions::new(Dtype::F32).with_max_shard_size(32),
     )
     .unwrap();
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 4);

@@ -12,6 +12,7 @@ use modelfusion::io::{
     save,
 };
 use modelfusion::merge::{Merger, TensorMerger};
+use modelfusion::progress::{Progress, Silent, from_fn};
 use modelfusion::{Error, Model, Result, StateDict};
 use ndarray::ArrayD;
 use proptest::prelude::*;
@@ -95,7 +96,7 @@ fn inputs(seed: u64) -> (tempfile::TempDir, Vec<StateDict<ArrayD<f32>>>) {
     {
         let sd = random_sd(&shapes(), seed + i as u64, 2.0);
         let p = dir.path().join(format!("m{i}"));
-        save(&sd, &p, &SaveOptions::new(d).max_shard_size(512)).unwrap();
+        save(&sd, &p, &SaveOptions::new(d).with_max_shard_size(512)).unwrap();
         loaded.push(load(&p).unwrap());
     }
     (dir, loaded)
@@ -137,17 +138,21 @@ proptest! {
         let mut save_opts = SaveOptions::new(Dtype::FLOATS[d]);
         save_opts.max_shard_size = shard;
         let chunking = chunk.map_or(Chunking::Whole, |c| Chunking::Elementwise { chunk_elems: c });
-        let opts = StreamOptions::new(save_opts).chunking(chunking);
+        let opts = StreamOptions::new(save_opts).with_chunking(chunking);
         let mut last = None;
-        let summary = merge_checkpoints::<f32, _>(&refs, &merger, &out, &opts, |p| last = Some(p.clone())).unwrap();
+        let summary = merge_checkpoints::<f32, _>(&refs, &merger, &out, &opts, from_fn(|p| {
+            if let Progress::Tensor { index, bytes_done, bytes_total, .. } = *p {
+                last = Some((index, bytes_done, bytes_total));
+            }
+        })).unwrap();
         let got: StateDict<ArrayD<f32>> = load(&out).unwrap();
         let mrefs: Vec<&StateDict<ArrayD<f32>>> = models.iter().collect();
         let want = rounded(&Merger::merge(&merger, &mrefs).unwrap(), Dtype::FLOATS[d]);
         prop_assert_eq!(got, want);
-        let last = last.unwrap();
-        prop_assert_eq!(last.bytes_done, last.bytes_total);
-        prop_assert_eq!(last.tensor_index + 1, SHAPES.len());
-        prop_assert_eq!(summary.bytes_written, last.bytes_total);
+        let (index, bytes_done, bytes_total) = last.unwrap();
+        prop_assert_eq!(bytes_done, bytes_total);
+        prop_assert_eq!(index + 1, SHAPES.len());
+        prop_assert_eq!(summary.bytes_written, bytes_total);
         let numel: u64 = SHAPES.iter().map(|(_, s)| (s[0] * s[1]) as u64).sum();
         prop_assert_eq!(summary.bytes_read, numel * (4 + 2 + 2));
     }
@@ -164,7 +169,7 @@ fn whole_tensor_mergers_see_real_shapes_in_f64() {
         &Centered,
         &out,
         &StreamOptions::new(SaveOptions::new(Dtype::F64)),
-        |_| {},
+        Silent,
     )
     .unwrap();
     let got: StateDict<ArrayD<f64>> = load(&out).unwrap();
@@ -188,7 +193,7 @@ fn merge_with(dir: &std::path::Path, other: &StateDict<ArrayD<f32>>) -> (Error, 
     let probe = Probe::new();
     let out = dir.join("out");
     let opts = StreamOptions::new(SaveOptions::new(Dtype::F32));
-    let err = merge_checkpoints::<f32, _>(&[&a, &b], &probe, &out, &opts, |_| {}).unwrap_err();
+    let err = merge_checkpoints::<f32, _>(&[&a, &b], &probe, &out, &opts, Silent).unwrap_err();
     expect_no_output(&out);
     (err, probe.calls.load(Ordering::SeqCst))
 }
@@ -244,8 +249,8 @@ fn merger_failure_removes_partial_output() {
         &refs,
         &probe,
         &out,
-        &StreamOptions::new(SaveOptions::new(Dtype::F32).max_shard_size(300)),
-        |_| {},
+        &StreamOptions::new(SaveOptions::new(Dtype::F32).with_max_shard_size(300)),
+        Silent,
     )
     .unwrap_err();
     assert!(err.to_string().contains("failing on `l0.b`"), "{err}");
@@ -259,7 +264,7 @@ fn merger_failure_removes_partial_output() {
         &probe,
         &out,
         &StreamOptions::new(SaveOptions::new(Dtype::F32)),
-        |_| {},
+        Silent,
     )
     .unwrap_err();
     assert!(
@@ -277,7 +282,7 @@ fn refuses_bad_arguments() {
     let opts = StreamOptions::new(SaveOptions::new(Dtype::F32));
     // Writing into an input's directory would truncate a mapped file.
     let err =
-        merge_checkpoints::<f32, _>(&refs, &Probe::new(), dir.path().join("m1"), &opts, |_| {})
+        merge_checkpoints::<f32, _>(&refs, &Probe::new(), dir.path().join("m1"), &opts, Silent)
             .unwrap_err();
     assert!(err.to_string().contains("holds input file"), "{err}");
     assert!(
@@ -286,14 +291,83 @@ fn refuses_bad_arguments() {
             .read::<f32>("embed")
             .is_ok()
     );
-    let err = merge_checkpoints::<f32, _>(&[], &Probe::new(), dir.path().join("o"), &opts, |_| {})
+    let err = merge_checkpoints::<f32, _>(&[], &Probe::new(), dir.path().join("o"), &opts, Silent)
         .unwrap_err();
     assert!(matches!(err, Error::Empty { .. }));
     let zero = opts
         .clone()
-        .chunking(Chunking::Elementwise { chunk_elems: 0 });
+        .with_chunking(Chunking::Elementwise { chunk_elems: 0 });
     assert!(
-        merge_checkpoints::<f32, _>(&refs, &Probe::new(), dir.path().join("o"), &zero, |_| {})
+        merge_checkpoints::<f32, _>(&refs, &Probe::new(), dir.path().join("o"), &zero, Silent)
             .is_err()
     );
+}
+
+/// Every task-vector method with its base streamed from disk as the first input gives
+/// the in-memory result (base held in the merger) bit for bit.
+#[test]
+fn task_merges_with_the_base_on_disk_equal_the_in_memory_ones() {
+    use modelfusion::merge::{Consensus, Rescale, Sparsification, TaskMerge};
+    let (dir, models) = inputs(21);
+    let cks = open_all(dir.path());
+    let refs: Vec<&Checkpoint> = cks.iter().collect();
+    let methods = [
+        (Sparsification::None, Consensus::Sum),
+        (
+            Sparsification::Magnitude { density: 0.3 },
+            Consensus::SignElection,
+        ),
+        (
+            Sparsification::Random {
+                density: 0.5,
+                seed: 4,
+            },
+            Consensus::Sum,
+        ),
+        (
+            Sparsification::Random {
+                density: 0.5,
+                seed: 4,
+            },
+            Consensus::SignElection,
+        ),
+        (
+            Sparsification::Breadcrumbs {
+                density: 0.8,
+                gamma: 0.05,
+            },
+            Consensus::Sum,
+        ),
+        (
+            Sparsification::Della {
+                density: 0.5,
+                epsilon: 0.2,
+                seed: 9,
+            },
+            Consensus::SignElection,
+        ),
+    ];
+    for (k, (sp, consensus)) in methods.into_iter().enumerate() {
+        let held = TaskMerge::new(models[0].clone(), sp, consensus, 0.8)
+            .unwrap()
+            .with_weights(vec![0.6, 0.9])
+            .unwrap()
+            .with_rescale(Rescale::L1Norm)
+            .unwrap();
+        let want = Merger::merge(&held, &[&models[1], &models[2]]).unwrap();
+        let streamed = TaskMerge::<StateDict<ArrayD<f32>>>::base_input(sp, consensus, 0.8)
+            .unwrap()
+            .with_weights(vec![0.6, 0.9])
+            .unwrap()
+            .with_rescale(Rescale::L1Norm)
+            .unwrap();
+        let out = dir.path().join(format!("out{k}"));
+        let opts = StreamOptions::new(SaveOptions::new(Dtype::F32));
+        merge_checkpoints::<f32, _>(&refs, &streamed, &out, &opts, Silent).unwrap();
+        let got: StateDict<ArrayD<f32>> = load(&out).unwrap();
+        assert_eq!(got, want, "{sp:?} {consensus:?}");
+        // In memory too, with the base first.
+        let again = Merger::merge(&streamed, &[&models[0], &models[1], &models[2]]).unwrap();
+        assert_eq!(again, want, "{sp:?} {consensus:?}");
+    }
 }

@@ -4,11 +4,10 @@
 //! point is within a few tenths of a percent of the endpoints' error).
 #![cfg(feature = "nn")]
 
-use std::ops::ControlFlow;
-
 use modelfusion::barrier::{BarrierConfig, loss_barrier};
 use modelfusion::nn::{Classification, Mlp, Network, Optimizer, TrainConfig, data, train};
 use modelfusion::path::{Bezier, FitConfig, Linear, LrSchedule, fit_curve_stochastic};
+use modelfusion::progress::Silent;
 use modelfusion::{Result, StateDictF32};
 use ndarray::ArrayD;
 
@@ -28,9 +27,7 @@ fn fitted_bezier_cuts_the_digits_barrier() -> Result<()> {
         .with_schedule(LrSchedule::Garipov)
         .with_seed(3);
     let curve = Bezier::straight(&a, &b, 3)?;
-    let fit = fit_curve_stochastic(&curve, &mut minibatch, &cfg, |_, _, _| {
-        ControlFlow::Continue(())
-    })?;
+    let fit = fit_curve_stochastic(&curve, &mut minibatch, &cfg, Silent)?;
 
     let line = Linear::new(a, b)?;
     let grid = BarrierConfig::default();

@@ -12,11 +12,8 @@ use modelfusion::path::{
     BendInit, Bezier, ControlCurve, FitConfig, Linear, LrSchedule, Optimizer, PathSampler,
     PolyChain, curve_loss_and_gradients, fit_curve, fit_curve_stochastic,
 };
+use modelfusion::progress::{Progress, Silent, from_fn};
 use modelfusion::{Error, Gradient, Model, Objective, Result, StateDictF64};
-
-fn go_on(_: usize, _: f64, _: f64) -> ControlFlow<()> {
-    ControlFlow::Continue(())
-}
 
 /// Central finite differences of the curve objective with respect to every element of
 /// every control, against `c_k(t) * (grad L + wd * phi)`.
@@ -98,7 +95,7 @@ fn fitted_curves_cut_the_barrier() {
             .unwrap()
             .with_schedule(LrSchedule::Garipov)
             .with_seed(3);
-        let fit = fit_curve(&curve, &ring, &cfg, go_on).unwrap();
+        let fit = fit_curve(&curve, &ring, &cfg, Silent).unwrap();
         let fitted = loss_barrier(&fit.curve, &ring, &grid).unwrap();
         eprintln!(
             "{opt:?}: barrier {} -> {}",
@@ -121,7 +118,7 @@ fn fitted_curves_cut_the_barrier() {
     let cfg = FitConfig::new(2000, Optimizer::adam(0.02).unwrap())
         .unwrap()
         .with_seed(4);
-    let fit = fit_curve(&chain, &ring, &cfg, go_on).unwrap();
+    let fit = fit_curve(&chain, &ring, &cfg, Silent).unwrap();
     let fitted = loss_barrier(&fit.curve, &ring, &grid).unwrap();
     eprintln!(
         "PolyChain(5): barrier {} -> {}",
@@ -142,7 +139,7 @@ fn fitting_is_deterministic_in_the_seed() {
         let cfg = FitConfig::new(50, Optimizer::sgd(0.01, 0.5).unwrap())
             .unwrap()
             .with_seed(seed);
-        fit_curve(&curve, &ring, &cfg, go_on).unwrap()
+        fit_curve(&curve, &ring, &cfg, Silent).unwrap()
     };
     let (x, y, z) = (run(1), run(1), run(2));
     assert_eq!(x.history, y.history);
@@ -150,7 +147,7 @@ fn fitting_is_deterministic_in_the_seed() {
     assert_ne!(x.history[0].t, z.history[0].t);
     // t is uniform on [0, 1): its mean over many steps is near 1/2.
     let cfg = FitConfig::new(4000, Optimizer::sgd(1e-6, 0.0).unwrap()).unwrap();
-    let long = fit_curve(&curve, &ring, &cfg, go_on).unwrap();
+    let long = fit_curve(&curve, &ring, &cfg, Silent).unwrap();
     let mean = long.history.iter().map(|s| s.t).sum::<f64>() / 4000.0;
     assert!((mean - 0.5).abs() < 0.02, "{mean}");
     assert!(long.history.iter().all(|s| (0.0..1.0).contains(&s.t)));
@@ -169,18 +166,18 @@ fn weight_decay_and_given_init() {
         .with_init(BendInit::Given)
         .with_weight_decay(1.0)
         .unwrap();
-    let fit = fit_curve_stochastic(&curve, &mut { zero }, &cfg, go_on).unwrap();
+    let fit = fit_curve_stochastic(&curve, &mut { zero }, &cfg, Silent).unwrap();
     let bend = fit.curve.controls()[1].get("w").unwrap()[[1]];
     assert!(bend < 5.0, "{bend}");
     // Without weight decay it does not move at all.
     let cfg = FitConfig::new(200, Optimizer::sgd(0.1, 0.0).unwrap())
         .unwrap()
         .with_init(BendInit::Given);
-    let fit = fit_curve_stochastic(&curve, &mut { zero }, &cfg, go_on).unwrap();
+    let fit = fit_curve_stochastic(&curve, &mut { zero }, &cfg, Silent).unwrap();
     assert!(bits_equal(&fit.curve.controls()[1], &far));
     // StraightLine (the default) ignores the given bend.
     let cfg = FitConfig::new(1, Optimizer::sgd(1e-9, 0.0).unwrap()).unwrap();
-    let fit = fit_curve(&curve, &ring, &cfg, go_on).unwrap();
+    let fit = fit_curve(&curve, &ring, &cfg, Silent).unwrap();
     assert!(fit.curve.controls()[1].get("w").unwrap()[[1]].abs() < 1e-6);
 }
 
@@ -190,14 +187,29 @@ fn progress_sees_every_step_and_can_stop() {
     let curve = Bezier::straight(&a, &b, 3).unwrap();
     let cfg = FitConfig::new(100, Optimizer::adam(0.01).unwrap()).unwrap();
     let mut seen = Vec::new();
-    let fit = fit_curve(&curve, &ring, &cfg, |step, t, loss| {
-        seen.push((step, t, loss));
-        if step == 9 {
-            ControlFlow::Break(())
-        } else {
-            ControlFlow::Continue(())
-        }
-    })
+    let fit = fit_curve(
+        &curve,
+        &ring,
+        &cfg,
+        from_fn(|p| {
+            let Progress::Step {
+                step,
+                total,
+                t,
+                loss,
+            } = *p
+            else {
+                panic!("not a fitting step: {p:?}");
+            };
+            assert_eq!(total, 100);
+            seen.push((step, t, loss));
+            if step == 9 {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        }),
+    )
     .unwrap();
     assert!(fit.stopped_early);
     assert_eq!(seen.len(), 10);
@@ -215,13 +227,13 @@ fn progress_sees_every_step_and_can_stop() {
     assert!((ring.loss(&phi).unwrap() - l0).abs() < 1e-12);
     // Breaking at the last step is not an early stop.
     let cfg = FitConfig::new(5, Optimizer::adam(0.01).unwrap()).unwrap();
-    let fit = fit_curve(&curve, &ring, &cfg, |_, _, _| ControlFlow::Break(())).unwrap();
+    let fit = fit_curve(&curve, &ring, &cfg, from_fn(|_| ControlFlow::Break(()))).unwrap();
     assert!(fit.stopped_early && fit.history.len() == 1);
     let fit = fit_curve(
         &curve,
         &ring,
         &FitConfig::new(1, Optimizer::adam(0.01).unwrap()).unwrap(),
-        |_, _, _| ControlFlow::Break(()),
+        from_fn(|_| ControlFlow::Break(())),
     )
     .unwrap();
     assert!(!fit.stopped_early);
@@ -258,7 +270,7 @@ fn stochastic_objective_gets_the_step() {
     };
     let curve = Bezier::straight(&vector(&[3.0, 0.0]), &vector(&[1.0, 0.5]), 3).unwrap();
     let cfg = FitConfig::new(40, Optimizer::sgd(0.05, 0.9).unwrap()).unwrap();
-    let fit = fit_curve_stochastic(&curve, &mut stoch, &cfg, go_on).unwrap();
+    let fit = fit_curve_stochastic(&curve, &mut stoch, &cfg, Silent).unwrap();
     assert_eq!(steps, (0..40).collect::<Vec<_>>());
     assert_eq!(fit.history.len(), 40);
 }
@@ -308,11 +320,11 @@ fn nothing_to_train_is_rejected() {
         &Linear::new(a.clone(), b.clone()).unwrap(),
         &ring,
         &cfg,
-        go_on,
+        Silent,
     )
     .unwrap_err();
     assert!(e.to_string().contains("inner control"), "{e}");
-    let e = fit_curve(&Bezier::new(vec![a, b]).unwrap(), &ring, &cfg, go_on).unwrap_err();
+    let e = fit_curve(&Bezier::new(vec![a, b]).unwrap(), &ring, &cfg, Silent).unwrap_err();
     assert!(matches!(e, Error::InvalidParameter { .. }), "{e}");
 }
 
@@ -322,7 +334,7 @@ fn non_finite_losses_and_gradients_are_reported() {
     let curve = Bezier::straight(&a, &b, 3).unwrap();
     let cfg = FitConfig::new(5, Optimizer::adam(0.1).unwrap()).unwrap();
     let mut nan_loss = |m: &StateDictF64, _: usize| Ok((f64::NAN, m.clone()));
-    let e = fit_curve_stochastic(&curve, &mut nan_loss, &cfg, go_on).unwrap_err();
+    let e = fit_curve_stochastic(&curve, &mut nan_loss, &cfg, Silent).unwrap_err();
     assert!(matches!(e, Error::NonFinite { .. }), "{e}");
     assert!(
         e.to_string().contains("t = ") && e.to_string().contains("step 0"),
@@ -332,19 +344,19 @@ fn non_finite_losses_and_gradients_are_reported() {
     let mut inf_grad = |m: &StateDictF64, _: usize| {
         Ok((1.0, m.try_map(|_, t| Ok(t.mapv(|x| x * f64::INFINITY)))?))
     };
-    let e = fit_curve_stochastic(&curve, &mut inf_grad, &cfg, go_on).unwrap_err();
+    let e = fit_curve_stochastic(&curve, &mut inf_grad, &cfg, Silent).unwrap_err();
     assert!(
         e.to_string().contains("gradient") && e.to_string().contains("`w`"),
         "{e}"
     );
     let mut wrong = |_: &StateDictF64, _: usize| Ok((1.0, vector(&[1.0, 2.0, 3.0])));
-    let e = fit_curve_stochastic(&curve, &mut wrong, &cfg, go_on).unwrap_err();
+    let e = fit_curve_stochastic(&curve, &mut wrong, &cfg, Silent).unwrap_err();
     assert!(e.to_string().contains("gradient"), "{e}");
     // An objective's own error passes through unchanged.
     let mut failing = |_: &StateDictF64, _: usize| -> Result<(f64, StateDictF64)> {
         Err(Error::Objective("data loader broke".into()))
     };
-    let e = fit_curve_stochastic(&curve, &mut failing, &cfg, go_on).unwrap_err();
+    let e = fit_curve_stochastic(&curve, &mut failing, &cfg, Silent).unwrap_err();
     assert!(e.to_string().contains("data loader broke"));
 }
 
@@ -359,7 +371,7 @@ fn frozen_parameters_stay_put() {
         .with_weight_decay(0.1)
         .unwrap()
         .with_frozen(["m"]);
-    let fit = fit_curve(&curve, &ring, &cfg, go_on).unwrap();
+    let fit = fit_curve(&curve, &ring, &cfg, Silent).unwrap();
     let (before, after) = (&curve.controls()[1], &fit.curve.controls()[1]);
     let bits = |m: &StateDictF64, n: &str| {
         m.get(n)
@@ -372,13 +384,13 @@ fn frozen_parameters_stay_put() {
     assert_ne!(bits(before, "w"), bits(after, "w"));
     // Without freezing, `m` moves (the ring objective and weight decay both pull on it).
     let cfg = FitConfig::new(100, Optimizer::sgd(0.01, 0.9).unwrap()).unwrap();
-    let fit = fit_curve(&curve, &ring, &cfg, go_on).unwrap();
+    let fit = fit_curve(&curve, &ring, &cfg, Silent).unwrap();
     assert_ne!(bits(before, "m"), bits(&fit.curve.controls()[1], "m"));
     // Unknown names are rejected before any work.
     let cfg = FitConfig::new(1, Optimizer::adam(0.1).unwrap())
         .unwrap()
         .with_frozen(["bn.running_var"]);
-    let e = fit_curve(&curve, &ring, &cfg, go_on).unwrap_err();
+    let e = fit_curve(&curve, &ring, &cfg, Silent).unwrap_err();
     assert!(
         matches!(e, Error::MissingParam { .. }) && e.to_string().contains("bn.running_var"),
         "{e}"

@@ -39,7 +39,7 @@ proptest! {
         let arch = MlpShapes::new(&[5, width, width, 3]).unwrap();
         let (_, copies) = shuffled_copies(&arch, n, seed);
         let report = Pipeline::new(arch.spec(), WeightMatching::new(seed).with_restarts(4).unwrap(), Average::uniform())
-            .reference(Reference::Index(1))
+            .with_reference(Reference::Index(1))
             .run(&copies)
             .unwrap();
         prop_assert_eq!(report.reference, 1);
@@ -69,8 +69,8 @@ fn best_reference_and_scores() {
     let models: Vec<StateDictF32> = (0..3).map(|s| arch.random_model(s)).collect();
     let target = DistanceTo(models[2].clone());
     let report = Pipeline::new(arch.spec(), Identity, Average::uniform())
-        .reference(Reference::Best)
-        .evaluate_with(&target)
+        .with_reference(Reference::Best)
+        .with_objective(&target)
         .run(&models)
         .unwrap();
     assert_eq!(report.reference, 2);
@@ -87,13 +87,13 @@ fn bad_input_is_a_clear_error() {
     let p = || Pipeline::new(arch.spec(), Identity, Average::uniform());
     assert!(matches!(p().run(&[]), Err(Error::Empty { .. })));
     let e = p()
-        .reference(Reference::Index(5))
+        .with_reference(Reference::Index(5))
         .run(&models)
         .unwrap_err()
         .to_string();
     assert!(e.contains("reference") && e.contains('5'), "{e}");
     let e = p()
-        .reference(Reference::Best)
+        .with_reference(Reference::Best)
         .run(&models)
         .unwrap_err()
         .to_string();

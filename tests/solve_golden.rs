@@ -94,11 +94,11 @@ fn sinkhorn_matches_pot() {
         );
         let want = matrix(&case["plan"]);
         let mut s = Sinkhorn::builder()
-            .reg(case["reg"].as_f64().unwrap())
-            .tol(1e-13)
-            .max_iter(200_000);
+            .with_reg(case["reg"].as_f64().unwrap())
+            .with_tol(1e-13)
+            .with_max_iter(200_000);
         if let Some(rm) = case["reg_m"].as_f64() {
-            s = s.reg_m(rm).tol(1e-14);
+            s = s.with_reg_m(rm).with_tol(1e-14);
         }
         let ot = s
             .build()

@@ -32,7 +32,7 @@ proptest! {
                                       reg in prop::sample::select(vec![1.0, 0.2, 0.05])) {
         let (a, b, c) = random_problem(n, m, seed);
         let tol = 1e-8;
-        let s = Sinkhorn::builder().reg(reg).tol(tol).max_iter(100_000).build().unwrap();
+        let s = Sinkhorn::builder().with_reg(reg).with_tol(tol).with_max_iter(100_000).build().unwrap();
         let ot = s.solve(a.view(), b.view(), c.view()).unwrap();
         prop_assert!(ot.converged, "{} iterations, error {}", ot.iterations, ot.error);
         let e = marginal_l1(&ot.plan, &a, &b);
@@ -52,9 +52,9 @@ proptest! {
     #[test]
     fn epsilon_scaling_reaches_the_same_plan(seed in any::<u64>()) {
         let (a, b, c) = random_problem(12, 9, seed);
-        let base = Sinkhorn::builder().reg(0.05).tol(1e-11).max_iter(100_000);
+        let base = Sinkhorn::builder().with_reg(0.05).with_tol(1e-11).with_max_iter(100_000);
         let p1 = base.clone().build().unwrap().solve(a.view(), b.view(), c.view()).unwrap();
-        let p2 = base.epsilon_scaling(true).build().unwrap().solve(a.view(), b.view(), c.view()).unwrap();
+        let p2 = base.with_epsilon_scaling(true).build().unwrap().solve(a.view(), b.view(), c.view()).unwrap();
         prop_assert!(p1.converged && p2.converged);
         prop_assert!((&p1.plan - &p2.plan).mapv(f64::abs).sum() < 1e-8);
     }
@@ -90,7 +90,11 @@ fn two_by_two_closed_form() {
         let qc = -kappa * a0 * b0;
         let x = (-qb + (qb * qb - 4.0 * qa * qc).sqrt()) / (2.0 * qa);
         let want = array![[x, a0 - x], [b0 - x, a1 - b0 + x]];
-        let s = Sinkhorn::builder().reg(reg).tol(1e-13).build().unwrap();
+        let s = Sinkhorn::builder()
+            .with_reg(reg)
+            .with_tol(1e-13)
+            .build()
+            .unwrap();
         let ot = s.solve(a.view(), b.view(), m.view()).unwrap();
         assert!(ot.converged);
         assert!(
@@ -114,9 +118,9 @@ fn converges_to_exact_ot_as_reg_shrinks() {
     let mut gaps = Vec::new();
     for reg in [0.1, 0.03, 0.01, 0.003, 0.001] {
         let s = Sinkhorn::builder()
-            .reg(reg)
-            .tol(1e-7)
-            .max_iter(100_000)
+            .with_reg(reg)
+            .with_tol(1e-7)
+            .with_max_iter(100_000)
             .build()
             .unwrap();
         let ot = s.solve(u.view(), u.view(), c.view()).unwrap();
@@ -141,9 +145,9 @@ fn stable_at_tiny_reg_on_a_larger_problem() {
     let u = Array1::from_elem(n, 1.0 / n as f64);
     // K = exp(-M / reg) underflows almost entirely in f64 at this reg
     let s = Sinkhorn::builder()
-        .reg(1e-3)
-        .tol(1e-4)
-        .max_iter(20_000)
+        .with_reg(1e-3)
+        .with_tol(1e-4)
+        .with_max_iter(20_000)
         .build()
         .unwrap();
     let ot = s.solve(u.view(), u.view(), c.view()).unwrap();
@@ -162,9 +166,9 @@ fn stable_at_tiny_reg_on_a_larger_problem() {
 fn iteration_cap_is_reported_not_an_error() {
     let (a, b, c) = random_problem(10, 10, 5);
     let s = Sinkhorn::builder()
-        .reg(0.01)
-        .tol(1e-14)
-        .max_iter(3)
+        .with_reg(0.01)
+        .with_tol(1e-14)
+        .with_max_iter(3)
         .build()
         .unwrap();
     let ot = s.solve(a.view(), b.view(), c.view()).unwrap();
@@ -176,7 +180,11 @@ fn iteration_cap_is_reported_not_an_error() {
 #[test]
 fn warm_start_from_the_solution_converges_at_once() {
     let (a, b, c) = random_problem(15, 11, 9);
-    let s = Sinkhorn::builder().reg(0.1).tol(1e-9).build().unwrap();
+    let s = Sinkhorn::builder()
+        .with_reg(0.1)
+        .with_tol(1e-9)
+        .build()
+        .unwrap();
     let cold = s.solve(a.view(), b.view(), c.view()).unwrap();
     assert!(cold.iterations > 3);
     let warm = s
@@ -268,7 +276,11 @@ fn operator_is_doubly_stochastic_and_sharpens() {
 #[test]
 fn thread_count_does_not_change_results() {
     let (a, b, c) = random_problem(300, 280, 17);
-    let s = Sinkhorn::builder().reg(0.02).tol(1e-9).build().unwrap();
+    let s = Sinkhorn::builder()
+        .with_reg(0.02)
+        .with_tol(1e-9)
+        .build()
+        .unwrap();
     let run = |t: usize| {
         rayon::ThreadPoolBuilder::new()
             .num_threads(t)
@@ -298,17 +310,17 @@ fn thread_count_does_not_change_results() {
 #[test]
 fn bad_parameters_are_rejected_by_the_builder() {
     for reg in [0.0, -1.0, f64::NAN, f64::INFINITY] {
-        let e = Sinkhorn::builder().reg(reg).build().unwrap_err();
+        let e = Sinkhorn::builder().with_reg(reg).build().unwrap_err();
         assert!(e.to_string().contains("`reg`"), "{e}");
     }
     for tol in [0.0, -1e-9, f64::NAN] {
-        let e = Sinkhorn::builder().tol(tol).build().unwrap_err();
+        let e = Sinkhorn::builder().with_tol(tol).build().unwrap_err();
         assert!(e.to_string().contains("`tol`"), "{e}");
     }
-    let e = Sinkhorn::builder().max_iter(0).build().unwrap_err();
+    let e = Sinkhorn::builder().with_max_iter(0).build().unwrap_err();
     assert!(e.to_string().contains("`max_iter`"), "{e}");
     for rm in [0.0, -2.0, f64::NAN] {
-        let e = Sinkhorn::builder().reg_m(rm).build().unwrap_err();
+        let e = Sinkhorn::builder().with_reg_m(rm).build().unwrap_err();
         assert!(e.to_string().contains("`reg_m`"), "{e}");
     }
     let e = sinkhorn(

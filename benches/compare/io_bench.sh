@@ -4,7 +4,7 @@
 #
 #   benches/compare/io_bench.sh [WORK_DIR] [SIZE_MIB]
 #
-# Needs /usr/bin/time (apt-get install -y time), the project venv (/work/venv) for the
+# Needs /usr/bin/time (apt-get install -y time), the project venv (../venv) for the
 # generator, and builds `modelfusion` in release mode with feature `cli`. Inputs are read
 # once before every run so they are in the page cache (the machine has far more RAM than
 # 6 GiB); `sync` runs before every timed command so earlier writes are not flushed during
@@ -14,7 +14,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 WORK=${1:-/tmp/modelfusion-io-bench}
 SIZE=${2:-1024}
-PY=${PY:-/work/venv/bin/python}
+PY=${PY:-../venv/bin/python}
 BIN=${CARGO_TARGET_DIR:-target}/release/modelfusion
 RUNS=${RUNS:-3}
 cargo build --release --features cli --bin modelfusion >/dev/null

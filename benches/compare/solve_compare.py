@@ -2,7 +2,7 @@
 
 Usage (from the crate root, with the project venv):
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 \
-        MKL_NUM_THREADS=1 /work/venv/bin/python benches/compare/solve_compare.py [--quick] [--no-sinkhorn] [--no-lap]
+        MKL_NUM_THREADS=1 ../venv/bin/python benches/compare/solve_compare.py [--quick] [--no-sinkhorn] [--no-lap]
 
 Matrices are generated here (seeded numpy), written as .npy to a temporary directory and
 timed in-process for the Python peers and through `cargo run --release --example

@@ -8,6 +8,7 @@ use crate::error::{Error, Result};
 use crate::model::Model;
 use crate::objective::Activations;
 use crate::perm::{PermutationSet, PermutationSpec};
+use crate::progress::{Observer, Progress, Silent};
 
 /// The similarity activation matching maximises.
 ///
@@ -109,8 +110,25 @@ impl<A> ActivationMatching<A> {
 
 impl<M: Model, A: Activations<M>> Aligner<M> for ActivationMatching<A> {
     fn align(&self, reference: &M, other: &M, spec: &PermutationSpec) -> Result<Alignment> {
+        self.align_observed(reference, other, spec, &mut Silent)
+    }
+
+    fn align_observed(
+        &self,
+        reference: &M,
+        other: &M,
+        spec: &PermutationSpec,
+        observer: &mut dyn Observer,
+    ) -> Result<Alignment> {
         let sizes = check_pair(reference, other, spec)?;
-        let stats = group_moments(&self.activations, reference, other, &sizes, &sizes)?;
+        let stats = group_moments(
+            &self.activations,
+            reference,
+            other,
+            &sizes,
+            &sizes,
+            observer,
+        )?;
         let mut perms = PermutationSet::new();
         let mut objective = Vec::new();
         for (g, cm) in stats {
@@ -130,18 +148,20 @@ impl<M: Model, A: Activations<M>> Aligner<M> for ActivationMatching<A> {
                 converged: true,
                 ..AlignStats::default()
             },
-        ))
+        )
+        .with_spec(spec))
     }
 }
 
 /// Streams both models' features over every batch and accumulates, per group, their
-/// joint moments (`sizes_a` / `sizes_b`: the groups' widths in each model).
+/// joint moments (each batch reported to `observer`) (`sizes_a` / `sizes_b`: the groups' widths in each model).
 pub(crate) fn group_moments<M: Model, A: Activations<M>>(
     source: &A,
     reference: &M,
     other: &M,
     sizes_a: &BTreeMap<String, usize>,
     sizes_b: &BTreeMap<String, usize>,
+    observer: &mut dyn Observer,
 ) -> Result<BTreeMap<String, CrossMoments>> {
     let nb = source.num_batches();
     if nb == 0 {
@@ -180,6 +200,15 @@ pub(crate) fn group_moments<M: Model, A: Activations<M>>(
                 },
                 other => other,
             })?;
+        }
+        let report = Progress::Batch {
+            done: b + 1,
+            total: nb,
+        };
+        if observer.observe(&report).is_break() {
+            return Err(Error::Cancelled {
+                what: format!("activation statistics after batch {} of {nb}", b + 1),
+            });
         }
     }
     Ok(stats)

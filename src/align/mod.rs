@@ -63,6 +63,10 @@ pub use repair::{Endpoints, Repair, RepairReport};
 pub use stats::{CrossMoments, Moments};
 pub use weight::WeightMatching;
 
+use crate::progress::Observer;
+#[cfg(doc)]
+use crate::progress::Progress;
+
 /// Finds the alignment that brings `other` into the basis of `reference`.
 ///
 /// Auxiliary data (activations, seeds, solver options) lives in the aligner value, not
@@ -81,6 +85,50 @@ pub use weight::WeightMatching;
 pub trait Aligner<M: Model> {
     /// The alignment of `other` to `reference` for the groups of `spec`.
     fn align(&self, reference: &M, other: &M, spec: &PermutationSpec) -> Result<Alignment>;
+
+    /// [`align`](Self::align), reporting progress to `observer`: activation-based
+    /// aligners report each batch of statistics ([`Progress::Batch`]), weight matching
+    /// each sweep ([`Progress::Sweep`]); a [`ControlFlow::Break`](std::ops::ControlFlow)
+    /// stops with [`Error::Cancelled`]. The default reports
+    /// nothing and calls `align`.
+    ///
+    /// ```
+    /// use modelfusion::align::{ActivationMatching, Aligner};
+    /// use modelfusion::objective::{Activations, Features};
+    /// use modelfusion::perm::specs::{Architecture, MlpShapes};
+    /// use modelfusion::progress::{from_fn, Progress};
+    /// use modelfusion::{Model, Result, StateDictF32};
+    ///
+    /// /// The first layer's pre-activations on a fixed batch, as the group `hidden.0`.
+    /// struct FirstLayer(ndarray::Array2<f32>);
+    /// impl Activations<StateDictF32> for FirstLayer {
+    ///     fn num_batches(&self) -> usize { 3 }
+    ///     fn activations(&self, m: &StateDictF32, _: usize) -> Result<Features<f32>> {
+    ///         let w = m.get("layers.0.weight").unwrap().view().into_dimensionality::<ndarray::Ix2>().unwrap();
+    ///         Ok(Features::from([("hidden.0".to_string(), self.0.dot(&w.t()))]))
+    ///     }
+    /// }
+    /// let arch = MlpShapes::new(&[3, 5, 2])?;
+    /// let (a, b) = (arch.random_model(0), arch.random_model(1));
+    /// let x = ndarray::Array2::from_shape_fn((8, 3), |(i, j)| (i * 3 + j) as f32 / 10.0);
+    /// let mut batches = Vec::new();
+    /// let aligner = ActivationMatching::new(FirstLayer(x));
+    /// aligner.align_observed(&a, &b, &arch.spec(), &mut from_fn(|p| {
+    ///     if let Progress::Batch { done, total } = *p { batches.push((done, total)) }
+    /// }))?;
+    /// assert_eq!(batches, [(1, 3), (2, 3), (3, 3)]);
+    /// # Ok::<(), modelfusion::Error>(())
+    /// ```
+    fn align_observed(
+        &self,
+        reference: &M,
+        other: &M,
+        spec: &PermutationSpec,
+        observer: &mut dyn Observer,
+    ) -> Result<Alignment> {
+        let _ = observer;
+        self.align(reference, other, spec)
+    }
 }
 
 /// How one permutation group of `other` is mapped onto `reference`'s units.
@@ -236,6 +284,8 @@ pub struct AlignStats {
 pub struct Alignment {
     maps: BTreeMap<String, GroupMap>,
     stats: AlignStats,
+    /// The spec it was made for (set by every aligner of the crate).
+    spec: Option<PermutationSpec>,
 }
 
 impl Alignment {
@@ -259,7 +309,11 @@ impl Alignment {
             .iter()
             .map(|(g, p)| (g.to_string(), p.num_moved()))
             .collect();
-        Alignment { maps, stats }
+        Alignment {
+            maps,
+            stats,
+            spec: None,
+        }
     }
 
     /// An alignment from arbitrary group maps.
@@ -277,7 +331,66 @@ impl Alignment {
             .iter()
             .filter_map(|(g, m)| m.permutation().map(|p| (g.clone(), p.num_moved())))
             .collect();
-        Alignment { maps, stats }
+        Alignment {
+            maps,
+            stats,
+            spec: None,
+        }
+    }
+
+    /// Remembers `spec` as the one the alignment was made for, so that
+    /// [`apply_to`](Self::apply_to) needs only the model. The crate's aligners do this
+    /// themselves.
+    ///
+    /// ```
+    /// use modelfusion::align::{Alignment, AlignStats};
+    /// use modelfusion::perm::{PermutationSet, specs::{Architecture, MlpShapes}};
+    /// let arch = MlpShapes::new(&[2, 3, 1])?;
+    /// let a = arch.random_model(0);
+    /// let al = Alignment::from_permutations(PermutationSet::random(&arch.spec(), &a, 1)?, AlignStats::default())
+    ///     .with_spec(&arch.spec());
+    /// assert_eq!(al.spec(), Some(&arch.spec()));
+    /// assert_eq!(al.apply_to(&a)?, al.apply(&arch.spec(), &a)?);
+    /// # Ok::<(), modelfusion::Error>(())
+    /// ```
+    pub fn with_spec(mut self, spec: &PermutationSpec) -> Self {
+        self.spec = Some(spec.clone());
+        self
+    }
+
+    /// The spec the alignment was made for, when known.
+    ///
+    /// ```
+    /// use modelfusion::align::{Aligner, Identity};
+    /// use modelfusion::perm::specs::{Architecture, MlpShapes};
+    /// let arch = MlpShapes::new(&[2, 3, 1])?;
+    /// let a = arch.random_model(0);
+    /// assert_eq!(Identity.align(&a, &a, &arch.spec())?.spec(), Some(&arch.spec()));
+    /// # Ok::<(), modelfusion::Error>(())
+    /// ```
+    pub fn spec(&self) -> Option<&PermutationSpec> {
+        self.spec.as_ref()
+    }
+
+    /// [`apply`](Self::apply) through the spec the alignment was made with: brings
+    /// `model` (the `other` of [`Aligner::align`]) into the reference basis. Errors for an
+    /// alignment built by hand without [`with_spec`](Self::with_spec).
+    ///
+    /// ```
+    /// use modelfusion::align::{Aligner, WeightMatching};
+    /// use modelfusion::perm::specs::{Architecture, MlpShapes};
+    /// let arch = MlpShapes::new(&[3, 6, 2])?;
+    /// let (a, b) = (arch.random_model(0), arch.random_model(1));
+    /// let aligned = WeightMatching::new(0).align(&a, &b, &arch.spec())?.apply_to(&b)?;
+    /// # use modelfusion::Model;
+    /// assert_eq!(aligned.get("layers.1.bias"), b.get("layers.1.bias"));
+    /// # Ok::<(), modelfusion::Error>(())
+    /// ```
+    pub fn apply_to<M: Model>(&self, model: &M) -> Result<M> {
+        let spec = self.spec.as_ref().ok_or_else(|| Error::Spec {
+            reason: "the alignment does not know its spec (built by hand without `with_spec`); use `apply(&spec, model)`".into(),
+        })?;
+        self.apply(spec, model)
     }
 
     /// The identity alignment for every group of `spec`, sized from `model`.
@@ -535,7 +648,7 @@ pub struct Identity;
 impl<M: Model> Aligner<M> for Identity {
     fn align(&self, reference: &M, other: &M, spec: &PermutationSpec) -> Result<Alignment> {
         check_pair(reference, other, spec)?;
-        Alignment::identity(spec, reference)
+        Ok(Alignment::identity(spec, reference)?.with_spec(spec))
     }
 }
 

@@ -10,6 +10,7 @@ use crate::error::{Error, Result};
 use crate::model::Model;
 use crate::objective::Activations;
 use crate::perm::{Permutation, PermutationSpec};
+use crate::progress::{Observer, Silent};
 use crate::tensor::{Scalar, Tensor};
 
 /// How the transport plan is computed.
@@ -297,14 +298,24 @@ impl<M: Model> Aligner<M> for OtFusion<WeightFeatures> {
             visits.push(g.clone());
             done.insert(g, map);
         }
-        Ok(one_pass(done, objective, visits))
+        Ok(one_pass(done, objective, visits).with_spec(spec))
     }
 }
 
 impl<M: Model, A: Activations<M>> Aligner<M> for OtFusion<ActivationFeatures<A>> {
     fn align(&self, reference: &M, other: &M, spec: &PermutationSpec) -> Result<Alignment> {
+        self.align_observed(reference, other, spec, &mut Silent)
+    }
+
+    fn align_observed(
+        &self,
+        reference: &M,
+        other: &M,
+        spec: &PermutationSpec,
+        observer: &mut dyn Observer,
+    ) -> Result<Alignment> {
         let (sa, sb) = check_shapes(reference, other, spec)?;
-        let moments = group_moments(&self.source.0, reference, other, &sa, &sb)?;
+        let moments = group_moments(&self.source.0, reference, other, &sa, &sb, observer)?;
         let mut done: BTreeMap<String, GroupMap> = BTreeMap::new();
         let mut objective = Vec::new();
         let mut visits = Vec::new();
@@ -325,7 +336,7 @@ impl<M: Model, A: Activations<M>> Aligner<M> for OtFusion<ActivationFeatures<A>>
             visits.push(g.clone());
             done.insert(g, map);
         }
-        Ok(one_pass(done, objective, visits))
+        Ok(one_pass(done, objective, visits).with_spec(spec))
     }
 }
 

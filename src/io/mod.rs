@@ -67,11 +67,9 @@ pub use guard::read_capped;
 pub use half::{bf16, f16};
 pub use header::{Header, INDEX_FILE, MAX_HEADER_SIZE, MAX_INDEX_SIZE, ShardIndex, TensorInfo};
 pub use permute::{
-    PermutedSummary, SIDE_FILES, config_of, copy_side_files, infer_checkpoint_spec, side_files,
-    write_permuted,
+    PermutedSummary, SIDE_FILES, SpecSource, config_of, copy_side_files, infer_checkpoint_spec,
+    side_files, write_permuted,
 };
 pub use reader::{Checkpoint, SINGLE_FILE, load};
-pub use stream::{
-    Chunking, MergeSummary, Progress, StreamOptions, check_compatible, merge_checkpoints,
-};
+pub use stream::{Chunking, MergeSummary, StreamOptions, check_compatible, merge_checkpoints};
 pub use writer::{CheckpointWriter, SaveOptions, TensorPlan, save, save_file};

@@ -7,11 +7,13 @@ use std::path::{Path, PathBuf};
 use super::atomic;
 use super::guard::read_capped;
 use super::reader::{Checkpoint, io_err};
+use super::stream::report_tensor;
 use super::writer::{CheckpointWriter, SaveOptions, TensorPlan};
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::perm::infer::{Inferred, infer_spec};
 use crate::perm::{PermutationSet, PermutationSpec};
+use crate::progress::{Observer, Progress};
 
 /// Files copied from a checkpoint's directory next to a merged or aligned one, when
 /// present.
@@ -75,6 +77,77 @@ pub fn config_of(ck: &Checkpoint) -> Result<Option<serde_json::Value>> {
         })
 }
 
+/// Where a checkpoint's permutation spec comes from: inferred from its tensors and
+/// `config.json`, or read from a spec file. Parses from `auto` or a path.
+///
+/// ```
+/// use modelfusion::io::SpecSource;
+/// assert_eq!("auto".parse::<SpecSource>()?, SpecSource::Auto);
+/// assert_eq!("spec.json".parse::<SpecSource>()?, SpecSource::File("spec.json".into()));
+/// # Ok::<(), modelfusion::Error>(())
+/// ```
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum SpecSource {
+    /// Inferred by [`infer_checkpoint_spec`].
+    #[default]
+    Auto,
+    /// A spec file ([`PermutationSpec::load`]).
+    File(PathBuf),
+}
+
+impl std::str::FromStr for SpecSource {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<SpecSource> {
+        match s.trim() {
+            "" => Err(Error::invalid(
+                "spec",
+                "empty; expected `auto` or the path of a spec file",
+            )),
+            "auto" => Ok(SpecSource::Auto),
+            _ => Ok(SpecSource::File(PathBuf::from(s))),
+        }
+    }
+}
+
+impl std::fmt::Display for SpecSource {
+    /// `auto`, or the spec file's path.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SpecSource::Auto => f.write_str("auto"),
+            SpecSource::File(p) => write!(f, "{}", p.display()),
+        }
+    }
+}
+
+impl SpecSource {
+    /// The spec for `ck`, with where it came from (`torchvision-resnet (why)` or
+    /// `spec file PATH`).
+    ///
+    /// ```
+    /// use modelfusion::io::{save_file, Checkpoint, Dtype, SpecSource};
+    /// use modelfusion::perm::specs::{Architecture, MlpShapes};
+    /// let p = std::env::temp_dir().join("modelfusion-doc-spec-source.safetensors");
+    /// save_file(&MlpShapes::new(&[3, 4, 2])?.random_model(0), &p, Dtype::F32)?;
+    /// let (spec, origin) = SpecSource::Auto.resolve(&Checkpoint::open(&p)?)?;
+    /// assert_eq!(spec.num_groups(), 1);
+    /// assert!(origin.contains("mlp"), "{origin}");
+    /// # Ok::<(), modelfusion::Error>(())
+    /// ```
+    pub fn resolve(&self, ck: &Checkpoint) -> Result<(PermutationSpec, String)> {
+        match self {
+            SpecSource::Auto => {
+                let found = infer_checkpoint_spec(ck)?;
+                Ok((found.spec, format!("{} ({})", found.family, found.reason)))
+            }
+            SpecSource::File(path) => Ok((
+                PermutationSpec::load(path)?,
+                format!("spec file {}", path.display()),
+            )),
+        }
+    }
+}
+
 /// Infers the spec of a checkpoint on disk from its float tensors' names and shapes and
 /// its `config.json` (see [`crate::perm::infer`]); reads no tensor data.
 pub fn infer_checkpoint_spec(ck: &Checkpoint) -> Result<Inferred> {
@@ -112,7 +185,7 @@ pub fn write_permuted(
     perms: &PermutationSet,
     out: &Path,
     max_shard_size: Option<u64>,
-    mut progress: impl FnMut(usize, usize, &str),
+    mut observer: impl Observer,
 ) -> Result<PermutedSummary> {
     for (g, members) in spec.groups() {
         let p = perms.get(g).ok_or_else(|| Error::Spec {
@@ -157,7 +230,8 @@ pub fn write_permuted(
         CheckpointWriter::create(out, plan, &options)?
     };
     let n = ck.len();
-    let mut permuted = 0;
+    let bytes_total: u64 = ck.tensors().iter().map(|t| t.byte_len() as u64).sum();
+    let (mut permuted, mut bytes_done) = (0, 0u64);
     for (k, t) in ck.tensors().iter().enumerate() {
         let mut raw = ck.read_raw(t.name())?;
         for (axis, g) in spec.param_axes(t.name()) {
@@ -169,7 +243,19 @@ pub fn write_permuted(
             permuted += 1;
         }
         writer.write_raw(k, &raw)?;
-        progress(k, n, t.name());
+        bytes_done += t.byte_len() as u64;
+        report_tensor(
+            &mut observer,
+            "permuted copy",
+            out,
+            Progress::Tensor {
+                index: k,
+                total: n,
+                name: t.name(),
+                bytes_done,
+                bytes_total,
+            },
+        )?;
     }
     let files = writer.finish()?;
     Ok(PermutedSummary {

@@ -14,7 +14,6 @@ use super::header::{Header, INDEX_FILE, ShardIndex, TensorInfo, format_err};
 use crate::dtype::RawTensor;
 use crate::error::{Error, Result};
 use crate::model::StateDict;
-use crate::tensor::Tensor;
 
 /// The single-file name a checkpoint directory without an index holds.
 ///
@@ -539,10 +538,7 @@ impl Checkpoint {
     /// assert_eq!(Checkpoint::open(&p)?.to_state_dict::<f32>()?, sd);
     /// # Ok::<(), modelfusion::Error>(())
     /// ```
-    pub fn to_state_dict<T: IoScalar>(&self) -> Result<StateDict<ArrayD<T>>>
-    where
-        ArrayD<T>: Tensor<Elem = T>,
-    {
+    pub fn to_state_dict<T: IoScalar>(&self) -> Result<StateDict<ArrayD<T>>> {
         let mut sd = StateDict::new();
         for t in &self.tensors {
             if t.dtype.is_float() {
@@ -568,15 +564,12 @@ impl Checkpoint {
 ///
 /// let dir = std::env::temp_dir().join("modelfusion-doc-load");
 /// let sd = StateDict::from_pairs([("a", arr1(&[1.5f32; 4]).into_dyn()), ("b", arr1(&[2.0f32; 4]).into_dyn())])?;
-/// save(&sd, &dir, &SaveOptions::new(Dtype::F16).max_shard_size(8))?; // two shards
+/// save(&sd, &dir, &SaveOptions::new(Dtype::F16).with_max_shard_size(8))?; // two shards
 /// let back: StateDict<ArrayD<f32>> = load(&dir)?;
 /// assert_eq!(back, sd);
 /// # std::fs::remove_dir_all(&dir).ok();
 /// # Ok::<(), modelfusion::Error>(())
 /// ```
-pub fn load<T: IoScalar>(path: impl AsRef<Path>) -> Result<StateDict<ArrayD<T>>>
-where
-    ArrayD<T>: Tensor<Elem = T>,
-{
+pub fn load<T: IoScalar>(path: impl AsRef<Path>) -> Result<StateDict<ArrayD<T>>> {
     Checkpoint::open(path)?.to_state_dict()
 }

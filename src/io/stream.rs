@@ -12,7 +12,7 @@ use super::reader::Checkpoint;
 use super::writer::{CheckpointWriter, SaveOptions, TensorPlan, flat};
 use crate::error::{Error, Result};
 use crate::merge::TensorMerger;
-use crate::tensor::Tensor;
+use crate::progress::{Observer, Progress};
 
 /// How a streaming merge hands tensors to the merger.
 ///
@@ -42,7 +42,7 @@ pub enum Chunking {
 ///
 /// ```
 /// use modelfusion::io::{Chunking, Dtype, SaveOptions, StreamOptions};
-/// let o = StreamOptions::new(SaveOptions::new(Dtype::BF16)).chunking(Chunking::Elementwise { chunk_elems: 1 << 18 });
+/// let o = StreamOptions::new(SaveOptions::new(Dtype::BF16)).with_chunking(Chunking::Elementwise { chunk_elems: 1 << 18 });
 /// assert_eq!(o.save.dtype, Dtype::BF16);
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -76,10 +76,10 @@ impl StreamOptions {
     ///
     /// ```
     /// use modelfusion::io::{Dtype, SaveOptions, StreamOptions};
-    /// let o = StreamOptions::new(SaveOptions::new(Dtype::F32)).files(vec![("config.json".into(), b"{}".to_vec())]);
+    /// let o = StreamOptions::new(SaveOptions::new(Dtype::F32)).with_files(vec![("config.json".into(), b"{}".to_vec())]);
     /// assert_eq!(o.files.len(), 1);
     /// ```
-    pub fn files(mut self, files: Vec<(String, Vec<u8>)>) -> Self {
+    pub fn with_files(mut self, files: Vec<(String, Vec<u8>)>) -> Self {
         self.files = files;
         self
     }
@@ -88,49 +88,37 @@ impl StreamOptions {
     ///
     /// ```
     /// use modelfusion::io::{Chunking, Dtype, SaveOptions, StreamOptions};
-    /// let o = StreamOptions::new(SaveOptions::new(Dtype::F32)).chunking(Chunking::Elementwise { chunk_elems: 64 });
+    /// let o = StreamOptions::new(SaveOptions::new(Dtype::F32)).with_chunking(Chunking::Elementwise { chunk_elems: 64 });
     /// assert_eq!(o.chunking, Chunking::Elementwise { chunk_elems: 64 });
     /// ```
-    pub fn chunking(mut self, chunking: Chunking) -> Self {
+    pub fn with_chunking(mut self, chunking: Chunking) -> Self {
         self.chunking = chunking;
         self
     }
 }
 
-/// Where a streaming merge is, reported after each tensor.
-///
-/// ```
-/// let p = modelfusion::io::Progress { tensor_index: 0, tensors: 2, name: "w".into(), bytes_done: 8, bytes_total: 16 };
-/// assert_eq!(p.fraction(), 0.5);
-/// ```
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Progress {
-    /// Index of the tensor just written (0-based).
-    pub tensor_index: usize,
-    /// Number of tensors in all.
-    pub tensors: usize,
-    /// Its name.
-    pub name: String,
-    /// Output bytes written so far.
-    pub bytes_done: u64,
-    /// Output bytes in all.
-    pub bytes_total: u64,
-}
-
-impl Progress {
-    /// `bytes_done / bytes_total` (1 for an empty output).
-    ///
-    /// ```
-    /// let p = modelfusion::io::Progress { tensor_index: 0, tensors: 1, name: "w".into(), bytes_done: 0, bytes_total: 0 };
-    /// assert_eq!(p.fraction(), 1.0);
-    /// ```
-    pub fn fraction(&self) -> f64 {
-        if self.bytes_total == 0 {
-            1.0
-        } else {
-            self.bytes_done as f64 / self.bytes_total as f64
-        }
+/// Reports a tensor written into `out` by a streamed `what` (a merge, a permuted copy);
+/// an observer's stop becomes [`Error::Cancelled`] (the caller's writer, dropped
+/// unfinished, then removes its temporaries).
+pub(crate) fn report_tensor(
+    observer: &mut impl Observer,
+    what: &str,
+    out: &Path,
+    report: Progress<'_>,
+) -> Result<()> {
+    if observer.observe(&report).is_continue() {
+        return Ok(());
     }
+    let (done, total) = match report {
+        Progress::Tensor { index, total, .. } => (index + 1, total),
+        _ => (0, 0),
+    };
+    Err(Error::Cancelled {
+        what: format!(
+            "{what} into {} stopped after {done} of {total} tensors; nothing was written there (previous contents are kept)",
+            out.display()
+        ),
+    })
 }
 
 /// What a finished streaming merge did.
@@ -305,6 +293,7 @@ fn check_output_not_input(inputs: &[&Checkpoint], out_dir: &Path) -> Result<()> 
 /// ```
 /// use modelfusion::merge::TensorMerger;
 /// use modelfusion::io::{load, merge_checkpoints, save_file, Checkpoint, Dtype, SaveOptions, StreamOptions};
+/// use modelfusion::progress::from_fn;
 /// use modelfusion::{Model, Result, StateDict, Tensor};
 /// use ndarray::{arr1, ArrayD};
 ///
@@ -325,7 +314,7 @@ fn check_output_not_input(inputs: &[&Checkpoint], out_dir: &Path) -> Result<()> 
 /// let out = tmp.join("modelfusion-doc-mc-out");
 /// let mut seen = 0;
 /// let summary = merge_checkpoints::<f32, _>(&[&a, &b], &Mean, &out,
-///     &StreamOptions::new(SaveOptions::new(Dtype::F16)), |_| seen += 1)?;
+///     &StreamOptions::new(SaveOptions::new(Dtype::F16)), from_fn(|_| seen += 1))?;
 /// assert_eq!((summary.tensors, seen), (1, 1));
 /// let merged: StateDict<ArrayD<f32>> = load(&out)?;
 /// assert_eq!(merged.get("w").unwrap().as_slice().unwrap(), &[2.0, 4.0]);
@@ -337,11 +326,10 @@ pub fn merge_checkpoints<T, M>(
     merger: &M,
     out_dir: impl AsRef<Path>,
     options: &StreamOptions,
-    mut progress: impl FnMut(&Progress),
+    mut observer: impl Observer,
 ) -> Result<MergeSummary>
 where
     T: IoScalar,
-    ArrayD<T>: Tensor<Elem = T>,
     M: TensorMerger<ArrayD<T>> + Sync + ?Sized,
 {
     let out_dir = out_dir.as_ref();
@@ -461,13 +449,18 @@ where
             .map(|t| t.byte_len() as u64)
             .sum::<u64>();
         bytes_done += out_bytes(name, numel);
-        progress(&Progress {
-            tensor_index: k,
-            tensors: plan.len(),
-            name: name.clone(),
-            bytes_done,
-            bytes_total,
-        });
+        report_tensor(
+            &mut observer,
+            "merge",
+            out_dir,
+            Progress::Tensor {
+                index: k,
+                total: plan.len(),
+                name,
+                bytes_done,
+                bytes_total,
+            },
+        )?;
     }
     let files = writer.finish()?;
     Ok(MergeSummary {

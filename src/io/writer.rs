@@ -25,7 +25,7 @@ use crate::tensor::Tensor;
 ///
 /// ```
 /// use modelfusion::io::{Dtype, SaveOptions};
-/// let o = SaveOptions::new(Dtype::BF16).max_shard_size(5 << 30);
+/// let o = SaveOptions::new(Dtype::BF16).with_max_shard_size(5 << 30);
 /// assert_eq!(o.dtype, Dtype::BF16);
 /// assert_eq!(o.max_shard_size, Some(5 << 30));
 /// assert_eq!(o.metadata["format"], "pt");
@@ -60,10 +60,10 @@ impl SaveOptions {
     /// Sets the largest shard size in bytes.
     ///
     /// ```
-    /// let o = modelfusion::io::SaveOptions::new(modelfusion::io::Dtype::F32).max_shard_size(1 << 20);
+    /// let o = modelfusion::io::SaveOptions::new(modelfusion::io::Dtype::F32).with_max_shard_size(1 << 20);
     /// assert_eq!(o.max_shard_size, Some(1 << 20));
     /// ```
-    pub fn max_shard_size(mut self, bytes: u64) -> Self {
+    pub fn with_max_shard_size(mut self, bytes: u64) -> Self {
         self.max_shard_size = Some(bytes);
         self
     }
@@ -555,7 +555,7 @@ impl CheckpointWriter {
     /// ```
     /// # use modelfusion::io::{CheckpointWriter, Dtype, SaveOptions};
     /// # let dir = std::env::temp_dir().join("modelfusion-doc-writer-files");
-    /// let w = CheckpointWriter::create(&dir, [("a", vec![4]), ("b", vec![4])], &SaveOptions::new(Dtype::F32).max_shard_size(16))?;
+    /// let w = CheckpointWriter::create(&dir, [("a", vec![4]), ("b", vec![4])], &SaveOptions::new(Dtype::F32).with_max_shard_size(16))?;
     /// let names: Vec<_> = w.files().map(|p| p.file_name().unwrap().to_str().unwrap().to_string()).collect();
     /// assert_eq!(names, ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]);
     /// # Ok::<(), modelfusion::Error>(())
@@ -619,7 +619,7 @@ impl CheckpointWriter {
                 buf.clear();
                 buf.resize(data.len() * t.dtype.size(), 0);
                 encode(t.dtype, data, &mut buf)?;
-                Ok(write_at(&shard.file, &buf, offset))
+                Ok::<_, Error>(write_at(&shard.file, &buf, offset))
             })?,
         }
         .map_err(|e| io_err(&shard.path, e))?;
@@ -941,10 +941,7 @@ pub(crate) fn flat<T: Copy>(a: &ArrayD<T>) -> std::borrow::Cow<'_, [T]> {
 fn save_with<T: IoScalar>(
     sd: &StateDict<ArrayD<T>>,
     writer: CheckpointWriter,
-) -> Result<Vec<PathBuf>>
-where
-    ArrayD<T>: Tensor<Elem = T>,
-{
+) -> Result<Vec<PathBuf>> {
     for (i, (_, t)) in sd.iter().enumerate() {
         writer.write(i, 0, &flat(t))?;
     }
@@ -955,10 +952,7 @@ where
 }
 
 /// The float parameters (in the output dtype), then the raw tensors (in their own).
-fn plan_of<T: IoScalar>(sd: &StateDict<ArrayD<T>>) -> Vec<TensorPlan>
-where
-    ArrayD<T>: Tensor<Elem = T>,
-{
+fn plan_of<T: IoScalar>(sd: &StateDict<ArrayD<T>>) -> Vec<TensorPlan> {
     sd.iter()
         .map(|(n, t)| (n, Tensor::shape(t).to_vec()).into())
         .chain(
@@ -979,7 +973,7 @@ where
 ///
 /// let dir = std::env::temp_dir().join("modelfusion-doc-save");
 /// let sd = StateDict::from_pairs([("a", arr1(&[1.0f32; 4]).into_dyn()), ("b", arr1(&[1.0f32; 4]).into_dyn())])?;
-/// let files = save(&sd, &dir, &SaveOptions::new(Dtype::F32).max_shard_size(16))?;
+/// let files = save(&sd, &dir, &SaveOptions::new(Dtype::F32).with_max_shard_size(16))?;
 /// assert_eq!(files.len(), 3); // two shards and the index
 /// assert!(dir.join("model.safetensors.index.json").exists());
 /// # std::fs::remove_dir_all(&dir).ok();
@@ -989,10 +983,7 @@ pub fn save<T: IoScalar>(
     sd: &StateDict<ArrayD<T>>,
     dir: impl AsRef<Path>,
     options: &SaveOptions,
-) -> Result<Vec<PathBuf>>
-where
-    ArrayD<T>: Tensor<Elem = T>,
-{
+) -> Result<Vec<PathBuf>> {
     let writer = CheckpointWriter::create(dir, plan_of(sd), options)?;
     save_with(sd, writer)
 }
@@ -1015,10 +1006,7 @@ pub fn save_file<T: IoScalar>(
     sd: &StateDict<ArrayD<T>>,
     path: impl AsRef<Path>,
     dtype: Dtype,
-) -> Result<PathBuf>
-where
-    ArrayD<T>: Tensor<Elem = T>,
-{
+) -> Result<PathBuf> {
     let path = path.as_ref();
     let writer = CheckpointWriter::create_file(path, plan_of(sd), &SaveOptions::new(dtype))?;
     save_with(sd, writer)?;

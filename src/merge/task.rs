@@ -191,7 +191,8 @@ impl Sparsification {
 /// ```
 #[derive(Clone, Debug)]
 pub struct TaskMerge<M> {
-    base: M,
+    /// `None`: the base is the first tensor of every call.
+    base: Option<M>,
     lambda: f64,
     weights: Option<Vec<f64>>,
     sparsification: Sparsification,
@@ -232,6 +233,15 @@ impl<M: Model> TaskMerge<M> {
         consensus: Consensus,
         lambda: f64,
     ) -> Result<Self> {
+        Self::build(Some(base), sparsification, consensus, lambda)
+    }
+
+    fn build(
+        base: Option<M>,
+        sparsification: Sparsification,
+        consensus: Consensus,
+        lambda: f64,
+    ) -> Result<Self> {
         check_lambda(lambda)?;
         sparsification.validate()?;
         let rescale = match sparsification {
@@ -248,6 +258,35 @@ impl<M: Model> TaskMerge<M> {
             rescale,
             normalize: None,
         })
+    }
+
+    /// The general form with the base model streamed in rather than held: every call
+    /// gets the base's tensor first, then the models' (`merge_tensor(name, &[base, a,
+    /// b])`, or `merge(&[&base, &a, &b])`), so a streamed merge
+    /// ([`merge_checkpoints`](crate::io::merge_checkpoints)) reads the base checkpoint
+    /// from disk beside the others. Weights and per-model settings count the models only;
+    /// results equal [`new`](Self::new)'s with the same base.
+    ///
+    /// ```
+    /// use modelfusion::merge::{Consensus, Merger, Sparsification, TaskMerge};
+    /// use modelfusion::{StateDict, StateDictF64};
+    /// use ndarray::arr1;
+    /// let base = StateDict::from_pairs([("w", arr1(&[1.0f64, 1.0, 1.0]).into_dyn())])?;
+    /// let a = StateDict::from_pairs([("w", arr1(&[2.0, 1.0, 0.5]).into_dyn())])?;
+    /// let b = StateDict::from_pairs([("w", arr1(&[3.0, 1.0, 2.0]).into_dyn())])?;
+    /// let held = TaskMerge::ties(base.clone(), 1.0, 1.0)?.merge(&[&a, &b])?;
+    /// let streamed = TaskMerge::<StateDictF64>::base_input(
+    ///     Sparsification::Magnitude { density: 1.0 }, Consensus::SignElection, 1.0)?;
+    /// assert_eq!(streamed.merge(&[&base, &a, &b])?, held);
+    /// assert!(streamed.merge(&[&base]).is_err()); // the base and no model
+    /// # Ok::<(), modelfusion::Error>(())
+    /// ```
+    pub fn base_input(
+        sparsification: Sparsification,
+        consensus: Consensus,
+        lambda: f64,
+    ) -> Result<Self> {
+        Self::build(None, sparsification, consensus, lambda)
     }
 
     /// Task arithmetic (Ilharco et al. 2023): `base + lambda * sum_i w_i tau_i`
@@ -470,11 +509,11 @@ impl<M: Model> TaskMerge<M> {
     /// use modelfusion::StateDict;
     /// use ndarray::arr1;
     /// let base = StateDict::from_pairs([("w", arr1(&[0.0f32]).into_dyn())])?;
-    /// assert_eq!(TaskMerge::task_arithmetic(base.clone(), 1.0)?.base(), &base);
+    /// assert_eq!(TaskMerge::task_arithmetic(base.clone(), 1.0)?.base(), Some(&base));
     /// # Ok::<(), modelfusion::Error>(())
     /// ```
-    pub fn base(&self) -> &M {
-        &self.base
+    pub fn base(&self) -> Option<&M> {
+        self.base.as_ref()
     }
 
     /// The scaling of the combined task vector.
@@ -574,8 +613,10 @@ impl<M: Model> TaskMerge<M> {
         tensors: &[&M::Tensor],
         masks: &[&[bool]],
     ) -> Result<M::Tensor> {
-        if !(0..tensors.len())
-            .all(|i| matches!(self.sparsification_of(i), Sparsification::Random { .. }))
+        let models = tensors
+            .len()
+            .saturating_sub(usize::from(self.base.is_none()));
+        if !(0..models).all(|i| matches!(self.sparsification_of(i), Sparsification::Random { .. }))
         {
             return Err(Error::invalid(
                 "masks",
@@ -583,7 +624,7 @@ impl<M: Model> TaskMerge<M> {
             ));
         }
         check_shapes(name, tensors)?;
-        check_count(masks.len(), tensors.len(), "masks", name)?;
+        check_count(masks.len(), models, "masks", name)?;
         let n = tensors[0].len();
         if let Some((i, m)) = masks.iter().enumerate().find(|(_, m)| m.len() != n) {
             return Err(Error::shape(
@@ -641,7 +682,21 @@ impl<M: Model> TaskMerge<M> {
         check_shapes(name, tensors)?;
         let shape = tensors[0].shape().to_vec();
         kernel::check_out_len(name, out.len(), tensors[0].len())?;
-        let base = base_tensor(&self.base, name, &shape)?;
+        let (base, tensors) = match &self.base {
+            Some(m) => (base_tensor(m, name, &shape)?, tensors),
+            None => match tensors {
+                [base, models @ ..] if !models.is_empty() => (*base, models),
+                _ => {
+                    return Err(Error::invalid(
+                        "tensors",
+                        format!(
+                            "parameter `{name}`: a merge with the base streamed in needs the base's tensor first, then at least one model's (got {})",
+                            tensors.len()
+                        ),
+                    ));
+                }
+            },
+        };
         let weights = match &self.weights {
             Some(w) => {
                 check_count(w.len(), tensors.len(), "weights", name)?;

@@ -5,8 +5,6 @@
 //! objective at `phi(t)`, and moves every inner control `k` along
 //! `c_k(t) * (grad L(phi(t)) + weight_decay * phi(t))`.
 
-use std::ops::ControlFlow;
-
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -18,6 +16,7 @@ use crate::tensor::{Scalar, Tensor};
 use super::curves::{ControlCurve, straight_line_controls};
 use super::{PathSampler, check_coefficients, validate_controls};
 use crate::optim::{LrSchedule, ModelOptimizer, Optimizer};
+use crate::progress::{Observer, Progress};
 
 /// The objective of curve fitting when it changes from step to step (minibatches):
 /// the loss and gradient of `model` for training step `step`.
@@ -188,7 +187,7 @@ impl FitConfig {
     }
 }
 
-/// One step of a fit: what the progress callback saw.
+/// One step of a fit: what the observer saw.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct FitStep {
     /// The step, from 0.
@@ -206,7 +205,7 @@ pub struct FitResult<C> {
     pub curve: C,
     /// Every step taken, in order.
     pub history: Vec<FitStep>,
-    /// True when the callback stopped the run before `steps`.
+    /// True when the observer stopped the run before `steps`.
     pub stopped_early: bool,
 }
 
@@ -310,17 +309,19 @@ where
 /// drawn from ChaCha8 seeded with [`FitConfig::seed`], the full-batch objective
 /// `objective` evaluated at `phi(t)`. For minibatches, see [`fit_curve_stochastic`].
 ///
-/// After each step `progress(step, t, loss)` is called with the objective's loss at
-/// `phi(t)` (before the update); returning `ControlFlow::Break(())` stops the run.
+/// After each step `observer` sees [`Progress::Step`] with the objective's loss at
+/// `phi(t)` (before the update); returning `ControlFlow::Break(())` stops the run (see
+/// [`progress`](crate::progress); pass [`Silent`](crate::progress::Silent) to watch
+/// nothing).
 ///
 /// Errors: a curve with fewer than three controls (nothing to train), a non-finite loss
 /// or gradient (naming the step and `t`), a gradient whose structure differs from the
 /// model's.
 ///
 /// ```
-/// use std::ops::ControlFlow;
 /// use modelfusion::barrier::{loss_barrier, BarrierConfig};
 /// use modelfusion::path::{fit_curve, Bezier, FitConfig, Linear, Optimizer};
+/// use modelfusion::progress::Silent;
 /// use modelfusion::{Gradient, Model, Objective, Result, StateDict, StateDictF64};
 /// use ndarray::arr1;
 ///
@@ -346,26 +347,25 @@ where
 /// let cfg = FitConfig::new(2000, Optimizer::adam(0.01)?)?
 ///     .with_init(modelfusion::path::BendInit::Given)
 ///     .with_seed(1);
-/// let fit = fit_curve(&curve, &Ring, &cfg, |_, _, _| ControlFlow::Continue(()))?;
+/// let fit = fit_curve(&curve, &Ring, &cfg, Silent)?;
 /// let before = loss_barrier(&line, &Ring, &BarrierConfig::default())?;
 /// let after = loss_barrier(&fit.curve, &Ring, &BarrierConfig::default())?;
 /// assert!(after.frankle < 0.25 * before.frankle);
 /// # Ok::<(), modelfusion::Error>(())
 /// ```
-pub fn fit_curve<M, C, G, F>(
+pub fn fit_curve<M, C, G>(
     curve: &C,
     objective: &G,
     config: &FitConfig,
-    progress: F,
+    observer: impl Observer,
 ) -> Result<FitResult<C>>
 where
     M: Model,
     C: ControlCurve<M>,
     G: Gradient<M> + ?Sized,
-    F: FnMut(usize, f64, f64) -> ControlFlow<()>,
 {
     let mut full = |m: &M, _step: usize| objective.loss_and_gradient(m);
-    fit_curve_stochastic(curve, &mut full, config, progress)
+    fit_curve_stochastic(curve, &mut full, config, observer)
 }
 
 /// [`fit_curve`] with an objective that changes from step to step: at step `s` the
@@ -375,6 +375,7 @@ where
 /// ```
 /// use std::ops::ControlFlow;
 /// use modelfusion::path::{fit_curve_stochastic, FitConfig, Optimizer, PolyChain};
+/// use modelfusion::progress::{from_fn, Progress};
 /// use modelfusion::{Model, StateDict, StateDictF64};
 /// use ndarray::arr1;
 ///
@@ -388,24 +389,26 @@ where
 /// };
 /// let cfg = FitConfig::new(300, Optimizer::sgd(0.1, 0.0)?)?;
 /// let mut seen = 0;
-/// let fit = fit_curve_stochastic(&chain, &mut batches, &cfg, |step, _t, _loss| {
-///     seen = step + 1;
-///     if step == 99 { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
-/// })?;
+/// let fit = fit_curve_stochastic(&chain, &mut batches, &cfg, from_fn(|p| match *p {
+///     Progress::Step { step, .. } => {
+///         seen = step + 1;
+///         if step == 99 { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
+///     }
+///     _ => ControlFlow::Continue(()),
+/// }))?;
 /// assert!(fit.stopped_early && seen == 100 && fit.history.len() == 100);
 /// # Ok::<(), modelfusion::Error>(())
 /// ```
-pub fn fit_curve_stochastic<M, C, S, F>(
+pub fn fit_curve_stochastic<M, C, S>(
     curve: &C,
     objective: &mut S,
     config: &FitConfig,
-    mut progress: F,
+    mut observer: impl Observer,
 ) -> Result<FitResult<C>>
 where
     M: Model,
     C: ControlCurve<M>,
     S: StochasticGradient<M> + ?Sized,
-    F: FnMut(usize, f64, f64) -> ControlFlow<()>,
 {
     let given = curve.controls();
     validate_controls(given)?;
@@ -449,7 +452,13 @@ where
             opt.step_scaled(&mut controls[k], &grad, c[k], lr_factor)?;
         }
         history.push(FitStep { step, t, loss });
-        if progress(step, t, loss).is_break() {
+        let report = Progress::Step {
+            step,
+            total: config.steps,
+            t,
+            loss,
+        };
+        if observer.observe(&report).is_break() {
             stopped_early = step + 1 < config.steps;
             break;
         }

@@ -288,15 +288,44 @@ impl PermutationSpec {
     /// [`apply`](Self::apply) once it has checked the spec and the permutations.
     pub(super) fn apply_unchecked<M: Model>(&self, perms: &PermutationSet, model: &M) -> Result<M> {
         model.try_map(|name, t| {
-            let mut out: Option<M::Tensor> = None;
-            for (axis, g) in self.param_axes(name) {
-                if let Some(p) = perms.get(g) {
-                    let idx = self.axis_indices(name, axis, p);
-                    out = Some(out.as_ref().unwrap_or(t).take(axis, &idx)?);
-                }
-            }
-            Ok(out.unwrap_or_else(|| t.clone()))
+            Ok(self
+                .permute_tensor(perms, name, t)?
+                .unwrap_or_else(|| t.clone()))
         })
+    }
+
+    /// One parameter `name` with `perms` applied along every axis the spec gives it
+    /// (`None` when no group of `perms` touches it), as [`apply`](Self::apply) does for
+    /// each parameter of a model. Checks nothing but the axes' lengths: use it where
+    /// tensors arrive one at a time (a streamed merge of aligned checkpoints), after
+    /// checking the spec against the whole model once.
+    ///
+    /// ```
+    /// use modelfusion::perm::{Permutation, PermutationSet, PermutationSpec};
+    /// use ndarray::arr2;
+    /// let spec = PermutationSpec::from_groups([("h", vec![("w1", 0), ("w2", 1)])])?;
+    /// let mut perms = PermutationSet::new();
+    /// perms.insert("h", Permutation::new(vec![1, 0])?);
+    /// let w2 = arr2(&[[1.0f32, 2.0]]).into_dyn();
+    /// let moved = spec.permute_tensor(&perms, "w2", &w2)?.unwrap();
+    /// assert_eq!(moved, arr2(&[[2.0f32, 1.0]]).into_dyn());
+    /// assert!(spec.permute_tensor(&perms, "other", &w2)?.is_none());
+    /// # Ok::<(), modelfusion::Error>(())
+    /// ```
+    pub fn permute_tensor<T: Tensor>(
+        &self,
+        perms: &PermutationSet,
+        name: &str,
+        t: &T,
+    ) -> Result<Option<T>> {
+        let mut out: Option<T> = None;
+        for (axis, g) in self.param_axes(name) {
+            if let Some(p) = perms.get(g) {
+                let idx = self.axis_indices(name, axis, p);
+                out = Some(out.as_ref().unwrap_or(t).take(axis, &idx)?);
+            }
+        }
+        Ok(out)
     }
 }
 

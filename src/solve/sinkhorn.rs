@@ -44,9 +44,9 @@ pub const REG_REL_FLOOR: f64 = 1e-12;
 ///
 /// ```
 /// use modelfusion::solve::Sinkhorn;
-/// let s = Sinkhorn::builder().reg(0.05).tol(1e-8).max_iter(500).build()?;
+/// let s = Sinkhorn::builder().with_reg(0.05).with_tol(1e-8).with_max_iter(500).build()?;
 /// assert_eq!(s.reg(), 0.05);
-/// assert!(Sinkhorn::builder().reg(-1.0).build().is_err());
+/// assert!(Sinkhorn::builder().with_reg(-1.0).build().is_err());
 /// # Ok::<(), modelfusion::Error>(())
 /// ```
 #[derive(Clone, Debug)]
@@ -74,11 +74,11 @@ impl SinkhornBuilder {
     /// Entropic regulariser `reg > 0` (default `0.01`), in the units of the cost.
     ///
     /// ```
-    /// let s = modelfusion::solve::Sinkhorn::builder().reg(0.1).build()?;
+    /// let s = modelfusion::solve::Sinkhorn::builder().with_reg(0.1).build()?;
     /// assert_eq!(s.reg(), 0.1);
     /// # Ok::<(), modelfusion::Error>(())
     /// ```
-    pub fn reg(mut self, reg: f64) -> Self {
+    pub fn with_reg(mut self, reg: f64) -> Self {
         self.reg = reg;
         self
     }
@@ -89,11 +89,11 @@ impl SinkhornBuilder {
     /// iteration.
     ///
     /// ```
-    /// let s = modelfusion::solve::Sinkhorn::builder().tol(1e-6).build()?;
+    /// let s = modelfusion::solve::Sinkhorn::builder().with_tol(1e-6).build()?;
     /// assert_eq!(s.tol(), 1e-6);
     /// # Ok::<(), modelfusion::Error>(())
     /// ```
-    pub fn tol(mut self, tol: f64) -> Self {
+    pub fn with_tol(mut self, tol: f64) -> Self {
         self.tol = tol;
         self
     }
@@ -102,11 +102,11 @@ impl SinkhornBuilder {
     /// stages. Reaching it is not an error: the result says `converged == false`.
     ///
     /// ```
-    /// let s = modelfusion::solve::Sinkhorn::builder().max_iter(50).build()?;
+    /// let s = modelfusion::solve::Sinkhorn::builder().with_max_iter(50).build()?;
     /// assert_eq!(s.max_iter(), 50);
     /// # Ok::<(), modelfusion::Error>(())
     /// ```
-    pub fn max_iter(mut self, max_iter: usize) -> Self {
+    pub fn with_max_iter(mut self, max_iter: usize) -> Self {
         self.max_iter = max_iter;
         self
     }
@@ -115,11 +115,11 @@ impl SinkhornBuilder {
     /// `reg_m * KL(P 1 | a) + reg_m * KL(P^T 1 | b)` penalties (`reg_m > 0`).
     ///
     /// ```
-    /// let s = modelfusion::solve::Sinkhorn::builder().reg_m(1.0).build()?;
+    /// let s = modelfusion::solve::Sinkhorn::builder().with_reg_m(1.0).build()?;
     /// assert_eq!(s.reg_m(), Some(1.0));
     /// # Ok::<(), modelfusion::Error>(())
     /// ```
-    pub fn reg_m(mut self, reg_m: f64) -> Self {
+    pub fn with_reg_m(mut self, reg_m: f64) -> Self {
         self.reg_m = Some(reg_m);
         self
     }
@@ -129,11 +129,11 @@ impl SinkhornBuilder {
     /// from the previous potentials.
     ///
     /// ```
-    /// let s = modelfusion::solve::Sinkhorn::builder().epsilon_scaling(true).build()?;
+    /// let s = modelfusion::solve::Sinkhorn::builder().with_epsilon_scaling(true).build()?;
     /// assert!(s.epsilon_scaling());
     /// # Ok::<(), modelfusion::Error>(())
     /// ```
-    pub fn epsilon_scaling(mut self, on: bool) -> Self {
+    pub fn with_epsilon_scaling(mut self, on: bool) -> Self {
         self.epsilon_scaling = on;
         self
     }
@@ -146,9 +146,9 @@ impl SinkhornBuilder {
     ///
     /// ```
     /// use modelfusion::solve::Sinkhorn;
-    /// assert!(Sinkhorn::builder().tol(0.0).build().is_err());
-    /// assert!(Sinkhorn::builder().max_iter(0).build().is_err());
-    /// assert!(Sinkhorn::builder().reg_m(f64::NAN).build().is_err());
+    /// assert!(Sinkhorn::builder().with_tol(0.0).build().is_err());
+    /// assert!(Sinkhorn::builder().with_max_iter(0).build().is_err());
+    /// assert!(Sinkhorn::builder().with_reg_m(f64::NAN).build().is_err());
     /// ```
     pub fn build(self) -> Result<Sinkhorn> {
         check_positive("reg", self.reg)?;
@@ -167,7 +167,7 @@ impl SinkhornBuilder {
 ///
 /// Minimises `<P, M> + reg * sum P_ij (ln P_ij - 1)` subject to `P 1 = a`, `P^T 1 = b`
 /// (balanced) or with KL penalties on the marginals (unbalanced, see
-/// [`SinkhornBuilder::reg_m`]). The plan is `P_ij = exp((f_i + g_j - M_ij) / reg)` with
+/// [`SinkhornBuilder::with_reg_m`]). The plan is `P_ij = exp((f_i + g_j - M_ij) / reg)` with
 /// dual potentials `f`, `g`. See the [module docs](crate::solve) for the algorithm.
 ///
 /// ```
@@ -177,7 +177,7 @@ impl SinkhornBuilder {
 /// let a = array![0.5, 0.5];
 /// let b = array![0.5, 0.5];
 /// let m = array![[0.0f64, 1.0], [1.0, 0.0]];
-/// let ot = Sinkhorn::builder().reg(0.01).build()?.solve(a.view(), b.view(), m.view())?;
+/// let ot = Sinkhorn::builder().with_reg(0.01).build()?.solve(a.view(), b.view(), m.view())?;
 /// assert!(ot.converged);
 /// assert!((ot.plan[[0, 0]] - 0.5).abs() < 1e-9);
 /// assert!(ot.cost < 1e-9);
@@ -210,7 +210,7 @@ pub struct TransportPlan<F> {
     pub cost: f64,
     /// Sinkhorn iterations run (over all epsilon-scaling stages).
     pub iterations: usize,
-    /// Final value of the stopping criterion (see [`SinkhornBuilder::tol`]).
+    /// Final value of the stopping criterion (see [`SinkhornBuilder::with_tol`]).
     pub error: f64,
     /// Whether `error <= tol` was reached within `max_iter` iterations.
     pub converged: bool,
@@ -232,7 +232,7 @@ impl Sinkhorn {
     /// The regulariser.
     ///
     /// ```
-    /// assert_eq!(modelfusion::solve::Sinkhorn::builder().reg(0.2).build()?.reg(), 0.2);
+    /// assert_eq!(modelfusion::solve::Sinkhorn::builder().with_reg(0.2).build()?.reg(), 0.2);
     /// # Ok::<(), modelfusion::Error>(())
     /// ```
     pub fn reg(&self) -> f64 {
@@ -242,7 +242,7 @@ impl Sinkhorn {
     /// The stopping tolerance.
     ///
     /// ```
-    /// assert_eq!(modelfusion::solve::Sinkhorn::builder().tol(1e-5).build()?.tol(), 1e-5);
+    /// assert_eq!(modelfusion::solve::Sinkhorn::builder().with_tol(1e-5).build()?.tol(), 1e-5);
     /// # Ok::<(), modelfusion::Error>(())
     /// ```
     pub fn tol(&self) -> f64 {
@@ -252,7 +252,7 @@ impl Sinkhorn {
     /// The iteration cap.
     ///
     /// ```
-    /// assert_eq!(modelfusion::solve::Sinkhorn::builder().max_iter(7).build()?.max_iter(), 7);
+    /// assert_eq!(modelfusion::solve::Sinkhorn::builder().with_max_iter(7).build()?.max_iter(), 7);
     /// # Ok::<(), modelfusion::Error>(())
     /// ```
     pub fn max_iter(&self) -> usize {
@@ -291,7 +291,7 @@ impl Sinkhorn {
     /// ```
     /// use modelfusion::solve::Sinkhorn;
     /// use ndarray::array;
-    /// let s = Sinkhorn::builder().reg(0.05).build()?;
+    /// let s = Sinkhorn::builder().with_reg(0.05).build()?;
     /// let m = array![[0.0f32, 1.0, 4.0], [1.0, 0.0, 1.0]];
     /// let ot = s.solve(array![0.5f32, 0.5].view(), array![0.25f32, 0.5, 0.25].view(), m.view())?;
     /// assert!(ot.converged);
@@ -319,7 +319,7 @@ impl Sinkhorn {
     /// ```
     /// use modelfusion::solve::Sinkhorn;
     /// use ndarray::array;
-    /// let s = Sinkhorn::builder().reg(1.0).build()?;
+    /// let s = Sinkhorn::builder().with_reg(1.0).build()?;
     /// let (a, b) = (array![0.5, 0.5], array![0.5, 0.5]);
     /// let m = array![[0.0, 1.0], [2.0, 0.5]];
     /// let cold = s.solve(a.view(), b.view(), m.view())?;
@@ -456,7 +456,7 @@ pub fn sinkhorn<F: Scalar>(
     cost: ArrayView2<F>,
     reg: f64,
 ) -> Result<TransportPlan<F>> {
-    Sinkhorn::builder().reg(reg).build()?.solve(a, b, cost)
+    Sinkhorn::builder().with_reg(reg).build()?.solve(a, b, cost)
 }
 
 /// Unbalanced entropic OT (KL-relaxed marginals with weight `reg_m`); see [`Sinkhorn`].
@@ -483,8 +483,8 @@ pub fn sinkhorn_unbalanced<F: Scalar>(
     reg_m: f64,
 ) -> Result<TransportPlan<F>> {
     Sinkhorn::builder()
-        .reg(reg)
-        .reg_m(reg_m)
+        .with_reg(reg)
+        .with_reg_m(reg_m)
         .build()?
         .solve(a, b, cost)
 }

@@ -7,29 +7,19 @@ use std::time::Instant;
 
 use clap::Args;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use modelfusion::align::{Aligner, WeightMatching};
-use modelfusion::io::{Checkpoint, copy_side_files, infer_checkpoint_spec, load, write_permuted};
+use modelfusion::align::AlignStats;
+use modelfusion::config::AlignSettings;
+use modelfusion::io::{Checkpoint, SpecSource, copy_side_files, load, write_permuted};
 use modelfusion::perm::{PermutationSet, PermutationSpec};
+use modelfusion::progress::{Progress, from_fn};
 use modelfusion::{Result, StateDictF32};
 
 /// Where a spec comes from.
 #[derive(Args, Debug, Clone)]
-pub struct SpecSource {
+pub struct SpecArg {
     /// `auto` (inferred from tensor names, shapes and config.json) or a spec file (JSON).
     #[arg(long, default_value = "auto")]
-    spec: String,
-}
-
-impl SpecSource {
-    fn resolve(&self, ck: &Checkpoint) -> Result<(PermutationSpec, String)> {
-        if self.spec == "auto" {
-            let found = infer_checkpoint_spec(ck)?;
-            Ok((found.spec, format!("{} ({})", found.family, found.reason)))
-        } else {
-            let spec = PermutationSpec::load(&self.spec)?;
-            Ok((spec, format!("spec file {}", self.spec)))
-        }
-    }
+    spec: SpecSource,
 }
 
 #[derive(Args, Debug)]
@@ -37,7 +27,7 @@ pub struct SpecArgs {
     /// A .safetensors file or a checkpoint directory.
     ckpt: PathBuf,
     #[command(flatten)]
-    source: SpecSource,
+    source: SpecArg,
     /// Write the spec as a spec file (JSON) to FILE.
     #[arg(long)]
     write: Option<PathBuf>,
@@ -54,7 +44,7 @@ pub struct PermuteArgs {
     #[arg(short, long)]
     out: PathBuf,
     #[command(flatten)]
-    source: SpecSource,
+    source: SpecArg,
 }
 
 #[derive(Args, Debug)]
@@ -67,7 +57,7 @@ pub struct AlignArgs {
     #[arg(short, long)]
     out: PathBuf,
     #[command(flatten)]
-    source: SpecSource,
+    source: SpecArg,
     /// Seed of weight matching's group order (and of random restarts).
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -97,7 +87,7 @@ fn bar(len: u64, hidden: bool) -> ProgressBar {
 
 pub fn run_spec(a: SpecArgs) -> Result<()> {
     let ck = Checkpoint::open(&a.ckpt)?;
-    let (spec, origin) = a.source.resolve(&ck)?;
+    let (spec, origin) = a.source.spec.resolve(&ck)?;
     let model: StateDictF32 = load(&a.ckpt)?;
     let report = spec.check(&model)?;
     println!("family: {origin}");
@@ -149,10 +139,19 @@ fn write_out(
     hidden: bool,
 ) -> Result<()> {
     let b = bar(ck.len() as u64, hidden);
-    let summary = write_permuted(ck, spec, perms, out, max_shard_size, |k, _, name| {
-        b.set_position(k as u64 + 1);
-        b.set_message(name.to_string());
-    })?;
+    let summary = write_permuted(
+        ck,
+        spec,
+        perms,
+        out,
+        max_shard_size,
+        from_fn(|p| {
+            if let Progress::Tensor { index, name, .. } = *p {
+                b.set_position(index as u64 + 1);
+                b.set_message(name.to_string());
+            }
+        }),
+    )?;
     b.finish_and_clear();
     let copied = copy_side_files(src, out, None)?;
     eprintln!(
@@ -171,7 +170,7 @@ fn write_out(
 
 pub fn run_permute(a: PermuteArgs) -> Result<()> {
     let ck = Checkpoint::open(&a.ckpt)?;
-    let (spec, origin) = a.source.resolve(&ck)?;
+    let (spec, origin) = a.source.spec.resolve(&ck)?;
     let model: StateDictF32 = load(&a.ckpt)?;
     spec.require_sound(&model)?;
     let perms = PermutationSet::random(&spec, &model, a.seed)?;
@@ -183,60 +182,11 @@ pub fn run_permute(a: PermuteArgs) -> Result<()> {
     write_out(&ck, &a.ckpt, &spec, &perms, &a.out, None, false)
 }
 
-/// Weight matching settings shared by `align` and the `align:` section of merge configs.
-#[derive(Clone, Debug)]
-pub struct MatchSettings {
-    /// Spec source: `auto` or a spec file.
-    pub spec: String,
-    /// Seed of the group order.
-    pub seed: u64,
-    /// Starting points.
-    pub restarts: usize,
-}
-
-/// Weight-matches `other` into `reference`'s basis and writes it to `out` (with its side
-/// files), each tensor in its own dtype.
-pub fn align_into(
-    reference: &Path,
-    other: &Path,
-    out: &Path,
-    settings: &MatchSettings,
-    max_shard_size: Option<u64>,
-    hidden: bool,
-) -> Result<()> {
-    let start = Instant::now();
-    let ref_ck = Checkpoint::open(reference)?;
-    let other_ck = Checkpoint::open(other)?;
-    let source = SpecSource {
-        spec: settings.spec.clone(),
-    };
-    let (spec, origin) = source.resolve(&ref_ck)?;
-    let a: StateDictF32 = load(reference)?;
-    let b: StateDictF32 = load(other)?;
-    eprintln!(
-        "aligning {} to {}; spec: {origin}; weight matching {} groups (seed {}, {} start(s))",
-        other.display(),
-        reference.display(),
-        spec.num_groups(),
-        settings.seed,
-        settings.restarts
-    );
-    let spinner = bar(0, hidden);
-    spinner.set_message("weight matching");
-    spinner.enable_steady_tick(std::time::Duration::from_millis(200));
-    let alignment = WeightMatching::new(settings.seed)
-        .with_restarts(settings.restarts)?
-        .align(&a, &b, &spec)?;
-    spinner.finish_and_clear();
-    let perms = alignment.permutations().ok_or_else(|| {
-        modelfusion::Error::invalid("alignment", "weight matching gave no permutations")
-    })?;
-    let stats = alignment.stats();
-    let moved: usize = perms.iter().map(|(_, p)| p.num_moved()).sum();
-    let units: usize = perms.iter().map(|(_, p)| p.len()).sum();
-    eprintln!(
-        "matched in {:.2} s: {} sweep(s){}, objective {:.6e} -> {:.6e}, {moved} of {units} units moved",
-        start.elapsed().as_secs_f64(),
+/// One line on a weight matching: sweeps, convergence, objective, units moved.
+pub fn describe_match(stats: &AlignStats, units: usize) -> String {
+    let moved: usize = stats.moved.values().sum();
+    format!(
+        "{} sweep(s){}, objective {:.6e} -> {:.6e}, {moved} of {units} units moved",
         stats.sweeps,
         if stats.converged {
             ", converged"
@@ -245,21 +195,65 @@ pub fn align_into(
         },
         stats.objective.first().copied().unwrap_or(0.0),
         stats.objective.last().copied().unwrap_or(0.0),
-    );
-    write_out(&other_ck, other, &spec, &perms, out, max_shard_size, hidden)
+    )
 }
 
 pub fn run_align(a: AlignArgs) -> Result<()> {
-    let settings = MatchSettings {
+    let start = Instant::now();
+    let settings = AlignSettings {
         spec: a.source.spec.clone(),
         seed: a.seed,
         restarts: a.restarts,
     };
-    align_into(
-        &a.reference,
+    let ref_ck = Checkpoint::open(&a.reference)?;
+    let other_ck = Checkpoint::open(&a.other)?;
+    let (spec, origin) = settings.spec.resolve(&ref_ck)?;
+    let ref_model: StateDictF32 = load(&a.reference)?;
+    let other_model: StateDictF32 = load(&a.other)?;
+    eprintln!(
+        "aligning {} to {}; spec: {origin}; weight matching {} groups (seed {}, {} start(s))",
+        a.other.display(),
+        a.reference.display(),
+        spec.num_groups(),
+        settings.seed,
+        settings.restarts
+    );
+    let spinner = bar(0, a.no_progress);
+    spinner.set_message("weight matching");
+    spinner.enable_steady_tick(std::time::Duration::from_millis(200));
+    let (perms, stats) = settings.match_models(
+        &ref_model,
+        &other_model,
+        &spec,
+        &mut from_fn(|p| {
+            if let Progress::Sweep {
+                start,
+                sweep,
+                objective,
+                changed,
+            } = *p
+            {
+                spinner.set_message(format!(
+                    "weight matching: start {}, sweep {}, objective {objective:.6e}, {changed} group(s) changed",
+                    start + 1,
+                    sweep + 1
+                ));
+            }
+        }),
+    )?;
+    spinner.finish_and_clear();
+    let units: usize = perms.iter().map(|(_, p)| p.len()).sum();
+    eprintln!(
+        "matched in {:.2} s: {}",
+        start.elapsed().as_secs_f64(),
+        describe_match(&stats, units)
+    );
+    write_out(
+        &other_ck,
         &a.other,
+        &spec,
+        &perms,
         &a.out,
-        &settings,
         a.max_shard_size,
         a.no_progress,
     )

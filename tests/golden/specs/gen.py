@@ -21,10 +21,10 @@ offsets (torchvision initialises VGG biases to 0, which a permutation cannot cha
 
 Model weights are NOT committed; regenerate them with:
 
-    python3 -m venv /work/venv-torch
-    /work/venv-torch/bin/pip install torch torchvision safetensors numpy
-    /work/venv-torch/bin/python tests/golden/specs/gen.py [OUT]      # OUT default /tmp/mf-golden-specs
-    /work/venv-torch/bin/python tests/golden/specs/gen.py --tables-only   # only tables/*.json
+    python3 -m venv ../venv-torch
+    ../venv-torch/bin/pip install torch torchvision safetensors numpy
+    ../venv-torch/bin/python tests/golden/specs/gen.py [OUT]      # OUT default /tmp/mf-golden-specs
+    ../venv-torch/bin/python tests/golden/specs/gen.py --tables-only   # only tables/*.json
 
 check_torch.py imports this file for the model builders (build(name, seed)).
 """

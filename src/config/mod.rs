@@ -4,11 +4,18 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use modelfusion::io::Dtype;
-use modelfusion::{Error, Result};
+use crate::align::{AlignStats, Aligner, WeightMatching};
+use crate::io::{Dtype, SpecSource, read_capped};
+use crate::perm::{PermutationSet, PermutationSpec};
+use crate::progress::Observer;
+use crate::{Error, Result, StateDictF32};
 use serde::Deserialize;
 
-use crate::methods::{BaseUse, MethodSpec, method_spec};
+mod methods;
+mod run;
+
+pub use methods::{BaseUse, ConfigMerger, METHODS, MethodSpec, ParamSpec, method_spec};
+pub use run::{AlignedInput, MergePlan, RunOptions, RunSummary};
 
 /// A parameter setting, read as mergekit 0.1.5 reads it.
 #[derive(Clone, Debug, PartialEq)]
@@ -262,9 +269,101 @@ pub struct RawConfig {
     pub dtype: Option<String>,
     /// Output dtype.
     pub out_dtype: Option<String>,
+    /// modelfusion's own section: align every model to the base (or first) model first.
+    pub align: Option<RawAlign>,
     /// Everything else (reported as an error).
     #[serde(flatten)]
     pub other: BTreeMap<String, serde_json::Value>,
+}
+
+/// The `align:` section as written: `spec` (`auto` or a spec file), `seed`,
+/// `restarts`.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RawAlign {
+    /// `auto` (inferred from the reference checkpoint) or the path of a spec file.
+    pub spec: Option<String>,
+    /// Seed of weight matching's group order and restarts.
+    pub seed: Option<u64>,
+    /// Starting points of the descent (the identity, then random ones).
+    pub restarts: Option<usize>,
+}
+
+/// How a config aligns its models before merging: weight matching of every model to the
+/// base model (or, without one, to the first model), through the spec.
+///
+/// ```
+/// use modelfusion::config::{AlignSettings, Config};
+/// use modelfusion::io::SpecSource;
+/// let c = Config::from_yaml(
+///     "merge_method: linear\nalign: {seed: 3}\nmodels:\n  - model: a\n    parameters: {weight: 1}\n  - model: b\n    parameters: {weight: 1}\n",
+///     "c.yml".as_ref(),
+/// )?;
+/// assert_eq!(c.align, Some(AlignSettings { spec: SpecSource::Auto, seed: 3, restarts: 1 }));
+/// # Ok::<(), modelfusion::Error>(())
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AlignSettings {
+    /// Where the spec comes from (resolved against the reference checkpoint).
+    pub spec: SpecSource,
+    /// Seed of the group order (and of random restarts).
+    pub seed: u64,
+    /// Starting points (at least 1).
+    pub restarts: usize,
+}
+
+impl AlignSettings {
+    /// Weight-matches `other` to `reference` through `spec` with these settings, each
+    /// sweep reported to `observer`: the permutation of each group, and the matching's
+    /// statistics.
+    ///
+    /// ```
+    /// use modelfusion::config::AlignSettings;
+    /// use modelfusion::progress::Silent;
+    /// use modelfusion::perm::specs::{Architecture, MlpShapes};
+    /// let arch = MlpShapes::new(&[3, 8, 2])?;
+    /// let a = arch.random_model(0);
+    /// let settings = AlignSettings { spec: Default::default(), seed: 0, restarts: 1 };
+    /// // A permuted copy of `a` matches back onto `a`.
+    /// let b = arch.spec().apply(&modelfusion::perm::PermutationSet::random(&arch.spec(), &a, 5)?, &a)?;
+    /// let (perms, stats) = settings.match_models(&a, &b, &arch.spec(), &mut Silent)?;
+    /// assert_eq!(arch.spec().apply(&perms, &b)?, a);
+    /// assert!(stats.sweeps >= 1);
+    /// # Ok::<(), modelfusion::Error>(())
+    /// ```
+    pub fn match_models(
+        &self,
+        reference: &StateDictF32,
+        other: &StateDictF32,
+        spec: &PermutationSpec,
+        observer: &mut dyn Observer,
+    ) -> Result<(PermutationSet, AlignStats)> {
+        let alignment = WeightMatching::new(self.seed)
+            .with_restarts(self.restarts)?
+            .align_observed(reference, other, spec, observer)?;
+        let perms = alignment
+            .permutations()
+            .ok_or_else(|| Error::invalid("align", "weight matching gave no permutations"))?;
+        Ok((perms, alignment.stats().clone()))
+    }
+
+    fn from_raw(raw: &RawAlign) -> Result<AlignSettings> {
+        let restarts = raw.restarts.unwrap_or(1);
+        if restarts == 0 {
+            return Err(Error::invalid(
+                "align.restarts",
+                "must be at least 1 (the identity start)",
+            ));
+        }
+        Ok(AlignSettings {
+            spec: match &raw.spec {
+                Some(s) => s.parse()?,
+                None => SpecSource::Auto,
+            },
+            seed: raw.seed.unwrap_or(0),
+            restarts,
+        })
+    }
 }
 
 /// A validated configuration, ready to run.
@@ -287,7 +386,12 @@ pub struct Config {
     pub out_dtype: Option<Dtype>,
     /// Seed of random methods (set from the command line).
     pub seed: u64,
+    /// Alignment before merging, from the `align:` section.
+    pub align: Option<AlignSettings>,
 }
+
+/// Largest merge config read, in bytes.
+const MAX_CONFIG_SIZE: u64 = 16 << 20;
 
 /// mergekit keys modelfusion does not implement, with what to do instead.
 const UNSUPPORTED_KEYS: [(&str, &str); 6] = [
@@ -329,6 +433,29 @@ impl Config {
         Self::validate(raw)
     }
 
+    /// Reads and validates a config file (at most 16 MiB: a special file such as
+    /// `/dev/zero` fails at once). Model paths are used as written: relative ones are
+    /// relative to the working directory, as in mergekit.
+    ///
+    /// ```
+    /// use modelfusion::config::Config;
+    /// let p = std::env::temp_dir().join("modelfusion-doc-config.yml");
+    /// std::fs::write(&p, "merge_method: linear\nmodels:\n  - model: a\n    parameters: {weight: 1}\n")?;
+    /// assert_eq!(Config::from_file(&p)?.method.name, "linear");
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Config> {
+        let path = path.as_ref();
+        let bytes = read_capped(path, MAX_CONFIG_SIZE, "merge config")?;
+        let text = String::from_utf8(bytes).map_err(|e| {
+            Error::invalid(
+                "merge config",
+                format!("`{}` is not UTF-8 text: {e}", path.display()),
+            )
+        })?;
+        Self::from_yaml(&text, path)
+    }
+
     /// Validates a parsed config: known method and keys, parameter names allowed for the
     /// method, required parameters present, model count and base model as the method needs.
     pub fn validate(raw: RawConfig) -> Result<Config> {
@@ -338,7 +465,7 @@ impl Config {
                 .find(|(u, _)| u == k)
                 .map_or("it is not a key of a mergekit merge config", |(_, w)| w);
             return Err(config_err(format!(
-                "unsupported key `{k}`: {why} (keys: merge_method, base_model, models, parameters, dtype, out_dtype)"
+                "unsupported key `{k}`: {why} (keys: merge_method, base_model, models, parameters, dtype, out_dtype, align)"
             )));
         }
         let method = method_spec(&raw.merge_method)?;
@@ -457,6 +584,11 @@ impl Config {
             compute_f64,
             out_dtype,
             seed: 0,
+            align: raw
+                .align
+                .as_ref()
+                .map(AlignSettings::from_raw)
+                .transpose()?,
         })
     }
 

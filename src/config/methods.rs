@@ -1,17 +1,17 @@
 //! The merge methods the command line knows: their parameters (mergekit names and
 //! defaults) and the tensor merger each config becomes.
 
-use modelfusion::io::IoScalar;
 use std::sync::OnceLock;
 
-use modelfusion::merge::{
+use crate::io::IoScalar;
+use crate::merge::{
     ArceeFusion, Average, Consensus, KarcherMean, ModelStock, MultiSlerp, NearSwap, NuSlerp, Ram,
     Rescale, Sce, Slerp, SlerpVectors, Sparsification, TaskMerge, TensorMerger, nuslerp_t,
 };
-use modelfusion::{Error, Result, StateDict, Tensor};
+use crate::{Error, Result, StateDict};
 use ndarray::ArrayD;
 
-use crate::config::{Config, Kind, gradient_t, layer_index};
+use super::{Config, Kind, gradient_t, layer_index};
 
 /// A parameter of a method: its mergekit name, kind and default (`None` = required).
 #[derive(Debug)]
@@ -258,8 +258,10 @@ pub fn method_spec(name: &str) -> Result<&'static MethodSpec> {
 
 /// The tensor merger a validated config describes. Parameters are resolved per tensor
 /// name and gradient position (so filters and gradients apply) and the matching
-/// `modelfusion::merge` merger is built for each tensor; methods with a base model get
+/// `modelfusion::merge` merger is built for each tensor; task-vector methods get the base
+/// as the first tensor ([`TaskMerge::base_input`]), the other methods with a base model get
 /// it as a one-tensor state dict.
+#[derive(Debug)]
 pub struct ConfigMerger<'a> {
     config: &'a Config,
     /// Number of layers (for gradients), from the tensor names seen by `preflight`.
@@ -312,7 +314,6 @@ impl<'a> ConfigMerger<'a> {
 fn model_stock_rows<T>(name: &str, base: &ArrayD<T>, models: &[&ArrayD<T>]) -> Result<ArrayD<T>>
 where
     T: IoScalar,
-    ArrayD<T>: Tensor<Elem = T>,
 {
     let shape = base.shape().to_vec();
     let row = shape.last().copied().unwrap_or(1).max(1);
@@ -362,7 +363,6 @@ fn config_count(method: &str, want: usize, got: usize) -> Error {
 impl<T> TensorMerger<ArrayD<T>> for ConfigMerger<'_>
 where
     T: IoScalar,
-    ArrayD<T>: Tensor<Elem = T>,
 {
     fn merge_tensor(&self, name: &str, ts: &[&ArrayD<T>]) -> Result<ArrayD<T>> {
         let c = self.config;
@@ -423,28 +423,31 @@ where
         if method == "model_stock" && global("filter_wise")? != 0.0 && ts[0].ndim() > 1 {
             return model_stock_rows(name, ts[0], models);
         }
-        let base = StateDict::from_pairs([(name, ts[0].clone())])?;
+        // The base as a one-tensor model, for the mergers that hold theirs.
+        let held = || StateDict::from_pairs([(name, ts[0].clone())]);
         match method {
             "slerp" => {
                 return Slerp::new(global("t")?)?
                     .with_zero_lerp(flag("lerp_zero")?)
                     .merge_tensor(name, ts);
             }
-            "model_stock" => return ModelStock::new(base).merge_tensor(name, models),
+            "model_stock" => return ModelStock::new(held()?).merge_tensor(name, models),
             "sce" => {
-                return Sce::new(base, global("select_topk")?)?
+                return Sce::new(held()?, global("select_topk")?)?
                     .with_uniform_below(global("uniform_below")?)?
                     .merge_tensor(name, models);
             }
             "arcee_fusion" => {
-                return ArceeFusion::new(base, c.seed)
+                return ArceeFusion::new(held()?, c.seed)
                     .with_exact_quantiles(flag("exact_quantiles")?)
                     .merge_tensor(name, models);
             }
-            "nearswap" => return NearSwap::new(base, global("t")?)?.merge_tensor(name, models),
-            "ram" => return Ram::new(base, global("epsilon")?)?.merge_tensor(name, models),
+            "nearswap" => {
+                return NearSwap::new(held()?, global("t")?)?.merge_tensor(name, models);
+            }
+            "ram" => return Ram::new(held()?, global("epsilon")?)?.merge_tensor(name, models),
             "ramplus_tl" => {
-                return Ram::plus(base, global("r")?, global("alpha")?, global("epsilon")?)?
+                return Ram::plus(held()?, global("r")?, global("alpha")?, global("epsilon")?)?
                     .merge_tensor(name, models);
             }
             _ => {}
@@ -500,11 +503,16 @@ where
         } else {
             Rescale::None
         };
-        TaskMerge::new(base, Sparsification::None, consensus, global("lambda")?)?
-            .with_sparsifications(sparsifications)?
-            .with_rescale(rescale)?
-            .with_normalize(global("normalize")? != 0.0)
-            .with_weights(per_model("weight")?)?
-            .merge_tensor(name, models)
+        // The base streams in as `ts[0]`: no copy of it per tensor.
+        TaskMerge::<StateDict<ArrayD<T>>>::base_input(
+            Sparsification::None,
+            consensus,
+            global("lambda")?,
+        )?
+        .with_sparsifications(sparsifications)?
+        .with_rescale(rescale)?
+        .with_normalize(global("normalize")? != 0.0)
+        .with_weights(per_model("weight")?)?
+        .merge_tensor(name, ts)
     }
 }

@@ -1,0 +1,548 @@
+//! Running a validated config: inputs opened and checked, models aligned when the config
+//! asks for it, tensors merged and streamed to disk.
+
+use std::path::Path;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use ndarray::ArrayD;
+
+use super::{AlignSettings, Config, ConfigMerger};
+use crate::align::AlignStats;
+use crate::io::{
+    Checkpoint, Chunking, Dtype, IoScalar, MergeSummary, SaveOptions, StreamOptions, bf16,
+    check_compatible, f16, load, merge_checkpoints, side_files,
+};
+use crate::merge::TensorMerger;
+use crate::perm::{PermutationSet, PermutationSpec};
+use crate::progress::{Observer, Progress};
+use crate::{Error, Result, StateDictF32};
+
+/// The choices of a run that are not part of the config: output sharding, chunking,
+/// side files and the non-finite check.
+///
+/// ```
+/// use modelfusion::config::RunOptions;
+/// let o = RunOptions::new().with_max_shard_size(1 << 30)?.with_copy_files(false);
+/// assert_eq!(o.max_shard_size(), Some(1 << 30));
+/// assert!(RunOptions::new().with_chunk_elems(0).is_err());
+/// # Ok::<(), modelfusion::Error>(())
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunOptions {
+    max_shard_size: Option<u64>,
+    chunk_elems: usize,
+    copy_files: bool,
+    allow_nonfinite: bool,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions {
+            max_shard_size: None,
+            chunk_elems: 1 << 18,
+            copy_files: true,
+            allow_nonfinite: false,
+        }
+    }
+}
+
+impl RunOptions {
+    /// One output file, chunks of 2^18 elements for elementwise methods, side files
+    /// (`config.json`, tokenizer files) copied from the base or first model, merged
+    /// tensors with NaN or infinite values refused.
+    ///
+    /// ```
+    /// let o = modelfusion::config::RunOptions::new();
+    /// assert!(o.copy_files() && !o.allow_nonfinite());
+    /// ```
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Shards the output: at most `bytes` of tensor data per file (a larger tensor gets
+    /// a shard of its own). Zero is an error.
+    ///
+    /// ```
+    /// assert!(modelfusion::config::RunOptions::new().with_max_shard_size(0).is_err());
+    /// ```
+    pub fn with_max_shard_size(mut self, bytes: u64) -> Result<Self> {
+        if bytes == 0 {
+            return Err(Error::invalid("max_shard_size", "must be positive"));
+        }
+        self.max_shard_size = Some(bytes);
+        Ok(self)
+    }
+
+    /// Elements per chunk for elementwise methods (linear, task arithmetic without
+    /// trimming). Zero is an error.
+    ///
+    /// ```
+    /// let o = modelfusion::config::RunOptions::new().with_chunk_elems(1024)?;
+    /// assert_eq!(o.chunk_elems(), 1024);
+    /// # Ok::<(), modelfusion::Error>(())
+    /// ```
+    pub fn with_chunk_elems(mut self, elems: usize) -> Result<Self> {
+        if elems == 0 {
+            return Err(Error::invalid("chunk_elems", "must be positive"));
+        }
+        self.chunk_elems = elems;
+        Ok(self)
+    }
+
+    /// Whether `config.json` and the tokenizer files of the base (or first) model are
+    /// copied beside the output (default: yes).
+    ///
+    /// ```
+    /// assert!(!modelfusion::config::RunOptions::new().with_copy_files(false).copy_files());
+    /// ```
+    pub fn with_copy_files(mut self, copy: bool) -> Self {
+        self.copy_files = copy;
+        self
+    }
+
+    /// Whether merged tensors holding NaN or infinite values are written (default: the
+    /// run stops with an error naming the tensor, and writes nothing).
+    ///
+    /// ```
+    /// assert!(modelfusion::config::RunOptions::new().with_allow_nonfinite(true).allow_nonfinite());
+    /// ```
+    pub fn with_allow_nonfinite(mut self, allow: bool) -> Self {
+        self.allow_nonfinite = allow;
+        self
+    }
+
+    /// The largest shard, if sharded.
+    pub fn max_shard_size(&self) -> Option<u64> {
+        self.max_shard_size
+    }
+    /// Elements per chunk for elementwise methods.
+    pub fn chunk_elems(&self) -> usize {
+        self.chunk_elems
+    }
+    /// Whether side files are copied.
+    pub fn copy_files(&self) -> bool {
+        self.copy_files
+    }
+    /// Whether non-finite merged values are written.
+    pub fn allow_nonfinite(&self) -> bool {
+        self.allow_nonfinite
+    }
+}
+
+/// What aligning one input did.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AlignedInput {
+    /// Index of the input among [`Config::inputs`].
+    pub input: usize,
+    /// Where the spec came from (the inferred family, or the spec file).
+    pub spec_origin: String,
+    /// Weight matching's statistics (sweeps, objective, units moved per group).
+    pub stats: AlignStats,
+    /// Units in all of the spec's groups.
+    pub units: usize,
+}
+
+/// What a finished run did.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RunSummary {
+    /// The streaming merge's summary (tensors, bytes, files, carried buffers).
+    pub merge: MergeSummary,
+    /// Side files copied beside the output.
+    pub copied: Vec<String>,
+    /// Inputs aligned to the reference before merging (empty without `align:`).
+    pub aligned: Vec<AlignedInput>,
+    /// Merged values beyond the output dtype's range (stored as infinity), and the
+    /// first tensor holding one.
+    pub overflow: Option<(u64, String)>,
+    /// The output dtype.
+    pub out_dtype: Dtype,
+}
+
+impl RunSummary {
+    /// A warning line for values that overflowed a float16 or bfloat16 output, if any
+    /// did.
+    ///
+    /// ```
+    /// use modelfusion::config::RunSummary;
+    /// use modelfusion::io::{Dtype, MergeSummary};
+    /// let merge = MergeSummary { tensors: 1, bytes_read: 0, bytes_written: 0, files: vec![], carried: vec![], carried_differing: vec![] };
+    /// let s = RunSummary { merge, copied: vec![], aligned: vec![], overflow: Some((3, "w".into())), out_dtype: Dtype::F16 };
+    /// assert!(s.overflow_warning().unwrap().contains("3 merged value(s)"));
+    /// ```
+    pub fn overflow_warning(&self) -> Option<String> {
+        let (n, first) = self.overflow.as_ref()?;
+        Some(format!(
+            "warning: {n} merged value(s) exceed the {} maximum ({}) and are stored as infinity (first in tensor `{}`); consider out_dtype: float32",
+            self.out_dtype.torch_name(),
+            narrow_max(self.out_dtype).unwrap_or(f64::INFINITY),
+            crate::error::Escaped(first)
+        ))
+    }
+}
+
+/// Largest finite value of `dtype`, when it is narrower than `f32`.
+fn narrow_max(dtype: Dtype) -> Option<f64> {
+    match dtype {
+        Dtype::F16 => Some(f64::from(f16::MAX)),
+        Dtype::BF16 => Some(f64::from(bf16::MAX)),
+        _ => None,
+    }
+}
+
+/// A validated config with its inputs opened and their headers checked against each
+/// other and the method's parameters: what a run will read and write. Made by
+/// [`Config::plan`]; reads no tensor data.
+#[derive(Debug)]
+pub struct MergePlan<'c> {
+    config: &'c Config,
+    inputs: Vec<Checkpoint>,
+    tensors: Vec<(String, Vec<usize>)>,
+    out_dtype: Dtype,
+    merger: ConfigMerger<'c>,
+}
+
+impl Config {
+    /// Opens the inputs, checks that they hold the same tensors with the same shapes
+    /// and that every parameter resolves for every tensor (bad hyperparameters fail
+    /// here, before any data is read).
+    ///
+    /// ```
+    /// use modelfusion::config::Config;
+    /// let c = Config::from_yaml("merge_method: linear\nmodels:\n  - model: /nonexistent\n    parameters: {weight: 1}\n", "c.yml".as_ref())?;
+    /// let err = c.plan().unwrap_err().to_string();
+    /// assert!(err.contains("models[0]") && err.contains("does not exist"), "{err}");
+    /// # Ok::<(), modelfusion::Error>(())
+    /// ```
+    pub fn plan(&self) -> Result<MergePlan<'_>> {
+        let inputs = self
+            .inputs
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                if !p.exists() {
+                    return Err(Error::invalid(
+                        self.input_role(i),
+                        format!(
+                            "`{}` does not exist (modelfusion reads local checkpoints only; download Hugging Face repos first)",
+                            p.display()
+                        ),
+                    ));
+                }
+                Checkpoint::open(p)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let refs: Vec<&Checkpoint> = inputs.iter().collect();
+        let tensors = check_compatible(&refs)?;
+        let merger = ConfigMerger::new(self);
+        merger.preflight(tensors.iter().map(|(n, _)| n.as_str()))?;
+        let out_dtype = self
+            .out_dtype
+            .or_else(|| {
+                inputs[0]
+                    .tensors()
+                    .iter()
+                    .map(|t| t.dtype())
+                    .find(|d| d.is_float())
+            })
+            .unwrap_or(Dtype::F32);
+        Ok(MergePlan {
+            config: self,
+            inputs,
+            tensors,
+            out_dtype,
+            merger,
+        })
+    }
+
+    /// Plans and runs the config into `out` (a directory), reporting stages and tensors
+    /// to `observer`: the same as `self.plan()?.run(out, options, observer)`.
+    ///
+    /// ```
+    /// use modelfusion::config::{Config, RunOptions};
+    /// use modelfusion::io::{load, save, Dtype, SaveOptions};
+    /// use modelfusion::progress::Silent;
+    /// use modelfusion::{Model, StateDict, StateDictF32};
+    /// use ndarray::arr1;
+    ///
+    /// let dir = std::env::temp_dir().join("modelfusion-doc-config-run");
+    /// let m = |x: f32| StateDict::from_pairs([("w", arr1(&[x, 2.0 * x]).into_dyn())]).unwrap();
+    /// save(&m(1.0), dir.join("a"), &SaveOptions::new(Dtype::F32))?;
+    /// save(&m(3.0), dir.join("b"), &SaveOptions::new(Dtype::F32))?;
+    /// let yaml = format!(
+    ///     "merge_method: linear\nmodels:\n  - model: {0}/a\n    parameters: {{weight: 1}}\n  - model: {0}/b\n    parameters: {{weight: 1}}\n",
+    ///     dir.display()
+    /// );
+    /// let config = Config::from_yaml(&yaml, "merge.yml".as_ref())?;
+    /// let summary = config.run(dir.join("merged"), &RunOptions::new(), Silent)?;
+    /// assert_eq!(summary.merge.tensors, 1);
+    /// let merged: StateDictF32 = load(dir.join("merged"))?;
+    /// assert_eq!(merged.get("w").unwrap().as_slice().unwrap(), &[2.0, 4.0]);
+    /// # Ok::<(), modelfusion::Error>(())
+    /// ```
+    pub fn run(
+        &self,
+        out: impl AsRef<Path>,
+        options: &RunOptions,
+        observer: impl Observer,
+    ) -> Result<RunSummary> {
+        self.plan()?.run(out, options, observer)
+    }
+
+    fn input_role(&self, i: usize) -> String {
+        if self.has_base && i == 0 {
+            "base_model".to_string()
+        } else {
+            format!("models[{}]", i - usize::from(self.has_base))
+        }
+    }
+}
+
+impl MergePlan<'_> {
+    /// The opened inputs, in the merger's order (the base first when the method has one).
+    pub fn inputs(&self) -> &[Checkpoint] {
+        &self.inputs
+    }
+
+    /// The merged tensors' names and shapes, in output order (non-float buffers
+    /// included: they are carried from the first input).
+    pub fn tensors(&self) -> &[(String, Vec<usize>)] {
+        &self.tensors
+    }
+
+    /// The output dtype: the config's `out_dtype` (or `dtype`), else the first input's
+    /// first float dtype.
+    pub fn out_dtype(&self) -> Dtype {
+        self.out_dtype
+    }
+
+    /// Bytes of tensor data the output will hold (non-float buffers counted in the
+    /// output dtype; they are a rounding error).
+    pub fn out_bytes(&self) -> u64 {
+        self.tensors
+            .iter()
+            .map(|(_, s)| s.iter().product::<usize>() as u64 * self.out_dtype.size() as u64)
+            .sum()
+    }
+
+    /// Runs the plan: aligns every model to the base (or first) model when the config
+    /// has an `align:` section (weight matching, the permutations applied to each
+    /// tensor as it streams by, so nothing aligned is written to disk), then merges
+    /// tensor by tensor into `out`. The output is written as a transaction: on an error
+    /// (a non-finite merged value, a stopped observer) nothing is left that loads as a
+    /// checkpoint and a previous result in `out` is kept.
+    pub fn run(
+        &self,
+        out: impl AsRef<Path>,
+        options: &RunOptions,
+        mut observer: impl Observer,
+    ) -> Result<RunSummary> {
+        let out = out.as_ref();
+        let config = self.config;
+        let (aligned, alignment) = match &config.align {
+            Some(settings) => {
+                let (aligned, perms) = self.align_inputs(settings, &mut observer)?;
+                (aligned, Some(perms))
+            }
+            None => (Vec::new(), None),
+        };
+        let stages = 1 + aligned.len();
+        if observer
+            .observe(&Progress::Stage {
+                index: stages - 1,
+                total: stages,
+                what: "merging",
+            })
+            .is_break()
+        {
+            return Err(cancelled(out, "before merging"));
+        }
+        let mut save = SaveOptions::new(self.out_dtype);
+        save.max_shard_size = options.max_shard_size;
+        // Permutations apply to whole tensors, so an aligned merge is not chunked.
+        let chunking = if config.method.elementwise && alignment.is_none() {
+            Chunking::Elementwise {
+                chunk_elems: options.chunk_elems,
+            }
+        } else {
+            Chunking::Whole
+        };
+        let side = if options.copy_files {
+            side_files(&config.inputs[0], Some(self.out_dtype))?
+        } else {
+            Vec::new()
+        };
+        let copied: Vec<String> = side.iter().map(|(n, _)| n.clone()).collect();
+        let stream = StreamOptions::new(save)
+            .with_chunking(chunking)
+            .with_files(side);
+        let checked = Checked {
+            inner: &self.merger,
+            aligned: alignment.as_ref(),
+            allow_nonfinite: options.allow_nonfinite,
+            max: narrow_max(self.out_dtype),
+            out_dtype: self.out_dtype,
+            overflowed: AtomicU64::new(0),
+            first_overflow: Mutex::new(None),
+        };
+        let refs: Vec<&Checkpoint> = self.inputs.iter().collect();
+        let merge = if config.compute_f64 {
+            merge_checkpoints::<f64, _>(&refs, &checked, out, &stream, &mut observer)?
+        } else {
+            merge_checkpoints::<f32, _>(&refs, &checked, out, &stream, &mut observer)?
+        };
+        let n = checked.overflowed.load(Ordering::Relaxed);
+        let first = checked
+            .first_overflow
+            .lock()
+            .map(|g| g.clone())
+            .unwrap_or_default();
+        Ok(RunSummary {
+            merge,
+            copied,
+            aligned,
+            overflow: first.filter(|_| n > 0).map(|f| (n, f)),
+            out_dtype: self.out_dtype,
+        })
+    }
+
+    /// Weight-matches every input but the reference (the base, or the first model) to
+    /// it; the spec is resolved from the reference checkpoint.
+    fn align_inputs(
+        &self,
+        settings: &AlignSettings,
+        observer: &mut impl Observer,
+    ) -> Result<(Vec<AlignedInput>, AlignedInputs)> {
+        let reference = &self.inputs[0];
+        let (spec, origin) = settings.spec.resolve(reference)?;
+        let a: StateDictF32 = load(reference.path())?;
+        let total = self.inputs.len();
+        let (mut summaries, mut perms) = (Vec::new(), vec![None]);
+        for (i, ck) in self.inputs.iter().enumerate().skip(1) {
+            let what = format!(
+                "aligning {} to {}",
+                self.config.input_role(i),
+                self.config.input_role(0)
+            );
+            if observer
+                .observe(&Progress::Stage {
+                    index: i - 1,
+                    total,
+                    what: &what,
+                })
+                .is_break()
+            {
+                return Err(cancelled(ck.path(), "while aligning"));
+            }
+            let b: StateDictF32 = load(ck.path())?;
+            let (p, stats) = settings
+                .match_models(&a, &b, &spec, observer)
+                .map_err(|e| {
+                    Error::invalid("align", format!("{what} ({}): {e}", ck.path().display()))
+                })?;
+            summaries.push(AlignedInput {
+                input: i,
+                spec_origin: origin.clone(),
+                stats,
+                units: p.iter().map(|(_, q)| q.len()).sum(),
+            });
+            perms.push(Some(p));
+        }
+        Ok((summaries, AlignedInputs { spec, perms }))
+    }
+}
+
+fn cancelled(place: &Path, when: &str) -> Error {
+    Error::Cancelled {
+        what: format!(
+            "merge config run {when} ({}); nothing was written",
+            place.display()
+        ),
+    }
+}
+
+/// The permutation of each input (none for the reference) and the spec they act
+/// through.
+#[derive(Debug)]
+struct AlignedInputs {
+    spec: PermutationSpec,
+    perms: Vec<Option<PermutationSet>>,
+}
+
+/// The config's merger, fed the aligned inputs when the config aligns, with every
+/// merged tensor checked before it is written: non-finite values are an error (unless
+/// allowed), finite values the output dtype cannot hold (above the float16 / bfloat16
+/// maximum: stored as infinity) are counted for a warning.
+struct Checked<'a, M> {
+    inner: &'a M,
+    aligned: Option<&'a AlignedInputs>,
+    allow_nonfinite: bool,
+    max: Option<f64>,
+    out_dtype: Dtype,
+    overflowed: AtomicU64,
+    first_overflow: Mutex<Option<String>>,
+}
+
+impl<M> Checked<'_, M> {
+    /// Whether `x` (finite, above the dtype's maximum) is stored as an infinity.
+    fn becomes_infinite(&self, x: f64) -> bool {
+        match self.out_dtype {
+            Dtype::F16 => f16::from_f64(x).is_infinite(),
+            Dtype::BF16 => bf16::from_f64(x).is_infinite(),
+            _ => false,
+        }
+    }
+}
+
+impl<T, M> TensorMerger<ArrayD<T>> for Checked<'_, M>
+where
+    T: IoScalar,
+    M: TensorMerger<ArrayD<T>>,
+{
+    fn merge_tensor(&self, name: &str, ts: &[&ArrayD<T>]) -> Result<ArrayD<T>> {
+        let out = match self.aligned {
+            Some(al) => {
+                let moved = ts
+                    .iter()
+                    .zip(&al.perms)
+                    .map(|(t, p)| match p {
+                        Some(p) => al.spec.permute_tensor(p, name, *t),
+                        None => Ok(None),
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                let inputs: Vec<&ArrayD<T>> = ts
+                    .iter()
+                    .zip(&moved)
+                    .map(|(t, m)| m.as_ref().unwrap_or(t))
+                    .collect();
+                self.inner.merge_tensor(name, &inputs)?
+            }
+            None => self.inner.merge_tensor(name, ts)?,
+        };
+        let max = self.max.unwrap_or(f64::INFINITY);
+        let (mut nonfinite, mut overflow) = (0u64, 0u64);
+        for &x in out.iter() {
+            let v = x.to_f64_lossless();
+            if !v.is_finite() {
+                nonfinite += 1;
+            } else if v.abs() > max && self.becomes_infinite(v) {
+                overflow += 1;
+            }
+        }
+        if nonfinite > 0 && !self.allow_nonfinite {
+            return Err(Error::NonFinite {
+                what: format!(
+                    "merged tensor `{name}` ({nonfinite} of {} values are NaN or infinite); nothing more is written, allow non-finite values (--allow-nonfinite) to write them anyway",
+                    out.len()
+                ),
+            });
+        }
+        if overflow > 0 {
+            self.overflowed.fetch_add(overflow, Ordering::Relaxed);
+            if let Ok(mut first) = self.first_overflow.lock() {
+                first.get_or_insert_with(|| name.to_string());
+            }
+        }
+        Ok(out)
+    }
+}
