@@ -136,7 +136,7 @@ const fn shared_only(
 }
 
 /// Every method the command line runs, with mergekit 0.1.5's names and defaults.
-/// Parameters mergekit does not have: nuslerp `lerp_zero`, sce `uniform_below`,
+/// Parameters mergekit does not have: slerp and nuslerp `lerp_zero`, sce `uniform_below`,
 /// arcee_fusion `exact_quantiles` (each switches off a mergekit quirk; see the
 /// library types).
 pub const METHODS: &[MethodSpec] = &[
@@ -163,7 +163,7 @@ pub const METHODS: &[MethodSpec] = &[
         min_models: 1,
         max_models: Some(1),
         model_params: &[],
-        global_params: &[req("t")],
+        global_params: &[req("t"), flag("lerp_zero", false)],
         elementwise: false,
     },
     MethodSpec {
@@ -426,7 +426,11 @@ where
         // The base as a one-tensor model, for the mergers that hold theirs.
         let held = || StateDict::from_pairs([(name, ts[0].clone())]);
         match method {
-            "slerp" => return Slerp::new(global("t")?)?.merge_tensor(name, ts),
+            "slerp" => {
+                return Slerp::new(global("t")?)?
+                    .with_zero_lerp(flag("lerp_zero")?)
+                    .merge_tensor(name, ts);
+            }
             "model_stock" => return ModelStock::new(held()?).merge_tensor(name, models),
             "sce" => {
                 return Sce::new(held()?, global("select_topk")?)?

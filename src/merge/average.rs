@@ -35,7 +35,10 @@ use crate::tensor::{Scalar, Tensor};
 /// ```
 #[derive(Clone, Debug, PartialEq)]
 pub struct Average {
+    /// The weights as given (`None`: uniform).
     weights: Option<Vec<f64>>,
+    /// Divide by the weights' sum.
+    normalize: bool,
 }
 
 impl Average {
@@ -50,12 +53,18 @@ impl Average {
     /// # Ok::<(), modelfusion::Error>(())
     /// ```
     pub fn uniform() -> Self {
-        Average { weights: None }
+        Average {
+            weights: None,
+            normalize: false,
+        }
     }
 
     /// `sum_i w_i theta_i`, divided by `sum_i w_i` when `normalize` (the usual choice,
     /// mergekit's default). Errors on an empty or non-finite weight list, and on weights
-    /// summing to zero when normalising.
+    /// summing to zero when normalising. Computed as mergekit's `linear` computes it, so
+    /// that results agree to the bit: the weights rounded to the element type, the
+    /// products accumulated in model order by fused multiply-adds (torch's `addcmul_`),
+    /// the sum divided by the element-type sum of the weights.
     ///
     /// ```
     /// use modelfusion::merge::Average;
@@ -65,7 +74,7 @@ impl Average {
     /// ```
     pub fn weighted(weights: Vec<f64>, normalize: bool) -> Result<Self> {
         check_weights(&weights, "weights")?;
-        let weights = if normalize {
+        if normalize {
             let s: f64 = weights.iter().sum();
             if s == 0.0 || !s.is_finite() {
                 return Err(Error::invalid(
@@ -73,12 +82,10 @@ impl Average {
                     format!("sum to {s}; cannot normalise (weights {weights:?})"),
                 ));
             }
-            weights.iter().map(|w| w / s).collect()
-        } else {
-            weights
-        };
+        }
         Ok(Average {
             weights: Some(weights),
+            normalize,
         })
     }
 
@@ -96,8 +103,33 @@ impl Average {
             None => Ok(vec![1.0 / n as f64; n]),
             Some(w) => {
                 check_count(w.len(), n, "weights", "any")?;
-                Ok(w.clone())
+                let s: f64 = if self.normalize { w.iter().sum() } else { 1.0 };
+                Ok(w.iter().map(|w| w / s).collect())
             }
+        }
+    }
+
+    /// The weights to multiply by and the divisor (in the element type) for `n` models.
+    fn coefficients<E: Scalar>(&self, name: &str, n: usize) -> Result<(Vec<f64>, Option<E>)> {
+        match &self.weights {
+            Some(w) if self.normalize => {
+                check_count(w.len(), n, "weights", name)?;
+                let mut div = E::zero();
+                for &x in w {
+                    div += E::from_f64_lossy(x);
+                }
+                if div == E::zero() || !div.is_finite() {
+                    return Err(Error::invalid(
+                        "weights",
+                        format!(
+                            "sum to {div} in {}; cannot normalise (weights {w:?})",
+                            E::NAME
+                        ),
+                    ));
+                }
+                Ok((w.clone(), Some(div)))
+            }
+            _ => Ok((self.weights_for(n).map_err(|e| rename(e, name))?, None)),
         }
     }
 }
@@ -125,10 +157,8 @@ impl Average {
     ) -> Result<()> {
         check_shapes(name, tensors)?;
         kernel::check_out_len(name, out.len(), tensors[0].len())?;
-        let w = self
-            .weights_for(tensors.len())
-            .map_err(|e| rename(e, name))?;
-        kernel::weighted_sum_tensors_into(tensors, &w, out);
+        let (w, div) = self.coefficients(name, tensors.len())?;
+        kernel::weighted_sum_tensors_into(tensors, &w, kernel::Accumulate::Linear { div }, out);
         check_average(name, tensors, &w, out)
     }
 }
@@ -136,12 +166,10 @@ impl Average {
 impl<T: Tensor> TensorMerger<T> for Average {
     fn merge_tensor(&self, name: &str, tensors: &[&T]) -> Result<T> {
         check_shapes(name, tensors)?;
-        let w = self
-            .weights_for(tensors.len())
-            .map_err(|e| rename(e, name))?;
-        let out: T = kernel::weighted_sum(tensors, &w)?;
-        check_average(name, tensors, &w, &kernel::elems(&out))?;
-        Ok(out)
+        check_shapes(name, tensors)?;
+        let mut out = kernel::zeros(tensors[0].len());
+        self.merge_tensor_into(name, tensors, &mut out)?;
+        kernel::build(tensors[0].shape(), out)
     }
 }
 

@@ -400,18 +400,44 @@ pub(crate) fn simd<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
-/// `out = sum_i w_i x_i`, one pass over the inputs (blocked so the output stays in cache).
-pub(crate) fn weighted_sum_into<E: Scalar>(xs: &[&[E]], ws: &[E], out: &mut [E]) {
+/// How [`weighted_sum_into`] accumulates `sum_i w_i x_i` (in model order).
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Accumulate<E> {
+    /// `acc + w_i x_i`, each operation rounded.
+    Plain,
+    /// mergekit's `linear`: `acc = fma(x_i, w_i, acc)` (torch's `addcmul_`), then the
+    /// division by `div` when given. A fused multiply-add rounds once, in hardware or
+    /// not, so the result is the same on every CPU.
+    Linear {
+        /// The divisor (the weights' sum when normalising).
+        div: Option<E>,
+    },
+}
+
+/// `out = sum_i w_i x_i`, one pass over the inputs (blocked so the output stays in
+/// cache).
+pub(crate) fn weighted_sum_into<E: Scalar>(
+    xs: &[&[E]],
+    ws: &[E],
+    rule: Accumulate<E>,
+    out: &mut [E],
+) {
     for_chunks(out, |_, start, o| {
         simd(
             #[inline(always)]
-            || weighted_sum_chunk(xs, ws, start, o),
+            || weighted_sum_chunk(xs, ws, rule, start, o),
         )
     });
 }
 
 #[inline(always)]
-fn weighted_sum_chunk<E: Scalar>(xs: &[&[E]], ws: &[E], start: usize, o: &mut [E]) {
+fn weighted_sum_chunk<E: Scalar>(
+    xs: &[&[E]],
+    ws: &[E],
+    rule: Accumulate<E>,
+    start: usize,
+    o: &mut [E],
+) {
     let mut tmp = [E::zero(); BLOCK];
     let mut off = 0;
     while off < o.len() {
@@ -425,9 +451,17 @@ fn weighted_sum_chunk<E: Scalar>(xs: &[&[E]], ws: &[E], start: usize, o: &mut [E
         }
         for (x, &w) in xs.iter().zip(ws).skip(1) {
             let xb = &x[s..s + len];
-            for (a, &b) in tb.iter_mut().zip(xb) {
-                *a += w * b;
+            match rule {
+                Accumulate::Plain => tb.iter_mut().zip(xb).for_each(|(a, &b)| *a += w * b),
+                Accumulate::Linear { .. } => {
+                    tb.iter_mut()
+                        .zip(xb)
+                        .for_each(|(a, &b)| *a = b.mul_add(w, *a));
+                }
             }
+        }
+        if let Accumulate::Linear { div: Some(d) } = rule {
+            tb.iter_mut().for_each(|a| *a /= d);
         }
         stream_copy(tb, &mut o[off..off + len]);
         off += len;
@@ -486,14 +520,16 @@ pub(crate) fn weighted_sum<T: Tensor>(tensors: &[&T], weights: &[f64]) -> Result
         .first()
         .ok_or_else(|| Error::empty("the list of tensors"))?;
     let mut out = zeros(first.len());
-    weighted_sum_tensors_into(tensors, weights, &mut out);
+    weighted_sum_tensors_into(tensors, weights, Accumulate::Plain, &mut out);
     build(first.shape(), out)
 }
 
-/// `out = sum_i w_i x_i` over tensors of one shape (`out` row-major, checked by callers).
+/// `out = sum_i w_i x_i` over tensors of one shape (`out` row-major, checked by
+/// callers), with the weights rounded to the element type.
 pub(crate) fn weighted_sum_tensors_into<T: Tensor>(
     tensors: &[&T],
     weights: &[f64],
+    rule: Accumulate<T::Elem>,
     out: &mut [T::Elem],
 ) {
     let data: Vec<Cow<'_, [T::Elem]>> = tensors.iter().map(|t| elems(*t)).collect();
@@ -502,7 +538,7 @@ pub(crate) fn weighted_sum_tensors_into<T: Tensor>(
         .iter()
         .map(|&w| T::Elem::from_f64_lossy(w))
         .collect();
-    weighted_sum_into(&xs, &ws, out);
+    weighted_sum_into(&xs, &ws, rule, out);
 }
 
 /// FNV-1a over `bytes`, 64-bit.
@@ -576,7 +612,7 @@ mod tests {
         let a: Vec<f64> = (0..n).map(|i| (i % 97) as f64).collect();
         let b: Vec<f64> = (0..n).map(|i| (i % 13) as f64 - 3.0).collect();
         let mut out = vec![0.0; n];
-        weighted_sum_into(&[&a, &b], &[0.5, 2.0], &mut out);
+        weighted_sum_into(&[&a, &b], &[0.5, 2.0], Accumulate::Plain, &mut out);
         for i in (0..n).step_by(1009) {
             assert_eq!(out[i], 0.5 * a[i] + 2.0 * b[i]);
         }

@@ -12,7 +12,7 @@
 //! | method | type | formula | defaults |
 //! |---|---|---|---|
 //! | uniform average / uniform soup | [`Average::uniform`] | `mean_i theta_i` | |
-//! | weighted average | [`Average::weighted`] | `sum_i w_i theta_i` (`/ sum_i w_i` when normalising) | normalise: caller's choice |
+//! | weighted average | [`Average::weighted`] | `sum_i w_i theta_i` (`/ sum_i w_i` when normalising; mergekit's order of operations) | normalise: caller's choice |
 //! | SWA | [`Swa`] | `avg += (theta - avg) / (n + 1)`, streaming | |
 //! | EMA | [`Ema`] | `ema = decay ema + (1 - decay) theta`, streaming | decay in `[0, 1)`, e.g. 0.999 |
 //! | LAWA | [`Lawa`] | mean of the last `k` models, streaming | |
@@ -23,7 +23,7 @@
 //! | DARE | [`TaskMerge::dare`] | keep w.p. `density`, scale `1/density` (or match L1), sum or TIES consensus | seeded per (seed, tensor, model) |
 //! | breadcrumbs | [`TaskMerge::breadcrumbs`] | drop top `gamma` and the small rest, keep `density` | gamma 0.01 |
 //! | DELLA | [`TaskMerge::della`] | keep w.p. `density - epsilon + 2 epsilon rank/(m-1)` per row, scale `1/p` (mergekit: match L1), TIES consensus | |
-//! | SLERP | [`Slerp`] | `sin((1-t)O)/sin O a + sin(tO)/sin O b`, lerp if `abs(cos) > 0.9995` | two models |
+//! | SLERP | [`Slerp`] | `sin((1-t)O)/sin O a + sin(tO)/sin O b`, lerp if `abs(cos) > 0.9995`; a zero tensor counts as orthogonal (mergekit) unless [`Slerp::with_zero_lerp`] | two models |
 //! | multi-model SLERP | [`KarcherMean`] | weighted spherical (Karcher) mean of directions, times the mean norm | tol 1e-10; mergekit `karcher`: [`KarcherMean::mergekit`], 10 iterations, tol 1e-5 |
 //! | NuSLERP | [`NuSlerp`] | SLERP per vector ([`SlerpVectors`]: whole tensor, rows, columns) of the models or of their task vectors | two models, optional base, `t` from weights ([`nuslerp_t`]) |
 //! | multi-SLERP | [`MultiSlerp`] | `(sum_i w_i abs(x_i)) m / abs(m)`, `m = sum_i w_i x_i / (abs(x_i) + eps)` | optional base, eps 1e-8 |
@@ -54,7 +54,8 @@
 //! collects the bracket, `select_nth_unstable` finishes; an exact selection takes over
 //! if a bracket misses) and then merge in a second pass. Hot loops are branch-free and
 //! are compiled twice, for the baseline and for AVX2 (picked at run time; results are
-//! bitwise identical since Rust never contracts to FMA). Outputs are written with
+//! bitwise identical since Rust never contracts to FMA, and the explicit fused
+//! multiply-adds of [`Average`] round once on either path). Outputs are written with
 //! non-temporal stores (no read-for-ownership) and fresh outputs are allocated through
 //! [`output_buffer`] (huge pages on Linux). `merge_tensor_into` methods write into a
 //! buffer the caller reuses. Numbers: `docs/benchmarks.md`, section *Merging*.

@@ -13,8 +13,13 @@ pub const SLERP_LERP_THRESHOLD: f64 = 0.9995;
 /// SLERP between exactly two models, per tensor (as mergekit):
 /// with `Omega = arccos(cos(a, b))`,
 /// `slerp(a, b; t) = sin((1 - t) Omega) / sin(Omega) * a + sin(t Omega) / sin(Omega) * b`,
-/// falling back to `(1 - t) a + t b` when `|cos| > 0.9995` or a tensor is zero.
-/// `t = 0` returns `a` and `t = 1` returns `b` exactly.
+/// falling back to `(1 - t) a + t b` when `|cos| > 0.9995`. `t = 0` returns `a` and
+/// `t = 1` returns `b` exactly.
+///
+/// Like mergekit, a tensor of norm `<= 1e-8` is divided by 1 instead of its norm, so a
+/// zero tensor counts as orthogonal to the other (`cos = 0`) and the other comes out
+/// scaled by `sin(t pi / 2)` (or `sin((1 - t) pi / 2)`) rather than `t`;
+/// [`with_zero_lerp`](Slerp::with_zero_lerp) interpolates linearly there instead.
 ///
 /// ```
 /// use modelfusion::merge::{Merger, Slerp};
@@ -33,6 +38,7 @@ pub const SLERP_LERP_THRESHOLD: f64 = 0.9995;
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Slerp {
     t: f64,
+    zero_lerp: bool,
 }
 
 impl Slerp {
@@ -44,7 +50,30 @@ impl Slerp {
     /// ```
     pub fn new(t: f64) -> Result<Self> {
         crate::error::check_fraction("t", t)?;
-        Ok(Slerp { t })
+        Ok(Slerp {
+            t,
+            zero_lerp: false,
+        })
+    }
+
+    /// Interpolates linearly when either tensor is zero (instead of mergekit's
+    /// `cos = 0`).
+    ///
+    /// ```
+    /// use modelfusion::merge::{Merger, Slerp};
+    /// use modelfusion::{Model, StateDict};
+    /// use ndarray::arr1;
+    /// let a = StateDict::from_pairs([("w", arr1(&[0.0f64, 0.0]).into_dyn())])?;
+    /// let b = StateDict::from_pairs([("w", arr1(&[0.0f64, 2.0]).into_dyn())])?;
+    /// let mk = Slerp::new(0.5)?.merge(&[&a, &b])?;
+    /// assert!((mk.get("w").unwrap()[[1]] - 2.0 * 0.5f64.sqrt()).abs() < 1e-7);
+    /// let lerp = Slerp::new(0.5)?.with_zero_lerp(true).merge(&[&a, &b])?;
+    /// assert_eq!(lerp.get("w").unwrap()[[1]], 1.0);
+    /// # Ok::<(), modelfusion::Error>(())
+    /// ```
+    pub fn with_zero_lerp(mut self, zero_lerp: bool) -> Self {
+        self.zero_lerp = zero_lerp;
+        self
     }
 
     /// The interpolation parameter.
@@ -58,7 +87,8 @@ impl Slerp {
     }
 
     /// The coefficients `(c_a, c_b)` SLERP applies to two tensors with cosine `cos`
-    /// (`None` when either is zero).
+    /// (`None`: interpolate linearly, as [`with_zero_lerp`](Slerp::with_zero_lerp) does
+    /// when either tensor is zero).
     ///
     /// ```
     /// use modelfusion::merge::Slerp;
@@ -111,10 +141,12 @@ impl<T: Tensor> TensorMerger<T> for Slerp {
         let a = kernel::elems(tensors[0]);
         let b = kernel::elems(tensors[1]);
         let (ab, aa, bb) = dot_norms(&a, &b);
-        let cos = if aa > 0.0 && bb > 0.0 {
-            Some(ab / (aa.sqrt() * bb.sqrt()))
-        } else {
+        // mergekit: norms <= 1e-8 are replaced by 1.
+        let norm = |x: f64| if x.sqrt() > 1e-8 { x.sqrt() } else { 1.0 };
+        let cos = if self.zero_lerp && (aa == 0.0 || bb == 0.0) {
             None
+        } else {
+            Some(ab / (norm(aa) * norm(bb)))
         };
         let (ca, cb) = self.coefficients(cos);
         let out: T = kernel::weighted_sum(tensors, &[ca, cb])?;
