@@ -3,14 +3,16 @@
 //!
 //! ```text
 //! cargo run --release --example solve_timing -- lap COST.npy MAXIMIZE(0|1) REPS
+//! cargo run --release --example solve_timing -- lap_batch COSTS.npy MAXIMIZE(0|1) REPS THREADS
 //! cargo run --release --example solve_timing -- sinkhorn A.npy B.npy M.npy REG TOL MAX_ITER THREADS REPS
 //! ```
-//! `.npy` files must be little-endian `<f8` or `<f4`, C order, 1-D or 2-D.
+//! `.npy` files must be little-endian `<f8` or `<f4`, C order, 1-D or 2-D (3-D for
+//! `lap_batch`: one cost matrix per entry of the first axis).
 
 use std::time::Instant;
 
-use modelfusion::solve::{Sinkhorn, linear_sum_assignment};
-use ndarray::{Array1, Array2};
+use modelfusion::solve::{Sinkhorn, linear_sum_assignment, linear_sum_assignment_batch};
+use ndarray::{Array1, Array2, Array3};
 
 enum Npy {
     F32(Vec<usize>, Vec<f32>),
@@ -111,6 +113,37 @@ fn time_lap<F: modelfusion::Scalar>(m: Array2<F>, maximize: bool, reps: usize) {
     );
 }
 
+fn time_lap_batch<F: modelfusion::Scalar>(
+    m: Array3<F>,
+    maximize: bool,
+    reps: usize,
+    threads: usize,
+) {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .unwrap();
+    let views: Vec<_> = m.outer_iter().collect();
+    let mut times = Vec::new();
+    let mut cost = 0.0;
+    let c0 = cpu_time();
+    for _ in 0..reps {
+        let t0 = Instant::now();
+        let all = pool
+            .install(|| linear_sum_assignment_batch(&views, maximize))
+            .expect("solvable");
+        times.push(t0.elapsed().as_secs_f64());
+        cost = all.iter().map(|a| a.cost.to_f64_lossless()).sum();
+    }
+    let cpu = (cpu_time() - c0) / reps as f64;
+    println!(
+        "{{\"solver\": \"modelfusion\", \"dtype\": \"{}\", \"threads\": {threads}, \"time_s\": {}, \"cpu_s\": {cpu}, \"cost\": {}}}",
+        F::NAME,
+        median(times),
+        cost
+    );
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
@@ -127,6 +160,25 @@ fn main() {
                     Array2::from_shape_vec((s[0], s[1]), v).unwrap(),
                     maximize,
                     reps,
+                ),
+            }
+        }
+        Some("lap_batch") => {
+            let maximize = args[2] == "1";
+            let reps: usize = args[3].parse().expect("reps");
+            let threads: usize = args[4].parse().expect("threads");
+            match read_npy(&args[1]) {
+                Npy::F64(s, v) => time_lap_batch(
+                    Array3::from_shape_vec((s[0], s[1], s[2]), v).unwrap(),
+                    maximize,
+                    reps,
+                    threads,
+                ),
+                Npy::F32(s, v) => time_lap_batch(
+                    Array3::from_shape_vec((s[0], s[1], s[2]), v).unwrap(),
+                    maximize,
+                    reps,
+                    threads,
                 ),
             }
         }

@@ -282,3 +282,62 @@ fn huge_but_finite_costs_work() {
         vec![1, 0]
     );
 }
+
+#[test]
+fn batches_match_single_solves_for_any_thread_count() {
+    use modelfusion::solve::linear_sum_assignment_batch;
+    use rand::{RngExt, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+    // heads of different shapes, f32 similarities maximised as in weight matching
+    let shapes = [
+        (64, 64),
+        (128, 128),
+        (5, 9),
+        (9, 5),
+        (1, 1),
+        (200, 200),
+        (64, 64),
+    ];
+    let costs: Vec<Array2<f32>> = shapes
+        .iter()
+        .map(|&(n, m)| Array2::from_shape_fn((n, m), |_| rng.random::<f32>() - 0.5))
+        .collect();
+    let views: Vec<_> = costs.iter().map(|c| c.view()).collect();
+    let single: Vec<_> = views
+        .iter()
+        .map(|c| linear_sum_assignment(c.view(), true).unwrap())
+        .collect();
+    for threads in [1, 2, 3] {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        let batch = pool
+            .install(|| linear_sum_assignment_batch(&views, true))
+            .unwrap();
+        assert_eq!(batch, single, "{threads} threads");
+    }
+    assert!(
+        linear_sum_assignment_batch::<f64>(&[], false)
+            .unwrap()
+            .is_empty()
+    );
+}
+
+#[test]
+fn batch_errors_name_the_first_failing_problem() {
+    use modelfusion::solve::linear_sum_assignment_batch;
+    let ok = array![[1.0, 2.0], [3.0, 4.0]];
+    let nan = array![[1.0, f64::NAN], [3.0, 4.0]];
+    let infeasible = array![[f64::INFINITY, 1.0], [f64::INFINITY, 2.0]];
+    let empty = Array2::<f64>::zeros((0, 3));
+    let views = [ok.view(), infeasible.view(), nan.view(), empty.view()];
+    let e = linear_sum_assignment_batch(&views, false).unwrap_err();
+    assert!(matches!(e, Error::Infeasible { .. }), "{e}");
+    assert!(e.to_string().contains("problem 1 of the batch"), "{e}");
+    let e = linear_sum_assignment_batch(&views[2..], false).unwrap_err();
+    assert!(matches!(e, Error::NonFinite { .. }), "{e}");
+    assert!(e.to_string().contains("problem 0 of the batch"), "{e}");
+    let e = linear_sum_assignment_batch(&views[3..], false).unwrap_err();
+    assert!(matches!(e, Error::Empty { .. }), "{e}");
+}

@@ -3,6 +3,14 @@
 Usage (from the crate root, with the project venv):
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 \
         MKL_NUM_THREADS=1 ../venv/bin/python benches/compare/solve_compare.py [--quick] [--no-sinkhorn] [--no-lap]
+        [--lap-large] [--lap-batch]
+
+--lap-large: n = 8192 and 16384 (LLM MLP widths), f32 matrices (uniform [0, 1) and a
+weight-matching similarity), one call each; scipy and lap.lapjv (f64 only) only at
+8192, lapjv's f32 build at both. --lap-batch: batches of per-head problems
+(attention heads), modelfusion's `linear_sum_assignment_batch` on 1 and 2 threads
+(wall seconds) against a Python loop over the heads. Those two update
+benches/compare/solve_compare_llm.json instead.
 
 Matrices are generated here (seeded numpy), written as .npy to a temporary directory and
 timed in-process for the Python peers and through `cargo run --release --example
@@ -117,6 +125,81 @@ def run_lap(tmp):
     return rows
 
 
+def run_lap_large(tmp):
+    """One call per solver on n = 8192 and 16384 f32 problems (CPU seconds)."""
+    import lapjv
+    from scipy.optimize import linear_sum_assignment
+
+    rng = np.random.default_rng(2024)
+    rows = []
+    for n in (8192, 16384):
+        uniform = rng.random((n, n), dtype=np.float32)
+        a = rng.standard_normal((n, 512), dtype=np.float32)
+        b = rng.standard_normal((n, 512), dtype=np.float32)
+        for name, c, maximize in ((f"uniform [0,1) f32 {n}", uniform, False),
+                                  (f"weight matching A B^T max f32 {n}", a @ b.T, True)):
+            row = {"case": name, "n": n}
+            src = -c if maximize else c
+            t, res = cpu_per_call(lambda: lapjv.lapjv(src), 1)
+            row["lapjv f32"] = t
+            row["lapjv f32 total"] = float(c[np.arange(n), res[0]].astype(np.float64).sum())
+            if n <= 8192:
+                c64 = c.astype(np.float64)
+                t, (r, cc) = cpu_per_call(lambda: linear_sum_assignment(c64, maximize=maximize), 1)
+                row["scipy"] = t
+                row["scipy total"] = float(c64[r, cc].sum())
+                try:
+                    import lap
+
+                    s64 = -c64 if maximize else c64
+                    t, (_, x, _) = cpu_per_call(lambda: lap.lapjv(s64), 1)
+                    row["lap.lapjv"] = t
+                except Exception as e:  # noqa: BLE001
+                    print("lap.lapjv failed:", e, file=sys.stderr)
+                del c64
+            path = os.path.join(tmp, "c32.npy")
+            np.save(path, c)
+            ours = cargo_example(["lap", path, "1" if maximize else "0", "1"])
+            row["ours f32"] = ours["cpu_s"]
+            row["ours f32 wall"] = ours["time_s"]
+            row["ours f32 total"] = ours["cost"]
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr)
+    return rows
+
+
+def run_lap_batch(tmp):
+    """Batches of per-head weight-matching problems: wall seconds for the whole batch."""
+    import lapjv
+    from scipy.optimize import linear_sum_assignment
+
+    rng = np.random.default_rng(77)
+    rows = []
+    for heads, d, reps in ((32, 128, 20), (64, 128, 10), (32, 64, 40), (256, 64, 5)):
+        a = rng.standard_normal((heads, d, 512), dtype=np.float32)
+        b = rng.standard_normal((heads, d, 512), dtype=np.float32)
+        c = np.einsum("hik,hjk->hij", a, b)
+        row = {"case": f"{heads} heads x {d}", "heads": heads, "d": d}
+
+        def loop(f):
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                for h in range(heads):
+                    f(c[h])
+            return (time.perf_counter() - t0) / reps
+
+        row["scipy loop"] = loop(lambda m: linear_sum_assignment(m.astype(np.float64), maximize=True))
+        row["lapjv f32 loop"] = loop(lambda m: lapjv.lapjv(-m))
+        path = os.path.join(tmp, "heads.npy")
+        np.save(path, c)
+        for threads in (1, 2):
+            r = cargo_example(["lap_batch", path, "1", str(reps), str(threads)])
+            row[f"ours t{threads}"] = r["time_s"]
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr)
+    return rows
+
+
 def sk_problem(n, seed):
     import ot
 
@@ -167,6 +250,8 @@ def run_sinkhorn(tmp):
 def main():
     subprocess.run(["cargo", "build", "--quiet", "--release", "--example", "solve_timing"], cwd=ROOT, check=True)
     out = {"machine": os.uname().nodename, "cpu_count": os.cpu_count()}
+    if "--lap-large" in sys.argv or "--lap-batch" in sys.argv:
+        return llm_sizes(out)
     with tempfile.TemporaryDirectory() as tmp:
         if "--no-lap" not in sys.argv:
             out["lap"] = run_lap(tmp)
@@ -199,6 +284,35 @@ def main():
                 f"{ratio_log} | {r['ours_t1'] / r['ours_t2']:.2f} | "
                 f"{abs(r['ours_cost'] - r['pot_sinkhorn_cost']) / r['pot_sinkhorn_cost']:.1e} |"
             )
+
+
+def llm_sizes(out):
+    path = os.path.join(HERE, "solve_compare_llm.json")
+    if os.path.exists(path):  # keep the other part of an earlier run
+        with open(path) as f:
+            out = {**json.load(f), **out}
+    with tempfile.TemporaryDirectory() as tmp:
+        if "--lap-large" in sys.argv:
+            out["lap_large"] = run_lap_large(tmp)
+        if "--lap-batch" in sys.argv:
+            out["lap_batch"] = run_lap_batch(tmp)
+    with open(path, "w") as f:
+        json.dump(out, f, indent=1)
+    if "lap_large" in out:
+        print("\n| cost matrix | scipy (f64) | lap.lapjv (f64) | lapjv f32 | ours f32 | lapjv f32 / ours | total rel. diff. to lapjv |")
+        print("|---|---|---|---|---|---|---|")
+        for r in out["lap_large"]:
+            g = lambda k: f"{r[k]:.2f}" if k in r else "not run"  # noqa: E731
+            rel = abs(r["ours f32 total"] - r["lapjv f32 total"]) / abs(r["lapjv f32 total"])
+            print(f"| {r['case']} | {g('scipy')} | {g('lap.lapjv')} | {g('lapjv f32')} | {g('ours f32')} | "
+                  f"{r['lapjv f32'] / r['ours f32']:.2f} | {rel:.1e} |")
+    if "lap_batch" in out:
+        print("\n| batch | scipy loop | lapjv f32 loop | ours 1 thread | ours 2 threads | lapjv loop / ours (faster) |")
+        print("|---|---|---|---|---|---|")
+        for r in out["lap_batch"]:
+            print(f"| {r['case']} | {r['scipy loop'] * 1e3:.1f} ms | {r['lapjv f32 loop'] * 1e3:.1f} ms | "
+                  f"{r['ours t1'] * 1e3:.1f} ms | {r['ours t2'] * 1e3:.1f} ms | "
+                  f"{r['lapjv f32 loop'] / min(r['ours t1'], r['ours t2']):.2f} |")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 use std::borrow::Cow;
 
 use ndarray::{Array2, ArrayView2};
+use rayon::prelude::*;
 
 use super::simd::{self, Isa};
 use crate::{Error, Result, Scalar};
@@ -144,6 +145,67 @@ pub fn linear_sum_assignment<F: Scalar>(
     maximize: bool,
 ) -> Result<Assignment<F>> {
     lsa_with(cost, maximize, simd::best())
+}
+
+/// Solves many independent assignment problems at once, in parallel (rayon, one problem
+/// per task): for instance the per-head matchings of an attention layer. Each problem is
+/// solved exactly as by [`linear_sum_assignment`] (same answer, bit for bit), so the
+/// results do not depend on the number of threads; the problems may have different
+/// shapes.
+///
+/// # Errors
+/// The error of the first problem (in input order) that fails, with its index in the
+/// message (`problem 3 of the batch: ...`); see [`linear_sum_assignment`].
+///
+/// ```
+/// use modelfusion::solve::{linear_sum_assignment, linear_sum_assignment_batch};
+/// use ndarray::{array, Array3};
+///
+/// // one similarity matrix per head, (heads, d, d)
+/// let heads = Array3::from_shape_fn((4, 3, 3), |(h, i, j)| ((h + i * j) % 3) as f32);
+/// let views: Vec<_> = heads.outer_iter().collect();
+/// let all = linear_sum_assignment_batch(&views, true)?;
+/// assert_eq!(all.len(), 4);
+/// for (a, c) in all.iter().zip(&views) {
+///     assert_eq!(*a, linear_sum_assignment(c.view(), true)?);
+/// }
+///
+/// let bad = [array![[1.0, 2.0]], array![[f64::NAN]]];
+/// let views: Vec<_> = bad.iter().map(|c| c.view()).collect();
+/// let e = linear_sum_assignment_batch(&views, false).unwrap_err();
+/// assert!(e.to_string().contains("problem 1 of the batch"), "{e}");
+/// # Ok::<(), modelfusion::Error>(())
+/// ```
+pub fn linear_sum_assignment_batch<F: Scalar>(
+    costs: &[ArrayView2<'_, F>],
+    maximize: bool,
+) -> Result<Vec<Assignment<F>>> {
+    let isa = simd::best();
+    let results: Vec<Result<Assignment<F>>> = costs
+        .par_iter()
+        .with_max_len(1)
+        .map(|c| lsa_with(c.view(), maximize, isa))
+        .collect();
+    results
+        .into_iter()
+        .enumerate()
+        .map(|(k, r)| r.map_err(|e| in_batch(e, k)))
+        .collect()
+}
+
+/// `e` with "problem `k` of the batch: " in front of its description.
+fn in_batch(e: Error, k: usize) -> Error {
+    let at = |s: String| format!("problem {k} of the batch: {s}");
+    match e {
+        Error::Empty { what } => Error::Empty { what: at(what) },
+        Error::NonFinite { what } => Error::NonFinite { what: at(what) },
+        Error::Infeasible { reason } => Error::Infeasible { reason: at(reason) },
+        Error::InvalidParameter { param, reason } => Error::InvalidParameter {
+            param,
+            reason: at(reason),
+        },
+        other => other,
+    }
 }
 
 /// Exact optimal transport between two uniform histograms of the same size `n`.

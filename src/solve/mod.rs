@@ -6,6 +6,7 @@
 //! | function | problem |
 //! |---|---|
 //! | [`linear_sum_assignment`] | min (or max) cost matching of rows to columns, rectangular allowed (scipy's contract) |
+//! | [`linear_sum_assignment_batch`] | many independent assignment problems (e.g. attention heads) in parallel |
 //! | [`exact_ot_uniform`] | exact optimal transport between equal uniform histograms (a permutation / n) |
 //! | [`sinkhorn`], [`Sinkhorn`] | entropic optimal transport, balanced, log-domain stabilised |
 //! | [`sinkhorn_unbalanced`] | entropic transport with KL-relaxed marginals (`reg_m`) |
@@ -80,7 +81,9 @@ mod lap;
 pub(crate) mod simd;
 mod sinkhorn;
 
-pub use lap::{Assignment, ExactOt, exact_ot_uniform, linear_sum_assignment};
+pub use lap::{
+    Assignment, ExactOt, exact_ot_uniform, linear_sum_assignment, linear_sum_assignment_batch,
+};
 pub use sinkhorn::{
     REG_REL_FLOOR, Sinkhorn, SinkhornBuilder, TransportPlan, sinkhorn, sinkhorn_operator,
     sinkhorn_unbalanced,
