@@ -14,7 +14,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 WORK=${1:-/tmp/modelfusion-io-bench}
 SIZE=${2:-1024}
-PY=${PY:-../venv/bin/python}
+PY=${PY:-venv/bin/python}
 BIN=${CARGO_TARGET_DIR:-target}/release/modelfusion
 RUNS=${RUNS:-3}
 cargo build --release --features cli --bin modelfusion >/dev/null

@@ -1,8 +1,8 @@
 """Side-by-side check of modelfusion merge against mergekit 0.1.5 (not part of cargo test).
 
-Setup:  python3 -m venv ../venv-mk && ../venv-mk/bin/pip install mergekit
+Setup:  python3 -m venv ../venv-mk && venv-mk/bin/pip install mergekit
 Run:    cargo build --release --features cli
-        ../venv-mk/bin/python benches/compare/mergekit_compare.py [--bin target/release/modelfusion]
+        venv-mk/bin/python benches/compare/mergekit_compare.py [--bin target/release/modelfusion]
 
 Makes small Llama-like checkpoints (fp32, fp16, bf16; deltas quantised so magnitudes
 tie often), runs `mergekit-yaml` and `modelfusion merge` on the same configs (both

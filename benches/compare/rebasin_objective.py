@@ -8,7 +8,7 @@ Usage (from the crate root, after `cargo build --release --features cli`):
     mkdir -p /tmp/rebasin/src
     git --git-dir=$G show HEAD:src/weight_matching.py > /tmp/rebasin/src/weight_matching.py
     git --git-dir=$G show HEAD:src/utils.py           > /tmp/rebasin/src/utils.py
-    ../venv-torch/bin/python benches/compare/rebasin_objective.py /tmp/rebasin/src \
+    venv/bin/python benches/compare/rebasin_objective.py /tmp/rebasin/src \
         [--width 4] [--seeds 5] [--out benches/compare/rebasin_objective.txt] [--keep DIR]
 
 Needs torch, safetensors, numpy, scipy and jax (CPU is enough). The reference code is

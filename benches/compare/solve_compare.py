@@ -2,7 +2,7 @@
 
 Usage (from the crate root, with the project venv):
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 \
-        MKL_NUM_THREADS=1 ../venv/bin/python benches/compare/solve_compare.py [--quick] [--no-sinkhorn] [--no-lap]
+        MKL_NUM_THREADS=1 venv/bin/python benches/compare/solve_compare.py [--quick] [--no-sinkhorn] [--no-lap]
         [--lap-large] [--lap-batch]
 
 --lap-large: n = 8192 and 16384 (LLM MLP widths), f32 matrices (uniform [0, 1) and a

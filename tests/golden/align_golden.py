@@ -7,7 +7,7 @@
 2. Streaming statistics: E[x y^T] and the Pearson correlation block between two feature
    sets (numpy.corrcoef).
 
-Run: ../venv/bin/python tests/golden/align_golden.py > tests/golden/align_golden.txt
+Run: venv/bin/python tests/golden/align_golden.py > tests/golden/align_golden.txt
 """
 import numpy as np
 from scipy.optimize import linear_sum_assignment

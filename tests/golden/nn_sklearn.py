@@ -1,6 +1,6 @@
 """Golden values for the nn module from scikit-learn (run from the repository root):
 
-    ../venv/bin/python tests/golden/nn_sklearn.py
+    venv/bin/python tests/golden/nn_sklearn.py
 
 Writes tests/golden/nn_sklearn_mlp.txt (loss and gradients of a ReLU MLP with softmax
 cross-entropy, from sklearn's MLPClassifier._backprop) and tests/golden/nn_sklearn_digits.txt

@@ -6,7 +6,7 @@ Independent reference computations (numpy/scipy), written without the Rust code:
   barrier definitions on the 25-point grid, and their continuous maxima found with
   scipy.optimize.minimize_scalar (bounded Brent) on a fine bracket.
 
-Run: ../venv/bin/python tests/golden/path_barrier.py > tests/golden/path_barrier.txt
+Run: venv/bin/python tests/golden/path_barrier.py > tests/golden/path_barrier.txt
 """
 
 import numpy as np

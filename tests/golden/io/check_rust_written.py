@@ -4,7 +4,7 @@ byte-compared by tests/io_golden.rs) load in Python's `safetensors` package with
 expected values: the f32 fixture py/f32.safetensors converted by numpy (f16, f64) or by
 integer round-to-nearest-even (bf16). Exits non-zero on any mismatch.
 
-    ../venv/bin/python tests/golden/io/check_rust_written.py
+    venv/bin/python tests/golden/io/check_rust_written.py
 """
 import json
 import os

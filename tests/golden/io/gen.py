@@ -3,7 +3,7 @@
 
 Run from the repository root with the project venv:
 
-    ../venv/bin/python tests/golden/io/gen.py
+    venv/bin/python tests/golden/io/gen.py
 
 Files are written with Python's `safetensors` package (0.8), the reference
 implementation: `safetensors.numpy.save_file` for f16/f32/f64, and the package's

@@ -1,6 +1,6 @@
 """Golden values for modelfusion::merge, written independently from the papers' formulas.
 
-Run: ../venv/bin/python tests/golden/merge/gen.py   (writes the JSON files next to it)
+Run: venv/bin/python tests/golden/merge/gen.py   (writes the JSON files next to it)
 
 Every case stores its inputs and the expected output, all float64. Conventions that are
 choices, not paper facts (documented in the Rust rustdoc too):

@@ -1,7 +1,7 @@
 """Golden masks of mergekit 0.1.5's magnitude trimming (torch CPU sort, ties split by
 libstdc++ introsort): `magnitude` (TIES) and `magnitude_outliers` (breadcrumbs), on
 tie-heavy f32 deltas. Run with a venv holding mergekit:
-    ../venv-mk/bin/python tests/golden/mergekit/gen.py
+    venv-mk/bin/python tests/golden/mergekit/gen.py
 Writes trim.json next to it (inputs as small integers times 2^-7, exact in f32)."""
 import json, os
 import torch

@@ -1,7 +1,7 @@
 """Golden masks of mergekit 0.1.5's SCE selection (`sce_mask`: variance over models,
 torch CPU `topk`, whose ties libstdc++'s partial_sort / nth_element split), on
 tie-heavy f32 task vectors. Run with a venv holding mergekit:
-    ../venv-mk/bin/python tests/golden/mergekit/gen_sce.py
+    venv-mk/bin/python tests/golden/mergekit/gen_sce.py
 Writes sce_topk.json next to it (task vectors as small integers times 2^-7, exact in
 f32; one mask character per entry)."""
 import json, os

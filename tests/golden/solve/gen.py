@@ -1,6 +1,6 @@
 """Golden values for modelfusion::solve, from scipy and POT.
 
-Run with the project venv:  ../venv/bin/python tests/golden/solve/gen.py
+Run with the project venv:  venv/bin/python tests/golden/solve/gen.py
 Writes tests/golden/solve/golden.json (read by tests/solve_golden.rs).
 """
 import json

@@ -27,10 +27,10 @@ to producers but not consumers must change the logits; a one-bit change must fai
 comparison). It needs no binary, and writes tests/golden/specs/torch_selftest.txt.
 
 Run (from the repository root):
-    ../venv-torch/bin/python tests/golden/specs/gen.py                  # data
-    ../venv-torch/bin/python tests/golden/specs/check_torch.py --self-test
+    venv/bin/python tests/golden/specs/gen.py                  # data
+    venv/bin/python tests/golden/specs/check_torch.py --self-test
     cargo build --release --features cli
-    ../venv-torch/bin/python tests/golden/specs/check_torch.py          # uses $MODELFUSION_BIN,
+    venv/bin/python tests/golden/specs/check_torch.py          # uses $MODELFUSION_BIN,
                                                  # default target/release/modelfusion
 Options: --data DIR, --work DIR, --models a,b,c, --tol 1e-4.
 """

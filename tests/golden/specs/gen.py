@@ -22,9 +22,9 @@ offsets (torchvision initialises VGG biases to 0, which a permutation cannot cha
 Model weights are NOT committed; regenerate them with:
 
     python3 -m venv ../venv-torch
-    ../venv-torch/bin/pip install torch torchvision safetensors numpy
-    ../venv-torch/bin/python tests/golden/specs/gen.py [OUT]      # OUT default /tmp/mf-golden-specs
-    ../venv-torch/bin/python tests/golden/specs/gen.py --tables-only   # only tables/*.json
+    venv/bin/pip install torch torchvision safetensors numpy
+    venv/bin/python tests/golden/specs/gen.py [OUT]      # OUT default /tmp/mf-golden-specs
+    venv/bin/python tests/golden/specs/gen.py --tables-only   # only tables/*.json
 
 check_torch.py imports this file for the model builders (build(name, seed)).
 """
