@@ -274,6 +274,22 @@ fn run() -> Result<()> {
         );
     }
 
+    // The numbers docs/rebasin.md quotes (tests/doc_numbers.rs compares them).
+    let (naive_curve, wm_curve) = (&curves[0].evals, &curves[1].evals);
+    let mid = POINTS / 2;
+    println!(
+        "\nendpoints: test loss {:.4} / {:.4}, accuracy {:.1} % / {:.1} %; naive midpoint: loss \
+         {:.3}, accuracy {:.1} %; weight-matched midpoint: loss {:.3}, accuracy {:.1} %",
+        naive_curve[0].loss,
+        naive_curve[POINTS - 1].loss,
+        100.0 * naive_curve[0].accuracy,
+        100.0 * naive_curve[POINTS - 1].accuracy,
+        naive_curve[mid].loss,
+        100.0 * naive_curve[mid].accuracy,
+        wm_curve[mid].loss,
+        100.0 * wm_curve[mid].accuracy,
+    );
+
     if let Some(dir) = args.out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| modelfusion::Error::Io {
             path: dir.to_path_buf(),
