@@ -287,3 +287,38 @@ fn the_number_reader_reads_what_the_docs_write() {
         0.0055
     ));
 }
+
+/// docs/benchmarks.md's `train_mlp` table: the row of `data` against one run.
+fn train_mlp_matches_docs(data: &str, args: &[&str]) {
+    let out = run_example("train_mlp", args);
+    let acc = |v: Vec<f64>| v[v.len() - 1];
+    // `model 0 (MLP [..]): final training loss L, test loss L, test accuracy A% (T s)`
+    let model = |seed: &str| {
+        let v = printed(&out, &format!("model {seed} "), "");
+        v[v.len() - 2]
+    };
+    let measured = [
+        model("0"),
+        model("1"),
+        acc(printed(&out, "output ensemble of both:", "")),
+        acc(printed(&out, "naive midpoint", "")),
+    ];
+    let doc = read("docs/benchmarks.md");
+    let cells = row(section(&doc, "## nn (reference networks)"), data);
+    check(
+        &format!("docs/benchmarks.md `train_mlp` row `{data}`, test accuracies"),
+        &numbers(cells[4]),
+        &measured[..numbers(cells[4]).len()],
+    );
+}
+
+#[test]
+fn train_mlp_digits_numbers_are_the_documented_ones() {
+    train_mlp_matches_docs("digits", &[]);
+}
+
+#[test]
+#[ignore = "trains two Fashion-MNIST MLPs: minutes; needs dataset-fashion-mnist"]
+fn train_mlp_fashion_mnist_numbers_are_the_documented_ones() {
+    train_mlp_matches_docs("Fashion-MNIST", &["fashion"]);
+}
