@@ -31,6 +31,8 @@
 //! | Arcee Fusion | [`ArceeFusion`] | take the model's entries with importance `abs(p - b) KL(softmax rows) >= q2 + 1.5 (q3 - q1)` | one model |
 //! | NearSwap | [`NearSwap`] | `w m + (1 - w) b`, `w = clamp(t / abs(b - m), 0, 1)` | one model |
 //! | RAM / RAM+ | [`Ram`] | entries changed by one model kept (RAM+: scaled), by several averaged | epsilon 1e-5; RAM+ r 0.1, alpha 0.2 |
+//! | Iso-C | [`IsoC`] (feature `svd`) | weight matrices: `D = sum_i tau_i = U S V^T` -> `mean(S) U V^T`; others: mean `tau`; `base + alpha *` | paper: alpha about 1-1.5 |
+//! | TSV-Merge | [`TsvMerge`] (feature `svd`) | weight matrices: top `min(m, n) / T` singular triplets of each `tau_i`, singular vectors concatenated and orthogonalised (polar factors); others: mean `tau`; `base + alpha *` | alpha 1 |
 //! | model stock | [`ModelStock`] | `t = N cos / (1 + (N-1) cos)`, `t mean_i theta_i + (1-t) base` | `N >= 2` |
 //! | Fisher | [`Fisher`] | `sum_i l_i F_i theta_i / sum_i l_i F_i`, `F_i = max(F_i, floor)` | floor `1e-6` |
 //! | RegMean | [`RegMean`] (feature `linalg`) | `W^T = (sum_i G~_i)^-1 sum_i G~_i W_i^T`, `G~ = alpha G + (1-alpha) diag G` | alpha 0.9 |
@@ -95,6 +97,7 @@ mod slerp;
 mod soup;
 mod spherical;
 mod stock;
+mod svd;
 mod task;
 
 pub use average::{Average, Ema, Lawa, Swa, Swag};
@@ -109,6 +112,7 @@ pub use slerp::{KarcherMean, SLERP_LERP_THRESHOLD, Slerp};
 pub use soup::{GreedySoup, SoupReport, SoupStep};
 pub use spherical::{MultiSlerp, NuSlerp, SlerpVectors, nuslerp_t};
 pub use stock::ModelStock;
+pub use svd::{IsoC, TsvMerge};
 pub use task::{Consensus, Rescale, Sparsification, TaskMerge};
 
 use crate::error::{Error, Result};
