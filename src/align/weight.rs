@@ -684,8 +684,8 @@ impl<'s, E: Scalar> Problem<'s, E> {
             source,
         };
         let (mut abuf, mut bbuf) = (Vec::new(), Vec::new());
-        for i in 0..problem.params.len() {
-            let p = &problem.params[i];
+        let mut fixed = 0.0;
+        for (i, p) in problem.params.iter().enumerate() {
             if !p.axes.is_empty() {
                 continue;
             }
@@ -698,8 +698,9 @@ impl<'s, E: Scalar> Problem<'s, E> {
                     acc += x.to_f64_lossless() * y.to_f64_lossless();
                 }
             }
-            problem.fixed += acc;
+            fixed += acc;
         }
+        problem.fixed = fixed;
         Ok(problem)
     }
 
