@@ -1,7 +1,8 @@
 //! Progress of long computations, reported to one shared [`Observer`] trait.
 //!
 //! Streaming merges and permuted copies report each tensor written
-//! ([`Progress::Tensor`]), weight matching each sweep ([`Progress::Sweep`]), activation
+//! ([`Progress::Tensor`]), weight matching each sweep ([`Progress::Sweep`]) and each
+//! group visited in it ([`Progress::Group`]), activation
 //! statistics each batch ([`Progress::Batch`]), curve fitting each step
 //! ([`Progress::Step`]), and a merge config run its stages
 //! ([`Progress::Stage`]). Pass [`Silent`] to ignore them, a closure wrapped by
@@ -70,6 +71,24 @@ pub enum Progress<'a> {
         /// Groups whose permutation changed in this sweep.
         changed: usize,
     },
+    /// Weight matching visited a group within a sweep (solved its assignment, or skipped
+    /// it because nothing its cost depends on changed since its last visit).
+    Group {
+        /// The starting point (0: the identity, then the random restarts).
+        start: usize,
+        /// The sweep within this start, from 0.
+        sweep: usize,
+        /// The visit within the sweep (0-based).
+        index: usize,
+        /// Groups visited per sweep.
+        total: usize,
+        /// The group's name.
+        name: &'a str,
+        /// Its units (the assignment's size).
+        units: usize,
+        /// Whether its assignment was solved (`false`: skipped, nothing changed).
+        solved: bool,
+    },
     /// Activation statistics took in a batch (activation matching, OT fusion on
     /// activations).
     Batch {
@@ -101,12 +120,15 @@ pub enum Progress<'a> {
 }
 
 impl Progress<'_> {
-    /// The fraction done where the report says (tensor bytes, fitting steps, stages);
-    /// `None` for a weight-matching sweep, whose count is not known in advance.
+    /// The fraction done where the report says (tensor bytes, fitting steps, stages, the
+    /// groups of a weight-matching sweep); `None` for a weight-matching sweep, whose
+    /// count is not known in advance.
     ///
     /// ```
     /// use modelfusion::progress::Progress;
     /// assert_eq!(Progress::Step { step: 9, total: 10, t: 0.1, loss: 0.0 }.fraction(), Some(1.0));
+    /// let g = Progress::Group { start: 0, sweep: 2, index: 0, total: 4, name: "mlp.0", units: 5632, solved: true };
+    /// assert_eq!(g.fraction(), Some(0.25));
     /// assert_eq!(Progress::Sweep { start: 0, sweep: 3, objective: 1.0, changed: 2 }.fraction(), None);
     /// ```
     pub fn fraction(&self) -> Option<f64> {
@@ -120,6 +142,7 @@ impl Progress<'_> {
             Progress::Step { step, total, .. } => ratio((step + 1) as f64, total as f64),
             Progress::Stage { index, total, .. } => ratio(index as f64, total as f64),
             Progress::Batch { done, total } => ratio(done as f64, total as f64),
+            Progress::Group { index, total, .. } => ratio((index + 1) as f64, total as f64),
             Progress::Sweep { .. } => None,
         }
     }

@@ -45,7 +45,7 @@ mod multi;
 mod ot;
 mod repair;
 mod stats;
-mod weight;
+pub(crate) mod weight;
 
 use std::collections::BTreeMap;
 

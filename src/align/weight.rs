@@ -12,7 +12,6 @@ use rayon::prelude::*;
 use super::{AlignStats, Aligner, Alignment, assignment_score, check_pair, max_assignment_as};
 use crate::error::{Error, Result};
 use crate::model::Model;
-use crate::objective::Elem;
 use crate::perm::{Permutation, PermutationSet, PermutationSpec};
 use crate::progress::{Observer, Progress, Silent};
 use crate::tensor::{Scalar, Tensor};
@@ -72,6 +71,7 @@ pub struct WeightMatching {
     max_iter: usize,
     init: Option<PermutationSet>,
     restarts: usize,
+    cost_cache: Option<usize>,
 }
 
 impl WeightMatching {
@@ -87,6 +87,7 @@ impl WeightMatching {
             max_iter: 100,
             init: None,
             restarts: 1,
+            cost_cache: None,
         }
     }
 
@@ -153,6 +154,44 @@ impl WeightMatching {
         self.restarts
     }
 
+    /// Keeps the cost matrices of groups between visits only within `bytes` (8 bytes per
+    /// entry: `n * n * 8` for a group of `n` units), smallest groups first; the others
+    /// are rebuilt in full at every visit whose inputs changed instead of being updated
+    /// by the units that moved. The default keeps every group. The results depend on
+    /// the budget (a rebuilt cost is rounded differently from an updated one), never on
+    /// where the weights come from: the same budget gives the same permutations, sweeps
+    /// and objective in memory and out of core
+    /// ([`align_checkpoints`](Self::align_checkpoints)). An LLM's MLP group of 14336
+    /// units needs 1.6 GB for its cost.
+    ///
+    /// ```
+    /// use modelfusion::align::{Aligner, WeightMatching};
+    /// use modelfusion::perm::specs::{Architecture, MlpShapes};
+    /// use modelfusion::perm::PermutationSet;
+    /// let arch = MlpShapes::new(&[4, 16, 16, 2])?;
+    /// let a = arch.random_model(0);
+    /// let planted = PermutationSet::random(&arch.spec(), &a, 5)?;
+    /// let b = arch.spec().apply(&planted, &a)?;
+    /// // No cost kept: every visit rebuilds its group's cost, the answer is the same.
+    /// let wm = WeightMatching::new(1).with_cost_cache(0);
+    /// assert_eq!(wm.cost_cache(), Some(0));
+    /// assert_eq!(wm.align(&a, &b, &arch.spec())?.permutations().unwrap(), planted.inverse());
+    /// # Ok::<(), modelfusion::Error>(())
+    /// ```
+    pub fn with_cost_cache(mut self, bytes: usize) -> Self {
+        self.cost_cache = Some(bytes);
+        self
+    }
+
+    /// The cost cache budget in bytes (`None`: unbounded).
+    ///
+    /// ```
+    /// assert_eq!(modelfusion::align::WeightMatching::new(0).cost_cache(), None);
+    /// ```
+    pub fn cost_cache(&self) -> Option<usize> {
+        self.cost_cache
+    }
+
     /// The seed of the group order.
     ///
     /// ```
@@ -205,6 +244,33 @@ impl<M: Model> Aligner<M> for WeightMatching {
     ) -> Result<Alignment> {
         let sizes = check_pair(reference, other, spec)?;
         let groups: Vec<String> = sizes.keys().cloned().collect();
+        let layout = Layout::new(
+            reference
+                .names()
+                .map(|n| (n, reference.get(n).map_or(&[][..], Tensor::shape))),
+            spec,
+            &groups,
+            BLOCK,
+        )?;
+        let source = InMemory::new(reference, other, &layout)?;
+        self.align_source(layout, &source, &groups, &sizes, spec, observer)
+    }
+}
+
+impl WeightMatching {
+    /// The whole matching (starts, restarts, the best run) over parameters laid out by
+    /// `layout` whose data `source` provides; `sizes` are the groups' sizes, `groups`
+    /// their names in index order. The in-memory and the out-of-core aligners both end
+    /// here.
+    pub(crate) fn align_source<E: Scalar>(
+        &self,
+        layout: Layout,
+        source: &dyn Source<E>,
+        groups: &[String],
+        sizes: &BTreeMap<String, usize>,
+        spec: &PermutationSpec,
+        observer: &mut dyn Observer,
+    ) -> Result<Alignment> {
         let perms: Vec<Permutation> = match &self.init {
             None => groups
                 .iter()
@@ -230,8 +296,8 @@ impl<M: Model> Aligner<M> for WeightMatching {
                 })
                 .collect::<Result<_>>()?,
         };
-        let problem = Problem::new(reference, other, spec, &groups)?;
-        let mut best = self.descend::<M>(&problem, &groups, perms, self.seed, 0, observer)?;
+        let problem = Problem::new(layout, source, self.cost_cache)?;
+        let mut best = self.descend(&problem, groups, perms, self.seed, 0, observer)?;
         for r in 1..self.restarts {
             let start_seed = self.seed ^ (r as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
             let mut rng = ChaCha8Rng::seed_from_u64(start_seed);
@@ -239,23 +305,21 @@ impl<M: Model> Aligner<M> for WeightMatching {
                 .iter()
                 .map(|g| Permutation::random(sizes[g], rng.random()))
                 .collect();
-            let run = self.descend::<M>(&problem, &groups, start, start_seed, r, observer)?;
+            let run = self.descend(&problem, groups, start, start_seed, r, observer)?;
             if run.1.objective.last() > best.1.objective.last() {
                 best = run;
             }
         }
-        let set: PermutationSet = groups.into_iter().zip(best.0).collect();
+        let set: PermutationSet = groups.iter().cloned().zip(best.0).collect();
         Ok(Alignment::from_permutations(set, best.1).with_spec(spec))
     }
-}
 
-impl WeightMatching {
     /// Coordinate descent from `perms` (start number `start`) with the group order drawn
-    /// from `seed`, each sweep reported to `observer`; returns the final permutations and
-    /// the run's statistics.
-    fn descend<M: Model>(
+    /// from `seed`, each group visit and each sweep reported to `observer`; returns the
+    /// final permutations and the run's statistics.
+    fn descend<E: Scalar>(
         &self,
-        problem: &Problem<'_, Elem<M>>,
+        problem: &Problem<'_, E>,
         groups: &[String],
         mut perms: Vec<Permutation>,
         seed: u64,
@@ -268,38 +332,62 @@ impl WeightMatching {
         // `<A, pi(B)>` per parameter, recomputed for the parameters of the groups that
         // moved in a sweep.
         let mut parts = vec![0.0; problem.params.len()];
-        problem.update_objective(None, &perms, &mut parts);
+        problem.update_objective(None, &perms, &mut parts)?;
         let mut objective = vec![problem.objective(&parts)];
         let mut order: Vec<usize> = (0..groups.len()).collect();
         let mut converged = false;
         let mut sweeps = 0;
         let mut visits = Vec::new();
+        let stop = |what: String| Error::Cancelled {
+            what: format!("weight matching in {what} of start {start}"),
+        };
         while sweeps < self.max_iter {
             sweeps += 1;
             order.shuffle(&mut rng);
             visits.push(order.iter().map(|&g| groups[g].clone()).collect());
             let mut progress = false;
             let before = perms.clone();
-            for &g in &order {
-                let (c, changed) = problem.update_cost(g, &perms, &mut cache[g], &mut scratch)?;
-                if !changed {
-                    // Same cost as at the last visit, which solved it and kept the better
-                    // of the solution and the permutation: solving again changes nothing.
-                    continue;
+            for (step, &g) in order.iter().enumerate() {
+                // `None`: the same cost as at the last visit, which solved it and kept
+                // the better of the solution and the permutation: solving again changes
+                // nothing.
+                let solved = match problem.update_cost(g, &perms, &mut cache[g], &mut scratch)? {
+                    None => false,
+                    Some(c) => {
+                        let new = max_assignment_as::<E>(c)?;
+                        let old_score = assignment_score(c, &perms[g]);
+                        let new_score = assignment_score(c, &new);
+                        if new_score > old_score + 1e-12 {
+                            progress = true;
+                        }
+                        // An assignment solved in f32 may lose to the current one by
+                        // rounding: keep the better of the two, so the objective never
+                        // decreases.
+                        if new_score >= old_score {
+                            perms[g] = new;
+                        }
+                        true
+                    }
+                };
+                if !problem.keep[g]
+                    && let Some(gc) = &mut cache[g]
+                {
+                    gc.cost = None;
                 }
-                let new = max_assignment_as::<Elem<M>>(c)?;
-                let old_score = assignment_score(c, &perms[g]);
-                let new_score = assignment_score(c, &new);
-                if new_score > old_score + 1e-12 {
-                    progress = true;
-                }
-                // An assignment solved in f32 may lose to the current one by rounding:
-                // keep the better of the two, so the objective never decreases.
-                if new_score >= old_score {
-                    perms[g] = new;
+                let report = Progress::Group {
+                    start,
+                    sweep: sweeps - 1,
+                    index: step,
+                    total: order.len(),
+                    name: &groups[g],
+                    units: problem.sizes[g],
+                    solved,
+                };
+                if observer.observe(&report).is_break() {
+                    return Err(stop(format!("group `{}` of sweep {sweeps}", groups[g])));
                 }
             }
-            problem.update_objective(Some(&before), &perms, &mut parts);
+            problem.update_objective(Some(&before), &perms, &mut parts)?;
             let value = problem.objective(&parts);
             objective.push(value);
             let report = Progress::Sweep {
@@ -309,9 +397,7 @@ impl WeightMatching {
                 changed: before.iter().zip(&perms).filter(|(b, p)| b != p).count(),
             };
             if observer.observe(&report).is_break() {
-                return Err(Error::Cancelled {
-                    what: format!("weight matching in sweep {sweeps} of start {start}"),
-                });
+                return Err(stop(format!("sweep {sweeps}")));
             }
             if !progress {
                 converged = true;
@@ -331,59 +417,132 @@ impl WeightMatching {
     }
 }
 
-/// A parameter of both models in standard layout.
-struct Param<'a, E: Scalar> {
-    a: CowArray<'a, E, IxDyn>,
-    b: CowArray<'a, E, IxDyn>,
-    shape: Vec<usize>,
-    /// `(axis, group index)` for every permuted axis.
-    axes: Vec<(usize, usize)>,
+/// Which model a parameter's data is read from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Side {
+    /// The reference (`A`).
+    Reference,
+    /// The model aligned to it (`B`).
+    Other,
 }
 
-impl<E: Scalar> Param<'_, E> {
-    fn a(&self) -> &[E] {
-        self.a.as_slice().unwrap_or(&[])
-    }
-    fn b(&self) -> &[E] {
-        self.b.as_slice().unwrap_or(&[])
-    }
+/// Rows (indices along axis 0, the outermost) of a parameter to read.
+#[derive(Clone, Debug)]
+pub(crate) enum Lead<'l> {
+    /// These rows, in order.
+    Range(std::ops::Range<usize>),
+    /// These rows, in this order (any order, repeats allowed).
+    List(&'l [usize]),
 }
 
-/// One `(param, axis)` of a group: `C += A_(axis) (pi(B))_(axis)^T`.
-struct Term {
-    param: usize,
-    axis: usize,
-    /// `(other axis, group index)` for every other permuted axis of the parameter.
-    others: Vec<(usize, usize)>,
+/// Where the parameters' elements come from: both models in memory, or two checkpoints
+/// read on demand. The matching only ever asks for rows of one parameter at a time, at
+/// most [`Layout`]'s block of elements per request (whole parameters for a term
+/// unfolded along axis 0).
+pub(crate) trait Source<E: Scalar>: Sync {
+    /// Rows `lead` of parameter `param` (as numbered by the [`Layout`], `row` elements per
+    /// row, row-major) of model `side`. Returns `(data, None)` with the rows stacked in
+    /// the order asked, in `buf` or borrowed; or `(whole, Some(rows))`: the whole
+    /// parameter, to be read through the row selection `rows` (only for a `List`).
+    fn rows<'d, 'l>(
+        &'d self,
+        side: Side,
+        param: usize,
+        row: usize,
+        lead: Lead<'l>,
+        buf: &'d mut Vec<E>,
+    ) -> Result<(&'d [E], Option<&'l [usize]>)>;
+
+    /// Whether parameters may be read in parallel (in memory: yes; out of core, one at
+    /// a time keeps memory at one parameter's blocks).
+    fn parallel(&self) -> bool;
 }
 
-/// A group's cost matrix and the permutations of other groups it was built with.
-#[derive(Clone)]
-struct GroupCache {
-    cost: Array2<f64>,
-    /// Per term, per other axis, the permutation the cost currently reflects.
-    seen: Vec<Vec<Permutation>>,
+/// Both models in memory, in standard layout.
+pub(crate) struct InMemory<'a, E: Scalar> {
+    a: Vec<CowArray<'a, E, IxDyn>>,
+    b: Vec<CowArray<'a, E, IxDyn>>,
 }
 
-struct Problem<'a, E: Scalar> {
-    params: Vec<Param<'a, E>>,
-    /// Terms of each group, by group index.
-    terms: Vec<Vec<Term>>,
-    sizes: Vec<usize>,
-    /// `sum <A, B>` over parameters no group touches (constant).
-    fixed: f64,
-}
-
-impl<'a, E: Scalar> Problem<'a, E> {
-    fn new<M: Model>(
-        reference: &'a M,
-        other: &'a M,
-        spec: &PermutationSpec,
-        groups: &[String],
-    ) -> Result<Self>
+impl<'a, E: Scalar> InMemory<'a, E> {
+    pub(crate) fn new<M: Model>(reference: &'a M, other: &'a M, layout: &Layout) -> Result<Self>
     where
         M::Tensor: Tensor<Elem = E>,
     {
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        for p in &layout.params {
+            a.push(standard(
+                reference.require(&p.name, "the reference model")?.view(),
+            ));
+            b.push(standard(other.require(&p.name, "the other model")?.view()));
+        }
+        Ok(InMemory { a, b })
+    }
+}
+
+impl<E: Scalar> Source<E> for InMemory<'_, E> {
+    fn rows<'d, 'l>(
+        &'d self,
+        side: Side,
+        param: usize,
+        row: usize,
+        lead: Lead<'l>,
+        _buf: &'d mut Vec<E>,
+    ) -> Result<(&'d [E], Option<&'l [usize]>)> {
+        let t = match side {
+            Side::Reference => &self.a[param],
+            Side::Other => &self.b[param],
+        };
+        let data = t.as_slice().unwrap_or(&[]);
+        Ok(match lead {
+            Lead::Range(r) => (&data[r.start * row..r.end * row], None),
+            Lead::List(l) => (data, Some(l)),
+        })
+    }
+
+    fn parallel(&self) -> bool {
+        true
+    }
+}
+
+/// A matched parameter: its name, its shape with repeat axes split, its permuted axes.
+pub(crate) struct ParamInfo {
+    pub(crate) name: String,
+    shape: Vec<usize>,
+    /// `(axis, group index)` for every permuted axis (none: a constant of the objective).
+    axes: Vec<(usize, usize)>,
+    /// Length of axis 0 (1 for a scalar).
+    lead: usize,
+    /// Elements per index of axis 0.
+    row: usize,
+    /// Rows of axis 0 read at a time where the computation allows blocks.
+    block: usize,
+}
+
+/// The parameters the matching reads (every parameter of the reference but the passive
+/// ones, in its order) and each group's terms.
+pub(crate) struct Layout {
+    pub(crate) params: Vec<ParamInfo>,
+    /// Terms of each group, by group index.
+    terms: Vec<Vec<Term>>,
+    sizes: Vec<usize>,
+}
+
+/// Elements of a parameter read at a time (where the computation allows blocks): 64 MB
+/// of `f32`. Below it a parameter is one block, so the blocking changes no result on
+/// models whose tensors are smaller; above it, in memory and out of core block alike.
+pub(crate) const BLOCK: usize = 1 << 24;
+
+impl Layout {
+    /// The layout of parameters `names` (name and shape, in the reference's order) for
+    /// `spec`'s `groups` (the validated group names, by index), reading at most
+    /// `block` elements at a time where it can.
+    pub(crate) fn new<'n>(
+        names: impl Iterator<Item = (&'n str, &'n [usize])>,
+        spec: &PermutationSpec,
+        groups: &[String],
+        block: usize,
+    ) -> Result<Self> {
         let index: BTreeMap<&str, usize> = groups
             .iter()
             .enumerate()
@@ -392,20 +551,17 @@ impl<'a, E: Scalar> Problem<'a, E> {
         let mut terms: Vec<Vec<Term>> = groups.iter().map(|_| Vec::new()).collect();
         let mut sizes = vec![0; groups.len()];
         let mut params = Vec::new();
-        let mut fixed = 0.0;
-        for name in reference.names() {
+        for (name, full) in names {
             if spec.is_passive(name) {
                 // Permuted with its group but not matched (running statistics, ties).
                 continue;
             }
-            let a = reference.require(name, "the reference model")?;
-            let b = other.require(name, "the other model")?;
             // An axis with repeat factor r (a flatten) is split into (units, r): a pure
             // reshape of the row-major data, after which the group permutes whole axes.
-            let mut shape = Vec::with_capacity(a.shape().len() + 1);
+            let mut shape = Vec::with_capacity(full.len() + 1);
             let mut axes: Vec<(usize, usize)> = Vec::new();
             let groups_of: BTreeMap<usize, &str> = spec.param_axes(name).collect();
-            for (ax, &len) in a.shape().iter().enumerate() {
+            for (ax, &len) in full.iter().enumerate() {
                 match groups_of.get(&ax) {
                     Some(g) => {
                         let gi = *index.get(g).ok_or_else(|| Error::Spec {
@@ -421,10 +577,6 @@ impl<'a, E: Scalar> Problem<'a, E> {
                     None => shape.push(len),
                 }
             }
-            if axes.is_empty() {
-                fixed += a.dot(b)?;
-                continue;
-            }
             for &(ax, gi) in &axes {
                 sizes[gi] = shape[ax];
                 terms[gi].push(Term {
@@ -433,19 +585,149 @@ impl<'a, E: Scalar> Problem<'a, E> {
                     others: axes.iter().copied().filter(|&(o, _)| o != ax).collect(),
                 });
             }
-            params.push(Param {
-                a: standard(a.view()),
-                b: standard(b.view()),
+            let lead = shape.first().copied().unwrap_or(1);
+            let row = shape.get(1..).map_or(1, |s| s.iter().product());
+            params.push(ParamInfo {
+                name: name.to_string(),
+                block: block_rows(lead, row, block),
                 shape,
                 axes,
+                lead,
+                row,
             });
         }
-        Ok(Problem {
+        Ok(Layout {
             params,
             terms,
             sizes,
-            fixed,
         })
+    }
+}
+
+/// Rows of axis 0 per block for a `lead x row` parameter: all of them when they fit in
+/// `block` elements, else a multiple of the objective's rows per task, so that blocks
+/// split no task and the objective's sums do not depend on the blocking.
+fn block_rows(lead: usize, row: usize, block: usize) -> usize {
+    if lead.saturating_mul(row) <= block {
+        return lead.max(1);
+    }
+    let task = (CHUNK / row.max(1)).max(1);
+    ((block / row.max(1)) / task * task).max(task)
+}
+
+/// Consecutive ranges of `per` of `0..count`.
+fn blocks(count: usize, per: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
+    let per = per.max(1);
+    (0..count.div_ceil(per)).map(move |b| b * per..((b + 1) * per).min(count))
+}
+
+/// One `(param, axis)` of a group: `C += A_(axis) (pi(B))_(axis)^T`.
+struct Term {
+    param: usize,
+    axis: usize,
+    /// `(other axis, group index)` for every other permuted axis of the parameter.
+    others: Vec<(usize, usize)>,
+}
+
+/// A group's cost matrix (kept between visits when the cache budget allows) and the
+/// permutations of other groups it was built with.
+#[derive(Clone)]
+struct GroupCache {
+    cost: Option<Array2<f64>>,
+    /// Per term, per other axis, the permutation the cost currently reflects.
+    seen: Vec<Vec<Permutation>>,
+}
+
+struct Problem<'s, E: Scalar> {
+    params: Vec<ParamInfo>,
+    terms: Vec<Vec<Term>>,
+    sizes: Vec<usize>,
+    /// Whether each group's cost is kept between visits.
+    keep: Vec<bool>,
+    /// `sum <A, B>` over parameters no group touches (constant).
+    fixed: f64,
+    source: &'s dyn Source<E>,
+}
+
+/// Rows of one operand read from the source: the data, its shape (the block's, or the
+/// whole parameter's when read through a selection) and the selection of axis 0.
+type Fetched<'d, 'l, E> = (&'d [E], Vec<usize>, Option<&'l [usize]>);
+
+impl<'s, E: Scalar> Problem<'s, E> {
+    /// The problem over `layout` reading from `source`, keeping the costs of the
+    /// smallest groups that fit in `budget` bytes (all without one).
+    fn new(layout: Layout, source: &'s dyn Source<E>, budget: Option<usize>) -> Result<Self> {
+        let Layout {
+            params,
+            terms,
+            sizes,
+        } = layout;
+        let mut keep = vec![budget.is_none(); sizes.len()];
+        if let Some(mut left) = budget {
+            let mut by_size: Vec<usize> = (0..sizes.len()).collect();
+            by_size.sort_by_key(|&g| (sizes[g], g));
+            for g in by_size {
+                let bytes = sizes[g].saturating_mul(sizes[g]).saturating_mul(8);
+                if bytes > left {
+                    break;
+                }
+                left -= bytes;
+                keep[g] = true;
+            }
+        }
+        let mut problem = Problem {
+            params,
+            terms,
+            sizes,
+            keep,
+            fixed: 0.0,
+            source,
+        };
+        let (mut abuf, mut bbuf) = (Vec::new(), Vec::new());
+        let mut fixed = 0.0;
+        for (i, p) in problem.params.iter().enumerate() {
+            if !p.axes.is_empty() {
+                continue;
+            }
+            // In order, as `Tensor::dot`.
+            let mut acc = 0.0f64;
+            for block in blocks(p.lead, p.block) {
+                let (a, ..) = problem.fetch(Side::Reference, i, None, block.clone(), &mut abuf)?;
+                let (b, ..) = problem.fetch(Side::Other, i, None, block, &mut bbuf)?;
+                for (&x, &y) in a.iter().zip(b) {
+                    acc += x.to_f64_lossless() * y.to_f64_lossless();
+                }
+            }
+            fixed += acc;
+        }
+        problem.fixed = fixed;
+        Ok(problem)
+    }
+
+    /// Output rows `block` along axis 0 of `side`'s parameter `p`, reading input rows
+    /// `sel0[block]` (`None`: the same rows).
+    fn fetch<'d, 'l>(
+        &'d self,
+        side: Side,
+        p: usize,
+        sel0: Option<&'l [usize]>,
+        block: std::ops::Range<usize>,
+        buf: &'d mut Vec<E>,
+    ) -> Result<Fetched<'d, 'l, E>> {
+        let info = &self.params[p];
+        let n = block.len();
+        let lead = match sel0 {
+            None => Lead::Range(block),
+            Some(s) => Lead::List(&s[block]),
+        };
+        let (data, sel) = self.source.rows(side, p, info.row, lead, buf)?;
+        let mut shape = info.shape.clone();
+        if sel.is_none()
+            && let Some(first) = shape.first_mut()
+        {
+            *first = n;
+        }
+        Ok((data, shape, sel))
     }
 
     /// `sum_params <A, pi(B)>` from the per-parameter values of
@@ -459,61 +741,79 @@ impl<'a, E: Scalar> Problem<'a, E> {
     /// `None` for a fresh computation. A parameter whose permutations changed on few
     /// units gets the change of its value, one changed axis at a time: with `J` the
     /// positions whose index changed, `<A_J, B_new,J - B_old,J>`. Parameters are computed
-    /// in parallel, each in fixed-size row chunks summed in a fixed order.
+    /// in parallel where the source allows, each in fixed-size row chunks summed in a
+    /// fixed order.
     fn update_objective(
         &self,
         before: Option<&[Permutation]>,
         perms: &[Permutation],
         parts: &mut [f64],
-    ) {
-        self.params
-            .par_iter()
-            .zip(parts.par_iter_mut())
-            .for_each(|(p, part)| {
-                let Some(before) = before else {
-                    return self.update_objective_param(p, None, perms, part);
-                };
-                let moved: Vec<Vec<usize>> = p
-                    .axes
-                    .iter()
-                    .map(|&(_, g)| {
-                        let (nw, od) = (perms[g].as_slice(), before[g].as_slice());
-                        (0..nw.len()).filter(|&j| nw[j] != od[j]).collect()
-                    })
-                    .collect();
-                let fraction: f64 = p
-                    .axes
-                    .iter()
-                    .zip(&moved)
-                    .map(|(&(ax, _), m)| m.len() as f64 / p.shape[ax].max(1) as f64)
-                    .sum();
-                if fraction == 0.0 {
-                    return;
-                }
-                if fraction >= 0.5 {
-                    // Two reads of the moved part cost about as much as one of all.
-                    return self.update_objective_param(p, None, perms, part);
-                }
-                self.update_objective_param(p, Some((before, &moved)), perms, part);
-            });
+    ) -> Result<()> {
+        let one = |(i, part): (usize, &mut f64)| -> Result<()> {
+            let p = &self.params[i];
+            if p.axes.is_empty() {
+                return Ok(());
+            }
+            let Some(before) = before else {
+                return self.update_objective_param(i, None, perms, part);
+            };
+            let moved: Vec<Vec<usize>> = p
+                .axes
+                .iter()
+                .map(|&(_, g)| {
+                    let (nw, od) = (perms[g].as_slice(), before[g].as_slice());
+                    (0..nw.len()).filter(|&j| nw[j] != od[j]).collect()
+                })
+                .collect();
+            let fraction: f64 = p
+                .axes
+                .iter()
+                .zip(&moved)
+                .map(|(&(ax, _), m)| m.len() as f64 / p.shape[ax].max(1) as f64)
+                .sum();
+            if fraction == 0.0 {
+                return Ok(());
+            }
+            if fraction >= 0.5 {
+                // Two reads of the moved part cost about as much as one of all.
+                return self.update_objective_param(i, None, perms, part);
+            }
+            self.update_objective_param(i, Some((before, &moved)), perms, part)
+        };
+        if self.source.parallel() {
+            parts.par_iter_mut().enumerate().try_for_each(one)
+        } else {
+            parts.iter_mut().enumerate().try_for_each(one)
+        }
     }
 
-    /// `update_objective` for one parameter: afresh, or by changes from `before` on the
+    /// `update_objective` for parameter `i`: afresh, or by changes from `before` on the
     /// `moved` positions of each of its axes.
     fn update_objective_param(
         &self,
-        p: &Param<'_, E>,
+        i: usize,
         changes: Option<(&[Permutation], &[Vec<usize>])>,
         perms: &[Permutation],
         part: &mut f64,
-    ) {
+    ) -> Result<()> {
+        let p = &self.params[i];
+        let (mut abuf, mut bbuf, mut unfolded) = (Vec::new(), Vec::new(), Vec::new());
         let mut sel: Vec<Option<&[usize]>> = vec![None; p.shape.len()];
         let Some((before, moved)) = changes else {
             for &(ax, g) in &p.axes {
                 sel[ax] = Some(perms[g].as_slice());
             }
-            *part = dot_reads(p.a(), p.b(), &Reads::new(&p.shape, 0, &sel));
-            return;
+            let s0 = sel.first_mut().and_then(Option::take);
+            let mut chunks = Vec::new();
+            for block in blocks(p.lead, p.block) {
+                let (a, ..) = self.fetch(Side::Reference, i, None, block.clone(), &mut abuf)?;
+                let (b, shape, b0) = self.fetch(Side::Other, i, s0, block, &mut bbuf)?;
+                let mut cur = sel.clone();
+                cur[0] = b0;
+                dot_reads(a, b, &Reads::new(&shape, 0, &cur), &mut chunks);
+            }
+            *part = chunks.iter().sum();
+            return Ok(());
         };
         for &(ax, g) in &p.axes {
             sel[ax] = Some(before[g].as_slice());
@@ -524,80 +824,136 @@ impl<'a, E: Scalar> Problem<'a, E> {
             }
             let new_idx: Vec<usize> = j.iter().map(|&i| perms[g].as_slice()[i]).collect();
             let old_idx: Vec<usize> = j.iter().map(|&i| before[g].as_slice()[i]).collect();
-            let mut only_j = vec![None; p.shape.len()];
-            only_j[ax] = Some(j.as_slice());
-            let mut buf = Vec::new();
-            let a_j = unfold(p.a(), &p.shape, 0, &only_j, &mut buf);
-            let mut cur = sel.clone();
-            cur[ax] = Some(&new_idx);
-            let gain = dot_reads(a_j, p.b(), &Reads::new(&p.shape, 0, &cur));
-            cur[ax] = Some(&old_idx);
-            let loss = dot_reads(a_j, p.b(), &Reads::new(&p.shape, 0, &cur));
+            // Output rows along axis 0: the moved positions when axis 0 moved, else all.
+            let s0 = sel[0];
+            let (count, a0, new0, old0) = if ax == 0 {
+                (
+                    j.len(),
+                    Some(j.as_slice()),
+                    Some(&new_idx[..]),
+                    Some(&old_idx[..]),
+                )
+            } else {
+                (p.lead, None, s0, s0)
+            };
+            let (mut gains, mut losses) = (Vec::new(), Vec::new());
+            for block in blocks(count, p.block) {
+                let (a, shape, asel0) =
+                    self.fetch(Side::Reference, i, a0, block.clone(), &mut abuf)?;
+                let mut only_j = vec![None; p.shape.len()];
+                only_j[0] = asel0;
+                if ax != 0 {
+                    only_j[ax] = Some(j.as_slice());
+                }
+                let a_j = unfold(a, &shape, 0, &only_j, &mut unfolded);
+                for (b0, idx, out) in [(new0, &new_idx, &mut gains), (old0, &old_idx, &mut losses)]
+                {
+                    let (b, shape, bsel0) =
+                        self.fetch(Side::Other, i, b0, block.clone(), &mut bbuf)?;
+                    let mut cur = sel.clone();
+                    cur[0] = bsel0;
+                    if ax != 0 {
+                        cur[ax] = Some(idx);
+                    }
+                    dot_reads(a_j, b, &Reads::new(&shape, 0, &cur), out);
+                }
+            }
+            let gain: f64 = gains.iter().sum();
+            let loss: f64 = losses.iter().sum();
             *part += gain - loss;
             sel[ax] = Some(perms[g].as_slice());
         }
+        Ok(())
     }
 
-    /// Brings group `g`'s cost matrix up to date with `perms`; returns it and whether it
-    /// changed since the previous call (always on the first). Terms are added one after
-    /// the other in a fixed order, each with its operands and product computed in
-    /// parallel.
+    /// Brings group `g`'s cost matrix up to date with `perms`; returns it, or `None`
+    /// when nothing it depends on changed since the previous call (never on the first).
+    /// A kept cost is updated by the units that moved; one not kept is rebuilt. Terms
+    /// are added one after the other in a fixed order, each with its operands and
+    /// product computed in parallel.
     fn update_cost<'c>(
         &self,
         g: usize,
         perms: &[Permutation],
         cache: &'c mut Option<GroupCache>,
         scratch: &mut Scratch<E>,
-    ) -> Result<(&'c Array2<f64>, bool)> {
+    ) -> Result<Option<&'c Array2<f64>>> {
         let n = self.sizes[g];
         let terms = &self.terms[g];
         let current = |t: &Term| -> Vec<Permutation> {
             t.others.iter().map(|&(_, og)| perms[og].clone()).collect()
         };
         let changed = match cache {
-            None => {
-                let mut cost = Array2::<f64>::zeros((n, n));
-                for t in terms {
-                    self.add_full_term(&mut cost, t, perms, scratch);
-                }
-                *cache = Some(GroupCache {
-                    cost,
-                    seen: terms.iter().map(current).collect(),
-                });
-                true
-            }
-            Some(gc) => {
+            Some(GroupCache {
+                cost: Some(cost),
+                seen,
+            }) => {
                 let mut changed = false;
-                for (t, seen) in terms.iter().zip(gc.seen.iter_mut()) {
-                    changed |= self.add_delta_term(&mut gc.cost, t, seen, perms, scratch);
+                for (t, seen) in terms.iter().zip(seen.iter_mut()) {
+                    changed |= self.add_delta_term(cost, t, seen, perms, scratch)?;
                     *seen = current(t);
                 }
                 changed
             }
+            _ => {
+                let stale = cache.as_ref().is_none_or(|gc| {
+                    terms
+                        .iter()
+                        .zip(&gc.seen)
+                        .any(|(t, seen)| current(t) != *seen)
+                });
+                if stale {
+                    let mut cost = Array2::<f64>::zeros((n, n));
+                    for t in terms {
+                        self.add_full_term(&mut cost, t, perms, scratch)?;
+                    }
+                    *cache = Some(GroupCache {
+                        cost: Some(cost),
+                        seen: terms.iter().map(current).collect(),
+                    });
+                }
+                stale
+            }
         };
-        cache
+        Ok(cache
             .as_ref()
-            .map(|gc| (&gc.cost, changed))
-            .ok_or_else(|| Error::invalid("cache", "internal: group cache missing"))
+            .and_then(|gc| gc.cost.as_ref())
+            .filter(|_| changed))
     }
 
-    /// `cost += A_(axis) (B with the other axes permuted)_(axis)^T`.
+    /// `cost += A_(axis) (B with the other axes permuted)_(axis)^T`, in blocks of rows
+    /// of axis 0 unless the term unfolds along it.
     fn add_full_term(
         &self,
         cost: &mut Array2<f64>,
         t: &Term,
         perms: &[Permutation],
         scratch: &mut Scratch<E>,
-    ) {
+    ) -> Result<()> {
         let p = &self.params[t.param];
         let mut sel = vec![None; p.shape.len()];
         for &(ax, g) in &t.others {
             sel[ax] = Some(perms[g].as_slice());
         }
-        let none = vec![None; p.shape.len()];
-        let a = unfold(p.a(), &p.shape, t.axis, &none, &mut scratch.a);
-        let b = unfold(p.b(), &p.shape, t.axis, &sel, &mut scratch.b);
-        add_product(cost, a, b, &mut scratch.prod);
+        let s0 = sel[0].take();
+        let per = if t.axis == 0 { p.lead } else { p.block };
+        for block in blocks(p.lead, per) {
+            let (a, ashape, a0) = self.fetch(
+                Side::Reference,
+                t.param,
+                None,
+                block.clone(),
+                &mut scratch.ra,
+            )?;
+            let (b, bshape, b0) = self.fetch(Side::Other, t.param, s0, block, &mut scratch.rb)?;
+            let mut none = vec![None; p.shape.len()];
+            none[0] = a0;
+            let a = unfold(a, &ashape, t.axis, &none, &mut scratch.a);
+            sel[0] = b0;
+            let b = unfold(b, &bshape, t.axis, &sel, &mut scratch.b);
+            add_product(cost, a, b, &mut scratch.prod);
+        }
+        Ok(())
     }
 
     /// Adds the change of a term since it was computed with `seen`; returns whether
@@ -611,7 +967,7 @@ impl<'a, E: Scalar> Problem<'a, E> {
         seen: &[Permutation],
         perms: &[Permutation],
         scratch: &mut Scratch<E>,
-    ) -> bool {
+    ) -> Result<bool> {
         let p = &self.params[t.param];
         let mut state: Vec<&Permutation> = seen.iter().collect();
         let mut changed = false;
@@ -630,26 +986,51 @@ impl<'a, E: Scalar> Problem<'a, E> {
                     sel[ax2] = Some(state[k2].as_slice());
                 }
             }
-            let mut only_j = vec![None; p.shape.len()];
-            if moved.len() < nw.len() {
-                only_j[ax] = Some(moved.as_slice());
-            }
-            let a_j = unfold(p.a(), &p.shape, t.axis, &only_j, &mut scratch.a);
-            sel[ax] = Some(&new_idx);
-            let reads = Reads::new(&p.shape, t.axis, &sel);
-            let diff = resized(&mut scratch.b, reads.rows * reads.rest);
-            fill(&reads, p.b(), diff, copy_run);
-            sel[ax] = Some(&old_idx);
-            fill(&Reads::new(&p.shape, t.axis, &sel), p.b(), diff, |d, s| {
-                for (x, &y) in d.iter_mut().zip(s) {
-                    *x -= y;
+            let partial = moved.len() < nw.len();
+            // Output rows along axis 0: the moved positions when axis 0 moved, else all.
+            let s0 = sel[0].take();
+            let (count, a0, new0, old0) = if ax == 0 {
+                let a0 = partial.then_some(moved.as_slice());
+                (moved.len(), a0, Some(&new_idx[..]), Some(&old_idx[..]))
+            } else {
+                (p.lead, None, s0, s0)
+            };
+            let per = if t.axis == 0 { count } else { p.block };
+            for block in blocks(count, per) {
+                let (a, ashape, asel0) =
+                    self.fetch(Side::Reference, t.param, a0, block.clone(), &mut scratch.ra)?;
+                let mut only_j = vec![None; p.shape.len()];
+                only_j[0] = asel0;
+                if ax != 0 && partial {
+                    only_j[ax] = Some(moved.as_slice());
                 }
-            });
-            add_product(cost, a_j, diff, &mut scratch.prod);
+                let a_j = unfold(a, &ashape, t.axis, &only_j, &mut scratch.a);
+                let (b, bshape, b0) =
+                    self.fetch(Side::Other, t.param, new0, block.clone(), &mut scratch.rb)?;
+                sel[0] = b0;
+                if ax != 0 {
+                    sel[ax] = Some(&new_idx);
+                }
+                let reads = Reads::new(&bshape, t.axis, &sel);
+                let diff = resized(&mut scratch.b, reads.rows * reads.rest);
+                fill(&reads, b, diff, copy_run);
+                let (b, bshape, b0) =
+                    self.fetch(Side::Other, t.param, old0, block, &mut scratch.rb)?;
+                sel[0] = b0;
+                if ax != 0 {
+                    sel[ax] = Some(&old_idx);
+                }
+                fill(&Reads::new(&bshape, t.axis, &sel), b, diff, |d, s| {
+                    for (x, &y) in d.iter_mut().zip(s) {
+                        *x -= y;
+                    }
+                });
+                add_product(cost, a_j, diff, &mut scratch.prod);
+            }
             changed = true;
             state[k] = new;
         }
-        changed
+        Ok(changed)
     }
 }
 
@@ -766,11 +1147,12 @@ impl Reads {
     }
 }
 
-/// `<x, data read through reads>` in `f64`, for `x` in the reads' output order; rows
-/// in parallel chunks summed in order.
-fn dot_reads<E: Scalar>(x: &[E], data: &[E], reads: &Reads) -> f64 {
+/// `<x, data read through reads>` in `f64`, for `x` in the reads' output order: rows
+/// in parallel chunks, whose sums are appended to `chunks` in order (summed in order by
+/// the caller, so that a parameter read in blocks of whole chunks sums the same).
+fn dot_reads<E: Scalar>(x: &[E], data: &[E], reads: &Reads, chunks: &mut Vec<f64>) {
     let rows = rows_per_task(reads.rows, reads.rest);
-    let chunks: Vec<f64> = (0..reads.rows.div_ceil(rows))
+    let sums: Vec<f64> = (0..reads.rows.div_ceil(rows))
         .into_par_iter()
         .map(|c| {
             let range = c * rows..((c + 1) * rows).min(reads.rows);
@@ -783,7 +1165,7 @@ fn dot_reads<E: Scalar>(x: &[E], data: &[E], reads: &Reads) -> f64 {
             dot.sum()
         })
         .collect();
-    chunks.iter().sum()
+    chunks.extend(sums);
 }
 
 /// Rows handled by one parallel task when reading a `rows x rest` unfolding.
@@ -810,8 +1192,11 @@ fn unfold<'d, E: Scalar>(
     out
 }
 
-/// Buffers reused from term to term: the two operands and their product.
+/// Buffers reused from term to term: rows read from the source, the two operands and
+/// their product.
 struct Scratch<E> {
+    ra: Vec<E>,
+    rb: Vec<E>,
     a: Vec<E>,
     b: Vec<E>,
     prod: Vec<E>,
@@ -820,6 +1205,8 @@ struct Scratch<E> {
 impl<E> Default for Scratch<E> {
     fn default() -> Self {
         Scratch {
+            ra: Vec::new(),
+            rb: Vec::new(),
             a: Vec::new(),
             b: Vec::new(),
             prod: Vec::new(),
@@ -998,22 +1385,32 @@ mod tests {
         let spec = arch.spec();
         let sizes = check_pair(&a, &b, &spec).unwrap();
         let groups: Vec<String> = sizes.keys().cloned().collect();
-        let problem = Problem::new(&a, &b, &spec, &groups).unwrap();
+        let layout = Layout::new(
+            a.names().map(|n| (n, a.get(n).unwrap().shape())),
+            &spec,
+            &groups,
+            BLOCK,
+        )
+        .unwrap();
+        let source = InMemory::new(&a, &b, &layout).unwrap();
+        let problem = Problem::new(layout, &source, None).unwrap();
         let start: Vec<Permutation> = groups
             .iter()
             .map(|g| Permutation::identity(sizes[g]))
             .collect();
         let mut parts = vec![0.0; problem.params.len()];
-        problem.update_objective(None, &start, &mut parts);
+        problem.update_objective(None, &start, &mut parts).unwrap();
         // few units moved (by changes) and many (afresh), in two steps
         let mut perms = start.clone();
         let mut s = perms[0].as_slice().to_vec();
         s.swap(0, 3);
         perms[0] = Permutation::new(s).unwrap();
         perms[1] = Permutation::random(sizes[&groups[1]], 7);
-        problem.update_objective(Some(&start), &perms, &mut parts);
+        problem
+            .update_objective(Some(&start), &perms, &mut parts)
+            .unwrap();
         let mut fresh = vec![0.0; parts.len()];
-        problem.update_objective(None, &perms, &mut fresh);
+        problem.update_objective(None, &perms, &mut fresh).unwrap();
         for (x, y) in parts.iter().zip(&fresh) {
             assert!((x - y).abs() <= 1e-12 * y.abs().max(1.0), "{x} vs {y}");
         }

@@ -4,8 +4,8 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use crate::align::{AlignStats, Aligner, WeightMatching};
-use crate::io::{Dtype, SpecSource, read_capped};
+use crate::align::{AlignStats, Aligner, Alignment, WeightMatching};
+use crate::io::{Checkpoint, Dtype, SpecSource, read_capped};
 use crate::perm::{PermutationSet, PermutationSpec};
 use crate::progress::Observer;
 use crate::{Error, Result, StateDictF32};
@@ -338,13 +338,61 @@ impl AlignSettings {
         spec: &PermutationSpec,
         observer: &mut dyn Observer,
     ) -> Result<(PermutationSet, AlignStats)> {
-        let alignment = WeightMatching::new(self.seed)
-            .with_restarts(self.restarts)?
+        let alignment = self
+            .weight_matching()?
             .align_observed(reference, other, spec, observer)?;
-        let perms = alignment
-            .permutations()
-            .ok_or_else(|| Error::invalid("align", "weight matching gave no permutations"))?;
-        Ok((perms, alignment.stats().clone()))
+        permutations_of(&alignment)
+    }
+
+    /// [`match_models`](Self::match_models) out of core: the two checkpoints are read
+    /// group by group ([`WeightMatching::align_checkpoints`]), never loaded; same
+    /// results as on the loaded models.
+    ///
+    /// ```
+    /// use modelfusion::config::AlignSettings;
+    /// use modelfusion::io::{save_file, Checkpoint, Dtype};
+    /// use modelfusion::perm::{specs::{Architecture, MlpShapes}, PermutationSet};
+    /// use modelfusion::progress::Silent;
+    /// let arch = MlpShapes::new(&[3, 8, 2])?;
+    /// let a = arch.random_model(0);
+    /// let b = arch.spec().apply(&PermutationSet::random(&arch.spec(), &a, 5)?, &a)?;
+    /// let tmp = std::env::temp_dir();
+    /// save_file(&a, tmp.join("modelfusion-doc-mc-a.safetensors"), Dtype::F32)?;
+    /// save_file(&b, tmp.join("modelfusion-doc-mc-b.safetensors"), Dtype::F32)?;
+    /// let ca = Checkpoint::open(tmp.join("modelfusion-doc-mc-a.safetensors"))?;
+    /// let cb = Checkpoint::open(tmp.join("modelfusion-doc-mc-b.safetensors"))?;
+    /// let settings = AlignSettings { spec: Default::default(), seed: 0, restarts: 1 };
+    /// let (perms, _) = settings.match_checkpoints(&ca, &cb, &arch.spec(), &mut Silent)?;
+    /// assert_eq!(arch.spec().apply(&perms, &b)?, a);
+    /// # Ok::<(), modelfusion::Error>(())
+    /// ```
+    pub fn match_checkpoints(
+        &self,
+        reference: &Checkpoint,
+        other: &Checkpoint,
+        spec: &PermutationSpec,
+        observer: &mut dyn Observer,
+    ) -> Result<(PermutationSet, AlignStats)> {
+        let alignment = self
+            .weight_matching()?
+            .align_checkpoints(reference, other, spec, observer)?;
+        permutations_of(&alignment)
+    }
+
+    /// The weight matching these settings run: their seed and restarts, at most 100
+    /// sweeps, group costs kept between visits within [`ALIGN_COST_CACHE`] bytes.
+    ///
+    /// ```
+    /// use modelfusion::config::{AlignSettings, ALIGN_COST_CACHE};
+    /// let settings = AlignSettings { spec: Default::default(), seed: 7, restarts: 2 };
+    /// let wm = settings.weight_matching()?;
+    /// assert_eq!((wm.seed(), wm.restarts(), wm.cost_cache()), (7, 2, Some(ALIGN_COST_CACHE)));
+    /// # Ok::<(), modelfusion::Error>(())
+    /// ```
+    pub fn weight_matching(&self) -> Result<WeightMatching> {
+        Ok(WeightMatching::new(self.seed)
+            .with_restarts(self.restarts)?
+            .with_cost_cache(ALIGN_COST_CACHE))
     }
 
     fn from_raw(raw: &RawAlign) -> Result<AlignSettings> {
@@ -364,6 +412,24 @@ impl AlignSettings {
             restarts,
         })
     }
+}
+
+/// Bytes of group cost matrices that config alignments and `modelfusion align` keep
+/// between visits by default (256 MiB: every group of ResNet-20 x16 or VGG-16, the
+/// residual stream of an LLM; its MLP groups, 254 MB each at 5632 units, are rebuilt at
+/// each visit); see [`WeightMatching::with_cost_cache`].
+///
+/// ```
+/// assert_eq!(modelfusion::config::ALIGN_COST_CACHE, 256 << 20);
+/// ```
+pub const ALIGN_COST_CACHE: usize = 256 << 20;
+
+/// The permutations and statistics of a weight matching.
+fn permutations_of(alignment: &Alignment) -> Result<(PermutationSet, AlignStats)> {
+    let perms = alignment
+        .permutations()
+        .ok_or_else(|| Error::invalid("align", "weight matching gave no permutations"))?;
+    Ok((perms, alignment.stats().clone()))
 }
 
 /// A validated configuration, ready to run.

@@ -11,12 +11,12 @@ use super::{AlignSettings, Config, ConfigMerger};
 use crate::align::AlignStats;
 use crate::io::{
     Checkpoint, Chunking, Dtype, IoScalar, MergeSummary, SaveOptions, StreamOptions, bf16,
-    check_compatible, f16, load, merge_checkpoints, side_files,
+    check_compatible, f16, merge_checkpoints, side_files,
 };
 use crate::merge::TensorMerger;
 use crate::perm::{PermutationSet, PermutationSpec};
 use crate::progress::{Observer, Progress};
-use crate::{Error, Result, StateDictF32};
+use crate::{Error, Result};
 
 /// The choices of a run that are not part of the config: output sharding, chunking,
 /// side files and the non-finite check.
@@ -414,7 +414,6 @@ impl MergePlan<'_> {
     ) -> Result<(Vec<AlignedInput>, AlignedInputs)> {
         let reference = &self.inputs[0];
         let (spec, origin) = settings.spec.resolve(reference)?;
-        let a: StateDictF32 = load(reference.path())?;
         let total = self.inputs.len();
         let (mut summaries, mut perms) = (Vec::new(), vec![None]);
         for (i, ck) in self.inputs.iter().enumerate().skip(1) {
@@ -433,9 +432,8 @@ impl MergePlan<'_> {
             {
                 return Err(cancelled(ck.path(), "while aligning"));
             }
-            let b: StateDictF32 = load(ck.path())?;
             let (p, stats) = settings
-                .match_models(&a, &b, &spec, observer)
+                .match_checkpoints(reference, ck, &spec, observer)
                 .map_err(|e| {
                     Error::invalid("align", format!("{what} ({}): {e}", ck.path().display()))
                 })?;

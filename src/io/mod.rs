@@ -50,6 +50,7 @@
 //! # Ok::<(), modelfusion::Error>(())
 //! ```
 
+mod align;
 mod atomic;
 mod dtype;
 mod features;

@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
-use super::{PermutationSet, PermutationSpec, Role};
+use super::{ModelShapes, PermutationSet, PermutationSpec, Role, Shapes};
 use crate::error::{Error, Result};
 use crate::model::Model;
 use crate::tensor::Tensor;
@@ -171,7 +171,12 @@ impl PermutationSpec {
     /// producer whose bias is left out, groups without producer or consumer. Parameters
     /// declared [invariant](Self::with_invariant) are exempt from the first two.
     pub fn check<M: Model>(&self, model: &M) -> Result<SpecReport> {
-        let sizes = self.validate(model)?;
+        self.check_shapes(&ModelShapes(model))
+    }
+
+    /// [`check`](Self::check) on names and shapes alone (a checkpoint's header).
+    pub(crate) fn check_shapes(&self, model: &dyn Shapes) -> Result<SpecReport> {
+        let sizes = self.validate_shapes(model)?;
         let mut by_size: BTreeMap<usize, Vec<String>> = BTreeMap::new();
         for (g, &n) in &sizes {
             by_size.entry(n).or_default().push(g.clone());
@@ -181,7 +186,7 @@ impl PermutationSpec {
             let mut produce = false;
             let mut consume = false;
             for (p, axis) in members {
-                let ndim = model.get(p).map_or(0, |t| t.shape().len());
+                let ndim = model.shape_of(p).map_or(0, <[usize]>::len);
                 match self.role(p, *axis, ndim) {
                     Role::Produce => {
                         produce = true;
@@ -189,9 +194,9 @@ impl PermutationSpec {
                             let bias = format!("{layer}.bias");
                             let in_group = members.iter().any(|(q, a)| *q == bias && *a == 0);
                             if !in_group
-                                && model.get(&bias).is_some_and(|b| {
-                                    b.shape().len() == 1 && Some(&b.shape()[0]) == sizes.get(g)
-                                })
+                                && model
+                                    .shape_of(&bias)
+                                    .is_some_and(|b| b.len() == 1 && Some(&b[0]) == sizes.get(g))
                             {
                                 issues.push(SpecIssue::MissingBias {
                                     group: g.to_string(),
@@ -216,12 +221,13 @@ impl PermutationSpec {
                 });
             }
         }
-        for name in model.names() {
+        for name in model.param_names() {
             if self.is_invariant(name) {
                 continue;
             }
-            let Some(t) = model.get(name) else { continue };
-            let shape = t.shape();
+            let Some(shape) = model.shape_of(name) else {
+                continue;
+            };
             let listed: BTreeSet<usize> = self.param_axes(name).map(|(a, _)| a).collect();
             // Channel axes only: axes 0 and 1 (PyTorch layout); the kernel axes of a
             // convolution are not units.
@@ -261,7 +267,16 @@ impl PermutationSpec {
     /// spec is sound; returns the group sizes. [`apply`](Self::apply) and the aligners
     /// call this.
     pub fn require_sound<M: Model>(&self, model: &M) -> Result<BTreeMap<String, usize>> {
-        let report = self.check(model)?;
+        self.require_sound_shapes(&ModelShapes(model))
+    }
+
+    /// [`require_sound`](Self::require_sound) on names and shapes alone (a checkpoint's
+    /// header).
+    pub(crate) fn require_sound_shapes(
+        &self,
+        model: &dyn Shapes,
+    ) -> Result<BTreeMap<String, usize>> {
+        let report = self.check_shapes(model)?;
         if report.is_sound() {
             return Ok(report.sizes);
         }

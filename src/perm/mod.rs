@@ -43,6 +43,27 @@ use crate::error::{Error, Result};
 use crate::model::Model;
 use crate::tensor::Tensor;
 
+/// A model's parameter names and shapes, all a shape check reads: a [`Model`], or a
+/// checkpoint's header.
+pub(crate) trait Shapes {
+    /// The parameter names, in the model's order.
+    fn param_names(&self) -> Vec<&str>;
+    /// The shape of parameter `name`, if the model has it.
+    fn shape_of(&self, name: &str) -> Option<&[usize]>;
+}
+
+/// A [`Model`]'s shapes.
+pub(crate) struct ModelShapes<'m, M>(pub(crate) &'m M);
+
+impl<M: Model> Shapes for ModelShapes<'_, M> {
+    fn param_names(&self) -> Vec<&str> {
+        self.0.names().collect()
+    }
+    fn shape_of(&self, name: &str) -> Option<&[usize]> {
+        self.0.get(name).map(Tensor::shape)
+    }
+}
+
 /// A bijection of `0..n`, stored as gather indices: applied to an axis, output position
 /// `i` takes input position `perm[i]` (as [`Tensor::take`] does).
 ///
@@ -548,16 +569,20 @@ impl PermutationSpec {
     /// assert_eq!(sizes["hidden.0"], 6);
     /// ```
     pub fn validate<M: Model>(&self, model: &M) -> Result<BTreeMap<String, usize>> {
+        self.validate_shapes(&ModelShapes(model))
+    }
+
+    /// [`validate`](Self::validate) on names and shapes alone (a checkpoint's header).
+    pub(crate) fn validate_shapes(&self, model: &dyn Shapes) -> Result<BTreeMap<String, usize>> {
         let mut sizes = BTreeMap::new();
         for (g, members) in &self.groups {
             let mut first: Option<(&str, usize, usize)> = None;
             for (p, axis) in members {
-                let t = model.get(p).ok_or_else(|| Error::Spec {
+                let shape = model.shape_of(p).ok_or_else(|| Error::Spec {
                     reason: format!(
                         "group `{g}` names parameter `{p}`, which the model does not have"
                     ),
                 })?;
-                let shape = t.shape();
                 let len = *shape.get(*axis).ok_or_else(|| Error::Spec {
                     reason: format!(
                         "group `{g}` permutes axis {axis} of `{p}`, which has shape {shape:?}"

@@ -64,6 +64,13 @@ pub struct AlignArgs {
     /// Starting points of the descent (the identity, then random ones); the best wins.
     #[arg(long, default_value_t = 1)]
     restarts: usize,
+    /// At most this many sweeps over the groups.
+    #[arg(long, default_value_t = 100)]
+    max_iter: usize,
+    /// Memory for group cost matrices kept between visits, in MiB (a group of n units
+    /// takes n * n * 8 bytes; groups that do not fit are rebuilt at each visit).
+    #[arg(long, default_value_t = (modelfusion::config::ALIGN_COST_CACHE >> 20) as u64)]
+    cost_cache_mib: u64,
     /// Largest output shard, in bytes; default: one file.
     #[arg(long)]
     max_shard_size: Option<u64>,
@@ -199,7 +206,7 @@ pub fn describe_match(stats: &AlignStats, units: usize) -> String {
 }
 
 pub fn run_align(a: AlignArgs) -> Result<()> {
-    let start = Instant::now();
+    let began = Instant::now();
     let settings = AlignSettings {
         spec: a.source.spec.clone(),
         seed: a.seed,
@@ -208,44 +215,75 @@ pub fn run_align(a: AlignArgs) -> Result<()> {
     let ref_ck = Checkpoint::open(&a.reference)?;
     let other_ck = Checkpoint::open(&a.other)?;
     let (spec, origin) = settings.spec.resolve(&ref_ck)?;
-    let ref_model: StateDictF32 = load(&a.reference)?;
-    let other_model: StateDictF32 = load(&a.other)?;
+    let cache = usize::try_from(a.cost_cache_mib.saturating_mul(1 << 20)).unwrap_or(usize::MAX);
+    let wm = settings
+        .weight_matching()?
+        .with_max_iter(a.max_iter)?
+        .with_cost_cache(cache);
     eprintln!(
-        "aligning {} to {}; spec: {origin}; weight matching {} groups (seed {}, {} start(s))",
+        "aligning {} to {} out of core; spec: {origin}; weight matching {} groups (seed {}, {} start(s), at most {} sweeps, {} MiB of kept costs)",
         a.other.display(),
         a.reference.display(),
         spec.num_groups(),
         settings.seed,
-        settings.restarts
+        settings.restarts,
+        a.max_iter,
+        a.cost_cache_mib
     );
-    let spinner = bar(0, a.no_progress);
+    let spinner = bar(spec.num_groups() as u64, a.no_progress);
     spinner.set_message("weight matching");
     spinner.enable_steady_tick(std::time::Duration::from_millis(200));
-    let (perms, stats) = settings.match_models(
-        &ref_model,
-        &other_model,
+    let mut last = String::from("objective not yet known");
+    let alignment = wm.align_checkpoints(
+        &ref_ck,
+        &other_ck,
         &spec,
-        &mut from_fn(|p| {
-            if let Progress::Sweep {
+        &mut from_fn(|p| match *p {
+            Progress::Group {
                 start,
                 sweep,
-                objective,
-                changed,
-            } = *p
-            {
+                index,
+                name,
+                units,
+                ..
+            } => {
+                spinner.set_position(index as u64 + 1);
                 spinner.set_message(format!(
-                    "weight matching: start {}, sweep {}, objective {objective:.6e}, {changed} group(s) changed",
+                    "start {}, sweep {}: {name} ({units} units); {last}",
                     start + 1,
                     sweep + 1
                 ));
             }
+            Progress::Sweep {
+                start,
+                sweep,
+                objective,
+                changed,
+            } => {
+                last = format!("after sweep {}: objective {objective:.6e}, {changed} group(s) changed", sweep + 1);
+                if spinner.is_hidden() {
+                    eprintln!(
+                        "start {}, sweep {} done at {:.1} s: objective {objective:.6e}, {changed} group(s) changed",
+                        start + 1,
+                        sweep + 1,
+                        began.elapsed().as_secs_f64()
+                    );
+                }
+            }
+            _ => {}
         }),
     )?;
+    let (perms, stats) = (
+        alignment.permutations().ok_or_else(|| {
+            modelfusion::Error::invalid("align", "weight matching gave no permutations")
+        })?,
+        alignment.stats().clone(),
+    );
     spinner.finish_and_clear();
     let units: usize = perms.iter().map(|(_, p)| p.len()).sum();
     eprintln!(
         "matched in {:.2} s: {}",
-        start.elapsed().as_secs_f64(),
+        began.elapsed().as_secs_f64(),
         describe_match(&stats, units)
     );
     write_out(
