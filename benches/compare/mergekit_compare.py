@@ -55,6 +55,13 @@ def make(dirname, dtype, seed, base=None):
     return out
 
 
+def variant(src, dst, edit, tie=False):
+    """A copy of checkpoint `src` with its tensors edited (extra or missing tensors)."""
+    os.makedirs(dst, exist_ok=True)
+    save_file(edit(load_file(os.path.join(src, "model.safetensors"))), os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
+    json.dump({**CFG, "tie_word_embeddings": tie}, open(os.path.join(dst, "config.json"), "w"))
+
+
 CONFIGS = {
     "linear": "merge_method: linear\nmodels:\n  - model: {a}\n    parameters: {{weight: 0.3}}\n  - model: {b}\n    parameters: {{weight: 0.7}}\n",
     "task_arithmetic": "merge_method: task_arithmetic\nbase_model: {base}\nparameters: {{lambda: 0.8}}\nmodels:\n  - model: {a}\n    parameters: {{weight: 0.5}}\n  - model: {b}\n    parameters: {{weight: [0, 0.5, 1]}}\n",
@@ -84,6 +91,16 @@ CONFIGS = {
     "ram_epsilon": "merge_method: ram\nbase_model: {base}\nparameters: {{epsilon: 0.005}}\nmodels:\n  - model: {a}\n  - model: {b}\n  - model: {c}\n",
     "ramplus_tl": "merge_method: ramplus_tl\nbase_model: {base}\nparameters: {{epsilon: 0.005, r: 0.5, alpha: 1.5}}\nmodels:\n  - model: {a}\n  - model: {b}\n  - model: {c}\n",
     "ramplus_tl_default": "merge_method: ramplus_tl\nbase_model: {base}\nmodels:\n  - model: {a}\n  - model: {b}\n",
+    # Layer slices: a frankenmerge (layers reordered and duplicated), slices merged with
+    # a method (gradients over each slice's layers, per-source and per-slice parameters).
+    "passthrough_slices": "merge_method: passthrough\nslices:\n  - sources: [{{model: {a}, layer_range: [0, 3]}}]\n  - sources: [{{model: {b}, layer_range: [1, 4]}}]\n  - sources: [{{model: {a}, layer_range: [2, 3]}}]\n",
+    "passthrough_scale": "merge_method: passthrough\nslices:\n  - sources: [{{model: {b}, layer_range: [3, 4], parameters: {{scale: [{{filter: o_proj, value: 0.5}}, {{value: 1}}]}}}}]\n  - sources: [{{model: {a}, layer_range: [0, 2]}}]\n",
+    "slices_slerp": "merge_method: slerp\nbase_model: {base}\nparameters:\n  t: [{{filter: self_attn, value: [0, 0.5, 0.3, 0.7, 1]}}, {{value: 0.4}}]\nslices:\n  - sources: [{{model: {base}, layer_range: [0, 4]}}, {{model: {a}, layer_range: [0, 4]}}]\n",
+    "slices_linear": "merge_method: linear\nslices:\n  - sources:\n      - {{model: {a}, layer_range: [0, 2], parameters: {{weight: 0.3}}}}\n      - {{model: {b}, layer_range: [2, 4], parameters: {{weight: 0.7}}}}\n    parameters: {{normalize: false}}\n  - sources:\n      - {{model: {b}, layer_range: [0, 3]}}\n      - {{model: {c}, layer_range: [1, 4], parameters: {{weight: 2}}}}\n    parameters: {{weight: [0.2, 0.8]}}\n",
+    "slices_ties": "merge_method: ties\nbase_model: {base}\nparameters: {{density: 0.5, weight: 1}}\nslices:\n  - sources: [{{model: {base}, layer_range: [0, 2]}}, {{model: {a}, layer_range: [0, 2]}}, {{model: {b}, layer_range: [2, 4]}}]\n  - sources: [{{model: {base}, layer_range: [1, 4]}}, {{model: {c}, layer_range: [1, 4], parameters: {{density: [0.2, 0.9]}}}}, {{model: {a}, layer_range: [0, 3]}}]\n",
+    # Tensors in some inputs only: rotary inv_freq buffers in one model (outside the
+    # architecture: left out), no lm_head in another (tied: read from the embedding).
+    "extra_and_tied": "merge_method: linear\nmodels:\n  - model: {rope}\n    parameters: {{weight: 0.4}}\n  - model: {tied}\n    parameters: {{weight: 0.6}}\n",
 }
 
 
@@ -129,10 +146,12 @@ def main():
             base = make(os.path.join(d, "base"), dtype, 1)
             for i, m in enumerate("abc"):
                 make(os.path.join(d, m), dtype, 10 + i, base)
+            variant(os.path.join(d, "a"), os.path.join(d, "rope"), lambda t: {**t, **{f"model.layers.{i}.self_attn.rotary_emb.inv_freq": torch.arange(H // 8, dtype=torch.float32) for i in range(L)}})
+            variant(os.path.join(d, "b"), os.path.join(d, "tied"), lambda t: {k: v for k, v in t.items() if k != "lm_head.weight"}, tie=True)
             for name, tpl in CONFIGS.items():
                 if only and name not in only:
                     continue
-                text = tpl.format(base=os.path.join(d, "base"), a=os.path.join(d, "a"), b=os.path.join(d, "b"), c=os.path.join(d, "c"))
+                text = tpl.format(**{m: os.path.join(d, m) for m in ["base", "a", "b", "c", "rope", "tied"]})
                 if "dtype:" not in text:
                     text += "dtype: float32\n"
                 text += f"out_dtype: {dname}\n"
@@ -158,7 +177,9 @@ def main():
                 diff = sum(int((a[k] != b[k]).sum()) for k in keys)
                 tot = sum(a[k].numel() for k in keys)
                 print(name, dname, f"{mad:.3g}", mul, f"{sul:.3g}", diff, tot, file=sys.stderr, flush=True)
-                rows.append((name, dname, f"{mad:.3g}", str(mul), f"{sul:.3g}", f"{diff}/{tot}" + (f" (names differ: {unshared[:3]})" if unshared else "")))
+                layers = [json.load(open(os.path.join(o, "config.json")))["num_hidden_layers"] for o in (mk, mf)]
+                note = (f" (names differ: {unshared[:3]})" if unshared else "") + (f" (num_hidden_layers {layers[0]} vs {layers[1]})" if layers[0] != layers[1] else "")
+                rows.append((name, dname, f"{mad:.3g}", str(mul), f"{sul:.3g}", f"{diff}/{tot}, {len(keys)} tensors" + note))
     sys.stdout.flush()
     print("| config | dtype | max abs diff | max ulp diff | max diff in ulps of the tensor's max | elements differing |")
     print("|---|---|---|---|---|---|")

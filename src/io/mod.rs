@@ -75,4 +75,5 @@ pub use stream::{
     Chunking, MappedMerger, MappedTensor, MergeSummary, StreamOptions, check_compatible,
     merge_checkpoints, merge_mapped,
 };
+pub(crate) use stream::check_mapped;
 pub use writer::{CheckpointWriter, SaveOptions, TensorPlan, save, save_file};
