@@ -25,7 +25,7 @@ CFG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_siz
        "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "torch_dtype": "float32"}
 
 
-def shapes():
+def shapes(L=L, H=H, I=I, V=V):
     s = {"model.embed_tokens.weight": (V, H), "model.norm.weight": (H,), "lm_head.weight": (V, H)}
     for i in range(L):
         p = f"model.layers.{i}."
@@ -39,10 +39,10 @@ def shapes():
     return s
 
 
-def make(dirname, dtype, seed, base=None):
+def make(dirname, dtype, seed, base=None, dims=None, cfg=None):
     g = torch.Generator().manual_seed(seed)
     out = {}
-    for k, sh in shapes().items():
+    for k, sh in shapes(**(dims or {})).items():
         if base is None:
             t = torch.randn(sh, generator=g) * 0.05
         else:
@@ -51,7 +51,7 @@ def make(dirname, dtype, seed, base=None):
         out[k] = t.to(dtype).contiguous()
     os.makedirs(dirname, exist_ok=True)
     save_file(out, os.path.join(dirname, "model.safetensors"), metadata={"format": "pt"})
-    json.dump(CFG, open(os.path.join(dirname, "config.json"), "w"))
+    json.dump(cfg or CFG, open(os.path.join(dirname, "config.json"), "w"))
     return out
 
 
@@ -104,6 +104,33 @@ CONFIGS = {
 }
 
 
+# mergekit's own examples/*.yml (its repository, mid 2026), the Hugging Face names
+# replaced by small local checkpoints of 40 layers: `--examples` runs these instead.
+EXAMPLES = {
+    "arcee_fusion.yml": "models:\n  - model: {model_a}\n  - model: {model_b}\nmerge_method: arcee_fusion\nbase_model: {model_a}\ndtype: bfloat16\n",
+    "bio-merge.yml": "models:\n  - model: {mistral_instruct}\n    parameters:\n      density: 0.5\n      weight: 0.5\n  - model: {biomistral}\n    parameters:\n      density: 0.5\n      weight: 0.5\nmerge_method: ties\nbase_model: {mistral}\nparameters:\n  normalize: false\n  int8_mask: true\ndtype: float16\n",
+    "gradient-slerp.yml": "slices:\n  - sources:\n      - model: {orca}\n        layer_range: [0, 40]\n      - model: {platypus}\n        layer_range: [0, 40]\nmerge_method: slerp\nbase_model: {orca}\nparameters:\n  t:\n    - filter: self_attn\n      value: [0, 0.5, 0.3, 0.7, 1]\n    - filter: mlp\n      value: [1, 0.5, 0.7, 0.3, 0]\n    - value: 0.5\ndtype: float16\n",
+    "linear.yml": "models:\n  - model: {orca}\n    parameters:\n      weight: 1.0\n  - model: {wizardlm}\n    parameters:\n      weight: 0.3\n  - model: {platypus}\n    parameters:\n      weight: 0.5\nmerge_method: linear\ndtype: float16\n",
+    "orcamini-platy-44layer.yml": "slices:\n  - sources:\n    - model: {orca}\n      layer_range: [0, 24]\n  - sources:\n    - model: {platypus}\n      layer_range: [20, 40]\nmerge_method: passthrough\ndtype: float16\n",
+    "ties.yml": "models:\n  - model: {orca}\n    parameters:\n      density: [1, 0.7, 0.1]\n      weight: 1.0\n  - model: {platypus}\n    parameters:\n      density: 0.5\n      weight: [0, 0.3, 0.7, 1]\n  - model: {wizardmath}\n    parameters:\n      density: 0.33\n      weight:\n        - filter: mlp\n          value: 0.5\n        - value: 0\nmerge_method: ties\nbase_model: {llama2}\nparameters:\n  normalize: true\n  int8_mask: true\ndtype: float16\n",
+}
+
+
+def make_example_models(d):
+    """40-layer Llama-like (Mistral-like for bio-merge) fp16 checkpoints of width 16."""
+    dims = {"L": 40, "H": 16, "I": 32, "V": 24}
+    cfg = {**CFG, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 40, "vocab_size": 24, "torch_dtype": "float16"}
+    mcfg = {**cfg, "architectures": ["MistralForCausalLM"], "model_type": "mistral"}
+    paths = {}
+    for base, family, c in [("llama2", ["model_a", "model_b", "orca", "platypus", "wizardlm", "wizardmath"], cfg), ("mistral", ["mistral_instruct", "biomistral"], mcfg)]:
+        paths[base] = os.path.join(d, base)
+        b = make(paths[base], torch.float16, 1, dims=dims, cfg=c)
+        for i, m in enumerate(family):
+            paths[m] = os.path.join(d, m)
+            make(paths[m], torch.float16, 10 + i, b, dims=dims, cfg=c)
+    return paths
+
+
 def ulps(x, y, dtype):
     bits = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}[dtype]
     a = x.to(dtype).view(bits).to(torch.int64)
@@ -125,12 +152,41 @@ def scale_ulps(x, y, dtype):
     return float((x.float() - y.float()).abs().max()) / ulp
 
 
+def compare(args, d, name, dname, dtype, text):
+    """Runs config `text` through both tools and returns its table row."""
+    cfg = os.path.join(d, name + ".yml")
+    open(cfg, "w").write(text)
+    mk, mf = os.path.join(d, "mk_" + name), os.path.join(d, "mf_" + name)
+    r1 = subprocess.run([args.mergekit, cfg, mk, "--allow-crimes", "--lazy-unpickle"], capture_output=True, text=True)
+    r2 = subprocess.run([args.bin, "merge", cfg, mf, "--no-progress"], capture_output=True, text=True)
+    if r1.returncode or r2.returncode:
+        print(name, dname, "error", r1.stderr[-300:], r2.stderr[-300:], file=sys.stderr, flush=True)
+        return (name, dname, "error", (r1.stderr[-300:] if r1.returncode else "") + (r2.stderr[-300:] if r2.returncode else ""), "", "")
+    a = {}
+    for f in os.listdir(mk):
+        if f.endswith(".safetensors"):
+            a.update(load_file(os.path.join(mk, f)))
+    b = load_file(os.path.join(mf, "model.safetensors"))
+    keys = sorted(set(a) & set(b))
+    unshared = sorted(set(a) ^ set(b))
+    mad = max(float((a[k].float() - b[k].float()).abs().max()) for k in keys)
+    mul = max(ulps(a[k], b[k], dtype) for k in keys)
+    sul = max(scale_ulps(a[k], b[k], dtype) for k in keys)
+    diff = sum(int((a[k] != b[k]).sum()) for k in keys)
+    tot = sum(a[k].numel() for k in keys)
+    print(name, dname, f"{mad:.3g}", mul, f"{sul:.3g}", diff, tot, file=sys.stderr, flush=True)
+    layers = [json.load(open(os.path.join(o, "config.json")))["num_hidden_layers"] for o in (mk, mf)]
+    note = (f" (names differ: {unshared[:3]})" if unshared else "") + (f" (num_hidden_layers {layers[0]} vs {layers[1]})" if layers[0] != layers[1] else "")
+    return (name, dname, f"{mad:.3g}", str(mul), f"{sul:.3g}", f"{diff}/{tot}, {len(keys)} tensors" + note)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--bin", default="target/release/modelfusion")
     ap.add_argument("--mergekit", default=os.path.join(os.path.dirname(sys.executable), "mergekit-yaml"))
     ap.add_argument("--configs", default="", help="comma-separated subset of the configs (default: all)")
     ap.add_argument("--dtypes", default="float32,float16,bfloat16", help="comma-separated subset of float32,float16,bfloat16")
+    ap.add_argument("--examples", action="store_true", help="run mergekit's example configs (as written, dtype included) instead")
     args = ap.parse_args()
     only = set(filter(None, args.configs.split(",")))
     unknown = only - set(CONFIGS)
@@ -140,7 +196,7 @@ def main():
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for dname, dtype in [("float32", torch.float32), ("float16", torch.float16), ("bfloat16", torch.bfloat16)]:
-            if dname not in dtypes:
+            if dname not in dtypes or args.examples:
                 continue
             d = os.path.join(tmp, dname)
             base = make(os.path.join(d, "base"), dtype, 1)
@@ -155,31 +211,14 @@ def main():
                 if "dtype:" not in text:
                     text += "dtype: float32\n"
                 text += f"out_dtype: {dname}\n"
-                cfg = os.path.join(d, name + ".yml")
-                open(cfg, "w").write(text)
-                mk, mf = os.path.join(d, "mk_" + name), os.path.join(d, "mf_" + name)
-                r1 = subprocess.run([args.mergekit, cfg, mk, "--allow-crimes", "--lazy-unpickle"], capture_output=True, text=True)
-                r2 = subprocess.run([args.bin, "merge", cfg, mf, "--no-progress"], capture_output=True, text=True)
-                if r1.returncode or r2.returncode:
-                    print(name, dname, "error", r1.stderr[-300:], r2.stderr[-300:], file=sys.stderr, flush=True)
-                    rows.append((name, dname, "error", (r1.stderr[-300:] if r1.returncode else "") + (r2.stderr[-300:] if r2.returncode else ""), "", ""))
-                    continue
-                a = {}
-                for f in os.listdir(mk):
-                    if f.endswith(".safetensors"):
-                        a.update(load_file(os.path.join(mk, f)))
-                b = load_file(os.path.join(mf, "model.safetensors"))
-                keys = sorted(set(a) & set(b))
-                unshared = sorted(set(a) ^ set(b))
-                mad = max(float((a[k].float() - b[k].float()).abs().max()) for k in keys)
-                mul = max(ulps(a[k], b[k], dtype) for k in keys)
-                sul = max(scale_ulps(a[k], b[k], dtype) for k in keys)
-                diff = sum(int((a[k] != b[k]).sum()) for k in keys)
-                tot = sum(a[k].numel() for k in keys)
-                print(name, dname, f"{mad:.3g}", mul, f"{sul:.3g}", diff, tot, file=sys.stderr, flush=True)
-                layers = [json.load(open(os.path.join(o, "config.json")))["num_hidden_layers"] for o in (mk, mf)]
-                note = (f" (names differ: {unshared[:3]})" if unshared else "") + (f" (num_hidden_layers {layers[0]} vs {layers[1]})" if layers[0] != layers[1] else "")
-                rows.append((name, dname, f"{mad:.3g}", str(mul), f"{sul:.3g}", f"{diff}/{tot}, {len(keys)} tensors" + note))
+                rows.append(compare(args, d, name, dname, dtype, text))
+        if args.examples:
+            d = os.path.join(tmp, "examples")
+            paths = make_example_models(d)
+            for name, tpl in EXAMPLES.items():
+                text = tpl.format(**paths)
+                dname = "bfloat16" if "bfloat16" in text else "float16"
+                rows.append(compare(args, d, name, dname, dict(float16=torch.float16, bfloat16=torch.bfloat16)[dname], text))
     sys.stdout.flush()
     print("| config | dtype | max abs diff | max ulp diff | max diff in ulps of the tensor's max | elements differing |")
     print("|---|---|---|---|---|---|")

@@ -220,8 +220,12 @@ impl ModelLayout {
             })?;
         Ok(ModelLayout {
             layout,
-            layers: usize::try_from(layers)
-                .map_err(|_| Error::invalid("num_hidden_layers", format!("{place}: {layers} is too large")))?,
+            layers: usize::try_from(layers).map_err(|_| {
+                Error::invalid(
+                    "num_hidden_layers",
+                    format!("{place}: {layers} is too large"),
+                )
+            })?,
         })
     }
 }

@@ -314,7 +314,10 @@ impl<'a> ConfigMerger<'a> {
     /// assert!(m.preflight_at([("w", 1.0)]).is_err());
     /// # Ok::<(), modelfusion::Error>(())
     /// ```
-    pub fn preflight_at<'n>(&self, tensors: impl IntoIterator<Item = (&'n str, f64)>) -> Result<()> {
+    pub fn preflight_at<'n>(
+        &self,
+        tensors: impl IntoIterator<Item = (&'n str, f64)>,
+    ) -> Result<()> {
         let k = self.config.inputs.len();
         let dummies: Vec<ArrayD<f32>> = (0..k)
             .map(|i| {
@@ -391,7 +394,11 @@ where
     T: IoScalar,
 {
     fn merge_tensor(&self, name: &str, ts: &[&ArrayD<T>]) -> Result<ArrayD<T>> {
-        self.merge_at(name, gradient_t(name, self.layers.get().copied().unwrap_or(0)), ts)
+        self.merge_at(
+            name,
+            gradient_t(name, self.layers.get().copied().unwrap_or(0)),
+            ts,
+        )
     }
 }
 
@@ -409,7 +416,12 @@ impl ConfigMerger<'_> {
     /// assert_eq!(ConfigMerger::new(&c).merge_at("w", 1.0, &[&a, &b])?[0], 1.0);
     /// # Ok::<(), modelfusion::Error>(())
     /// ```
-    pub fn merge_at<T: IoScalar>(&self, name: &str, t: f64, ts: &[&ArrayD<T>]) -> Result<ArrayD<T>> {
+    pub fn merge_at<T: IoScalar>(
+        &self,
+        name: &str,
+        t: f64,
+        ts: &[&ArrayD<T>],
+    ) -> Result<ArrayD<T>> {
         let c = self.config;
         let models = if c.has_base { &ts[1..] } else { ts };
         let per_model = |p: &str| {

@@ -577,7 +577,13 @@ impl Config {
                 })
                 .collect();
             let empty = BTreeMap::new();
-            let g = group(method, base.as_deref(), &entries, [&empty, &global_params], None)?;
+            let g = group(
+                method,
+                base.as_deref(),
+                &entries,
+                [&empty, &global_params],
+                None,
+            )?;
             return Ok(config(g, Vec::new(), BTreeMap::new()));
         };
         if !raw.models.is_empty() {
@@ -756,7 +762,9 @@ fn layer_range(v: &serde_json::Value, place: &str) -> Result<(usize, usize)> {
     let bad = |why: &str| {
         Error::invalid(
             "layer_range",
-            format!("in {place}: {why}; expected [start, end] (whole numbers, start <= end, end excluded), got `{v}`"),
+            format!(
+                "in {place}: {why}; expected [start, end] (whole numbers, start <= end, end excluded), got `{v}`"
+            ),
         )
     };
     let serde_json::Value::Array(items) = v else {

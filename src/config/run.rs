@@ -10,9 +10,9 @@ use ndarray::ArrayD;
 use super::{AlignSettings, Config, ConfigMerger, Layout, LooseWeight, ModelLayout};
 use crate::align::AlignStats;
 use crate::io::{
-    Checkpoint, Chunking, Dtype, IoScalar, MappedMerger, MappedTensor, MergeSummary,
-    SaveOptions, StreamOptions, bf16, check_compatible, check_mapped, config_of, f16, load,
-    merge_mapped, side_files,
+    Checkpoint, Chunking, Dtype, IoScalar, MappedMerger, MappedTensor, MergeSummary, SaveOptions,
+    StreamOptions, bf16, check_compatible, check_mapped, config_of, f16, load, merge_mapped,
+    side_files,
 };
 use crate::merge::TensorMerger;
 use crate::perm::{PermutationSet, PermutationSpec};
@@ -250,7 +250,11 @@ fn whole_model_plan(inputs: &[&Checkpoint]) -> Result<(Vec<MappedTensor>, Vec<St
             dropped.push(name.to_string());
             continue;
         }
-        let loose = layout.pre.iter().chain(layout.post).find(|l| l.name == name);
+        let loose = layout
+            .pre
+            .iter()
+            .chain(layout.post)
+            .find(|l| l.name == name);
         let sources = inputs
             .iter()
             .enumerate()
@@ -303,7 +307,11 @@ fn sliced_plan(
         .map(|c| ModelLayout::of(c, "a model of `slices`"))
         .collect::<Result<Vec<_>>>()?;
     let layout = layouts[0].layout;
-    if let Some((c, l)) = inputs.iter().zip(&layouts).find(|(_, l)| l.layout != layout) {
+    if let Some((c, l)) = inputs
+        .iter()
+        .zip(&layouts)
+        .find(|(_, l)| l.layout != layout)
+    {
         return Err(Error::invalid(
             "slices",
             format!(
@@ -315,13 +323,12 @@ fn sliced_plan(
             ),
         ));
     }
-    let input_of = |p: &Path| {
-        config
-            .inputs
-            .iter()
-            .position(|q| q == p)
-            .ok_or_else(|| Error::invalid("slices", format!("`{}` was not opened", p.display())))
-    };
+    let input_of =
+        |p: &Path| {
+            config.inputs.iter().position(|q| q == p).ok_or_else(|| {
+                Error::invalid("slices", format!("`{}` was not opened", p.display()))
+            })
+        };
     let missing = |i: usize, name: &str, place: &str| Error::MissingParam {
         name: name.to_string(),
         context: format!(
@@ -389,7 +396,11 @@ fn sliced_plan(
         }
         let n = sl.layers();
         for idx in 0..n {
-            let t = if n > 1 { idx as f64 / (n - 1) as f64 } else { 1.0 };
+            let t = if n > 1 {
+                idx as f64 / (n - 1) as f64
+            } else {
+                1.0
+            };
             for suffix in layout.layer {
                 let sources = sl
                     .config
@@ -728,11 +739,12 @@ impl MergePlan<'_> {
 /// layer count, as mergekit writes it).
 fn set_layers(side: &mut [(String, Vec<u8>)], layers: usize) -> Result<()> {
     for (name, bytes) in side.iter_mut().filter(|(n, _)| n == "config.json") {
-        let mut v: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| Error::Format {
-            format: "JSON",
-            path: Some(PathBuf::from(name.as_str())),
-            reason: e.to_string(),
-        })?;
+        let mut v: serde_json::Value =
+            serde_json::from_slice(bytes).map_err(|e| Error::Format {
+                format: "JSON",
+                path: Some(PathBuf::from(name.as_str())),
+                reason: e.to_string(),
+            })?;
         if let Some(obj) = v.as_object_mut() {
             obj.insert("num_hidden_layers".into(), layers.into());
         }
@@ -786,7 +798,12 @@ impl<M> Checked<'_, M> {
 }
 
 impl<T: IoScalar> MappedMerger<T> for Checked<'_, ConfigMerger<'_>> {
-    fn merge_mapped(&self, k: usize, tensor: &MappedTensor, ts: &[&ArrayD<T>]) -> Result<ArrayD<T>> {
+    fn merge_mapped(
+        &self,
+        k: usize,
+        tensor: &MappedTensor,
+        ts: &[&ArrayD<T>],
+    ) -> Result<ArrayD<T>> {
         let name = tensor.name.as_str();
         let (g, at) = self.place[k];
         let merger = &self.groups[g];

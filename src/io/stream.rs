@@ -410,7 +410,10 @@ where
 /// Checks a mapped plan against the headers: every source exists with the output's
 /// shape, output names are unique, a non-float tensor has the same dtype in all its
 /// sources. Returns the stored dtype of the carried (non-float) tensors, per entry.
-pub(crate) fn check_mapped(inputs: &[&Checkpoint], plan: &[MappedTensor]) -> Result<Vec<Option<Dtype>>> {
+pub(crate) fn check_mapped(
+    inputs: &[&Checkpoint],
+    plan: &[MappedTensor],
+) -> Result<Vec<Option<Dtype>>> {
     let mut seen = std::collections::HashSet::new();
     plan.iter()
         .map(|t| {
