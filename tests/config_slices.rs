@@ -312,3 +312,126 @@ fn configs_mergekit_rejects_are_clear_errors() {
         assert!(!dir.join("never").exists());
     }
 }
+
+fn write_tokenizer(dir: &Path, name: &str, tokens: &[&str], template: Option<&str>) {
+    let vocab: Vec<String> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| format!("\"{t}\": {i}"))
+        .collect();
+    let json = format!(
+        r#"{{"model": {{"type": "BPE", "vocab": {{{}}}, "merges": []}}, "added_tokens": []}}"#,
+        vocab.join(", ")
+    );
+    std::fs::write(dir.join(name).join("tokenizer.json"), json).unwrap();
+    let cfg = match template {
+        Some(t) => serde_json::json!({"model_max_length": 8, "chat_template": t}),
+        None => serde_json::json!({"model_max_length": 8}),
+    };
+    std::fs::write(
+        dir.join(name).join("tokenizer_config.json"),
+        cfg.to_string(),
+    )
+    .unwrap();
+}
+
+#[test]
+fn tokenizer_source_and_chat_template() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    setup(dir);
+    let chat = "{% for m in messages %}{{ m.content }}{% endfor %}";
+    let toks = ["a", "b", "c", "d", "<s>"];
+    write_tokenizer(dir, "base", &toks, Some(chat));
+    write_tokenizer(dir, "a", &toks, Some(chat));
+    write_tokenizer(
+        dir,
+        "b",
+        &toks,
+        Some("{{ other }} template, longer than 20"),
+    );
+    write_tokenizer(dir, "c", &["a", "b", "c", "e", "<s>"], None);
+    // Shared vocabulary: the rows need no remapping; the tokenizer files, the vocabulary
+    // size and the most common chat template are written.
+    let c = config(
+        dir,
+        "merge_method: task_arithmetic\nbase_model: DIR/base\ntokenizer_source: union\nchat_template: auto\nmodels:\n  - model: DIR/a\n    parameters: {weight: 1}\n  - model: DIR/b\n    parameters: {weight: 1}\n",
+    );
+    let summary = c.run(dir.join("out"), &RunOptions::new(), Silent).unwrap();
+    assert!(summary.copied.contains(&"tokenizer.json".to_string()));
+    let out = dir.join("out");
+    assert_eq!(
+        std::fs::read_to_string(out.join("chat_template.jinja")).unwrap(),
+        chat
+    );
+    let tc: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("tokenizer_config.json")).unwrap()).unwrap();
+    assert!(tc.get("chat_template").is_none() && tc["model_max_length"] == 8);
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["vocab_size"], 5);
+    assert_eq!(modelfusion::config::vocabulary(&out).unwrap().len(), 5);
+    // A template written out in the config.
+    let c = config(
+        dir,
+        &format!(
+            "merge_method: passthrough\nchat_template: \"{{{{ bos }}}}{{% for m in messages %}}x{{% endfor %}}\"\nslices:\n  - sources: [{{model: DIR/a, layer_range: [0, 1]}}]\n"
+        ),
+    );
+    c.run(dir.join("out2"), &RunOptions::new(), Silent).unwrap();
+    assert!(
+        std::fs::read_to_string(dir.join("out2/chat_template.jinja"))
+            .unwrap()
+            .starts_with("{{ bos }}")
+    );
+    let rejected_at_run = [
+        (
+            "merge_method: linear\ntokenizer_source: DIR/c\nmodels:\n  - model: DIR/a\n    parameters: {weight: 1}\n",
+            "another vocabulary",
+        ),
+        (
+            "merge_method: linear\ntokenizer: {source: base}\nmodels:\n  - model: DIR/c\n    parameters: {weight: 1}\n  - model: DIR/a\n    parameters: {weight: 1}\n",
+            "`e` (3 in",
+        ),
+        (
+            "merge_method: linear\nchat_template: chatml\nmodels:\n  - model: DIR/a\n    parameters: {weight: 1}\n",
+            "named templates",
+        ),
+    ];
+    for (text, want) in rejected_at_run {
+        let err = config(dir, text)
+            .run(dir.join("never"), &RunOptions::new(), Silent)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(want), "`{want}` not in `{err}` for:\n{text}");
+        assert!(!dir.join("never").exists());
+    }
+    let rejected = [
+        (
+            "merge_method: linear\ntokenizer_source: base\ntokenizer: {source: base}\nmodels:\n  - model: a\n    parameters: {weight: 1}\n",
+            "both `tokenizer_source` and `tokenizer`",
+        ),
+        (
+            "merge_method: linear\ntokenizer: {source: union, tokens: {\"<x>\": {source: a}}}\nmodels:\n  - model: a\n    parameters: {weight: 1}\n",
+            "tokenizer.tokens",
+        ),
+        (
+            "merge_method: linear\ntokenizer: {sauce: union}\nmodels:\n  - model: a\n    parameters: {weight: 1}\n",
+            "unknown key `sauce`",
+        ),
+        (
+            "merge_method: linear\ntokenizer_source: 3\nmodels:\n  - model: a\n    parameters: {weight: 1}\n",
+            "expected `base`, `union` or the path of a model",
+        ),
+        (
+            "merge_method: linear\nmodules: {default: {models: []}}\nmodels:\n  - model: a\n    parameters: {weight: 1}\n",
+            "write `models` or `slices` at the top level",
+        ),
+    ];
+    for (text, want) in rejected {
+        let err = Config::from_yaml(text, Path::new("test.yml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(want), "`{want}` not in `{err}` for:\n{text}");
+    }
+}

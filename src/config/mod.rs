@@ -14,10 +14,12 @@ use serde::Deserialize;
 mod layout;
 mod methods;
 mod run;
+mod tokenizer;
 
 pub use layout::{LAYOUTS, Layout, LooseWeight, ModelLayout};
 pub use methods::{BaseUse, ConfigMerger, METHODS, MethodSpec, ParamSpec, method_spec};
 pub use run::{AlignedInput, MergePlan, RunOptions, RunSummary};
+pub use tokenizer::{TokenizerSource, vocabulary};
 
 /// A parameter setting, read as mergekit 0.1.5 reads it.
 #[derive(Clone, Debug, PartialEq)]
@@ -273,6 +275,12 @@ pub struct RawConfig {
     pub dtype: Option<String>,
     /// Output dtype.
     pub out_dtype: Option<String>,
+    /// `base`, `union` or a model path: where the output's tokenizer comes from.
+    pub tokenizer_source: Option<serde_json::Value>,
+    /// The newer form of `tokenizer_source`: `{source, tokens, pad_to_multiple_of}`.
+    pub tokenizer: Option<serde_json::Value>,
+    /// A Jinja chat template, or `auto`.
+    pub chat_template: Option<String>,
     /// modelfusion's own section: align every model to the base (or first) model first.
     pub align: Option<RawAlign>,
     /// Everything else (reported as an error).
@@ -456,26 +464,22 @@ pub struct Config {
     /// Parameters of the slice this config is the merge of (tried after the per-model
     /// ones, before the global ones); empty at the top level.
     pub slice_params: BTreeMap<String, ParamValue>,
+    /// Where the output's tokenizer comes from (`tokenizer_source` or
+    /// `tokenizer.source`); without it the base (or first) model's files are copied.
+    pub tokenizer: Option<TokenizerSource>,
+    /// `chat_template` as written (`auto`, or a template).
+    pub chat_template: Option<String>,
 }
 
 /// Largest merge config read, in bytes.
 const MAX_CONFIG_SIZE: u64 = 16 << 20;
 
 /// mergekit keys modelfusion does not implement, with what to do instead.
-const UNSUPPORTED_KEYS: [(&str, &str); 5] = [
+const UNSUPPORTED_KEYS: [(&str, &str); 2] = [
     (
-        "tokenizer_source",
-        "tokenizer merging is not supported; the base (or first) model's tokenizer files are copied",
+        "modules",
+        "per-module merges are for architectures of several modules (vision-language models); the layouts modelfusion knows have one, so write `models` or `slices` at the top level",
     ),
-    (
-        "tokenizer",
-        "tokenizer merging is not supported; the base (or first) model's tokenizer files are copied",
-    ),
-    (
-        "chat_template",
-        "chat templates are not handled; edit tokenizer_config.json afterwards",
-    ),
-    ("modules", "per-module configs are not supported"),
     (
         "parameters_by_layer",
         "per-layer parameters are not supported; use {filter, value} lists",
@@ -529,7 +533,7 @@ impl Config {
                 .find(|(u, _)| u == k)
                 .map_or("it is not a key of a mergekit merge config", |(_, w)| w);
             return Err(config_err(format!(
-                "unsupported key `{k}`: {why} (keys: merge_method, base_model, models, slices, parameters, dtype, out_dtype, align)"
+                "unsupported key `{k}`: {why} (keys: merge_method, base_model, models, slices, parameters, dtype, out_dtype, tokenizer_source, tokenizer, chat_template, align)"
             )));
         }
         let method = method_spec(&raw.merge_method)?;
@@ -552,6 +556,16 @@ impl Config {
             .as_ref()
             .map(AlignSettings::from_raw)
             .transpose()?;
+        let tokenizer = match (&raw.tokenizer_source, &raw.tokenizer) {
+            (Some(_), Some(_)) => {
+                return Err(config_err(
+                    "both `tokenizer_source` and `tokenizer` are set; mergekit takes one of them",
+                ));
+            }
+            (Some(v), None) => Some(TokenizerSource::parse(v, "tokenizer_source")?),
+            (None, Some(v)) => Some(TokenizerSource::parse_block(v)?),
+            (None, None) => None,
+        };
         let config = |g: Group, slices: Vec<Slice>, slice_params| Config {
             method,
             inputs: g.inputs,
@@ -564,6 +578,8 @@ impl Config {
             align: align.clone(),
             slices,
             slice_params,
+            tokenizer: tokenizer.clone(),
+            chat_template: raw.chat_template.clone(),
         };
         let Some(raw_slices) = &raw.slices else {
             let entries: Vec<Entry> = raw

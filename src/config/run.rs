@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use ndarray::ArrayD;
 
+use super::tokenizer::{check_vocabularies, model_dir, resolve_template, set_template};
 use super::{AlignSettings, Config, ConfigMerger, Layout, LooseWeight, ModelLayout};
 use crate::align::AlignStats;
 use crate::io::{
@@ -209,6 +210,9 @@ pub struct MergePlan<'c> {
     groups: Vec<ConfigMerger<'c>>,
     dropped: Vec<String>,
     layers: Option<usize>,
+    /// The directory the tokenizer files come from, and the vocabulary size.
+    tokenizer: Option<(PathBuf, usize)>,
+    chat_template: Option<String>,
     out_dtype: Dtype,
 }
 
@@ -487,6 +491,31 @@ impl Config {
             (mapped, place, groups, Vec::new(), Some(layers))
         };
         check_mapped(&refs, &mapped)?;
+        let tokenizer = match &self.tokenizer {
+            Some(source) => {
+                let (from, n) = check_vocabularies(source, &self.inputs[0], &self.inputs)?;
+                let vocab_axis = ["model.embed_tokens.weight", "lm_head.weight"];
+                if let Some(t) = mapped
+                    .iter()
+                    .find(|t| vocab_axis.contains(&t.name.as_str()) && t.shape.first() != Some(&n))
+                {
+                    return Err(Error::invalid(
+                        "tokenizer_source",
+                        format!(
+                            "`{}` has {:?} rows, the vocabulary {n} tokens: mergekit would cut or pad the rows to the vocabulary, which modelfusion does not do",
+                            t.name,
+                            t.shape.first()
+                        ),
+                    ));
+                }
+                Some((from, n))
+            }
+            None => None,
+        };
+        let chat_template = match &self.chat_template {
+            Some(v) => resolve_template(v, &self.inputs)?,
+            None => None,
+        };
         let out_dtype = self
             .out_dtype
             .or_else(|| {
@@ -509,6 +538,8 @@ impl Config {
             groups,
             dropped,
             layers,
+            tokenizer,
+            chat_template,
             out_dtype,
         })
     }
@@ -648,7 +679,21 @@ impl MergePlan<'_> {
         let side = if options.copy_files {
             let mut side = side_files(&config.inputs[0], Some(self.out_dtype))?;
             if let Some(n) = self.layers {
-                set_layers(&mut side, n)?;
+                set_config_key(&mut side, "num_hidden_layers", n)?;
+            }
+            if let Some((from, n)) = &self.tokenizer {
+                // The tokenizer files of the source, the rest from the base (or first).
+                let keep = |n: &str| matches!(n, "config.json" | "generation_config.json");
+                side.retain(|(n, _)| keep(n));
+                side.extend(
+                    side_files(&model_dir(from), None)?
+                        .into_iter()
+                        .filter(|(n, _)| !keep(n)),
+                );
+                set_config_key(&mut side, "vocab_size", *n)?;
+            }
+            if let Some(t) = &self.chat_template {
+                set_template(&mut side, t)?;
             }
             side
         } else {
@@ -735,9 +780,9 @@ impl MergePlan<'_> {
     }
 }
 
-/// Sets `num_hidden_layers` in the `config.json` among `side` (a sliced merge's
-/// layer count, as mergekit writes it).
-fn set_layers(side: &mut [(String, Vec<u8>)], layers: usize) -> Result<()> {
+/// Sets `key` in the `config.json` among `side` (a sliced merge's layer count, the
+/// vocabulary size, as mergekit writes them).
+fn set_config_key(side: &mut [(String, Vec<u8>)], key: &str, value: usize) -> Result<()> {
     for (name, bytes) in side.iter_mut().filter(|(n, _)| n == "config.json") {
         let mut v: serde_json::Value =
             serde_json::from_slice(bytes).map_err(|e| Error::Format {
@@ -746,7 +791,7 @@ fn set_layers(side: &mut [(String, Vec<u8>)], layers: usize) -> Result<()> {
                 reason: e.to_string(),
             })?;
         if let Some(obj) = v.as_object_mut() {
-            obj.insert("num_hidden_layers".into(), layers.into());
+            obj.insert(key.into(), value.into());
         }
         let s = serde_json::to_string_pretty(&v)
             .map_err(|e| Error::invalid("config.json", e.to_string()))?;
