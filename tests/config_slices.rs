@@ -7,24 +7,15 @@
 
 use std::path::Path;
 
-use modelfusion::config::{Config, RunOptions};
+use modelfusion::config::{Config, LAYOUTS, RunOptions};
 use modelfusion::io::{Dtype, load, save_file};
 use modelfusion::progress::Silent;
 use modelfusion::{Model, StateDictF32};
 use ndarray::ArrayD;
 
 const LAYERS: usize = 4;
-const LAYER: [&str; 9] = [
-    "input_layernorm.weight",
-    "self_attn.q_proj.weight",
-    "self_attn.k_proj.weight",
-    "self_attn.v_proj.weight",
-    "self_attn.o_proj.weight",
-    "post_attention_layernorm.weight",
-    "mlp.up_proj.weight",
-    "mlp.gate_proj.weight",
-    "mlp.down_proj.weight",
-];
+/// The tensors of a layer: mergekit's Llama table.
+const LAYER: &[&str] = LAYOUTS[0].layer;
 
 /// A Llama-like model whose every tensor is filled with `id * 1000 + layer * 10 + k`
 /// (`layer` 90 outside the layers), so where an output tensor came from can be read

@@ -6,23 +6,14 @@
 use std::path::Path;
 
 use modelfusion::StateDictF32;
-use modelfusion::config::{Config, RunOptions};
+use modelfusion::config::{Config, LAYOUTS, RunOptions};
 use modelfusion::io::{Checkpoint, Dtype, save_file};
 use modelfusion::progress::Silent;
 use ndarray::ArrayD;
 
 const LAYERS: usize = 40;
-const LAYER: [&str; 9] = [
-    "input_layernorm.weight",
-    "self_attn.q_proj.weight",
-    "self_attn.k_proj.weight",
-    "self_attn.v_proj.weight",
-    "self_attn.o_proj.weight",
-    "post_attention_layernorm.weight",
-    "mlp.up_proj.weight",
-    "mlp.gate_proj.weight",
-    "mlp.down_proj.weight",
-];
+/// The tensors of a layer: mergekit's Llama table.
+const LAYER: &[&str] = LAYOUTS[0].layer;
 
 /// A 40-layer Llama-like (or Mistral-like) checkpoint of width 2, values from `seed`.
 fn write(dir: &Path, name: &str, arch: &str, seed: u32) {

@@ -189,7 +189,7 @@ def main():
     ap.add_argument("--examples", action="store_true", help="run mergekit's example configs (as written, dtype included) instead")
     args = ap.parse_args()
     only = set(filter(None, args.configs.split(",")))
-    unknown = only - set(CONFIGS)
+    unknown = only - set(CONFIGS) - set(EXAMPLES)
     if unknown:
         sys.exit(f"unknown configs: {sorted(unknown)}; known: {sorted(CONFIGS)}")
     dtypes = args.dtypes.split(",")
@@ -216,9 +216,16 @@ def main():
             d = os.path.join(tmp, "examples")
             paths = make_example_models(d)
             for name, tpl in EXAMPLES.items():
+                if only and name not in only:
+                    continue
                 text = tpl.format(**paths)
                 dname = "bfloat16" if "bfloat16" in text else "float16"
-                rows.append(compare(args, d, name, dname, dict(float16=torch.float16, bfloat16=torch.bfloat16)[dname], text))
+                dtype = dict(float16=torch.float16, bfloat16=torch.bfloat16)[dname]
+                # As written (mergekit computes in the example's 16-bit dtype), then
+                # with both computing in float32 into the same output dtype.
+                rows.append(compare(args, d, name, dname, dtype, text))
+                f32 = text.replace(f"dtype: {dname}", f"dtype: float32\nout_dtype: {dname}")
+                rows.append(compare(args, d, name.replace(".yml", "_f32.yml"), dname + " (f32 compute)", dtype, f32))
     sys.stdout.flush()
     print("| config | dtype | max abs diff | max ulp diff | max diff in ulps of the tensor's max | elements differing |")
     print("|---|---|---|---|---|---|")

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use ndarray::ArrayD;
 
-use super::tokenizer::{check_vocabularies, model_dir, resolve_template, set_template};
+use super::tokenizer::{check_vocabularies, edit_json, model_dir, resolve_template, set_template};
 use super::{AlignSettings, Config, ConfigMerger, Layout, LooseWeight, ModelLayout};
 use crate::align::AlignStats;
 use crate::io::{
@@ -783,21 +783,9 @@ impl MergePlan<'_> {
 /// Sets `key` in the `config.json` among `side` (a sliced merge's layer count, the
 /// vocabulary size, as mergekit writes them).
 fn set_config_key(side: &mut [(String, Vec<u8>)], key: &str, value: usize) -> Result<()> {
-    for (name, bytes) in side.iter_mut().filter(|(n, _)| n == "config.json") {
-        let mut v: serde_json::Value =
-            serde_json::from_slice(bytes).map_err(|e| Error::Format {
-                format: "JSON",
-                path: Some(PathBuf::from(name.as_str())),
-                reason: e.to_string(),
-            })?;
-        if let Some(obj) = v.as_object_mut() {
-            obj.insert(key.into(), value.into());
-        }
-        let s = serde_json::to_string_pretty(&v)
-            .map_err(|e| Error::invalid("config.json", e.to_string()))?;
-        *bytes = (s + "\n").into_bytes();
-    }
-    Ok(())
+    edit_json(side, "config.json", |obj| {
+        obj.insert(key.into(), value.into());
+    })
 }
 
 fn cancelled(place: &Path, when: &str) -> Error {

@@ -264,10 +264,21 @@ pub(crate) fn resolve_template(value: &str, inputs: &[PathBuf]) -> Result<Option
 /// `tokenizer_config.json` removed so that the two cannot disagree.
 pub(crate) fn set_template(side: &mut Vec<(String, Vec<u8>)>, template: &str) -> Result<()> {
     side.retain(|(n, _)| n != "chat_template.jinja");
-    for (name, bytes) in side
-        .iter_mut()
-        .filter(|(n, _)| n == "tokenizer_config.json")
-    {
+    edit_json(side, "tokenizer_config.json", |obj| {
+        obj.remove("chat_template");
+    })?;
+    side.push(("chat_template.jinja".into(), template.as_bytes().to_vec()));
+    Ok(())
+}
+
+/// Edits the JSON object of side file `file` among `side` (if present), rewriting it
+/// pretty-printed.
+pub(crate) fn edit_json(
+    side: &mut [(String, Vec<u8>)],
+    file: &str,
+    edit: impl Fn(&mut serde_json::Map<String, serde_json::Value>),
+) -> Result<()> {
+    for (name, bytes) in side.iter_mut().filter(|(n, _)| n == file) {
         let mut v: serde_json::Value =
             serde_json::from_slice(bytes).map_err(|e| Error::Format {
                 format: "JSON",
@@ -275,12 +286,11 @@ pub(crate) fn set_template(side: &mut Vec<(String, Vec<u8>)>, template: &str) ->
                 reason: e.to_string(),
             })?;
         if let Some(obj) = v.as_object_mut() {
-            obj.remove("chat_template");
+            edit(obj);
         }
-        let s = serde_json::to_string_pretty(&v)
-            .map_err(|e| Error::invalid("tokenizer_config.json", e.to_string()))?;
+        let s =
+            serde_json::to_string_pretty(&v).map_err(|e| Error::invalid(file, e.to_string()))?;
         *bytes = (s + "\n").into_bytes();
     }
-    side.push(("chat_template.jinja".into(), template.as_bytes().to_vec()));
     Ok(())
 }
