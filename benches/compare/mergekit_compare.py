@@ -25,7 +25,7 @@ CFG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_siz
        "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "torch_dtype": "float32"}
 
 
-def shapes():
+def shapes(L=L, H=H, I=I, V=V):
     s = {"model.embed_tokens.weight": (V, H), "model.norm.weight": (H,), "lm_head.weight": (V, H)}
     for i in range(L):
         p = f"model.layers.{i}."
@@ -39,10 +39,10 @@ def shapes():
     return s
 
 
-def make(dirname, dtype, seed, base=None):
+def make(dirname, dtype, seed, base=None, dims=None, cfg=None):
     g = torch.Generator().manual_seed(seed)
     out = {}
-    for k, sh in shapes().items():
+    for k, sh in shapes(**(dims or {})).items():
         if base is None:
             t = torch.randn(sh, generator=g) * 0.05
         else:
@@ -51,8 +51,15 @@ def make(dirname, dtype, seed, base=None):
         out[k] = t.to(dtype).contiguous()
     os.makedirs(dirname, exist_ok=True)
     save_file(out, os.path.join(dirname, "model.safetensors"), metadata={"format": "pt"})
-    json.dump(CFG, open(os.path.join(dirname, "config.json"), "w"))
+    json.dump(cfg or CFG, open(os.path.join(dirname, "config.json"), "w"))
     return out
+
+
+def variant(src, dst, edit, tie=False):
+    """A copy of checkpoint `src` with its tensors edited (extra or missing tensors)."""
+    os.makedirs(dst, exist_ok=True)
+    save_file(edit(load_file(os.path.join(src, "model.safetensors"))), os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
+    json.dump({**CFG, "tie_word_embeddings": tie}, open(os.path.join(dst, "config.json"), "w"))
 
 
 CONFIGS = {
@@ -84,7 +91,44 @@ CONFIGS = {
     "ram_epsilon": "merge_method: ram\nbase_model: {base}\nparameters: {{epsilon: 0.005}}\nmodels:\n  - model: {a}\n  - model: {b}\n  - model: {c}\n",
     "ramplus_tl": "merge_method: ramplus_tl\nbase_model: {base}\nparameters: {{epsilon: 0.005, r: 0.5, alpha: 1.5}}\nmodels:\n  - model: {a}\n  - model: {b}\n  - model: {c}\n",
     "ramplus_tl_default": "merge_method: ramplus_tl\nbase_model: {base}\nmodels:\n  - model: {a}\n  - model: {b}\n",
+    # Layer slices: a frankenmerge (layers reordered and duplicated), slices merged with
+    # a method (gradients over each slice's layers, per-source and per-slice parameters).
+    "passthrough_slices": "merge_method: passthrough\nslices:\n  - sources: [{{model: {a}, layer_range: [0, 3]}}]\n  - sources: [{{model: {b}, layer_range: [1, 4]}}]\n  - sources: [{{model: {a}, layer_range: [2, 3]}}]\n",
+    "passthrough_scale": "merge_method: passthrough\nslices:\n  - sources: [{{model: {b}, layer_range: [3, 4], parameters: {{scale: [{{filter: o_proj, value: 0.5}}, {{value: 1}}]}}}}]\n  - sources: [{{model: {a}, layer_range: [0, 2]}}]\n",
+    "slices_slerp": "merge_method: slerp\nbase_model: {base}\nparameters:\n  t: [{{filter: self_attn, value: [0, 0.5, 0.3, 0.7, 1]}}, {{value: 0.4}}]\nslices:\n  - sources: [{{model: {base}, layer_range: [0, 4]}}, {{model: {a}, layer_range: [0, 4]}}]\n",
+    "slices_linear": "merge_method: linear\nslices:\n  - sources:\n      - {{model: {a}, layer_range: [0, 2], parameters: {{weight: 0.3}}}}\n      - {{model: {b}, layer_range: [2, 4], parameters: {{weight: 0.7}}}}\n    parameters: {{normalize: false}}\n  - sources:\n      - {{model: {b}, layer_range: [0, 3]}}\n      - {{model: {c}, layer_range: [1, 4], parameters: {{weight: 2}}}}\n    parameters: {{weight: [0.2, 0.8]}}\n",
+    "slices_ties": "merge_method: ties\nbase_model: {base}\nparameters: {{density: 0.5, weight: 1}}\nslices:\n  - sources: [{{model: {base}, layer_range: [0, 2]}}, {{model: {a}, layer_range: [0, 2]}}, {{model: {b}, layer_range: [2, 4]}}]\n  - sources: [{{model: {base}, layer_range: [1, 4]}}, {{model: {c}, layer_range: [1, 4], parameters: {{density: [0.2, 0.9]}}}}, {{model: {a}, layer_range: [0, 3]}}]\n",
+    # Tensors in some inputs only: rotary inv_freq buffers in one model (outside the
+    # architecture: left out), no lm_head in another (tied: read from the embedding).
+    "extra_and_tied": "merge_method: linear\nmodels:\n  - model: {rope}\n    parameters: {{weight: 0.4}}\n  - model: {tied}\n    parameters: {{weight: 0.6}}\n",
 }
+
+
+# mergekit's own examples/*.yml (its repository, mid 2026), the Hugging Face names
+# replaced by small local checkpoints of 40 layers: `--examples` runs these instead.
+EXAMPLES = {
+    "arcee_fusion.yml": "models:\n  - model: {model_a}\n  - model: {model_b}\nmerge_method: arcee_fusion\nbase_model: {model_a}\ndtype: bfloat16\n",
+    "bio-merge.yml": "models:\n  - model: {mistral_instruct}\n    parameters:\n      density: 0.5\n      weight: 0.5\n  - model: {biomistral}\n    parameters:\n      density: 0.5\n      weight: 0.5\nmerge_method: ties\nbase_model: {mistral}\nparameters:\n  normalize: false\n  int8_mask: true\ndtype: float16\n",
+    "gradient-slerp.yml": "slices:\n  - sources:\n      - model: {orca}\n        layer_range: [0, 40]\n      - model: {platypus}\n        layer_range: [0, 40]\nmerge_method: slerp\nbase_model: {orca}\nparameters:\n  t:\n    - filter: self_attn\n      value: [0, 0.5, 0.3, 0.7, 1]\n    - filter: mlp\n      value: [1, 0.5, 0.7, 0.3, 0]\n    - value: 0.5\ndtype: float16\n",
+    "linear.yml": "models:\n  - model: {orca}\n    parameters:\n      weight: 1.0\n  - model: {wizardlm}\n    parameters:\n      weight: 0.3\n  - model: {platypus}\n    parameters:\n      weight: 0.5\nmerge_method: linear\ndtype: float16\n",
+    "orcamini-platy-44layer.yml": "slices:\n  - sources:\n    - model: {orca}\n      layer_range: [0, 24]\n  - sources:\n    - model: {platypus}\n      layer_range: [20, 40]\nmerge_method: passthrough\ndtype: float16\n",
+    "ties.yml": "models:\n  - model: {orca}\n    parameters:\n      density: [1, 0.7, 0.1]\n      weight: 1.0\n  - model: {platypus}\n    parameters:\n      density: 0.5\n      weight: [0, 0.3, 0.7, 1]\n  - model: {wizardmath}\n    parameters:\n      density: 0.33\n      weight:\n        - filter: mlp\n          value: 0.5\n        - value: 0\nmerge_method: ties\nbase_model: {llama2}\nparameters:\n  normalize: true\n  int8_mask: true\ndtype: float16\n",
+}
+
+
+def make_example_models(d):
+    """40-layer Llama-like (Mistral-like for bio-merge) fp16 checkpoints of width 16."""
+    dims = {"L": 40, "H": 16, "I": 32, "V": 24}
+    cfg = {**CFG, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 40, "vocab_size": 24, "torch_dtype": "float16"}
+    mcfg = {**cfg, "architectures": ["MistralForCausalLM"], "model_type": "mistral"}
+    paths = {}
+    for base, family, c in [("llama2", ["model_a", "model_b", "orca", "platypus", "wizardlm", "wizardmath"], cfg), ("mistral", ["mistral_instruct", "biomistral"], mcfg)]:
+        paths[base] = os.path.join(d, base)
+        b = make(paths[base], torch.float16, 1, dims=dims, cfg=c)
+        for i, m in enumerate(family):
+            paths[m] = os.path.join(d, m)
+            make(paths[m], torch.float16, 10 + i, b, dims=dims, cfg=c)
+    return paths
 
 
 def ulps(x, y, dtype):
@@ -108,57 +152,80 @@ def scale_ulps(x, y, dtype):
     return float((x.float() - y.float()).abs().max()) / ulp
 
 
+def compare(args, d, name, dname, dtype, text):
+    """Runs config `text` through both tools and returns its table row."""
+    cfg = os.path.join(d, name + ".yml")
+    open(cfg, "w").write(text)
+    mk, mf = os.path.join(d, "mk_" + name), os.path.join(d, "mf_" + name)
+    r1 = subprocess.run([args.mergekit, cfg, mk, "--allow-crimes", "--lazy-unpickle"], capture_output=True, text=True)
+    r2 = subprocess.run([args.bin, "merge", cfg, mf, "--no-progress"], capture_output=True, text=True)
+    if r1.returncode or r2.returncode:
+        print(name, dname, "error", r1.stderr[-300:], r2.stderr[-300:], file=sys.stderr, flush=True)
+        return (name, dname, "error", (r1.stderr[-300:] if r1.returncode else "") + (r2.stderr[-300:] if r2.returncode else ""), "", "")
+    a = {}
+    for f in os.listdir(mk):
+        if f.endswith(".safetensors"):
+            a.update(load_file(os.path.join(mk, f)))
+    b = load_file(os.path.join(mf, "model.safetensors"))
+    keys = sorted(set(a) & set(b))
+    unshared = sorted(set(a) ^ set(b))
+    mad = max(float((a[k].float() - b[k].float()).abs().max()) for k in keys)
+    mul = max(ulps(a[k], b[k], dtype) for k in keys)
+    sul = max(scale_ulps(a[k], b[k], dtype) for k in keys)
+    diff = sum(int((a[k] != b[k]).sum()) for k in keys)
+    tot = sum(a[k].numel() for k in keys)
+    print(name, dname, f"{mad:.3g}", mul, f"{sul:.3g}", diff, tot, file=sys.stderr, flush=True)
+    layers = [json.load(open(os.path.join(o, "config.json")))["num_hidden_layers"] for o in (mk, mf)]
+    note = (f" (names differ: {unshared[:3]})" if unshared else "") + (f" (num_hidden_layers {layers[0]} vs {layers[1]})" if layers[0] != layers[1] else "")
+    return (name, dname, f"{mad:.3g}", str(mul), f"{sul:.3g}", f"{diff}/{tot}, {len(keys)} tensors" + note)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--bin", default="target/release/modelfusion")
     ap.add_argument("--mergekit", default=os.path.join(os.path.dirname(sys.executable), "mergekit-yaml"))
     ap.add_argument("--configs", default="", help="comma-separated subset of the configs (default: all)")
     ap.add_argument("--dtypes", default="float32,float16,bfloat16", help="comma-separated subset of float32,float16,bfloat16")
+    ap.add_argument("--examples", action="store_true", help="run mergekit's example configs (as written, dtype included) instead")
     args = ap.parse_args()
     only = set(filter(None, args.configs.split(",")))
-    unknown = only - set(CONFIGS)
+    unknown = only - set(CONFIGS) - set(EXAMPLES)
     if unknown:
         sys.exit(f"unknown configs: {sorted(unknown)}; known: {sorted(CONFIGS)}")
     dtypes = args.dtypes.split(",")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for dname, dtype in [("float32", torch.float32), ("float16", torch.float16), ("bfloat16", torch.bfloat16)]:
-            if dname not in dtypes:
+            if dname not in dtypes or args.examples:
                 continue
             d = os.path.join(tmp, dname)
             base = make(os.path.join(d, "base"), dtype, 1)
             for i, m in enumerate("abc"):
                 make(os.path.join(d, m), dtype, 10 + i, base)
+            variant(os.path.join(d, "a"), os.path.join(d, "rope"), lambda t: {**t, **{f"model.layers.{i}.self_attn.rotary_emb.inv_freq": torch.arange(H // 8, dtype=torch.float32) for i in range(L)}})
+            variant(os.path.join(d, "b"), os.path.join(d, "tied"), lambda t: {k: v for k, v in t.items() if k != "lm_head.weight"}, tie=True)
             for name, tpl in CONFIGS.items():
                 if only and name not in only:
                     continue
-                text = tpl.format(base=os.path.join(d, "base"), a=os.path.join(d, "a"), b=os.path.join(d, "b"), c=os.path.join(d, "c"))
+                text = tpl.format(**{m: os.path.join(d, m) for m in ["base", "a", "b", "c", "rope", "tied"]})
                 if "dtype:" not in text:
                     text += "dtype: float32\n"
                 text += f"out_dtype: {dname}\n"
-                cfg = os.path.join(d, name + ".yml")
-                open(cfg, "w").write(text)
-                mk, mf = os.path.join(d, "mk_" + name), os.path.join(d, "mf_" + name)
-                r1 = subprocess.run([args.mergekit, cfg, mk, "--allow-crimes", "--lazy-unpickle"], capture_output=True, text=True)
-                r2 = subprocess.run([args.bin, "merge", cfg, mf, "--no-progress"], capture_output=True, text=True)
-                if r1.returncode or r2.returncode:
-                    print(name, dname, "error", r1.stderr[-300:], r2.stderr[-300:], file=sys.stderr, flush=True)
-                    rows.append((name, dname, "error", (r1.stderr[-300:] if r1.returncode else "") + (r2.stderr[-300:] if r2.returncode else ""), "", ""))
+                rows.append(compare(args, d, name, dname, dtype, text))
+        if args.examples:
+            d = os.path.join(tmp, "examples")
+            paths = make_example_models(d)
+            for name, tpl in EXAMPLES.items():
+                if only and name not in only:
                     continue
-                a = {}
-                for f in os.listdir(mk):
-                    if f.endswith(".safetensors"):
-                        a.update(load_file(os.path.join(mk, f)))
-                b = load_file(os.path.join(mf, "model.safetensors"))
-                keys = sorted(set(a) & set(b))
-                unshared = sorted(set(a) ^ set(b))
-                mad = max(float((a[k].float() - b[k].float()).abs().max()) for k in keys)
-                mul = max(ulps(a[k], b[k], dtype) for k in keys)
-                sul = max(scale_ulps(a[k], b[k], dtype) for k in keys)
-                diff = sum(int((a[k] != b[k]).sum()) for k in keys)
-                tot = sum(a[k].numel() for k in keys)
-                print(name, dname, f"{mad:.3g}", mul, f"{sul:.3g}", diff, tot, file=sys.stderr, flush=True)
-                rows.append((name, dname, f"{mad:.3g}", str(mul), f"{sul:.3g}", f"{diff}/{tot}" + (f" (names differ: {unshared[:3]})" if unshared else "")))
+                text = tpl.format(**paths)
+                dname = "bfloat16" if "bfloat16" in text else "float16"
+                dtype = dict(float16=torch.float16, bfloat16=torch.bfloat16)[dname]
+                # As written (mergekit computes in the example's 16-bit dtype), then
+                # with both computing in float32 into the same output dtype.
+                rows.append(compare(args, d, name, dname, dtype, text))
+                f32 = text.replace(f"dtype: {dname}", f"dtype: float32\nout_dtype: {dname}")
+                rows.append(compare(args, d, name.replace(".yml", "_f32.yml"), dname + " (f32 compute)", dtype, f32))
     sys.stdout.flush()
     print("| config | dtype | max abs diff | max ulp diff | max diff in ulps of the tensor's max | elements differing |")
     print("|---|---|---|---|---|---|")

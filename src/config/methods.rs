@@ -236,6 +236,16 @@ pub const METHODS: &[MethodSpec] = &[
         &[opt("epsilon", 1e-5)],
         true,
     ),
+    // mergekit's `scale` is optional with no default (no scaling); 1 is the same.
+    MethodSpec {
+        name: "passthrough",
+        base: BaseUse::None,
+        min_models: 1,
+        max_models: Some(1),
+        model_params: &[opt("scale", 1.0)],
+        global_params: &[],
+        elementwise: true,
+    },
     shared_only(
         "ramplus_tl",
         BaseUse::Required,
@@ -289,6 +299,25 @@ impl<'a> ConfigMerger<'a> {
             .max()
             .map_or(0, |m| m + 1);
         let _ = self.layers.set(layers);
+        self.preflight_at(names.into_iter().map(|n| (n, gradient_t(n, layers))))
+    }
+
+    /// [`ConfigMerger::preflight`] for tensors at given gradient positions (a slice's
+    /// layers).
+    ///
+    /// ```
+    /// use modelfusion::config::{Config, ConfigMerger};
+    /// let c = Config::from_yaml("merge_method: slerp\nbase_model: a\nparameters: {t: [0, 2]}\nmodels:\n  - model: b\n", "c.yml".as_ref())?;
+    /// let m = ConfigMerger::new(&c);
+    /// assert!(m.preflight_at([("w", 0.5)]).is_ok());
+    /// // t = 2 at the end of the gradient: outside [0, 1].
+    /// assert!(m.preflight_at([("w", 1.0)]).is_err());
+    /// # Ok::<(), modelfusion::Error>(())
+    /// ```
+    pub fn preflight_at<'n>(
+        &self,
+        tensors: impl IntoIterator<Item = (&'n str, f64)>,
+    ) -> Result<()> {
         let k = self.config.inputs.len();
         let dummies: Vec<ArrayD<f32>> = (0..k)
             .map(|i| {
@@ -301,8 +330,8 @@ impl<'a> ConfigMerger<'a> {
             })
             .collect();
         let refs: Vec<&ArrayD<f32>> = dummies.iter().collect();
-        for name in names {
-            self.merge_tensor(name, &refs)
+        for (name, t) in tensors {
+            self.merge_at(name, t, &refs)
                 .map_err(|e| Error::invalid("config", format!("for tensor `{name}`: {e}")))?;
         }
         Ok(())
@@ -365,8 +394,35 @@ where
     T: IoScalar,
 {
     fn merge_tensor(&self, name: &str, ts: &[&ArrayD<T>]) -> Result<ArrayD<T>> {
+        self.merge_at(
+            name,
+            gradient_t(name, self.layers.get().copied().unwrap_or(0)),
+            ts,
+        )
+    }
+}
+
+impl ConfigMerger<'_> {
+    /// Merges tensor `name` at gradient position `t` (a slice's layers have positions
+    /// of their own, see [`Slice`](super::Slice)); [`TensorMerger::merge_tensor`]
+    /// takes `t` from the name.
+    ///
+    /// ```
+    /// use modelfusion::config::{Config, ConfigMerger};
+    /// use ndarray::ArrayD;
+    /// let c = Config::from_yaml("merge_method: linear\nmodels:\n  - model: a\n    parameters: {weight: [1, 3]}\n  - model: b\n    parameters: {weight: 1}\n", "c.yml".as_ref())?;
+    /// let (a, b) = (ArrayD::from_elem(vec![1], 0.0f32), ArrayD::from_elem(vec![1], 4.0f32));
+    /// // At t = 1 the weights are 3 and 1.
+    /// assert_eq!(ConfigMerger::new(&c).merge_at("w", 1.0, &[&a, &b])?[0], 1.0);
+    /// # Ok::<(), modelfusion::Error>(())
+    /// ```
+    pub fn merge_at<T: IoScalar>(
+        &self,
+        name: &str,
+        t: f64,
+        ts: &[&ArrayD<T>],
+    ) -> Result<ArrayD<T>> {
         let c = self.config;
-        let t = gradient_t(name, self.layers.get().copied().unwrap_or(0));
         let models = if c.has_base { &ts[1..] } else { ts };
         let per_model = |p: &str| {
             (0..models.len())
@@ -375,6 +431,18 @@ where
         };
         let global = |p: &str| c.global_param(p, name, t);
         let method = c.method.name;
+        if method == "passthrough" {
+            let scale = per_model("scale")?;
+            return match (models, scale.as_slice()) {
+                ([m], [s]) if *s == 1.0 => Ok((*m).clone()),
+                ([m], [s]) => {
+                    // In the compute dtype, as torch multiplies by a Python float.
+                    let s = T::from_f64_lossy(*s);
+                    Ok(m.mapv(|x| x * s))
+                }
+                _ => Err(config_count("passthrough", 1, models.len())),
+            };
+        }
         if method == "linear" {
             return Average::weighted(per_model("weight")?, global("normalize")? != 0.0)?
                 .merge_tensor(name, models);

@@ -11,11 +11,15 @@ use crate::progress::Observer;
 use crate::{Error, Result, StateDictF32};
 use serde::Deserialize;
 
+mod layout;
 mod methods;
 mod run;
+mod tokenizer;
 
+pub use layout::{LAYOUTS, Layout, LooseWeight, ModelLayout};
 pub use methods::{BaseUse, ConfigMerger, METHODS, MethodSpec, ParamSpec, method_spec};
 pub use run::{AlignedInput, MergePlan, RunOptions, RunSummary};
+pub use tokenizer::{TokenizerSource, vocabulary};
 
 /// A parameter setting, read as mergekit 0.1.5 reads it.
 #[derive(Clone, Debug, PartialEq)]
@@ -258,9 +262,11 @@ pub struct RawConfig {
     pub merge_method: String,
     /// The base model of task-vector methods.
     pub base_model: Option<ModelRef>,
-    /// The models to merge.
+    /// The models to merge (whole models).
     #[serde(default)]
     pub models: Vec<ModelEntry>,
+    /// Layer slices (instead of `models`): the output's layers, slice after slice.
+    pub slices: Option<Vec<RawSlice>>,
     /// Global parameters, as written.
     #[serde(default)]
     pub parameters: BTreeMap<String, serde_json::Value>,
@@ -269,11 +275,75 @@ pub struct RawConfig {
     pub dtype: Option<String>,
     /// Output dtype.
     pub out_dtype: Option<String>,
+    /// `base`, `union` or a model path: where the output's tokenizer comes from.
+    pub tokenizer_source: Option<serde_json::Value>,
+    /// The newer form of `tokenizer_source`: `{source, tokens, pad_to_multiple_of}`.
+    pub tokenizer: Option<serde_json::Value>,
+    /// A Jinja chat template, or `auto`.
+    pub chat_template: Option<String>,
     /// modelfusion's own section: align every model to the base (or first) model first.
     pub align: Option<RawAlign>,
     /// Everything else (reported as an error).
     #[serde(flatten)]
     pub other: BTreeMap<String, serde_json::Value>,
+}
+
+/// One `slices:` entry as written: its sources (the same number of layers from each),
+/// an optional base model and parameters.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RawSlice {
+    /// The models and layer ranges merged into this slice's layers.
+    pub sources: Vec<RawSource>,
+    /// This slice's base model (else the top-level one).
+    pub base_model: Option<ModelRef>,
+    /// Accepted as mergekit 0.1.5 accepts it (and, like it, unused).
+    pub residual_weight: Option<f64>,
+    /// Parameters of this slice (between the sources' and the top-level ones).
+    #[serde(default)]
+    pub parameters: BTreeMap<String, serde_json::Value>,
+}
+
+/// One source of a slice: `{model, layer_range: [start, end], parameters}`.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RawSource {
+    /// Local path of the checkpoint.
+    pub model: String,
+    /// `[start, end]`: layers `start..end` (end excluded), as written.
+    pub layer_range: serde_json::Value,
+    /// Per-source parameters.
+    #[serde(default)]
+    pub parameters: BTreeMap<String, serde_json::Value>,
+}
+
+/// One validated slice: a merge of its own (its sources are the inputs) and the layer
+/// range each input contributes.
+#[derive(Clone, Debug)]
+pub struct Slice {
+    /// The slice's merge: `inputs` are its sources (the base first when the method uses
+    /// one), `model_params` their parameters, `slice_params` the slice's.
+    pub config: Config,
+    /// The `layer_range` of each of `config.inputs`, in that order.
+    pub ranges: Vec<(usize, usize)>,
+}
+
+impl Slice {
+    /// Number of layers the slice contributes (the same from each source).
+    ///
+    /// ```
+    /// use modelfusion::config::Config;
+    /// let c = Config::from_yaml(
+    ///     "merge_method: passthrough\nslices:\n  - sources: [{model: a, layer_range: [2, 5]}]\n",
+    ///     "c.yml".as_ref(),
+    /// )?;
+    /// assert_eq!(c.slices[0].layers(), 3);
+    /// assert_eq!(c.slices[0].ranges, [(2, 5)]);
+    /// # Ok::<(), modelfusion::Error>(())
+    /// ```
+    pub fn layers(&self) -> usize {
+        self.ranges.first().map_or(0, |(a, b)| b - a)
+    }
 }
 
 /// The `align:` section as written: `spec` (`auto` or a spec file), `seed`,
@@ -454,30 +524,28 @@ pub struct Config {
     pub seed: u64,
     /// Alignment before merging, from the `align:` section.
     pub align: Option<AlignSettings>,
+    /// Layer slices, in output order (empty for a `models:` config). The top-level
+    /// `inputs` are then every model the slices name, once each (the base first).
+    pub slices: Vec<Slice>,
+    /// Parameters of the slice this config is the merge of (tried after the per-model
+    /// ones, before the global ones); empty at the top level.
+    pub slice_params: BTreeMap<String, ParamValue>,
+    /// Where the output's tokenizer comes from (`tokenizer_source` or
+    /// `tokenizer.source`); without it the base (or first) model's files are copied.
+    pub tokenizer: Option<TokenizerSource>,
+    /// `chat_template` as written (`auto`, or a template).
+    pub chat_template: Option<String>,
 }
 
 /// Largest merge config read, in bytes.
 const MAX_CONFIG_SIZE: u64 = 16 << 20;
 
 /// mergekit keys modelfusion does not implement, with what to do instead.
-const UNSUPPORTED_KEYS: [(&str, &str); 6] = [
+const UNSUPPORTED_KEYS: [(&str, &str); 2] = [
     (
-        "slices",
-        "layer slicing (frankenmerges) is not supported; merge whole models",
+        "modules",
+        "per-module merges are for architectures of several modules (vision-language models); the layouts modelfusion knows have one, so write `models` or `slices` at the top level",
     ),
-    (
-        "tokenizer_source",
-        "tokenizer merging is not supported; the base (or first) model's tokenizer files are copied",
-    ),
-    (
-        "tokenizer",
-        "tokenizer merging is not supported; the base (or first) model's tokenizer files are copied",
-    ),
-    (
-        "chat_template",
-        "chat templates are not handled; edit tokenizer_config.json afterwards",
-    ),
-    ("modules", "per-module configs are not supported"),
     (
         "parameters_by_layer",
         "per-layer parameters are not supported; use {filter, value} lists",
@@ -531,7 +599,7 @@ impl Config {
                 .find(|(u, _)| u == k)
                 .map_or("it is not a key of a mergekit merge config", |(_, w)| w);
             return Err(config_err(format!(
-                "unsupported key `{k}`: {why} (keys: merge_method, base_model, models, parameters, dtype, out_dtype, align)"
+                "unsupported key `{k}`: {why} (keys: merge_method, base_model, models, slices, parameters, dtype, out_dtype, tokenizer_source, tokenizer, chat_template, align)"
             )));
         }
         let method = method_spec(&raw.merge_method)?;
@@ -547,115 +615,142 @@ impl Config {
             ),
             None => None,
         };
-        let mut global_params = BTreeMap::new();
-        for (k, v) in &raw.parameters {
-            if !method.global_params.iter().any(|p| p.name == k)
-                && !method.model_params.iter().any(|p| p.name == k)
-            {
-                return Err(unknown_param(method, k, "parameters"));
-            }
-            global_params.insert(k.clone(), parse_setting(k, "parameters", v)?);
-        }
+        let global_params = shared_params(method, &raw.parameters, "parameters")?;
         let base = raw.base_model.as_ref().map(|b| b.path().to_string());
-        let mut models: Vec<(&ModelEntry, BTreeMap<String, ParamValue>)> = Vec::new();
-        for (i, m) in raw.models.iter().enumerate() {
-            let place = format!("models[{i}] ({})", m.model);
-            let mut params = BTreeMap::new();
-            for (k, v) in &m.parameters {
-                if !method.model_params.iter().any(|p| p.name == k) {
-                    let why = if method.global_params.iter().any(|p| p.name == k) {
-                        format!(
-                            "{place} (`{k}` is shared by all models: set it under the top-level `parameters`)"
-                        )
-                    } else {
-                        place.clone()
-                    };
-                    return Err(unknown_param(method, k, &why));
-                }
-                params.insert(k.clone(), parse_setting(k, &place, v)?);
+        let align = raw
+            .align
+            .as_ref()
+            .map(AlignSettings::from_raw)
+            .transpose()?;
+        let tokenizer = match (&raw.tokenizer_source, &raw.tokenizer) {
+            (Some(_), Some(_)) => {
+                return Err(config_err(
+                    "both `tokenizer_source` and `tokenizer` are set; mergekit takes one of them",
+                ));
             }
-            // mergekit lets the base model appear in `models`; its task vector is zero.
-            if method.base != BaseUse::None && Some(&m.model) == base.as_ref() {
-                continue;
-            }
-            models.push((m, params));
-        }
-        let has_base = match (method.base, &base) {
-            (BaseUse::Required, None) => {
-                return Err(config_err(format!(
-                    "merge_method `{}` needs `base_model`",
-                    method.name
-                )));
-            }
-            (BaseUse::None, Some(b)) => {
-                return Err(config_err(format!(
-                    "merge_method `{}` does not use `base_model` (got `{b}`); list every model under `models`",
-                    method.name
-                )));
-            }
-            (_, b) => b.is_some(),
+            (Some(v), None) => Some(TokenizerSource::parse(v, "tokenizer_source")?),
+            (None, Some(v)) => Some(TokenizerSource::parse_block(v)?),
+            (None, None) => None,
         };
-        if models.len() < method.min_models {
-            return Err(config_err(format!(
-                "merge_method `{}` needs at least {} model(s) besides the base, got {}",
-                method.name,
-                method.min_models,
-                models.len()
-            )));
-        }
-        if let Some(max) = method.max_models
-            && models.len() > max
-        {
-            return Err(config_err(format!(
-                "merge_method `{}` takes at most {max} model(s) besides the base, got {}",
-                method.name,
-                models.len()
-            )));
-        }
-        // Required per-model parameters must be set for every model (per model or
-        // globally); whether a filtered one resolves for every tensor is checked per
-        // tensor before any data is read (`ConfigMerger::preflight`).
-        for (i, (m, params)) in models.iter().enumerate() {
-            for p in method.model_params.iter().filter(|p| p.default.is_none()) {
-                if !params.contains_key(p.name) && !global_params.contains_key(p.name) {
-                    return Err(Error::MissingParam {
-                        name: p.name.to_string(),
-                        context: format!(
-                            "models[{i}] ({}) of merge_method `{}` (set it there or under `parameters`)",
-                            m.model, method.name
-                        ),
-                    });
-                }
-            }
-        }
-        for p in method.global_params.iter().filter(|p| p.default.is_none()) {
-            if !global_params.contains_key(p.name) {
-                return Err(Error::MissingParam {
-                    name: p.name.to_string(),
-                    context: format!("`parameters` of merge_method `{}`", method.name),
-                });
-            }
-        }
-        let mut inputs: Vec<PathBuf> = Vec::new();
-        if has_base {
-            inputs.extend(base.iter().map(PathBuf::from));
-        }
-        inputs.extend(models.iter().map(|(m, _)| PathBuf::from(&m.model)));
-        Ok(Config {
+        let config = |g: Group, slices: Vec<Slice>, slice_params| Config {
             method,
-            inputs,
-            has_base,
-            model_params: models.into_iter().map(|(_, p)| p).collect(),
-            global_params,
+            inputs: g.inputs,
+            has_base: g.has_base,
+            model_params: g.params,
+            global_params: global_params.clone(),
             compute_f64,
             out_dtype,
             seed: 0,
-            align: raw
-                .align
-                .as_ref()
-                .map(AlignSettings::from_raw)
-                .transpose()?,
-        })
+            align: align.clone(),
+            slices,
+            slice_params,
+            tokenizer: tokenizer.clone(),
+            chat_template: raw.chat_template.clone(),
+        };
+        let Some(raw_slices) = &raw.slices else {
+            let entries: Vec<Entry> = raw
+                .models
+                .iter()
+                .enumerate()
+                .map(|(i, m)| Entry {
+                    model: &m.model,
+                    params: &m.parameters,
+                    place: format!("models[{i}] ({})", m.model),
+                })
+                .collect();
+            let empty = BTreeMap::new();
+            let g = group(
+                method,
+                base.as_deref(),
+                &entries,
+                [&empty, &global_params],
+                None,
+            )?;
+            return Ok(config(g, Vec::new(), BTreeMap::new()));
+        };
+        if !raw.models.is_empty() {
+            return Err(config_err(
+                "both `models` and `slices` are set; a config has exactly one of them (as in mergekit)",
+            ));
+        }
+        if raw_slices.is_empty() {
+            return Err(config_err("`slices` is empty: list at least one slice"));
+        }
+        if align.is_some() {
+            return Err(config_err(
+                "`align` works on whole models; it cannot be combined with `slices`",
+            ));
+        }
+        let mut slices = Vec::new();
+        for (si, sl) in raw_slices.iter().enumerate() {
+            let place = format!("slices[{si}]");
+            if sl.sources.is_empty() {
+                return Err(config_err(format!("{place} has no `sources`")));
+            }
+            let slice_params =
+                shared_params(method, &sl.parameters, &format!("{place}.parameters"))?;
+            let sbase = sl.base_model.as_ref().map(|b| b.path()).or(base.as_deref());
+            let entries: Vec<Entry> = sl
+                .sources
+                .iter()
+                .enumerate()
+                .map(|(j, s)| Entry {
+                    model: &s.model,
+                    params: &s.parameters,
+                    place: format!("{place}.sources[{j}] ({})", s.model),
+                })
+                .collect();
+            let ranges = sl
+                .sources
+                .iter()
+                .zip(&entries)
+                .map(|(s, e)| layer_range(&s.layer_range, &e.place))
+                .collect::<Result<Vec<_>>>()?;
+            let n = ranges[0].1 - ranges[0].0;
+            if let Some(((a, b), e)) = ranges.iter().zip(&entries).find(|((a, b), _)| b - a != n) {
+                return Err(Error::invalid(
+                    "layer_range",
+                    format!(
+                        "{place}: every source of a slice has the same number of layers; {} has {} ([{a}, {b}]), {} has {n}",
+                        e.place,
+                        b - a,
+                        entries[0].place
+                    ),
+                ));
+            }
+            let g = group(
+                method,
+                sbase,
+                &entries,
+                [&slice_params, &global_params],
+                Some(&place),
+            )?;
+            let ranges = g.order.iter().map(|&j| ranges[j]).collect();
+            slices.push(Slice {
+                config: config(g, Vec::new(), slice_params),
+                ranges,
+            });
+        }
+        // Every model named, once, the base first when the method uses one.
+        let mut inputs: Vec<PathBuf> = Vec::new();
+        let has_base = method.base != BaseUse::None && base.is_some();
+        let named = base
+            .iter()
+            .filter(|_| has_base)
+            .map(PathBuf::from)
+            .chain(slices.iter().flat_map(|s| s.config.inputs.iter().cloned()));
+        for p in named {
+            if !inputs.contains(&p) {
+                inputs.push(p);
+            }
+        }
+        let top = Group {
+            inputs,
+            has_base,
+            params: Vec::new(),
+            order: Vec::new(),
+        };
+        Ok(config(top, slices, BTreeMap::new()))
     }
 
     /// The value of per-model parameter `name` for model `i` (0-based among `models`,
@@ -663,13 +758,18 @@ impl Config {
     /// setting, else the global one, else the default (mergekit's precedence; a setting
     /// with no value for this tensor falls through).
     pub fn model_param(&self, i: usize, name: &str, tensor: &str, t: f64) -> Result<f64> {
-        let scopes = [self.model_params[i].get(name), self.global_params.get(name)];
+        let scopes = [
+            self.model_params[i].get(name),
+            self.slice_params.get(name),
+            self.global_params.get(name),
+        ];
         self.resolve(name, &scopes, tensor, t)
     }
 
     /// The value of global parameter `name` for tensor `tensor` at gradient position `t`.
     pub fn global_param(&self, name: &str, tensor: &str, t: f64) -> Result<f64> {
-        self.resolve(name, &[self.global_params.get(name)], tensor, t)
+        let scopes = [self.slice_params.get(name), self.global_params.get(name)];
+        self.resolve(name, &scopes, tensor, t)
     }
 
     fn resolve(
@@ -701,6 +801,196 @@ impl Config {
             Kind::Float => x,
         })
     }
+}
+
+/// One model of a merge as written: `models[i]` or `slices[s].sources[j]`.
+struct Entry<'a> {
+    model: &'a str,
+    params: &'a BTreeMap<String, serde_json::Value>,
+    /// Where it is written, for errors.
+    place: String,
+}
+
+/// The inputs of one merge (a whole-model config, or one slice).
+struct Group {
+    inputs: Vec<PathBuf>,
+    has_base: bool,
+    /// Parameters of each input but the base.
+    params: Vec<BTreeMap<String, ParamValue>>,
+    /// For a slice: the index among its sources of each input.
+    order: Vec<usize>,
+}
+
+/// Parses a `parameters:` map of shared scope (top level, or a slice's).
+fn shared_params(
+    method: &MethodSpec,
+    raw: &BTreeMap<String, serde_json::Value>,
+    place: &str,
+) -> Result<BTreeMap<String, ParamValue>> {
+    let mut out = BTreeMap::new();
+    for (k, v) in raw {
+        if !method.global_params.iter().any(|p| p.name == k)
+            && !method.model_params.iter().any(|p| p.name == k)
+        {
+            return Err(unknown_param(method, k, place));
+        }
+        out.insert(k.clone(), parse_setting(k, place, v)?);
+    }
+    Ok(out)
+}
+
+/// `layer_range: [start, end]`: two whole numbers, `start <= end`.
+fn layer_range(v: &serde_json::Value, place: &str) -> Result<(usize, usize)> {
+    let bad = |why: &str| {
+        Error::invalid(
+            "layer_range",
+            format!(
+                "in {place}: {why}; expected [start, end] (whole numbers, start <= end, end excluded), got `{v}`"
+            ),
+        )
+    };
+    let serde_json::Value::Array(items) = v else {
+        return Err(bad("not a list"));
+    };
+    let ends = items
+        .iter()
+        .map(|x| x.as_u64().and_then(|x| usize::try_from(x).ok()))
+        .collect::<Option<Vec<usize>>>()
+        .ok_or_else(|| bad("the ends are whole numbers >= 0"))?;
+    match ends.as_slice() {
+        [a, b] if a <= b => Ok((*a, *b)),
+        [_, _] => Err(bad("start is after end")),
+        _ => Err(bad("two numbers")),
+    }
+}
+
+/// Validates the models of one merge: parameter names allowed per model, the base model
+/// as the method needs it, the model count, required parameters set somewhere
+/// (`scopes`: the slice's, then the global ones). `slice` names the slice of a sliced
+/// config, whose base must be one of its sources (mergekit gathers a slice's tensors
+/// from its sources only) and whose sources are distinct.
+fn group(
+    method: &'static MethodSpec,
+    base: Option<&str>,
+    entries: &[Entry],
+    scopes: [&BTreeMap<String, ParamValue>; 2],
+    slice: Option<&str>,
+) -> Result<Group> {
+    if let Some(s) = slice {
+        for (j, e) in entries.iter().enumerate() {
+            if let Some(d) = entries[..j].iter().find(|d| d.model == e.model) {
+                return Err(config_err(format!(
+                    "{s}: `{}` is a source twice ({} and {}); mergekit refuses duplicate merge inputs (take its layers in one range, or in two slices)",
+                    e.model, d.place, e.place
+                )));
+            }
+        }
+    }
+    let base = base.filter(|_| method.base != BaseUse::None || slice.is_none());
+    let in_slice = |what: &str| match slice {
+        Some(s) => format!("{s}: {what}"),
+        None => what.to_string(),
+    };
+    let mut models: Vec<(usize, BTreeMap<String, ParamValue>)> = Vec::new();
+    let mut base_index = None;
+    for (i, m) in entries.iter().enumerate() {
+        let place = &m.place;
+        let mut params = BTreeMap::new();
+        for (k, v) in m.params {
+            if !method.model_params.iter().any(|p| p.name == k) {
+                let why = if method.global_params.iter().any(|p| p.name == k) {
+                    format!(
+                        "{place} (`{k}` is shared by all models: set it under the top-level `parameters`)"
+                    )
+                } else {
+                    place.clone()
+                };
+                return Err(unknown_param(method, k, &why));
+            }
+            params.insert(k.clone(), parse_setting(k, place, v)?);
+        }
+        // mergekit lets the base model appear among the models; its task vector is zero.
+        if method.base != BaseUse::None && Some(m.model) == base {
+            base_index = Some(i);
+            continue;
+        }
+        models.push((i, params));
+    }
+    let has_base = match (method.base, base) {
+        (BaseUse::Required, None) => {
+            return Err(config_err(in_slice(&format!(
+                "merge_method `{}` needs `base_model`",
+                method.name
+            ))));
+        }
+        (BaseUse::None, Some(b)) => {
+            return Err(config_err(format!(
+                "merge_method `{}` does not use `base_model` (got `{b}`); list every model under `models`",
+                method.name
+            )));
+        }
+        (_, Some(b)) if slice.is_some() && base_index.is_none() => {
+            return Err(config_err(in_slice(&format!(
+                "the base model `{b}` is not one of the slice's sources; mergekit merges a slice from its sources only, so list it there with the same number of layers"
+            ))));
+        }
+        (_, b) => b.is_some(),
+    };
+    if models.len() < method.min_models {
+        return Err(config_err(in_slice(&format!(
+            "merge_method `{}` needs at least {} model(s) besides the base, got {}",
+            method.name,
+            method.min_models,
+            models.len()
+        ))));
+    }
+    if let Some(max) = method.max_models
+        && models.len() > max
+    {
+        return Err(config_err(in_slice(&format!(
+            "merge_method `{}` takes at most {max} model(s) besides the base, got {}",
+            method.name,
+            models.len()
+        ))));
+    }
+    // Required per-model parameters must be set for every model (per model, per slice
+    // or globally); whether a filtered one resolves for every tensor is checked per
+    // tensor before any data is read (`ConfigMerger::preflight`).
+    for (i, params) in &models {
+        for p in method.model_params.iter().filter(|p| p.default.is_none()) {
+            if !params.contains_key(p.name) && !scopes.iter().any(|s| s.contains_key(p.name)) {
+                return Err(Error::MissingParam {
+                    name: p.name.to_string(),
+                    context: format!(
+                        "{} of merge_method `{}` (set it there or under `parameters`)",
+                        entries[*i].place, method.name
+                    ),
+                });
+            }
+        }
+    }
+    for p in method.global_params.iter().filter(|p| p.default.is_none()) {
+        if !scopes.iter().any(|s| s.contains_key(p.name)) {
+            return Err(Error::MissingParam {
+                name: p.name.to_string(),
+                context: format!("`parameters` of merge_method `{}`", method.name),
+            });
+        }
+    }
+    let mut inputs: Vec<PathBuf> = Vec::new();
+    let mut order = Vec::new();
+    if has_base {
+        inputs.extend(base.iter().map(PathBuf::from));
+        order.extend(base_index);
+    }
+    inputs.extend(models.iter().map(|(i, _)| PathBuf::from(entries[*i].model)));
+    order.extend(models.iter().map(|(i, _)| *i));
+    Ok(Group {
+        inputs,
+        has_base,
+        params: models.into_iter().map(|(_, p)| p).collect(),
+        order,
+    })
 }
 
 fn unknown_param(method: &MethodSpec, name: &str, place: &str) -> Error {

@@ -1,17 +1,18 @@
 //! Running a validated config: inputs opened and checked, models aligned when the config
 //! asks for it, tensors merged and streamed to disk.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use ndarray::ArrayD;
 
-use super::{AlignSettings, Config, ConfigMerger};
+use super::tokenizer::{check_vocabularies, edit_json, model_dir, resolve_template, set_template};
+use super::{AlignSettings, Config, ConfigMerger, Layout, LooseWeight, ModelLayout};
 use crate::align::AlignStats;
 use crate::io::{
-    Checkpoint, Chunking, Dtype, IoScalar, MergeSummary, SaveOptions, StreamOptions, bf16,
-    check_compatible, f16, merge_checkpoints, side_files,
+    Checkpoint, Chunking, Dtype, IoScalar, MappedMerger, MappedTensor, MergeSummary, SaveOptions,
+    StreamOptions, bf16, check_compatible, check_mapped, config_of, f16, merge_mapped, side_files,
 };
 use crate::merge::TensorMerger;
 use crate::perm::{PermutationSet, PermutationSpec};
@@ -157,6 +158,9 @@ pub struct RunSummary {
     pub overflow: Option<(u64, String)>,
     /// The output dtype.
     pub out_dtype: Dtype,
+    /// Input tensors left out of the output: those outside the architecture's layout
+    /// (see [`MergePlan::dropped`]).
+    pub dropped: Vec<String>,
 }
 
 impl RunSummary {
@@ -167,7 +171,7 @@ impl RunSummary {
     /// use modelfusion::config::RunSummary;
     /// use modelfusion::io::{Dtype, MergeSummary};
     /// let merge = MergeSummary { tensors: 1, bytes_read: 0, bytes_written: 0, files: vec![], carried: vec![], carried_differing: vec![] };
-    /// let s = RunSummary { merge, copied: vec![], aligned: vec![], overflow: Some((3, "w".into())), out_dtype: Dtype::F16 };
+    /// let s = RunSummary { merge, copied: vec![], aligned: vec![], overflow: Some((3, "w".into())), out_dtype: Dtype::F16, dropped: vec![] };
     /// assert!(s.overflow_warning().unwrap().contains("3 merged value(s)"));
     /// ```
     pub fn overflow_warning(&self) -> Option<String> {
@@ -198,14 +202,240 @@ pub struct MergePlan<'c> {
     config: &'c Config,
     inputs: Vec<Checkpoint>,
     tensors: Vec<(String, Vec<usize>)>,
+    mapped: Vec<MappedTensor>,
+    /// Per output tensor: its merger among `groups`, and its gradient position when it
+    /// is not taken from the name (a slice's layers, the tensors around them).
+    place: Vec<(usize, Option<f64>)>,
+    groups: Vec<ConfigMerger<'c>>,
+    dropped: Vec<String>,
+    layers: Option<usize>,
+    /// The directory the tokenizer files come from, and the vocabulary size.
+    tokenizer: Option<(PathBuf, usize)>,
+    chat_template: Option<String>,
     out_dtype: Dtype,
-    merger: ConfigMerger<'c>,
+}
+
+/// The tensors of a whole-model merge: every tensor of the inputs when they hold the
+/// same ones; when the first input's `config.json` names a known [`Layout`], the
+/// layout's tensors only, as mergekit writes them (the others, such as rotary
+/// `inv_freq` buffers, are dropped and returned), with a tied LM head read from the
+/// embedding of an input that has none.
+fn whole_model_plan(inputs: &[&Checkpoint]) -> Result<(Vec<MappedTensor>, Vec<String>)> {
+    let identity = |ts: Vec<(String, Vec<usize>)>| {
+        ts.into_iter()
+            .map(|(name, shape)| MappedTensor {
+                sources: (0..inputs.len()).map(|i| (i, name.clone())).collect(),
+                name,
+                shape,
+            })
+            .collect()
+    };
+    // A config.json that does not parse is no layout (it is copied as it is).
+    let Some(layout) = config_of(inputs[0])
+        .ok()
+        .flatten()
+        .as_ref()
+        .and_then(Layout::of_config)
+    else {
+        return Ok((identity(check_compatible(inputs)?), Vec::new()));
+    };
+    let mut names: Vec<&str> = Vec::new();
+    for c in inputs {
+        for t in c.tensors() {
+            if !names.contains(&t.name()) {
+                names.push(t.name());
+            }
+        }
+    }
+    let (mut plan, mut dropped) = (Vec::new(), Vec::new());
+    for name in names {
+        if !layout.has_tensor(name) {
+            dropped.push(name.to_string());
+            continue;
+        }
+        let loose = layout
+            .pre
+            .iter()
+            .chain(layout.post)
+            .find(|l| l.name == name);
+        let sources = inputs
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let tied = loose.and_then(|l| l.tied).filter(|t| c.info(t).is_some());
+                match (c.info(name), tied) {
+                    (Some(_), _) => Ok((i, name.to_string())),
+                    (None, Some(t)) => Ok((i, t.to_string())),
+                    (None, None) => Err(Error::NameMismatch {
+                        detail: format!(
+                            "tensor `{name}` of the {} layout is in some inputs but not in {} (input {i}){}",
+                            layout.family,
+                            c.path().display(),
+                            if loose.is_some_and(|l| l.optional) {
+                                " (an optional tensor is merged only when every input has it)"
+                            } else {
+                                ""
+                            }
+                        ),
+                    }),
+                }
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let (c, src) = &sources[0];
+        let shape = inputs[*c]
+            .info(src)
+            .map(|t| t.shape().to_vec())
+            .unwrap_or_default();
+        plan.push(MappedTensor {
+            name: name.to_string(),
+            shape,
+            sources,
+        });
+    }
+    Ok((plan, dropped))
+}
+
+/// The tensors of a sliced merge, in mergekit's order: the layout's tensors before the
+/// layers (from the first slice's sources), each slice's layers renumbered from 0,
+/// the tensors after the layers (from the last slice's sources). `index[k]` is the
+/// input (among the opened ones) of the config's `inputs[k]`; gradient positions are
+/// the layer's within its slice (`i / (n - 1)`, 1 for a one-layer slice), 0 around the
+/// layers.
+fn sliced_plan(
+    config: &Config,
+    inputs: &[Checkpoint],
+) -> Result<(Vec<MappedTensor>, Vec<(usize, Option<f64>)>, usize)> {
+    let layouts = inputs
+        .iter()
+        .map(|c| ModelLayout::of(c, "a model of `slices`"))
+        .collect::<Result<Vec<_>>>()?;
+    let layout = layouts[0].layout;
+    if let Some((c, l)) = inputs
+        .iter()
+        .zip(&layouts)
+        .find(|(_, l)| l.layout != layout)
+    {
+        return Err(Error::invalid(
+            "slices",
+            format!(
+                "{} is a {} model, {} a {} one; mergekit refuses to mix architectures (without --allow-crimes) and so does modelfusion",
+                c.path().display(),
+                l.layout.family,
+                inputs[0].path().display(),
+                layout.family
+            ),
+        ));
+    }
+    let input_of =
+        |p: &Path| {
+            config.inputs.iter().position(|q| q == p).ok_or_else(|| {
+                Error::invalid("slices", format!("`{}` was not opened", p.display()))
+            })
+        };
+    let missing = |i: usize, name: &str, place: &str| Error::MissingParam {
+        name: name.to_string(),
+        context: format!(
+            "{} ({place}; the {} layout needs it)",
+            inputs[i].path().display(),
+            layout.family
+        ),
+    };
+    let mapped = |name: String, sources: Vec<(usize, String)>| MappedTensor {
+        shape: inputs[sources[0].0]
+            .info(&sources[0].1)
+            .map(|t| t.shape().to_vec())
+            .unwrap_or_default(),
+        name,
+        sources,
+    };
+    // The tensors before or after the layers, from slice `si`'s sources (a tensor read
+    // in place of a missing one when tied; an optional one none has is left out).
+    let loose = |weights: &[LooseWeight], si: usize, place: &str| -> Result<Vec<MappedTensor>> {
+        let mut out = Vec::new();
+        for w in weights {
+            let found = config.slices[si]
+                .config
+                .inputs
+                .iter()
+                .map(|p| {
+                    let i = input_of(p)?;
+                    let name = std::iter::once(w.name)
+                        .chain(w.tied)
+                        .find(|n| inputs[i].info(n).is_some());
+                    Ok((i, name))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            if w.optional && found.iter().all(|(_, n)| n.is_none()) {
+                continue;
+            }
+            let sources = found
+                .into_iter()
+                .map(|(i, n)| {
+                    n.map(|n| (i, n.to_string()))
+                        .ok_or_else(|| missing(i, w.name, &format!("slices[{si}], {place}")))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            out.push(mapped(w.name.to_string(), sources));
+        }
+        Ok(out)
+    };
+    let last = config.slices.len() - 1;
+    let pre = loose(layout.pre, 0, "before the layers")?;
+    let mut place = vec![(0, Some(0.0)); pre.len()];
+    let mut plan = pre;
+    let mut out_layer = 0;
+    for (si, sl) in config.slices.iter().enumerate() {
+        for (k, (p, (_, end))) in sl.config.inputs.iter().zip(&sl.ranges).enumerate() {
+            let have = layouts[input_of(p)?].layers;
+            if *end > have {
+                return Err(Error::invalid(
+                    "layer_range",
+                    format!(
+                        "slices[{si}]: `{}` has {have} layers (num_hidden_layers), the range of its source {k} ends at {end}",
+                        p.display()
+                    ),
+                ));
+            }
+        }
+        let n = sl.layers();
+        for idx in 0..n {
+            let t = if n > 1 {
+                idx as f64 / (n - 1) as f64
+            } else {
+                1.0
+            };
+            for suffix in layout.layer {
+                let sources = sl
+                    .config
+                    .inputs
+                    .iter()
+                    .zip(&sl.ranges)
+                    .map(|(p, (start, _))| {
+                        let i = input_of(p)?;
+                        let name = layout.layer_tensor(start + idx, suffix);
+                        match inputs[i].info(&name) {
+                            Some(_) => Ok((i, name)),
+                            None => Err(missing(i, &name, &format!("slices[{si}]"))),
+                        }
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                plan.push(mapped(layout.layer_tensor(out_layer, suffix), sources));
+                place.push((si, Some(t)));
+            }
+            out_layer += 1;
+        }
+    }
+    let post = loose(layout.post, last, "after the layers")?;
+    place.extend(std::iter::repeat_n((last, Some(0.0)), post.len()));
+    plan.extend(post);
+    Ok((plan, place, out_layer))
 }
 
 impl Config {
-    /// Opens the inputs, checks that they hold the same tensors with the same shapes
-    /// and that every parameter resolves for every tensor (bad hyperparameters fail
-    /// here, before any data is read).
+    /// Opens the inputs, checks that they hold the tensors the merge reads (the same
+    /// tensors with the same shapes for whole models; the layout's layers for
+    /// `slices`) and that every parameter resolves for every tensor (bad
+    /// hyperparameters fail here, before any data is read).
     ///
     /// ```
     /// use modelfusion::config::Config;
@@ -233,9 +463,58 @@ impl Config {
             })
             .collect::<Result<Vec<_>>>()?;
         let refs: Vec<&Checkpoint> = inputs.iter().collect();
-        let tensors = check_compatible(&refs)?;
-        let merger = ConfigMerger::new(self);
-        merger.preflight(tensors.iter().map(|(n, _)| n.as_str()))?;
+        let (mapped, place, groups, dropped, layers) = if self.slices.is_empty() {
+            let (mapped, dropped) = whole_model_plan(&refs)?;
+            let merger = ConfigMerger::new(self);
+            merger.preflight(mapped.iter().map(|t| t.name.as_str()))?;
+            let place = vec![(0, None); mapped.len()];
+            (mapped, place, vec![merger], dropped, None)
+        } else {
+            let (mapped, place, layers) = sliced_plan(self, &inputs)?;
+            let groups: Vec<ConfigMerger<'_>> = self
+                .slices
+                .iter()
+                .map(|s| ConfigMerger::new(&s.config))
+                .collect();
+            for (g, merger) in groups.iter().enumerate() {
+                merger
+                    .preflight_at(
+                        mapped
+                            .iter()
+                            .zip(&place)
+                            .filter(|(_, (h, _))| *h == g)
+                            .map(|(t, (_, at))| (t.name.as_str(), at.unwrap_or(0.0))),
+                    )
+                    .map_err(|e| Error::invalid("config", format!("slices[{g}]: {e}")))?;
+            }
+            (mapped, place, groups, Vec::new(), Some(layers))
+        };
+        check_mapped(&refs, &mapped)?;
+        let tokenizer = match &self.tokenizer {
+            Some(source) => {
+                let (from, n) = check_vocabularies(source, &self.inputs[0], &self.inputs)?;
+                let vocab_axis = ["model.embed_tokens.weight", "lm_head.weight"];
+                if let Some(t) = mapped
+                    .iter()
+                    .find(|t| vocab_axis.contains(&t.name.as_str()) && t.shape.first() != Some(&n))
+                {
+                    return Err(Error::invalid(
+                        "tokenizer_source",
+                        format!(
+                            "`{}` has {:?} rows, the vocabulary {n} tokens: mergekit would cut or pad the rows to the vocabulary, which modelfusion does not do",
+                            t.name,
+                            t.shape.first()
+                        ),
+                    ));
+                }
+                Some((from, n))
+            }
+            None => None,
+        };
+        let chat_template = match &self.chat_template {
+            Some(v) => resolve_template(v, &self.inputs)?,
+            None => None,
+        };
         let out_dtype = self
             .out_dtype
             .or_else(|| {
@@ -248,10 +527,19 @@ impl Config {
             .unwrap_or(Dtype::F32);
         Ok(MergePlan {
             config: self,
+            tensors: mapped
+                .iter()
+                .map(|t| (t.name.clone(), t.shape.clone()))
+                .collect(),
             inputs,
-            tensors,
+            mapped,
+            place,
+            groups,
+            dropped,
+            layers,
+            tokenizer,
+            chat_template,
             out_dtype,
-            merger,
         })
     }
 
@@ -308,6 +596,26 @@ impl MergePlan<'_> {
     /// included: they are carried from the first input).
     pub fn tensors(&self) -> &[(String, Vec<usize>)] {
         &self.tensors
+    }
+
+    /// The output tensors with the input tensors each is merged from (renamed layers
+    /// of `slices`; a tied LM head read from the embedding).
+    pub fn mapped(&self) -> &[MappedTensor] {
+        &self.mapped
+    }
+
+    /// Input tensors the output leaves out, as mergekit does: when the first input's
+    /// `config.json` names a known [`Layout`], the tensors outside it (rotary
+    /// `inv_freq` buffers and the like; mergekit writes its architecture's tensors
+    /// only).
+    pub fn dropped(&self) -> &[String] {
+        &self.dropped
+    }
+
+    /// The output's layer count, for `slices` (written as `num_hidden_layers` into the
+    /// copied `config.json`, as mergekit does).
+    pub fn layers(&self) -> Option<usize> {
+        self.layers
     }
 
     /// The output dtype: the config's `out_dtype` (or `dtype`), else the first input's
@@ -368,7 +676,25 @@ impl MergePlan<'_> {
             Chunking::Whole
         };
         let side = if options.copy_files {
-            side_files(&config.inputs[0], Some(self.out_dtype))?
+            let mut side = side_files(&config.inputs[0], Some(self.out_dtype))?;
+            if let Some(n) = self.layers {
+                set_config_key(&mut side, "num_hidden_layers", n)?;
+            }
+            if let Some((from, n)) = &self.tokenizer {
+                // The tokenizer files of the source, the rest from the base (or first).
+                let keep = |n: &str| matches!(n, "config.json" | "generation_config.json");
+                side.retain(|(n, _)| keep(n));
+                side.extend(
+                    side_files(&model_dir(from), None)?
+                        .into_iter()
+                        .filter(|(n, _)| !keep(n)),
+                );
+                set_config_key(&mut side, "vocab_size", *n)?;
+            }
+            if let Some(t) = &self.chat_template {
+                set_template(&mut side, t)?;
+            }
+            side
         } else {
             Vec::new()
         };
@@ -377,7 +703,8 @@ impl MergePlan<'_> {
             .with_chunking(chunking)
             .with_files(side);
         let checked = Checked {
-            inner: &self.merger,
+            groups: &self.groups,
+            place: &self.place,
             aligned: alignment.as_ref(),
             allow_nonfinite: options.allow_nonfinite,
             out_dtype: self.out_dtype,
@@ -386,9 +713,9 @@ impl MergePlan<'_> {
         };
         let refs: Vec<&Checkpoint> = self.inputs.iter().collect();
         let merge = if config.compute_f64 {
-            merge_checkpoints::<f64, _>(&refs, &checked, out, &stream, &mut observer)?
+            merge_mapped::<f64, _>(&refs, &self.mapped, &checked, out, &stream, &mut observer)?
         } else {
-            merge_checkpoints::<f32, _>(&refs, &checked, out, &stream, &mut observer)?
+            merge_mapped::<f32, _>(&refs, &self.mapped, &checked, out, &stream, &mut observer)?
         };
         let n = checked.overflowed.load(Ordering::Relaxed);
         let first = checked
@@ -402,6 +729,7 @@ impl MergePlan<'_> {
             aligned,
             overflow: first.filter(|_| n > 0).map(|f| (n, f)),
             out_dtype: self.out_dtype,
+            dropped: self.dropped.clone(),
         })
     }
 
@@ -449,6 +777,14 @@ impl MergePlan<'_> {
     }
 }
 
+/// Sets `key` in the `config.json` among `side` (a sliced merge's layer count, the
+/// vocabulary size, as mergekit writes them).
+fn set_config_key(side: &mut [(String, Vec<u8>)], key: &str, value: usize) -> Result<()> {
+    edit_json(side, "config.json", |obj| {
+        obj.insert(key.into(), value.into());
+    })
+}
+
 fn cancelled(place: &Path, when: &str) -> Error {
     Error::Cancelled {
         what: format!(
@@ -471,7 +807,8 @@ struct AlignedInputs {
 /// allowed), finite values the output dtype cannot hold (above the float16 / bfloat16
 /// maximum: stored as infinity) are counted for a warning.
 struct Checked<'a, M> {
-    inner: &'a M,
+    groups: &'a [M],
+    place: &'a [(usize, Option<f64>)],
     aligned: Option<&'a AlignedInputs>,
     allow_nonfinite: bool,
     out_dtype: Dtype,
@@ -490,12 +827,20 @@ impl<M> Checked<'_, M> {
     }
 }
 
-impl<T, M> TensorMerger<ArrayD<T>> for Checked<'_, M>
-where
-    T: IoScalar,
-    M: TensorMerger<ArrayD<T>>,
-{
-    fn merge_tensor(&self, name: &str, ts: &[&ArrayD<T>]) -> Result<ArrayD<T>> {
+impl<T: IoScalar> MappedMerger<T> for Checked<'_, ConfigMerger<'_>> {
+    fn merge_mapped(
+        &self,
+        k: usize,
+        tensor: &MappedTensor,
+        ts: &[&ArrayD<T>],
+    ) -> Result<ArrayD<T>> {
+        let name = tensor.name.as_str();
+        let (g, at) = self.place[k];
+        let merger = &self.groups[g];
+        let merge = |ts: &[&ArrayD<T>]| match at {
+            Some(t) => merger.merge_at(name, t, ts),
+            None => merger.merge_tensor(name, ts),
+        };
         let out = match self.aligned {
             Some(al) => {
                 let moved = ts
@@ -511,9 +856,9 @@ where
                     .zip(&moved)
                     .map(|(t, m)| m.as_ref().unwrap_or(t))
                     .collect();
-                self.inner.merge_tensor(name, &inputs)?
+                merge(&inputs)?
             }
-            None => self.inner.merge_tensor(name, ts)?,
+            None => merge(ts)?,
         };
         let max = narrow_max(self.out_dtype).unwrap_or(f64::INFINITY);
         let (mut nonfinite, mut overflow) = (0u64, 0u64);

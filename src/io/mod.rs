@@ -72,5 +72,9 @@ pub use permute::{
     side_files, write_permuted,
 };
 pub use reader::{Checkpoint, SINGLE_FILE, load};
-pub use stream::{Chunking, MergeSummary, StreamOptions, check_compatible, merge_checkpoints};
+pub(crate) use stream::check_mapped;
+pub use stream::{
+    Chunking, MappedMerger, MappedTensor, MergeSummary, StreamOptions, check_compatible,
+    merge_checkpoints, merge_mapped,
+};
 pub use writer::{CheckpointWriter, SaveOptions, TensorPlan, save, save_file};

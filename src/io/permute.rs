@@ -21,7 +21,7 @@ use crate::progress::{Observer, Progress};
 /// ```
 /// assert!(modelfusion::io::SIDE_FILES.contains(&"tokenizer.json"));
 /// ```
-pub const SIDE_FILES: [&str; 9] = [
+pub const SIDE_FILES: [&str; 10] = [
     "config.json",
     "generation_config.json",
     "tokenizer.json",
@@ -31,6 +31,7 @@ pub const SIDE_FILES: [&str; 9] = [
     "vocab.json",
     "merges.txt",
     "added_tokens.json",
+    "chat_template.jinja",
 ];
 
 /// Largest `config.json` read for spec inference.

@@ -7,7 +7,7 @@ use std::sync::Mutex;
 use ndarray::{ArrayD, IxDyn};
 use rayon::prelude::*;
 
-use super::dtype::IoScalar;
+use super::dtype::{Dtype, IoScalar};
 use super::reader::Checkpoint;
 use super::writer::{CheckpointWriter, SaveOptions, TensorPlan, flat};
 use crate::error::{Error, Result};
@@ -326,60 +326,253 @@ pub fn merge_checkpoints<T, M>(
     merger: &M,
     out_dir: impl AsRef<Path>,
     options: &StreamOptions,
-    mut observer: impl Observer,
+    observer: impl Observer,
 ) -> Result<MergeSummary>
 where
     T: IoScalar,
     M: TensorMerger<ArrayD<T>> + Sync + ?Sized,
 {
+    let plan: Vec<MappedTensor> = check_compatible(inputs)?
+        .into_iter()
+        .map(|(name, shape)| MappedTensor {
+            sources: (0..inputs.len()).map(|i| (i, name.clone())).collect(),
+            name,
+            shape,
+        })
+        .collect();
+    merge_mapped(inputs, &plan, &ByName(merger), out_dir, options, observer)
+}
+
+/// One output tensor of [`merge_mapped`]: its name and shape, and where each of the
+/// merger's inputs comes from.
+///
+/// ```
+/// use modelfusion::io::MappedTensor;
+/// // Output layer 0 is layer 5 of checkpoint 1.
+/// let t = MappedTensor {
+///     name: "model.layers.0.mlp.up_proj.weight".into(),
+///     shape: vec![8, 4],
+///     sources: vec![(1, "model.layers.5.mlp.up_proj.weight".into())],
+/// };
+/// assert_eq!(t.sources.len(), 1);
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MappedTensor {
+    /// The name written to the output.
+    pub name: String,
+    /// The shape of every source and of the output.
+    pub shape: Vec<usize>,
+    /// The merger's inputs in its order: `(checkpoint index, tensor name in it)`; the
+    /// same checkpoint may appear more than once, and the count may differ per tensor.
+    pub sources: Vec<(usize, String)>,
+}
+
+/// A merger of [`merge_mapped`]: gets the position of the tensor in the plan, the
+/// tensor's plan entry and its sources' data (whole, or the same chunk of each).
+///
+/// ```
+/// use modelfusion::io::{MappedMerger, MappedTensor};
+/// use ndarray::ArrayD;
+/// struct First;
+/// impl MappedMerger<f32> for First {
+///     fn merge_mapped(&self, _: usize, _: &MappedTensor, ts: &[&ArrayD<f32>]) -> modelfusion::Result<ArrayD<f32>> {
+///         Ok(ts[0].clone())
+///     }
+/// }
+/// let t = MappedTensor { name: "w".into(), shape: vec![1], sources: vec![(0, "w".into())] };
+/// let x = ArrayD::from_elem(vec![1], 2.0f32);
+/// assert_eq!(First.merge_mapped(0, &t, &[&x])?, x);
+/// # Ok::<(), modelfusion::Error>(())
+/// ```
+pub trait MappedMerger<T>: Sync {
+    /// Merges the sources of plan entry `index` (`tensor`).
+    fn merge_mapped(
+        &self,
+        index: usize,
+        tensor: &MappedTensor,
+        ts: &[&ArrayD<T>],
+    ) -> Result<ArrayD<T>>;
+}
+
+/// A [`TensorMerger`] as a [`MappedMerger`]: merges by output name.
+struct ByName<'a, M: ?Sized>(&'a M);
+
+impl<T, M> MappedMerger<T> for ByName<'_, M>
+where
+    T: IoScalar,
+    M: TensorMerger<ArrayD<T>> + Sync + ?Sized,
+{
+    fn merge_mapped(&self, _: usize, t: &MappedTensor, ts: &[&ArrayD<T>]) -> Result<ArrayD<T>> {
+        self.0.merge_tensor(&t.name, ts)
+    }
+}
+
+/// Checks a mapped plan against the headers: every source exists with the output's
+/// shape, output names are unique, a non-float tensor has the same dtype in all its
+/// sources. Returns the stored dtype of the carried (non-float) tensors, per entry.
+pub(crate) fn check_mapped(
+    inputs: &[&Checkpoint],
+    plan: &[MappedTensor],
+) -> Result<Vec<Option<Dtype>>> {
+    let mut seen = std::collections::HashSet::new();
+    plan.iter()
+        .map(|t| {
+            if !seen.insert(t.name.as_str()) {
+                return Err(Error::invalid(
+                    "merge plan",
+                    format!("output tensor `{}` is planned twice", t.name),
+                ));
+            }
+            let mut dtype = None;
+            if t.sources.is_empty() {
+                return Err(Error::empty(format!("the sources of output tensor `{}`", t.name)));
+            }
+            for (j, (c, src)) in t.sources.iter().enumerate() {
+                let ck = inputs.get(*c).ok_or_else(|| {
+                    Error::invalid(
+                        "merge plan",
+                        format!("tensor `{}` names input {c} of {}", t.name, inputs.len()),
+                    )
+                })?;
+                let info = ck.info(src).ok_or_else(|| Error::MissingParam {
+                    name: src.clone(),
+                    context: format!(
+                        "{} (input {c}), source of output tensor `{}`",
+                        ck.path().display(),
+                        t.name
+                    ),
+                })?;
+                if info.shape() != t.shape.as_slice() {
+                    return Err(Error::shape(
+                        format!(
+                            "tensor `{src}` of {} (input {c}), source of output tensor `{}`",
+                            ck.path().display(),
+                            t.name
+                        ),
+                        &t.shape,
+                        info.shape(),
+                    ));
+                }
+                let d = (!info.dtype().is_float()).then_some(info.dtype());
+                if j == 0 {
+                    dtype = d;
+                } else if d != dtype {
+                    return Err(Error::invalid(
+                        "dtype",
+                        format!(
+                            "output tensor `{}`: its sources are {} and {} ({} and {}); non-float tensors are carried unchanged and must agree",
+                            t.name,
+                            inputs[t.sources[0].0].info(&t.sources[0].1).map_or(info.dtype(), |i| i.dtype()),
+                            info.dtype(),
+                            inputs[t.sources[0].0].path().display(),
+                            ck.path().display()
+                        ),
+                    ));
+                }
+            }
+            Ok(dtype)
+        })
+        .collect()
+}
+
+/// Merges a mapped plan, one output tensor at a time, into the directory `out_dir`: the
+/// general form of [`merge_checkpoints`], where each output tensor names its own sources
+/// (checkpoint and tensor name), so that outputs may be renamed, duplicated or taken
+/// from a subset of the inputs (layer slices, tied weights). Everything else is as in
+/// [`merge_checkpoints`]: the plan is checked against the headers before any data is
+/// read, memory stays near one tensor per source, non-float tensors are copied from
+/// their first source, and the output is written as a transaction.
+///
+/// ```
+/// use modelfusion::io::{load, merge_mapped, save_file, Checkpoint, Dtype, MappedMerger, MappedTensor, SaveOptions, StreamOptions};
+/// use modelfusion::progress::Silent;
+/// use modelfusion::{Model, StateDict};
+/// use ndarray::{arr1, ArrayD};
+///
+/// struct First;
+/// impl MappedMerger<f32> for First {
+///     fn merge_mapped(&self, _: usize, _: &MappedTensor, ts: &[&ArrayD<f32>]) -> modelfusion::Result<ArrayD<f32>> {
+///         Ok(ts[0].clone())
+///     }
+/// }
+/// let tmp = std::env::temp_dir();
+/// let p = tmp.join("modelfusion-doc-mapped.safetensors");
+/// save_file(&StateDict::from_pairs([("a", arr1(&[1.0f32]).into_dyn())])?, &p, Dtype::F32)?;
+/// let ck = Checkpoint::open(&p)?;
+/// // `a` written twice, as `x` and `y`.
+/// let plan: Vec<MappedTensor> = ["x", "y"].iter().map(|n| MappedTensor {
+///     name: n.to_string(), shape: vec![1], sources: vec![(0, "a".into())],
+/// }).collect();
+/// let out = tmp.join("modelfusion-doc-mapped-out");
+/// merge_mapped::<f32, _>(&[&ck], &plan, &First, &out, &StreamOptions::new(SaveOptions::new(Dtype::F32)), Silent)?;
+/// let back: StateDict<ArrayD<f32>> = load(&out)?;
+/// assert_eq!(back.names().collect::<Vec<_>>(), ["x", "y"]);
+/// # std::fs::remove_dir_all(&out).ok();
+/// # Ok::<(), modelfusion::Error>(())
+/// ```
+pub fn merge_mapped<T, M>(
+    inputs: &[&Checkpoint],
+    plan: &[MappedTensor],
+    merger: &M,
+    out_dir: impl AsRef<Path>,
+    options: &StreamOptions,
+    mut observer: impl Observer,
+) -> Result<MergeSummary>
+where
+    T: IoScalar,
+    M: MappedMerger<T> + ?Sized,
+{
     let out_dir = out_dir.as_ref();
-    let plan = check_compatible(inputs)?;
+    if inputs.is_empty() {
+        return Err(Error::empty("the list of checkpoints to merge"));
+    }
+    let carried_dtype = check_mapped(inputs, plan)?;
     if let Chunking::Elementwise { chunk_elems: 0 } = options.chunking {
         return Err(Error::invalid("chunk_elems", "must be positive"));
     }
     check_output_not_input(inputs, out_dir)?;
-    let first = inputs[0];
-    // The stored dtype of carried (non-float) tensors; `None` for merged ones.
-    let carried_dtype = |name: &str| {
-        first
-            .info(name)
-            .map(|t| t.dtype())
-            .filter(|d| !d.is_float())
-    };
     let out_dtype = options.save.dtype.parse_float()?;
     let writer = CheckpointWriter::create(
         out_dir,
-        plan.iter().map(|(n, s)| TensorPlan {
-            name: n.clone(),
-            shape: s.clone(),
-            dtype: carried_dtype(n),
+        plan.iter().zip(&carried_dtype).map(|(t, d)| TensorPlan {
+            name: t.name.clone(),
+            shape: t.shape.clone(),
+            dtype: *d,
         }),
         &options.save,
     )?;
     for (name, contents) in &options.files {
         writer.add_file(name, contents)?;
     }
-    let out_bytes = |name: &str, numel: usize| {
-        numel as u64 * carried_dtype(name).unwrap_or(out_dtype).size() as u64
-    };
+    let out_bytes =
+        |k: usize, numel: usize| numel as u64 * carried_dtype[k].unwrap_or(out_dtype).size() as u64;
     let bytes_total: u64 = plan
         .iter()
-        .map(|(n, s)| out_bytes(n, s.iter().product()))
+        .enumerate()
+        .map(|(k, t)| out_bytes(k, t.shape.iter().product()))
         .sum();
     let (mut carried, mut carried_differing) = (Vec::new(), Vec::new());
     let (mut bytes_read, mut bytes_done) = (0u64, 0u64);
-    let mut whole_bufs: Vec<Vec<T>> = vec![Vec::new(); inputs.len()];
+    let slots = plan.iter().map(|t| t.sources.len()).max().unwrap_or(0);
+    let mut whole_bufs: Vec<Vec<T>> = vec![Vec::new(); slots];
     let pools: Vec<Mutex<Vec<Vec<T>>>> = (0..rayon::current_num_threads().max(1))
-        .map(|_| Mutex::new(vec![Vec::new(); inputs.len()]))
+        .map(|_| Mutex::new(vec![Vec::new(); slots]))
         .collect();
-    for (k, (name, shape)) in plan.iter().enumerate() {
+    for (k, tensor) in plan.iter().enumerate() {
+        let (name, shape) = (&tensor.name, &tensor.shape);
+        let sources: Vec<(&Checkpoint, &str)> = tensor
+            .sources
+            .iter()
+            .map(|(c, n)| (inputs[*c], n.as_str()))
+            .collect();
         let numel: usize = shape.iter().product();
         match options.chunking {
-            _ if carried_dtype(name).is_some() => {
-                let raw = first.read_raw(name)?;
-                if inputs[1..]
+            _ if carried_dtype[k].is_some() => {
+                let (first, first_name) = sources[0];
+                let raw = first.read_raw(first_name)?;
+                if sources[1..]
                     .iter()
-                    .any(|c| c.raw(name).ok() != Some(raw.bytes()))
+                    .any(|(c, n)| c.raw(n).ok() != Some(raw.bytes()))
                 {
                     carried_differing.push(name.clone());
                 }
@@ -387,14 +580,14 @@ where
                 carried.push(name.clone());
             }
             Chunking::Whole => {
-                // Reuse one buffer per input across tensors (no fresh pages per tensor).
-                let ts = inputs
+                // Reuse one buffer per source across tensors (no fresh pages per tensor).
+                let ts = sources
                     .par_iter()
                     .zip(whole_bufs.par_iter_mut())
-                    .map(|(c, buf)| read_reusing(c, name, 0, shape, buf))
+                    .map(|((c, n), buf)| read_reusing(c, n, 0, shape, buf))
                     .collect::<Result<Vec<_>>>()?;
                 let refs: Vec<&ArrayD<T>> = ts.iter().collect();
-                let out = merger.merge_tensor(name, &refs)?;
+                let out = merger.merge_mapped(k, tensor, &refs)?;
                 for (buf, t) in whole_bufs.iter_mut().zip(ts) {
                     *buf = t.into_raw_vec_and_offset().0;
                 }
@@ -418,13 +611,13 @@ where
                     for j in (w..nchunks).step_by(workers) {
                         let start = j * chunk_elems;
                         let len = chunk_elems.min(numel - start);
-                        let ts = inputs
+                        let ts = sources
                             .iter()
                             .zip(pool.iter_mut())
-                            .map(|(c, buf)| read_reusing(c, name, start, &[len], buf))
+                            .map(|((c, n), buf)| read_reusing(c, n, start, &[len], buf))
                             .collect::<Result<Vec<_>>>()?;
                         let refs: Vec<&ArrayD<T>> = ts.iter().collect();
-                        let out = merger.merge_tensor(name, &refs)?;
+                        let out = merger.merge_mapped(k, tensor, &refs)?;
                         for (buf, t) in pool.iter_mut().zip(ts) {
                             *buf = t.into_raw_vec_and_offset().0;
                         }
@@ -443,12 +636,12 @@ where
                 })?;
             }
         }
-        bytes_read += inputs
+        bytes_read += sources
             .iter()
-            .filter_map(|c| c.info(name))
+            .filter_map(|(c, n)| c.info(n))
             .map(|t| t.byte_len() as u64)
             .sum::<u64>();
-        bytes_done += out_bytes(name, numel);
+        bytes_done += out_bytes(k, numel);
         report_tensor(
             &mut observer,
             "merge",

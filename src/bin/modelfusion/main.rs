@@ -209,6 +209,13 @@ fn run_merge(a: MergeArgs) -> Result<()> {
             format!(" (copied {})", summary.copied.join(", "))
         }
     );
+    if let Some(first) = summary.dropped.first() {
+        eprintln!(
+            "left out {} tensor(s) outside the architecture's layout, as mergekit does (e.g. `{}`)",
+            summary.dropped.len(),
+            modelfusion::error::Escaped(first)
+        );
+    }
     if !m.carried.is_empty() {
         eprintln!(
             "carried {} non-float tensor(s) unchanged from {} ({} differ among the inputs{})",
