@@ -142,7 +142,7 @@ impl<B> CandleNet<B> {
         &self,
         params: &StateDict<ArrayD<T>>,
         track: bool,
-    ) -> Result<(N, Vec<(String, candle_core::Var)>)>
+    ) -> Result<(N, super::Vars)>
     where
         B: Fn(VarBuilder<'static>) -> candle_core::Result<N>,
     {
@@ -317,7 +317,7 @@ where
                 if let Some(g) = grads.get(var.as_tensor()) {
                     let g = to_array::<T>(g, &format!("the gradient of `{name}`"))?;
                     match sum {
-                        Some(s) => s.zip_mut_with(&g, |a, &b| *a = *a + b),
+                        Some(s) => s.zip_mut_with(&g, |a, &b| *a += b),
                         None => *sum = Some(g),
                     }
                 }

@@ -371,6 +371,9 @@ pub fn load_varmap<T: CandleScalar>(varmap: &VarMap, sd: &StateDict<ArrayD<T>>) 
     Ok(())
 }
 
+/// Autograd variables by parameter name, in the model's order.
+pub(crate) type Vars = Vec<(String, Var)>;
+
 /// The model's float parameters as candle tensors of their own element type (`T`),
 /// beside its raw tensors; with `track`, the float ones are variables (autograd leaves),
 /// returned in `vars` in the model's name order.
@@ -378,7 +381,7 @@ pub(crate) fn model_tensors<T: CandleScalar>(
     model: &StateDict<ArrayD<T>>,
     device: &Device,
     track: bool,
-) -> Result<(HashMap<String, CTensor>, Vec<(String, Var)>)> {
+) -> Result<(HashMap<String, CTensor>, Vars)> {
     let mut tensors = HashMap::with_capacity(model.len());
     let mut vars = Vec::new();
     for (name, a) in model.iter() {
