@@ -216,6 +216,8 @@
 pub mod align;
 pub mod barrier;
 mod buffer;
+#[cfg(feature = "candle")]
+pub mod candle;
 #[cfg(feature = "config")]
 pub mod config;
 pub mod dtype;

@@ -59,7 +59,7 @@ use crate::tensor::{Scalar, Tensor};
 pub use activation::{ActivationMatching, Correlation};
 pub use multi::{MultiAlignment, align_to_mean, align_to_reference};
 pub use ot::{ActivationFeatures, GroundCost, Marginals, OtFusion, Transport, WeightFeatures};
-pub use repair::{Endpoints, Repair, RepairReport};
+pub use repair::{BnReset, Endpoints, OutputRepair, OutputRepairReport, Repair, RepairReport};
 pub use stats::{CrossMoments, Moments};
 pub use weight::WeightMatching;
 

@@ -1,0 +1,343 @@
+//! The crate's ready convolutional architectures ([`perm::specs::ResNet`] and
+//! [`perm::specs::Vgg`]) as candle models, under exactly the parameter names of their
+//! specs, with the taps fusion algorithms read (group features, batch-norm inputs and
+//! outputs, residual sums).
+//!
+//! [`perm::specs::ResNet`]: crate::perm::specs::ResNet
+//! [`perm::specs::Vgg`]: crate::perm::specs::Vgg
+
+use candle_core::{Module, ModuleT, Result as CResult, Tensor as CTensor};
+use candle_nn::{BatchNorm, Conv2d, Conv2dConfig, Linear, VarBuilder};
+
+use crate::perm::specs;
+
+/// Named intermediate tensors of one forward pass (each `(batch, channels, h, w)` or
+/// `(batch, features)`), for [`CandleNet::features`](super::CandleNet::features).
+///
+/// ```
+/// let t = modelfusion::candle::Taps::default();
+/// assert!(t.groups.is_empty() && t.norm_inputs.is_empty());
+/// ```
+#[derive(Clone, Debug, Default)]
+pub struct Taps {
+    /// Post-ReLU features of every permutation group, keyed by group name (a residual
+    /// stream's entries, one per block of its stage, concatenated along the batch).
+    pub groups: Vec<(String, CTensor)>,
+    /// The input of every batch norm, keyed by its name (for [`BnReset`](crate::align::BnReset)).
+    pub norm_inputs: Vec<(String, CTensor)>,
+    /// The output of every batch norm, keyed by its name (for
+    /// [`OutputRepair`](crate::align::OutputRepair)).
+    pub norm_outputs: Vec<(String, CTensor)>,
+    /// Every residual sum before its ReLU, keyed `layer{s}.{b}.sum` (the stream keys of
+    /// [`CandleResNet::repair_layers`]).
+    pub sums: Vec<(String, CTensor)>,
+}
+
+impl Taps {
+    fn norm(&mut self, name: &str, bn: &BatchNorm, x: &CTensor, train: bool) -> CResult<CTensor> {
+        let y = bn.forward_t(x, train)?;
+        self.norm_inputs.push((name.to_string(), x.clone()));
+        self.norm_outputs.push((name.to_string(), y.clone()));
+        Ok(y)
+    }
+}
+
+fn conv(
+    cin: usize,
+    cout: usize,
+    k: usize,
+    stride: usize,
+    bias: bool,
+    vb: VarBuilder,
+) -> CResult<Conv2d> {
+    let cfg = Conv2dConfig {
+        padding: k / 2,
+        stride,
+        ..Default::default()
+    };
+    if bias {
+        candle_nn::conv2d(cin, cout, k, cfg, vb)
+    } else {
+        candle_nn::conv2d_no_bias(cin, cout, k, cfg, vb)
+    }
+}
+
+fn bn(c: usize, vb: VarBuilder) -> CResult<BatchNorm> {
+    candle_nn::batch_norm(c, 1e-5, vb)
+}
+
+struct Block {
+    name: String,
+    conv1: Conv2d,
+    bn1: BatchNorm,
+    conv2: Conv2d,
+    bn2: BatchNorm,
+    shortcut: Option<(Conv2d, BatchNorm)>,
+}
+
+/// A CIFAR-style ResNet ([`specs::ResNet`]: ResNet-20 and friends) in candle: a 3x3 stem
+/// convolution with batch norm and ReLU, basic blocks `relu(bn2(conv2(relu(bn1(conv1
+/// x)))) + shortcut(x))` (the first block of every later stage halves the resolution
+/// and projects the shortcut with a 1x1 convolution and batch norm), global average
+/// pooling and a linear head. Its parameters are exactly `arch.shapes()`, so
+/// `arch.spec()` permutes it.
+///
+/// ```
+/// use modelfusion::candle::{candle_core::{DType, Device, Tensor}, candle_nn, CandleResNet, to_state_dict_from_varmap};
+/// use modelfusion::perm::specs::{Architecture, ResNet};
+/// use modelfusion::StateDictF32;
+/// let arch = ResNet::new(1, &[(4, 1), (8, 1)], 10)?;
+/// let vm = candle_nn::VarMap::new();
+/// let net = CandleResNet::new(&arch, candle_nn::VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu))?;
+/// let x = Tensor::zeros((2, 1, 8, 8), DType::F32, &Device::Cpu)?;
+/// assert_eq!(net.forward_t(&x, false)?.dims(), &[2, 10]);
+/// let sd: StateDictF32 = to_state_dict_from_varmap(&vm)?;
+/// assert!(arch.spec().check(&sd)?.is_sound());
+/// assert_eq!(net.repair_layers()[0], ("bn1".to_string(), None));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub struct CandleResNet {
+    conv1: Conv2d,
+    bn1: BatchNorm,
+    blocks: Vec<(usize, Block)>,
+    linear: Linear,
+}
+
+impl CandleResNet {
+    /// Builds the network of `arch` from `vb` (names as [`specs::ResNet`]'s).
+    ///
+    /// ```
+    /// // see the type-level example
+    /// # let _ = modelfusion::candle::CandleResNet::new;
+    /// ```
+    pub fn new(arch: &specs::ResNet, vb: VarBuilder) -> CResult<Self> {
+        let w0 = arch.stages[0].0;
+        let conv1 = conv(arch.in_channels, w0, 3, 1, false, vb.pp("conv1"))?;
+        let bn1 = bn(w0, vb.pp("bn1"))?;
+        let mut blocks = Vec::new();
+        let mut cin = w0;
+        for (si, &(w, n)) in arch.stages.iter().enumerate() {
+            let s = si + 1;
+            for b in 0..n {
+                let name = format!("layer{s}.{b}");
+                let v = vb.pp(&name);
+                let down = s > 1 && b == 0;
+                let stride = if down { 2 } else { 1 };
+                let shortcut = if down {
+                    Some((
+                        conv(cin, w, 1, stride, false, v.pp("shortcut").pp(0))?,
+                        bn(w, v.pp("shortcut").pp(1))?,
+                    ))
+                } else {
+                    None
+                };
+                blocks.push((
+                    s,
+                    Block {
+                        conv1: conv(cin, w, 3, stride, false, v.pp("conv1"))?,
+                        bn1: bn(w, v.pp("bn1"))?,
+                        conv2: conv(w, w, 3, 1, false, v.pp("conv2"))?,
+                        bn2: bn(w, v.pp("bn2"))?,
+                        shortcut,
+                        name,
+                    },
+                ));
+                cin = w;
+            }
+        }
+        let linear = candle_nn::linear(cin, arch.classes, vb.pp("linear"))?;
+        Ok(CandleResNet {
+            conv1,
+            bn1,
+            blocks,
+            linear,
+        })
+    }
+
+    /// The logits; `train` normalises with batch statistics (and updates the running
+    /// ones, as candle's batch norm does).
+    ///
+    /// ```
+    /// // see the type-level example
+    /// # let _ = modelfusion::candle::CandleResNet::forward_t;
+    /// ```
+    pub fn forward_t(&self, x: &CTensor, train: bool) -> CResult<CTensor> {
+        Ok(self.forward_taps(x, train)?.0)
+    }
+
+    /// The logits and the [`Taps`] of one forward pass.
+    ///
+    /// ```
+    /// use modelfusion::candle::{candle_core::{DType, Device, Tensor}, candle_nn, CandleResNet};
+    /// use modelfusion::perm::specs::ResNet;
+    /// let vm = candle_nn::VarMap::new();
+    /// let net = CandleResNet::new(&ResNet::new(1, &[(4, 2)], 3)?, candle_nn::VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu))?;
+    /// let (_, taps) = net.forward_taps(&Tensor::ones((2, 1, 4, 4), DType::F32, &Device::Cpu)?, false)?;
+    /// assert_eq!(taps.groups.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(), ["layer1.0.inner", "layer1.1.inner", "stream.1"]);
+    /// assert_eq!(taps.sums.len(), 2);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn forward_taps(&self, x: &CTensor, train: bool) -> CResult<(CTensor, Taps)> {
+        let mut taps = Taps::default();
+        let mut h = taps
+            .norm("bn1", &self.bn1, &self.conv1.forward(x)?, train)?
+            .relu()?;
+        let mut streams: Vec<(usize, Vec<CTensor>)> = vec![(1, vec![h.clone()])];
+        for (s, blk) in &self.blocks {
+            let n = &blk.name;
+            let inner = taps
+                .norm(
+                    &format!("{n}.bn1"),
+                    &blk.bn1,
+                    &blk.conv1.forward(&h)?,
+                    train,
+                )?
+                .relu()?;
+            taps.groups.push((format!("{n}.inner"), inner.clone()));
+            let out = taps.norm(
+                &format!("{n}.bn2"),
+                &blk.bn2,
+                &blk.conv2.forward(&inner)?,
+                train,
+            )?;
+            let skip = match &blk.shortcut {
+                Some((c, b)) => taps.norm(&format!("{n}.shortcut.1"), b, &c.forward(&h)?, train)?,
+                None => h.clone(),
+            };
+            let sum = (out + skip)?;
+            taps.sums.push((format!("{n}.sum"), sum.clone()));
+            h = sum.relu()?;
+            match streams.last_mut() {
+                Some((last, list)) if last == s => list.push(h.clone()),
+                _ => streams.push((*s, vec![h.clone()])),
+            }
+        }
+        for (s, list) in streams {
+            taps.groups
+                .push((format!("stream.{s}"), CTensor::cat(&list, 0)?));
+        }
+        let logits = self.linear.forward(&h.mean((2, 3))?)?;
+        Ok((logits, taps))
+    }
+
+    /// The layers [`OutputRepair`](crate::align::OutputRepair) resets, in forward order:
+    /// `(batch norm, None)` for a norm reset on its own, `(batch norm, Some(sum key))`
+    /// for the last norm writing a residual sum (`bn2` of every block).
+    ///
+    /// ```
+    /// // see the type-level example
+    /// # let _ = modelfusion::candle::CandleResNet::repair_layers;
+    /// ```
+    pub fn repair_layers(&self) -> Vec<(String, Option<String>)> {
+        let mut out = vec![("bn1".to_string(), None)];
+        for (_, blk) in &self.blocks {
+            let n = &blk.name;
+            out.push((format!("{n}.bn1"), None));
+            if blk.shortcut.is_some() {
+                out.push((format!("{n}.shortcut.1"), None));
+            }
+            out.push((format!("{n}.bn2"), Some(format!("{n}.sum"))));
+        }
+        out
+    }
+}
+
+/// A VGG-style network ([`specs::Vgg`]) in candle: `convs.{i}` (with bias) each followed
+/// by batch norm `norms.{i}` and ReLU, a 2x2 max pool after the convolutions listed in
+/// `pools`, global average pooling, and linear layers `fcs.{j}` with ReLU between.
+///
+/// ```
+/// use modelfusion::candle::{candle_core::{DType, Device, Tensor}, candle_nn, CandleVgg};
+/// use modelfusion::perm::specs::Vgg;
+/// let arch = Vgg::new(1, &[4, 8], &[6, 3], 3)?;
+/// let vm = candle_nn::VarMap::new();
+/// let net = CandleVgg::new(&arch, &[0], candle_nn::VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu))?;
+/// let (y, taps) = net.forward_taps(&Tensor::ones((2, 1, 8, 8), DType::F32, &Device::Cpu)?, false)?;
+/// assert_eq!(y.dims(), &[2, 3]);
+/// assert_eq!(taps.groups.len(), 3); // conv.0, conv.1, fc.0
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub struct CandleVgg {
+    convs: Vec<(Conv2d, BatchNorm, bool)>,
+    fcs: Vec<Linear>,
+}
+
+impl CandleVgg {
+    /// Builds the network of `arch` from `vb`, pooling after the convolutions `pools`.
+    ///
+    /// ```
+    /// // see the type-level example
+    /// # let _ = modelfusion::candle::CandleVgg::new;
+    /// ```
+    pub fn new(arch: &specs::Vgg, pools: &[usize], vb: VarBuilder) -> CResult<Self> {
+        let mut convs = Vec::new();
+        let mut cin = arch.in_channels;
+        for (i, &c) in arch.channels.iter().enumerate() {
+            convs.push((
+                conv(cin, c, arch.kernel, 1, true, vb.pp(format!("convs.{i}")))?,
+                bn(c, vb.pp(format!("norms.{i}")))?,
+                pools.contains(&i),
+            ));
+            cin = c;
+        }
+        let mut fcs = Vec::new();
+        for (j, &f) in arch.fc.iter().enumerate() {
+            fcs.push(candle_nn::linear(cin, f, vb.pp(format!("fcs.{j}")))?);
+            cin = f;
+        }
+        Ok(CandleVgg { convs, fcs })
+    }
+
+    /// The logits and the [`Taps`] of one forward pass (`sums` stays empty).
+    ///
+    /// ```
+    /// // see the type-level example
+    /// # let _ = modelfusion::candle::CandleVgg::forward_taps;
+    /// ```
+    pub fn forward_taps(&self, x: &CTensor, train: bool) -> CResult<(CTensor, Taps)> {
+        let mut taps = Taps::default();
+        let mut h = x.clone();
+        for (i, (c, b, pool)) in self.convs.iter().enumerate() {
+            h = taps
+                .norm(&format!("norms.{i}"), b, &c.forward(&h)?, train)?
+                .relu()?;
+            taps.groups.push((format!("conv.{i}"), h.clone()));
+            if *pool {
+                h = h.max_pool2d(2)?;
+            }
+        }
+        h = h.mean((2, 3))?;
+        let last = self.fcs.len() - 1;
+        for (j, l) in self.fcs.iter().enumerate() {
+            h = l.forward(&h)?;
+            if j < last {
+                h = h.relu()?;
+                taps.groups.push((format!("fc.{j}"), h.clone()));
+            }
+        }
+        Ok((h, taps))
+    }
+
+    /// The logits.
+    ///
+    /// ```
+    /// // see the type-level example
+    /// # let _ = modelfusion::candle::CandleVgg::forward_t;
+    /// ```
+    pub fn forward_t(&self, x: &CTensor, train: bool) -> CResult<CTensor> {
+        Ok(self.forward_taps(x, train)?.0)
+    }
+
+    /// The batch norms [`OutputRepair`](crate::align::OutputRepair) resets, in forward
+    /// order (`norms.{i}`; none writes a stream).
+    ///
+    /// ```
+    /// // see the type-level example
+    /// # let _ = modelfusion::candle::CandleVgg::repair_layers;
+    /// ```
+    pub fn repair_layers(&self) -> Vec<(String, Option<String>)> {
+        (0..self.convs.len())
+            .map(|i| (format!("norms.{i}"), None))
+            .collect()
+    }
+}
