@@ -41,6 +41,7 @@
 //! ```
 
 mod activation;
+mod heads;
 mod multi;
 mod ot;
 mod repair;

@@ -230,6 +230,10 @@ impl<M: Model> Aligner<M> for WeightMatching {
                 })
                 .collect::<Result<_>>()?,
         };
+        if spec.has_heads() {
+            let init: PermutationSet = groups.iter().cloned().zip(perms).collect();
+            return self.align_structured(reference, other, spec, &sizes, init, observer);
+        }
         let problem = Problem::new(reference, other, spec, &groups)?;
         let mut best = self.descend::<M>(&problem, &groups, perms, self.seed, 0, observer)?;
         for r in 1..self.restarts {
@@ -250,6 +254,60 @@ impl<M: Model> Aligner<M> for WeightMatching {
 }
 
 impl WeightMatching {
+    /// Weight matching for a spec with attention groups (see [`super::heads`]): each
+    /// group's cost is rebuilt from the models at every visit, attention groups solve
+    /// a structured assignment; restarts begin from random structured permutations.
+    fn align_structured<M: Model>(
+        &self,
+        reference: &M,
+        other: &M,
+        spec: &PermutationSpec,
+        sizes: &BTreeMap<String, usize>,
+        init: PermutationSet,
+        observer: &mut dyn Observer,
+    ) -> Result<Alignment> {
+        spec.check_structure(&init)
+            .map_err(|e| Error::invalid("init", e.to_string()))?;
+        let mut best: Option<(PermutationSet, AlignStats)> = None;
+        for r in 0..self.restarts {
+            let (seed, from) = if r == 0 {
+                (self.seed, init.clone())
+            } else {
+                let s = self.seed ^ (r as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+                (s, PermutationSet::random(spec, reference, s)?)
+            };
+            let run = super::heads::descend(
+                spec,
+                (reference, other),
+                sizes,
+                from,
+                (seed, self.max_iter),
+                |sweep, objective, changed| {
+                    let report = Progress::Sweep {
+                        start: r,
+                        sweep,
+                        objective,
+                        changed,
+                    };
+                    if observer.observe(&report).is_break() {
+                        return Err(Error::Cancelled {
+                            what: format!("weight matching in sweep {} of start {r}", sweep + 1),
+                        });
+                    }
+                    Ok(())
+                },
+            )?;
+            if best
+                .as_ref()
+                .is_none_or(|b| run.1.objective.last() > b.1.objective.last())
+            {
+                best = Some(run);
+            }
+        }
+        let (set, stats) = best.ok_or_else(|| Error::invalid("restarts", "must be at least 1"))?;
+        Ok(Alignment::from_permutations(set, stats).with_spec(spec))
+    }
+
     /// Coordinate descent from `perms` (start number `start`) with the group order drawn
     /// from `seed`, each sweep reported to `observer`; returns the final permutations and
     /// the run's statistics.

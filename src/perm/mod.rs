@@ -28,6 +28,7 @@ mod file;
 mod heads;
 pub mod infer;
 pub mod specs;
+mod transformers;
 
 pub use builder::SpecBuilder;
 pub use check::{FunctionCheck, SpecIssue, SpecReport, check_function_preserved};
