@@ -48,7 +48,11 @@ impl Cfg {
     }
 
     fn shapes(&self) -> Vec<(String, Vec<usize>)> {
-        let (h, q, kv) = (self.hidden, self.heads * self.head_dim, self.kv * self.head_dim);
+        let (h, q, kv) = (
+            self.hidden,
+            self.heads * self.head_dim,
+            self.kv * self.head_dim,
+        );
         let mut v = vec![("model.embed_tokens.weight".to_string(), vec![self.vocab, h])];
         for i in 0..self.layers {
             let l = format!("model.layers.{i}");
@@ -91,9 +95,12 @@ impl Cfg {
     fn spec(&self) -> PermutationSpec {
         let shapes = self.shapes();
         let cfg = self.config();
-        infer_spec(shapes.iter().map(|(n, s)| (n.as_str(), s.as_slice())), Some(&cfg))
-            .unwrap()
-            .spec
+        infer_spec(
+            shapes.iter().map(|(n, s)| (n.as_str(), s.as_slice())),
+            Some(&cfg),
+        )
+        .unwrap()
+        .spec
     }
 }
 
@@ -167,7 +174,9 @@ fn forward(c: &Cfg, m: &Sd, tokens: &[usize]) -> Vec<f64> {
             for p in 0..n {
                 let scores: Vec<f64> = (0..=p)
                     .map(|t| {
-                        (0..d).map(|j| q[[p, h * d + j]] * k[[t, g * d + j]]).sum::<f64>()
+                        (0..d)
+                            .map(|j| q[[p, h * d + j]] * k[[t, g * d + j]])
+                            .sum::<f64>()
                             / (d as f64).sqrt()
                     })
                     .collect();
@@ -180,18 +189,28 @@ fn forward(c: &Cfg, m: &Sd, tokens: &[usize]) -> Vec<f64> {
             }
         }
         x += &linear(&att, m, &format!("{a}.o_proj"));
-        let xn = rms(&x, &vec1(m, &format!("{l}.post_attention_layernorm.weight")));
+        let xn = rms(
+            &x,
+            &vec1(m, &format!("{l}.post_attention_layernorm.weight")),
+        );
         let gate = linear(&xn, m, &format!("{l}.mlp.gate_proj")).mapv(|z| z / (1.0 + (-z).exp()));
         let up = linear(&xn, m, &format!("{l}.mlp.up_proj"));
         x += &linear(&(gate * up), m, &format!("{l}.mlp.down_proj"));
     }
     let xn = rms(&x, &vec1(m, "model.norm.weight"));
-    let head = if c.tied { embed } else { mat(m, "lm_head.weight") };
+    let head = if c.tied {
+        embed
+    } else {
+        mat(m, "lm_head.weight")
+    };
     xn.dot(&head.t()).into_iter().collect()
 }
 
 fn max_diff(a: &[f64], b: &[f64]) -> f64 {
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max)
 }
 
 const TOKENS: [usize; 6] = [3, 1, 4, 1, 5, 9];
@@ -262,8 +281,12 @@ fn with_attention(spec: &PermutationSpec, m: &Sd, attn: Vec<usize>) -> Permutati
 
 /// Applies `perms` without the structure check, tensor by tensor.
 fn apply_raw(spec: &PermutationSpec, perms: &PermutationSet, m: &Sd) -> Sd {
-    m.try_map(|name, t| Ok(spec.permute_tensor(perms, name, t)?.unwrap_or_else(|| t.clone())))
-        .unwrap()
+    m.try_map(|name, t| {
+        Ok(spec
+            .permute_tensor(perms, name, t)?
+            .unwrap_or_else(|| t.clone()))
+    })
+    .unwrap()
 }
 
 #[test]
@@ -278,7 +301,13 @@ fn rotary_pairs_moved_are_refused_and_would_change_the_logits() {
     let units = layout.units();
     let half = units / 2;
     let attn: Vec<usize> = (0..units)
-        .map(|u| if u < half { u / 4 * 4 + within[u % 4] } else { u })
+        .map(|u| {
+            if u < half {
+                u / 4 * 4 + within[u % 4]
+            } else {
+                u
+            }
+        })
         .collect();
     let perms = with_attention(&spec, &m, attn);
     let e = spec.apply(&perms, &m).unwrap_err().to_string();
@@ -286,7 +315,10 @@ fn rotary_pairs_moved_are_refused_and_would_change_the_logits() {
     // Why: each pair is rotated by its slot's frequency, so the logits change.
     let moved = apply_raw(&spec, &perms, &m);
     let d = max_diff(&forward(&c, &m, &TOKENS), &forward(&c, &moved, &TOKENS));
-    assert!(d > 1e-3, "moving rotary pairs changed the logits by only {d}");
+    assert!(
+        d > 1e-3,
+        "moving rotary pairs changed the logits by only {d}"
+    );
     // Without rotary embeddings the same permutation is permitted and keeps them.
     let c0 = llama(0);
     let (m0, spec0) = (c0.random(1), c0.spec());
@@ -301,15 +333,30 @@ fn gqa_grouping_violations_are_refused_and_would_change_the_logits() {
     // Query heads 0 and 1 share KV head 0; swap query heads 1 and 2 (across groups).
     let heads = [0usize, 2, 1, 3];
     let d = 4;
-    let attn: Vec<usize> = (0..32).map(|u| (u / 16) * 16 + heads[(u % 16) / d] * d + u % d).collect();
+    let attn: Vec<usize> = (0..32)
+        .map(|u| (u / 16) * 16 + heads[(u % 16) / d] * d + u % d)
+        .collect();
     let perms = with_attention(&spec, &m, attn);
     let e = spec.apply(&perms, &m).unwrap_err().to_string();
     assert!(e.contains("key-value head"), "{e}");
     let moved = apply_raw(&spec, &perms, &m);
     assert!(max_diff(&forward(&c, &m, &TOKENS), &forward(&c, &moved, &TOKENS)) > 1e-3);
     // Within-head permutations that differ between query heads of one KV head.
-    let attn: Vec<usize> = (0..32).map(|u| if u == 4 { 5 } else if u == 5 { 4 } else { u }).collect();
-    let e = spec.apply(&with_attention(&spec, &m, attn), &m).unwrap_err().to_string();
+    let attn: Vec<usize> = (0..32)
+        .map(|u| {
+            if u == 4 {
+                5
+            } else if u == 5 {
+                4
+            } else {
+                u
+            }
+        })
+        .collect();
+    let e = spec
+        .apply(&with_attention(&spec, &m, attn), &m)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("different query-key within-head"), "{e}");
 }
 
@@ -321,7 +368,10 @@ fn configs_that_disagree_with_shapes_are_named() {
     let mut cfg = c.config();
     cfg["num_key_value_heads"] = 4.into();
     let e = infer_spec(list(), Some(&cfg)).unwrap_err().to_string();
-    assert!(e.contains("k_proj.weight") && e.contains("4 key-value heads"), "{e}");
+    assert!(
+        e.contains("k_proj.weight") && e.contains("4 key-value heads"),
+        "{e}"
+    );
     let mut cfg = c.config();
     cfg["num_attention_heads"] = 3.into();
     let e = infer_spec(list(), Some(&cfg)).unwrap_err().to_string();
@@ -329,18 +379,27 @@ fn configs_that_disagree_with_shapes_are_named() {
     let mut cfg = c.config();
     cfg["hidden_size"] = 16.into();
     let e = infer_spec(list(), Some(&cfg)).unwrap_err().to_string();
-    assert!(e.contains("hidden_size") && e.contains("embed_tokens"), "{e}");
+    assert!(
+        e.contains("hidden_size") && e.contains("embed_tokens"),
+        "{e}"
+    );
     let tied = Cfg { tied: true, ..c };
     let tied_shapes = tied.shapes();
     let mut cfg = tied.config();
     cfg["tie_word_embeddings"] = false.into();
-    let e = infer_spec(tied_shapes.iter().map(|(n, s)| (n.as_str(), s.as_slice())), Some(&cfg))
-        .unwrap_err()
-        .to_string();
+    let e = infer_spec(
+        tied_shapes.iter().map(|(n, s)| (n.as_str(), s.as_slice())),
+        Some(&cfg),
+    )
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("untied") && e.contains("lm_head.weight"), "{e}");
-    let e = infer_spec(list().filter(|(n, _)| !n.contains("v_proj")), Some(&c.config()))
-        .unwrap_err()
-        .to_string();
+    let e = infer_spec(
+        list().filter(|(n, _)| !n.contains("v_proj")),
+        Some(&c.config()),
+    )
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("v_proj"), "{e}");
     assert!(HeadLayout::new(4, 2, 4).unwrap().slot_len(HeadSlot::Key) == 8);
 }
@@ -378,7 +437,8 @@ fn hugging_face_fixtures_infer_sound_specs_and_planted_permutations_are_recovere
         assert_eq!(found.family, family, "{}", found.reason);
         let model: StateDictF32 = load(&path).unwrap();
         let spec = &found.spec;
-        spec.require_sound(&model).unwrap_or_else(|e| panic!("{dir}: {e}"));
+        spec.require_sound(&model)
+            .unwrap_or_else(|e| panic!("{dir}: {e}"));
         assert!(spec.has_heads());
         for seed in [1, 2] {
             let planted = PermutationSet::random(spec, &model, seed).unwrap();
@@ -390,7 +450,10 @@ fn hugging_face_fixtures_infer_sound_specs_and_planted_permutations_are_recovere
                 "{dir} seed {seed}: not recovered"
             );
             let obj = &al.stats().objective;
-            assert!(obj.windows(2).all(|w| w[1] >= w[0] - 1e-9), "{dir}: {obj:?}");
+            assert!(
+                obj.windows(2).all(|w| w[1] >= w[0] - 1e-9),
+                "{dir}: {obj:?}"
+            );
         }
     }
 }

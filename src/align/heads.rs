@@ -173,7 +173,8 @@ fn solve_heads(cost: &Array2<f64>, l: &HeadLayout) -> Result<Permutation> {
                     for h in [0, 1] {
                         let f = if h == 0 { l.rotary_dim() } else { 0 };
                         let (ro, co) = (h * hd + ro, h * hd + co);
-                        pair[[jk / r, jk % r]] += (0..f).map(|i| cost[[ro + i, co + i]]).sum::<f64>();
+                        pair[[jk / r, jk % r]] +=
+                            (0..f).map(|i| cost[[ro + i, co + i]]).sum::<f64>();
                         if f < d {
                             blocks.push((jk, cost.slice(s![ro + f..ro + d, co + f..co + d])));
                         }
@@ -190,9 +191,9 @@ fn solve_heads(cost: &Array2<f64>, l: &HeadLayout) -> Result<Permutation> {
             for _ in 0..10 {
                 let (qk, s0) = within(cost, l, 0, (g, gi), &rho, l.rotary_dim())?;
                 let (vo, s1) = within(cost, l, 1, (g, gi), &rho, 0)?;
-                let done = best
-                    .as_ref()
-                    .is_some_and(|(_, _, _, s): &(Vec<usize>, Permutation, Permutation, f64)| *s >= s0 + s1);
+                let done = best.as_ref().is_some_and(
+                    |(_, _, _, s): &(Vec<usize>, Permutation, Permutation, f64)| *s >= s0 + s1,
+                );
                 if done {
                     break;
                 }
@@ -206,7 +207,9 @@ fn solve_heads(cost: &Array2<f64>, l: &HeadLayout) -> Result<Permutation> {
                     for k in 0..r {
                         for (h, t) in [(0, &qk), (1, &vo)] {
                             let (ro, co) = (h * hd + (g * r + j) * d, h * hd + (gi * r + k) * d);
-                            pair[[j, k]] += (0..d).map(|i| cost[[ro + i, co + t.as_slice()[i]]]).sum::<f64>();
+                            pair[[j, k]] += (0..d)
+                                .map(|i| cost[[ro + i, co + t.as_slice()[i]]])
+                                .sum::<f64>();
                         }
                     }
                 }
@@ -231,7 +234,12 @@ fn solve_heads(cost: &Array2<f64>, l: &HeadLayout) -> Result<Permutation> {
 }
 
 /// `sum <A, pi(B)>` over the parameters that are not passive.
-fn objective<M: Model>(spec: &PermutationSpec, a: &M, b: &M, perms: &PermutationSet) -> Result<f64> {
+fn objective<M: Model>(
+    spec: &PermutationSpec,
+    a: &M,
+    b: &M,
+    perms: &PermutationSet,
+) -> Result<f64> {
     let mut total = 0.0;
     for name in a.names() {
         if spec.is_passive(name) {
@@ -268,7 +276,9 @@ pub(super) fn descend<M: Model>(
     for sweep in 0..max_iter {
         order.shuffle(&mut rng);
         stats.sweeps = sweep + 1;
-        stats.order.push(order.iter().map(|g| g.to_string()).collect());
+        stats
+            .order
+            .push(order.iter().map(|g| g.to_string()).collect());
         let (mut progress, mut changed) = (false, 0);
         for g in &order {
             let cost = group_cost(spec, a, b, &perms, g, sizes[*g])?;
@@ -276,8 +286,12 @@ pub(super) fn descend<M: Model>(
                 Some(layout) => solve_heads(&cost, &layout)?,
                 None => max_assignment_as::<Elem<M>>(&cost)?,
             };
-            let old = perms.get(g).cloned().unwrap_or_else(|| Permutation::identity(sizes[*g]));
-            let (new_score, old_score) = (assignment_score(&cost, &new), assignment_score(&cost, &old));
+            let old = perms
+                .get(g)
+                .cloned()
+                .unwrap_or_else(|| Permutation::identity(sizes[*g]));
+            let (new_score, old_score) =
+                (assignment_score(&cost, &new), assignment_score(&cost, &old));
             if new_score > old_score + 1e-12 {
                 progress = true;
             }

@@ -174,13 +174,23 @@ impl SpecBuilder {
         qkv_bias: bool,
     ) -> &mut Self {
         self.attention(group, layout);
-        for (layer, slot) in [(q, HeadSlot::Query), (k, HeadSlot::Key), (v, HeadSlot::Value)] {
+        for (layer, slot) in [
+            (q, HeadSlot::Query),
+            (k, HeadSlot::Key),
+            (v, HeadSlot::Value),
+        ] {
             self.head_param(group, format!("{layer}.weight"), 0, Role::Produce, slot);
             if qkv_bias {
                 self.head_param(group, format!("{layer}.bias"), 0, Role::Follow, slot);
             }
         }
-        self.head_param(group, format!("{o}.weight"), 1, Role::Consume, HeadSlot::Output)
+        self.head_param(
+            group,
+            format!("{o}.weight"),
+            1,
+            Role::Consume,
+            HeadSlot::Output,
+        )
     }
 
     /// `param` is deliberately not permuted outside its groups (see
@@ -236,7 +246,11 @@ impl SpecBuilder {
         spec.invariant.extend(self.invariant.iter().cloned());
         spec.passive.extend(self.passive.iter().cloned());
         for (g, layout) in &self.heads {
-            if spec.heads.insert(g.clone(), *layout).is_some_and(|l| l != *layout) {
+            if spec
+                .heads
+                .insert(g.clone(), *layout)
+                .is_some_and(|l| l != *layout)
+            {
                 return Err(Error::Spec {
                     reason: format!("attention group `{g}` is given two head layouts"),
                 });

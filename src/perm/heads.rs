@@ -144,7 +144,9 @@ impl HeadLayout {
         if heads == 0 || kv_heads == 0 || head_dim == 0 {
             return Err(Error::invalid(
                 "head layout",
-                format!("heads {heads}, kv_heads {kv_heads}, head_dim {head_dim}: all must be at least 1"),
+                format!(
+                    "heads {heads}, kv_heads {kv_heads}, head_dim {head_dim}: all must be at least 1"
+                ),
             ));
         }
         if heads % kv_heads != 0 {
@@ -222,7 +224,11 @@ impl HeadLayout {
     pub fn slot_indices(&self, slot: HeadSlot, p: &Permutation) -> Vec<usize> {
         let hd = self.heads * self.head_dim;
         let kvd = self.kv_heads * self.head_dim;
-        let half = |s: usize| p.as_slice()[s * hd..(s + 1) * hd].iter().map(move |&u| u - s * hd);
+        let half = |s: usize| {
+            p.as_slice()[s * hd..(s + 1) * hd]
+                .iter()
+                .map(move |&u| u - s * hd)
+        };
         let kv = |s: usize| -> Vec<usize> {
             let h = half(s).collect::<Vec<_>>();
             (0..self.kv_heads)
@@ -407,7 +413,12 @@ impl HeadLayout {
         let mut idx = Vec::with_capacity(self.units());
         for (s, parts) in [&qk, &vo].into_iter().enumerate() {
             for (h, &src) in heads.iter().enumerate() {
-                idx.extend(parts[h / r].as_slice().iter().map(|&i| s * hd + src * d + i));
+                idx.extend(
+                    parts[h / r]
+                        .as_slice()
+                        .iter()
+                        .map(|&i| s * hd + src * d + i),
+                );
             }
         }
         Permutation { idx }
@@ -424,8 +435,14 @@ mod tests {
         let mut rng = ChaCha8Rng::seed_from_u64(3);
         for layout in [
             HeadLayout::new(4, 2, 4).unwrap(),
-            HeadLayout::new(6, 6, 4).unwrap().with_rotary_dim(2).unwrap(),
-            HeadLayout::new(8, 1, 2).unwrap().with_rotary_dim(2).unwrap(),
+            HeadLayout::new(6, 6, 4)
+                .unwrap()
+                .with_rotary_dim(2)
+                .unwrap(),
+            HeadLayout::new(8, 1, 2)
+                .unwrap()
+                .with_rotary_dim(2)
+                .unwrap(),
         ] {
             for _ in 0..20 {
                 let p = layout.random_with(&mut rng);
@@ -434,10 +451,15 @@ mod tests {
                 layout.check(&p.inverse()).unwrap();
                 layout.check(&p.then(&q).unwrap()).unwrap();
                 let parts = layout.decompose(&p).unwrap();
-                assert_eq!(layout.compose(&parts.heads, &parts.qk, &parts.vo).unwrap(), p);
+                assert_eq!(
+                    layout.compose(&parts.heads, &parts.qk, &parts.vo).unwrap(),
+                    p
+                );
                 // Key indices compose like the permutation itself.
                 let pq = p.then(&q).unwrap();
-                let k = |x: &Permutation| Permutation::new(layout.slot_indices(HeadSlot::Key, x)).unwrap();
+                let k = |x: &Permutation| {
+                    Permutation::new(layout.slot_indices(HeadSlot::Key, x)).unwrap()
+                };
                 assert_eq!(k(&pq), k(&p).then(&k(&q)).unwrap());
             }
         }
@@ -445,15 +467,29 @@ mod tests {
 
     #[test]
     fn broken_constraints_are_named() {
-        let l = HeadLayout::new(2, 2, 4).unwrap().with_rotary_dim(4).unwrap();
+        let l = HeadLayout::new(2, 2, 4)
+            .unwrap()
+            .with_rotary_dim(4)
+            .unwrap();
         let id = Permutation::identity(4);
         let swap = Permutation::new(vec![2, 3, 0, 1]).unwrap(); // swaps rotary pairs' halves
         let e = l
-            .compose(&Permutation::identity(2), &[swap.clone(), id.clone()], &[id.clone(), id.clone()])
+            .compose(
+                &Permutation::identity(2),
+                &[swap.clone(), id.clone()],
+                &[id.clone(), id.clone()],
+            )
             .unwrap_err();
         assert!(e.to_string().contains("rotary"), "{e}");
         // Value-output dims are free under RoPE.
-        assert!(l.compose(&Permutation::identity(2), &[id.clone(), id.clone()], &[swap, id.clone()]).is_ok());
+        assert!(
+            l.compose(
+                &Permutation::identity(2),
+                &[id.clone(), id.clone()],
+                &[swap, id.clone()]
+            )
+            .is_ok()
+        );
         // Heads moved differently in the two halves.
         let mut idx: Vec<usize> = (0..16).collect();
         idx.swap(0, 4);

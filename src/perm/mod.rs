@@ -741,17 +741,23 @@ impl PermutationSpec {
                 let slotted = self.slots.contains_key(&(p.clone(), *a));
                 if attention && !slotted {
                     return Err(Error::Spec {
-                        reason: format!("axis {a} of `{p}` is in attention group `{g}` but has no head slot (query, key, value, output or fused_qkv)"),
+                        reason: format!(
+                            "axis {a} of `{p}` is in attention group `{g}` but has no head slot (query, key, value, output or fused_qkv)"
+                        ),
                     });
                 }
                 if !attention && slotted {
                     return Err(Error::Spec {
-                        reason: format!("axis {a} of `{p}` has a head slot but group `{g}` has no head layout"),
+                        reason: format!(
+                            "axis {a} of `{p}` has a head slot but group `{g}` has no head layout"
+                        ),
                     });
                 }
                 if slotted && self.rule(p, *a).repeat != 1 {
                     return Err(Error::Spec {
-                        reason: format!("axis {a} of `{p}` in attention group `{g}` has a repeat factor"),
+                        reason: format!(
+                            "axis {a} of `{p}` in attention group `{g}` has a repeat factor"
+                        ),
                     });
                 }
             }

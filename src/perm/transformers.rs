@@ -121,7 +121,11 @@ impl Tx<'_> {
         qkvo: [&str; 4],
     ) -> std::result::Result<(), String> {
         let [q, k, v, o] = qkvo;
-        for (l, slot) in [(q, HeadSlot::Query), (k, HeadSlot::Key), (v, HeadSlot::Value)] {
+        for (l, slot) in [
+            (q, HeadSlot::Query),
+            (k, HeadSlot::Key),
+            (v, HeadSlot::Value),
+        ] {
             let shape = self.need(&format!("{l}.weight"))?;
             config_fits(&layout, slot, &format!("{l}.weight"), shape[0])?;
             self.reads(RESIDUAL, l)?;
@@ -212,11 +216,18 @@ pub(super) fn detect(s: &Shapes, config: &Value, model_type: &str) -> Found {
         "bert" | "roberta" => bert(s, config, model_type),
         "distilbert" => distilbert(s, config),
         "vit" => vit(s, config),
-        other => Err(format!("model_type `{other}` is not one of {MODEL_TYPES:?}")),
+        other => Err(format!(
+            "model_type `{other}` is not one of {MODEL_TYPES:?}"
+        )),
     }
 }
 
-fn hidden_size(config: &Value, keys: &[&str], s: &Shapes, embed: &str) -> std::result::Result<usize, String> {
+fn hidden_size(
+    config: &Value,
+    keys: &[&str],
+    s: &Shapes,
+    embed: &str,
+) -> std::result::Result<usize, String> {
     let hidden = need_int(config, keys)?;
     if let Some(sh) = s.get(embed).filter(|sh| sh.last() != Some(&hidden)) {
         return Err(format!(
@@ -329,7 +340,12 @@ fn gpt2(s: &Shapes, config: &Value) -> Found {
         let g = format!("layers.{i}.attn");
         let qkv = format!("{l}.attn.c_attn");
         let shape = t.need(&format!("{qkv}.weight"))?;
-        config_fits(&layout, HeadSlot::FusedQkv, &format!("{qkv}.weight"), shape[1])?;
+        config_fits(
+            &layout,
+            HeadSlot::FusedQkv,
+            &format!("{qkv}.weight"),
+            shape[1],
+        )?;
         t.reads(RESIDUAL, &qkv)?;
         t.b.attention(&g, layout).head_param(
             &g,
@@ -339,11 +355,23 @@ fn gpt2(s: &Shapes, config: &Value) -> Found {
             HeadSlot::FusedQkv,
         );
         if t.has(&format!("{qkv}.bias")) {
-            t.b.head_param(&g, format!("{qkv}.bias"), 0, Role::Follow, HeadSlot::FusedQkv);
+            t.b.head_param(
+                &g,
+                format!("{qkv}.bias"),
+                0,
+                Role::Follow,
+                HeadSlot::FusedQkv,
+            );
         }
         let proj = format!("{l}.attn.c_proj");
         t.need(&format!("{proj}.weight"))?;
-        t.b.head_param(&g, format!("{proj}.weight"), 0, Role::Consume, HeadSlot::Output);
+        t.b.head_param(
+            &g,
+            format!("{proj}.weight"),
+            0,
+            Role::Consume,
+            HeadSlot::Output,
+        );
         t.writes(RESIDUAL, &proj)?;
         t.norm(&format!("{l}.ln_2"))?;
         t.mlp(
@@ -591,7 +619,8 @@ fn vit(s: &Shapes, config: &Value) -> Found {
     pooler(&mut t, &format!("{p}pooler.dense"), &mut heads)?;
     if t.has("classifier.weight") {
         t.reads(RESIDUAL, "classifier")?;
-        t.b.invariant("classifier.weight").invariant("classifier.bias");
+        t.b.invariant("classifier.weight")
+            .invariant("classifier.bias");
         heads.push("classifier");
     }
     let reason = format!(
