@@ -457,3 +457,39 @@ fn hugging_face_fixtures_infer_sound_specs_and_planted_permutations_are_recovere
         }
     }
 }
+
+#[test]
+fn weight_matching_two_models_keeps_the_function_and_refuses_other_aligners() {
+    let c = Cfg {
+        vocab: 11,
+        hidden: 8,
+        layers: 2,
+        heads: 4,
+        kv: 2,
+        head_dim: 4,
+        inter: 10,
+        rotary: 2,
+        bias: true,
+        tied: false,
+    };
+    let (a, b, spec) = (c.random(10), c.random(11), c.spec());
+    let al = WeightMatching::new(3)
+        .with_restarts(2)
+        .unwrap()
+        .align(&a, &b, &spec)
+        .unwrap();
+    let obj = &al.stats().objective;
+    assert!(obj.windows(2).all(|w| w[1] >= w[0] - 1e-9), "{obj:?}");
+    assert!(obj.last() > obj.first(), "{obj:?}");
+    let aligned = spec.apply(&al.permutations().unwrap(), &b).unwrap();
+    let d = max_diff(&forward(&c, &b, &TOKENS), &forward(&c, &aligned, &TOKENS));
+    assert!(d < 1e-9, "aligned B computes another function ({d})");
+    let closer = a.sub(&aligned).unwrap().norm();
+    assert!(closer < a.sub(&b).unwrap().norm());
+    use modelfusion::align::{OtFusion, Transport};
+    let e = OtFusion::new(Transport::Exact)
+        .unwrap()
+        .align(&a, &b, &spec)
+        .unwrap_err();
+    assert!(e.to_string().contains("attention group"), "{e}");
+}
