@@ -138,6 +138,26 @@ impl Tx<'_> {
         self.writes(RESIDUAL, o)
     }
 
+    /// One block's attention (group `layers.{i}.attn`), the norm between attention and
+    /// MLP, and the MLP (group `layers.{i}.mlp`).
+    fn block(
+        &mut self,
+        i: usize,
+        layout: HeadLayout,
+        qkvo: [String; 4],
+        mid_norm: &str,
+        (up, down): (&[String], &str),
+    ) -> std::result::Result<(), String> {
+        let [q, k, v, o] = &qkvo;
+        self.attention(
+            &format!("layers.{i}.attn"),
+            layout,
+            [q, k, v, o].map(String::as_str),
+        )?;
+        self.norm(mid_norm)?;
+        self.mlp(&format!("layers.{i}.mlp"), up, down)
+    }
+
     fn finish(
         self,
         family: &str,
@@ -208,6 +228,47 @@ fn layers(config: &Value, keys: &[&str]) -> std::result::Result<usize, String> {
     Ok(n)
 }
 
+/// What every family reads first: the name prefix (`model.`, `bert.`, ...), the token
+/// embedding, `hidden_size`, the layer count and the head layout, checked against the
+/// embedding's shape.
+struct Base {
+    p: String,
+    embed: String,
+    hidden: usize,
+    n: usize,
+    layout: HeadLayout,
+}
+
+/// [`Base`] from the embedding's name suffix and the config keys (each with its
+/// aliases) of the hidden size, the layer count and the head count.
+fn base(
+    s: &Shapes,
+    config: &Value,
+    embed_suffix: &str,
+    [hidden_keys, layer_keys, head_keys]: [&[&str]; 3],
+) -> std::result::Result<Base, String> {
+    let p = prefix_of(s, embed_suffix)?;
+    let embed = format!("{p}{embed_suffix}");
+    let hidden = hidden_size(config, hidden_keys, s, &embed)?;
+    Ok(Base {
+        n: layers(config, layer_keys)?,
+        layout: layout_from(config, hidden, head_keys)?,
+        p,
+        embed,
+        hidden,
+    })
+}
+
+impl<'a> Tx<'a> {
+    fn new(s: &'a Shapes, conv1d: bool) -> Self {
+        Tx {
+            b: SpecBuilder::new(),
+            s,
+            conv1d,
+        }
+    }
+}
+
 /// Detects the family named by `config.json`'s `model_type`.
 pub(super) fn detect(s: &Shapes, config: &Value, model_type: &str) -> Found {
     match model_type {
@@ -240,11 +301,22 @@ fn hidden_size(
 
 /// LLaMA, Mistral, Qwen2: RMSNorm, rotary embeddings, grouped-query attention, gated MLP.
 fn llama(s: &Shapes, config: &Value, family: &str) -> Found {
-    let p = prefix_of(s, "embed_tokens.weight")?;
-    let embed = format!("{p}embed_tokens.weight");
-    let hidden = hidden_size(config, &["hidden_size"], s, &embed)?;
-    let n = layers(config, &["num_hidden_layers"])?;
-    let mut layout = layout_from(config, hidden, &["num_attention_heads"])?;
+    let Base {
+        p,
+        embed,
+        hidden,
+        n,
+        mut layout,
+    } = base(
+        s,
+        config,
+        "embed_tokens.weight",
+        [
+            &["hidden_size"],
+            &["num_hidden_layers"],
+            &["num_attention_heads"],
+        ],
+    )?;
     let partial = config
         .get("partial_rotary_factor")
         .and_then(Value::as_f64)
@@ -253,28 +325,22 @@ fn llama(s: &Shapes, config: &Value, family: &str) -> Found {
     layout = layout
         .with_rotary_dim(rotary.min(layout.head_dim()))
         .map_err(|e| format!("config.json: {e}"))?;
-    let mut t = Tx {
-        b: SpecBuilder::new(),
-        s,
-        conv1d: false,
-    };
+    let mut t = Tx::new(s, false);
     t.embedding(&embed)?;
     for i in 0..n {
         let l = format!("{p}layers.{i}");
         t.norm(&format!("{l}.input_layernorm"))?;
         let a = format!("{l}.self_attn");
-        let names = ["q_proj", "k_proj", "v_proj", "o_proj"].map(|x| format!("{a}.{x}"));
-        t.attention(
-            &format!("layers.{i}.attn"),
-            layout,
-            [&names[0], &names[1], &names[2], &names[3]].map(String::as_str),
-        )?;
-        t.norm(&format!("{l}.post_attention_layernorm"))?;
         let m = format!("{l}.mlp");
-        t.mlp(
-            &format!("layers.{i}.mlp"),
-            &[format!("{m}.gate_proj"), format!("{m}.up_proj")],
-            &format!("{m}.down_proj"),
+        t.block(
+            i,
+            layout,
+            ["q_proj", "k_proj", "v_proj", "o_proj"].map(|x| format!("{a}.{x}")),
+            &format!("{l}.post_attention_layernorm"),
+            (
+                &[format!("{m}.gate_proj"), format!("{m}.up_proj")],
+                &format!("{m}.down_proj"),
+            ),
         )?;
     }
     t.norm(&format!("{p}norm"))?;
@@ -322,16 +388,23 @@ fn lm_head(
 
 /// GPT-2: Conv1D layers (weights `(in, out)`), fused `c_attn`, learned positions.
 fn gpt2(s: &Shapes, config: &Value) -> Found {
-    let p = prefix_of(s, "wte.weight")?;
-    let wte = format!("{p}wte.weight");
-    let hidden = hidden_size(config, &["n_embd", "hidden_size"], s, &wte)?;
-    let n = layers(config, &["n_layer", "num_hidden_layers"])?;
-    let layout = layout_from(config, hidden, &["n_head", "num_attention_heads"])?;
-    let mut t = Tx {
-        b: SpecBuilder::new(),
+    let Base {
+        p,
+        embed: wte,
+        hidden,
+        n,
+        layout,
+    } = base(
         s,
-        conv1d: true,
-    };
+        config,
+        "wte.weight",
+        [
+            &["n_embd", "hidden_size"],
+            &["n_layer", "num_hidden_layers"],
+            &["n_head", "num_attention_heads"],
+        ],
+    )?;
+    let mut t = Tx::new(s, true);
     t.embedding(&wte)?;
     t.embedding(&format!("{p}wpe.weight"))?;
     for i in 0..n {
@@ -417,16 +490,23 @@ fn decoder(
 
 /// BERT and RoBERTa encoders (post-norm), with a masked-LM head or a pooler if present.
 fn bert(s: &Shapes, config: &Value, family: &str) -> Found {
-    let p = prefix_of(s, "embeddings.word_embeddings.weight")?;
-    let words = format!("{p}embeddings.word_embeddings.weight");
-    let hidden = hidden_size(config, &["hidden_size"], s, &words)?;
-    let n = layers(config, &["num_hidden_layers"])?;
-    let layout = layout_from(config, hidden, &["num_attention_heads"])?;
-    let mut t = Tx {
-        b: SpecBuilder::new(),
+    let Base {
+        p,
+        embed: words,
+        hidden,
+        n,
+        layout,
+    } = base(
         s,
-        conv1d: false,
-    };
+        config,
+        "embeddings.word_embeddings.weight",
+        [
+            &["hidden_size"],
+            &["num_hidden_layers"],
+            &["num_attention_heads"],
+        ],
+    )?;
+    let mut t = Tx::new(s, false);
     t.embedding(&words)?;
     for e in ["position_embeddings", "token_type_embeddings"] {
         let name = format!("{p}embeddings.{e}.weight");
@@ -438,22 +518,15 @@ fn bert(s: &Shapes, config: &Value, family: &str) -> Found {
     for i in 0..n {
         let l = format!("{p}encoder.layer.{i}");
         let a = format!("{l}.attention");
-        let names = [
-            format!("{a}.self.query"),
-            format!("{a}.self.key"),
-            format!("{a}.self.value"),
-            format!("{a}.output.dense"),
-        ];
-        t.attention(
-            &format!("layers.{i}.attn"),
+        t.block(
+            i,
             layout,
-            [&names[0], &names[1], &names[2], &names[3]].map(String::as_str),
-        )?;
-        t.norm(&format!("{a}.output.LayerNorm"))?;
-        t.mlp(
-            &format!("layers.{i}.mlp"),
-            &[format!("{l}.intermediate.dense")],
-            &format!("{l}.output.dense"),
+            ["self.query", "self.key", "self.value", "output.dense"].map(|x| format!("{a}.{x}")),
+            &format!("{a}.output.LayerNorm"),
+            (
+                &[format!("{l}.intermediate.dense")],
+                &format!("{l}.output.dense"),
+            ),
         )?;
         t.norm(&format!("{l}.output.LayerNorm"))?;
     }
@@ -480,17 +553,18 @@ fn bert(s: &Shapes, config: &Value, family: &str) -> Found {
             heads.push("masked-LM head");
         }
     }
-    let reason = format!(
+    let reason = encoder_reason(n, hidden, &layout, &heads);
+    t.finish(family, reason)
+}
+
+/// What an encoder detector found, in words.
+fn encoder_reason(n: usize, hidden: usize, layout: &HeadLayout, heads: &[&str]) -> String {
+    format!(
         "{n} encoder layers, hidden {hidden}, {} heads of {} dims{}",
         layout.heads(),
         layout.head_dim(),
-        if heads.is_empty() {
-            String::new()
-        } else {
-            format!(", {}", heads.join(", "))
-        }
-    );
-    t.finish(family, reason)
+        heads.iter().map(|h| format!(", {h}")).collect::<String>()
+    )
 }
 
 /// A pooler reads the residual stream; its output is the model's (invariant).
@@ -510,16 +584,23 @@ fn pooler(
 
 /// DistilBERT (post-norm), with its masked-LM head if present.
 fn distilbert(s: &Shapes, config: &Value) -> Found {
-    let p = prefix_of(s, "embeddings.word_embeddings.weight")?;
-    let words = format!("{p}embeddings.word_embeddings.weight");
-    let hidden = hidden_size(config, &["dim", "hidden_size"], s, &words)?;
-    let n = layers(config, &["n_layers", "num_hidden_layers"])?;
-    let layout = layout_from(config, hidden, &["n_heads", "num_attention_heads"])?;
-    let mut t = Tx {
-        b: SpecBuilder::new(),
+    let Base {
+        p,
+        embed: words,
+        hidden,
+        n,
+        layout,
+    } = base(
         s,
-        conv1d: false,
-    };
+        config,
+        "embeddings.word_embeddings.weight",
+        [
+            &["dim", "hidden_size"],
+            &["n_layers", "num_hidden_layers"],
+            &["n_heads", "num_attention_heads"],
+        ],
+    )?;
+    let mut t = Tx::new(s, false);
     t.embedding(&words)?;
     let pos = format!("{p}embeddings.position_embeddings.weight");
     if t.has(&pos) {
@@ -528,21 +609,16 @@ fn distilbert(s: &Shapes, config: &Value) -> Found {
     t.norm(&format!("{p}embeddings.LayerNorm"))?;
     for i in 0..n {
         let l = format!("{p}transformer.layer.{i}");
-        let names = ["q_lin", "k_lin", "v_lin", "out_lin"].map(|x| format!("{l}.attention.{x}"));
-        t.attention(
-            &format!("layers.{i}.attn"),
+        t.block(
+            i,
             layout,
-            [&names[0], &names[1], &names[2], &names[3]].map(String::as_str),
-        )?;
-        t.norm(&format!("{l}.sa_layer_norm"))?;
-        t.mlp(
-            &format!("layers.{i}.mlp"),
-            &[format!("{l}.ffn.lin1")],
-            &format!("{l}.ffn.lin2"),
+            ["q_lin", "k_lin", "v_lin", "out_lin"].map(|x| format!("{l}.attention.{x}")),
+            &format!("{l}.sa_layer_norm"),
+            (&[format!("{l}.ffn.lin1")], &format!("{l}.ffn.lin2")),
         )?;
         t.norm(&format!("{l}.output_layer_norm"))?;
     }
-    let mut heads = "";
+    let mut heads = Vec::new();
     if t.has("vocab_transform.weight") {
         mlm_transform(&mut t, "vocab_transform", "vocab_layer_norm")?;
         decoder(
@@ -552,13 +628,9 @@ fn distilbert(s: &Shapes, config: &Value) -> Found {
             &words,
             config,
         )?;
-        heads = ", masked-LM head";
+        heads.push("masked-LM head");
     }
-    let reason = format!(
-        "{n} encoder layers, hidden {hidden}, {} heads of {} dims{heads}",
-        layout.heads(),
-        layout.head_dim()
-    );
+    let reason = encoder_reason(n, hidden, &layout, &heads);
     t.finish("distilbert", reason)
 }
 
@@ -570,11 +642,7 @@ fn vit(s: &Shapes, config: &Value) -> Found {
     let hidden = need_int(config, &["hidden_size"])?;
     let n = layers(config, &["num_hidden_layers"])?;
     let layout = layout_from(config, hidden, &["num_attention_heads"])?;
-    let mut t = Tx {
-        b: SpecBuilder::new(),
-        s,
-        conv1d: false,
-    };
+    let mut t = Tx::new(s, false);
     let w = t.need(&format!("{patch}.weight"))?;
     if w.first() != Some(&hidden) {
         return Err(format!(
@@ -596,22 +664,21 @@ fn vit(s: &Shapes, config: &Value) -> Found {
         let l = format!("{p}encoder.layer.{i}");
         t.norm(&format!("{l}.layernorm_before"))?;
         let a = format!("{l}.attention");
-        let names = [
-            format!("{a}.attention.query"),
-            format!("{a}.attention.key"),
-            format!("{a}.attention.value"),
-            format!("{a}.output.dense"),
-        ];
-        t.attention(
-            &format!("layers.{i}.attn"),
+        t.block(
+            i,
             layout,
-            [&names[0], &names[1], &names[2], &names[3]].map(String::as_str),
-        )?;
-        t.norm(&format!("{l}.layernorm_after"))?;
-        t.mlp(
-            &format!("layers.{i}.mlp"),
-            &[format!("{l}.intermediate.dense")],
-            &format!("{l}.output.dense"),
+            [
+                "attention.query",
+                "attention.key",
+                "attention.value",
+                "output.dense",
+            ]
+            .map(|x| format!("{a}.{x}")),
+            &format!("{l}.layernorm_after"),
+            (
+                &[format!("{l}.intermediate.dense")],
+                &format!("{l}.output.dense"),
+            ),
         )?;
     }
     t.norm(&format!("{p}layernorm"))?;
@@ -623,15 +690,6 @@ fn vit(s: &Shapes, config: &Value) -> Found {
             .invariant("classifier.bias");
         heads.push("classifier");
     }
-    let reason = format!(
-        "{n} encoder layers, hidden {hidden}, {} heads of {} dims{}",
-        layout.heads(),
-        layout.head_dim(),
-        if heads.is_empty() {
-            String::new()
-        } else {
-            format!(", {}", heads.join(", "))
-        }
-    );
+    let reason = encoder_reason(n, hidden, &layout, &heads);
     t.finish("vit", reason)
 }
