@@ -121,6 +121,7 @@ impl<M: Model, A: Activations<M>> Aligner<M> for ActivationMatching<A> {
         observer: &mut dyn Observer,
     ) -> Result<Alignment> {
         let sizes = check_pair(reference, other, spec)?;
+        super::refuse_heads(spec, "activation matching")?;
         let stats = group_moments(
             &self.activations,
             reference,

@@ -41,6 +41,7 @@
 //! ```
 
 mod activation;
+mod heads;
 mod multi;
 mod ot;
 mod repair;
@@ -593,6 +594,18 @@ pub(crate) fn map_axis<T: Tensor>(t: &T, axis: usize, m: &Array2<f64>) -> Result
 
 /// Checks that `spec` fits both models and that they agree on every group size; returns
 /// the sizes.
+/// Aligners without a structured solve refuse attention groups (their permutations
+/// would break the head structure).
+pub(crate) fn refuse_heads(spec: &PermutationSpec, aligner: &str) -> Result<()> {
+    match spec.group_names().find(|g| spec.head_layout(g).is_some()) {
+        Some(g) => Err(Error::Unsupported {
+            what: format!("{aligner} on attention group `{g}`"),
+            reason: "structured (attention-head) groups are matched by WeightMatching only".into(),
+        }),
+        None => Ok(()),
+    }
+}
+
 pub(crate) fn check_pair<M: Model>(
     reference: &M,
     other: &M,

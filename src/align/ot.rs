@@ -280,6 +280,7 @@ impl<S> OtFusion<S> {
 impl<M: Model> Aligner<M> for OtFusion<WeightFeatures> {
     fn align(&self, reference: &M, other: &M, spec: &PermutationSpec) -> Result<Alignment> {
         let (sa, sb) = check_shapes(reference, other, spec)?;
+        super::refuse_heads(spec, "OT fusion")?;
         let mut done: BTreeMap<String, GroupMap> = BTreeMap::new();
         let mut objective = Vec::new();
         let mut visits = Vec::new();
@@ -315,6 +316,7 @@ impl<M: Model, A: Activations<M>> Aligner<M> for OtFusion<ActivationFeatures<A>>
         observer: &mut dyn Observer,
     ) -> Result<Alignment> {
         let (sa, sb) = check_shapes(reference, other, spec)?;
+        super::refuse_heads(spec, "OT fusion")?;
         let moments = group_moments(&self.source.0, reference, other, &sa, &sb, observer)?;
         let mut done: BTreeMap<String, GroupMap> = BTreeMap::new();
         let mut objective = Vec::new();

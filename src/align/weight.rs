@@ -244,6 +244,14 @@ impl<M: Model> Aligner<M> for WeightMatching {
     ) -> Result<Alignment> {
         let sizes = check_pair(reference, other, spec)?;
         let groups: Vec<String> = sizes.keys().cloned().collect();
+        if spec.has_heads() {
+            let init: PermutationSet = groups
+                .iter()
+                .cloned()
+                .zip(self.starts(&groups, &sizes)?)
+                .collect();
+            return self.align_structured(reference, other, spec, &sizes, init, observer);
+        }
         let layout = Layout::new(
             reference
                 .names()
@@ -258,20 +266,14 @@ impl<M: Model> Aligner<M> for WeightMatching {
 }
 
 impl WeightMatching {
-    /// The whole matching (starts, restarts, the best run) over parameters laid out by
-    /// `layout` whose data `source` provides; `sizes` are the groups' sizes, `groups`
-    /// their names in index order. The in-memory and the out-of-core aligners both end
-    /// here.
-    pub(crate) fn align_source<E: Scalar>(
+    /// The first start: the caller's `init` (checked against the groups), or the
+    /// identities.
+    fn starts(
         &self,
-        layout: Layout,
-        source: &dyn Source<E>,
         groups: &[String],
         sizes: &BTreeMap<String, usize>,
-        spec: &PermutationSpec,
-        observer: &mut dyn Observer,
-    ) -> Result<Alignment> {
-        let perms: Vec<Permutation> = match &self.init {
+    ) -> Result<Vec<Permutation>> {
+        Ok(match &self.init {
             None => groups
                 .iter()
                 .map(|g| Permutation::identity(sizes[g]))
@@ -295,7 +297,30 @@ impl WeightMatching {
                     Ok(p.clone())
                 })
                 .collect::<Result<_>>()?,
-        };
+        })
+    }
+
+    /// The whole matching (starts, restarts, the best run) over parameters laid out by
+    /// `layout` whose data `source` provides; `sizes` are the groups' sizes, `groups`
+    /// their names in index order. The in-memory and the out-of-core aligners both end
+    /// here.
+    pub(crate) fn align_source<E: Scalar>(
+        &self,
+        layout: Layout,
+        source: &dyn Source<E>,
+        groups: &[String],
+        sizes: &BTreeMap<String, usize>,
+        spec: &PermutationSpec,
+        observer: &mut dyn Observer,
+    ) -> Result<Alignment> {
+        if spec.has_heads() {
+            return Err(Error::invalid(
+                "spec",
+                "weight matching of checkpoints read out of core does not handle attention \
+                 groups yet: load both models, or use a spec without heads",
+            ));
+        }
+        let perms = self.starts(groups, sizes)?;
         let problem = Problem::new(layout, source, self.cost_cache)?;
         let mut best = self.descend(&problem, groups, perms, self.seed, 0, observer)?;
         for r in 1..self.restarts {
@@ -312,6 +337,60 @@ impl WeightMatching {
         }
         let set: PermutationSet = groups.iter().cloned().zip(best.0).collect();
         Ok(Alignment::from_permutations(set, best.1).with_spec(spec))
+    }
+
+    /// Weight matching for a spec with attention groups (see [`super::heads`]): each
+    /// group's cost is rebuilt from the models at every visit, attention groups solve
+    /// a structured assignment; restarts begin from random structured permutations.
+    fn align_structured<M: Model>(
+        &self,
+        reference: &M,
+        other: &M,
+        spec: &PermutationSpec,
+        sizes: &BTreeMap<String, usize>,
+        init: PermutationSet,
+        observer: &mut dyn Observer,
+    ) -> Result<Alignment> {
+        spec.check_structure(&init)
+            .map_err(|e| Error::invalid("init", e.to_string()))?;
+        let mut best: Option<(PermutationSet, AlignStats)> = None;
+        for r in 0..self.restarts {
+            let (seed, from) = if r == 0 {
+                (self.seed, init.clone())
+            } else {
+                let s = self.seed ^ (r as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+                (s, PermutationSet::random(spec, reference, s)?)
+            };
+            let run = super::heads::descend(
+                spec,
+                (reference, other),
+                sizes,
+                from,
+                (seed, self.max_iter),
+                |sweep, objective, changed| {
+                    let report = Progress::Sweep {
+                        start: r,
+                        sweep,
+                        objective,
+                        changed,
+                    };
+                    if observer.observe(&report).is_break() {
+                        return Err(Error::Cancelled {
+                            what: format!("weight matching in sweep {} of start {r}", sweep + 1),
+                        });
+                    }
+                    Ok(())
+                },
+            )?;
+            if best
+                .as_ref()
+                .is_none_or(|b| run.1.objective.last() > b.1.objective.last())
+            {
+                best = Some(run);
+            }
+        }
+        let (set, stats) = best.ok_or_else(|| Error::invalid("restarts", "must be at least 1"))?;
+        Ok(Alignment::from_permutations(set, stats).with_spec(spec))
     }
 
     /// Coordinate descent from `perms` (start number `start`) with the group order drawn

@@ -200,7 +200,12 @@ pub fn write_permuted(
                 ),
             })?;
             let len = info.shape().get(*axis).copied().unwrap_or(0);
-            if len != p.len() * spec.rule(param, *axis).repeat {
+            let want = match spec.head_slot(param, *axis) {
+                Some((slot, layout)) if p.len() == layout.units() => layout.slot_len(slot),
+                Some(_) => usize::MAX,
+                None => p.len() * spec.rule(param, *axis).repeat,
+            };
+            if len != want {
                 return Err(Error::Spec {
                     reason: format!(
                         "permutation of group `{g}` (length {}) does not fit axis {axis} of `{param}` (shape {:?})",
@@ -216,6 +221,7 @@ pub fn write_permuted(
             reason: format!("a permutation is given for group `{g}`, which the spec does not have"),
         });
     }
+    spec.check_structure(perms)?;
     let plan = ck.tensors().iter().map(|t| TensorPlan {
         name: t.name().to_string(),
         shape: t.shape().to_vec(),

@@ -1,6 +1,6 @@
 //! [`SpecBuilder`]: the vocabulary permutation specs are written in.
 
-use super::{AxisRule, PermutationSpec, Role};
+use super::{AxisRule, HeadLayout, HeadSlot, PermutationSpec, Role};
 use crate::error::{Error, Result};
 
 /// Builds a [`PermutationSpec`] in the vocabulary of layers: producers, consumers,
@@ -39,6 +39,8 @@ pub struct SpecBuilder {
     invariant: Vec<String>,
     passive: Vec<String>,
     ties: Vec<(String, String)>,
+    heads: Vec<(String, HeadLayout)>,
+    slots: Vec<(String, usize, HeadSlot)>,
 }
 
 fn rule(role: Role) -> AxisRule {
@@ -129,6 +131,68 @@ impl SpecBuilder {
         self.param(group, format!("{layer}.weight"), 0, rule(Role::Follow))
     }
 
+    /// Makes `group` an attention group with `layout`: its permutations are structured
+    /// (heads as blocks, head dimensions inside them, see [`HeadLayout`]) and every member
+    /// is placed with [`head_param`](Self::head_param).
+    pub fn attention(&mut self, group: &str, layout: HeadLayout) -> &mut Self {
+        self.heads.push((group.to_string(), layout));
+        self
+    }
+
+    /// Attention group `group` reorders `axis` of `param`, which holds `slot` (query,
+    /// key, value or output-projection entries, or fused QKV) in the given role.
+    pub fn head_param(
+        &mut self,
+        group: &str,
+        param: impl Into<String>,
+        axis: usize,
+        role: Role,
+        slot: HeadSlot,
+    ) -> &mut Self {
+        let param = param.into();
+        self.slots.push((param.clone(), axis, slot));
+        self.param(group, param, axis, rule(role))
+    }
+
+    /// The separate `q`, `k`, `v`, `o` linear layers (PyTorch layout) of an attention
+    /// group: rows of `q`, `k`, `v` (and their biases if `qkv_bias`) and columns of `o`.
+    /// `o`'s rows and bias belong to the residual stream, not to this group.
+    ///
+    /// ```
+    /// use modelfusion::perm::{HeadLayout, SpecBuilder};
+    /// let mut b = SpecBuilder::new();
+    /// b.attention_layers("attn.0", HeadLayout::new(4, 2, 8)?, ["q", "k", "v", "o"], true);
+    /// let spec = b.build()?;
+    /// assert_eq!(spec.group("attn.0").unwrap().len(), 7);
+    /// # Ok::<(), modelfusion::Error>(())
+    /// ```
+    pub fn attention_layers(
+        &mut self,
+        group: &str,
+        layout: HeadLayout,
+        [q, k, v, o]: [&str; 4],
+        qkv_bias: bool,
+    ) -> &mut Self {
+        self.attention(group, layout);
+        for (layer, slot) in [
+            (q, HeadSlot::Query),
+            (k, HeadSlot::Key),
+            (v, HeadSlot::Value),
+        ] {
+            self.head_param(group, format!("{layer}.weight"), 0, Role::Produce, slot);
+            if qkv_bias {
+                self.head_param(group, format!("{layer}.bias"), 0, Role::Follow, slot);
+            }
+        }
+        self.head_param(
+            group,
+            format!("{o}.weight"),
+            1,
+            Role::Consume,
+            HeadSlot::Output,
+        )
+    }
+
     /// `param` is deliberately not permuted outside its groups (see
     /// [`PermutationSpec::with_invariant`]).
     pub fn invariant(&mut self, param: impl Into<String>) -> &mut Self {
@@ -171,11 +235,31 @@ impl SpecBuilder {
             for (a, g) in axes {
                 let r = spec.rule(source, a);
                 spec.claim(&g, param.clone(), a, r)?;
+                if let Some(&(_, _, slot)) =
+                    self.slots.iter().find(|(p, pa, _)| p == source && *pa == a)
+                {
+                    spec.slots.insert((param.clone(), a), slot);
+                }
             }
             spec.passive.insert(param.clone());
         }
         spec.invariant.extend(self.invariant.iter().cloned());
         spec.passive.extend(self.passive.iter().cloned());
+        for (g, layout) in &self.heads {
+            if spec
+                .heads
+                .insert(g.clone(), *layout)
+                .is_some_and(|l| l != *layout)
+            {
+                return Err(Error::Spec {
+                    reason: format!("attention group `{g}` is given two head layouts"),
+                });
+            }
+        }
+        for (p, a, slot) in &self.slots {
+            spec.slots.insert((p.clone(), *a), *slot);
+        }
+        spec.check_heads()?;
         Ok(spec.canonical())
     }
 }

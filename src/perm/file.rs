@@ -6,7 +6,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use super::{AxisRule, PermutationSpec, Role, SpecBuilder};
+use super::{AxisRule, HeadLayout, HeadSlot, PermutationSpec, Role, SpecBuilder};
 use crate::error::{Error, Result};
 
 /// The format version written into (and required of) spec files.
@@ -25,6 +25,23 @@ struct ParamEntry {
     role: Option<String>,
     #[serde(default = "one", skip_serializing_if = "is_one")]
     repeat: usize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    slot: Option<String>,
+}
+
+/// The head layout of an attention group.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+struct HeadsEntry {
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    rotary_dim: usize,
+}
+
+fn is_zero(r: &usize) -> bool {
+    *r == 0
 }
 
 fn one() -> usize {
@@ -63,6 +80,8 @@ struct Rule {
     each: BTreeMap<String, Range>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     group: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    heads: Option<HeadsEntry>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     producer: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -250,8 +269,22 @@ impl Rule {
             for l in &self.rms_norm {
                 b.rms_norm(&g, &x(l)?);
             }
+            if let Some(h) = &self.heads {
+                let layout = HeadLayout::new(h.heads, h.kv_heads, h.head_dim)
+                    .and_then(|l| l.with_rotary_dim(h.rotary_dim))
+                    .map_err(|e| bad(e.to_string()))?;
+                b.attention(&g, layout);
+            }
             for p in &self.params {
                 let role = p.role.as_deref().map(parse_role).transpose()?;
+                if let Some(slot) = &p.slot {
+                    let slot: HeadSlot = slot.parse().map_err(|e: Error| bad(e.to_string()))?;
+                    let role = role.ok_or_else(|| {
+                        bad(format!("`{}` has a head slot but no `role`", p.param))
+                    })?;
+                    b.head_param(&g, x(&p.param)?, p.axis, role, slot);
+                    continue;
+                }
                 b.param(
                     g.clone(),
                     x(&p.param)?,
@@ -288,8 +321,11 @@ impl PermutationSpec {
     /// [`SpecBuilder`] vocabulary: `producer` (weight axis 0), `producer_bias` (and the
     /// bias), `consumer` (weight axis 1), `flatten_consumer` (`{"layer", "spatial"}`),
     /// `batch_norm`, `layer_norm`, `rms_norm`, or explicit `params` (`{"param", "axis",
-    /// "role"?, "repeat"?}`); `invariant`, `passive` and `tied` (`{"param", "source"}`)
-    /// lists may appear in any rule. Unknown keys are errors.
+    /// "role"?, "repeat"?, "slot"?}`); an attention group has `"heads": {"heads",
+    /// "kv_heads", "head_dim", "rotary_dim"?}` and a `slot` (`query`, `key`, `value`,
+    /// `output`, `fused_qkv`) and `role` on each of its `params`; `invariant`, `passive`
+    /// and `tied` (`{"param", "source"}`) lists may appear in any rule. Unknown keys are
+    /// errors.
     ///
     /// ```
     /// use modelfusion::perm::{specs, PermutationSpec};
@@ -346,9 +382,16 @@ impl PermutationSpec {
                             axis: *a,
                             role: r.role.map(|r| r.as_str().to_string()),
                             repeat: r.repeat,
+                            slot: self.head_slot(p, *a).map(|(s, _)| s.as_str().to_string()),
                         }
                     })
                     .collect(),
+                heads: self.head_layout(g).map(|l| HeadsEntry {
+                    heads: l.heads(),
+                    kv_heads: l.kv_heads(),
+                    head_dim: l.head_dim(),
+                    rotary_dim: l.rotary_dim(),
+                }),
                 ..Rule::default()
             })
             .collect();

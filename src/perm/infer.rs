@@ -1,7 +1,7 @@
 //! Specs inferred from a checkpoint's tensor names and shapes (and `config.json`).
 //!
 //! One small detector per family reads the names (PyTorch's `state_dict` naming) and
-//! shapes and either builds the spec, says why the family does not fit, or fails with
+//! shapes (and, for transformers, `config.json`: `model_type`, head counts) and either builds the spec, says why the family does not fit, or fails with
 //! the first tensors it cannot explain; nothing is guessed.
 //!
 //! | family | names it reads |
@@ -9,6 +9,11 @@
 //! | `modelfusion-res-mlp` | the crate's residual MLP: `stem`, `blocks.{j}.{norm,fc1,fc2}`, `head` |
 //! | `modelfusion-vgg` | the crate's VGG: `convs.{i}`, `norms.{i}`, `fcs.{j}` |
 //! | `torchvision-resnet`, `cifar-resnet` | `conv1`/`bn1` stem, `layer{s}.{b}.conv{k}`/`bn{k}` blocks (BasicBlock or Bottleneck), `downsample.{0,1}` or `shortcut.{0,1}` projections, `fc` or `linear` head: torchvision ResNet-18..152, the CIFAR ResNet-20 of the REPAIR code and the crate's own [`ResNet`](super::specs::ResNet) |
+//! | `llama`, `mistral`, `qwen2` (config `model_type`) | `[model.]embed_tokens`, `layers.{i}.{input_layernorm, self_attn.{q,k,v,o}_proj, post_attention_layernorm, mlp.{gate,up,down}_proj}`, `norm`, `lm_head` (tied or untied): grouped-query attention and rotary dimensions from `config.json` |
+//! | `gpt2` | `[transformer.]wte`, `wpe`, `h.{i}.{ln_1, attn.c_attn, attn.c_proj, ln_2, mlp.c_fc, mlp.c_proj}`, `ln_f`: Conv1D weights `(in, out)`, fused QKV |
+//! | `bert`, `roberta` | `[bert.]embeddings.*`, `encoder.layer.{i}.{attention.self.{query,key,value}, attention.output.{dense,LayerNorm}, intermediate.dense, output.{dense,LayerNorm}}`, pooler, masked-LM head (`cls.predictions.*`, `lm_head.*`) |
+//! | `distilbert` | `[distilbert.]embeddings.*`, `transformer.layer.{i}.{attention.{q,k,v,out}_lin, sa_layer_norm, ffn.lin{1,2}, output_layer_norm}`, `vocab_{transform,layer_norm,projector}` |
+//! | `vit` | `[vit.]embeddings.{cls_token, position_embeddings, patch_embeddings.projection}`, `encoder.layer.{i}.{layernorm_before, attention.attention.{query,key,value}, attention.output.dense, layernorm_after, intermediate.dense, output.dense}`, `layernorm`, `classifier` |
 //! | `sequential-mlp`, `named-mlp`, `torchvision-vgg`, `cnn` | convolutions then linear layers, in name order, each optionally followed by a norm: `nn.Sequential` MLPs (`0`, `2`, ...), named MLPs (`fc1`, `fc2`, ...), torchvision VGG (`features.{i}`, `classifier.{j}`, with the flatten factor of the 7x7 pool), the crate's [`MlpShapes`](super::specs::MlpShapes) |
 //!
 //! ```
@@ -29,7 +34,7 @@ use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::specs::{Architecture, ResMlpShapes, Vgg};
-use super::{PermutationSpec, SpecBuilder};
+use super::{PermutationSpec, SpecBuilder, transformers};
 use crate::error::{Error, Result};
 use crate::model::Model;
 use crate::tensor::Tensor;
@@ -45,7 +50,7 @@ pub struct Inferred {
     pub spec: PermutationSpec,
 }
 
-type Shapes = BTreeMap<String, Vec<usize>>;
+pub(super) type Shapes = BTreeMap<String, Vec<usize>>;
 
 /// Infers the spec of a model from its (float) parameter names and shapes.
 ///
@@ -81,13 +86,31 @@ pub fn infer_spec<'a>(
         .filter(|(n, _)| !n.ends_with("num_batches_tracked"))
         .map(|(n, s)| (n.to_string(), s.to_vec()))
         .collect();
-    if let Some(kind) = config
-        .and_then(|c| c.get("model_type"))
-        .and_then(serde_json::Value::as_str)
-    {
-        return Err(Error::Unsupported {
-            what: format!("config.json says model_type `{kind}`"),
-            reason: "transformer families need structured (attention-head) permutations, which specs cannot express yet; write a spec file for the MLP and residual groups".into(),
+    if let Some((config, kind)) = config.and_then(|c| {
+        c.get("model_type")
+            .and_then(serde_json::Value::as_str)
+            .map(|k| (c, k))
+    }) {
+        if !transformers::MODEL_TYPES.contains(&kind) {
+            return Err(Error::Unsupported {
+                what: format!("config.json says model_type `{kind}`"),
+                reason: format!(
+                    "the transformer families read are {:?}; write a spec file for others",
+                    transformers::MODEL_TYPES
+                ),
+            });
+        }
+        let (spec, family, reason) =
+            transformers::detect(&shapes, config, kind).map_err(|e| Error::Spec {
+                reason: format!("{kind} detector: {e}"),
+            })?;
+        explained(&shapes, &spec).map_err(|e| Error::Spec {
+            reason: format!("{kind} detector: {e}"),
+        })?;
+        return Ok(Inferred {
+            family,
+            reason,
+            spec,
         });
     }
     if shapes.is_empty() {
@@ -547,10 +570,13 @@ mod tests {
     }
 
     #[test]
-    fn transformers_and_unknown_layouts_are_refused() {
+    fn unknown_transformers_and_layouts_are_refused() {
+        let cfg = serde_json::json!({"model_type": "mamba"});
+        let e = infer_spec([("w", &[2usize, 2][..])], Some(&cfg)).unwrap_err();
+        assert!(e.to_string().contains("mamba"), "{e}");
         let cfg = serde_json::json!({"model_type": "llama"});
         let e = infer_spec([("w", &[2usize, 2][..])], Some(&cfg)).unwrap_err();
-        assert!(e.to_string().contains("llama"), "{e}");
+        assert!(e.to_string().contains("llama detector"), "{e}");
         let e = infer_spec([("embed", &[10usize, 4, 4][..])], None)
             .unwrap_err()
             .to_string();

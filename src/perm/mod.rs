@@ -25,12 +25,15 @@
 mod builder;
 mod check;
 mod file;
+mod heads;
 pub mod infer;
 pub mod specs;
+mod transformers;
 
 pub use builder::SpecBuilder;
 pub use check::{FunctionCheck, SpecIssue, SpecReport, check_function_preserved};
 pub use file::SPEC_FILE_VERSION;
+pub use heads::{HeadLayout, HeadPermutation, HeadSlot};
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -323,6 +326,10 @@ pub struct PermutationSpec {
     rules: BTreeMap<(String, usize), AxisRule>,
     invariant: BTreeSet<String>,
     passive: BTreeSet<String>,
+    /// Attention groups: their head layout.
+    heads: BTreeMap<String, HeadLayout>,
+    /// The slot of every `(param, axis)` of an attention group.
+    slots: BTreeMap<(String, usize), HeadSlot>,
 }
 
 /// Parameter name suffixes of running statistics, passive in specs built from lists.
@@ -588,6 +595,24 @@ impl PermutationSpec {
                         "group `{g}` permutes axis {axis} of `{p}`, which has shape {shape:?}"
                     ),
                 })?;
+                if let Some(layout) = self.heads.get(g) {
+                    let slot = self.slots.get(&(p.clone(), *axis)).copied();
+                    let want = slot.map(|s| layout.slot_len(s));
+                    if want != Some(len) {
+                        return Err(Error::Spec {
+                            reason: format!(
+                                "attention group `{g}` ({} heads, {} key-value heads, head_dim {}) expects {} entries on axis {axis} of `{p}` ({}), which has shape {shape:?}",
+                                layout.heads(),
+                                layout.kv_heads(),
+                                layout.head_dim(),
+                                want.map_or("a slot".to_string(), |w| w.to_string()),
+                                slot.map_or("no slot declared", HeadSlot::as_str)
+                            ),
+                        });
+                    }
+                    first.get_or_insert((p, *axis, layout.units()));
+                    continue;
+                }
                 let repeat = self.rule(p, *axis).repeat;
                 if len % repeat != 0 {
                     return Err(Error::Spec {
@@ -624,6 +649,9 @@ impl PermutationSpec {
     /// The gather indices that permutation `p` of `(param, axis)`'s group induces on the
     /// axis itself (expanded by the axis' repeat factor).
     pub fn axis_indices(&self, param: &str, axis: usize, p: &Permutation) -> Vec<usize> {
+        if let Some((slot, layout)) = self.head_slot(param, axis) {
+            return layout.slot_indices(slot, p);
+        }
         let r = self.rule(param, axis).repeat;
         if r == 1 {
             return p.as_slice().to_vec();
@@ -663,8 +691,108 @@ impl PermutationSpec {
                 ),
             });
         }
+        self.check_structure(perms)?;
         // Every group has its permutation (checked above).
         self.apply_unchecked(perms, model)
+    }
+}
+
+impl PermutationSpec {
+    /// The head layout of an attention group (`None` for a plain group).
+    ///
+    /// ```
+    /// use modelfusion::perm::{HeadLayout, HeadSlot, Role, SpecBuilder};
+    /// let layout = HeadLayout::new(2, 1, 4)?;
+    /// let mut b = SpecBuilder::new();
+    /// b.attention("attn", layout)
+    ///     .head_param("attn", "q.weight", 0, Role::Produce, HeadSlot::Query)
+    ///     .head_param("attn", "k.weight", 0, Role::Produce, HeadSlot::Key)
+    ///     .head_param("attn", "v.weight", 0, Role::Produce, HeadSlot::Value)
+    ///     .head_param("attn", "o.weight", 1, Role::Consume, HeadSlot::Output);
+    /// let spec = b.build()?;
+    /// assert_eq!(spec.head_layout("attn"), Some(layout));
+    /// assert_eq!(spec.head_slot("k.weight", 0).map(|s| s.0), Some(HeadSlot::Key));
+    /// # Ok::<(), modelfusion::Error>(())
+    /// ```
+    pub fn head_layout(&self, group: &str) -> Option<HeadLayout> {
+        self.heads.get(group).copied()
+    }
+
+    /// The slot of `(param, axis)` in its attention group, with the group's layout.
+    pub fn head_slot(&self, param: &str, axis: usize) -> Option<(HeadSlot, HeadLayout)> {
+        let slot = *self.slots.get(&(param.to_string(), axis))?;
+        let group = self.params.get(param)?.get(&axis)?;
+        Some((slot, *self.heads.get(group)?))
+    }
+
+    /// True when some group is an attention group.
+    pub fn has_heads(&self) -> bool {
+        !self.heads.is_empty()
+    }
+
+    /// Checks that the permutation of every attention group in `perms` is structured
+    /// (see [`HeadLayout::check`]); the error names the group.
+    ///
+    /// ```
+    /// use modelfusion::perm::{HeadLayout, HeadSlot, Permutation, PermutationSet, Role, SpecBuilder};
+    /// let mut b = SpecBuilder::new();
+    /// b.attention("attn", HeadLayout::new(2, 2, 2)?)
+    ///     .head_param("attn", "qkv.weight", 0, Role::Produce, HeadSlot::FusedQkv)
+    ///     .head_param("attn", "o.weight", 1, Role::Consume, HeadSlot::Output);
+    /// let spec = b.build()?;
+    /// let mut perms = PermutationSet::new();
+    /// perms.insert("attn", Permutation::new(vec![1, 0, 2, 3, 4, 5, 6, 7])?); // fine: no RoPE
+    /// assert!(spec.check_structure(&perms).is_ok());
+    /// perms.insert("attn", Permutation::new(vec![4, 1, 2, 3, 0, 5, 6, 7])?);
+    /// assert!(spec.check_structure(&perms).unwrap_err().to_string().contains("`attn`"));
+    /// # Ok::<(), modelfusion::Error>(())
+    /// ```
+    pub fn check_structure(&self, perms: &PermutationSet) -> Result<()> {
+        for (g, layout) in &self.heads {
+            if let Some(p) = perms.get(g) {
+                layout.check(p).map_err(|e| Error::InvalidPermutation {
+                    reason: format!("attention group `{g}`: {e}"),
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Every attention group has a slot on each member, and every slot is in one.
+    fn check_heads(&self) -> Result<()> {
+        for (g, members) in &self.groups {
+            let attention = self.heads.contains_key(g);
+            for (p, a) in members {
+                let slotted = self.slots.contains_key(&(p.clone(), *a));
+                if attention && !slotted {
+                    return Err(Error::Spec {
+                        reason: format!(
+                            "axis {a} of `{p}` is in attention group `{g}` but has no head slot (query, key, value, output or fused_qkv)"
+                        ),
+                    });
+                }
+                if !attention && slotted {
+                    return Err(Error::Spec {
+                        reason: format!(
+                            "axis {a} of `{p}` has a head slot but group `{g}` has no head layout"
+                        ),
+                    });
+                }
+                if slotted && self.rule(p, *a).repeat != 1 {
+                    return Err(Error::Spec {
+                        reason: format!(
+                            "axis {a} of `{p}` in attention group `{g}` has a repeat factor"
+                        ),
+                    });
+                }
+            }
+        }
+        if let Some(g) = self.heads.keys().find(|g| !self.groups.contains_key(*g)) {
+            return Err(Error::Spec {
+                reason: format!("attention group `{g}` has a head layout but no members"),
+            });
+        }
+        Ok(())
     }
 }
 
@@ -711,14 +839,21 @@ impl PermutationSet {
     }
 
     /// A uniformly random permutation for every group of `spec`, reproducible from
-    /// `seed` (groups drawn in sorted name order from one stream).
+    /// `seed` (groups drawn in sorted name order from one stream); attention groups get a
+    /// uniformly random structured one ([`HeadLayout`]).
     pub fn random<M: Model>(spec: &PermutationSpec, model: &M, seed: u64) -> Result<Self> {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         Ok(PermutationSet {
             perms: spec
                 .validate(model)?
                 .into_iter()
-                .map(|(g, n)| (g, Permutation::random_with(n, &mut rng)))
+                .map(|(g, n)| {
+                    let p = match spec.head_layout(&g) {
+                        Some(layout) => layout.random_with(&mut rng),
+                        None => Permutation::random_with(n, &mut rng),
+                    };
+                    (g, p)
+                })
                 .collect(),
         })
     }
