@@ -365,9 +365,7 @@ fn tokenizer_source_and_chat_template() {
     // A template written out in the config.
     let c = config(
         dir,
-        &format!(
-            "merge_method: passthrough\nchat_template: \"{{{{ bos }}}}{{% for m in messages %}}x{{% endfor %}}\"\nslices:\n  - sources: [{{model: DIR/a, layer_range: [0, 1]}}]\n"
-        ),
+        "merge_method: passthrough\nchat_template: \"{{ bos }}{% for m in messages %}x{% endfor %}\"\nslices:\n  - sources: [{model: DIR/a, layer_range: [0, 1]}]\n",
     );
     c.run(dir.join("out2"), &RunOptions::new(), Silent).unwrap();
     assert!(

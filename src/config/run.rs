@@ -205,7 +205,7 @@ pub struct MergePlan<'c> {
     mapped: Vec<MappedTensor>,
     /// Per output tensor: its merger among `groups`, and its gradient position when it
     /// is not taken from the name (a slice's layers, the tensors around them).
-    place: Vec<(usize, Option<f64>)>,
+    place: Vec<Placed>,
     groups: Vec<ConfigMerger<'c>>,
     dropped: Vec<String>,
     layers: Option<usize>,
@@ -295,16 +295,20 @@ fn whole_model_plan(inputs: &[&Checkpoint]) -> Result<(Vec<MappedTensor>, Vec<St
     Ok((plan, dropped))
 }
 
+/// A tensor's merger (index among the plan's groups) and gradient position (`None`:
+/// from the name).
+type Placed = (usize, Option<f64>);
+
+/// The output tensors of a sliced merge, where each is merged, and the layer count.
+type SlicedPlan = (Vec<MappedTensor>, Vec<Placed>, usize);
+
 /// The tensors of a sliced merge, in mergekit's order: the layout's tensors before the
 /// layers (from the first slice's sources), each slice's layers renumbered from 0,
 /// the tensors after the layers (from the last slice's sources). `index[k]` is the
 /// input (among the opened ones) of the config's `inputs[k]`; gradient positions are
 /// the layer's within its slice (`i / (n - 1)`, 1 for a one-layer slice), 0 around the
 /// layers.
-fn sliced_plan(
-    config: &Config,
-    inputs: &[Checkpoint],
-) -> Result<(Vec<MappedTensor>, Vec<(usize, Option<f64>)>, usize)> {
+fn sliced_plan(config: &Config, inputs: &[Checkpoint]) -> Result<SlicedPlan> {
     let layouts = inputs
         .iter()
         .map(|c| ModelLayout::of(c, "a model of `slices`"))
@@ -808,7 +812,7 @@ struct AlignedInputs {
 /// maximum: stored as infinity) are counted for a warning.
 struct Checked<'a, M> {
     groups: &'a [M],
-    place: &'a [(usize, Option<f64>)],
+    place: &'a [Placed],
     aligned: Option<&'a AlignedInputs>,
     allow_nonfinite: bool,
     out_dtype: Dtype,

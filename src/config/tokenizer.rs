@@ -210,7 +210,7 @@ fn template_of(dir: &Path) -> Option<String> {
         return Some(t);
     }
     let bytes = read_capped(
-        &dir.join("tokenizer_config.json"),
+        dir.join("tokenizer_config.json"),
         MAX_TOKENIZER,
         "tokenizer_config.json",
     )
