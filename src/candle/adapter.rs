@@ -163,7 +163,11 @@ impl<B> CandleNet<B> {
     /// assert!(net.clone().loss(0, |m: &candle_nn::Linear, _| m.weight().sum_all()).is_err());
     /// assert!(net.loss(2, |m: &candle_nn::Linear, _| m.weight().sum_all()).is_ok());
     /// ```
-    pub fn loss<L>(self, num_batches: usize, loss: L) -> Result<CandleLoss<B, L>> {
+    pub fn loss<N, L>(self, num_batches: usize, loss: L) -> Result<CandleLoss<B, L>>
+    where
+        B: Fn(VarBuilder<'static>) -> candle_core::Result<N>,
+        L: Fn(&N, usize) -> candle_core::Result<CTensor>,
+    {
         check_batches(num_batches)?;
         Ok(CandleLoss {
             net: self,
@@ -185,7 +189,11 @@ impl<B> CandleNet<B> {
     /// # let _ = acts;
     /// # Ok::<(), modelfusion::Error>(())
     /// ```
-    pub fn features<F>(self, num_batches: usize, features: F) -> Result<CandleActivations<B, F>> {
+    pub fn features<N, F>(self, num_batches: usize, features: F) -> Result<CandleActivations<B, F>>
+    where
+        B: Fn(VarBuilder<'static>) -> candle_core::Result<N>,
+        F: Fn(&N, usize) -> candle_core::Result<Vec<(String, CTensor)>>,
+    {
         check_batches(num_batches)?;
         Ok(CandleActivations {
             net: self,
