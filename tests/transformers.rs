@@ -279,12 +279,33 @@ fn with_attention(spec: &PermutationSpec, m: &Sd, attn: Vec<usize>) -> Permutati
     set
 }
 
-/// Applies `perms` without the structure check, tensor by tensor.
-fn apply_raw(spec: &PermutationSpec, perms: &PermutationSet, m: &Sd) -> Sd {
+/// Applies a raw (possibly unstructured) permutation `attn` of layer 0's attention
+/// group to its Q, K, V rows and O columns, as the layout's slots define them (an
+/// independent oracle: `apply` and `permute_tensor` refuse such permutations).
+fn apply_raw(c: &Cfg, m: &Sd, attn: &[usize]) -> Sd {
+    let (d, r, hd) = (c.head_dim, c.heads / c.kv, c.heads * c.head_dim);
+    let kv = |half: usize| -> Vec<usize> {
+        (0..c.kv * d)
+            .map(|j| {
+                let src = attn[half * hd + (j / d) * r * d + j % d] - half * hd;
+                (src / d / r) * d + src % d
+            })
+            .collect()
+    };
+    let q: Vec<usize> = attn[..hd].to_vec();
+    let o: Vec<usize> = attn[hd..].iter().map(|u| u - hd).collect();
+    let a = "model.layers.0.self_attn";
+    let moves = [
+        (format!("{a}.q_proj.weight"), 0, q),
+        (format!("{a}.k_proj.weight"), 0, kv(0)),
+        (format!("{a}.v_proj.weight"), 0, kv(1)),
+        (format!("{a}.o_proj.weight"), 1, o),
+    ];
     m.try_map(|name, t| {
-        Ok(spec
-            .permute_tensor(perms, name, t)?
-            .unwrap_or_else(|| t.clone()))
+        Ok(match moves.iter().find(|(n, _, _)| n == name) {
+            Some((_, axis, idx)) => t.select(Axis(*axis), idx),
+            None => t.clone(),
+        })
     })
     .unwrap()
 }
@@ -313,7 +334,12 @@ fn rotary_pairs_moved_are_refused_and_would_change_the_logits() {
     let e = spec.apply(&perms, &m).unwrap_err().to_string();
     assert!(e.contains("layers.0.attn") && e.contains("rotary"), "{e}");
     // Why: each pair is rotated by its slot's frequency, so the logits change.
-    let moved = apply_raw(&spec, &perms, &m);
+    let k = "model.layers.0.self_attn.k_proj.weight";
+    let e = spec
+        .permute_tensor(&perms, k, m.get(k).unwrap())
+        .unwrap_err();
+    assert!(e.to_string().contains("rotary"), "{e}");
+    let moved = apply_raw(&c, &m, perms.get("layers.0.attn").unwrap().as_slice());
     let d = max_diff(&forward(&c, &m, &TOKENS), &forward(&c, &moved, &TOKENS));
     assert!(
         d > 1e-3,
@@ -339,7 +365,7 @@ fn gqa_grouping_violations_are_refused_and_would_change_the_logits() {
     let perms = with_attention(&spec, &m, attn);
     let e = spec.apply(&perms, &m).unwrap_err().to_string();
     assert!(e.contains("key-value head"), "{e}");
-    let moved = apply_raw(&spec, &perms, &m);
+    let moved = apply_raw(&c, &m, perms.get("layers.0.attn").unwrap().as_slice());
     assert!(max_diff(&forward(&c, &m, &TOKENS), &forward(&c, &moved, &TOKENS)) > 1e-3);
     // Within-head permutations that differ between query heads of one KV head.
     let attn: Vec<usize> = (0..32)

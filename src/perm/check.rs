@@ -336,6 +336,11 @@ impl PermutationSpec {
         let mut out: Option<T> = None;
         for (axis, g) in self.param_axes(name) {
             if let Some(p) = perms.get(g) {
+                if let Some((_, layout)) = self.head_slot(name, axis) {
+                    layout.check(p).map_err(|e| Error::InvalidPermutation {
+                        reason: format!("attention group `{g}` (axis {axis} of `{name}`): {e}"),
+                    })?;
+                }
                 let idx = self.axis_indices(name, axis, p);
                 out = Some(out.as_ref().unwrap_or(t).take(axis, &idx)?);
             }

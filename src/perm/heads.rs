@@ -220,8 +220,12 @@ impl HeadLayout {
     }
 
     /// The gather indices a group permutation `p` (of [`units`](Self::units)) induces on
-    /// an axis holding `slot`. `p` must be structured ([`check`](Self::check)).
+    /// an axis holding `slot`; empty (so that gathering with them fails on the length)
+    /// unless `p` is structured ([`check`](Self::check)).
     pub fn slot_indices(&self, slot: HeadSlot, p: &Permutation) -> Vec<usize> {
+        if self.check(p).is_err() {
+            return Vec::new();
+        }
         let hd = self.heads * self.head_dim;
         let kvd = self.kv_heads * self.head_dim;
         let half = |s: usize| {

@@ -127,7 +127,12 @@ impl Tx<'_> {
             (v, HeadSlot::Value),
         ] {
             let shape = self.need(&format!("{l}.weight"))?;
-            config_fits(&layout, slot, &format!("{l}.weight"), shape[0])?;
+            config_fits(
+                &layout,
+                slot,
+                &format!("{l}.weight"),
+                shape.first().copied().unwrap_or(0),
+            )?;
             self.reads(RESIDUAL, l)?;
         }
         let bias = [q, k, v].map(|l| self.has(&format!("{l}.bias")));
@@ -417,7 +422,7 @@ fn gpt2(s: &Shapes, config: &Value) -> Found {
             &layout,
             HeadSlot::FusedQkv,
             &format!("{qkv}.weight"),
-            shape[1],
+            shape.get(1).copied().unwrap_or(0),
         )?;
         t.reads(RESIDUAL, &qkv)?;
         t.b.attention(&g, layout).head_param(
