@@ -174,7 +174,10 @@ fn bad_checkpoints_are_errors_naming_the_problem() {
         .align_checkpoints(&ca, &narrow, &arch.spec(), &mut Silent)
         .unwrap_err()
         .to_string();
-    assert!(err.contains("narrow") && err.contains("layers.0.weight"), "{err}");
+    assert!(
+        err.contains("narrow") && err.contains("layers.0.weight"),
+        "{err}"
+    );
 }
 
 /// A Llama-like model: embedding, `layers` blocks (RMSNorms, q/k/v/o, gate/up/down), a
