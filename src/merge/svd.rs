@@ -54,9 +54,9 @@ fn require_feature(what: &str) -> Result<()> {
 /// use modelfusion::merge::{IsoC, Merger};
 /// use modelfusion::{Model, StateDict};
 /// use ndarray::array;
-/// let base = StateDict::from_pairs([("w", array![[0.0, 0.0], [0.0, 0.0]].into_dyn())])?;
-/// let a = StateDict::from_pairs([("w", array![[3.0, 0.0], [0.0, 0.0]].into_dyn())])?;
-/// let b = StateDict::from_pairs([("w", array![[0.0, 0.0], [0.0, 1.0]].into_dyn())])?;
+/// let base = StateDict::from_pairs([("w", array![[0.0f64, 0.0], [0.0, 0.0]].into_dyn())])?;
+/// let a = StateDict::from_pairs([("w", array![[3.0f64, 0.0], [0.0, 0.0]].into_dyn())])?;
+/// let b = StateDict::from_pairs([("w", array![[0.0f64, 0.0], [0.0, 1.0]].into_dyn())])?;
 /// if cfg!(feature = "svd") {
 ///     // D = diag(3, 1): both directions get the mean singular value, 2.
 ///     let m = IsoC::new(base, 1.0)?.merge(&[&a, &b])?;
@@ -129,9 +129,9 @@ impl<M: Model> IsoC<M> {
 /// use modelfusion::merge::{Merger, TsvMerge};
 /// use modelfusion::{Model, StateDict};
 /// use ndarray::array;
-/// let base = StateDict::from_pairs([("w", array![[0.0, 0.0], [0.0, 0.0]].into_dyn())])?;
-/// let a = StateDict::from_pairs([("w", array![[3.0, 0.0], [0.0, 0.5]].into_dyn())])?;
-/// let b = StateDict::from_pairs([("w", array![[0.0, 0.0], [0.0, 1.0]].into_dyn())])?;
+/// let base = StateDict::from_pairs([("w", array![[0.0f64, 0.0], [0.0, 0.0]].into_dyn())])?;
+/// let a = StateDict::from_pairs([("w", array![[3.0f64, 0.0], [0.0, 0.5]].into_dyn())])?;
+/// let b = StateDict::from_pairs([("w", array![[0.0f64, 0.0], [0.0, 1.0]].into_dyn())])?;
 /// if cfg!(feature = "svd") {
 ///     // Each task keeps its top direction: 3 e1 e1^T and 1 e2 e2^T, already orthogonal.
 ///     let m = TsvMerge::new(base, 1.0)?.merge(&[&a, &b])?;
