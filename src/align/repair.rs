@@ -385,7 +385,7 @@ fn rescale<M: Model>(
 /// `L.bias` (a linear or convolution layer with a bias, or a batch norm's affine part):
 /// its output `f` is then reset to `alpha * f + c` per channel by scaling `L.weight`
 /// and `L.bias` by `alpha` and adding `c` to `L.bias`. The features source (an
-/// [`Activations`] keyed by name, e.g. a [`CandleNet::features`](crate::candle::CandleNet::features)
+/// [`Activations`] keyed by name, e.g. a `candle::CandleNet::features` (feature `candle`)
 /// closure) returns every layer's output under the layer's name, and for a stream
 /// write the stream right after the addition under the stream key.
 ///
