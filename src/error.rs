@@ -231,6 +231,15 @@ pub(crate) fn check_nonnegative(name: &str, x: f64) -> Result<()> {
     }
 }
 
+/// Errors naming `name` unless `x` is finite.
+pub(crate) fn check_finite(name: &str, x: f64) -> Result<()> {
+    if x.is_finite() {
+        Ok(())
+    } else {
+        Err(Error::invalid(name, format!("must be finite, got {x}")))
+    }
+}
+
 /// Errors naming `name` unless `x` is in `[0, 1]`.
 pub(crate) fn check_fraction(name: &str, x: f64) -> Result<()> {
     if (0.0..=1.0).contains(&x) {

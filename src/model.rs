@@ -178,9 +178,7 @@ pub trait Model: Clone + Send + Sync + Debug + 'static {
     /// `(1 - t) * self + t * other`; `t = 0` returns `self` and `t = 1` returns `other`
     /// exactly.
     fn lerp(&self, other: &Self, t: f64) -> Result<Self> {
-        if !t.is_finite() {
-            return Err(Error::invalid("t", format!("must be finite, got {t}")));
-        }
+        crate::error::check_finite("t", t)?;
         if t == 0.0 || t == 1.0 {
             self.check_compatible(other)?;
             return Ok(if t == 0.0 {

@@ -79,9 +79,7 @@ impl<M: Model> Ram<M> {
     /// # Ok::<(), modelfusion::Error>(())
     /// ```
     pub fn plus(base: M, r: f64, alpha: f64, epsilon: f64) -> Result<Self> {
-        if !r.is_finite() {
-            return Err(Error::invalid("r", format!("must be finite, got {r}")));
-        }
+        crate::error::check_finite("r", r)?;
         kernel::check_nonnegative("alpha", alpha)?;
         if !(epsilon > 0.0 && epsilon.is_finite()) {
             return Err(Error::invalid(

@@ -117,9 +117,7 @@ impl<M: Model> NuSlerp<M> {
     /// # Ok::<(), modelfusion::Error>(())
     /// ```
     pub fn with_base(base: Option<M>, t: f64) -> Result<Self> {
-        if !t.is_finite() {
-            return Err(Error::invalid("t", format!("must be finite, got {t}")));
-        }
+        crate::error::check_finite("t", t)?;
         Ok(NuSlerp {
             base,
             t,

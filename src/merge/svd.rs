@@ -13,18 +13,6 @@ use crate::error::{Error, Result};
 use crate::model::Model;
 use crate::tensor::{Scalar, Tensor};
 
-/// Errors unless `alpha` is finite.
-fn check_alpha(alpha: f64) -> Result<()> {
-    if alpha.is_finite() {
-        Ok(())
-    } else {
-        Err(Error::invalid(
-            "alpha",
-            format!("must be finite, got {alpha}"),
-        ))
-    }
-}
-
 /// Errors unless the `svd` feature is on; `what` names the method.
 fn require_feature(what: &str) -> Result<()> {
     if cfg!(feature = "svd") {
@@ -85,7 +73,7 @@ impl<M: Model> IsoC<M> {
     /// # Ok::<(), modelfusion::Error>(())
     /// ```
     pub fn new(base: M, alpha: f64) -> Result<Self> {
-        check_alpha(alpha)?;
+        crate::error::check_finite("alpha", alpha)?;
         require_feature("Iso-C (an SVD per weight matrix)")?;
         Ok(IsoC { base, alpha })
     }
@@ -159,7 +147,7 @@ impl<M: Model> TsvMerge<M> {
     /// # Ok::<(), modelfusion::Error>(())
     /// ```
     pub fn new(base: M, alpha: f64) -> Result<Self> {
-        check_alpha(alpha)?;
+        crate::error::check_finite("alpha", alpha)?;
         require_feature("TSV-Merge (an SVD per task vector and weight matrix)")?;
         Ok(TsvMerge { base, alpha })
     }

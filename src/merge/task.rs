@@ -203,13 +203,7 @@ pub struct TaskMerge<M> {
 }
 
 fn check_lambda(lambda: f64) -> Result<()> {
-    if !lambda.is_finite() {
-        return Err(Error::invalid(
-            "lambda",
-            format!("must be finite, got {lambda}"),
-        ));
-    }
-    Ok(())
+    crate::error::check_finite("lambda", lambda)
 }
 
 impl<M: Model> TaskMerge<M> {
