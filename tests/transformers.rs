@@ -10,7 +10,7 @@ use modelfusion::align::{Aligner, WeightMatching};
 use modelfusion::io::{Checkpoint, infer_checkpoint_spec, load};
 use modelfusion::perm::infer::infer_spec;
 use modelfusion::perm::{HeadLayout, HeadSlot, Permutation, PermutationSet, PermutationSpec};
-use modelfusion::{Model, StateDict, StateDictF32};
+use modelfusion::{Activations, Features, Model, StateDict, StateDictF32};
 use ndarray::{Array1, Array2, ArrayD, Axis, Ix1, Ix2};
 use proptest::prelude::*;
 use rand::SeedableRng;
@@ -156,8 +156,18 @@ fn linear(x: &Array2<f64>, m: &Sd, layer: &str) -> Array2<f64> {
 
 /// Logits of a token sequence (causal attention).
 fn forward(c: &Cfg, m: &Sd, tokens: &[usize]) -> Vec<f64> {
+    forward_with_features(c, m, tokens).0
+}
+
+/// Logits and the features of every group of the inferred spec: `residual` (the
+/// residual stream before and after every block, stacked), `layers.{i}.attn` (the
+/// rotated queries, then the per-head attention outputs, side by side) and
+/// `layers.{i}.mlp` (the gated products).
+fn forward_with_features(c: &Cfg, m: &Sd, tokens: &[usize]) -> (Vec<f64>, Features<f64>) {
     let embed = mat(m, "model.embed_tokens.weight");
     let mut x = embed.select(Axis(0), tokens);
+    let mut features = Features::new();
+    let mut stream = vec![x.clone()];
     let (d, r, n) = (c.head_dim, c.heads / c.kv, tokens.len());
     for i in 0..c.layers {
         let l = format!("model.layers.{i}");
@@ -189,21 +199,33 @@ fn forward(c: &Cfg, m: &Sd, tokens: &[usize]) -> Vec<f64> {
             }
         }
         x += &linear(&att, m, &format!("{a}.o_proj"));
+        features.insert(
+            format!("layers.{i}.attn"),
+            ndarray::concatenate![Axis(1), q, att],
+        );
         let xn = rms(
             &x,
             &vec1(m, &format!("{l}.post_attention_layernorm.weight")),
         );
         let gate = linear(&xn, m, &format!("{l}.mlp.gate_proj")).mapv(|z| z / (1.0 + (-z).exp()));
         let up = linear(&xn, m, &format!("{l}.mlp.up_proj"));
-        x += &linear(&(gate * up), m, &format!("{l}.mlp.down_proj"));
+        let gated = gate * up;
+        x += &linear(&gated, m, &format!("{l}.mlp.down_proj"));
+        features.insert(format!("layers.{i}.mlp"), gated);
+        stream.push(x.clone());
     }
+    let views: Vec<_> = stream.iter().map(|x| x.view()).collect();
+    features.insert(
+        "residual".to_string(),
+        ndarray::concatenate(Axis(0), &views).unwrap(),
+    );
     let xn = rms(&x, &vec1(m, "model.norm.weight"));
     let head = if c.tied {
         embed
     } else {
         mat(m, "lm_head.weight")
     };
-    xn.dot(&head.t()).into_iter().collect()
+    (xn.dot(&head.t()).into_iter().collect(), features)
 }
 
 fn max_diff(a: &[f64], b: &[f64]) -> f64 {
@@ -518,4 +540,92 @@ fn weight_matching_two_models_keeps_the_function_and_refuses_other_aligners() {
         .align(&a, &b, &spec)
         .unwrap_err();
     assert!(e.to_string().contains("attention group"), "{e}");
+}
+
+/// The features of a few token sequences, one batch each, through the decoder above.
+#[derive(Clone)]
+struct Sequences(Cfg, Vec<Vec<usize>>);
+
+impl Sequences {
+    fn new(c: Cfg, batches: usize, len: usize, seed: u64) -> Self {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let tokens = (0..batches)
+            .map(|_| {
+                (0..len)
+                    .map(|_| rand::RngExt::random_range(&mut rng, 0..c.vocab))
+                    .collect()
+            })
+            .collect();
+        Sequences(c, tokens)
+    }
+}
+
+impl Activations<Sd> for Sequences {
+    fn num_batches(&self) -> usize {
+        self.1.len()
+    }
+
+    fn activations(&self, m: &Sd, batch: usize) -> modelfusion::Result<Features<f64>> {
+        Ok(forward_with_features(&self.0, m, &self.1[batch]).1)
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(10))]
+
+    /// Activation matching (both correlations) and exact OT fusion on the features of
+    /// every group recover a planted structured permutation (heads, KV groups, rotary
+    /// dimensions held, residual stream, MLP) exactly; Sinkhorn OT keeps the heads hard.
+    #[test]
+    fn activation_matching_and_ot_recover_planted_structured_permutations(
+        c in cfg_strategy(),
+        seed in 0u64..1000,
+    ) {
+        use modelfusion::align::{ActivationMatching, Correlation, GroupMap, OtFusion, Transport};
+        let (a, spec) = (c.random(seed), c.spec());
+        let planted = PermutationSet::random(&spec, &a, seed + 1).unwrap();
+        let b = spec.apply(&planted, &a).unwrap();
+        let source = Sequences::new(c, 3, 8, seed + 2);
+        for corr in [Correlation::Cross, Correlation::Pearson] {
+            let al = ActivationMatching::new(source.clone())
+                .with_correlation(corr)
+                .align(&a, &b, &spec)
+                .unwrap();
+            let d = al.apply(&spec, &b).unwrap().max_abs_diff(&a).unwrap();
+            prop_assert!(d == 0.0, "{corr:?}: aligned B differs from A by {d} for {c:?}");
+        }
+        let exact = OtFusion::new(Transport::Exact)
+            .unwrap()
+            .with_activations(source.clone())
+            .align(&a, &b, &spec)
+            .unwrap();
+        prop_assert_eq!(exact.apply(&spec, &b).unwrap().max_abs_diff(&a).unwrap(), 0.0);
+        let soft = OtFusion::new(Transport::Sinkhorn { reg: 0.05 })
+            .unwrap()
+            .with_activations(source)
+            .align(&a, &b, &spec)
+            .unwrap();
+        prop_assert!(!soft.is_hard());
+        for g in spec.group_names().filter(|g| spec.head_layout(g).is_some()) {
+            prop_assert_eq!(soft.get(g), exact.get(g), "group {}", g);
+        }
+        let fused = soft.apply(&spec, &b).unwrap();
+        prop_assert!(fused.max_abs_diff(&a).unwrap().is_finite());
+        // Soft maps that are scaled permutation matrices act as the permutations, next to
+        // hard head maps gathered slot by slot.
+        let maps = exact
+            .iter()
+            .map(|(g, m)| {
+                let m = match (m, spec.head_layout(g)) {
+                    (GroupMap::Permutation(p), None) => {
+                        GroupMap::Transport(GroupMap::Permutation(p.clone()).output_map() / p.len() as f64)
+                    }
+                    _ => m.clone(),
+                };
+                (g.to_string(), m)
+            })
+            .collect();
+        let mixed = modelfusion::align::Alignment::from_maps(maps, Default::default());
+        prop_assert_eq!(mixed.apply(&spec, &b).unwrap().max_abs_diff(&a).unwrap(), 0.0);
+    }
 }

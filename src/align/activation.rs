@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use super::stats::CrossMoments;
-use super::{AlignStats, Aligner, Alignment, assignment_score, check_pair, max_assignment};
+use super::{AlignStats, Aligner, Alignment, assignment_score, check_pair};
 use crate::error::{Error, Result};
 use crate::model::Model;
 use crate::objective::Activations;
@@ -33,6 +33,14 @@ pub enum Correlation {
 /// The activation source lives in the aligner (auxiliary data belongs to the algorithm
 /// value). Every batch must give both models the same number of samples, with the
 /// group's width as the number of columns.
+///
+/// An attention group ([`HeadLayout`](crate::perm::HeadLayout), `2 * heads * head_dim`
+/// units) takes the queries (`heads * head_dim` columns, head `h`'s dimension `i` at
+/// `h * head_dim + i`; rotated or not, the rotary dimensions stay in place) followed by
+/// the per-head attention outputs (the inputs of the output projection), side by side.
+/// It is matched by the structured solve weight matching uses: heads as blocks (with
+/// grouped-query attention, the query heads of one key-value head together), then the
+/// dimensions inside each head.
 ///
 /// ```
 /// use modelfusion::align::{ActivationMatching, Aligner, Correlation};
@@ -121,7 +129,6 @@ impl<M: Model, A: Activations<M>> Aligner<M> for ActivationMatching<A> {
         observer: &mut dyn Observer,
     ) -> Result<Alignment> {
         let sizes = check_pair(reference, other, spec)?;
-        super::refuse_heads(spec, "activation matching")?;
         let stats = group_moments(
             &self.activations,
             reference,
@@ -137,7 +144,7 @@ impl<M: Model, A: Activations<M>> Aligner<M> for ActivationMatching<A> {
                 Correlation::Cross => cm.cross_correlation(),
                 Correlation::Pearson => cm.correlation(self.eps),
             };
-            let p = max_assignment(&score)?;
+            let p = super::heads::best_assignment::<f64>(&score, spec.head_layout(&g))?;
             objective.push(assignment_score(&score, &p));
             perms.insert(g, p);
         }

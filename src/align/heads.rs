@@ -233,6 +233,20 @@ fn solve_heads(cost: &Array2<f64>, l: &HeadLayout) -> Result<Permutation> {
     l.compose(&Permutation::new(heads)?, &qk, &vo)
 }
 
+/// The permutation of a group maximising `sum_u score[u, perm[u]]`: one assignment
+/// (solved in precision `E`) for a plain group, the structured head matching for an
+/// attention group (`layout`). Shared by every aligner that solves hard matchings
+/// (weight matching, activation matching, OT fusion's attention groups).
+pub(super) fn best_assignment<E: Scalar>(
+    score: &Array2<f64>,
+    layout: Option<HeadLayout>,
+) -> Result<Permutation> {
+    match layout {
+        Some(l) => solve_heads(score, &l),
+        None => max_assignment_as::<E>(score),
+    }
+}
+
 /// `sum <A, pi(B)>` over the parameters that are not passive.
 fn objective<M: Model>(
     spec: &PermutationSpec,
@@ -282,10 +296,7 @@ pub(super) fn descend<M: Model>(
         let (mut progress, mut changed) = (false, 0);
         for g in &order {
             let cost = group_cost(spec, a, b, &perms, g, sizes[*g])?;
-            let new = match spec.head_layout(g) {
-                Some(layout) => solve_heads(&cost, &layout)?,
-                None => max_assignment_as::<Elem<M>>(&cost)?,
-            };
+            let new = best_assignment::<Elem<M>>(&cost, spec.head_layout(g))?;
             let old = perms
                 .get(g)
                 .cloned()

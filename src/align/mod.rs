@@ -533,27 +533,52 @@ impl Alignment {
         if let Some(perms) = self.permutations() {
             return spec.apply(&perms, model);
         }
-        if spec.has_repeats() {
+        // Hard maps gather along their axes (head slots and repeat factors included);
+        // soft ones multiply, which needs plain axes.
+        let soft = |g: &str| matches!(self.maps.get(g), Some(GroupMap::Transport(_)));
+        if let Some(g) = spec
+            .groups()
+            .find(|(g, axes)| {
+                soft(g)
+                    && (spec.head_layout(g).is_some()
+                        || axes.iter().any(|(p, a)| spec.rule(p, *a).repeat > 1))
+            })
+            .map(|(g, _)| g)
+        {
             return Err(Error::Spec {
-                reason: "soft (transport) maps cannot act on flattened axes (repeat factors above 1) yet; align with permutations".into(),
+                reason: format!(
+                    "a soft (transport) map cannot act on group `{g}`: its axes are flattened (repeat factors above 1) or structured (attention heads); align it with a permutation"
+                ),
             });
         }
         let matrices: BTreeMap<&str, (Array2<f64>, Array2<f64>)> = self
             .maps
             .iter()
+            .filter(|(_, m)| matches!(m, GroupMap::Transport(_)))
             .map(|(g, m)| (g.as_str(), (m.output_map(), m.input_map())))
             .collect();
         model.try_map(|name, t| {
             let mut out: Option<M::Tensor> = None;
             for (axis, g) in spec.param_axes(name) {
-                let (mo, mi) = matrices.get(g).ok_or_else(|| Error::Spec {
-                    reason: format!("the alignment has no map for group `{g}`"),
-                })?;
-                let m = match spec.role(name, axis, t.shape().len()) {
-                    Role::Consume => mi,
-                    Role::Produce | Role::Follow => mo,
+                let cur = out.as_ref().unwrap_or(t);
+                let next = match (self.maps.get(g), matrices.get(g)) {
+                    (Some(GroupMap::Permutation(p)), _) => {
+                        cur.take(axis, &spec.axis_indices(name, axis, p))?
+                    }
+                    (_, Some((mo, mi))) => {
+                        let m = match spec.role(name, axis, t.shape().len()) {
+                            Role::Consume => mi,
+                            Role::Produce | Role::Follow => mo,
+                        };
+                        map_axis(cur, axis, m)?
+                    }
+                    _ => {
+                        return Err(Error::Spec {
+                            reason: format!("the alignment has no map for group `{g}`"),
+                        });
+                    }
                 };
-                out = Some(map_axis(out.as_ref().unwrap_or(t), axis, m)?);
+                out = Some(next);
             }
             Ok(out.unwrap_or_else(|| t.clone()))
         })
@@ -600,7 +625,7 @@ pub(crate) fn refuse_heads(spec: &PermutationSpec, aligner: &str) -> Result<()> 
     match spec.group_names().find(|g| spec.head_layout(g).is_some()) {
         Some(g) => Err(Error::Unsupported {
             what: format!("{aligner} on attention group `{g}`"),
-            reason: "structured (attention-head) groups are matched by WeightMatching only".into(),
+            reason: "structured (attention-head) groups are matched by WeightMatching, ActivationMatching and OtFusion::with_activations (hard head matching)".into(),
         }),
         None => Ok(()),
     }
@@ -665,14 +690,9 @@ impl<M: Model> Aligner<M> for Identity {
     }
 }
 
-/// Solves a maximising assignment on a square score matrix; returns the permutation
-/// (`perm[i]` is the column of row `i`).
-pub(crate) fn max_assignment(score: &Array2<f64>) -> Result<Permutation> {
-    max_assignment_as::<f64>(score)
-}
-
-/// [`max_assignment`] solved in precision `E` (the models' own: `f32` assignments are
-/// faster, and as exact as the `f32` weights the scores come from).
+/// Solves a maximising assignment on a square score matrix in precision `E` (the
+/// models' own: `f32` assignments are faster, and as exact as the `f32` weights the
+/// scores come from); returns the permutation (`perm[i]` is the column of row `i`).
 pub(crate) fn max_assignment_as<E: Scalar>(score: &Array2<f64>) -> Result<Permutation> {
     let s = score.mapv(E::from_f64_lossy);
     let a = crate::solve::linear_sum_assignment(s.view(), true)?;

@@ -280,7 +280,7 @@ impl<S> OtFusion<S> {
 impl<M: Model> Aligner<M> for OtFusion<WeightFeatures> {
     fn align(&self, reference: &M, other: &M, spec: &PermutationSpec) -> Result<Alignment> {
         let (sa, sb) = check_shapes(reference, other, spec)?;
-        super::refuse_heads(spec, "OT fusion")?;
+        super::refuse_heads(spec, "OT fusion on weight features")?;
         let mut done: BTreeMap<String, GroupMap> = BTreeMap::new();
         let mut objective = Vec::new();
         let mut visits = Vec::new();
@@ -316,7 +316,6 @@ impl<M: Model, A: Activations<M>> Aligner<M> for OtFusion<ActivationFeatures<A>>
         observer: &mut dyn Observer,
     ) -> Result<Alignment> {
         let (sa, sb) = check_shapes(reference, other, spec)?;
-        super::refuse_heads(spec, "OT fusion")?;
         let moments = group_moments(&self.source.0, reference, other, &sa, &sb, observer)?;
         let mut done: BTreeMap<String, GroupMap> = BTreeMap::new();
         let mut objective = Vec::new();
@@ -327,13 +326,23 @@ impl<M: Model, A: Activations<M>> Aligner<M> for OtFusion<ActivationFeatures<A>>
                 |m: &super::Moments| -> Array1<f64> { m.variance() + m.mean().mapv(|v| v * v) };
             let (qa, qb) = (second(cm.x()), second(cm.y()));
             let cost = distances(&qa, &qb, &cm.cross_correlation(), self.ground);
-            let (ma, mb) = match self.marginals {
-                Marginals::Uniform => (uniform(sa[&g]), uniform(sb[&g])),
-                Marginals::Importance => {
-                    (marginal(qa.mapv(f64::sqrt)), marginal(qb.mapv(f64::sqrt)))
+            let map = match spec.head_layout(&g) {
+                // Heads are matched hard (a soft plan would mix heads and break the
+                // attention pattern), on the same ground cost.
+                Some(layout) => GroupMap::Permutation(super::heads::best_assignment::<f64>(
+                    &cost.mapv(|c| -c),
+                    Some(layout),
+                )?),
+                None => {
+                    let (ma, mb) = match self.marginals {
+                        Marginals::Uniform => (uniform(sa[&g]), uniform(sb[&g])),
+                        Marginals::Importance => {
+                            (marginal(qa.mapv(f64::sqrt)), marginal(qb.mapv(f64::sqrt)))
+                        }
+                    };
+                    self.plan(&cost, &ma, &mb)?
                 }
             };
-            let map = self.plan(&cost, &ma, &mb)?;
             objective.push(transport_cost(&cost, &map));
             visits.push(g.clone());
             done.insert(g, map);
