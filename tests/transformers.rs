@@ -629,3 +629,30 @@ proptest! {
         prop_assert_eq!(mixed.apply(&spec, &b).unwrap().max_abs_diff(&a).unwrap(), 0.0);
     }
 }
+
+#[test]
+fn soft_maps_on_attention_groups_are_refused() {
+    use modelfusion::align::{Alignment, GroupMap};
+    let c = llama(2);
+    let (m, spec) = (c.random(3), c.spec());
+    let id = Alignment::identity(&spec, &m).unwrap();
+    let maps = id
+        .iter()
+        .map(|(g, map)| {
+            let map = if g == "layers.0.attn" {
+                GroupMap::Transport(map.output_map() / map.sizes().0 as f64)
+            } else {
+                map.clone()
+            };
+            (g.to_string(), map)
+        })
+        .collect();
+    let e = Alignment::from_maps(maps, Default::default())
+        .apply(&spec, &m)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("layers.0.attn") && e.contains("attention heads"),
+        "{e}"
+    );
+}
