@@ -6,6 +6,8 @@
 //! cargo run --release --example rebasin -- --fashion-mnist  # Fashion-MNIST, 3 x 512 MLP
 //! cargo run --release --example rebasin -- --data DIR       # Fashion-MNIST IDX files in DIR
 //! options: --width N  --epochs N  --out FILE.svg (default out/rebasin.svg)  --no-repair
+//!          --correlation pearson|cross|gaussian-mi|binned-mi:BINS (activation matching's
+//!          similarity, default pearson)
 //! ```
 //!
 //! Prints the test loss and accuracy at 25 points of the linear path for naive, weight
@@ -39,6 +41,24 @@ struct Args {
     epochs: Option<usize>,
     out: PathBuf,
     repair: bool,
+    correlation: Correlation,
+}
+
+fn correlation(name: &str) -> std::result::Result<Correlation, String> {
+    match name {
+        "pearson" => Ok(Correlation::Pearson),
+        "cross" => Ok(Correlation::Cross),
+        "gaussian-mi" => Ok(Correlation::GaussianInformation),
+        _ => name
+            .strip_prefix("binned-mi:")
+            .and_then(|b| b.parse().ok())
+            .map(|bins| Correlation::BinnedInformation { bins })
+            .ok_or_else(|| {
+                format!(
+                    "--correlation `{name}`: expected pearson, cross, gaussian-mi or binned-mi:BINS"
+                )
+            }),
+    }
 }
 
 fn parse_args() -> std::result::Result<Args, String> {
@@ -48,6 +68,7 @@ fn parse_args() -> std::result::Result<Args, String> {
         epochs: None,
         out: PathBuf::from("out/rebasin.svg"),
         repair: true,
+        correlation: Correlation::Pearson,
     };
     let mut it = std::env::args().skip(1);
     let num = |v: Option<String>, flag: &str| -> std::result::Result<usize, String> {
@@ -66,8 +87,11 @@ fn parse_args() -> std::result::Result<Args, String> {
             "--epochs" => args.epochs = Some(num(it.next(), "--epochs")?),
             "--out" => args.out = PathBuf::from(it.next().ok_or("--out needs a file")?),
             "--no-repair" => args.repair = false,
+            "--correlation" => {
+                args.correlation = correlation(&it.next().ok_or("--correlation needs a name")?)?
+            }
             "-h" | "--help" => {
-                return Err("usage: rebasin [--fashion-mnist | --data DIR] [--width N] [--epochs N] [--out FILE.svg] [--no-repair]".into());
+                return Err("usage: rebasin [--fashion-mnist | --data DIR] [--width N] [--epochs N] [--out FILE.svg] [--no-repair] [--correlation NAME]".into());
             }
             other => return Err(format!("unknown argument `{other}` (try --help)")),
         }
@@ -189,7 +213,7 @@ fn run() -> Result<()> {
     let wm_time = t0.elapsed().as_secs_f64();
     let t0 = Instant::now();
     let am = ActivationMatching::new(stats_task.clone())
-        .with_correlation(Correlation::Pearson)
+        .with_correlation(args.correlation)
         .align(&a, &b, &spec)?;
     let am_time = t0.elapsed().as_secs_f64();
     let naive = Identity.align(&a, &b, &spec)?;
@@ -202,7 +226,8 @@ fn run() -> Result<()> {
         wm.stats().moved
     );
     println!(
-        "activation matching: {am_time:.3} s, units moved {:?}",
+        "activation matching ({:?}): {am_time:.3} s, units moved {:?}",
+        args.correlation,
         am.stats().moved
     );
 

@@ -2,6 +2,9 @@
 
 use std::collections::BTreeMap;
 
+use ndarray::Array2;
+
+use super::information::{JointHistogram, MAX_BINS, Ranges};
 use super::stats::CrossMoments;
 use super::{AlignStats, Aligner, Alignment, assignment_score, check_pair};
 use crate::error::{Error, Result};
@@ -11,6 +14,11 @@ use crate::perm::{PermutationSet, PermutationSpec};
 use crate::progress::{Observer, Progress, Silent};
 
 /// The similarity activation matching maximises.
+///
+/// The Euclidean matching cost `E||a_A - P a_B||^2` is the cross-correlation in
+/// disguise: it expands to `E||a_A||^2 + E||a_B||^2 - 2 sum_i E[a_A,i a_B,P(i)]`, and only
+/// the last term depends on `P`, so minimising the distance and maximising
+/// [`Cross`](Correlation::Cross) choose the same permutation (tested).
 ///
 /// ```
 /// use modelfusion::align::Correlation;
@@ -23,6 +31,18 @@ pub enum Correlation {
     Cross,
     /// Pearson correlation: centred and divided by both standard deviations.
     Pearson,
+    /// Mutual information under a joint Gaussian model of each pair of units:
+    /// `-ln(1 - rho^2) / 2` nats of their Pearson correlation `rho`. A monotone function
+    /// of `|rho|`, so it also matches units that are anti-correlated.
+    GaussianInformation,
+    /// Mutual information estimated from joint histograms ([`JointHistogram`]): each
+    /// unit's values binned into `bins` equal-width bins over its range in the data (2
+    /// to [`MAX_BINS`]); sees non-linear dependence the correlations miss. Streams the
+    /// activation source twice (ranges, then counts).
+    BinnedInformation {
+        /// Bins per unit.
+        bins: usize,
+    },
 }
 
 /// Activation matching: for every permutation group, streams the features of both models
@@ -129,21 +149,40 @@ impl<M: Model, A: Activations<M>> Aligner<M> for ActivationMatching<A> {
         observer: &mut dyn Observer,
     ) -> Result<Alignment> {
         let sizes = check_pair(reference, other, spec)?;
-        let stats = group_moments(
-            &self.activations,
-            reference,
-            other,
-            &sizes,
-            &sizes,
-            observer,
-        )?;
+        let scores: BTreeMap<String, Array2<f64>> = match self.correlation {
+            Correlation::BinnedInformation { bins } => group_information(
+                &self.activations,
+                (reference, other),
+                &sizes,
+                bins,
+                observer,
+            )?,
+            c => group_moments(
+                &self.activations,
+                reference,
+                other,
+                &sizes,
+                &sizes,
+                observer,
+            )?
+            .into_iter()
+            .map(|(g, cm)| {
+                let score = match c {
+                    Correlation::Cross => cm.cross_correlation(),
+                    _ => cm.correlation(self.eps),
+                };
+                let score = if c == Correlation::GaussianInformation {
+                    score.mapv(|r| -0.5 * (1.0 - (r * r).min(1.0 - 1e-15)).ln())
+                } else {
+                    score
+                };
+                (g, score)
+            })
+            .collect(),
+        };
         let mut perms = PermutationSet::new();
         let mut objective = Vec::new();
-        for (g, cm) in stats {
-            let score = match self.correlation {
-                Correlation::Cross => cm.cross_correlation(),
-                Correlation::Pearson => cm.correlation(self.eps),
-            };
+        for (g, score) in scores {
             let p = super::heads::best_assignment::<f64>(&score, spec.head_layout(&g))?;
             objective.push(assignment_score(&score, &p));
             perms.insert(g, p);
@@ -220,6 +259,80 @@ pub(crate) fn group_moments<M: Model, A: Activations<M>>(
         }
     }
     Ok(stats)
+}
+
+/// Per group, the binned mutual information between the two models' units: one pass
+/// over the batches for the units' ranges, one for the joint histograms (both reported
+/// to `observer`, `2 * batches` in all).
+fn group_information<M: Model, A: Activations<M>>(
+    source: &A,
+    (reference, other): (&M, &M),
+    sizes: &BTreeMap<String, usize>,
+    bins: usize,
+    observer: &mut dyn Observer,
+) -> Result<BTreeMap<String, Array2<f64>>> {
+    let nb = source.num_batches();
+    if nb == 0 {
+        return Err(Error::empty("the activation source (it has no batches)"));
+    }
+    if !(2..=MAX_BINS).contains(&bins) {
+        return Err(Error::invalid(
+            "bins",
+            format!("{bins}; expected 2 to {MAX_BINS} bins per unit"),
+        ));
+    }
+    let mut ranges: BTreeMap<&String, (Ranges, Ranges)> = sizes
+        .iter()
+        .map(|(g, &n)| (g, (Ranges::new(n), Ranges::new(n))))
+        .collect();
+    let report = |done: usize, observer: &mut dyn Observer| {
+        let p = Progress::Batch {
+            done,
+            total: 2 * nb,
+        };
+        if observer.observe(&p).is_break() {
+            return Err(Error::Cancelled {
+                what: format!("binned mutual information after batch {done} of {}", 2 * nb),
+            });
+        }
+        Ok(())
+    };
+    for b in 0..nb {
+        let (fa, fb) = (
+            source.activations(reference, b)?,
+            source.activations(other, b)?,
+        );
+        for (g, (ra, rb)) in ranges.iter_mut() {
+            let what = |m: &str| format!("features of group `{g}` in batch {b} of the {m} model");
+            ra.update(
+                features_of(&fa, g, b, "reference")?.view(),
+                &what("reference"),
+            )?;
+            rb.update(features_of(&fb, g, b, "other")?.view(), &what("other"))?;
+        }
+        report(b + 1, observer)?;
+    }
+    let mut hists: BTreeMap<&String, JointHistogram> = BTreeMap::new();
+    for (g, (ra, rb)) in ranges {
+        hists.insert(g, JointHistogram::new(ra.finish(), rb.finish(), bins)?);
+    }
+    for b in 0..nb {
+        let (fa, fb) = (
+            source.activations(reference, b)?,
+            source.activations(other, b)?,
+        );
+        for (g, h) in hists.iter_mut() {
+            h.update(
+                features_of(&fa, g, b, "reference")?.view(),
+                features_of(&fb, g, b, "other")?.view(),
+            )?;
+        }
+        report(nb + b + 1, observer)?;
+    }
+    Ok(hists
+        .into_iter()
+        .map(|(g, h)| (g.clone(), h.mutual_information()))
+        .collect())
 }
 
 fn features_of<'f, E>(

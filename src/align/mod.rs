@@ -42,6 +42,7 @@
 
 mod activation;
 mod heads;
+mod information;
 mod multi;
 mod ot;
 mod repair;
@@ -58,6 +59,7 @@ use crate::perm::{Permutation, PermutationSet, PermutationSpec, Role};
 use crate::tensor::{Scalar, Tensor};
 
 pub use activation::{ActivationMatching, Correlation};
+pub use information::{JointHistogram, MAX_BINS};
 pub use multi::{MultiAlignment, align_to_mean, align_to_reference};
 pub use ot::{ActivationFeatures, GroundCost, Marginals, OtFusion, Transport, WeightFeatures};
 pub use repair::{BnReset, Endpoints, OutputRepair, OutputRepairReport, Repair, RepairReport};
