@@ -5,6 +5,8 @@
 //! ```text
 //! cargo run --release --example curve_fit                 # prints the barriers
 //! cargo run --release --example curve_fit -- curve.svg    # and plots the test loss
+//! cargo run --release --example curve_fit -- curve.svg plane.svg
+//!     # and the test loss on the plane through both endpoints and the curve's bend
 //! ```
 
 use std::time::Instant;
@@ -127,6 +129,46 @@ fn main() -> Result<()> {
             .write_svg(&file)?;
         println!("wrote {file}");
     }
+    #[cfg(feature = "plot")]
+    if let Some(file) = std::env::args().nth(2) {
+        plane(&fit.curve, &test_task, &file)?;
+    }
+    Ok(())
+}
+
+/// The test loss on a 25 x 25 grid of the plane through the endpoints and the fitted
+/// bend (Garipov et al.'s figure), printed at the three models and plotted.
+#[cfg(feature = "plot")]
+fn plane(curve: &Bezier<StateDictF32>, task: &Classification<'_, Mlp>, file: &str) -> Result<()> {
+    use modelfusion::Objective;
+    use modelfusion::path::{Plane, loss_surface};
+    use modelfusion::plot::SurfacePlot;
+    let c = curve.controls();
+    let plane = Plane::through(&c[0], &c[2], &c[1])?;
+    let (xs, ys) = plane.grid(25, 0.2)?;
+    let start = Instant::now();
+    let surface = loss_surface(&plane, task, &xs, &ys)?;
+    let midpoint = task.loss(&curve.point(0.5)?)?;
+    println!(
+        "
+loss plane through A, B and the bend: {} points in {:.1?}; test loss min {:.4}, max {:.4}; \
+         curve midpoint {midpoint:.4}",
+        xs.len() * ys.len(),
+        start.elapsed(),
+        surface.values.iter().cloned().fold(f64::INFINITY, f64::min),
+        surface
+            .values
+            .iter()
+            .cloned()
+            .fold(f64::NEG_INFINITY, f64::max),
+    );
+    SurfacePlot::new(
+        "Test loss on the plane through A, B and the Bezier bend (digits)",
+        surface,
+    )
+    .with_names(["A", "B", "bend"])
+    .write_svg(file)?;
+    println!("wrote {file}");
     Ok(())
 }
 

@@ -1,4 +1,5 @@
-//! SVG line plots of curves such as the loss along a path (feature `plot`).
+//! SVG line plots of curves such as the loss along a path, and filled contour plots of
+//! loss planes (feature `plot`).
 //!
 //! Built on plotters' SVG backend, which writes text as `<text>` elements: no system
 //! fonts are needed to produce the file (the viewer renders the text).
@@ -23,6 +24,7 @@ use plotters::prelude::*;
 
 use crate::barrier::BarrierReport;
 use crate::error::{Error, Result};
+use crate::path::LossSurface;
 
 /// One named curve: `(x, y)` points drawn in order.
 ///
@@ -147,13 +149,7 @@ impl LinePlot {
         if self.series.is_empty() {
             return Err(Error::empty("the plot has no series"));
         }
-        let (w, h) = self.size;
-        if w < 100 || h < 100 {
-            return Err(Error::invalid(
-                "size",
-                format!("each side must be at least 100 pixels, got {w} x {h}"),
-            ));
-        }
+        check_size(self.size)?;
         let (mut x0, mut x1, mut y0, mut y1) = (
             f64::INFINITY,
             f64::NEG_INFINITY,
@@ -230,12 +226,209 @@ impl LinePlot {
 
     /// Writes the plot as SVG to `path`.
     pub fn write_svg(&self, path: impl AsRef<Path>) -> Result<()> {
-        let svg = self.to_svg_string()?;
-        let path = path.as_ref();
-        std::fs::write(path, svg).map_err(|source| Error::Io {
-            path: path.to_path_buf(),
-            source,
-        })
+        write_file(path.as_ref(), &self.to_svg_string()?)
+    }
+}
+
+fn write_file(path: &Path, svg: &str) -> Result<()> {
+    std::fs::write(path, svg).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn check_size((w, h): (u32, u32)) -> Result<()> {
+    if w < 100 || h < 100 {
+        return Err(Error::invalid(
+            "size",
+            format!("each side must be at least 100 pixels, got {w} x {h}"),
+        ));
+    }
+    Ok(())
+}
+
+/// A filled contour plot of a [`LossSurface`] (a loss plane, [`Plane`](crate::path::Plane)):
+/// each grid cell coloured by its level (`levels` levels, dark for low values, light
+/// for high; log-spaced when every value is positive, linear otherwise), the three
+/// models marked and named.
+///
+/// ```
+/// use modelfusion::path::{loss_surface, Plane};
+/// use modelfusion::plot::SurfacePlot;
+/// use modelfusion::{Model, StateDict};
+/// use ndarray::arr1;
+/// let m = |w: [f64; 2]| StateDict::from_pairs([("w", arr1(&w).into_dyn())]).unwrap();
+/// let plane = Plane::through(&m([0.0, 0.0]), &m([1.0, 0.0]), &m([0.0, 1.0]))?;
+/// let (xs, ys) = plane.grid(9, 0.2)?;
+/// let f = |x: &StateDict<ndarray::ArrayD<f64>>| -> modelfusion::Result<f64> { Ok(1.0 + x.norm()) };
+/// let svg = SurfacePlot::new("loss plane", loss_surface(&plane, &f, &xs, &ys)?)
+///     .with_names(["A", "B", "C"])
+///     .to_svg_string()?;
+/// assert!(svg.starts_with("<svg") && svg.contains(">C<"));
+/// # Ok::<(), modelfusion::Error>(())
+/// ```
+#[derive(Clone, Debug, PartialEq)]
+pub struct SurfacePlot {
+    title: String,
+    surface: LossSurface,
+    names: [String; 3],
+    levels: usize,
+    size: (u32, u32),
+}
+
+impl SurfacePlot {
+    /// A plot of `surface` called `title`, 700 x 600 pixels, 12 levels, the models
+    /// named "a", "b", "c".
+    pub fn new(title: impl Into<String>, surface: LossSurface) -> Self {
+        SurfacePlot {
+            title: title.into(),
+            surface,
+            names: ["a".into(), "b".into(), "c".into()],
+            levels: 12,
+            size: (700, 600),
+        }
+    }
+
+    /// The names shown next to the three models.
+    pub fn with_names(mut self, names: [&str; 3]) -> Self {
+        self.names = names.map(String::from);
+        self
+    }
+
+    /// The number of colour levels (at least 2).
+    pub fn with_levels(mut self, levels: usize) -> Self {
+        self.levels = levels;
+        self
+    }
+
+    /// The image size in pixels (each side at least 100).
+    pub fn with_size(mut self, width: u32, height: u32) -> Self {
+        self.size = (width, height);
+        self
+    }
+
+    /// The level (0 = lowest) of every value, and the scale's description.
+    fn level_map(&self) -> Result<(Vec<usize>, String)> {
+        let v = &self.surface.values;
+        if let Some(((j, i), x)) = v.indexed_iter().find(|(_, x)| !x.is_finite()) {
+            return Err(Error::NonFinite {
+                what: format!(
+                    "surface value {x} at grid point ({}, {})",
+                    self.surface.xs[i], self.surface.ys[j]
+                ),
+            });
+        }
+        let (lo, hi) = v
+            .iter()
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &x| {
+                (a.min(x), b.max(x))
+            });
+        let log = lo > 0.0;
+        let f = |x: f64| if log { x.ln() } else { x };
+        let (flo, fhi) = (f(lo), f(hi));
+        let top = self.levels - 1;
+        let levels = v
+            .iter()
+            .map(|&x| {
+                if fhi > flo {
+                    (((f(x) - flo) / (fhi - flo) * self.levels as f64) as usize).min(top)
+                } else {
+                    0
+                }
+            })
+            .collect();
+        let scale = if log { "log-spaced" } else { "linear" };
+        Ok((
+            levels,
+            format!("{} {scale} levels, {lo:.3} to {hi:.3}", self.levels),
+        ))
+    }
+
+    /// The plot as an SVG document.
+    ///
+    /// Errors when the size or the level count is out of range, the grid has fewer than
+    /// two points on an axis, or a value is not finite.
+    pub fn to_svg_string(&self) -> Result<String> {
+        check_size(self.size)?;
+        if self.levels < 2 {
+            return Err(Error::invalid(
+                "levels",
+                format!("{}; expected at least 2", self.levels),
+            ));
+        }
+        let (xs, ys) = (&self.surface.xs, &self.surface.ys);
+        if xs.len() < 2 || ys.len() < 2 || self.surface.values.dim() != (ys.len(), xs.len()) {
+            return Err(Error::shape(
+                "surface values (y points, x points), at least 2 x 2",
+                &[ys.len().max(2), xs.len().max(2)],
+                &[self.surface.values.nrows(), self.surface.values.ncols()],
+            ));
+        }
+        let (levels, scale) = self.level_map()?;
+        // Cell edges halfway between grid coordinates.
+        let edges = |c: &[f64]| -> Vec<f64> {
+            let mut e = vec![c[0] - (c[1] - c[0]) / 2.0];
+            e.extend(c.windows(2).map(|w| (w[0] + w[1]) / 2.0));
+            e.push(c[c.len() - 1] + (c[c.len() - 1] - c[c.len() - 2]) / 2.0);
+            e
+        };
+        let (ex, ey) = (edges(xs), edges(ys));
+        let (low, high) = (RGBColor(40, 30, 110), RGBColor(250, 230, 120));
+        let colour = |k: usize| {
+            let t = k as f64 / (self.levels - 1) as f64;
+            let mix =
+                |a: u8, b: u8| (f64::from(a) + t * (f64::from(b) - f64::from(a))).round() as u8;
+            RGBColor(mix(low.0, high.0), mix(low.1, high.1), mix(low.2, high.2))
+        };
+        let mut svg = String::new();
+        {
+            let root = SVGBackend::with_string(&mut svg, self.size).into_drawing_area();
+            root.fill(&WHITE).map_err(draw_error)?;
+            let mut chart = ChartBuilder::on(&root)
+                .caption(format!("{} ({scale})", self.title), ("sans-serif", 20))
+                .margin(12)
+                .x_label_area_size(40)
+                .y_label_area_size(60)
+                .build_cartesian_2d(ex[0]..ex[ex.len() - 1], ey[0]..ey[ey.len() - 1])
+                .map_err(draw_error)?;
+            chart
+                .configure_mesh()
+                .disable_mesh()
+                .x_desc("distance along a -> b")
+                .y_desc("distance towards c")
+                .label_style(("sans-serif", 13))
+                .draw()
+                .map_err(draw_error)?;
+            let nx = xs.len();
+            chart
+                .draw_series(levels.iter().enumerate().map(|(k, &l)| {
+                    let (j, i) = (k / nx, k % nx);
+                    Rectangle::new(
+                        [(ex[i], ey[j]), (ex[i + 1], ey[j + 1])],
+                        ShapeStyle::from(colour(l)).filled(),
+                    )
+                }))
+                .map_err(draw_error)?;
+            for (p, name) in self.surface.points.iter().zip(&self.names) {
+                chart
+                    .draw_series([EmptyElement::at(*p)
+                        + Circle::new((0, 0), 5, ShapeStyle::from(WHITE).filled())
+                        + Circle::new((0, 0), 5, ShapeStyle::from(BLACK).stroke_width(2))
+                        + Text::new(
+                            name.clone(),
+                            (8, -8),
+                            ("sans-serif", 16).into_font().color(&WHITE),
+                        )])
+                    .map_err(draw_error)?;
+            }
+            root.present().map_err(draw_error)?;
+        }
+        Ok(svg)
+    }
+
+    /// Writes the plot as SVG to `path`.
+    pub fn write_svg(&self, path: impl AsRef<Path>) -> Result<()> {
+        write_file(path.as_ref(), &self.to_svg_string()?)
     }
 }
 

@@ -39,6 +39,7 @@ use crate::model::Model;
 
 mod curves;
 mod fit;
+mod plane;
 
 pub use crate::optim::{LrSchedule, ModelOptimizer, Optimizer};
 pub use curves::{
@@ -49,6 +50,7 @@ pub use fit::{
     BendInit, FitConfig, FitResult, FitStep, StochasticGradient, curve_loss_and_gradients,
     fit_curve, fit_curve_stochastic,
 };
+pub use plane::{LossSurface, Plane, loss_surface};
 
 /// A path in weight space written as `phi(t) = sum_k c_k(t) * theta_k` over control
 /// models `theta_k`; `phi(0)` and `phi(1)` are the endpoints.
