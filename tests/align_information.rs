@@ -159,31 +159,29 @@ fn only_the_binned_estimate_recovers_a_non_linear_planted_matching() {
         .map(|i| perm.iter().position(|&u| u == i).unwrap())
         .collect();
     assert_eq!(p, inv);
-    let (ma, mb, spec) = models(4);
-    let corr = ActivationMatching::new(Fixed(a.clone(), b.clone()))
-        .with_correlation(Correlation::Pearson)
+    let pearson = hidden_matching(&a, &b, Correlation::Pearson);
+    assert_ne!(
+        pearson, inv,
+        "Pearson should not see the squared dependence"
+    );
+    let binned = hidden_matching(&a, &b, Correlation::BinnedInformation { bins: 8 });
+    assert_eq!(binned, inv);
+}
+
+/// The permutation activation matching finds between features `a` and `b` of a
+/// one-group model.
+fn hidden_matching(a: &Array2<f64>, b: &Array2<f64>, corr: Correlation) -> Vec<usize> {
+    let (ma, mb, spec) = models(a.ncols());
+    let al = ActivationMatching::new(Fixed(a.clone(), b.clone()))
+        .with_correlation(corr)
         .align(&ma, &mb, &spec)
         .unwrap();
-    let pc = corr
-        .permutations()
+    al.permutations()
         .unwrap()
         .get("hidden.0")
         .unwrap()
         .as_slice()
-        .to_vec();
-    assert_ne!(pc, inv, "Pearson should not see the squared dependence");
-    let mi = ActivationMatching::new(Fixed(a, b))
-        .with_correlation(Correlation::BinnedInformation { bins: 8 })
-        .align(&ma, &mb, &spec)
-        .unwrap();
-    let pm = mi
-        .permutations()
-        .unwrap()
-        .get("hidden.0")
-        .unwrap()
-        .as_slice()
-        .to_vec();
-    assert_eq!(pm, inv);
+        .to_vec()
 }
 
 #[test]
