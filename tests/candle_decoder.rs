@@ -146,3 +146,36 @@ fn the_residual_and_mlp_spec_holds_attention_at_identity_and_keeps_the_function(
     let d = rel_diff(&logits(&b, &x), &logits(&aligned, &x));
     assert!(d < 1e-5, "aligned B computes another function ({d})");
 }
+
+/// Negative control: the same permutation of rotary pair indices on the query and key
+/// rows of every head (pairs `(0, 2)` and `(1, 3)` trade places; the spec refuses it)
+/// keeps every query-key dot product without RoPE, so only the rotary frequencies can
+/// tell it apart: candle's logits change, the decoder does rotate by position.
+#[test]
+fn moving_rotary_pairs_changes_candle_logits() {
+    let p = params(11);
+    let within = [1usize, 0, 3, 2];
+    let d = CFG.head_dim;
+    let moved = p
+        .try_map(|name, t| {
+            Ok(
+                if name.starts_with("model.layers.0.self_attn.")
+                    && (name.contains("q_proj") || name.contains("k_proj"))
+                {
+                    let rows: Vec<usize> = (0..t.shape()[0])
+                        .map(|r| r / d * d + within[r % d])
+                        .collect();
+                    t.select(ndarray::Axis(0), &rows)
+                } else {
+                    t.clone()
+                },
+            )
+        })
+        .unwrap();
+    let x = tokens(12, 2, 10);
+    let d = rel_diff(&logits(&p, &x), &logits(&moved, &x));
+    assert!(
+        d > 1e-3,
+        "moving rotary pairs changed the logits by only {d}"
+    );
+}
