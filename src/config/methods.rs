@@ -422,11 +422,27 @@ impl ConfigMerger<'_> {
         t: f64,
         ts: &[&ArrayD<T>],
     ) -> Result<ArrayD<T>> {
+        self.merge_sourced(name, &[], t, ts)
+    }
+
+    /// [`ConfigMerger::merge_at`] where the inputs' tensors have names of their own
+    /// (`sources`, one per input, the base's first; empty: `name`): per-model
+    /// parameters are resolved against the input's tensor name and shared ones against
+    /// `name`, as mergekit resolves them (a filter `layers.5.` on a source of a slice
+    /// matches that source's layer 5, whatever output layer it becomes).
+    pub fn merge_sourced<T: IoScalar>(
+        &self,
+        name: &str,
+        sources: &[&str],
+        t: f64,
+        ts: &[&ArrayD<T>],
+    ) -> Result<ArrayD<T>> {
         let c = self.config;
         let models = if c.has_base { &ts[1..] } else { ts };
+        let skip = usize::from(c.has_base);
         let per_model = |p: &str| {
             (0..models.len())
-                .map(|i| c.model_param(i, p, name, t))
+                .map(|i| c.model_param(i, p, sources.get(i + skip).copied().unwrap_or(name), t))
                 .collect::<Result<Vec<f64>>>()
         };
         let global = |p: &str| c.global_param(p, name, t);

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use ndarray::ArrayD;
 
 use super::tokenizer::{OutputVocab, RowRemap, edit_json, resolve_template, set_template};
-use super::{AlignSettings, Config, ConfigMerger, Layout, LooseWeight, ModelLayout};
+use super::{AlignSettings, Config, ConfigMerger, Layout, LooseWeight, ModelLayout, layer_index};
 use crate::align::AlignStats;
 use crate::io::{
     Checkpoint, Chunking, Dtype, IoScalar, MappedMerger, MappedTensor, MergeSummary, SaveOptions,
@@ -887,8 +887,21 @@ impl<T: IoScalar> MappedMerger<T> for Checked<'_, ConfigMerger<'_>> {
         };
         let remapped_refs: Option<Vec<&ArrayD<T>>> = remapped.as_ref().map(|v| v.iter().collect());
         let ts = remapped_refs.as_deref().unwrap_or(ts);
+        // Per-model filters match the source's name: a layer's in the source model (a
+        // tied LM head read from the embedding is still `lm_head`, as in mergekit).
+        let sources: Vec<&str> = tensor
+            .sources
+            .iter()
+            .map(|(_, n)| {
+                if layer_index(n).is_some() {
+                    n.as_str()
+                } else {
+                    name
+                }
+            })
+            .collect();
         let merge = |ts: &[&ArrayD<T>]| match at {
-            Some(t) => merger.merge_at(name, t, ts),
+            Some(t) => merger.merge_sourced(name, &sources, t, ts),
             None => merger.merge_tensor(name, ts),
         };
         let out = match self.aligned {
