@@ -248,6 +248,10 @@ fn bad_tokenizer_settings_are_clear_errors() {
             "tokenizer_source: union\ntokenizer: {source: base}\n",
             "both",
         ),
+        (
+            "tokenizer: {tokens: {y: {source: {kind: zero}}}}\n",
+            "quote `tokens` keys",
+        ),
     ];
     for (tail, want) in cases {
         let err = run(dir, &format!("{head}{tail}")).unwrap_err().to_string();

@@ -165,13 +165,9 @@ def vocab_of(d):
 
 def compare_vocab(args, d, name, text):
     """Runs a config with differing vocabularies through both tools; rows compared by token."""
-    cfg = os.path.join(d, name + ".yml")
-    open(cfg, "w").write(text)
-    mk, mf = os.path.join(d, "mk_" + name), os.path.join(d, "mf_" + name)
-    r1 = subprocess.run([args.mergekit, cfg, mk, "--allow-crimes", "--lazy-unpickle"], capture_output=True, text=True)
-    r2 = subprocess.run([args.bin, "merge", cfg, mf, "--no-progress"], capture_output=True, text=True)
-    if r1.returncode or r2.returncode:
-        return (name, "float32", "error", (r1.stderr[-300:] if r1.returncode else "") + (r2.stderr[-300:] if r2.returncode else ""), "", "")
+    mk, mf, err = run_both(args, d, name, text)
+    if err:
+        return (name, "float32", "error", err, "", "")
     va, vb = vocab_of(mk), vocab_of(mf)
     a, b = load_file(os.path.join(mk, "model.safetensors")), load_file(os.path.join(mf, "model.safetensors"))
     mad, n = 0.0, len(va)
@@ -229,16 +225,25 @@ def scale_ulps(x, y, dtype):
     return float((x.float() - y.float()).abs().max()) / ulp
 
 
-def compare(args, d, name, dname, dtype, text):
-    """Runs config `text` through both tools and returns its table row."""
+def run_both(args, d, name, text):
+    """Writes config `text` and runs both tools on it: their output folders, and the
+    tail of the failing one's stderr ("" when both ran)."""
     cfg = os.path.join(d, name + ".yml")
     open(cfg, "w").write(text)
     mk, mf = os.path.join(d, "mk_" + name), os.path.join(d, "mf_" + name)
     r1 = subprocess.run([args.mergekit, cfg, mk, "--allow-crimes", "--lazy-unpickle"], capture_output=True, text=True)
     r2 = subprocess.run([args.bin, "merge", cfg, mf, "--no-progress"], capture_output=True, text=True)
-    if r1.returncode or r2.returncode:
-        print(name, dname, "error", r1.stderr[-300:], r2.stderr[-300:], file=sys.stderr, flush=True)
-        return (name, dname, "error", (r1.stderr[-300:] if r1.returncode else "") + (r2.stderr[-300:] if r2.returncode else ""), "", "")
+    err = (r1.stderr[-300:] if r1.returncode else "") + (r2.stderr[-300:] if r2.returncode else "")
+    if err:
+        print(name, "error", err, file=sys.stderr, flush=True)
+    return mk, mf, err
+
+
+def compare(args, d, name, dname, dtype, text):
+    """Runs config `text` through both tools and returns its table row."""
+    mk, mf, err = run_both(args, d, name, text)
+    if err:
+        return (name, dname, "error", err, "", "")
     a = {}
     for f in os.listdir(mk):
         if f.endswith(".safetensors"):

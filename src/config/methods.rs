@@ -430,6 +430,18 @@ impl ConfigMerger<'_> {
     /// parameters are resolved against the input's tensor name and shared ones against
     /// `name`, as mergekit resolves them (a filter `layers.5.` on a source of a slice
     /// matches that source's layer 5, whatever output layer it becomes).
+    ///
+    /// ```
+    /// use modelfusion::config::{Config, ConfigMerger};
+    /// use ndarray::ArrayD;
+    /// let c = Config::from_yaml("merge_method: linear\nparameters: {normalize: false}\nmodels:\n  - model: a\n    parameters: {weight: [{filter: layers.5., value: 3}, {value: 1}]}\n", "c.yml".as_ref())?;
+    /// let a = ArrayD::from_elem(vec![1], 1.0f32);
+    /// let m = ConfigMerger::new(&c);
+    /// // Output layer 0, read from layer 5 of `a`: the filter matches the source's name.
+    /// assert_eq!(m.merge_sourced("model.layers.0.w", &["model.layers.5.w"], 0.0, &[&a])?[0], 3.0);
+    /// assert_eq!(m.merge_at("model.layers.0.w", 0.0, &[&a])?[0], 1.0);
+    /// # Ok::<(), modelfusion::Error>(())
+    /// ```
     pub fn merge_sourced<T: IoScalar>(
         &self,
         name: &str,

@@ -20,8 +20,8 @@ pub use layout::{LAYOUTS, Layout, LooseWeight, ModelLayout};
 pub use methods::{BaseUse, ConfigMerger, METHODS, MethodSpec, ParamSpec, method_spec};
 pub use run::{AlignedInput, MergePlan, RunOptions, RunSummary};
 pub use tokenizer::{
-    EmbeddingSource, RawTokenizer, RowRemap, TokenEmbedding, TokenRef, TokenizerConfig,
-    TokenizerSource, vocabulary,
+    EmbeddingSource, RawTokenizer, TokenEmbedding, TokenRef, TokenizerConfig, TokenizerSource,
+    vocabulary,
 };
 
 /// A parameter setting, read as mergekit 0.1.5 reads it.
@@ -296,6 +296,17 @@ pub struct RawConfig {
 
 /// One module of `modules:` as written: its models or slices, and parameters between
 /// the slices' and the top-level ones.
+///
+/// ```
+/// use modelfusion::config::Config;
+/// let c = Config::from_yaml(
+///     "merge_method: linear\nmodules:\n  default:\n    parameters: {weight: 2}\n    models: [{model: a}, {model: b}]\n",
+///     "c.yml".as_ref(),
+/// )?;
+/// assert_eq!(c.model_param(1, "weight", "w", 0.0)?, 2.0);
+/// assert!(Config::from_yaml("merge_method: linear\nmodules: {vision: {models: [{model: a}]}}\n", "c.yml".as_ref()).is_err());
+/// # Ok::<(), modelfusion::Error>(())
+/// ```
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RawModule {

@@ -808,7 +808,7 @@ enum RowFrom {
 /// vocabulary's, built by the config's vocabulary for the tensor's sources. Applied
 /// to the source tensors as they stream by, before they are merged.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RowRemap {
+pub(crate) struct RowRemap {
     rows: usize,
     /// Per source: the origin of each row of the vocabulary (not of the padding).
     slots: Vec<Vec<RowFrom>>,
@@ -842,12 +842,12 @@ impl RowRemap {
                 let mut acc = vec![T::zero(); width];
                 for &(s, r) in mix {
                     for (a, x) in acc.iter_mut().zip(row(s, r)) {
-                        *a = *a + *x;
+                        *a += *x;
                     }
                 }
                 if mix.len() > 1 {
                     let n = T::cast_from_f64(mix.len() as f64);
-                    acc.iter_mut().for_each(|a| *a = *a / n);
+                    acc.iter_mut().for_each(|a| *a /= n);
                 }
                 acc
             })
@@ -982,6 +982,13 @@ pub(crate) fn edit_json(
 
 /// `tokenizer:` as written: the block, and its `tokens` in the order written (a JSON
 /// map is sorted; mergekit adds missing tokens in the order written).
+///
+/// ```
+/// use modelfusion::config::RawTokenizer;
+/// let t: RawTokenizer = serde_saphyr::from_str("source: base\ntokens:\n  zz: {source: {kind: zero}}\n  aa: {source: {kind: zero}}\n").unwrap();
+/// assert_eq!(t.tokens[0].0, "zz");
+/// assert_eq!(t.block["source"], "base");
+/// ```
 #[derive(Clone, Debug, PartialEq)]
 pub struct RawTokenizer {
     /// The block (any value: a bad one is reported by [`TokenizerConfig::parse_block`]).
@@ -1030,7 +1037,12 @@ impl<'de> serde::Deserialize<'de> for RawTokenizer {
             Block(Ordered<Item>),
             Other(serde_json::Value),
         }
-        Ok(match Repr::deserialize(d)? {
+        let repr = Repr::deserialize(d).map_err(|_| {
+            <D::Error as serde::de::Error>::custom(
+                "`tokenizer` is not a value of strings, numbers and maps with string keys; write it as {source, tokens, pad_to_multiple_of}, and quote `tokens` keys that YAML reads as booleans, numbers or null (y, n, on, off, 1, ~)",
+            )
+        })?;
+        Ok(match repr {
             Repr::Other(block) => RawTokenizer {
                 block,
                 tokens: Vec::new(),
