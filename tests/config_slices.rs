@@ -375,12 +375,8 @@ fn tokenizer_source_and_chat_template() {
     );
     let rejected_at_run = [
         (
-            "merge_method: linear\ntokenizer_source: DIR/c\nmodels:\n  - model: DIR/a\n    parameters: {weight: 1}\n",
-            "another vocabulary",
-        ),
-        (
-            "merge_method: linear\ntokenizer: {source: base}\nmodels:\n  - model: DIR/c\n    parameters: {weight: 1}\n  - model: DIR/a\n    parameters: {weight: 1}\n",
-            "`e` (3 in",
+            "merge_method: linear\ntokenizer_source: model:DIR/nowhere\nmodels:\n  - model: DIR/a\n    parameters: {weight: 1}\n",
+            "has no tokenizer.json",
         ),
         (
             "merge_method: linear\nchat_template: chatml\nmodels:\n  - model: DIR/a\n    parameters: {weight: 1}\n",
@@ -401,20 +397,16 @@ fn tokenizer_source_and_chat_template() {
             "both `tokenizer_source` and `tokenizer`",
         ),
         (
-            "merge_method: linear\ntokenizer: {source: union, tokens: {\"<x>\": {source: a}}}\nmodels:\n  - model: a\n    parameters: {weight: 1}\n",
-            "tokenizer.tokens",
-        ),
-        (
             "merge_method: linear\ntokenizer: {sauce: union}\nmodels:\n  - model: a\n    parameters: {weight: 1}\n",
             "unknown key `sauce`",
         ),
         (
             "merge_method: linear\ntokenizer_source: 3\nmodels:\n  - model: a\n    parameters: {weight: 1}\n",
-            "expected `base`, `union` or the path of a model",
+            "expected `base`, `union` or a model",
         ),
         (
             "merge_method: linear\nmodules: {default: {models: []}}\nmodels:\n  - model: a\n    parameters: {weight: 1}\n",
-            "write `models` or `slices` at the top level",
+            "`modules` is set with `models`",
         ),
     ];
     for (text, want) in rejected {

@@ -116,6 +116,79 @@ EXAMPLES = {
 }
 
 
+# Differing vocabularies (`--vocab`): tokenizer.json files (BPE) that share some tokens,
+# each model with its own vocab_size; {a} {b} {c} here are models of 13, 16 and 14 rows
+# (c with a tied LM head). Rows are compared token by token: mergekit numbers the tokens
+# new to the base in hash order (different ids from run to run), modelfusion in a fixed
+# order.
+VOCAB_CONFIGS = {
+    "union_linear": "merge_method: linear\nmodels:\n  - model: {a}\n    parameters: {{weight: 0.5}}\n  - model: {b}\n    parameters: {{weight: 0.3}}\n  - model: {c}\n    parameters: {{weight: 0.2}}\ntokenizer_source: union\n",
+    "union_ta_base": "merge_method: task_arithmetic\nbase_model: {a}\nmodels:\n  - model: {b}\n    parameters: {{weight: 0.5}}\n  - model: {c}\n    parameters: {{weight: 0.7}}\ntokenizer_source: union\n",
+    "base_ties": "merge_method: ties\nbase_model: {a}\nparameters: {{density: 0.5, weight: 1}}\nmodels:\n  - model: {b}\n  - model: {c}\ntokenizer_source: base\n",
+    "model_path": "merge_method: linear\nmodels:\n  - model: {a}\n    parameters: {{weight: 0.5}}\n  - model: {b}\n    parameters: {{weight: 0.5}}\ntokenizer_source: {b}\n",
+    "tokens_pad": "merge_method: task_arithmetic\nbase_model: {a}\nmodels:\n  - model: {b}\n    parameters: {{weight: 0.5}}\n  - model: {c}\n    parameters: {{weight: 0.5}}\ntokenizer:\n  source: union\n  pad_to_multiple_of: 8\n  tokens:\n    <|im_start|>: {{source: {{kind: model_token, model: {b}, token: xy}}}}\n    b: {{source: {{kind: zero}}, force: true}}\n    zz: {{source: {c}}}\n    <new>: {{source: {{kind: model_token, model: {a}, token_id: 4}}}}\n",
+    "slices_union": "merge_method: linear\nslices:\n  - sources:\n      - {{model: {a}, layer_range: [0, 2], parameters: {{weight: 0.4}}}}\n      - {{model: {b}, layer_range: [0, 2], parameters: {{weight: 0.6}}}}\ntokenizer_source: union\n",
+}
+
+
+def make_vocab_models(d):
+    """Three 2-layer Llama-like checkpoints with tokenizer.json files that differ."""
+    def tok(m, vocab, added):
+        t = {"version": "1.0", "truncation": None, "padding": None,
+             "added_tokens": [{"id": i, "content": c, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False, "special": True} for c, i in added],
+             "normalizer": None, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": None, "decoder": None,
+             "model": {"type": "BPE", "dropout": None, "unk_token": "<unk>", "continuing_subword_prefix": None, "end_of_word_suffix": None,
+                       "fuse_unk": False, "byte_fallback": False, "ignore_merges": False, "vocab": {w: i for i, w in enumerate(vocab)}, "merges": []}}
+        json.dump(t, open(os.path.join(d, m, "tokenizer.json"), "w"), indent=2)
+        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "model_max_length": 128}, open(os.path.join(d, m, "tokenizer_config.json"), "w"))
+    sp = [("<unk>", 0), ("<s>", 1), ("</s>", 2)]
+    base = make(os.path.join(d, "base"), torch.float32, 1, dims={"L": 2, "H": 8, "I": 16, "V": 13})
+    for m, V, seed, vocab, added in [
+        ("a", 13, 1, ["<unk>", "<s>", "</s>"] + list("abcdefghij"), sp),
+        ("b", 16, 2, ["<unk>", "<s>", "</s>"] + list("acegikmoqs") + ["xy", "zz"], sp + [("<|im_start|>", 15)]),
+        ("c", 14, 3, ["<unk>", "<s>", "</s>"] + list("jihgfedcba") + ["zz"], sp),
+    ]:
+        cfg = {**CFG, "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 2, "vocab_size": V, "tie_word_embeddings": m == "c"}
+        t = make(os.path.join(d, m), torch.float32, seed, dims={"L": 2, "H": 8, "I": 16, "V": V}, cfg=cfg)
+        if m == "c":
+            save_file({k: v for k, v in t.items() if k != "lm_head.weight"}, os.path.join(d, m, "model.safetensors"), metadata={"format": "pt"})
+        tok(m, vocab, added)
+    del base
+
+
+def vocab_of(d):
+    t = json.load(open(os.path.join(d, "tokenizer.json")))
+    v = dict(t["model"]["vocab"])
+    v.update({e["content"]: e["id"] for e in t["added_tokens"]})
+    return v
+
+
+def compare_vocab(args, d, name, text):
+    """Runs a config with differing vocabularies through both tools; rows compared by token."""
+    mk, mf, err = run_both(args, d, name, text)
+    if err:
+        return (name, "float32", "error", err, "", "")
+    va, vb = vocab_of(mk), vocab_of(mf)
+    a, b = load_file(os.path.join(mk, "model.safetensors")), load_file(os.path.join(mf, "model.safetensors"))
+    mad, n = 0.0, len(va)
+    for k in sorted(set(a) & set(b)):
+        if a[k].shape != b[k].shape:
+            return (name, "float32", "error", f"{k}: {tuple(a[k].shape)} vs {tuple(b[k].shape)}", "", "")
+        if k in ("model.embed_tokens.weight", "lm_head.weight"):
+            for tok, i in va.items():
+                if tok in vb:
+                    mad = max(mad, float((a[k][i] - b[k][vb[tok]]).abs().max()))
+            if a[k].shape[0] > n:
+                mad = max(mad, float((a[k][n:] - b[k][n:]).abs().max()))
+        else:
+            mad = max(mad, float((a[k] - b[k]).abs().max()))
+    sizes = [json.load(open(os.path.join(o, "config.json")))["vocab_size"] for o in (mk, mf)]
+    same_ids = sum(va[t] == vb.get(t) for t in va)
+    note = f"vocab {len(va)} vs {len(vb)} tokens, same set: {set(va) == set(vb)}, same id: {same_ids}/{len(va)}, vocab_size {sizes[0]} vs {sizes[1]}, {len(set(a) ^ set(b))} unshared tensors"
+    print(name, mad, note, file=sys.stderr, flush=True)
+    return (name, "float32", f"{mad:.3g}", "-", "-", note)
+
+
 def make_example_models(d):
     """40-layer Llama-like (Mistral-like for bio-merge) fp16 checkpoints of width 16."""
     dims = {"L": 40, "H": 16, "I": 32, "V": 24}
@@ -152,16 +225,25 @@ def scale_ulps(x, y, dtype):
     return float((x.float() - y.float()).abs().max()) / ulp
 
 
-def compare(args, d, name, dname, dtype, text):
-    """Runs config `text` through both tools and returns its table row."""
+def run_both(args, d, name, text):
+    """Writes config `text` and runs both tools on it: their output folders, and the
+    tail of the failing one's stderr ("" when both ran)."""
     cfg = os.path.join(d, name + ".yml")
     open(cfg, "w").write(text)
     mk, mf = os.path.join(d, "mk_" + name), os.path.join(d, "mf_" + name)
     r1 = subprocess.run([args.mergekit, cfg, mk, "--allow-crimes", "--lazy-unpickle"], capture_output=True, text=True)
     r2 = subprocess.run([args.bin, "merge", cfg, mf, "--no-progress"], capture_output=True, text=True)
-    if r1.returncode or r2.returncode:
-        print(name, dname, "error", r1.stderr[-300:], r2.stderr[-300:], file=sys.stderr, flush=True)
-        return (name, dname, "error", (r1.stderr[-300:] if r1.returncode else "") + (r2.stderr[-300:] if r2.returncode else ""), "", "")
+    err = (r1.stderr[-300:] if r1.returncode else "") + (r2.stderr[-300:] if r2.returncode else "")
+    if err:
+        print(name, "error", err, file=sys.stderr, flush=True)
+    return mk, mf, err
+
+
+def compare(args, d, name, dname, dtype, text):
+    """Runs config `text` through both tools and returns its table row."""
+    mk, mf, err = run_both(args, d, name, text)
+    if err:
+        return (name, dname, "error", err, "", "")
     a = {}
     for f in os.listdir(mk):
         if f.endswith(".safetensors"):
@@ -187,16 +269,17 @@ def main():
     ap.add_argument("--configs", default="", help="comma-separated subset of the configs (default: all)")
     ap.add_argument("--dtypes", default="float32,float16,bfloat16", help="comma-separated subset of float32,float16,bfloat16")
     ap.add_argument("--examples", action="store_true", help="run mergekit's example configs (as written, dtype included) instead")
+    ap.add_argument("--vocab", action="store_true", help="run the configs of differing vocabularies (tokenizer_source, tokenizer) instead")
     args = ap.parse_args()
     only = set(filter(None, args.configs.split(",")))
-    unknown = only - set(CONFIGS) - set(EXAMPLES)
+    unknown = only - set(CONFIGS) - set(EXAMPLES) - set(VOCAB_CONFIGS)
     if unknown:
         sys.exit(f"unknown configs: {sorted(unknown)}; known: {sorted(CONFIGS)}")
     dtypes = args.dtypes.split(",")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for dname, dtype in [("float32", torch.float32), ("float16", torch.float16), ("bfloat16", torch.bfloat16)]:
-            if dname not in dtypes or args.examples:
+            if dname not in dtypes or args.examples or args.vocab:
                 continue
             d = os.path.join(tmp, dname)
             base = make(os.path.join(d, "base"), dtype, 1)
@@ -212,6 +295,14 @@ def main():
                     text += "dtype: float32\n"
                 text += f"out_dtype: {dname}\n"
                 rows.append(compare(args, d, name, dname, dtype, text))
+        if args.vocab:
+            d = os.path.join(tmp, "vocab")
+            make_vocab_models(d)
+            for name, tpl in VOCAB_CONFIGS.items():
+                if only and name not in only:
+                    continue
+                text = tpl.format(**{m: os.path.join(d, m) for m in "abc"}) + "dtype: float32\n"
+                rows.append(compare_vocab(args, d, name, text))
         if args.examples:
             d = os.path.join(tmp, "examples")
             paths = make_example_models(d)

@@ -422,11 +422,39 @@ impl ConfigMerger<'_> {
         t: f64,
         ts: &[&ArrayD<T>],
     ) -> Result<ArrayD<T>> {
+        self.merge_sourced(name, &[], t, ts)
+    }
+
+    /// [`ConfigMerger::merge_at`] where the inputs' tensors have names of their own
+    /// (`sources`, one per input, the base's first; empty: `name`): per-model
+    /// parameters are resolved against the input's tensor name and shared ones against
+    /// `name`, as mergekit resolves them (a filter `layers.5.` on a source of a slice
+    /// matches that source's layer 5, whatever output layer it becomes).
+    ///
+    /// ```
+    /// use modelfusion::config::{Config, ConfigMerger};
+    /// use ndarray::ArrayD;
+    /// let c = Config::from_yaml("merge_method: linear\nparameters: {normalize: false}\nmodels:\n  - model: a\n    parameters: {weight: [{filter: layers.5., value: 3}, {value: 1}]}\n", "c.yml".as_ref())?;
+    /// let a = ArrayD::from_elem(vec![1], 1.0f32);
+    /// let m = ConfigMerger::new(&c);
+    /// // Output layer 0, read from layer 5 of `a`: the filter matches the source's name.
+    /// assert_eq!(m.merge_sourced("model.layers.0.w", &["model.layers.5.w"], 0.0, &[&a])?[0], 3.0);
+    /// assert_eq!(m.merge_at("model.layers.0.w", 0.0, &[&a])?[0], 1.0);
+    /// # Ok::<(), modelfusion::Error>(())
+    /// ```
+    pub fn merge_sourced<T: IoScalar>(
+        &self,
+        name: &str,
+        sources: &[&str],
+        t: f64,
+        ts: &[&ArrayD<T>],
+    ) -> Result<ArrayD<T>> {
         let c = self.config;
         let models = if c.has_base { &ts[1..] } else { ts };
+        let skip = usize::from(c.has_base);
         let per_model = |p: &str| {
             (0..models.len())
-                .map(|i| c.model_param(i, p, name, t))
+                .map(|i| c.model_param(i, p, sources.get(i + skip).copied().unwrap_or(name), t))
                 .collect::<Result<Vec<f64>>>()
         };
         let global = |p: &str| c.global_param(p, name, t);

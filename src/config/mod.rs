@@ -19,7 +19,10 @@ mod tokenizer;
 pub use layout::{LAYOUTS, Layout, LooseWeight, ModelLayout};
 pub use methods::{BaseUse, ConfigMerger, METHODS, MethodSpec, ParamSpec, method_spec};
 pub use run::{AlignedInput, MergePlan, RunOptions, RunSummary};
-pub use tokenizer::{TokenizerSource, vocabulary};
+pub use tokenizer::{
+    EmbeddingSource, RawTokenizer, TokenEmbedding, TokenRef, TokenizerConfig, TokenizerSource,
+    vocabulary,
+};
 
 /// A parameter setting, read as mergekit 0.1.5 reads it.
 #[derive(Clone, Debug, PartialEq)]
@@ -278,14 +281,43 @@ pub struct RawConfig {
     /// `base`, `union` or a model path: where the output's tokenizer comes from.
     pub tokenizer_source: Option<serde_json::Value>,
     /// The newer form of `tokenizer_source`: `{source, tokens, pad_to_multiple_of}`.
-    pub tokenizer: Option<serde_json::Value>,
+    pub tokenizer: Option<RawTokenizer>,
     /// A Jinja chat template, or `auto`.
     pub chat_template: Option<String>,
+    /// mergekit's per-module form: `{default: {models | slices, parameters}}`, the one
+    /// module of the single-module architectures modelfusion knows.
+    pub modules: Option<BTreeMap<String, RawModule>>,
     /// modelfusion's own section: align every model to the base (or first) model first.
     pub align: Option<RawAlign>,
     /// Everything else (reported as an error).
     #[serde(flatten)]
     pub other: BTreeMap<String, serde_json::Value>,
+}
+
+/// One module of `modules:` as written: its models or slices, and parameters between
+/// the slices' and the top-level ones.
+///
+/// ```
+/// use modelfusion::config::Config;
+/// let c = Config::from_yaml(
+///     "merge_method: linear\nmodules:\n  default:\n    parameters: {weight: 2}\n    models: [{model: a}, {model: b}]\n",
+///     "c.yml".as_ref(),
+/// )?;
+/// assert_eq!(c.model_param(1, "weight", "w", 0.0)?, 2.0);
+/// assert!(Config::from_yaml("merge_method: linear\nmodules: {vision: {models: [{model: a}]}}\n", "c.yml".as_ref()).is_err());
+/// # Ok::<(), modelfusion::Error>(())
+/// ```
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RawModule {
+    /// The models merged into the module.
+    #[serde(default)]
+    pub models: Vec<ModelEntry>,
+    /// The module's slices (instead of `models`).
+    pub slices: Option<Vec<RawSlice>>,
+    /// The module's parameters.
+    #[serde(default)]
+    pub parameters: BTreeMap<String, serde_json::Value>,
 }
 
 /// One `slices:` entry as written: its sources (the same number of layers from each),
@@ -530,9 +562,11 @@ pub struct Config {
     /// Parameters of the slice this config is the merge of (tried after the per-model
     /// ones, before the global ones); empty at the top level.
     pub slice_params: BTreeMap<String, ParamValue>,
-    /// Where the output's tokenizer comes from (`tokenizer_source` or
-    /// `tokenizer.source`); without it the base (or first) model's files are copied.
-    pub tokenizer: Option<TokenizerSource>,
+    /// The output's vocabulary (`tokenizer_source`, or the `tokenizer:` block): the
+    /// embedding and LM-head rows of every input are remapped to it. Without it the
+    /// base (or first) model's files are copied and the inputs' rows are merged as
+    /// they are.
+    pub tokenizer: Option<TokenizerConfig>,
     /// `chat_template` as written (`auto`, or a template).
     pub chat_template: Option<String>,
 }
@@ -541,16 +575,10 @@ pub struct Config {
 const MAX_CONFIG_SIZE: u64 = 16 << 20;
 
 /// mergekit keys modelfusion does not implement, with what to do instead.
-const UNSUPPORTED_KEYS: [(&str, &str); 2] = [
-    (
-        "modules",
-        "per-module merges are for architectures of several modules (vision-language models); the layouts modelfusion knows have one, so write `models` or `slices` at the top level",
-    ),
-    (
-        "parameters_by_layer",
-        "per-layer parameters are not supported; use {filter, value} lists",
-    ),
-];
+const UNSUPPORTED_KEYS: [(&str, &str); 1] = [(
+    "parameters_by_layer",
+    "per-layer parameters are not supported; use {filter, value} lists",
+)];
 
 fn config_err(reason: impl Into<String>) -> Error {
     Error::invalid("config", reason)
@@ -592,14 +620,18 @@ impl Config {
 
     /// Validates a parsed config: known method and keys, parameter names allowed for the
     /// method, required parameters present, model count and base model as the method needs.
-    pub fn validate(raw: RawConfig) -> Result<Config> {
+    pub fn validate(mut raw: RawConfig) -> Result<Config> {
+        let module = match raw.modules.take() {
+            Some(modules) => Some(single_module(&mut raw, modules)?),
+            None => None,
+        };
         if let Some((k, _)) = raw.other.iter().next() {
             let why = UNSUPPORTED_KEYS
                 .iter()
                 .find(|(u, _)| u == k)
                 .map_or("it is not a key of a mergekit merge config", |(_, w)| w);
             return Err(config_err(format!(
-                "unsupported key `{k}`: {why} (keys: merge_method, base_model, models, slices, parameters, dtype, out_dtype, tokenizer_source, tokenizer, chat_template, align)"
+                "unsupported key `{k}`: {why} (keys: merge_method, base_model, models, slices, modules, parameters, dtype, out_dtype, tokenizer_source, tokenizer, chat_template, align)"
             )));
         }
         let method = method_spec(&raw.merge_method)?;
@@ -615,7 +647,14 @@ impl Config {
             ),
             None => None,
         };
-        let global_params = shared_params(method, &raw.parameters, "parameters")?;
+        let mut global_params = shared_params(method, &raw.parameters, "parameters")?;
+        if let Some(params) = &module {
+            let own = shared_params(method, params, "modules.default.parameters")?;
+            for (k, v) in own {
+                let below = global_params.remove(&k);
+                global_params.insert(k, v.over(below));
+            }
+        }
         let base = raw.base_model.as_ref().map(|b| b.path().to_string());
         let align = raw
             .align
@@ -628,8 +667,11 @@ impl Config {
                     "both `tokenizer_source` and `tokenizer` are set; mergekit takes one of them",
                 ));
             }
-            (Some(v), None) => Some(TokenizerSource::parse(v, "tokenizer_source")?),
-            (None, Some(v)) => Some(TokenizerSource::parse_block(v)?),
+            (Some(v), None) => Some(TokenizerConfig::from_source(TokenizerSource::parse(
+                v,
+                "tokenizer_source",
+            )?)),
+            (None, Some(t)) => Some(TokenizerConfig::parse_block(&t.block, t.tokens.clone())?),
             (None, None) => None,
         };
         let config = |g: Group, slices: Vec<Slice>, slice_params| Config {
@@ -991,6 +1033,70 @@ fn group(
         params: models.into_iter().map(|(_, p)| p).collect(),
         order,
     })
+}
+
+/// The models or slices of `modules:` moved to the top level of `raw`, and the
+/// module's parameters: the architectures modelfusion knows are mergekit's
+/// single-module ones, whose one module is `default` (a config of several modules is
+/// for a vision-language model, whose module layouts modelfusion does not know).
+fn single_module(
+    raw: &mut RawConfig,
+    mut modules: BTreeMap<String, RawModule>,
+) -> Result<BTreeMap<String, serde_json::Value>> {
+    if !raw.models.is_empty() || raw.slices.is_some() {
+        return Err(config_err(
+            "`modules` is set with `models` or `slices`; a config has exactly one of them (as in mergekit)",
+        ));
+    }
+    let names: Vec<&String> = modules.keys().collect();
+    if names != ["default"] {
+        return Err(Error::invalid(
+            "modules",
+            format!(
+                "got modules {names:?}; the architectures modelfusion knows ({}) have one module, `default` (mergekit's name), so write `modules: {{default: {{models | slices, parameters}}}}` or put `models` / `slices` at the top level; several modules are for multi-module architectures (vision-language models) whose layouts modelfusion does not know",
+                LAYOUTS
+                    .iter()
+                    .map(|l| l.family)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        ));
+    }
+    let m = modules.remove("default").unwrap_or_else(|| RawModule {
+        models: Vec::new(),
+        slices: None,
+        parameters: BTreeMap::new(),
+    });
+    if m.models.is_empty() == m.slices.is_none() {
+        return Err(config_err(
+            "modules.default needs exactly one of `models` and `slices` (as in mergekit)",
+        ));
+    }
+    raw.models = m.models;
+    raw.slices = m.slices;
+    Ok(m.parameters)
+}
+
+impl ParamValue {
+    /// This setting over `below` (the next scope's): where this one has no value for
+    /// a tensor (no filter matches), `below` applies, as mergekit walks its scopes.
+    fn over(self, below: Option<ParamValue>) -> ParamValue {
+        let Some(below) = below else { return self };
+        match self {
+            ParamValue::Gradient(v) if v.is_empty() => below,
+            ParamValue::Filtered(mut list) => {
+                match below {
+                    ParamValue::Filtered(rest) => list.extend(rest),
+                    other => list.push(FilterEntry {
+                        filter: None,
+                        value: other,
+                    }),
+                }
+                ParamValue::Filtered(list)
+            }
+            other => other,
+        }
+    }
 }
 
 fn unknown_param(method: &MethodSpec, name: &str, place: &str) -> Error {

@@ -1,14 +1,14 @@
 //! Running a validated config: inputs opened and checked, models aligned when the config
 //! asks for it, tensors merged and streamed to disk.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use ndarray::ArrayD;
 
-use super::tokenizer::{check_vocabularies, edit_json, model_dir, resolve_template, set_template};
-use super::{AlignSettings, Config, ConfigMerger, Layout, LooseWeight, ModelLayout};
+use super::tokenizer::{OutputVocab, RowRemap, edit_json, resolve_template, set_template};
+use super::{AlignSettings, Config, ConfigMerger, Layout, LooseWeight, ModelLayout, layer_index};
 use crate::align::AlignStats;
 use crate::io::{
     Checkpoint, Chunking, Dtype, IoScalar, MappedMerger, MappedTensor, MergeSummary, SaveOptions,
@@ -209,8 +209,11 @@ pub struct MergePlan<'c> {
     groups: Vec<ConfigMerger<'c>>,
     dropped: Vec<String>,
     layers: Option<usize>,
-    /// The directory the tokenizer files come from, and the vocabulary size.
-    tokenizer: Option<(PathBuf, usize)>,
+    /// The output vocabulary, when the config names one.
+    vocab: Option<OutputVocab>,
+    /// Per output tensor: how its sources' rows map to the output vocabulary's (the
+    /// embedding and the LM head, with a vocabulary).
+    remaps: Vec<Option<RowRemap>>,
     chat_template: Option<String>,
     out_dtype: Dtype,
 }
@@ -227,6 +230,7 @@ fn whole_model_plan(inputs: &[&Checkpoint]) -> Result<(Vec<MappedTensor>, Vec<St
                 sources: (0..inputs.len()).map(|i| (i, name.clone())).collect(),
                 name,
                 shape,
+                own_rows: false,
             })
             .collect()
     };
@@ -290,10 +294,15 @@ fn whole_model_plan(inputs: &[&Checkpoint]) -> Result<(Vec<MappedTensor>, Vec<St
             name: name.to_string(),
             shape,
             sources,
+            own_rows: false,
         });
     }
     Ok((plan, dropped))
 }
+
+/// The tensors whose rows are the vocabulary's (mergekit's `vocabulary_axis: 0`
+/// weights of the layouts it knows): remapped when a config names a vocabulary.
+const VOCAB_TENSORS: [&str; 2] = ["model.embed_tokens.weight", "lm_head.weight"];
 
 /// A tensor's merger (index among the plan's groups) and gradient position (`None`:
 /// from the name).
@@ -351,6 +360,7 @@ fn sliced_plan(config: &Config, inputs: &[Checkpoint]) -> Result<SlicedPlan> {
             .unwrap_or_default(),
         name,
         sources,
+        own_rows: false,
     };
     // The tensors before or after the layers, from slice `si`'s sources (a tensor read
     // in place of a missing one when tied; an optional one none has is left out).
@@ -467,7 +477,7 @@ impl Config {
             })
             .collect::<Result<Vec<_>>>()?;
         let refs: Vec<&Checkpoint> = inputs.iter().collect();
-        let (mapped, place, groups, dropped, layers) = if self.slices.is_empty() {
+        let (mut mapped, place, groups, dropped, layers) = if self.slices.is_empty() {
             let (mapped, dropped) = whole_model_plan(&refs)?;
             let merger = ConfigMerger::new(self);
             merger.preflight(mapped.iter().map(|t| t.name.as_str()))?;
@@ -493,28 +503,15 @@ impl Config {
             }
             (mapped, place, groups, Vec::new(), Some(layers))
         };
-        check_mapped(&refs, &mapped)?;
-        let tokenizer = match &self.tokenizer {
-            Some(source) => {
-                let (from, n) = check_vocabularies(source, &self.inputs[0], &self.inputs)?;
-                let vocab_axis = ["model.embed_tokens.weight", "lm_head.weight"];
-                if let Some(t) = mapped
-                    .iter()
-                    .find(|t| vocab_axis.contains(&t.name.as_str()) && t.shape.first() != Some(&n))
-                {
-                    return Err(Error::invalid(
-                        "tokenizer_source",
-                        format!(
-                            "`{}` has {:?} rows, the vocabulary {n} tokens: mergekit would cut or pad the rows to the vocabulary, which modelfusion does not do",
-                            t.name,
-                            t.shape.first()
-                        ),
-                    ));
-                }
-                Some((from, n))
+        let (vocab, remaps) = match &self.tokenizer {
+            Some(settings) => {
+                let v = OutputVocab::build(settings, &self.inputs, 0)?;
+                let remaps = self.remaps(&v, &inputs, &mut mapped, &place)?;
+                (Some(v), remaps)
             }
-            None => None,
+            None => (None, vec![None; mapped.len()]),
         };
+        check_mapped(&refs, &mapped)?;
         let chat_template = match &self.chat_template {
             Some(v) => resolve_template(v, &self.inputs)?,
             None => None,
@@ -541,7 +538,8 @@ impl Config {
             groups,
             dropped,
             layers,
-            tokenizer,
+            vocab,
+            remaps,
             chat_template,
             out_dtype,
         })
@@ -579,6 +577,49 @@ impl Config {
         observer: impl Observer,
     ) -> Result<RunSummary> {
         self.plan()?.run(out, options, observer)
+    }
+
+    /// The row remaps of the embedding and LM head (every tensor of
+    /// [`VOCAB_TENSORS`]) to vocabulary `v`, their plan entries given the output's
+    /// rows and sources read in their own shapes; `None` for the other tensors.
+    fn remaps(
+        &self,
+        v: &OutputVocab,
+        inputs: &[Checkpoint],
+        mapped: &mut [MappedTensor],
+        place: &[Placed],
+    ) -> Result<Vec<Option<RowRemap>>> {
+        mapped
+            .iter_mut()
+            .zip(place)
+            .map(|(t, (g, _))| {
+                if !VOCAB_TENSORS.contains(&t.name.as_str()) {
+                    return Ok(None);
+                }
+                let group = match self.slices.get(*g) {
+                    Some(s) => &s.config,
+                    None => self,
+                };
+                let base = group
+                    .has_base
+                    .then(|| self.inputs.iter().position(|p| *p == group.inputs[0]))
+                    .flatten();
+                let (srcs, rows): (Vec<usize>, Vec<usize>) = t
+                    .sources
+                    .iter()
+                    .map(|(i, n)| {
+                        let rows = inputs[*i].info(n).and_then(|x| x.shape().first().copied());
+                        (*i, rows.unwrap_or(0))
+                    })
+                    .unzip();
+                let r = v.remap(&t.name, &srcs, &rows, base)?;
+                if let Some(s) = t.shape.first_mut() {
+                    *s = v.rows();
+                }
+                t.own_rows = true;
+                Ok(Some(r))
+            })
+            .collect()
     }
 
     fn input_role(&self, i: usize) -> String {
@@ -684,16 +725,13 @@ impl MergePlan<'_> {
             if let Some(n) = self.layers {
                 set_config_key(&mut side, "num_hidden_layers", n)?;
             }
-            if let Some((from, n)) = &self.tokenizer {
-                // The tokenizer files of the source, the rest from the base (or first).
-                let keep = |n: &str| matches!(n, "config.json" | "generation_config.json");
-                side.retain(|(n, _)| keep(n));
-                side.extend(
-                    side_files(&model_dir(from), None)?
-                        .into_iter()
-                        .filter(|(n, _)| !keep(n)),
-                );
-                set_config_key(&mut side, "vocab_size", *n)?;
+            if let Some(v) = &self.vocab {
+                // The tokenizer files of the vocabulary, the rest from the base (or first).
+                side.retain(|(n, _)| {
+                    matches!(n.as_str(), "config.json" | "generation_config.json")
+                });
+                side.extend(v.side_files()?);
+                set_config_key(&mut side, "vocab_size", v.rows())?;
             }
             if let Some(t) = &self.chat_template {
                 set_template(&mut side, t)?;
@@ -709,6 +747,7 @@ impl MergePlan<'_> {
         let checked = Checked {
             groups: &self.groups,
             place: &self.place,
+            remaps: &self.remaps,
             aligned: alignment.as_ref(),
             allow_nonfinite: options.allow_nonfinite,
             out_dtype: self.out_dtype,
@@ -813,6 +852,7 @@ struct AlignedInputs {
 struct Checked<'a, M> {
     groups: &'a [M],
     place: &'a [Placed],
+    remaps: &'a [Option<RowRemap>],
     aligned: Option<&'a AlignedInputs>,
     allow_nonfinite: bool,
     out_dtype: Dtype,
@@ -841,8 +881,27 @@ impl<T: IoScalar> MappedMerger<T> for Checked<'_, ConfigMerger<'_>> {
         let name = tensor.name.as_str();
         let (g, at) = self.place[k];
         let merger = &self.groups[g];
+        let remapped = match &self.remaps[k] {
+            Some(r) => Some(r.apply(ts)?),
+            None => None,
+        };
+        let remapped_refs: Option<Vec<&ArrayD<T>>> = remapped.as_ref().map(|v| v.iter().collect());
+        let ts = remapped_refs.as_deref().unwrap_or(ts);
+        // Per-model filters match the source's name: a layer's in the source model (a
+        // tied LM head read from the embedding is still `lm_head`, as in mergekit).
+        let sources: Vec<&str> = tensor
+            .sources
+            .iter()
+            .map(|(_, n)| {
+                if layer_index(n).is_some() {
+                    n.as_str()
+                } else {
+                    name
+                }
+            })
+            .collect();
         let merge = |ts: &[&ArrayD<T>]| match at {
-            Some(t) => merger.merge_at(name, t, ts),
+            Some(t) => merger.merge_sourced(name, &sources, t, ts),
             None => merger.merge_tensor(name, ts),
         };
         let out = match self.aligned {

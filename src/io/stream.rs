@@ -338,6 +338,7 @@ where
             sources: (0..inputs.len()).map(|i| (i, name.clone())).collect(),
             name,
             shape,
+            own_rows: false,
         })
         .collect();
     merge_mapped(inputs, &plan, &ByName(merger), out_dir, options, observer)
@@ -353,6 +354,7 @@ where
 ///     name: "model.layers.0.mlp.up_proj.weight".into(),
 ///     shape: vec![8, 4],
 ///     sources: vec![(1, "model.layers.5.mlp.up_proj.weight".into())],
+///     own_rows: false,
 /// };
 /// assert_eq!(t.sources.len(), 1);
 /// ```
@@ -365,6 +367,11 @@ pub struct MappedTensor {
     /// The merger's inputs in its order: `(checkpoint index, tensor name in it)`; the
     /// same checkpoint may appear more than once, and the count may differ per tensor.
     pub sources: Vec<(usize, String)>,
+    /// Whether the sources may have another number of rows (axis 0) than the output,
+    /// the rest of their shape being the output's: they are then read whole, in their
+    /// own shapes, and the merger maps their rows to the output's (an embedding whose
+    /// vocabulary is remapped). `false`: every source has the output's shape.
+    pub own_rows: bool,
 }
 
 /// A merger of [`merge_mapped`]: gets the position of the tensor in the plan, the
@@ -379,7 +386,7 @@ pub struct MappedTensor {
 ///         Ok(ts[0].clone())
 ///     }
 /// }
-/// let t = MappedTensor { name: "w".into(), shape: vec![1], sources: vec![(0, "w".into())] };
+/// let t = MappedTensor { name: "w".into(), shape: vec![1], sources: vec![(0, "w".into())], own_rows: false };
 /// let x = ArrayD::from_elem(vec![1], 2.0f32);
 /// assert_eq!(First.merge_mapped(0, &t, &[&x])?, x);
 /// # Ok::<(), modelfusion::Error>(())
@@ -442,7 +449,12 @@ pub(crate) fn check_mapped(
                         t.name
                     ),
                 })?;
-                if info.shape() != t.shape.as_slice() {
+                let fits = if t.own_rows {
+                    info.shape().len() == t.shape.len() && info.shape()[1..] == t.shape[1..]
+                } else {
+                    info.shape() == t.shape.as_slice()
+                };
+                if !fits {
                     return Err(Error::shape(
                         format!(
                             "tensor `{src}` of {} (input {c}), source of output tensor `{}`",
@@ -454,6 +466,16 @@ pub(crate) fn check_mapped(
                     ));
                 }
                 let d = (!info.dtype().is_float()).then_some(info.dtype());
+                if t.own_rows && d.is_some() {
+                    return Err(Error::invalid(
+                        "merge plan",
+                        format!(
+                            "output tensor `{}` has rows remapped but its source `{src}` is {} (only float tensors are remapped)",
+                            t.name,
+                            info.dtype()
+                        ),
+                    ));
+                }
                 if j == 0 {
                     dtype = d;
                 } else if d != dtype {
@@ -501,7 +523,7 @@ pub(crate) fn check_mapped(
 /// let ck = Checkpoint::open(&p)?;
 /// // `a` written twice, as `x` and `y`.
 /// let plan: Vec<MappedTensor> = ["x", "y"].iter().map(|n| MappedTensor {
-///     name: n.to_string(), shape: vec![1], sources: vec![(0, "a".into())],
+///     name: n.to_string(), shape: vec![1], sources: vec![(0, "a".into())], own_rows: false,
 /// }).collect();
 /// let out = tmp.join("modelfusion-doc-mapped-out");
 /// merge_mapped::<f32, _>(&[&ck], &plan, &First, &out, &StreamOptions::new(SaveOptions::new(Dtype::F32)), Silent)?;
@@ -566,7 +588,13 @@ where
             .map(|(c, n)| (inputs[*c], n.as_str()))
             .collect();
         let numel: usize = shape.iter().product();
-        match options.chunking {
+        // Sources with rows of their own are read whole, in their own shapes.
+        let chunking = if tensor.own_rows {
+            Chunking::Whole
+        } else {
+            options.chunking
+        };
+        match chunking {
             _ if carried_dtype[k].is_some() => {
                 let (first, first_name) = sources[0];
                 let raw = first.read_raw(first_name)?;
@@ -584,7 +612,11 @@ where
                 let ts = sources
                     .par_iter()
                     .zip(whole_bufs.par_iter_mut())
-                    .map(|((c, n), buf)| read_reusing(c, n, 0, shape, buf))
+                    .map(|((c, n), buf)| {
+                        let own = c.info(n).map(|i| i.shape().to_vec());
+                        let read = own.as_deref().filter(|_| tensor.own_rows).unwrap_or(shape);
+                        read_reusing(c, n, 0, read, buf)
+                    })
                     .collect::<Result<Vec<_>>>()?;
                 let refs: Vec<&ArrayD<T>> = ts.iter().collect();
                 let out = merger.merge_mapped(k, tensor, &refs)?;
