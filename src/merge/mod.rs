@@ -85,6 +85,7 @@
 //! ```
 
 mod average;
+mod chunked;
 mod ensemble;
 mod fisher;
 mod fusion;
@@ -101,6 +102,7 @@ mod svd;
 mod task;
 
 pub use average::{Average, Ema, Lawa, Swa, Swag};
+pub use chunked::{ChunkedInputs, SliceChunks};
 pub use ensemble::{Ensemble, EnsembleMode, Outputs};
 pub use fisher::{DEFAULT_FISHER_FLOOR, Fisher, diagonal_fisher};
 pub use fusion::{ArceeFusion, FUSION_QUANTILE_SAMPLE, NearSwap};
@@ -113,7 +115,7 @@ pub use soup::{GreedySoup, SoupReport, SoupStep};
 pub use spherical::{MultiSlerp, NuSlerp, SlerpVectors, nuslerp_t};
 pub use stock::ModelStock;
 pub use svd::{IsoC, TsvMerge};
-pub use task::{Consensus, Rescale, Sparsification, TaskMerge};
+pub use task::{Consensus, Rescale, Sparsification, TaskMerge, TieOrder};
 
 use crate::error::{Error, Result};
 use crate::model::Model;
