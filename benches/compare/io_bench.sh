@@ -9,8 +9,8 @@
 # 4096 x 4096 tensors; `llama`: bf16 Llama-like checkpoints of 542M parameters, see
 # io_gen.py), MERGEKIT=1 (add mergekit-yaml rows, run once each: minutes and ~5 GiB
 # each; needs venv-mk and the `llama` layout), MODELFUSION=0 (skip the modelfusion and
-# cp rows), KEEP=1 (keep the generated inputs), TIE_ORDER (adds TIES rows with that
-# `tie_order`, e.g. `index`).
+# cp rows), KEEP=1 (keep the generated inputs). TIES runs twice: in mergekit's tie
+# order (the default) and with `index_tie_break: true`.
 #
 # Needs /usr/bin/time (apt-get install -y time), the project venv (venv) for the
 # generator, and builds `modelfusion` in release mode with feature `cli`. Inputs are read
@@ -83,11 +83,9 @@ YML
     run "cp of the 3 $DT inputs (3 x $IN B)" $((6 * IN)) sh -c "for i in 0 1 2; do cp $WORK/$DT-m\$i/model.safetensors $WORK/cp/\$i; done"
     run "modelfusion linear, 3 x $DT -> $DT" $((4 * IN)) "$BIN" merge "$WORK/linear-$DT.yml" "$WORK/out" --no-progress
     run "modelfusion ties (density 0.5), 3 x $DT -> $DT" $((4 * IN)) "$BIN" merge "$WORK/ties-$DT.yml" "$WORK/out" --no-progress
-    if [ -n "${TIE_ORDER:-}" ]; then
-      echo "parameters: {tie_order: $TIE_ORDER}" >"$WORK/ties-$DT-$TIE_ORDER.yml"
-      cat "$WORK/ties-$DT.yml" >>"$WORK/ties-$DT-$TIE_ORDER.yml"
-      run "modelfusion ties (density 0.5, tie_order: $TIE_ORDER), 3 x $DT -> $DT" $((4 * IN)) "$BIN" merge "$WORK/ties-$DT-$TIE_ORDER.yml" "$WORK/out" --no-progress
-    fi
+    echo "parameters: {index_tie_break: true}" >"$WORK/ties-index-$DT.yml"
+    cat "$WORK/ties-$DT.yml" >>"$WORK/ties-index-$DT.yml"
+    run "modelfusion ties (density 0.5, index_tie_break), 3 x $DT -> $DT" $((4 * IN)) "$BIN" merge "$WORK/ties-index-$DT.yml" "$WORK/out" --no-progress
   fi
   if [ "${MERGEKIT:-0}" = 1 ]; then
     run "mergekit-yaml linear (CPU), 3 x $DT -> $DT" $((4 * IN)) "$MK" "$WORK/linear-$DT.yml" "$WORK/out" --allow-crimes

@@ -50,7 +50,7 @@ impl Default for RunOptions {
 }
 
 impl RunOptions {
-    /// One output file, chunks of 2^18 elements for elementwise methods, side files
+    /// One output file, chunks of 2^18 elements for elementwise and task-vector methods, side files
     /// (`config.json`, tokenizer files) copied from the base or first model, merged
     /// tensors with NaN or infinite values refused.
     ///
@@ -77,7 +77,8 @@ impl RunOptions {
     }
 
     /// Elements per chunk for elementwise methods (linear, task arithmetic without
-    /// trimming). Zero is an error.
+    /// trimming) and for the passes of the task-vector methods over their inputs (TIES,
+    /// breadcrumbs: [`Chunking::Passes`]). Zero is an error.
     ///
     /// ```
     /// let o = modelfusion::config::RunOptions::new().with_chunk_elems(1024)?;
@@ -118,7 +119,7 @@ impl RunOptions {
     pub fn max_shard_size(&self) -> Option<u64> {
         self.max_shard_size
     }
-    /// Elements per chunk for elementwise methods.
+    /// Elements per chunk for elementwise methods and task-vector passes.
     pub fn chunk_elems(&self) -> usize {
         self.chunk_elems
     }
