@@ -542,7 +542,7 @@ impl ConfigMerger<'_> {
         t: f64,
         shape: &[usize],
         inputs: &TensorChunks<'_, T>,
-        out: &(dyn Fn(usize, &[T]) -> Result<()> + Sync),
+        out: &crate::merge::ChunkSink<'_, T>,
     ) -> Result<bool> {
         let c = self.config;
         let task = matches!(

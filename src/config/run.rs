@@ -912,7 +912,7 @@ impl<T: IoScalar> MappedMerger<T> for Checked<'_, ConfigMerger<'_>> {
         k: usize,
         tensor: &MappedTensor,
         inputs: &TensorChunks<'_, T>,
-        out: &(dyn Fn(usize, &[T]) -> Result<()> + Sync),
+        out: &crate::merge::ChunkSink<'_, T>,
     ) -> Result<bool> {
         if self.aligned.is_some() {
             return Ok(false);

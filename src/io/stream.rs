@@ -411,7 +411,7 @@ pub trait MappedMerger<T>: Sync {
         index: usize,
         tensor: &MappedTensor,
         inputs: &TensorChunks<'_, T>,
-        out: &(dyn Fn(usize, &[T]) -> Result<()> + Sync),
+        out: &crate::merge::ChunkSink<'_, T>,
     ) -> Result<bool> {
         let _ = (index, tensor, inputs, out);
         Ok(false)
@@ -524,7 +524,7 @@ impl<T: IoScalar> crate::merge::ChunkedInputs<T> for TensorChunks<'_, T> {
         &self,
         chunks: std::ops::Range<usize>,
         init: &(dyn Fn() -> A + Sync),
-        f: &(dyn Fn(&mut A, usize, &[&[T]]) -> Result<()> + Sync),
+        f: &crate::merge::ChunkFn<'_, A, T>,
     ) -> Result<Vec<A>> {
         let pools = self.pools();
         let workers = pools.len().min(chunks.len()).max(1);

@@ -10,6 +10,27 @@ use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 
+/// A chunk visitor of [`ChunkedInputs::fold_chunks`]: `f(acc, start, tensors)`.
+///
+/// ```
+/// use modelfusion::merge::ChunkFn;
+/// let count: &ChunkFn<'_, usize, f32> = &|acc, _start, xs| { *acc += xs[0].len(); Ok(()) };
+/// let mut n = 0;
+/// count(&mut n, 0, &[&[1.0, 2.0]])?;
+/// assert_eq!(n, 2);
+/// # Ok::<(), modelfusion::Error>(())
+/// ```
+pub type ChunkFn<'a, A, E> = dyn Fn(&mut A, usize, &[&[E]]) -> Result<()> + Sync + 'a;
+
+/// Where a chunked merge hands its output: `out(start, elements)`.
+///
+/// ```
+/// use modelfusion::merge::ChunkSink;
+/// let sink: &ChunkSink<'_, f32> = &|start, xs| { assert!(start + xs.len() <= 4); Ok(()) };
+/// assert!(sink(0, &[1.0, 2.0]).is_ok());
+/// ```
+pub type ChunkSink<'a, E> = dyn Fn(usize, &[E]) -> Result<()> + Sync + 'a;
+
 /// The same flat range of every input tensor of one merge, served chunk by chunk (from
 /// checkpoints on disk by [`io::merge_mapped`](crate::io::merge_mapped), or from memory
 /// by [`SliceChunks`]). Every chunk but the last holds [`chunk_elems`](Self::chunk_elems)
@@ -56,7 +77,7 @@ pub trait ChunkedInputs<E>: Sync {
         &self,
         chunks: Range<usize>,
         init: &(dyn Fn() -> A + Sync),
-        f: &(dyn Fn(&mut A, usize, &[&[E]]) -> Result<()> + Sync),
+        f: &ChunkFn<'_, A, E>,
     ) -> Result<Vec<A>>;
 
     /// Reads all of input `input` into `out` (of length [`len`](Self::len)), for
@@ -131,7 +152,7 @@ impl<E: Copy + Sync> ChunkedInputs<E> for SliceChunks<'_, E> {
         &self,
         chunks: Range<usize>,
         init: &(dyn Fn() -> A + Sync),
-        f: &(dyn Fn(&mut A, usize, &[&[E]]) -> Result<()> + Sync),
+        f: &ChunkFn<'_, A, E>,
     ) -> Result<Vec<A>> {
         let n = self.len();
         let workers = rayon::current_num_threads().clamp(1, chunks.len().max(1));

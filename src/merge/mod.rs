@@ -104,7 +104,7 @@ mod svd;
 mod task;
 
 pub use average::{Average, Ema, Lawa, Swa, Swag};
-pub use chunked::{ChunkedInputs, SliceChunks};
+pub use chunked::{ChunkFn, ChunkSink, ChunkedInputs, SliceChunks};
 pub use ensemble::{Ensemble, EnsembleMode, Outputs};
 pub use fisher::{DEFAULT_FISHER_FLOOR, Fisher, diagonal_fisher};
 pub use fusion::{ArceeFusion, FUSION_QUANTILE_SAMPLE, NearSwap};

@@ -518,9 +518,10 @@ const LO_BINS: usize = 1 << 16;
 const COLLECT_CAP: usize = 1 << 19;
 
 /// Finds every requested cut in bounded memory with passes over the chunks: a histogram
-/// of the keys' high 16 bits per model, then per request either the entries of the bin
-/// holding the cut (with their indices, at most [`COLLECT_CAP`]) or a histogram of that
-/// bin's low 16 bits, which fixes the cut's key exactly. With `index_order`, entries tied
+/// of the keys' high 16 bits per model (with the OR and AND of each bin's low bits, so
+/// a bin of one value, usual for bf16 and f16 deltas, is known exactly), then, for a
+/// bin of several values, either its entries (with their indices, at most
+/// [`COLLECT_CAP`]) or a histogram of its low 16 bits, which fixes the cut's key. With `index_order`, entries tied
 /// at a cut are taken in index order (a histogram-finished cut that splits ties takes
 /// one more counting pass and a read of one chunk); otherwise a split tie returns
 /// [`Cuts::Whole`]. Also returns [`Cuts::Whole`] when an input holds a non-finite value.
@@ -536,69 +537,94 @@ pub(crate) fn stream_cuts<E: Scalar, C: ChunkedInputs<E>>(
     models.sort_unstable();
     models.dedup();
     let nm = models.len();
-    // Pass 1: finiteness of every input, histograms of the high bits.
+    // Pass 1: finiteness of every input, histograms of the high bits, and per bin the
+    // OR and the AND of the low bits (equal: every key of the bin is one value).
     let parts = inputs.fold_chunks(
         all.clone(),
-        &|| (vec![0u32; nm * HI_BINS], false),
+        &|| Pass1 {
+            hist: vec![0u32; nm * HI_BINS],
+            or: vec![0u16; nm * HI_BINS],
+            and: vec![u16::MAX; nm * HI_BINS],
+            nonfinite: false,
+        },
         &|acc, start, ts| {
             let (b, xs) = base.split(start, ts);
-            if acc.1 || !(all_finite(b) && xs.iter().all(|x| all_finite(x))) {
-                acc.1 = true;
+            if acc.nonfinite || !(all_finite(b) && xs.iter().all(|x| all_finite(x))) {
+                acc.nonfinite = true;
                 return Ok(());
             }
             for (j, &m) in models.iter().enumerate() {
-                let h = &mut acc.0[j * HI_BINS..(j + 1) * HI_BINS];
+                let range = j * HI_BINS..(j + 1) * HI_BINS;
+                let h = &mut acc.hist[range.clone()];
+                let or = &mut acc.or[range.clone()];
+                let and = &mut acc.and[range];
                 for (&x, &bv) in xs[m].iter().zip(b) {
-                    h[(key(x, bv).to_bits() >> 16) as usize] += 1;
+                    let k = key(x, bv).to_bits();
+                    let (hb, lo) = ((k >> 16) as usize, k as u16);
+                    h[hb] += 1;
+                    or[hb] |= lo;
+                    and[hb] &= lo;
                 }
             }
             Ok(())
         },
     )?;
-    if parts.iter().any(|p| p.1) {
+    if parts.iter().any(|p| p.nonfinite) {
         return Ok(Cuts::Whole);
     }
     let mut hist = vec![0usize; nm * HI_BINS];
+    let (mut or, mut and) = (vec![0u16; nm * HI_BINS], vec![u16::MAX; nm * HI_BINS]);
     for p in &parts {
-        for (h, &c) in hist.iter_mut().zip(&p.0) {
-            *h += c as usize;
+        for i in 0..nm * HI_BINS {
+            hist[i] += p.hist[i] as usize;
+            or[i] |= p.or[i];
+            and[i] &= p.and[i];
         }
     }
     drop(parts);
     // Per request: the bin holding position p, the count before it and its count.
+    // Also: the bin's one low-bit pattern, when it has only one.
+    let mut single: Vec<Option<u16>> = Vec::with_capacity(requests.len());
     let located: Vec<(u32, usize, usize)> = requests
         .iter()
         .map(|r| {
             let j = models.iter().position(|&m| m == r.model).unwrap_or(0);
             let h = &hist[j * HI_BINS..(j + 1) * HI_BINS];
-            locate(h, r.desc, r.p)
+            let at = locate(h, r.desc, r.p);
+            let bin = j * HI_BINS + at.0 as usize;
+            single.push((or[bin] == and[bin]).then_some(or[bin]));
+            at
         })
         .collect();
-    // Pass 2: collect the bin, or histogram its low bits.
-    let lo_slot: Vec<Option<usize>> = {
-        let mut q = 0;
-        located
-            .iter()
-            .map(|&(_, _, c)| {
-                (c > COLLECT_CAP).then(|| {
-                    q += 1;
-                    q - 1
-                })
-            })
-            .collect()
-    };
-    let nlo = lo_slot.iter().flatten().count();
+    // Pass 2 (for bins of several values): collect the bin, or histogram its low bits.
+    let mut q = 0;
+    let mode: Vec<Mode> = located
+        .iter()
+        .zip(&single)
+        .map(|(&(_, _, c), s)| match s {
+            Some(lo) => Mode::Single(*lo),
+            None if c > COLLECT_CAP => {
+                q += 1;
+                Mode::Low(q - 1)
+            }
+            None => Mode::Collect,
+        })
+        .collect();
+    let nlo = q;
     let nr = requests.len();
+    let second = mode.iter().any(|m| !matches!(m, Mode::Single(_)));
+    let chunks2 = if second { all.clone() } else { 0..0 };
     let parts = inputs.fold_chunks(
-        all.clone(),
+        chunks2,
         &|| (vec![Vec::new(); nr], vec![0u32; nlo * LO_BINS]),
         &|acc, start, ts| {
             let (b, xs) = base.split(start, ts);
             for (r, req) in requests.iter().enumerate() {
                 let hb = located[r].0;
                 let x = xs[req.model];
-                match lo_slot[r] {
-                    None => {
+                match mode[r] {
+                    Mode::Single(_) => {}
+                    Mode::Collect => {
                         let got = &mut acc.0[r];
                         for (j, (&xv, &bv)) in x.iter().zip(b).enumerate() {
                             let k = key(xv, bv).to_bits();
@@ -607,7 +633,7 @@ pub(crate) fn stream_cuts<E: Scalar, C: ChunkedInputs<E>>(
                             }
                         }
                     }
-                    Some(q) => {
+                    Mode::Low(q) => {
                         let h = &mut acc.1[q * LO_BINS..(q + 1) * LO_BINS];
                         for (&xv, &bv) in x.iter().zip(b) {
                             let k = key(xv, bv).to_bits();
@@ -627,8 +653,9 @@ pub(crate) fn stream_cuts<E: Scalar, C: ChunkedInputs<E>>(
     for (r, req) in requests.iter().enumerate() {
         let (hb, before, _) = located[r];
         let rank = req.p - before; // 1-based position inside the bin
-        let (lo, before_v, eq, tie_end) = match lo_slot[r] {
-            None => {
+        let (lo, before_v, eq, tie_end) = match mode[r] {
+            Mode::Single(lo) => (lo, before, located[r].2, None),
+            Mode::Collect => {
                 let mut got: Vec<(usize, u16)> = Vec::new();
                 for p in &parts {
                     got.extend_from_slice(&p.0[r]);
@@ -643,7 +670,7 @@ pub(crate) fn stream_cuts<E: Scalar, C: ChunkedInputs<E>>(
                 let eq = got[first..].iter().take_while(|e| e.1 == lo).count();
                 (lo, before + first, eq, Some(at + 1))
             }
-            Some(q) => {
+            Mode::Low(q) => {
                 let mut h = vec![0usize; LO_BINS];
                 for p in &parts {
                     for (a, &c) in h.iter_mut().zip(&p.1[q * LO_BINS..(q + 1) * LO_BINS]) {
@@ -677,6 +704,25 @@ pub(crate) fn stream_cuts<E: Scalar, C: ChunkedInputs<E>>(
         cuts[r].tie_end = tie_index(inputs, base, m, v, rank)? + 1;
     }
     Ok(Cuts::Found(cuts))
+}
+
+/// The first pass's per-worker state.
+struct Pass1 {
+    hist: Vec<u32>,
+    or: Vec<u16>,
+    and: Vec<u16>,
+    nonfinite: bool,
+}
+
+/// How the second pass finishes a cut.
+#[derive(Clone, Copy)]
+enum Mode {
+    /// Not at all: every key of the bin has these low bits.
+    Single(u16),
+    /// Collects the bin's entries.
+    Collect,
+    /// Histograms the bin's low bits (slot `q`).
+    Low(usize),
 }
 
 /// The bin holding 1-based position `p` of a histogram read from the top (`desc`) or

@@ -16,7 +16,7 @@ use std::borrow::Cow;
 use rand::Rng;
 
 use super::TensorMerger;
-use super::chunked::{ChunkedInputs, SliceChunks};
+use super::chunked::{ChunkSink, ChunkedInputs, SliceChunks};
 use super::kernel::{self, BLOCK, base_tensor, check_count, check_shapes, check_weights};
 use super::select::{
     Base, Cut, CutRequest, Cuts, count_around, key, kth_largest_many, stream_cuts, torch_sort_cuts,
@@ -749,7 +749,7 @@ impl<M: Model> TaskMerge<M> {
         name: &str,
         shape: &[usize],
         inputs: &C,
-        out: &(dyn Fn(usize, &[<M::Tensor as Tensor>::Elem]) -> Result<()> + Sync),
+        out: &ChunkSink<'_, <M::Tensor as Tensor>::Elem>,
     ) -> Result<()>
     where
         C: ChunkedInputs<<M::Tensor as Tensor>::Elem>,
@@ -856,7 +856,7 @@ impl<M: Model> TaskMerge<M> {
         name: &str,
         shape: &[usize],
         inputs: &C,
-        out: &(dyn Fn(usize, &[<M::Tensor as Tensor>::Elem]) -> Result<()> + Sync),
+        out: &ChunkSink<'_, <M::Tensor as Tensor>::Elem>,
     ) -> Result<()>
     where
         C: ChunkedInputs<<M::Tensor as Tensor>::Elem>,
