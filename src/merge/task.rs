@@ -782,16 +782,7 @@ impl<M: Model> TaskMerge<M> {
         if !chunkable {
             return self.merge_read_whole(name, shape, inputs, out);
         }
-        let weights = match &self.weights {
-            Some(w) => {
-                check_count(w.len(), models, "weights", name)?;
-                w.clone()
-            }
-            None => vec![1.0; models],
-        };
-        if let Some(p) = &self.per_model {
-            check_count(p.len(), models, "sparsifications", name)?;
-        }
+        let weights = self.weights_for(name, models)?;
         let base = Base(held.as_deref());
         let requests = cut_requests(&plans, n);
         let cuts = if requests.is_empty() {
@@ -917,16 +908,7 @@ impl<M: Model> TaskMerge<M> {
                 }
             },
         };
-        let weights = match &self.weights {
-            Some(w) => {
-                check_count(w.len(), tensors.len(), "weights", name)?;
-                w.clone()
-            }
-            None => vec![1.0; tensors.len()],
-        };
-        if let Some(p) = &self.per_model {
-            check_count(p.len(), tensors.len(), "sparsifications", name)?;
-        }
+        let weights = self.weights_for(name, tensors.len())?;
         let b = kernel::elems(base);
         let data: Vec<Cow<'_, [<M::Tensor as Tensor>::Elem]>> =
             tensors.iter().map(|t| kernel::elems(*t)).collect();
@@ -961,6 +943,22 @@ impl<M: Model> TaskMerge<M> {
         kernel::check_merged(name, tensors, &[("the base model", base)], out, || {
             kernel::overflow_error("lambda", self.lambda, name)
         })
+    }
+
+    /// The weights of `models` models (1 each by default), with the counts of the
+    /// weights and per-model sparsifications checked.
+    fn weights_for(&self, name: &str, models: usize) -> Result<Vec<f64>> {
+        let weights = match &self.weights {
+            Some(w) => {
+                check_count(w.len(), models, "weights", name)?;
+                w.clone()
+            }
+            None => vec![1.0; models],
+        };
+        if let Some(p) = &self.per_model {
+            check_count(p.len(), models, "sparsifications", name)?;
+        }
+        Ok(weights)
     }
 
     /// The sparsification of model `i`.
