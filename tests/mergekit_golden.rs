@@ -4,7 +4,7 @@
 //! must be exactly mergekit's, ties at the cut included.
 
 use modelfusion::StateDict;
-use modelfusion::merge::{Consensus, Sce, Sparsification, TaskMerge, TensorMerger};
+use modelfusion::merge::{Consensus, Sce, SliceChunks, Sparsification, TaskMerge, TensorMerger};
 use ndarray::{ArrayD, IxDyn};
 use serde_json::Value;
 
@@ -65,6 +65,17 @@ fn trimming_keeps_exactly_mergekits_entries() {
                 "{} n={n} density={density} gamma={gamma}",
                 c["method"]
             );
+            // The chunked (bounded-memory) path, in the default mergekit tie order.
+            let chunk = 1 + n / 7;
+            let got = std::sync::Mutex::new(vec![0.0f32; n]);
+            let src = SliceChunks::new(vec![x.as_slice().unwrap()], chunk).unwrap();
+            m.merge_chunked("w", &[n], &src, &|start, xs: &[f32]| {
+                got.lock().unwrap()[start..start + xs.len()].copy_from_slice(xs);
+                Ok(())
+            })
+            .unwrap();
+            let got = ArrayD::from_shape_vec(IxDyn(&[n]), got.into_inner().unwrap()).unwrap();
+            assert_eq!(mask_mismatches(&got, &c["kept"]), 0, "chunked {chunk}");
             checked += 1;
         }
     }

@@ -3,10 +3,11 @@
 
 use std::sync::OnceLock;
 
-use crate::io::IoScalar;
+use crate::io::{IoScalar, TensorChunks};
 use crate::merge::{
     ArceeFusion, Average, Consensus, KarcherMean, ModelStock, MultiSlerp, NearSwap, NuSlerp, Ram,
-    Rescale, Sce, Slerp, SlerpVectors, Sparsification, TaskMerge, TensorMerger, nuslerp_t,
+    Rescale, Sce, Slerp, SlerpVectors, Sparsification, TaskMerge, TensorMerger, TieOrder,
+    nuslerp_t,
 };
 use crate::{Error, Result, StateDict};
 use ndarray::ArrayD;
@@ -89,9 +90,15 @@ const fn gta_globals(normalize: bool, rescale: bool) -> [ParamSpec; 4] {
     ]
 }
 const TA_GLOBALS: &[ParamSpec] = &gta_globals(false, false);
-const TIES_GLOBALS: &[ParamSpec] = &gta_globals(true, false);
+/// [`gta_globals`] of a magnitude-trimming method, with modelfusion's
+/// `index_tie_break` (entries tied at a cut kept in index order: [`TieOrder::Index`]).
+const fn trim_globals(normalize: bool, rescale: bool) -> [ParamSpec; 5] {
+    let [a, b, c, d] = gta_globals(normalize, rescale);
+    [a, b, c, d, flag("index_tie_break", false)]
+}
+const TIES_GLOBALS: &[ParamSpec] = &trim_globals(true, false);
 const DARE_GLOBALS: &[ParamSpec] = &gta_globals(false, true);
-const CRUMBS_GLOBALS: &[ParamSpec] = &gta_globals(false, false);
+const CRUMBS_GLOBALS: &[ParamSpec] = &trim_globals(false, false);
 const DELLA_GLOBALS: &[ParamSpec] = &gta_globals(true, true);
 const DELLA_LINEAR_GLOBALS: &[ParamSpec] = &gta_globals(false, true);
 const SPARSE_MODEL: &[ParamSpec] = &[req("weight"), opt("density", 1.0)];
@@ -394,11 +401,7 @@ where
     T: IoScalar,
 {
     fn merge_tensor(&self, name: &str, ts: &[&ArrayD<T>]) -> Result<ArrayD<T>> {
-        self.merge_at(
-            name,
-            gradient_t(name, self.layers.get().copied().unwrap_or(0)),
-            ts,
-        )
+        self.merge_at(name, self.position(name), ts)
     }
 }
 
@@ -548,17 +551,75 @@ impl ConfigMerger<'_> {
             }
             _ => {}
         }
+        self.task_merge::<T>(name, t, models.len())?
+            .merge_tensor(name, ts)
+    }
+
+    /// The gradient position of tensor `name` (from its layer index).
+    pub(crate) fn position(&self, name: &str) -> f64 {
+        gradient_t(name, self.layers.get().copied().unwrap_or(0))
+    }
+
+    /// Merges tensor `name` (of `shape`, at gradient position `t`) of a task-vector
+    /// method from chunked inputs (the base first), writing through `out`
+    /// ([`TaskMerge::merge_chunked`]: magnitude trimming in bounded memory); returns
+    /// `false`, doing nothing, for the other methods.
+    pub(crate) fn merge_chunked_at<T: IoScalar>(
+        &self,
+        name: &str,
+        t: f64,
+        shape: &[usize],
+        inputs: &TensorChunks<'_, T>,
+        out: &crate::merge::ChunkSink<'_, T>,
+    ) -> Result<bool> {
+        let c = self.config;
+        let task = matches!(
+            c.method.name,
+            "task_arithmetic"
+                | "ties"
+                | "dare_ties"
+                | "dare_linear"
+                | "breadcrumbs"
+                | "breadcrumbs_ties"
+                | "della"
+                | "della_linear"
+        );
+        if !task {
+            return Ok(false);
+        }
+        let models = crate::merge::ChunkedInputs::inputs(inputs).saturating_sub(1);
+        self.task_merge::<T>(name, t, models)?
+            .merge_chunked(name, shape, inputs, out)?;
+        Ok(true)
+    }
+
+    /// The task-vector merger of a generalised task-arithmetic method for tensor
+    /// `name` at gradient position `t`, with `models` models besides the base.
+    fn task_merge<T: IoScalar>(
+        &self,
+        name: &str,
+        t: f64,
+        models: usize,
+    ) -> Result<TaskMerge<StateDict<ArrayD<T>>>> {
+        let c = self.config;
+        let per_model = |p: &str| {
+            (0..models)
+                .map(|i| c.model_param(i, p, name, t))
+                .collect::<Result<Vec<f64>>>()
+        };
+        let global = |p: &str| c.global_param(p, name, t);
+        let method = c.method.name;
         let density = per_model("density")?;
         let param = |p: &str| -> Result<Vec<f64>> {
             if c.method.model_params.iter().any(|s| s.name == p) {
                 per_model(p)
             } else {
-                Ok(vec![0.0; models.len()])
+                Ok(vec![0.0; models])
             }
         };
         let (gamma, epsilon) = (param("gamma")?, param("epsilon")?);
         let seed = c.seed;
-        let sparsifications = (0..models.len())
+        let sparsifications = (0..models)
             .map(|i| {
                 let d = density[i];
                 let sp = match method {
@@ -599,8 +660,19 @@ impl ConfigMerger<'_> {
         } else {
             Rescale::None
         };
+        let tie_order = if c
+            .method
+            .global_params
+            .iter()
+            .any(|p| p.name == "index_tie_break")
+            && global("index_tie_break")? != 0.0
+        {
+            TieOrder::Index
+        } else {
+            TieOrder::Torch
+        };
         // The base streams in as `ts[0]`: no copy of it per tensor.
-        TaskMerge::<StateDict<ArrayD<T>>>::base_input(
+        Ok(TaskMerge::<StateDict<ArrayD<T>>>::base_input(
             Sparsification::None,
             consensus,
             global("lambda")?,
@@ -609,6 +681,6 @@ impl ConfigMerger<'_> {
         .with_rescale(rescale)?
         .with_normalize(global("normalize")? != 0.0)
         .with_weights(per_model("weight")?)?
-        .merge_tensor(name, ts)
+        .with_tie_order(tie_order))
     }
 }

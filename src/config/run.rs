@@ -12,7 +12,8 @@ use super::{AlignSettings, Config, ConfigMerger, Layout, LooseWeight, ModelLayou
 use crate::align::AlignStats;
 use crate::io::{
     Checkpoint, Chunking, Dtype, IoScalar, MappedMerger, MappedTensor, MergeSummary, SaveOptions,
-    StreamOptions, bf16, check_compatible, check_mapped, config_of, f16, merge_mapped, side_files,
+    StreamOptions, TensorChunks, bf16, check_compatible, check_mapped, config_of, f16,
+    merge_mapped, side_files,
 };
 use crate::merge::TensorMerger;
 use crate::perm::{PermutationSet, PermutationSpec};
@@ -49,7 +50,7 @@ impl Default for RunOptions {
 }
 
 impl RunOptions {
-    /// One output file, chunks of 2^18 elements for elementwise methods, side files
+    /// One output file, chunks of 2^18 elements for elementwise and task-vector methods, side files
     /// (`config.json`, tokenizer files) copied from the base or first model, merged
     /// tensors with NaN or infinite values refused.
     ///
@@ -76,7 +77,8 @@ impl RunOptions {
     }
 
     /// Elements per chunk for elementwise methods (linear, task arithmetic without
-    /// trimming). Zero is an error.
+    /// trimming) and for the passes of the task-vector methods over their inputs (TIES,
+    /// breadcrumbs: [`Chunking::Passes`]). Zero is an error.
     ///
     /// ```
     /// let o = modelfusion::config::RunOptions::new().with_chunk_elems(1024)?;
@@ -117,7 +119,7 @@ impl RunOptions {
     pub fn max_shard_size(&self) -> Option<u64> {
         self.max_shard_size
     }
-    /// Elements per chunk for elementwise methods.
+    /// Elements per chunk for elementwise methods and task-vector passes.
     pub fn chunk_elems(&self) -> usize {
         self.chunk_elems
     }
@@ -713,12 +715,11 @@ impl MergePlan<'_> {
         let mut save = SaveOptions::new(self.out_dtype);
         save.max_shard_size = options.max_shard_size;
         // Permutations apply to whole tensors, so an aligned merge is not chunked.
-        let chunking = if config.method.elementwise && alignment.is_none() {
-            Chunking::Elementwise {
-                chunk_elems: options.chunk_elems,
-            }
-        } else {
-            Chunking::Whole
+        let chunk_elems = options.chunk_elems;
+        let chunking = match (config.method.elementwise, alignment.is_none()) {
+            (_, false) => Chunking::Whole,
+            (true, true) => Chunking::Elementwise { chunk_elems },
+            (false, true) => Chunking::Passes { chunk_elems },
         };
         let side = if options.copy_files {
             let mut side = side_files(&config.inputs[0], Some(self.out_dtype))?;
@@ -869,6 +870,41 @@ impl<M> Checked<'_, M> {
             _ => false,
         }
     }
+
+    /// Counts the non-finite values of merged elements `out` and the finite ones the
+    /// output dtype stores as infinities.
+    fn count<T: IoScalar>(&self, out: &[T]) -> (u64, u64) {
+        let max = narrow_max(self.out_dtype).unwrap_or(f64::INFINITY);
+        let (mut nonfinite, mut overflow) = (0u64, 0u64);
+        for &x in out {
+            let v = x.to_f64_lossless();
+            if !v.is_finite() {
+                nonfinite += 1;
+            } else if v.abs() > max && self.becomes_infinite(v) {
+                overflow += 1;
+            }
+        }
+        (nonfinite, overflow)
+    }
+
+    /// Errors on non-finite merged values (unless allowed) and records overflows, for
+    /// tensor `name` of `len` elements.
+    fn settle(&self, name: &str, len: usize, nonfinite: u64, overflow: u64) -> Result<()> {
+        if nonfinite > 0 && !self.allow_nonfinite {
+            return Err(Error::NonFinite {
+                what: format!(
+                    "merged tensor `{name}` ({nonfinite} of {len} values are NaN or infinite); nothing more is written, allow non-finite values (--allow-nonfinite) to write them anyway"
+                ),
+            });
+        }
+        if overflow > 0 {
+            self.overflowed.fetch_add(overflow, Ordering::Relaxed);
+            if let Ok(mut first) = self.first_overflow.lock() {
+                first.get_or_insert_with(|| name.to_string());
+            }
+        }
+        Ok(())
+    }
 }
 
 impl<T: IoScalar> MappedMerger<T> for Checked<'_, ConfigMerger<'_>> {
@@ -923,30 +959,43 @@ impl<T: IoScalar> MappedMerger<T> for Checked<'_, ConfigMerger<'_>> {
             }
             None => merge(ts)?,
         };
-        let max = narrow_max(self.out_dtype).unwrap_or(f64::INFINITY);
-        let (mut nonfinite, mut overflow) = (0u64, 0u64);
-        for &x in out.iter() {
-            let v = x.to_f64_lossless();
-            if !v.is_finite() {
-                nonfinite += 1;
-            } else if v.abs() > max && self.becomes_infinite(v) {
-                overflow += 1;
-            }
-        }
-        if nonfinite > 0 && !self.allow_nonfinite {
-            return Err(Error::NonFinite {
-                what: format!(
-                    "merged tensor `{name}` ({nonfinite} of {} values are NaN or infinite); nothing more is written, allow non-finite values (--allow-nonfinite) to write them anyway",
-                    out.len()
-                ),
-            });
-        }
-        if overflow > 0 {
-            self.overflowed.fetch_add(overflow, Ordering::Relaxed);
-            if let Ok(mut first) = self.first_overflow.lock() {
-                first.get_or_insert_with(|| name.to_string());
-            }
-        }
+        let contiguous = out.as_slice_memory_order().map(|s| self.count(s));
+        let (nonfinite, overflow) =
+            contiguous.unwrap_or_else(|| self.count(&out.iter().copied().collect::<Vec<_>>()));
+        self.settle(name, out.len(), nonfinite, overflow)?;
         Ok(out)
+    }
+
+    fn merge_chunked(
+        &self,
+        k: usize,
+        tensor: &MappedTensor,
+        inputs: &TensorChunks<'_, T>,
+        out: &crate::merge::ChunkSink<'_, T>,
+    ) -> Result<bool> {
+        if self.aligned.is_some() {
+            return Ok(false);
+        }
+        let name = tensor.name.as_str();
+        let (g, at) = self.place[k];
+        let merger = &self.groups[g];
+        let t = at.unwrap_or_else(|| merger.position(name));
+        let (nonfinite, overflow) = (AtomicU64::new(0), AtomicU64::new(0));
+        let checked = |start: usize, d: &[T]| {
+            let (a, b) = self.count(d);
+            nonfinite.fetch_add(a, Ordering::Relaxed);
+            overflow.fetch_add(b, Ordering::Relaxed);
+            out(start, d)
+        };
+        if !merger.merge_chunked_at(name, t, &tensor.shape, inputs, &checked)? {
+            return Ok(false);
+        }
+        self.settle(
+            name,
+            tensor.shape.iter().product(),
+            nonfinite.load(Ordering::Relaxed),
+            overflow.load(Ordering::Relaxed),
+        )?;
+        Ok(true)
     }
 }

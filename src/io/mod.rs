@@ -74,7 +74,7 @@ pub use permute::{
 pub use reader::{Checkpoint, SINGLE_FILE, load};
 pub(crate) use stream::check_mapped;
 pub use stream::{
-    Chunking, MappedMerger, MappedTensor, MergeSummary, StreamOptions, check_compatible,
-    merge_checkpoints, merge_mapped,
+    Chunking, MappedMerger, MappedTensor, MergeSummary, StreamOptions, TensorChunks,
+    check_compatible, merge_checkpoints, merge_mapped,
 };
 pub use writer::{CheckpointWriter, SaveOptions, TensorPlan, save, save_file};

@@ -36,6 +36,15 @@ pub enum Chunking {
         /// Elements per chunk (e.g. `1 << 18`).
         chunk_elems: usize,
     },
+    /// A merger that can pass over a tensor several times chunk by chunk
+    /// ([`MappedMerger::merge_chunked`]: TIES and the other magnitude-trimming methods of
+    /// a merge config) gets [`TensorChunks`] of `chunk_elems` elements of every source,
+    /// read as often as it needs, and writes its output by chunks; for other tensors
+    /// and mergers this is [`Chunking::Whole`].
+    Passes {
+        /// Elements per chunk (e.g. `1 << 18`).
+        chunk_elems: usize,
+    },
 }
 
 /// Options of [`merge_checkpoints`].
@@ -399,6 +408,164 @@ pub trait MappedMerger<T>: Sync {
         tensor: &MappedTensor,
         ts: &[&ArrayD<T>],
     ) -> Result<ArrayD<T>>;
+
+    /// Under [`Chunking::Passes`]: merges plan entry `index` from its sources read
+    /// chunk by chunk, handing the merged elements to `out(start, elements)`, and
+    /// returns `true`; or returns `false` (the default) to get whole tensors through
+    /// [`merge_mapped`](Self::merge_mapped) instead.
+    fn merge_chunked(
+        &self,
+        index: usize,
+        tensor: &MappedTensor,
+        inputs: &TensorChunks<'_, T>,
+        out: &crate::merge::ChunkSink<'_, T>,
+    ) -> Result<bool> {
+        let _ = (index, tensor, inputs, out);
+        Ok(false)
+    }
+}
+
+/// The sources of one tensor of a streamed merge, read chunk by chunk with positioned
+/// reads into per-worker buffers that persist across chunks, passes and tensors (see
+/// [`Chunking::Passes`]).
+///
+/// ```
+/// use modelfusion::io::{save_file, Checkpoint, Dtype, TensorChunks};
+/// use modelfusion::merge::ChunkedInputs;
+/// use modelfusion::StateDict;
+/// use ndarray::arr1;
+/// let p = std::env::temp_dir().join("modelfusion-doc-tensor-chunks.safetensors");
+/// save_file(&StateDict::from_pairs([("w", arr1(&[1.0f32, 2.0, 3.0]).into_dyn())])?, &p, Dtype::BF16)?;
+/// let ck = Checkpoint::open(&p)?;
+/// let chunks = TensorChunks::<f32>::new(vec![(&ck, "w")], 2, 2)?;
+/// let sums = chunks.fold_chunks(0..chunks.chunks(), &|| 0.0f32, &|acc, _, xs| {
+///     *acc += xs[0].iter().sum::<f32>();
+///     Ok(())
+/// })?;
+/// assert_eq!(sums.iter().sum::<f32>(), 6.0);
+/// # Ok::<(), modelfusion::Error>(())
+/// ```
+pub struct TensorChunks<'a, T> {
+    sources: Vec<(&'a Checkpoint, &'a str)>,
+    numel: usize,
+    chunk: usize,
+    pools: Option<&'a [Mutex<Vec<Vec<T>>>]>,
+    own: Vec<Mutex<Vec<Vec<T>>>>,
+}
+
+impl<'a, T: IoScalar> TensorChunks<'a, T> {
+    /// The tensors `sources` (`(checkpoint, tensor name)`, all of one element count)
+    /// in chunks of `chunk_elems`, read by up to `workers` threads at once.
+    ///
+    /// ```
+    /// use modelfusion::io::{save_file, Checkpoint, Dtype, TensorChunks};
+    /// use modelfusion::StateDict;
+    /// use ndarray::arr1;
+    /// let p = std::env::temp_dir().join("modelfusion-doc-tensor-chunks-new.safetensors");
+    /// save_file(&StateDict::from_pairs([("w", arr1(&[1.0f32]).into_dyn())])?, &p, Dtype::F32)?;
+    /// let ck = Checkpoint::open(&p)?;
+    /// assert!(TensorChunks::<f32>::new(vec![(&ck, "w")], 0, 1).is_err());
+    /// assert!(TensorChunks::<f32>::new(vec![(&ck, "nope")], 4, 1).is_err());
+    /// # Ok::<(), modelfusion::Error>(())
+    /// ```
+    pub fn new(
+        sources: Vec<(&'a Checkpoint, &'a str)>,
+        chunk_elems: usize,
+        workers: usize,
+    ) -> Result<Self> {
+        let numel = chunk_source_len(&sources, chunk_elems)?;
+        let own = (0..workers.max(1))
+            .map(|_| Mutex::new(vec![Vec::new(); sources.len()]))
+            .collect();
+        Ok(TensorChunks {
+            sources,
+            numel,
+            chunk: chunk_elems,
+            pools: None,
+            own,
+        })
+    }
+
+    fn pools(&self) -> &[Mutex<Vec<Vec<T>>>] {
+        self.pools.unwrap_or(&self.own)
+    }
+}
+
+/// The common element count of chunked `sources`, checked.
+fn chunk_source_len(sources: &[(&Checkpoint, &str)], chunk_elems: usize) -> Result<usize> {
+    if chunk_elems == 0 {
+        return Err(Error::invalid("chunk_elems", "must be positive"));
+    }
+    let mut numel = None;
+    for (c, n) in sources {
+        let info = c.info(n).ok_or_else(|| Error::MissingParam {
+            name: n.to_string(),
+            context: c.path().display().to_string(),
+        })?;
+        let len = info.shape().iter().product::<usize>();
+        if *numel.get_or_insert(len) != len {
+            return Err(Error::shape(
+                format!("tensor `{n}` of {} (a chunked source)", c.path().display()),
+                &[numel.unwrap_or(0)],
+                &[len],
+            ));
+        }
+    }
+    numel.ok_or_else(|| Error::empty("the chunked sources"))
+}
+
+impl<T: IoScalar> crate::merge::ChunkedInputs<T> for TensorChunks<'_, T> {
+    fn len(&self) -> usize {
+        self.numel
+    }
+
+    fn inputs(&self) -> usize {
+        self.sources.len()
+    }
+
+    fn chunk_elems(&self) -> usize {
+        self.chunk
+    }
+
+    fn fold_chunks<A: Send>(
+        &self,
+        chunks: std::ops::Range<usize>,
+        init: &(dyn Fn() -> A + Sync),
+        f: &crate::merge::ChunkFn<'_, A, T>,
+    ) -> Result<Vec<A>> {
+        let pools = self.pools();
+        let workers = pools.len().min(chunks.len()).max(1);
+        // Worker `w` takes chunks w, w + workers, ...; its buffers persist.
+        (0..workers)
+            .into_par_iter()
+            .map(|w| {
+                let mut pool = pools[w]
+                    .lock()
+                    .map_err(|_| Error::invalid("merger", "a worker panicked"))?;
+                let mut acc = init();
+                for j in chunks.clone().skip(w).step_by(workers) {
+                    let start = j * self.chunk;
+                    let len = self.chunk.min(self.numel - start);
+                    for ((c, n), buf) in self.sources.iter().zip(pool.iter_mut()) {
+                        buf.clear();
+                        buf.resize(len, T::zero());
+                        c.read_into(n, start, buf)?;
+                    }
+                    let parts: Vec<&[T]> = pool.iter().map(|b| b.as_slice()).collect();
+                    f(&mut acc, start, &parts)?;
+                }
+                Ok(acc)
+            })
+            .collect()
+    }
+
+    fn read_whole(&self, input: usize, out: &mut [T]) -> Result<()> {
+        let (c, n) = self
+            .sources
+            .get(input)
+            .ok_or_else(|| Error::invalid("input", format!("{input} of {}", self.sources.len())))?;
+        c.read_into(n, 0, out)
+    }
 }
 
 /// A [`TensorMerger`] as a [`MappedMerger`]: merges by output name.
@@ -549,7 +716,9 @@ where
         return Err(Error::empty("the list of checkpoints to merge"));
     }
     let carried_dtype = check_mapped(inputs, plan)?;
-    if let Chunking::Elementwise { chunk_elems: 0 } = options.chunking {
+    if let Chunking::Elementwise { chunk_elems: 0 } | Chunking::Passes { chunk_elems: 0 } =
+        options.chunking
+    {
         return Err(Error::invalid("chunk_elems", "must be positive"));
     }
     check_output_not_input(inputs, out_dir)?;
@@ -594,7 +763,21 @@ where
         } else {
             options.chunking
         };
+        let chunked = match chunking {
+            Chunking::Passes { chunk_elems } if carried_dtype[k].is_none() => {
+                let src = TensorChunks {
+                    numel: chunk_source_len(&sources, chunk_elems)?,
+                    sources: sources.clone(),
+                    chunk: chunk_elems,
+                    pools: Some(&pools),
+                    own: Vec::new(),
+                };
+                merger.merge_chunked(k, tensor, &src, &|start, d| writer.write(k, start, d))?
+            }
+            _ => false,
+        };
         match chunking {
+            _ if chunked => {}
             _ if carried_dtype[k].is_some() => {
                 let (first, first_name) = sources[0];
                 let raw = first.read_raw(first_name)?;
@@ -607,7 +790,7 @@ where
                 writer.write_raw(k, &raw)?;
                 carried.push(name.clone());
             }
-            Chunking::Whole => {
+            Chunking::Whole | Chunking::Passes { .. } => {
                 // Reuse one buffer per source across tensors (no fresh pages per tensor).
                 let ts = sources
                     .par_iter()

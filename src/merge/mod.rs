@@ -54,7 +54,9 @@
 //! once; TIES/breadcrumbs find their exact magnitude thresholds with one streaming pass
 //! over all models (a deterministic sample brackets the rank, the pass counts and
 //! collects the bracket, `select_nth_unstable` finishes; an exact selection takes over
-//! if a bracket misses) and then merge in a second pass. Hot loops are branch-free and
+//! if a bracket misses) and then merge in a second pass; over inputs read chunk by chunk
+//! ([`TaskMerge::merge_chunked`], [`ChunkedInputs`]) they find them with histogram passes
+//! instead, never holding a whole tensor. Hot loops are branch-free and
 //! are compiled twice, for the baseline and for AVX2 (picked at run time; results are
 //! bitwise identical since Rust never contracts to FMA, and the explicit fused
 //! multiply-adds of [`Average`] round once on either path). Outputs are written with
@@ -85,6 +87,7 @@
 //! ```
 
 mod average;
+mod chunked;
 mod ensemble;
 mod fisher;
 mod fusion;
@@ -101,6 +104,7 @@ mod svd;
 mod task;
 
 pub use average::{Average, Ema, Lawa, Swa, Swag};
+pub use chunked::{ChunkFn, ChunkSink, ChunkedInputs, SliceChunks};
 pub use ensemble::{Ensemble, EnsembleMode, Outputs};
 pub use fisher::{DEFAULT_FISHER_FLOOR, Fisher, diagonal_fisher};
 pub use fusion::{ArceeFusion, FUSION_QUANTILE_SAMPLE, NearSwap};
@@ -113,7 +117,7 @@ pub use soup::{GreedySoup, SoupReport, SoupStep};
 pub use spherical::{MultiSlerp, NuSlerp, SlerpVectors, nuslerp_t};
 pub use stock::ModelStock;
 pub use svd::{IsoC, TsvMerge};
-pub use task::{Consensus, Rescale, Sparsification, TaskMerge};
+pub use task::{Consensus, Rescale, Sparsification, TaskMerge, TieOrder};
 
 use crate::error::{Error, Result};
 use crate::model::Model;

@@ -7,7 +7,9 @@
 
 use rayon::prelude::*;
 
-use super::kernel::map_chunks;
+use super::chunked::ChunkedInputs;
+use super::kernel::{all_finite, map_chunks};
+use crate::error::{Error, Result};
 use crate::tensor::Scalar;
 
 /// Number of sample points used to bracket a rank.
@@ -438,6 +440,363 @@ fn adjust_heap(
         hole = parent;
     }
     v[hole] = val;
+}
+
+/// The sort key mergekit ranks task-vector entries by: `|x - b|` rounded to `f32`.
+#[inline(always)]
+pub(crate) fn key<E: Scalar>(x: E, b: E) -> f32 {
+    (x - b).abs().to_f64_lossless() as f32
+}
+
+/// One wanted cut of a model's magnitude order: the first `p` (`0 < p < n`) positions
+/// of the descending (`desc`) or ascending order of the keys `|x - base|` ([`key`]).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct CutRequest {
+    pub model: usize,
+    pub desc: bool,
+    pub p: usize,
+}
+
+/// Where a cut falls: its first `p` positions hold every key before `v` (greater when
+/// descending, smaller when ascending) and the keys equal to `v` at indices below
+/// `tie_end`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct Cut {
+    pub desc: bool,
+    pub v: f32,
+    pub tie_end: usize,
+}
+
+impl Cut {
+    /// Whether the entry at `index` with key `key` is among the cut's first positions.
+    #[inline(always)]
+    pub(crate) fn holds(&self, key: f32, index: usize) -> bool {
+        let before = if self.desc {
+            key > self.v
+        } else {
+            key < self.v
+        };
+        before | ((key == self.v) & (index < self.tie_end))
+    }
+}
+
+/// Where the base tensor of a chunked merge is: held whole by the merger, or the first
+/// chunked input (the models follow it).
+#[derive(Clone, Copy)]
+pub(crate) struct Base<'a, E>(pub Option<&'a [E]>);
+
+impl<'a, E> Base<'a, E> {
+    /// The base's and the models' parts of the chunk at `start`.
+    #[inline]
+    pub(crate) fn split<'c>(&self, start: usize, ts: &'c [&'c [E]]) -> (&'c [E], &'c [&'c [E]])
+    where
+        'a: 'c,
+    {
+        match self.0 {
+            Some(h) => (&h[start..start + ts[0].len()], ts),
+            None => (ts[0], &ts[1..]),
+        }
+    }
+}
+
+/// What [`stream_cuts`] found.
+pub(crate) enum Cuts {
+    /// One cut per request.
+    Found(Vec<Cut>),
+    /// The whole tensors are needed: an input holds a non-finite value, or (torch's tie
+    /// order) entries tied at a cut are split by it, which only a replay of torch's sort
+    /// over the whole tensor decides.
+    Whole,
+}
+
+/// Bins of the first pass: the high 16 bits of a non-negative `f32`.
+const HI_BINS: usize = 1 << 15;
+/// Bins of the second pass: the low 16 bits.
+const LO_BINS: usize = 1 << 16;
+/// At most this many entries of a bin are collected (with their indices) to finish a
+/// cut; a fuller bin is finished by a histogram of its low bits.
+const COLLECT_CAP: usize = 1 << 19;
+
+/// Finds every requested cut in bounded memory with passes over the chunks: a histogram
+/// of the keys' high 16 bits per model (with the OR and AND of each bin's low bits, so
+/// a bin of one value, usual for bf16 and f16 deltas, is known exactly), then, for a
+/// bin of several values, either its entries (with their indices, at most
+/// [`COLLECT_CAP`]) or a histogram of its low 16 bits, which fixes the cut's key. With `index_order`, entries tied
+/// at a cut are taken in index order (a histogram-finished cut that splits ties takes
+/// one more counting pass and a read of one chunk); otherwise a split tie returns
+/// [`Cuts::Whole`]. Also returns [`Cuts::Whole`] when an input holds a non-finite value.
+pub(crate) fn stream_cuts<E: Scalar, C: ChunkedInputs<E>>(
+    inputs: &C,
+    base: Base<'_, E>,
+    requests: &[CutRequest],
+    index_order: bool,
+) -> Result<Cuts> {
+    let n = inputs.len();
+    let all = 0..inputs.chunks();
+    let mut models: Vec<usize> = requests.iter().map(|r| r.model).collect();
+    models.sort_unstable();
+    models.dedup();
+    let nm = models.len();
+    // Pass 1: finiteness of every input, histograms of the high bits, and per bin the
+    // OR and the AND of the low bits (equal: every key of the bin is one value).
+    let parts = inputs.fold_chunks(
+        all.clone(),
+        &|| Pass1 {
+            hist: vec![0u32; nm * HI_BINS],
+            or: vec![0u16; nm * HI_BINS],
+            and: vec![u16::MAX; nm * HI_BINS],
+            nonfinite: false,
+        },
+        &|acc, start, ts| {
+            let (b, xs) = base.split(start, ts);
+            if acc.nonfinite || !(all_finite(b) && xs.iter().all(|x| all_finite(x))) {
+                acc.nonfinite = true;
+                return Ok(());
+            }
+            for (j, &m) in models.iter().enumerate() {
+                let range = j * HI_BINS..(j + 1) * HI_BINS;
+                let h = &mut acc.hist[range.clone()];
+                let or = &mut acc.or[range.clone()];
+                let and = &mut acc.and[range];
+                for (&x, &bv) in xs[m].iter().zip(b) {
+                    let k = key(x, bv).to_bits();
+                    let (hb, lo) = ((k >> 16) as usize, k as u16);
+                    h[hb] += 1;
+                    or[hb] |= lo;
+                    and[hb] &= lo;
+                }
+            }
+            Ok(())
+        },
+    )?;
+    if parts.iter().any(|p| p.nonfinite) {
+        return Ok(Cuts::Whole);
+    }
+    let mut hist = vec![0usize; nm * HI_BINS];
+    let (mut or, mut and) = (vec![0u16; nm * HI_BINS], vec![u16::MAX; nm * HI_BINS]);
+    for p in &parts {
+        for i in 0..nm * HI_BINS {
+            hist[i] += p.hist[i] as usize;
+            or[i] |= p.or[i];
+            and[i] &= p.and[i];
+        }
+    }
+    drop(parts);
+    // Per request: the bin holding position p, the count before it and its count.
+    // Also: the bin's one low-bit pattern, when it has only one.
+    let mut single: Vec<Option<u16>> = Vec::with_capacity(requests.len());
+    let located: Vec<(u32, usize, usize)> = requests
+        .iter()
+        .map(|r| {
+            let j = models.iter().position(|&m| m == r.model).unwrap_or(0);
+            let h = &hist[j * HI_BINS..(j + 1) * HI_BINS];
+            let at = locate(h, r.desc, r.p);
+            let bin = j * HI_BINS + at.0 as usize;
+            single.push((or[bin] == and[bin]).then_some(or[bin]));
+            at
+        })
+        .collect();
+    // Pass 2 (for bins of several values): collect the bin, or histogram its low bits.
+    let mut q = 0;
+    let mode: Vec<Mode> = located
+        .iter()
+        .zip(&single)
+        .map(|(&(_, _, c), s)| match s {
+            Some(lo) => Mode::Single(*lo),
+            None if c > COLLECT_CAP => {
+                q += 1;
+                Mode::Low(q - 1)
+            }
+            None => Mode::Collect,
+        })
+        .collect();
+    let nlo = q;
+    let nr = requests.len();
+    let second = mode.iter().any(|m| !matches!(m, Mode::Single(_)));
+    let chunks2 = if second { all.clone() } else { 0..0 };
+    let parts = inputs.fold_chunks(
+        chunks2,
+        &|| (vec![Vec::new(); nr], vec![0u32; nlo * LO_BINS]),
+        &|acc, start, ts| {
+            let (b, xs) = base.split(start, ts);
+            for (r, req) in requests.iter().enumerate() {
+                let hb = located[r].0;
+                let x = xs[req.model];
+                match mode[r] {
+                    Mode::Single(_) => {}
+                    Mode::Collect => {
+                        let got = &mut acc.0[r];
+                        for (j, (&xv, &bv)) in x.iter().zip(b).enumerate() {
+                            let k = key(xv, bv).to_bits();
+                            if k >> 16 == hb {
+                                got.push((start + j, k as u16));
+                            }
+                        }
+                    }
+                    Mode::Low(q) => {
+                        let h = &mut acc.1[q * LO_BINS..(q + 1) * LO_BINS];
+                        for (&xv, &bv) in x.iter().zip(b) {
+                            let k = key(xv, bv).to_bits();
+                            if k >> 16 == hb {
+                                h[(k & 0xFFFF) as usize] += 1;
+                            }
+                        }
+                    }
+                }
+            }
+            Ok(())
+        },
+    )?;
+    let mut cuts = Vec::with_capacity(nr);
+    // Requests whose ties are split and must be counted in index order: (request, rank).
+    let mut pending: Vec<(usize, usize)> = Vec::new();
+    for (r, req) in requests.iter().enumerate() {
+        let (hb, before, _) = located[r];
+        let rank = req.p - before; // 1-based position inside the bin
+        let (lo, before_v, eq, tie_end) = match mode[r] {
+            Mode::Single(lo) => (lo, before, located[r].2, None),
+            Mode::Collect => {
+                let mut got: Vec<(usize, u16)> = Vec::new();
+                for p in &parts {
+                    got.extend_from_slice(&p.0[r]);
+                }
+                if req.desc {
+                    got.sort_unstable_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+                } else {
+                    got.sort_unstable_by(|a, b| a.1.cmp(&b.1).then(a.0.cmp(&b.0)));
+                }
+                let &(at, lo) = got.get(rank - 1).ok_or_else(changed)?;
+                let first = got.partition_point(|e| if req.desc { e.1 > lo } else { e.1 < lo });
+                let eq = got[first..].iter().take_while(|e| e.1 == lo).count();
+                (lo, before + first, eq, Some(at + 1))
+            }
+            Mode::Low(q) => {
+                let mut h = vec![0usize; LO_BINS];
+                for p in &parts {
+                    for (a, &c) in h.iter_mut().zip(&p.1[q * LO_BINS..(q + 1) * LO_BINS]) {
+                        *a += c as usize;
+                    }
+                }
+                let (lo, inside, eq) = locate(&h, req.desc, rank);
+                (lo as u16, before + inside, eq, None)
+            }
+        };
+        let v = f32::from_bits((hb << 16) | u32::from(lo));
+        let tie_end = if before_v + eq == req.p {
+            n
+        } else if !index_order {
+            return Ok(Cuts::Whole);
+        } else if let Some(t) = tie_end {
+            t
+        } else {
+            pending.push((r, req.p - before_v));
+            0
+        };
+        cuts.push(Cut {
+            desc: req.desc,
+            v,
+            tie_end,
+        });
+    }
+    for (r, rank) in pending {
+        let m = requests[r].model;
+        let v = cuts[r].v;
+        cuts[r].tie_end = tie_index(inputs, base, m, v, rank)? + 1;
+    }
+    Ok(Cuts::Found(cuts))
+}
+
+/// The first pass's per-worker state.
+struct Pass1 {
+    hist: Vec<u32>,
+    or: Vec<u16>,
+    and: Vec<u16>,
+    nonfinite: bool,
+}
+
+/// How the second pass finishes a cut.
+#[derive(Clone, Copy)]
+enum Mode {
+    /// Not at all: every key of the bin has these low bits.
+    Single(u16),
+    /// Collects the bin's entries.
+    Collect,
+    /// Histograms the bin's low bits (slot `q`).
+    Low(usize),
+}
+
+/// The bin holding 1-based position `p` of a histogram read from the top (`desc`) or
+/// the bottom: `(bin, entries before it, entries in it)`.
+fn locate(h: &[usize], desc: bool, p: usize) -> (u32, usize, usize) {
+    let mut cum = 0;
+    let order: Box<dyn Iterator<Item = usize>> = if desc {
+        Box::new((0..h.len()).rev())
+    } else {
+        Box::new(0..h.len())
+    };
+    let mut last = 0;
+    for i in order {
+        last = i;
+        if cum + h[i] >= p {
+            return (i as u32, cum, h[i]);
+        }
+        cum += h[i];
+    }
+    (last as u32, cum, 0)
+}
+
+/// The index of the `rank`-th (1-based) entry of model `m` whose key is `v`, in index
+/// order: a counting pass, then a read of the one chunk holding it.
+fn tie_index<E: Scalar, C: ChunkedInputs<E>>(
+    inputs: &C,
+    base: Base<'_, E>,
+    m: usize,
+    v: f32,
+    rank: usize,
+) -> Result<usize> {
+    let ce = inputs.chunk_elems();
+    let parts = inputs.fold_chunks(0..inputs.chunks(), &Vec::new, &|acc, start, ts| {
+        let (b, xs) = base.split(start, ts);
+        let c = xs[m]
+            .iter()
+            .zip(b)
+            .filter(|(x, bv)| key(**x, **bv) == v)
+            .count();
+        acc.push((start / ce, c));
+        Ok(())
+    })?;
+    let mut counts: Vec<(usize, usize)> = parts.into_iter().flatten().collect();
+    counts.sort_unstable();
+    let mut left = rank;
+    for (chunk, c) in counts {
+        if left <= c {
+            let found = inputs.fold_chunks(chunk..chunk + 1, &|| None, &|acc, start, ts| {
+                let (b, xs) = base.split(start, ts);
+                *acc = xs[m]
+                    .iter()
+                    .zip(b)
+                    .enumerate()
+                    .filter(|(_, (x, bv))| key(**x, **bv) == v)
+                    .nth(left - 1)
+                    .map(|(j, _)| start + j);
+                Ok(())
+            })?;
+            if let Some(i) = found.into_iter().flatten().next() {
+                return Ok(i);
+            }
+            break;
+        }
+        left -= c;
+    }
+    Err(changed())
+}
+
+/// The error for inputs that read differently in two passes.
+fn changed() -> Error {
+    Error::invalid(
+        "chunked inputs",
+        "the tensors changed between passes (entries counted in one pass were not found in the next)",
+    )
 }
 
 #[cfg(test)]

@@ -16,8 +16,11 @@ use std::borrow::Cow;
 use rand::Rng;
 
 use super::TensorMerger;
+use super::chunked::{ChunkSink, ChunkedInputs, SliceChunks};
 use super::kernel::{self, BLOCK, base_tensor, check_count, check_shapes, check_weights};
-use super::select::{count_around, kth_largest_many, torch_sort_cuts};
+use super::select::{
+    Base, Cut, CutRequest, Cuts, count_around, key, kth_largest_many, stream_cuts, torch_sort_cuts,
+};
 use crate::error::{Error, Result};
 use crate::model::Model;
 use crate::tensor::{Scalar, Tensor};
@@ -115,6 +118,26 @@ pub enum Consensus {
     SignElection,
 }
 
+/// Which of the entries tied in magnitude at a trimming cut (TIES, breadcrumbs) the cut
+/// keeps, when it falls among them.
+///
+/// ```
+/// use modelfusion::merge::TieOrder;
+/// assert_eq!(TieOrder::default(), TieOrder::Torch);
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TieOrder {
+    /// The order torch's CPU sort leaves them in, as mergekit keeps them (the default):
+    /// exact parity, but a tensor whose cut splits tied entries (common in bf16 and
+    /// fp16) is replayed whole, so a [chunked](TaskMerge::merge_chunked) merge holds
+    /// that tensor (and about two `u32` per element) in memory.
+    #[default]
+    Torch,
+    /// Index order (a stable sort): a cut keeps the tied entries of lowest index.
+    /// Chunked merges stay in bounded memory for every tensor.
+    Index,
+}
+
 fn check_density(density: f64) -> Result<()> {
     crate::error::check_fraction("density", density)
 }
@@ -200,6 +223,7 @@ pub struct TaskMerge<M> {
     consensus: Consensus,
     rescale: Rescale,
     normalize: Option<bool>,
+    tie_order: TieOrder,
 }
 
 fn check_lambda(lambda: f64) -> Result<()> {
@@ -251,6 +275,7 @@ impl<M: Model> TaskMerge<M> {
             consensus,
             rescale,
             normalize: None,
+            tie_order: TieOrder::Torch,
         })
     }
 
@@ -475,6 +500,41 @@ impl<M: Model> TaskMerge<M> {
         self
     }
 
+    /// Sets which entries tied in magnitude at a trimming cut are kept (see
+    /// [`TieOrder`]; default [`TieOrder::Torch`], mergekit's).
+    ///
+    /// ```
+    /// use modelfusion::merge::{Merger, TaskMerge, TieOrder};
+    /// use modelfusion::{Model, StateDict};
+    /// use ndarray::arr1;
+    /// let base = StateDict::from_pairs([("w", arr1(&[0.0f32; 4]).into_dyn())])?;
+    /// let a = StateDict::from_pairs([("w", arr1(&[1.0f32, 1.0, 1.0, 1.0]).into_dyn())])?;
+    /// // Density 0.5 keeps 2 of 4 tied entries: the first two in index order.
+    /// let ties = TaskMerge::ties(base, 0.5, 1.0)?.with_tie_order(TieOrder::Index);
+    /// assert_eq!(ties.tie_order(), TieOrder::Index);
+    /// let m = ties.merge(&[&a])?;
+    /// assert_eq!(m.get("w").unwrap().as_slice().unwrap(), &[1.0, 1.0, 0.0, 0.0]);
+    /// # Ok::<(), modelfusion::Error>(())
+    /// ```
+    pub fn with_tie_order(mut self, order: TieOrder) -> Self {
+        self.tie_order = order;
+        self
+    }
+
+    /// Which tied entries a trimming cut keeps.
+    ///
+    /// ```
+    /// use modelfusion::merge::{TaskMerge, TieOrder};
+    /// use modelfusion::StateDict;
+    /// use ndarray::arr1;
+    /// let base = StateDict::from_pairs([("w", arr1(&[0.0f32]).into_dyn())])?;
+    /// assert_eq!(TaskMerge::ties(base, 0.2, 1.0)?.tie_order(), TieOrder::Torch);
+    /// # Ok::<(), modelfusion::Error>(())
+    /// ```
+    pub fn tie_order(&self) -> TieOrder {
+        self.tie_order
+    }
+
     /// Sets one sparsification per model (e.g. per-model densities), replacing the
     /// shared one; the number is checked at merge time.
     ///
@@ -654,6 +714,163 @@ impl<M: Model> TaskMerge<M> {
         self.run_into(name, tensors, None, out)
     }
 
+    /// Merges tensor `name` (of `shape`) from inputs read chunk by chunk (the base's
+    /// first when it streams in, see [`base_input`](Self::base_input); then the
+    /// models'), handing the merged elements to `out(start, elements)` (chunks in any
+    /// order, possibly in parallel). Magnitude trimming ([`Sparsification::Magnitude`],
+    /// [`Sparsification::Breadcrumbs`]) finds its cuts with a few passes over the chunks
+    /// in bounded memory: a histogram of the magnitudes' high 16 bits per model, then
+    /// the entries (or a histogram of the low bits) of the bin holding each cut, then
+    /// the merge itself. The result is exactly [`merge_tensor`](TensorMerger::merge_tensor)'s.
+    /// Whole tensors are read instead (memory as for `merge_tensor`) for random
+    /// sparsifications (DARE, DELLA), [`Rescale::L1Norm`], inputs holding a NaN or an
+    /// infinity (the same error as `merge_tensor`'s), and, in [`TieOrder::Torch`],
+    /// tensors whose cut splits entries tied in magnitude.
+    ///
+    /// ```
+    /// use modelfusion::merge::{Merger, SliceChunks, TaskMerge, TieOrder};
+    /// use modelfusion::{Model, StateDict};
+    /// use ndarray::arr1;
+    /// use std::sync::Mutex;
+    /// let base = StateDict::from_pairs([("w", arr1(&[0.0f32; 6]).into_dyn())])?;
+    /// let a = arr1(&[3.0f32, -1.0, 2.0, 0.5, -4.0, 1.0]);
+    /// let ties = TaskMerge::ties(base, 0.5, 1.0)?.with_tie_order(TieOrder::Index);
+    /// let got = Mutex::new(vec![0.0f32; 6]);
+    /// let src = SliceChunks::new(vec![a.as_slice().unwrap()], 4)?;
+    /// ties.merge_chunked("w", &[6], &src, &|start, xs: &[f32]| {
+    ///     got.lock().unwrap()[start..start + xs.len()].copy_from_slice(xs);
+    ///     Ok(())
+    /// })?;
+    /// assert_eq!(got.into_inner().unwrap(), vec![3.0, 0.0, 2.0, 0.0, -4.0, 0.0]);
+    /// # Ok::<(), modelfusion::Error>(())
+    /// ```
+    pub fn merge_chunked<C>(
+        &self,
+        name: &str,
+        shape: &[usize],
+        inputs: &C,
+        out: &ChunkSink<'_, <M::Tensor as Tensor>::Elem>,
+    ) -> Result<()>
+    where
+        C: ChunkedInputs<<M::Tensor as Tensor>::Elem>,
+    {
+        let n = inputs.len();
+        if shape.iter().product::<usize>() != n {
+            return Err(Error::shape(
+                format!("parameter `{name}` (chunked inputs)"),
+                shape,
+                &[n],
+            ));
+        }
+        let held = match &self.base {
+            Some(m) => Some(kernel::elems(base_tensor(m, name, shape)?)),
+            None => None,
+        };
+        let models = inputs.inputs().saturating_sub(usize::from(held.is_none()));
+        let plans = self.plans(n, models);
+        let chunkable = models > 0
+            && (0..models).all(|i| {
+                matches!(
+                    self.sparsification_of(i),
+                    Sparsification::None
+                        | Sparsification::Magnitude { .. }
+                        | Sparsification::Breadcrumbs { .. }
+                )
+            })
+            && (self.rescale != Rescale::L1Norm
+                || plans.iter().all(|p| matches!(p, Plan::All | Plan::Nothing)));
+        if !chunkable {
+            return self.merge_read_whole(name, shape, inputs, out);
+        }
+        let weights = self.weights_for(name, models)?;
+        let base = Base(held.as_deref());
+        let requests = cut_requests(&plans, n);
+        let cuts = if requests.is_empty() {
+            Vec::new()
+        } else {
+            match stream_cuts(inputs, base, &requests, self.tie_order == TieOrder::Index)? {
+                Cuts::Found(c) => c,
+                Cuts::Whole => return self.merge_read_whole(name, shape, inputs, out),
+            }
+        };
+        let keeps = cut_keeps(plans, cuts, n, |_| Keep::Nothing);
+        // No L1 rescaling here, so the rules need no data.
+        let rules: Vec<_> = keeps
+            .into_iter()
+            .enumerate()
+            .map(|(i, k)| self.rule(name, i, k, &[], &[], None))
+            .collect();
+        let normalize = self
+            .normalize
+            .unwrap_or(self.consensus == Consensus::SignElection);
+        let (ws, lam, sum_div) = mix_constants(&weights, self.lambda);
+        let consensus = self.consensus;
+        // Per worker: an output buffer, and whether a chunk held a non-finite input.
+        let flags = inputs.fold_chunks(
+            0..inputs.chunks(),
+            &|| (Vec::new(), false),
+            &|acc, start, ts| {
+                let (b, xs) = base.split(start, ts);
+                if acc.1 || !(kernel::all_finite(b) && xs.iter().all(|x| kernel::all_finite(x))) {
+                    acc.1 = true;
+                    return Ok(());
+                }
+                let o = &mut acc.0;
+                o.clear();
+                o.resize(b.len(), num_traits::Zero::zero());
+                kernel::simd(
+                    #[inline(always)]
+                    || {
+                        combine_chunk(
+                            xs, b, start, &rules, &ws, consensus, normalize, sum_div, lam, 0,
+                            start, o,
+                        )
+                    },
+                );
+                if !kernel::all_finite(o) {
+                    return Err(kernel::overflow_error("lambda", self.lambda, name));
+                }
+                out(start, o)
+            },
+        )?;
+        if flags.iter().any(|f| f.1) {
+            return self.merge_read_whole(name, shape, inputs, out);
+        }
+        Ok(())
+    }
+
+    /// [`merge_chunked`](Self::merge_chunked) for settings that need whole tensors:
+    /// reads them, merges as [`merge_tensor`](TensorMerger::merge_tensor) does, and hands
+    /// the result out in pieces.
+    fn merge_read_whole<C>(
+        &self,
+        name: &str,
+        shape: &[usize],
+        inputs: &C,
+        out: &ChunkSink<'_, <M::Tensor as Tensor>::Elem>,
+    ) -> Result<()>
+    where
+        C: ChunkedInputs<<M::Tensor as Tensor>::Elem>,
+    {
+        let n = inputs.len();
+        let tensors = (0..inputs.inputs())
+            .map(|i| {
+                let mut v = kernel::zeros(n);
+                inputs.read_whole(i, &mut v)?;
+                kernel::build::<M::Tensor>(shape, v)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let refs: Vec<&M::Tensor> = tensors.iter().collect();
+        let mut merged = kernel::zeros(n);
+        self.run_into(name, &refs, None, &mut merged)?;
+        drop(tensors);
+        const PIECE: usize = 1 << 20;
+        merged
+            .par_chunks(PIECE)
+            .enumerate()
+            .try_for_each(|(j, c)| out(j * PIECE, c))
+    }
+
     fn run(
         &self,
         name: &str,
@@ -691,16 +908,7 @@ impl<M: Model> TaskMerge<M> {
                 }
             },
         };
-        let weights = match &self.weights {
-            Some(w) => {
-                check_count(w.len(), tensors.len(), "weights", name)?;
-                w.clone()
-            }
-            None => vec![1.0; tensors.len()],
-        };
-        if let Some(p) = &self.per_model {
-            check_count(p.len(), tensors.len(), "sparsifications", name)?;
-        }
+        let weights = self.weights_for(name, tensors.len())?;
         let b = kernel::elems(base);
         let data: Vec<Cow<'_, [<M::Tensor as Tensor>::Elem]>> =
             tensors.iter().map(|t| kernel::elems(*t)).collect();
@@ -737,6 +945,22 @@ impl<M: Model> TaskMerge<M> {
         })
     }
 
+    /// The weights of `models` models (1 each by default), with the counts of the
+    /// weights and per-model sparsifications checked.
+    fn weights_for(&self, name: &str, models: usize) -> Result<Vec<f64>> {
+        let weights = match &self.weights {
+            Some(w) => {
+                check_count(w.len(), models, "weights", name)?;
+                w.clone()
+            }
+            None => vec![1.0; models],
+        };
+        if let Some(p) = &self.per_model {
+            check_count(p.len(), models, "sparsifications", name)?;
+        }
+        Ok(weights)
+    }
+
     /// The sparsification of model `i`.
     fn sparsification_of(&self, i: usize) -> Sparsification {
         self.per_model
@@ -745,14 +969,10 @@ impl<M: Model> TaskMerge<M> {
             .unwrap_or(self.sparsification)
     }
 
-    /// The keep rule of every model's task vector for one tensor. Magnitude cuts are
-    /// found by fast selection; where entries tied at a cut are split by it, torch's
-    /// sort is replayed (see [`torch_sort_cuts`]) to keep exactly mergekit's entries.
-    fn keeps<E: Scalar>(&self, xs: &[&[E]], b: &[E], shape: &[usize]) -> Vec<Keep<E>> {
-        let n = b.len();
+    /// What each model's sparsification needs for a tensor of `n` elements.
+    fn plans(&self, n: usize, models: usize) -> Vec<Plan> {
         let count = |d: f64| (d * n as f64) as usize;
-        // Per model: the wanted cut positions, as (descending?, positions).
-        let plans: Vec<Plan> = (0..xs.len())
+        (0..models)
             .map(|i| match self.sparsification_of(i) {
                 Sparsification::None => Plan::All,
                 Sparsification::Magnitude { density } => {
@@ -795,7 +1015,32 @@ impl<M: Model> TaskMerge<M> {
                     }
                 }
             })
-            .collect();
+            .collect()
+    }
+
+    /// The keep rule of every model's task vector for one tensor. Magnitude cuts are
+    /// found by fast selection; where entries tied at a cut are split by it, torch's
+    /// sort is replayed (see [`torch_sort_cuts`]) to keep exactly mergekit's entries,
+    /// or, with [`TieOrder::Index`], the cuts of [`stream_cuts`] keep them in index
+    /// order.
+    fn keeps<E: Scalar>(&self, xs: &[&[E]], b: &[E], shape: &[usize]) -> Vec<Keep<E>> {
+        let n = b.len();
+        let plans = self.plans(n, xs.len());
+        let della = |i: usize| match self.sparsification_of(i) {
+            Sparsification::Della {
+                density, epsilon, ..
+            } => della_keep(xs[i], b, shape, density, epsilon),
+            _ => Keep::Random,
+        };
+        if self.tie_order == TieOrder::Index {
+            let requests = cut_requests(&plans, n);
+            let found = SliceChunks::new(xs.to_vec(), INDEX_CHUNK)
+                .and_then(|src| stream_cuts(&src, Base(Some(b)), &requests, true));
+            // `Whole` only for non-finite inputs, which the caller has refused.
+            if let Ok(Cuts::Found(cuts)) = found {
+                return cut_keeps(plans, cuts, n, della);
+            }
+        }
         // Values at the cuts: descending rank k is the k-th largest; ascending position
         // p (the first p smallest) ends at the (n - p + 1)-th largest.
         let mut requests: Vec<(usize, usize)> = Vec::new();
@@ -834,15 +1079,7 @@ impl<M: Model> TaskMerge<M> {
                 Plan::All => Keep::All,
                 Plan::Nothing => Keep::Nothing,
                 Plan::Random => Keep::Random,
-                Plan::Della => {
-                    let Sparsification::Della {
-                        density, epsilon, ..
-                    } = self.sparsification_of(i)
-                    else {
-                        return Keep::Random;
-                    };
-                    della_keep(xs[i], b, shape, density, epsilon)
-                }
+                Plan::Della => della(i),
                 Plan::Top(k) => {
                     let (v, (gt, eq)) = next();
                     // All entries tied at the k-th magnitude are kept: no tie to break.
@@ -962,6 +1199,68 @@ enum Plan {
     Della,
 }
 
+/// Chunk size of the in-memory cut search in index tie order.
+const INDEX_CHUNK: usize = 1 << 18;
+
+/// The cuts the plans need, in plan order: the top `k` (descending), and a band's
+/// ascending first `lo` and first `hi` (when they are cuts at all).
+fn cut_requests(plans: &[Plan], n: usize) -> Vec<CutRequest> {
+    let mut out = Vec::new();
+    for (model, p) in plans.iter().enumerate() {
+        match *p {
+            Plan::Top(k) => out.push(CutRequest {
+                model,
+                desc: true,
+                p: k,
+            }),
+            Plan::Band(lo, hi) => {
+                for p in [lo, hi] {
+                    if p > 0 && p < n {
+                        out.push(CutRequest {
+                            model,
+                            desc: false,
+                            p,
+                        });
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// The keep rules of the plans from the cuts of [`cut_requests`] (in its order); DELLA
+/// plans get `della(model)`.
+fn cut_keeps<E>(
+    plans: Vec<Plan>,
+    cuts: Vec<Cut>,
+    n: usize,
+    della: impl Fn(usize) -> Keep<E>,
+) -> Vec<Keep<E>> {
+    let mut cuts = cuts.into_iter();
+    plans
+        .into_iter()
+        .enumerate()
+        .map(|(i, plan)| match plan {
+            Plan::All => Keep::All,
+            Plan::Nothing => Keep::Nothing,
+            Plan::Random => Keep::Random,
+            Plan::Della => della(i),
+            Plan::Top(_) => Keep::Cuts {
+                within: cuts.next(),
+                without: None,
+            },
+            Plan::Band(lo, hi) => {
+                // Ascending: the band is the first `hi` without the first `lo`.
+                let without = if lo > 0 { cuts.next() } else { None };
+                let within = if hi < n { cuts.next() } else { None };
+                Keep::Cuts { within, without }
+            }
+        })
+        .collect()
+}
+
 /// Keep mask of sorted positions `lo..hi` in torch's order (descending or ascending
 /// magnitudes of `x - b`, as f32 the way mergekit ranks them), by replaying its sort.
 fn replay<E: Scalar>(
@@ -1046,6 +1345,12 @@ enum Keep<E> {
     },
     /// An explicit mask, one bit per entry.
     Bits(Vec<u64>),
+    /// Inside cut `within` (everything when `None`) and outside cut `without`
+    /// (nothing excluded when `None`), by [`key`]s and indices.
+    Cuts {
+        within: Option<Cut>,
+        without: Option<Cut>,
+    },
     /// At random with probability `density` (or by given masks).
     Random,
     /// At random with probability `low + step * rank`.
@@ -1156,6 +1461,15 @@ fn sparsify_block<E: Scalar>(
                 };
             }
         }
+        Keep::Cuts { within, without } => {
+            let (within, without) = (*within, *without);
+            for (j, ((d, &x), &b)) in it.enumerate() {
+                let (k, g) = (key(x, b), s + j);
+                let keep =
+                    within.is_none_or(|c| c.holds(k, g)) & !without.is_some_and(|c| c.holds(k, g));
+                *d = if keep { x - b } else { zero };
+            }
+        }
         Keep::Random => {
             if let Some(dr) = draw {
                 it.for_each(|((d, &x), &b)| *d = if dr.next_keep() { x - b } else { zero });
@@ -1193,9 +1507,23 @@ fn combine<E: Scalar>(
     lambda: f64,
     out: &mut [E],
 ) {
+    let (ws, lam, sum_div) = mix_constants(weights, lambda);
+    kernel::for_chunks(out, |c, start, o| {
+        kernel::simd(
+            #[inline(always)]
+            || {
+                combine_chunk(
+                    xs, b, 0, rules, &ws, consensus, normalize, sum_div, lam, c, start, o,
+                )
+            },
+        )
+    });
+}
+
+/// The weights and `lambda` in the compute type, and mergekit's divisor of a plain sum
+/// (the weights' sum, 1 when about zero).
+fn mix_constants<E: Scalar>(weights: &[f64], lambda: f64) -> (Vec<E>, E, E) {
     let ws: Vec<E> = weights.iter().map(|&w| E::from_f64_lossy(w)).collect();
-    let lam = E::from_f64_lossy(lambda);
-    // mergekit's divisor of a plain sum: the weights' sum, 1 when about zero.
     let mut total = E::zero();
     for &w in &ws {
         total += w;
@@ -1205,26 +1533,19 @@ fn combine<E: Scalar>(
     } else {
         total
     };
-    kernel::for_chunks(out, |c, start, o| {
-        kernel::simd(
-            #[inline(always)]
-            || {
-                combine_chunk(
-                    xs, b, rules, &ws, consensus, normalize, sum_div, lam, c, start, o,
-                )
-            },
-        )
-    });
+    (ws, E::from_f64_lossy(lambda), sum_div)
 }
 
 /// One chunk of [`combine`], in mergekit's order of operations: per cache block, each
 /// model's `w_i * rescale * sparsified tau_i` goes to a scratch buffer, then branch-free
-/// loops (models outer, entries inner) combine them.
+/// loops (models outer, entries inner) combine them. `xs` and `b` start at element
+/// `origin` of the tensor, `o` at element `start`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn combine_chunk<E: Scalar>(
     xs: &[&[E]],
     b: &[E],
+    origin: usize,
     rules: &[Rule<'_, E>],
     ws: &[E],
     consensus: Consensus,
@@ -1249,10 +1570,11 @@ fn combine_chunk<E: Scalar>(
     while off < o.len() {
         let len = BLOCK.min(o.len() - off);
         let s = start + off;
-        let bb = &b[s..s + len];
+        let l = s - origin;
+        let bb = &b[l..l + len];
         for (i, rule) in rules.iter().enumerate() {
             let d = &mut scratch[i * BLOCK..i * BLOCK + len];
-            sparsify_block(rule, draws[i].as_mut(), &xs[i][s..s + len], bb, s, d);
+            sparsify_block(rule, draws[i].as_mut(), &xs[i][l..l + len], bb, s, d);
             let (sc, w) = (rule.scale, ws[i]);
             if sc != one {
                 d.iter_mut().for_each(|v| *v *= sc);
