@@ -262,9 +262,9 @@ fn check_size((w, h): (u32, u32)) -> Result<()> {
 /// let (xs, ys) = plane.grid(9, 0.2)?;
 /// let f = |x: &StateDict<ndarray::ArrayD<f64>>| -> modelfusion::Result<f64> { Ok(1.0 + x.norm()) };
 /// let svg = SurfacePlot::new("loss plane", loss_surface(&plane, &f, &xs, &ys)?)
-///     .with_names(["A", "B", "C"])
+///     .with_names(["start", "end", "bend"])
 ///     .to_svg_string()?;
-/// assert!(svg.starts_with("<svg") && svg.contains(">C<"));
+/// assert!(svg.starts_with("<svg") && svg.contains("bend") && svg.contains("log-spaced"));
 /// # Ok::<(), modelfusion::Error>(())
 /// ```
 #[derive(Clone, Debug, PartialEq)]
