@@ -7,7 +7,7 @@
 //! [`perm::specs::Vgg`]: crate::perm::specs::Vgg
 
 use candle_core::{Module, ModuleT, Result as CResult, Tensor as CTensor};
-use candle_nn::{BatchNorm, Conv2d, Conv2dConfig, Linear, VarBuilder};
+use candle_nn::{BatchNorm, Conv2dConfig, Linear, VarBuilder};
 
 use crate::perm::specs;
 
@@ -42,23 +42,95 @@ impl Taps {
     }
 }
 
-fn conv(
-    cin: usize,
-    cout: usize,
-    k: usize,
+/// A 2-D convolution (square kernel, zero padding `k / 2`) evaluated as im2col and one
+/// matrix product in candle tensor ops, so that candle's autograd differentiates it
+/// through `matmul`. The result is candle's `conv2d` up to rounding (tested); the point
+/// is the backward pass: candle 0.10's CPU backend computes a `conv2d`'s input gradient
+/// with a direct `conv_transpose2d` loop and its weight gradient with a `conv2d` whose
+/// kernel is the whole image, which made a ResNet-20 training step on the CPU about 20
+/// times slower than this (`docs/benchmarks.md`).
+struct Conv {
+    weight: CTensor,
+    bias: Option<CTensor>,
     stride: usize,
-    bias: bool,
-    vb: VarBuilder,
-) -> CResult<Conv2d> {
-    let cfg = Conv2dConfig {
-        padding: k / 2,
-        stride,
-        ..Default::default()
-    };
-    if bias {
-        candle_nn::conv2d(cin, cout, k, cfg, vb)
-    } else {
-        candle_nn::conv2d_no_bias(cin, cout, k, cfg, vb)
+}
+
+impl Conv {
+    /// The layer `vb` (`weight` `(cout, cin, k, k)`, `bias` `(cout)` if `bias`), with
+    /// candle_nn's initialisation and names.
+    fn new(
+        cin: usize,
+        cout: usize,
+        k: usize,
+        stride: usize,
+        bias: bool,
+        vb: VarBuilder,
+    ) -> CResult<Self> {
+        let cfg = Conv2dConfig {
+            padding: k / 2,
+            stride,
+            ..Default::default()
+        };
+        let c = if bias {
+            candle_nn::conv2d(cin, cout, k, cfg, vb)
+        } else {
+            candle_nn::conv2d_no_bias(cin, cout, k, cfg, vb)
+        }?;
+        Ok(Conv {
+            weight: c.weight().clone(),
+            bias: c.bias().cloned(),
+            stride,
+        })
+    }
+}
+
+impl Module for Conv {
+    fn forward(&self, x: &CTensor) -> CResult<CTensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let (cout, cin, k, _) = self.weight.dims4()?;
+        if c != cin {
+            candle_core::bail!("conv: input has {c} channels, the weight {cin}")
+        }
+        let (s, p) = (self.stride, k / 2);
+        let (oh, ow) = ((h + 2 * p - k) / s + 1, (w + 2 * p - k) / s + 1);
+        // (c, b, h + 2p, w + 2p): channels first, so that the patches stack into one
+        // (k k c, b oh ow) matrix
+        let xp = x
+            .transpose(0, 1)?
+            .contiguous()?
+            .pad_with_zeros(2, p, p)?
+            .pad_with_zeros(3, p, p)?;
+        let taps = |start: usize, len: usize| -> CResult<CTensor> {
+            let idx: Vec<u32> = (0..len).map(|i| (start + i * s) as u32).collect();
+            CTensor::new(idx.as_slice(), x.device())
+        };
+        let mut patches = Vec::with_capacity(k * k);
+        for ky in 0..k {
+            let rows = if s == 1 {
+                xp.narrow(2, ky, oh)?
+            } else {
+                xp.index_select(&taps(ky, oh)?, 2)?
+            };
+            for kx in 0..k {
+                patches.push(if s == 1 {
+                    rows.narrow(3, kx, ow)?
+                } else {
+                    rows.index_select(&taps(kx, ow)?, 3)?
+                });
+            }
+        }
+        let cols = CTensor::stack(&patches, 0)?.reshape((k * k * c, b * oh * ow))?;
+        // weight columns in the same (ky, kx, c) order
+        let wm = self
+            .weight
+            .permute((0, 2, 3, 1))?
+            .reshape((cout, k * k * c))?;
+        let y = wm.matmul(&cols)?.reshape((cout, b, oh, ow))?;
+        let y = match &self.bias {
+            Some(bias) => y.broadcast_add(&bias.reshape((cout, 1, 1, 1))?)?,
+            None => y,
+        };
+        y.transpose(0, 1)?.contiguous()
     }
 }
 
@@ -68,11 +140,11 @@ fn bn(c: usize, vb: VarBuilder) -> CResult<BatchNorm> {
 
 struct Block {
     name: String,
-    conv1: Conv2d,
+    conv1: Conv,
     bn1: BatchNorm,
-    conv2: Conv2d,
+    conv2: Conv,
     bn2: BatchNorm,
-    shortcut: Option<(Conv2d, BatchNorm)>,
+    shortcut: Option<(Conv, BatchNorm)>,
 }
 
 /// A CIFAR-style ResNet ([`specs::ResNet`]: ResNet-20 and friends) in candle: a 3x3 stem
@@ -97,7 +169,7 @@ struct Block {
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub struct CandleResNet {
-    conv1: Conv2d,
+    conv1: Conv,
     bn1: BatchNorm,
     blocks: Vec<(usize, Block)>,
     linear: Linear,
@@ -112,7 +184,7 @@ impl CandleResNet {
     /// ```
     pub fn new(arch: &specs::ResNet, vb: VarBuilder) -> CResult<Self> {
         let w0 = arch.stages[0].0;
-        let conv1 = conv(arch.in_channels, w0, 3, 1, false, vb.pp("conv1"))?;
+        let conv1 = Conv::new(arch.in_channels, w0, 3, 1, false, vb.pp("conv1"))?;
         let bn1 = bn(w0, vb.pp("bn1"))?;
         let mut blocks = Vec::new();
         let mut cin = w0;
@@ -125,7 +197,7 @@ impl CandleResNet {
                 let stride = if down { 2 } else { 1 };
                 let shortcut = if down {
                     Some((
-                        conv(cin, w, 1, stride, false, v.pp("shortcut").pp(0))?,
+                        Conv::new(cin, w, 1, stride, false, v.pp("shortcut").pp(0))?,
                         bn(w, v.pp("shortcut").pp(1))?,
                     ))
                 } else {
@@ -134,9 +206,9 @@ impl CandleResNet {
                 blocks.push((
                     s,
                     Block {
-                        conv1: conv(cin, w, 3, stride, false, v.pp("conv1"))?,
+                        conv1: Conv::new(cin, w, 3, stride, false, v.pp("conv1"))?,
                         bn1: bn(w, v.pp("bn1"))?,
-                        conv2: conv(w, w, 3, 1, false, v.pp("conv2"))?,
+                        conv2: Conv::new(w, w, 3, 1, false, v.pp("conv2"))?,
                         bn2: bn(w, v.pp("bn2"))?,
                         shortcut,
                         name,
@@ -258,7 +330,7 @@ impl CandleResNet {
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub struct CandleVgg {
-    convs: Vec<(Conv2d, BatchNorm, bool)>,
+    convs: Vec<(Conv, BatchNorm, bool)>,
     fcs: Vec<Linear>,
 }
 
@@ -274,7 +346,7 @@ impl CandleVgg {
         let mut cin = arch.in_channels;
         for (i, &c) in arch.channels.iter().enumerate() {
             convs.push((
-                conv(cin, c, arch.kernel, 1, true, vb.pp(format!("convs.{i}")))?,
+                Conv::new(cin, c, arch.kernel, 1, true, vb.pp(format!("convs.{i}")))?,
                 bn(c, vb.pp(format!("norms.{i}")))?,
                 pools.contains(&i),
             ));
@@ -339,5 +411,57 @@ impl CandleVgg {
         (0..self.convs.len())
             .map(|i| (format!("norms.{i}"), None))
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device, Var};
+    use proptest::prelude::*;
+    use rand::{RngExt, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    fn rel(a: &CTensor, b: &CTensor) -> f32 {
+        let d = (a - b).and_then(|d| d.sqr()?.sum_all()?.to_scalar::<f32>());
+        let n = b.sqr().and_then(|n| n.sum_all()?.to_scalar::<f32>());
+        d.unwrap().sqrt() / n.unwrap().sqrt().max(1e-12)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+        /// `Conv` equals candle's own `conv2d`, outputs and all three gradients.
+        #[test]
+        fn conv_matches_candle_conv2d(
+            b in 1usize..4, cin in 1usize..5, cout in 1usize..5, hw in 3usize..10,
+            k in prop::sample::select(vec![1usize, 3, 5]), stride in 1usize..3,
+            bias in any::<bool>(), seed in 0u64..1000,
+        ) {
+            let dev = Device::Cpu;
+            let vm = candle_nn::VarMap::new();
+            let vb = VarBuilder::from_varmap(&vm, DType::F32, &dev);
+            let ours = Conv::new(cin, cout, k, stride, bias, vb.pp("c")).unwrap();
+            let cfg = Conv2dConfig { padding: k / 2, stride, ..Default::default() };
+            let theirs = candle_nn::Conv2d::new(ours.weight.clone(), ours.bias.clone(), cfg);
+            let mut rng = ChaCha8Rng::seed_from_u64(seed);
+            let mut randn = |dims: &[usize]| {
+                let v: Vec<f32> = (0..dims.iter().product()).map(|_| rng.random_range(-1.0..1.0)).collect();
+                CTensor::from_vec(v, dims, &dev).unwrap()
+            };
+            let x = Var::from_tensor(&randn(&[b, cin, hw, hw])).unwrap();
+            let y = ours.forward(&x).unwrap();
+            let y0 = theirs.forward(&x).unwrap();
+            prop_assert_eq!(y.dims(), y0.dims());
+            prop_assert!(rel(&y, &y0) < 1e-5, "output {}", rel(&y, &y0));
+            let r = randn(y0.dims());
+            let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let g0 = (&y0 * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let mut wrt = vec![x.as_tensor().clone(), ours.weight.clone()];
+            wrt.extend(ours.bias.clone());
+            for t in &wrt {
+                let (a, e) = (g.get(t).unwrap(), g0.get(t).unwrap());
+                prop_assert!(rel(a, e) < 1e-5, "gradient {:?}: {}", t.dims(), rel(a, e));
+            }
+        }
     }
 }
