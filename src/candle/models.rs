@@ -42,13 +42,14 @@ impl Taps {
     }
 }
 
-/// A 2-D convolution (square kernel, zero padding `k / 2`) evaluated as im2col and one
-/// matrix product in candle tensor ops, so that candle's autograd differentiates it
-/// through `matmul`. The result is candle's `conv2d` up to rounding (tested); the point
-/// is the backward pass: candle 0.10's CPU backend computes a `conv2d`'s input gradient
-/// with a direct `conv_transpose2d` loop and its weight gradient with a `conv2d` whose
-/// kernel is the whole image, which made a ResNet-20 training step on the CPU about 20
-/// times slower than this (`docs/benchmarks.md`).
+/// A 2-D convolution (square kernel, zero padding `k / 2`) evaluated as an im2col
+/// custom op ([`Im2Col`]) and one candle `matmul`, so that candle's autograd
+/// differentiates it through the matrix product. The result is candle's `conv2d` up to
+/// rounding (tested, outputs and gradients). The point is the backward pass: candle
+/// 0.10's CPU backend computes a `conv2d`'s input gradient with a direct
+/// `conv_transpose2d` loop and its weight gradient with a `conv2d` whose kernel is the
+/// whole image; on a ResNet-20 stage-1 layer this backward pass is about 1.7 times
+/// faster (`docs/benchmarks.md`).
 struct Conv {
     weight: CTensor,
     bias: Option<CTensor>,
@@ -91,46 +92,123 @@ impl Module for Conv {
         if c != cin {
             candle_core::bail!("conv: input has {c} channels, the weight {cin}")
         }
-        let (s, p) = (self.stride, k / 2);
-        let (oh, ow) = ((h + 2 * p - k) / s + 1, (w + 2 * p - k) / s + 1);
-        // (c, b, h + 2p, w + 2p): channels first, so that the patches stack into one
-        // (k k c, b oh ow) matrix
-        let xp = x
-            .transpose(0, 1)?
-            .contiguous()?
-            .pad_with_zeros(2, p, p)?
-            .pad_with_zeros(3, p, p)?;
-        let taps = |start: usize, len: usize| -> CResult<CTensor> {
-            let idx: Vec<u32> = (0..len).map(|i| (start + i * s) as u32).collect();
-            CTensor::new(idx.as_slice(), x.device())
+        let op = Im2Col {
+            dims: (b, c, h, w),
+            k,
+            stride: self.stride,
         };
-        let mut patches = Vec::with_capacity(k * k);
-        for ky in 0..k {
-            let rows = if s == 1 {
-                xp.narrow(2, ky, oh)?
-            } else {
-                xp.index_select(&taps(ky, oh)?, 2)?
-            };
-            for kx in 0..k {
-                patches.push(if s == 1 {
-                    rows.narrow(3, kx, ow)?
-                } else {
-                    rows.index_select(&taps(kx, ow)?, 3)?
-                });
-            }
-        }
-        let cols = CTensor::stack(&patches, 0)?.reshape((k * k * c, b * oh * ow))?;
-        // weight columns in the same (ky, kx, c) order
-        let wm = self
-            .weight
-            .permute((0, 2, 3, 1))?
-            .reshape((cout, k * k * c))?;
+        let (oh, ow) = op.out_hw();
+        let cols = x.contiguous()?.apply_op1(op)?;
+        let wm = self.weight.reshape((cout, c * k * k))?;
         let y = wm.matmul(&cols)?.reshape((cout, b, oh, ow))?;
         let y = match &self.bias {
             Some(bias) => y.broadcast_add(&bias.reshape((cout, 1, 1, 1))?)?,
             None => y,
         };
         y.transpose(0, 1)?.contiguous()
+    }
+}
+
+/// im2col of a contiguous `(b, c, h, w)` input for a `k x k` kernel with zero padding
+/// `k / 2` and stride `stride`: the `(c k k, b oh ow)` matrix whose row `(ci, ky, kx)`
+/// holds the input pixel each output position sees through that kernel tap (0 in the
+/// padding). Its backward pass is the adjoint scatter-add (col2im).
+#[derive(Clone, Copy)]
+struct Im2Col {
+    dims: (usize, usize, usize, usize),
+    k: usize,
+    stride: usize,
+}
+
+impl Im2Col {
+    fn out_hw(&self) -> (usize, usize) {
+        let (_, _, h, w) = self.dims;
+        let (k, s, p) = (self.k, self.stride, self.k / 2);
+        ((h + 2 * p - k) / s + 1, (w + 2 * p - k) / s + 1)
+    }
+
+    /// Calls `f(col index, input index)` for every column entry that reads the input
+    /// (entries in the padding are skipped), in column order.
+    fn for_each(&self, mut f: impl FnMut(usize, usize)) {
+        let (b, c, h, w) = self.dims;
+        let (k, s, p) = (self.k, self.stride, self.k / 2);
+        let (oh, ow) = self.out_hw();
+        let n = b * oh * ow;
+        for ci in 0..c {
+            for ky in 0..k {
+                for kx in 0..k {
+                    let row = ((ci * k + ky) * k + kx) * n;
+                    for bi in 0..b {
+                        for oy in 0..oh {
+                            let Some(iy) = (oy * s + ky).checked_sub(p).filter(|&y| y < h) else {
+                                continue;
+                            };
+                            let base = ((bi * c + ci) * h + iy) * w;
+                            let col = row + (bi * oh + oy) * ow;
+                            for ox in 0..ow {
+                                if let Some(ix) = (ox * s + kx).checked_sub(p).filter(|&x| x < w) {
+                                    f(col + ox, base + ix);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn cols<T: Copy + Default>(&self, x: &[T]) -> Vec<T> {
+        let (b, c, _, _) = self.dims;
+        let (oh, ow) = self.out_hw();
+        let mut out = vec![T::default(); c * self.k * self.k * b * oh * ow];
+        self.for_each(|o, i| out[o] = x[i]);
+        out
+    }
+
+    fn col2im<T: Copy + Default + std::ops::AddAssign>(&self, g: &[T]) -> Vec<T> {
+        let (b, c, h, w) = self.dims;
+        let mut out = vec![T::default(); b * c * h * w];
+        self.for_each(|o, i| out[i] += g[o]);
+        out
+    }
+}
+
+impl candle_core::CustomOp1 for Im2Col {
+    fn name(&self) -> &'static str {
+        "im2col"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> CResult<(candle_core::CpuStorage, candle_core::Shape)> {
+        use candle_core::CpuStorage as S;
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("im2col: the input must be contiguous")
+        };
+        let (b, c, _, _) = self.dims;
+        let (oh, ow) = self.out_hw();
+        let shape = candle_core::Shape::from((c * self.k * self.k, b * oh * ow));
+        Ok(match storage {
+            S::F32(x) => (S::F32(self.cols(&x[start..end])), shape),
+            S::F64(x) => (S::F64(self.cols(&x[start..end])), shape),
+            _ => candle_core::bail!("im2col: f32 or f64 input only"),
+        })
+    }
+
+    fn bwd(&self, arg: &CTensor, _res: &CTensor, grad: &CTensor) -> CResult<Option<CTensor>> {
+        let g = grad.flatten_all()?;
+        let out = match arg.dtype() {
+            candle_core::DType::F32 => {
+                CTensor::from_vec(self.col2im(&g.to_vec1::<f32>()?), arg.shape(), arg.device())
+            }
+            candle_core::DType::F64 => {
+                CTensor::from_vec(self.col2im(&g.to_vec1::<f64>()?), arg.shape(), arg.device())
+            }
+            d => candle_core::bail!("im2col: dtype {d:?} (f32 or f64 only)"),
+        }?;
+        Ok(Some(out))
     }
 }
 
