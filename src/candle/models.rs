@@ -92,6 +92,9 @@ impl Module for Conv {
         if c != cin {
             candle_core::bail!("conv: input has {c} channels, the weight {cin}")
         }
+        if h == 0 || w == 0 {
+            candle_core::bail!("conv: empty {h} x {w} input")
+        }
         let op = Im2Col {
             dims: (b, c, h, w),
             k,
@@ -193,7 +196,9 @@ impl candle_core::CustomOp1 for Im2Col {
         Ok(match storage {
             S::F32(x) => (S::F32(self.cols(&x[start..end])), shape),
             S::F64(x) => (S::F64(self.cols(&x[start..end])), shape),
-            _ => candle_core::bail!("im2col: f32 or f64 input only"),
+            S::F16(x) => (S::F16(self.cols(&x[start..end])), shape),
+            S::BF16(x) => (S::BF16(self.cols(&x[start..end])), shape),
+            _ => candle_core::bail!("im2col: a float input (f16, bf16, f32, f64) only"),
         })
     }
 
@@ -206,7 +211,17 @@ impl candle_core::CustomOp1 for Im2Col {
             candle_core::DType::F64 => {
                 CTensor::from_vec(self.col2im(&g.to_vec1::<f64>()?), arg.shape(), arg.device())
             }
-            d => candle_core::bail!("im2col: dtype {d:?} (f32 or f64 only)"),
+            candle_core::DType::F16 => CTensor::from_vec(
+                self.col2im(&g.to_vec1::<half::f16>()?),
+                arg.shape(),
+                arg.device(),
+            ),
+            candle_core::DType::BF16 => CTensor::from_vec(
+                self.col2im(&g.to_vec1::<half::bf16>()?),
+                arg.shape(),
+                arg.device(),
+            ),
+            d => candle_core::bail!("im2col: dtype {d:?} (a float dtype only)"),
         }?;
         Ok(Some(out))
     }
@@ -541,5 +556,48 @@ mod tests {
                 prop_assert!(rel(a, e) < 1e-5, "gradient {:?}: {}", t.dims(), rel(a, e));
             }
         }
+    }
+
+    /// The other float dtypes go through the same op (f64 to 1e-12 of the largest output,
+    /// f16 and bf16 to their rounding), and integer inputs are an error.
+    #[test]
+    fn conv_dtypes() {
+        let dev = Device::Cpu;
+        let x64 = CTensor::arange(0f64, 2. * 3. * 5. * 5., &dev)
+            .and_then(|x| (x.reshape((2, 3, 5, 5))? * 0.01)?.sin())
+            .unwrap();
+        let w64 = CTensor::arange(0f64, 4. * 3. * 9., &dev)
+            .and_then(|w| (w.reshape((4, 3, 3, 3))? * 0.1)?.cos())
+            .unwrap();
+        let cfg = Conv2dConfig {
+            padding: 1,
+            stride: 2,
+            ..Default::default()
+        };
+        for (dt, tol) in [(DType::F64, 1e-12), (DType::F16, 1e-2), (DType::BF16, 4e-2)] {
+            let (x, w) = (x64.to_dtype(dt).unwrap(), w64.to_dtype(dt).unwrap());
+            let ours = Conv {
+                weight: w.clone(),
+                bias: None,
+                stride: 2,
+            };
+            let y = ours.forward(&x).unwrap().to_dtype(DType::F64).unwrap();
+            let y0 = candle_nn::Conv2d::new(w64.clone(), None, cfg)
+                .forward(&x64)
+                .unwrap();
+            let max = |t: &CTensor| {
+                t.abs()
+                    .and_then(|a| a.max_all()?.to_scalar::<f64>())
+                    .unwrap()
+            };
+            assert!(max(&(&y - &y0).unwrap()) < tol * max(&y0), "{dt:?}");
+        }
+        let xi = x64.to_dtype(DType::U32).unwrap();
+        let ours = Conv {
+            weight: w64.to_dtype(DType::U32).unwrap(),
+            bias: None,
+            stride: 1,
+        };
+        assert!(ours.forward(&xi).is_err());
     }
 }
