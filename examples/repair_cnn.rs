@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! cargo run --release --features candle --example repair_cnn
-//! options: --train N (5000)  --test N (2000)  --epochs N (3)  --resnet-width W (1)
+//! options: --train N (5000)  --test N (2000)  --epochs N (3)  --stats N (1000)  --resnet-width W (1)
+//!          --resnet-base C (16: ResNet-20's first-stage channels; stages C, 2C, 4C, times W)
 //!          --vgg-width W (1: VGG-11 channels / 8)  --only resnet20|vgg11  --out DIR (out/repair_cnn)
 //! ```
 //!
@@ -43,7 +44,9 @@ struct Args {
     train: usize,
     test: usize,
     epochs: usize,
+    stats: usize,
     resnet_width: usize,
+    resnet_base: usize,
     vgg_width: usize,
     only: Option<String>,
     out: PathBuf,
@@ -54,7 +57,9 @@ fn parse_args() -> std::result::Result<Args, String> {
         train: 5000,
         test: 2000,
         epochs: 3,
+        stats: 1000,
         resnet_width: 1,
+        resnet_base: 16,
         vgg_width: 1,
         only: None,
         out: PathBuf::from("out/repair_cnn"),
@@ -70,7 +75,9 @@ fn parse_args() -> std::result::Result<Args, String> {
             "--train" => a.train = num(it.next(), "--train")?,
             "--test" => a.test = num(it.next(), "--test")?,
             "--epochs" => a.epochs = num(it.next(), "--epochs")?,
+            "--stats" => a.stats = num(it.next(), "--stats")?,
             "--resnet-width" => a.resnet_width = num(it.next(), "--resnet-width")?,
+            "--resnet-base" => a.resnet_base = num(it.next(), "--resnet-base")?,
             "--vgg-width" => a.vgg_width = num(it.next(), "--vgg-width")?,
             "--only" => a.only = it.next(),
             "--out" => {
@@ -385,6 +392,7 @@ fn run<N: Net>(
 }
 
 fn main() -> std::result::Result<(), modelfusion::Report> {
+    let start = Instant::now();
     let args = match parse_args() {
         Ok(a) => a,
         Err(e) => {
@@ -396,20 +404,24 @@ fn main() -> std::result::Result<(), modelfusion::Report> {
     let train_d = train_all.shuffled(0).head(args.train);
     let test_d = test_all.head(args.test);
     let (train, test) = (batches(&train_d)?, batches(&test_d)?);
-    // Statistics (activation matching, BN reset, REPAIR) on 1000 training images.
-    let stat_x = Arc::new(batches(&train_d.head(1000))?.x);
+    // Statistics (activation matching, BN reset, REPAIR) on the first `--stats` training images.
+    let stat_x = Arc::new(batches(&train_d.head(args.stats))?.x);
     println!(
         "Fashion-MNIST: {} training images, {} test images, {} epochs, batch {BATCH}",
         args.train, args.test, args.epochs
     );
     let want = |name: &str| args.only.as_deref().is_none_or(|o| o == name);
     if want("resnet20") {
-        let w = args.resnet_width;
-        let arch = ResNet::new(1, &[(16 * w, 3), (32 * w, 3), (64 * w, 3)], 10)?;
+        let (w, c) = (args.resnet_width, args.resnet_base);
+        let arch = ResNet::new(1, &[(c * w, 3), (2 * c * w, 3), (4 * c * w, 3)], 10)?;
         let a2 = arch.clone();
         let build = move |vb: VarBuilder<'static>| CandleResNet::new(&a2, vb);
         run(
-            &format!("resnet20x{w}"),
+            &if c == 16 {
+                format!("resnet20x{w}")
+            } else {
+                format!("resnet20x{w}-base{c}")
+            },
             build,
             &arch,
             &arch.spec(),
@@ -442,5 +454,6 @@ fn main() -> std::result::Result<(), modelfusion::Report> {
             stat_x,
         )?;
     }
+    println!("wall time {:.0} s", start.elapsed().as_secs_f64());
     Ok(())
 }
