@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use ndarray::Array2;
 
-use super::information::{JointHistogram, MAX_BINS, Ranges};
+use super::information::{JointHistogram, Ranges, check_bins};
 use super::stats::CrossMoments;
 use super::{AlignStats, Aligner, Alignment, assignment_score, check_pair};
 use crate::error::{Error, Result};
@@ -37,7 +37,7 @@ pub enum Correlation {
     GaussianInformation,
     /// Mutual information estimated from joint histograms ([`JointHistogram`]): each
     /// unit's values binned into `bins` equal-width bins over its range in the data (2
-    /// to [`MAX_BINS`]); sees non-linear dependence the correlations miss. Streams the
+    /// to [`MAX_BINS`](super::MAX_BINS)); sees non-linear dependence the correlations miss. Streams the
     /// activation source twice (ranges, then counts).
     BinnedInformation {
         /// Bins per unit.
@@ -275,12 +275,8 @@ fn group_information<M: Model, A: Activations<M>>(
     if nb == 0 {
         return Err(Error::empty("the activation source (it has no batches)"));
     }
-    if !(2..=MAX_BINS).contains(&bins) {
-        return Err(Error::invalid(
-            "bins",
-            format!("{bins}; expected 2 to {MAX_BINS} bins per unit"),
-        ));
-    }
+    // Before the first pass over the data, not after it.
+    check_bins(bins)?;
     let mut ranges: BTreeMap<&String, (Ranges, Ranges)> = sizes
         .iter()
         .map(|(g, &n)| (g, (Ranges::new(n), Ranges::new(n))))

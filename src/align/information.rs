@@ -65,12 +65,7 @@ impl JointHistogram {
         y: (Array1<f64>, Array1<f64>),
         bins: usize,
     ) -> Result<Self> {
-        if !(2..=MAX_BINS).contains(&bins) {
-            return Err(Error::invalid(
-                "bins",
-                format!("{bins}; expected 2 to {MAX_BINS} bins per unit"),
-            ));
-        }
+        check_bins(bins)?;
         for (which, (lo, hi)) in [("x", &x), ("y", &y)] {
             if lo.len() != hi.len() {
                 return Err(Error::shape(
@@ -220,6 +215,17 @@ impl JointHistogram {
         mi.mapv_inplace(|v| v.max(0.0));
         mi
     }
+}
+
+/// Errors unless `bins` is between 2 and [`MAX_BINS`].
+pub(crate) fn check_bins(bins: usize) -> Result<()> {
+    if !(2..=MAX_BINS).contains(&bins) {
+        return Err(Error::invalid(
+            "bins",
+            format!("{bins}; expected 2 to {MAX_BINS} bins per unit"),
+        ));
+    }
+    Ok(())
 }
 
 /// Per-unit `(min, max)` over a stream of batches.
