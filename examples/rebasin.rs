@@ -299,7 +299,7 @@ fn run() -> Result<()> {
         );
     }
 
-    // The numbers docs/rebasin.md quotes (tests/doc_numbers.rs compares them).
+    // The numbers docs/rebasin.md quotes (tests/nn/doc_numbers.rs compares them).
     let (naive_curve, wm_curve) = (&curves[0].evals, &curves[1].evals);
     let mid = POINTS / 2;
     println!(

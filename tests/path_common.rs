@@ -1,5 +1,4 @@
-//! Helpers shared by the path and barrier tests (included with `#[path]`; also built as
-//! its own, empty, test crate).
+//! Helpers shared by the path and barrier tests (declared by the `nn` test group).
 #![allow(dead_code)]
 
 use modelfusion::{Gradient, Model, Objective, Result, StateDict, StateDictF64, Tensor};

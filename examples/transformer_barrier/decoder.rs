@@ -3,7 +3,7 @@
 //! RMSNorm, rotary embeddings (`rotate_half` layout, every head dimension rotated),
 //! grouped-query causal attention, a SwiGLU MLP and an untied LM head.
 //!
-//! Shared by `examples/transformer_barrier` and `tests/candle_decoder.rs`.
+//! Shared by `examples/transformer_barrier` and `tests/candle/candle_decoder.rs`.
 
 use modelfusion::StateDictF32;
 use modelfusion::candle::candle_core::{D, DType, Device, Error, Result, Tensor};

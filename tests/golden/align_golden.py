@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Golden values for tests/align_golden.rs (numpy + scipy, written independently).
+"""Golden values for tests/align/align_golden.rs (numpy + scipy, written independently).
 
 1. Weight matching on a one-hidden-layer MLP [6, 32, 4]: with one permutation group the
    coordinate descent is a single assignment on

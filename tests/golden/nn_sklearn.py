@@ -5,7 +5,7 @@
 Writes tests/golden/nn_sklearn_mlp.txt (loss and gradients of a ReLU MLP with softmax
 cross-entropy, from sklearn's MLPClassifier._backprop) and tests/golden/nn_sklearn_digits.txt
 (class counts and per-class pixel sums of sklearn.datasets.load_digits). The Rust test
-tests/nn_golden.rs rebuilds the same parameters and inputs from the formulas below.
+tests/nn/nn_golden.rs rebuilds the same parameters and inputs from the formulas below.
 """
 import os
 import warnings

@@ -2,7 +2,7 @@
 
     venv-mk/bin/python tests/golden/align/gen_mi.py
 
-Features come from closed-form formulas (tests/align_information.rs rebuilds them):
+Features come from closed-form formulas (tests/align/align_information.rs rebuilds them):
 `a[n, i] = sin(0.37 (n + 1) (i + 1) + 0.5 i)` for 300 samples and 4 units, and 5 units of
 `b` that depend on `a` non-linearly (or not at all). Each unit is binned into 6
 equal-width bins over its own range (the lower end in bin 0, the upper end in the last

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Checks that the checkpoints modelfusion wrote (tests/golden/io/rust/, regenerated and
-byte-compared by tests/io_golden.rs) load in Python's `safetensors` package with the
+byte-compared by tests/io/io_golden.rs) load in Python's `safetensors` package with the
 expected values: the f32 fixture py/f32.safetensors converted by numpy (f16, f64) or by
 integer round-to-nearest-even (bf16). Exits non-zero on any mismatch.
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Writes the safetensors interop fixtures read by tests/io_golden.rs.
+"""Writes the safetensors interop fixtures read by tests/io/io_golden.rs.
 
 Run from the repository root with the project venv:
 

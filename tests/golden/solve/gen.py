@@ -1,7 +1,7 @@
 """Golden values for modelfusion::solve, from scipy and POT.
 
 Run with the project venv:  venv/bin/python tests/golden/solve/gen.py
-Writes tests/golden/solve/golden.json (read by tests/solve_golden.rs).
+Writes tests/golden/solve/golden.json (read by tests/solve/solve_golden.rs).
 """
 import json
 import os

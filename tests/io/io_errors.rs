@@ -1,7 +1,7 @@
 //! Every malformed checkpoint is an `Error::Format` naming the file and the tensor.
 #![cfg(feature = "safetensors")]
 
-mod io_common;
+use crate::io_common;
 
 use io_common::{random_sd, raw_file, write};
 use modelfusion::Error;

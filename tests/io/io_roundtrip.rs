@@ -2,7 +2,7 @@
 //! specific bit patterns.
 #![cfg(feature = "safetensors")]
 
-mod io_common;
+use crate::io_common;
 
 use io_common::random_sd;
 use modelfusion::io::{

@@ -4,8 +4,8 @@
 //! measures.
 #![cfg(feature = "candle")]
 
-mod candle_common;
-mod repair_common;
+use crate::candle_common;
+use crate::repair_common;
 
 use std::sync::Arc;
 

@@ -1,7 +1,6 @@
 //! Properties of the ready paths, checked against independent reference values.
 
-#[path = "path_common.rs"]
-mod common;
+use crate::path_common as common;
 
 use common::{bits_equal, flat, model, vector};
 use modelfusion::path::{
@@ -118,7 +117,7 @@ proptest! {
 /// The Bernstein basis against scipy's binomial pmf (tests/golden/path_barrier.py).
 #[test]
 fn bernstein_matches_scipy() {
-    let text = include_str!("golden/path_barrier.txt");
+    let text = include_str!("../golden/path_barrier.txt");
     let mut seen = 0;
     for line in text.lines().filter(|l| l.starts_with("bernstein ")) {
         let f: Vec<f64> = line

@@ -3,7 +3,7 @@
 //! and every case that could hang runs under a timeout.
 #![cfg(feature = "safetensors")]
 
-mod io_common;
+use crate::io_common;
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;

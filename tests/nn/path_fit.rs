@@ -1,8 +1,7 @@
 //! Curve fitting: analytic gradients against finite differences, convergence on a
 //! non-convex valley, determinism, early stopping, and bad input.
 
-#[path = "path_common.rs"]
-mod common;
+use crate::path_common as common;
 
 use std::ops::ControlFlow;
 

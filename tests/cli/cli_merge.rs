@@ -2,7 +2,7 @@
 //! clear errors before any heavy work.
 #![cfg(feature = "cli")]
 
-mod io_common;
+use crate::io_common;
 
 use std::path::Path;
 use std::process::Command;

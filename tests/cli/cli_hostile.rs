@@ -3,7 +3,7 @@
 //! float16 overflow is reported with a count. Every run is bounded by a timeout.
 #![cfg(feature = "cli")]
 
-mod io_common;
+use crate::io_common;
 
 use std::path::Path;
 use std::process::{Command, Stdio};

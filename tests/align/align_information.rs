@@ -36,7 +36,7 @@ fn features() -> (Array2<f64>, Array2<f64>) {
 }
 
 fn golden(name: &str) -> Array2<f64> {
-    let text = include_str!("golden/align/mi.txt");
+    let text = include_str!("../golden/align/mi.txt");
     let line = text
         .lines()
         .find(|l| l.starts_with(&format!("{name} ")))

@@ -8,7 +8,7 @@
 //! counting global allocator).
 #![cfg(feature = "safetensors")]
 
-mod io_common;
+use crate::io_common;
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;

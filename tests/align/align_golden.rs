@@ -9,7 +9,7 @@ use modelfusion::{StateDictF64, Tensor};
 use ndarray::{ArrayD, Ix2};
 
 fn golden() -> BTreeMap<String, ArrayD<f64>> {
-    let text = include_str!("golden/align_golden.txt");
+    let text = include_str!("../golden/align_golden.txt");
     text.lines()
         .map(|line| {
             let (head, values) = line.split_once(" | ").unwrap();

@@ -2,7 +2,7 @@
 //! optimiser configuration errors.
 #![cfg(feature = "nn")]
 
-mod nn_common;
+use crate::nn_common;
 
 use modelfusion::nn::{
     Classification, LrSchedule, Mlp, Mode, Network, Optimizer, ResMlp, TrainConfig, data, train,

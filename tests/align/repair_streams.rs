@@ -3,7 +3,7 @@
 //! the generic reset agrees with `nn::reset_running_stats`.
 #![cfg(feature = "nn")]
 
-mod repair_common;
+use crate::repair_common;
 
 use modelfusion::align::{BnReset, OutputRepair, Repair};
 use modelfusion::nn::{

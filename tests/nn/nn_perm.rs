@@ -3,7 +3,7 @@
 //! through `perm::specs::mlp` / `res_mlp` keeps the network's function.
 #![cfg(feature = "nn")]
 
-mod nn_common;
+use crate::nn_common;
 
 use modelfusion::nn::{Mlp, Mode, Network, ResMlp};
 use modelfusion::perm::PermutationSet;

@@ -1,7 +1,7 @@
 //! Golden tests of the mergers ported from mergekit 0.1.5 (nuslerp, multislerp, karcher,
 //! sce, arcee_fusion, nearswap, ram, ramplus_tl): small tensors whose results follow by
 //! hand from the formulas in mergekit's sources (SCE's selection against mergekit's
-//! own masks: tests/mergekit_golden.rs).
+//! own masks: tests/merge/mergekit_golden.rs).
 
 use std::f64::consts::{FRAC_PI_2, FRAC_PI_6};
 

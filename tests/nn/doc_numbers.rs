@@ -8,7 +8,7 @@
 //!
 //! The quick demos (embedded digits, a few seconds) run in every `cargo test`; the
 //! Fashion-MNIST demo (minutes) is `#[ignore]`d:
-//! `cargo test --release --test doc_numbers -- --ignored` (needs
+//! `cargo test --release --test nn doc_numbers -- --ignored` (needs
 //! `apt-get install -y dataset-fashion-mnist`).
 
 use std::path::{Path, PathBuf};

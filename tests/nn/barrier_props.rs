@@ -1,7 +1,6 @@
 //! The loss barrier: golden values from numpy/scipy, properties, and bad input.
 
-#[path = "path_common.rs"]
-mod common;
+use crate::path_common as common;
 
 use common::{Ring, model, vector};
 use modelfusion::barrier::{BarrierConfig, loss_barrier};
@@ -19,7 +18,7 @@ impl Objective<StateDictF64> for Golden {
 }
 
 fn golden(key: &str) -> Vec<Vec<f64>> {
-    include_str!("golden/path_barrier.txt")
+    include_str!("../golden/path_barrier.txt")
         .lines()
         .filter(|l| l.split_whitespace().next() == Some(key))
         .map(|l| {

@@ -2,7 +2,7 @@
 //! before reading data, and clean up after failures.
 #![cfg(feature = "safetensors")]
 
-mod io_common;
+use crate::io_common;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 

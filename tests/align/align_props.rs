@@ -1,7 +1,7 @@
 //! Alignment: function preservation, planted permutations, monotone objective,
 //! determinism, OT fusion, multi-model alignment and bad input.
 
-mod common;
+use crate::common;
 
 use common::*;
 use modelfusion::align::{

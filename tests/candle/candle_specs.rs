@@ -3,7 +3,7 @@
 //! changing their outputs (1e-5 relative, f32).
 #![cfg(feature = "candle")]
 
-mod candle_common;
+use crate::candle_common;
 
 use candle_common::{Layout, digit_images, relative_error};
 use modelfusion::candle::candle_core::{DType, Device, Module, Tensor};

@@ -2,7 +2,7 @@
 //! invariance, features, and errors on bad input.
 #![cfg(feature = "nn")]
 
-mod nn_common;
+use crate::nn_common;
 
 use modelfusion::nn::{Architecture, Classification, Mlp, Mode, Network, ResMlp};
 use modelfusion::{

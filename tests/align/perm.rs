@@ -1,6 +1,6 @@
 //! Permutations and permutation specs: invariants and bad input.
 
-mod common;
+use crate::common;
 
 use common::*;
 use modelfusion::perm::specs::{self, Architecture, MlpShapes, ResMlpShapes, ResNet, Vgg};

@@ -5,7 +5,7 @@
 //! the residual + MLP spec (attention held at identity) keeps the function too.
 #![cfg(all(feature = "candle", feature = "nn"))]
 
-#[path = "../examples/transformer_barrier/decoder.rs"]
+#[path = "../../examples/transformer_barrier/decoder.rs"]
 mod decoder;
 
 use std::sync::Arc;

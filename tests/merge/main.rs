@@ -1,0 +1,13 @@
+//! Integration tests: the `merge` group, one test binary (see tests/README.md).
+
+mod config_run;
+mod config_slices;
+mod config_vocab;
+mod merge_chunked;
+mod merge_errors;
+mod merge_golden;
+mod merge_properties;
+mod merge_svd;
+mod mergekit_examples;
+mod mergekit_golden;
+mod mergekit_methods;
