@@ -3,7 +3,7 @@
 #[cfg(feature = "nn")]
 #[path = "../nn_common/mod.rs"]
 mod nn_common;
-#[path = "../path_common.rs"]
+#[path = "../path_common/mod.rs"]
 mod path_common;
 
 mod barrier_props;
