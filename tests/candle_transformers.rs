@@ -44,7 +44,9 @@ use modelfusion::candle::{CandleNet, to_state_dict_from_varmap};
 use modelfusion::io::{Checkpoint, infer_checkpoint_spec, load};
 use modelfusion::perm::infer::infer_model_spec;
 use modelfusion::perm::specs::Architecture;
-use modelfusion::perm::{AxisRule, HeadLayout, HeadSlot, PermutationSet, PermutationSpec, Role, SpecBuilder};
+use modelfusion::perm::{
+    AxisRule, HeadLayout, HeadSlot, PermutationSet, PermutationSpec, Role, SpecBuilder,
+};
 use modelfusion::{Model, StateDictF32};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -56,6 +58,9 @@ type CResult<T> = candle_core::Result<T>;
 const PRESERVED: f64 = 1e-5;
 /// candle against PyTorch on the same weights (two implementations, f32).
 const AGREES_WITH_TORCH: f64 = 1e-4;
+/// candle's DistilBERT computes GELU with the tanh approximation where Hugging Face's
+/// uses erf (2.4e-4 measured): its bar against PyTorch only.
+const DISTILBERT_TANH_GELU: f64 = 1e-3;
 
 /// A committed Hugging Face fixture: weights, config, input and PyTorch's logits, and
 /// the spec the crate infers from the checkpoint and its `config.json`.
@@ -75,8 +80,8 @@ fn fixture(name: &str) -> Fixture {
     let found = infer_checkpoint_spec(&Checkpoint::open(&path).unwrap())
         .unwrap_or_else(|e| panic!("{name}: {e}"));
     assert_eq!(found.family, name, "{}", found.reason);
-    let config = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap())
-        .unwrap();
+    let config =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
     let io = candle_core::safetensors::load(dir.join("io.safetensors"), &Device::Cpu).unwrap();
     let input = match io.get("pixel_values") {
         Some(x) => x.clone(),
@@ -158,10 +163,19 @@ fn assert_preserved(
 
 /// The fixture's candle outputs agree with PyTorch's, then keep under permutations.
 fn check_fixture(name: &str, run: impl Fn(&Fixture, &StateDictF32) -> Tensor) {
+    check_fixture_within(name, AGREES_WITH_TORCH, run);
+}
+
+/// [`check_fixture`] with its own bar against PyTorch.
+fn check_fixture_within(
+    name: &str,
+    torch_bar: f64,
+    run: impl Fn(&Fixture, &StateDictF32) -> Tensor,
+) {
     let f = fixture(name);
     let torch = relative_error(&f.logits, &run(&f, &f.params));
     println!("{name}: candle within {torch:.1e} of PyTorch");
-    assert!(torch < AGREES_WITH_TORCH, "{name}: candle vs PyTorch {torch:e}");
+    assert!(torch < torch_bar, "{name}: candle vs PyTorch {torch:e}");
     assert_preserved(name, &f.spec, &f.params, |p| run(&f, p));
 }
 
@@ -244,7 +258,10 @@ fn bert_masked_lm() {
         // candle reads the tied decoder under its own names.
         let mut p = p.clone();
         let tied = [
-            ("cls.predictions.decoder.weight", "bert.embeddings.word_embeddings.weight"),
+            (
+                "cls.predictions.decoder.weight",
+                "bert.embeddings.word_embeddings.weight",
+            ),
             ("cls.predictions.decoder.bias", "cls.predictions.bias"),
         ];
         for (to, from) in tied {
@@ -269,7 +286,14 @@ fn roberta_masked_lm_through_xlm_roberta() {
             .unwrap();
         let x = &f.input;
         let y = m
-            .forward(x, &x.ones_like().unwrap(), &x.zeros_like().unwrap(), None, None, None)
+            .forward(
+                x,
+                &x.ones_like().unwrap(),
+                &x.zeros_like().unwrap(),
+                None,
+                None,
+                None,
+            )
             .unwrap();
         // candle leaves out the decoder bias.
         let bias: Vec<f32> = p.get("lm_head.bias").unwrap().iter().copied().collect();
@@ -280,7 +304,7 @@ fn roberta_masked_lm_through_xlm_roberta() {
 
 #[test]
 fn distilbert_masked_lm() {
-    check_fixture("distilbert", |f, p| {
+    check_fixture_within("distilbert", DISTILBERT_TANH_GELU, |f, p| {
         let cfg: distilbert::Config = candle_config(&f.config, json!({}));
         let m = CandleNet::new(|vb| distilbert::DistilBertForMaskedLM::load(vb, &cfg))
             .build(p)
@@ -322,10 +346,7 @@ fn layout_of<N>(
 
 /// A torchvision-named candle-transformers ResNet with random weights (running
 /// statistics included) under the spec inferred from its names.
-fn check_resnet(
-    name: &str,
-    build: impl Fn(VarBuilder<'static>) -> CResult<Func<'static>> + Copy,
-) {
+fn check_resnet(name: &str, build: impl Fn(VarBuilder<'static>) -> CResult<Func<'static>> + Copy) {
     let layout = layout_of(build, |names| {
         let found = infer_model_spec(names, None).unwrap();
         assert_eq!(found.family, "torchvision-resnet", "{}", found.reason);
@@ -366,7 +387,10 @@ fn moving_rotary_dimensions_changes_the_logits_and_is_refused() {
     assert_eq!(f.spec.head_layout("layers.0.attn").unwrap().rotary_dim(), 8);
     let perms = PermutationSet::random(&loose, &f.params, 3).unwrap();
     let layout = loose.head_layout("layers.0.attn").unwrap();
-    let qk = layout.decompose(perms.get("layers.0.attn").unwrap()).unwrap().qk;
+    let qk = layout
+        .decompose(perms.get("layers.0.attn").unwrap())
+        .unwrap()
+        .qk;
     assert!(qk.iter().any(|p| !p.is_identity()));
     let e = f.spec.apply(&perms, &f.params).unwrap_err().to_string();
     assert!(e.contains("rotary"), "{e}");
@@ -375,7 +399,10 @@ fn moving_rotary_dimensions_changes_the_logits_and_is_refused() {
     let moved = loose.apply(&perms, &f.params).unwrap();
     let err = relative_error(&y, &llama_logits(&cfg, &moved, &f.input));
     println!("llama: moving rotary dimensions changes the logits by {err:.2} of the largest");
-    assert!(err > 1e-2, "moving rotary dimensions changed the logits by only {err:e}");
+    assert!(
+        err > 1e-2,
+        "moving rotary dimensions changed the logits by only {err:e}"
+    );
 }
 
 const BIGCODE_LAYERS: usize = 2;
@@ -405,7 +432,15 @@ fn bigcode_spec() -> PermutationSpec {
     let r = "residual";
     let mut b = SpecBuilder::new();
     let produce = |b: &mut SpecBuilder, g: &str, p: String, axis| {
-        b.param(g, p, axis, AxisRule { role: Some(Role::Produce), repeat: 1 });
+        b.param(
+            g,
+            p,
+            axis,
+            AxisRule {
+                role: Some(Role::Produce),
+                repeat: 1,
+            },
+        );
     };
     for e in ["wte", "wpe"] {
         produce(&mut b, r, format!("transformer.{e}.weight"), 1);
@@ -415,24 +450,46 @@ fn bigcode_spec() -> PermutationSpec {
     for i in 0..BIGCODE_LAYERS {
         let l = format!("transformer.h.{i}");
         let (attn, mlp) = (format!("layers.{i}.attn"), format!("layers.{i}.mlp"));
-        b.layer_norm(r, &format!("{l}.ln_1")).layer_norm(r, &format!("{l}.ln_2"));
+        b.layer_norm(r, &format!("{l}.ln_1"))
+            .layer_norm(r, &format!("{l}.ln_2"));
         b.attention(&attn, layout);
-        b.head_param(&attn, format!("{l}.attn.c_attn.weight"), 0, Role::Produce, HeadSlot::FusedQkv)
-            .head_param(&attn, format!("{l}.attn.c_attn.bias"), 0, Role::Follow, HeadSlot::FusedQkv)
-            .head_param(&attn, format!("{l}.attn.c_proj.weight"), 1, Role::Consume, HeadSlot::Output)
-            .consumer(r, &format!("{l}.attn.c_attn"))
-            .producer(r, &format!("{l}.attn.c_proj"), true)
-            .producer(&mlp, &format!("{l}.mlp.c_fc"), true)
-            .consumer(r, &format!("{l}.mlp.c_fc"))
-            .consumer(&mlp, &format!("{l}.mlp.c_proj"))
-            .producer(r, &format!("{l}.mlp.c_proj"), true);
+        b.head_param(
+            &attn,
+            format!("{l}.attn.c_attn.weight"),
+            0,
+            Role::Produce,
+            HeadSlot::FusedQkv,
+        )
+        .head_param(
+            &attn,
+            format!("{l}.attn.c_attn.bias"),
+            0,
+            Role::Follow,
+            HeadSlot::FusedQkv,
+        )
+        .head_param(
+            &attn,
+            format!("{l}.attn.c_proj.weight"),
+            1,
+            Role::Consume,
+            HeadSlot::Output,
+        )
+        .consumer(r, &format!("{l}.attn.c_attn"))
+        .producer(r, &format!("{l}.attn.c_proj"), true)
+        .producer(&mlp, &format!("{l}.mlp.c_fc"), true)
+        .consumer(r, &format!("{l}.mlp.c_fc"))
+        .consumer(&mlp, &format!("{l}.mlp.c_proj"))
+        .producer(r, &format!("{l}.mlp.c_proj"), true);
     }
     b.build().unwrap()
 }
 
 #[test]
 fn bigcode_multi_query_with_a_written_spec() {
-    let layout = layout_of(|vb| bigcode::GPTBigCode::load(vb, bigcode_config()), |_| bigcode_spec());
+    let layout = layout_of(
+        |vb| bigcode::GPTBigCode::load(vb, bigcode_config()),
+        |_| bigcode_spec(),
+    );
     let params = layout.random_model(9);
     let ids = fixture("gpt2").input;
     assert_preserved("bigcode", &layout.spec, &params, |p| {
