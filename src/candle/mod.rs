@@ -50,6 +50,36 @@ use ndarray::ArrayD;
 pub use adapter::{CandleActivations, CandleLoss, CandleNet};
 pub use candle_core;
 pub use candle_nn;
+/// candle-transformers' model implementations (feature `candle-transformers`), the
+/// version this crate was built with. [`CandleNet::build`] evaluates a state dict through
+/// any of them; `tests/candle_transformers.rs` checks the inferred specs on LLaMA,
+/// Mistral, Qwen2, BERT, RoBERTa, DistilBERT, ViT and ResNet this way.
+///
+/// ```
+/// use modelfusion::candle::candle_core::{DType, Device, Module, Tensor};
+/// use modelfusion::candle::candle_nn::{VarBuilder, VarMap};
+/// use modelfusion::candle::candle_transformers::models::resnet;
+/// use modelfusion::candle::{CandleNet, to_state_dict_from_varmap};
+/// use modelfusion::perm::{PermutationSet, infer::infer_model_spec};
+/// use modelfusion::StateDictF32;
+///
+/// // torchvision's ResNet-18 names, as candle-transformers builds them.
+/// let vm = VarMap::new();
+/// resnet::resnet18(10, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu))?;
+/// let params: StateDictF32 = to_state_dict_from_varmap(&vm)?;
+/// let spec = infer_model_spec(&params, None)?.spec;
+/// let permuted = spec.apply(&PermutationSet::random(&spec, &params, 0)?, &params)?;
+///
+/// let net = CandleNet::new(|vb| resnet::resnet18(10, vb));
+/// let x = Tensor::ones((1, 3, 32, 32), DType::F32, &Device::Cpu)?;
+/// let y: Vec<f32> = net.build(&params)?.forward(&x)?.flatten_all()?.to_vec1()?;
+/// let z: Vec<f32> = net.build(&permuted)?.forward(&x)?.flatten_all()?.to_vec1()?;
+/// let scale = y.iter().fold(0f32, |m, v| m.max(v.abs()));
+/// assert!(y.iter().zip(&z).all(|(a, b)| (a - b).abs() <= 1e-5 * scale));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[cfg(feature = "candle-transformers")]
+pub use candle_transformers;
 pub use models::{CandleResNet, CandleVgg, Taps};
 
 use crate::dtype::{Dtype, RawTensor};
