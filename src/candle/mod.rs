@@ -52,7 +52,7 @@ pub use candle_core;
 pub use candle_nn;
 /// candle-transformers' model implementations (feature `candle-transformers`), the
 /// version this crate was built with. [`CandleNet::build`] evaluates a state dict through
-/// any of them; `tests/candle_transformers.rs` checks the inferred specs on LLaMA,
+/// any of them; `tests/candle/candle_transformers.rs` checks the inferred specs on LLaMA,
 /// Mistral, Qwen2, BERT, RoBERTa, DistilBERT, ViT and ResNet this way.
 ///
 /// ```

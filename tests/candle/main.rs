@@ -10,3 +10,4 @@ mod candle_adapters;
 mod candle_decoder;
 mod candle_repair;
 mod candle_specs;
+mod candle_transformers;

@@ -29,7 +29,7 @@
     feature = "safetensors"
 ))]
 
-mod candle_common;
+use crate::candle_common;
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
