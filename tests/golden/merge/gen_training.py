@@ -233,7 +233,7 @@ def swalp(bits, swa_start, every, steps):
     def after(step, m):
         m = quantize_nearest(m, bits)
         if step >= swa_start and (step - swa_start) % every == 0:
-            collected.append(m)
+            collected.append({k: v.copy() for k, v in m.items()})
         return m
 
     global INIT
