@@ -45,7 +45,10 @@ fn iterate(k: usize) -> StateDictF64 {
     let k = k as f64;
     StateDict::from_pairs([
         ("b", arr1(&[0.1 * k * k - k]).into_dyn()),
-        ("w", arr1(&[(0.3 * k).sin(), (0.5 * k).cos(), k / 10.0]).into_dyn()),
+        (
+            "w",
+            arr1(&[(0.3 * k).sin(), (0.5 * k).cos(), k / 10.0]).into_dyn(),
+        ),
     ])
     .unwrap()
 }
@@ -90,16 +93,24 @@ fn swad_matches_the_offline_reference() {
         let nt = case["n_tolerance"].as_u64().unwrap() as usize;
         let r = case["tolerance_ratio"].as_f64().unwrap();
         let got = run_swad(&losses, &lengths, nc, nt, r).unwrap();
-        let window = case["window"]
-            .as_array()
-            .map(|w| (w[0].as_u64().unwrap() as usize, w[1].as_u64().unwrap() as usize));
+        let window = case["window"].as_array().map(|w| {
+            (
+                w[0].as_u64().unwrap() as usize,
+                w[1].as_u64().unwrap() as usize,
+            )
+        });
         assert_eq!(got.window, window, "case {c}: window");
         assert_eq!(
             got.iterates,
             case["iterates"].as_u64().unwrap() as usize,
             "case {c}"
         );
-        close(&got.model, &model(&case["average"]), 1e-12, &format!("case {c}"));
+        close(
+            &got.model,
+            &model(&case["average"]),
+            1e-12,
+            &format!("case {c}"),
+        );
     }
 }
 
@@ -113,7 +124,12 @@ fn objectives(pop: &Value) -> Vec<impl FnMut(&StateDictF64, usize) -> Result<(f6
         .iter()
         .map(|ts| ts.as_array().unwrap().iter().map(model).collect())
         .collect();
-    let scales: Vec<StateDictF64> = pop["scales"].as_array().unwrap().iter().map(model).collect();
+    let scales: Vec<StateDictF64> = pop["scales"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(model)
+        .collect();
     targets
         .into_iter()
         .zip(scales)
@@ -160,9 +176,19 @@ fn papa_and_hwa_match_the_reference_runs() {
         }
         .unwrap();
         for (j, m) in run["members"].as_array().unwrap().iter().enumerate() {
-            close(&out.members[j], &model(m), 1e-12, &format!("run {i} member {j}"));
+            close(
+                &out.members[j],
+                &model(m),
+                1e-12,
+                &format!("run {i} member {j}"),
+            );
         }
-        close(&out.average, &model(&run["average"]), 1e-12, &format!("run {i} average"));
+        close(
+            &out.average,
+            &model(&run["average"]),
+            1e-12,
+            &format!("run {i} average"),
+        );
     }
 }
 
@@ -171,13 +197,19 @@ fn fge_swalp_and_twa_match_the_reference_runs() {
     let g = golden();
     let pop = &g["population"];
     let init = model(&pop["init"]);
-    let (lr, momentum) = (pop["lr"].as_f64().unwrap(), pop["momentum"].as_f64().unwrap());
+    let (lr, momentum) = (
+        pop["lr"].as_f64().unwrap(),
+        pop["momentum"].as_f64().unwrap(),
+    );
     let wd = pop["weight_decay"].as_f64().unwrap();
     let config = |steps: &Value, lr: f64| {
-        StepConfig::new(steps.as_u64().unwrap() as usize, Optimizer::sgd(lr, momentum).unwrap())
-            .unwrap()
-            .with_weight_decay(wd)
-            .unwrap()
+        StepConfig::new(
+            steps.as_u64().unwrap() as usize,
+            Optimizer::sgd(lr, momentum).unwrap(),
+        )
+        .unwrap()
+        .with_weight_decay(wd)
+        .unwrap()
     };
     for (i, run) in pop["fge"].as_array().unwrap().iter().enumerate() {
         let fge = Fge::new(
@@ -190,11 +222,18 @@ fn fge_swalp_and_twa_match_the_reference_runs() {
             assert!((fge.lr(s) - want).abs() < 1e-15, "FGE {i} lr at {s}");
         }
         let mut obj = objectives(pop).into_iter().next().unwrap();
-        let snaps = fge.train(&init, &mut obj, &config(&run["steps"], 0.05)).unwrap();
+        let snaps = fge
+            .train(&init, &mut obj, &config(&run["steps"], 0.05))
+            .unwrap();
         let want = run["snapshots"].as_array().unwrap();
         assert_eq!(snaps.len(), want.len());
         for (k, w) in want.iter().enumerate() {
-            close(&snaps[k], &model(w), 1e-12, &format!("FGE {i} snapshot {k}"));
+            close(
+                &snaps[k],
+                &model(w),
+                1e-12,
+                &format!("FGE {i} snapshot {k}"),
+            );
         }
     }
     for (i, run) in pop["swalp"].as_array().unwrap().iter().enumerate() {
@@ -208,13 +247,30 @@ fn fge_swalp_and_twa_match_the_reference_runs() {
         )
         .unwrap();
         let mut obj = objectives(pop).into_iter().next().unwrap();
-        let out = swalp.train(&init, &mut obj, &config(&run["steps"], lr)).unwrap();
+        let out = swalp
+            .train(&init, &mut obj, &config(&run["steps"], lr))
+            .unwrap();
         assert_eq!(out.count, run["count"].as_u64().unwrap() as usize);
-        close(&out.last, &model(&run["last"]), 0.0, &format!("SWALP {i} last"));
-        close(&out.average, &model(&run["average"]), 1e-12, &format!("SWALP {i} average"));
+        close(
+            &out.last,
+            &model(&run["last"]),
+            0.0,
+            &format!("SWALP {i} last"),
+        );
+        close(
+            &out.average,
+            &model(&run["average"]),
+            1e-12,
+            &format!("SWALP {i} average"),
+        );
     }
     for run in pop["twa"].as_array().unwrap() {
-        let its: Vec<StateDictF64> = run["iterates"].as_array().unwrap().iter().map(model).collect();
+        let its: Vec<StateDictF64> = run["iterates"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(model)
+            .collect();
         let refs: Vec<&StateDictF64> = its.iter().collect();
         let twa = Twa::new(&refs).unwrap();
         assert_eq!(twa.dim(), 3);
@@ -226,14 +282,19 @@ fn fge_swalp_and_twa_match_the_reference_runs() {
 }
 
 fn sd(values: &[f64]) -> StateDictF64 {
-    StateDict::from_pairs([("w", ArrayD::from_shape_vec(vec![values.len()], values.to_vec()).unwrap())])
-        .unwrap()
+    StateDict::from_pairs([(
+        "w",
+        ArrayD::from_shape_vec(vec![values.len()], values.to_vec()).unwrap(),
+    )])
+    .unwrap()
 }
 
 fn spread(pop: &[StateDictF64]) -> f64 {
     let refs: Vec<&StateDictF64> = pop.iter().collect();
     let mean = StateDictF64::weighted_sum(&refs, &vec![1.0 / pop.len() as f64; pop.len()]).unwrap();
-    pop.iter().map(|m| m.sub(&mean).unwrap().norm().powi(2)).sum()
+    pop.iter()
+        .map(|m| m.sub(&mean).unwrap().norm().powi(2))
+        .sum()
 }
 
 fn mean(pop: &[StateDictF64]) -> StateDictF64 {
@@ -426,7 +487,8 @@ fn compositions_agree() {
     let g = grad(1.0);
     for step in 0..12 {
         let (_, gr) = g(&w, step).unwrap();
-        opt.step(&mut w, &gr, LrSchedule::Cosine.factor(step, 12)).unwrap();
+        opt.step(&mut w, &gr, LrSchedule::Cosine.factor(step, 12))
+            .unwrap();
     }
     assert_eq!(out[0], w);
     let inits = [init.clone(), init.clone(), init];
@@ -438,14 +500,28 @@ fn compositions_agree() {
         .unwrap()
         .train(&inits, &mut [grad(1.0), grad(2.0), grad(3.0)], &config)
         .unwrap();
-    close(&hwa.average, &papa.average, 1e-15, "HWA window 1 vs PAPA-all");
+    close(
+        &hwa.average,
+        &papa.average,
+        1e-15,
+        "HWA window 1 vs PAPA-all",
+    );
     // A stop from the hook ends training after that step.
     let mut seen = 0;
-    train_population(&inits, &mut [grad(1.0), grad(2.0), grad(3.0)], &config, |s, _, losses| {
-        seen = s + 1;
-        assert_eq!(losses.len(), 3);
-        Ok(if s == 4 { ControlFlow::Break(()) } else { ControlFlow::Continue(()) })
-    })
+    train_population(
+        &inits,
+        &mut [grad(1.0), grad(2.0), grad(3.0)],
+        &config,
+        |s, _, losses| {
+            seen = s + 1;
+            assert_eq!(losses.len(), 3);
+            Ok(if s == 4 {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            })
+        },
+    )
     .unwrap();
     assert_eq!(seen, 5);
 }
@@ -461,13 +537,19 @@ fn bad_input_is_a_clear_error() {
         Ok(ControlFlow::Continue(()))
     });
     assert!(msg(e.unwrap_err()).contains("objectives"));
-    let e = train_population(&[a.clone(), sd(&[1.0, 2.0])], &mut [ok, ok], &config, |_, _, _| {
-        Ok(ControlFlow::Continue(()))
-    });
+    let e = train_population(
+        &[a.clone(), sd(&[1.0, 2.0])],
+        &mut [ok, ok],
+        &config,
+        |_, _, _| Ok(ControlFlow::Continue(())),
+    );
     assert!(msg(e.unwrap_err()).contains("w"));
-    let e = train_population(&[a.clone(), sd(&[f64::NAN])], &mut [ok, ok], &config, |_, _, _| {
-        Ok(ControlFlow::Continue(()))
-    });
+    let e = train_population(
+        &[a.clone(), sd(&[f64::NAN])],
+        &mut [ok, ok],
+        &config,
+        |_, _, _| Ok(ControlFlow::Continue(())),
+    );
     assert!(msg(e.unwrap_err()).contains("member 1"));
     let nan = |m: &StateDictF64, _: usize| Ok((f64::NAN, m.clone()));
     let e = train_population(&[a.clone()], &mut [nan], &config, |_, _, _| {
@@ -476,10 +558,12 @@ fn bad_input_is_a_clear_error() {
     let e = msg(e.unwrap_err());
     assert!(e.contains("member 0") && e.contains("step 0"), "{e}");
     let short = |_: &StateDictF64, _: usize| Ok((1.0, StateDictF64::new()));
-    assert!(train_population(&[a.clone()], &mut [short], &config, |_, _, _| {
-        Ok(ControlFlow::Continue(()))
-    })
-    .is_err());
+    assert!(
+        train_population(&[a.clone()], &mut [short], &config, |_, _, _| {
+            Ok(ControlFlow::Continue(()))
+        })
+        .is_err()
+    );
     assert!(msg(StepConfig::new(0, Optimizer::adam(0.1).unwrap()).unwrap_err()).contains("steps"));
     // PAPA and HWA hyperparameters.
     assert!(msg(Papa::ema(1.0, 1).unwrap_err()).contains("alpha"));
@@ -493,7 +577,13 @@ fn bad_input_is_a_clear_error() {
     let swad = Swad::<StateDictF64>::new();
     assert!(msg(swad.clone().with_n_converge(0).unwrap_err()).contains("n_converge"));
     assert!(msg(swad.clone().with_n_tolerance(0).unwrap_err()).contains("n_tolerance"));
-    assert!(msg(swad.clone().with_tolerance_ratio(f64::INFINITY).unwrap_err()).contains("tolerance_ratio"));
+    assert!(
+        msg(swad
+            .clone()
+            .with_tolerance_ratio(f64::INFINITY)
+            .unwrap_err())
+        .contains("tolerance_ratio")
+    );
     let mut s = swad.clone();
     assert!(msg(s.evaluate(1.0).unwrap_err()).contains("update"));
     assert!(msg(s.average().unwrap_err()).contains("SWAD"));
@@ -512,7 +602,9 @@ fn bad_input_is_a_clear_error() {
     let q = BlockQuantizer::new(8).unwrap();
     assert!(q.quantize(&sd(&[f64::NAN]), 0).is_err());
     assert!(msg(Swalp::new(q, 0, 0).unwrap_err()).contains("every"));
-    let e = Swalp::new(q, 3, 1).unwrap().train(&a, &mut ok.clone(), &config);
+    let e = Swalp::new(q, 3, 1)
+        .unwrap()
+        .train(&a, &mut ok.clone(), &config);
     assert!(msg(e.unwrap_err()).contains("swa_start"));
     assert!(Twa::<StateDictF64>::new(&[]).is_err());
     assert!(msg(Twa::new(&[&sd(&[0.0])]).unwrap_err()).contains("iterates"));

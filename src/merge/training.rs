@@ -1113,7 +1113,9 @@ impl Fge {
         if cycle < 2 || cycle % 2 != 0 {
             return Err(Error::invalid(
                 "cycle",
-                format!("must be even and at least 2 steps (the snapshot is at its middle), got {cycle}"),
+                format!(
+                    "must be even and at least 2 steps (the snapshot is at its middle), got {cycle}"
+                ),
             ));
         }
         crate::error::check_positive("lr_high", lr_high)?;
@@ -1487,7 +1489,12 @@ impl Swalp {
     /// assert!(Swalp::new(BlockQuantizer::new(8)?, 4, 1)?.train(&init, &mut g.clone(), &cfg).is_err());
     /// # Ok::<(), modelfusion::Error>(())
     /// ```
-    pub fn train<M, S>(&self, init: &M, objective: &mut S, config: &StepConfig) -> Result<SwalpRun<M>>
+    pub fn train<M, S>(
+        &self,
+        init: &M,
+        objective: &mut S,
+        config: &StepConfig,
+    ) -> Result<SwalpRun<M>>
     where
         M: Model,
         S: StochasticGradient<M>,
@@ -1525,7 +1532,10 @@ impl Swalp {
             .average()
             .cloned()
             .ok_or_else(|| Error::empty("the SWALP iterates"))?;
-        let last = last.into_iter().next().ok_or_else(|| Error::empty("the SWALP run"))?;
+        let last = last
+            .into_iter()
+            .next()
+            .ok_or_else(|| Error::empty("the SWALP run"))?;
         Ok(SwalpRun {
             last,
             average,
@@ -1765,7 +1775,11 @@ impl<M: Model> Twa<M> {
                 .iter()
                 .map(|q| Ok(q.dot(&grad)? + config.weight_decay * q.dot(&w)?))
                 .collect::<Result<Vec<f64>>>()?;
-            optimizer.step(&mut c, &coords(g)?, config.schedule.factor(step, config.steps))?;
+            optimizer.step(
+                &mut c,
+                &coords(g)?,
+                config.schedule.factor(step, config.steps),
+            )?;
             losses.push(loss);
         }
         let coordinates: Vec<f64> = c
