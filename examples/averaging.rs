@@ -93,7 +93,7 @@ fn main() -> Result<()> {
         let mut swa = Swa::new();
         let mut swad = Swad::new();
         let plain = train_population(
-            &[init.clone()],
+            std::slice::from_ref(&init),
             &mut [batches(0)],
             &config,
             |step, pop, _| {
@@ -122,7 +122,7 @@ fn main() -> Result<()> {
         let inits: Vec<StateDictF32> = (0..POPULATION)
             .map(|j| net.init(seed * 100 + j as u64))
             .collect();
-        let mut objs = || (0..POPULATION).map(batches).collect::<Vec<_>>();
+        let objs = || (0..POPULATION).map(batches).collect::<Vec<_>>();
         for (k, papa) in [
             Papa::ema(0.99, 10)?,
             Papa::all(nb)?,

@@ -478,9 +478,12 @@ fn compositions_agree() {
     let config = StepConfig::new(12, Optimizer::adam(0.05).unwrap())
         .unwrap()
         .with_schedule(LrSchedule::Cosine);
-    let out = train_population(&[init.clone()], &mut [grad(1.0)], &config, |_, _, _| {
-        Ok(ControlFlow::Continue(()))
-    })
+    let out = train_population(
+        std::slice::from_ref(&init),
+        &mut [grad(1.0)],
+        &config,
+        |_, _, _| Ok(ControlFlow::Continue(())),
+    )
     .unwrap();
     let mut w = init.clone();
     let mut opt = ModelOptimizer::new(Optimizer::adam(0.05).unwrap());
@@ -552,16 +555,19 @@ fn bad_input_is_a_clear_error() {
     );
     assert!(msg(e.unwrap_err()).contains("member 1"));
     let nan = |m: &StateDictF64, _: usize| Ok((f64::NAN, m.clone()));
-    let e = train_population(&[a.clone()], &mut [nan], &config, |_, _, _| {
+    let e = train_population(std::slice::from_ref(&a), &mut [nan], &config, |_, _, _| {
         Ok(ControlFlow::Continue(()))
     });
     let e = msg(e.unwrap_err());
     assert!(e.contains("member 0") && e.contains("step 0"), "{e}");
     let short = |_: &StateDictF64, _: usize| Ok((1.0, StateDictF64::new()));
     assert!(
-        train_population(&[a.clone()], &mut [short], &config, |_, _, _| {
-            Ok(ControlFlow::Continue(()))
-        })
+        train_population(
+            std::slice::from_ref(&a),
+            &mut [short],
+            &config,
+            |_, _, _| { Ok(ControlFlow::Continue(())) }
+        )
         .is_err()
     );
     assert!(msg(StepConfig::new(0, Optimizer::adam(0.1).unwrap()).unwrap_err()).contains("steps"));
