@@ -1587,7 +1587,7 @@ pub struct Twa<M> {
 /// ```
 /// use modelfusion::merge::{StepConfig, Twa};
 /// use modelfusion::optim::Optimizer;
-/// use modelfusion::{StateDict, StateDictF64};
+/// use modelfusion::{Model, StateDict, StateDictF64};
 /// use ndarray::arr1;
 /// let a = StateDict::from_pairs([("w", arr1(&[1.0, 1.0]).into_dyn())])?;
 /// let mut g = |m: &StateDictF64, _: usize| Ok((0.5 * m.norm().powi(2), m.clone()));
