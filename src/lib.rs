@@ -242,6 +242,6 @@ pub mod tensor;
 pub use dtype::{Dtype, RawTensor};
 pub use error::{Error, Report, Result};
 pub use model::{Model, StateDict, StateDictF32, StateDictF64};
-pub use objective::{Activations, Features, Gradient, Objective};
+pub use objective::{Activations, Features, Gradient, Objective, StochasticGradient};
 pub use solve::{Assignment, TransportPlan, linear_sum_assignment, sinkhorn};
 pub use tensor::{Scalar, Tensor};

@@ -64,6 +64,44 @@ pub trait Gradient<M: Model>: Objective<M> {
     fn loss_and_gradient(&self, model: &M) -> Result<(f64, M)>;
 }
 
+/// An objective that changes from step to step (minibatches): the loss and gradient of
+/// `model` for training step `step`. Curve fitting and the training-time averagers of
+/// [`merge`](crate::merge) (SWAD, PAPA, HWA) take one.
+///
+/// Closures `FnMut(&M, usize) -> Result<(f64, M)>` are stochastic gradients; so is any
+/// type that implements the trait (e.g. a data loader holding a network and a data
+/// set, cycling through minibatches by `step`). A full-batch [`Gradient`] needs none of
+/// this: pass it to [`path::fit_curve`](crate::path::fit_curve); use
+/// [`path::fit_curve_stochastic`](crate::path::fit_curve_stochastic) with a stochastic one.
+///
+/// ```
+/// use modelfusion::StochasticGradient;
+/// use modelfusion::{Model, StateDict, StateDictF64};
+/// use ndarray::arr1;
+///
+/// // Loss |w - x_s|^2 / 2 against a different target x_s at every step.
+/// let targets = [1.0, 3.0];
+/// let mut per_step = |m: &StateDictF64, step: usize| {
+///     let x = StateDict::from_pairs([("w", arr1(&[targets[step % 2]]).into_dyn())])?;
+///     let d = m.sub(&x)?;
+///     Ok((0.5 * d.norm().powi(2), d))
+/// };
+/// let w = StateDict::from_pairs([("w", arr1(&[2.0]).into_dyn())])?;
+/// assert_eq!(per_step.loss_and_gradient_at(&w, 0)?.0, 0.5);
+/// assert_eq!(per_step.loss_and_gradient_at(&w, 1)?.1.get("w").unwrap()[[0]], -1.0);
+/// # Ok::<(), modelfusion::Error>(())
+/// ```
+pub trait StochasticGradient<M: Model> {
+    /// The loss and its gradient at `model` for training step `step` (counted from 0).
+    fn loss_and_gradient_at(&mut self, model: &M, step: usize) -> Result<(f64, M)>;
+}
+
+impl<M: Model, F: FnMut(&M, usize) -> Result<(f64, M)>> StochasticGradient<M> for F {
+    fn loss_and_gradient_at(&mut self, model: &M, step: usize) -> Result<(f64, M)> {
+        self(model, step)
+    }
+}
+
 /// Features of one batch keyed by name; each matrix is `(samples, features)`.
 pub type Features<E> = BTreeMap<String, Array2<E>>;
 

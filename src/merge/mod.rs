@@ -38,6 +38,19 @@
 //! | RegMean | [`RegMean`] (feature `linalg`) | `W^T = (sum_i G~_i)^-1 sum_i G~_i W_i^T`, `G~ = alpha G + (1-alpha) diag G` | alpha 0.9 |
 //! | output ensemble | [`Ensemble`] | mean of logits or probabilities | |
 //!
+//! Averaging during training (a training loop over a [`StochasticGradient`](crate::StochasticGradient)
+//! per run, [`train_population`]; results on digits in `docs/averaging.md`):
+//!
+//! | method | type | what | defaults |
+//! |---|---|---|---|
+//! | SWAD | [`Swad`] | dense mean of every iterate in the validation-loss valley `[t_s, t_e)` | paper: `n_converge` 3, `n_tolerance` 6, `tolerance_ratio` 0.3 |
+//! | PAPA | [`Papa::ema`] | every `k` steps `theta_j = alpha theta_j + (1 - alpha) mean(theta)`; final mean | paper: alpha 0.99 every 10 steps |
+//! | PAPA-all / PAPA-2 | [`Papa::all`], [`Papa::pairs`] | every `k` steps each member becomes the mean / the mean of two random members (seeded) | |
+//! | HWA | [`Hwa`] | parallel runs averaged every `H` steps (online), mean of the last `I` online averages (offline) | |
+//! | FGE | [`Fge`] | triangular cyclical learning rate, snapshots at each cycle's minimum, output ensemble | cycle even |
+//! | SWALP | [`Swalp`], [`BlockQuantizer`] | SWA over a run with block-floating-point gradients and weights (stochastic rounding, seeded), mean in full precision | 8 bits |
+//! | TWA | [`Twa`] | training inside the span of the iterates (Gram-Schmidt basis), from their mean | |
+//!
 //! ## Determinism
 //!
 //! Per-tensor methods run over contiguous slices in cache-sized blocks, in parallel over
@@ -102,6 +115,7 @@ mod spherical;
 mod stock;
 mod svd;
 mod task;
+mod training;
 
 pub use average::{Average, Ema, Lawa, Swa, Swag};
 pub use chunked::{ChunkFn, ChunkSink, ChunkedInputs, SliceChunks};
@@ -118,6 +132,10 @@ pub use spherical::{MultiSlerp, NuSlerp, SlerpVectors, nuslerp_t};
 pub use stock::ModelStock;
 pub use svd::{IsoC, TsvMerge};
 pub use task::{Consensus, Rescale, Sparsification, TaskMerge, TieOrder};
+pub use training::{
+    BlockQuantizer, Fge, Hwa, Papa, PapaRule, PopulationAverage, Rounding, StepConfig, Swad,
+    SwadAverage, Swalp, SwalpRun, Twa, TwaRun, train_population,
+};
 
 use crate::error::{Error, Result};
 use crate::model::Model;

@@ -41,14 +41,15 @@ mod curves;
 mod fit;
 mod plane;
 
+pub use crate::objective::StochasticGradient;
 pub use crate::optim::{LrSchedule, ModelOptimizer, Optimizer};
 pub use curves::{
     Bezier, ControlCurve, Linear, PolyChain, bernstein, polychain_coefficients,
     straight_line_controls,
 };
 pub use fit::{
-    BendInit, FitConfig, FitResult, FitStep, StochasticGradient, curve_loss_and_gradients,
-    fit_curve, fit_curve_stochastic,
+    BendInit, FitConfig, FitResult, FitStep, curve_loss_and_gradients, fit_curve,
+    fit_curve_stochastic,
 };
 pub use plane::{LossSurface, Plane, loss_surface};
 

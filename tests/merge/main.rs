@@ -8,6 +8,7 @@ mod merge_errors;
 mod merge_golden;
 mod merge_properties;
 mod merge_svd;
+mod merge_training;
 mod mergekit_examples;
 mod mergekit_golden;
 mod mergekit_methods;
