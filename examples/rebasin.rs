@@ -301,9 +301,17 @@ fn run() -> Result<()> {
             "Sinkhorn re-basin: {SINKHORN_STEPS} steps, {:.1} s, soft midpoint loss {:.4} -> {:.4}",
             t0.elapsed().as_secs_f64(),
             sinkhorn.stats().objective[0],
-            sinkhorn.stats().objective.last().copied().unwrap_or(f64::NAN)
+            sinkhorn
+                .stats()
+                .objective
+                .last()
+                .copied()
+                .unwrap_or(f64::NAN)
         );
-        eval_path("STE matching", &Linear::new(a.clone(), ste.apply(&spec, &b)?)?)?;
+        eval_path(
+            "STE matching",
+            &Linear::new(a.clone(), ste.apply(&spec, &b)?)?,
+        )?;
         eval_path(
             "Sinkhorn re-basin",
             &Linear::new(a.clone(), sinkhorn.apply(&spec, &b)?)?,

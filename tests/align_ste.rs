@@ -24,16 +24,27 @@ fn golden() -> BTreeMap<String, ArrayD<f64>> {
             let mut parts = head.split_whitespace();
             let name = parts.next().unwrap().to_string();
             let shape: Vec<usize> = parts.map(|d| d.parse().unwrap()).collect();
-            let data: Vec<f64> = values.split_whitespace().map(|v| v.parse().unwrap()).collect();
-            (name, <ArrayD<f64> as Tensor>::from_shape_vec(&shape, data).unwrap())
+            let data: Vec<f64> = values
+                .split_whitespace()
+                .map(|v| v.parse().unwrap())
+                .collect();
+            (
+                name,
+                <ArrayD<f64> as Tensor>::from_shape_vec(&shape, data).unwrap(),
+            )
         })
         .collect()
 }
 
 fn golden_model(g: &BTreeMap<String, ArrayD<f64>>, prefix: &str) -> StateDictF64 {
     StateDictF64::from_pairs(
-        ["layers.0.weight", "layers.0.bias", "layers.1.weight", "layers.1.bias"]
-            .map(|n| (n, g[&format!("{prefix}.{n}")].clone())),
+        [
+            "layers.0.weight",
+            "layers.0.bias",
+            "layers.1.weight",
+            "layers.1.bias",
+        ]
+        .map(|n| (n, g[&format!("{prefix}.{n}")].clone())),
     )
     .unwrap()
 }
@@ -44,12 +55,16 @@ fn perm_of(a: &ArrayD<f64>) -> Vec<usize> {
 
 /// A small digits task and an MLP over it.
 fn digits_task(n: usize) -> (Dataset, Mlp) {
-    (data::digits().unwrap().head(n), Mlp::new(&[64, 12, 12, 10]).unwrap())
+    (
+        data::digits().unwrap().head(n),
+        Mlp::new(&[64, 12, 12, 10]).unwrap(),
+    )
 }
 
 fn is_permutation(p: &[usize]) -> bool {
     let mut seen = vec![false; p.len()];
-    p.iter().all(|&j| j < p.len() && !std::mem::replace(&mut seen[j], true))
+    p.iter()
+        .all(|&j| j < p.len() && !std::mem::replace(&mut seen[j], true))
 }
 
 fn check_valid(perms: &PermutationSet, spec: &PermutationSpec, m: &StateDictF32) {
@@ -66,7 +81,11 @@ fn check_valid(perms: &PermutationSet, spec: &PermutationSpec, m: &StateDictF32)
 fn ste_matches_the_jax_reference_run() {
     let g = golden();
     let (a, b) = (golden_model(&g, "a"), golden_model(&g, "b"));
-    let x = g["x"].clone().into_dimensionality().unwrap().mapv(|v: f64| v as f32);
+    let x = g["x"]
+        .clone()
+        .into_dimensionality()
+        .unwrap()
+        .mapv(|v: f64| v as f32);
     let y = perm_of(&g["y"]);
     let d = Dataset::new(x, y, 3).unwrap();
     let net = Mlp::new(&[5, 7, 3]).unwrap();
@@ -81,15 +100,24 @@ fn ste_matches_the_jax_reference_run() {
     let got = &al.stats().objective;
     assert_eq!(got.len(), want.len());
     for (i, (x, y)) in got.iter().zip(want).enumerate() {
-        assert!((x - y).abs() < 1e-9 * y.abs().max(1.0), "step {i}: {x} vs {y}");
+        assert!(
+            (x - y).abs() < 1e-9 * y.abs().max(1.0),
+            "step {i}: {x} vs {y}"
+        );
     }
     assert_eq!(al.stats().sweeps, 30);
     let perm = al.permutations().unwrap();
-    assert_eq!(perm.get("hidden.0").unwrap().as_slice(), perm_of(&g["ste.perm"]));
+    assert_eq!(
+        perm.get("hidden.0").unwrap().as_slice(),
+        perm_of(&g["ste.perm"])
+    );
     // the proxy moved: the result is not weight matching's answer on A
     let wm = WeightMatching::new(0).align(&a, &b, &net.spec()).unwrap();
     let first = wm.permutations().unwrap();
-    assert_eq!(first.get("hidden.0").unwrap().as_slice(), perm_of(&g["ste.first_perm"]));
+    assert_eq!(
+        first.get("hidden.0").unwrap().as_slice(),
+        perm_of(&g["ste.first_perm"])
+    );
     assert_ne!(first, perm);
 }
 
@@ -109,10 +137,14 @@ fn ste_lowers_the_midpoint_loss_below_weight_matching() {
     check_valid(&ste.permutations().unwrap(), &spec, &a);
     let wm = WeightMatching::new(0).align(&a, &b, &spec).unwrap();
     let mid = |al: &modelfusion::align::Alignment| {
-        task.loss(&a.lerp(&al.apply(&spec, &b).unwrap(), 0.5).unwrap()).unwrap()
+        task.loss(&a.lerp(&al.apply(&spec, &b).unwrap(), 0.5).unwrap())
+            .unwrap()
     };
     let (l_ste, l_wm) = (mid(&ste), mid(&wm));
-    assert!(l_ste < l_wm, "STE midpoint loss {l_ste} vs weight matching {l_wm}");
+    assert!(
+        l_ste < l_wm,
+        "STE midpoint loss {l_ste} vs weight matching {l_wm}"
+    );
     // the first step's loss is weight matching's midpoint loss (the proxy starts at A)
     assert!((ste.stats().objective[0] - l_wm).abs() < 1e-6);
 }
@@ -203,24 +235,74 @@ fn bad_input_is_a_clear_error() {
     let empty = Dataset::new(Array2::zeros((0, 64)), vec![], 10);
     assert!(empty.is_err() || Classification::new(&net, &empty.unwrap(), 8).is_err());
     // zero steps, lr <= 0
-    assert!(message(SteMatching::new(task.clone(), 0).with_steps(0).unwrap_err()).contains("steps"));
-    assert!(message(SinkhornRebasin::midpoint(task.clone(), 0).with_steps(0).unwrap_err()).contains("steps"));
+    assert!(
+        message(SteMatching::new(task.clone(), 0).with_steps(0).unwrap_err()).contains("steps")
+    );
+    assert!(
+        message(
+            SinkhornRebasin::midpoint(task.clone(), 0)
+                .with_steps(0)
+                .unwrap_err()
+        )
+        .contains("steps")
+    );
     for lr in [0.0, -1e-3, f64::NAN] {
-        assert!(message(SteMatching::new(task.clone(), 0).with_learning_rate(lr).unwrap_err()).contains("lr"));
-        assert!(message(SinkhornRebasin::weight_distance(0).with_learning_rate(lr).unwrap_err()).contains("lr"));
-        let bad = Optimizer::Sgd { lr, momentum: 0.0, nesterov: false };
-        assert!(SteMatching::new(task.clone(), 0).with_optimizer(bad).is_err());
+        assert!(
+            message(
+                SteMatching::new(task.clone(), 0)
+                    .with_learning_rate(lr)
+                    .unwrap_err()
+            )
+            .contains("lr")
+        );
+        assert!(
+            message(
+                SinkhornRebasin::weight_distance(0)
+                    .with_learning_rate(lr)
+                    .unwrap_err()
+            )
+            .contains("lr")
+        );
+        let bad = Optimizer::Sgd {
+            lr,
+            momentum: 0.0,
+            nesterov: false,
+        };
+        assert!(
+            SteMatching::new(task.clone(), 0)
+                .with_optimizer(bad)
+                .is_err()
+        );
     }
-    assert!(message(SinkhornRebasin::weight_distance(0).with_tau(-1.0).unwrap_err()).contains("tau"));
+    assert!(
+        message(
+            SinkhornRebasin::weight_distance(0)
+                .with_tau(-1.0)
+                .unwrap_err()
+        )
+        .contains("tau")
+    );
     // mismatched models
     let other = MlpShapes::new(&[64, 12, 13, 10]).unwrap().random_model(0);
-    let msg = message(SteMatching::new(task.clone(), 0).align(&a, &other, &spec).unwrap_err());
+    let msg = message(
+        SteMatching::new(task.clone(), 0)
+            .align(&a, &other, &spec)
+            .unwrap_err(),
+    );
     assert!(msg.contains("13"), "{msg}");
-    assert!(SinkhornRebasin::weight_distance(0).align(&a, &other, &spec).is_err());
+    assert!(
+        SinkhornRebasin::weight_distance(0)
+            .align(&a, &other, &spec)
+            .is_err()
+    );
     // a non-finite model
     let mut nan = b.clone();
     nan.get_mut("layers.0.weight").unwrap()[[0, 0]] = f32::NAN;
-    assert!(SteMatching::new(task.clone(), 0).align(&a, &nan, &spec).is_err());
+    assert!(
+        SteMatching::new(task.clone(), 0)
+            .align(&a, &nan, &spec)
+            .is_err()
+    );
     // an objective returning NaN, or a gradient of the wrong shape
     struct Broken(bool);
     impl Objective<StateDictF32> for Broken {
@@ -238,10 +320,16 @@ fn bad_input_is_a_clear_error() {
         }
     }
     for broken in [Broken(true), Broken(false)] {
-        let e = SteMatching::new(broken, 0).with_steps(2).unwrap().align(&a, &b, &spec).unwrap_err();
+        let e = SteMatching::new(broken, 0)
+            .with_steps(2)
+            .unwrap()
+            .align(&a, &b, &spec)
+            .unwrap_err();
         assert!(matches!(e, Error::Objective(_)), "{e}");
     }
-    let e = SinkhornRebasin::midpoint(Broken(true), 0).align(&a, &b, &spec).unwrap_err();
+    let e = SinkhornRebasin::midpoint(Broken(true), 0)
+        .align(&a, &b, &spec)
+        .unwrap_err();
     assert!(matches!(e, Error::Objective(_)), "{e}");
     // a flattened group is refused
     let mut builder = SpecBuilder::new();
@@ -259,6 +347,8 @@ fn bad_input_is_a_clear_error() {
         ("fc.bias", ArrayD::<f32>::ones(vec![2])),
     ])
     .unwrap();
-    let e = SinkhornRebasin::weight_distance(0).align(&m, &m, &flat).unwrap_err();
+    let e = SinkhornRebasin::weight_distance(0)
+        .align(&m, &m, &flat)
+        .unwrap_err();
     assert!(message(e).contains("repeat"));
 }

@@ -9,7 +9,9 @@ use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::ste::{check_steps, checked_gradient, report_step};
-use super::{AlignStats, Aligner, Alignment, check_pair, map_axis, max_assignment_as, refuse_heads};
+use super::{
+    AlignStats, Aligner, Alignment, check_pair, map_axis, max_assignment_as, refuse_heads,
+};
 use crate::error::{Error, Result, check_positive};
 use crate::model::{Model, StateDict, StateDictF64};
 use crate::objective::Gradient;
@@ -74,7 +76,12 @@ pub trait RebasinLoss<M: Model> {
 pub struct MidpointLoss<G>(pub G);
 
 impl<M: Model, G: Gradient<M>> RebasinLoss<M> for MidpointLoss<G> {
-    fn loss_and_gradient(&self, reference: &M, aligned: &M, _: &PermutationSpec) -> Result<(f64, M)> {
+    fn loss_and_gradient(
+        &self,
+        reference: &M,
+        aligned: &M,
+        _: &PermutationSpec,
+    ) -> Result<(f64, M)> {
         let midpoint = reference.lerp(aligned, 0.5)?;
         let (loss, grad) = checked_gradient(&self.0, &midpoint, "the midpoint")?;
         Ok((loss, grad.scale(0.5)?))
@@ -311,19 +318,27 @@ impl<L> SinkhornRebasin<L> {
     }
 }
 
+/// The `(row, column)` log-normalisers of every Sinkhorn iteration.
+type Tape = Vec<(Array1<f64>, Array1<f64>)>;
+
+/// Per parameter, the tensors before each soft-permutation factor.
+type FactorInputs = BTreeMap<String, Vec<ArrayD<f64>>>;
+
+/// One group's soft permutation `p = exp(z)` with its tape.
+struct SoftGroup {
+    p: Array2<f64>,
+    z: Array2<f64>,
+    tape: Tape,
+}
+
 /// The soft permutations of every group with what their backward pass needs.
 struct SoftPerms {
-    /// Per group: `P = exp(Z)` and the log-normalisers of every iteration.
-    groups: BTreeMap<String, (Array2<f64>, Array2<f64>, Vec<(Array1<f64>, Array1<f64>)>)>,
+    groups: BTreeMap<String, SoftGroup>,
 }
 
 /// The Sinkhorn operator in log form, with its tape: returns the final log-plan `Z`
 /// and the `(row, column)` log-normalisers subtracted at each iteration.
-fn sinkhorn_forward(
-    logits: &Array2<f64>,
-    tau: f64,
-    n_iter: usize,
-) -> (Array2<f64>, Vec<(Array1<f64>, Array1<f64>)>) {
+fn sinkhorn_forward(logits: &Array2<f64>, tau: f64, n_iter: usize) -> (Array2<f64>, Tape) {
     let mut z = logits / tau;
     let mut tape = Vec::with_capacity(n_iter);
     for _ in 0..n_iter {
@@ -338,22 +353,17 @@ fn sinkhorn_forward(
 
 /// The gradient with respect to the logits of a loss whose gradient with respect to
 /// `P = exp(z)` is `grad` (`z`, `tape` from [`sinkhorn_forward`]).
-fn sinkhorn_backward(
-    z: &Array2<f64>,
-    tape: &[(Array1<f64>, Array1<f64>)],
-    grad: &Array2<f64>,
-    tau: f64,
-) -> Array2<f64> {
+fn sinkhorn_backward(z: &Array2<f64>, tape: &Tape, grad: &Array2<f64>, tau: f64) -> Array2<f64> {
     let mut z = z.clone();
     let mut dz = grad * &z.mapv(f64::exp);
     for (r, c) in tape.iter().rev() {
         // column step: z = z_r - c
         let s = dz.sum_axis(Axis(0));
-        dz -= &(z.mapv(f64::exp) * &s.view().insert_axis(Axis(0)));
+        dz -= &(z.mapv(f64::exp) * s.view().insert_axis(Axis(0)));
         z += &c.view().insert_axis(Axis(0));
         // row step: z_r = z_prev - r
         let s = dz.sum_axis(Axis(1));
-        dz -= &(z.mapv(f64::exp) * &s.view().insert_axis(Axis(1)));
+        dz -= &(z.mapv(f64::exp) * s.view().insert_axis(Axis(1)));
         z += &r.view().insert_axis(Axis(1));
     }
     dz / tau
@@ -374,31 +384,37 @@ impl SoftPerms {
     fn new(logits: &StateDictF64, tau: f64, n_iter: usize) -> Result<Self> {
         let mut groups = BTreeMap::new();
         for (g, s) in logits.iter() {
-            let s = s.view().into_dimensionality::<ndarray::Ix2>().map_err(|e| {
-                Error::invalid("logits", format!("group `{g}` logits are not a matrix: {e}"))
-            })?;
+            let s = s
+                .view()
+                .into_dimensionality::<ndarray::Ix2>()
+                .map_err(|e| {
+                    Error::invalid(
+                        "logits",
+                        format!("group `{g}` logits are not a matrix: {e}"),
+                    )
+                })?;
             let (z, tape) = sinkhorn_forward(&s.to_owned(), tau, n_iter);
-            groups.insert(g.to_string(), (z.mapv(f64::exp), z, tape));
+            groups.insert(
+                g.to_string(),
+                SoftGroup {
+                    p: z.mapv(f64::exp),
+                    z,
+                    tape,
+                },
+            );
         }
         Ok(SoftPerms { groups })
     }
 
     fn p(&self, g: &str) -> Result<&Array2<f64>> {
-        self.groups
-            .get(g)
-            .map(|x| &x.0)
-            .ok_or_else(|| Error::Spec {
-                reason: format!("no logits for group `{g}`"),
-            })
+        self.groups.get(g).map(|x| &x.p).ok_or_else(|| Error::Spec {
+            reason: format!("no logits for group `{g}`"),
+        })
     }
 
     /// `model` with every permuted axis multiplied by its group's soft permutation,
     /// and, per parameter, the tensors before each factor (for the backward pass).
-    fn apply<M: Model>(
-        &self,
-        spec: &PermutationSpec,
-        model: &M,
-    ) -> Result<(M, BTreeMap<String, Vec<ArrayD<f64>>>)> {
+    fn apply<M: Model>(&self, spec: &PermutationSpec, model: &M) -> Result<(M, FactorInputs)> {
         let mut inputs = BTreeMap::new();
         let out = model.try_map(|name, t| {
             let axes: Vec<(usize, &str)> = spec.param_axes(name).collect();
@@ -423,13 +439,13 @@ impl SoftPerms {
         &self,
         spec: &PermutationSpec,
         grad: &M,
-        inputs: &BTreeMap<String, Vec<ArrayD<f64>>>,
+        inputs: &FactorInputs,
         tau: f64,
     ) -> Result<StateDictF64> {
         let mut dp: BTreeMap<&str, Array2<f64>> = self
             .groups
             .iter()
-            .map(|(g, (p, _, _))| (g.as_str(), Array2::zeros(p.dim())))
+            .map(|(g, s)| (g.as_str(), Array2::zeros(s.p.dim())))
             .collect();
         for (name, before) in inputs {
             let t = grad.require(name, "the loss gradient")?;
@@ -447,8 +463,8 @@ impl SoftPerms {
         let pairs = self
             .groups
             .iter()
-            .map(|(g, (_, z, tape))| {
-                let d = sinkhorn_backward(z, tape, &dp[g.as_str()], tau);
+            .map(|(g, s)| {
+                let d = sinkhorn_backward(&s.z, &s.tape, &dp[g.as_str()], tau);
                 (g.clone(), d.into_dyn())
             })
             .collect::<Vec<_>>();
@@ -547,9 +563,10 @@ impl<M: Model, L: RebasinLoss<M>> Aligner<M> for SinkhornRebasin<L> {
         }
         let mut perms = PermutationSet::new();
         for (g, s) in logits.iter() {
-            let s = s.view().into_dimensionality::<ndarray::Ix2>().map_err(|e| {
-                Error::invalid("logits", format!("group `{g}`: {e}"))
-            })?;
+            let s = s
+                .view()
+                .into_dimensionality::<ndarray::Ix2>()
+                .map_err(|e| Error::invalid("logits", format!("group `{g}`: {e}")))?;
             perms.insert(g, max_assignment_as::<f64>(&s.to_owned())?);
         }
         let stats = AlignStats {
@@ -577,7 +594,9 @@ mod tests {
             let s = scores(n, n as u64);
             let (z, _) = sinkhorn_forward(&s, tau, it);
             let want = sinkhorn_operator(s.view(), tau, it).unwrap();
-            let diff = (&z.mapv(f64::exp) - &want).mapv(f64::abs).fold(0.0, |m: f64, &x| m.max(x));
+            let diff = (&z.mapv(f64::exp) - &want)
+                .mapv(f64::abs)
+                .fold(0.0, |m: f64, &x| m.max(x));
             assert!(diff < 1e-12, "n {n} tau {tau} iters {it}: {diff:e}");
         }
     }
@@ -597,7 +616,11 @@ mod tests {
                 up[[i, j]] += h;
                 down[[i, j]] -= h;
                 let fd = (loss(&up) - loss(&down)) / (2.0 * h);
-                assert!((fd - g[[i, j]]).abs() < 1e-7, "[{i}, {j}]: {fd} vs {}", g[[i, j]]);
+                assert!(
+                    (fd - g[[i, j]]).abs() < 1e-7,
+                    "[{i}, {j}]: {fd} vs {}",
+                    g[[i, j]]
+                );
             }
         }
     }
@@ -610,7 +633,10 @@ mod tests {
                 let mut parts = head.split_whitespace();
                 let name = parts.next()?.to_string();
                 let shape: Vec<usize> = parts.map(|d| d.parse().unwrap()).collect();
-                let data = values.split_whitespace().map(|v| v.parse().unwrap()).collect();
+                let data = values
+                    .split_whitespace()
+                    .map(|v| v.parse().unwrap())
+                    .collect();
                 Some((name, ArrayD::from_shape_vec(shape, data).unwrap()))
             })
             .collect()
@@ -618,8 +644,13 @@ mod tests {
 
     fn golden_model(g: &BTreeMap<String, ArrayD<f64>>, prefix: &str) -> StateDictF64 {
         StateDict::from_pairs(
-            ["layers.0.weight", "layers.0.bias", "layers.1.weight", "layers.1.bias"]
-                .map(|n| (n, g[&format!("{prefix}.{n}")].clone())),
+            [
+                "layers.0.weight",
+                "layers.0.bias",
+                "layers.1.weight",
+                "layers.1.bias",
+            ]
+            .map(|n| (n, g[&format!("{prefix}.{n}")].clone())),
         )
         .unwrap()
     }
@@ -641,20 +672,44 @@ mod tests {
         let soft = SoftPerms::new(&logits, 0.5, 8).unwrap();
         let p = soft.p("hidden.0").unwrap().clone().into_dyn();
         assert!(max_diff(&p, &g["sinkhorn.p"]) < 1e-12);
-        let x = g["x"].clone().into_dimensionality().unwrap().mapv(|v: f64| v as f32);
+        let x = g["x"]
+            .clone()
+            .into_dimensionality()
+            .unwrap()
+            .mapv(|v: f64| v as f32);
         let y = g["y"].iter().map(|&v| v as usize).collect();
         let data = Dataset::new(x, y, 3).unwrap();
         let net = Mlp::new(&[5, 7, 3]).unwrap();
         let task = Classification::new(&net, &data, 16).unwrap();
-        let distance = SinkhornRebasin::weight_distance(0).with_tau(0.5).unwrap().with_n_iter(8).unwrap();
-        let midpoint = SinkhornRebasin::midpoint(task.clone(), 0).with_tau(0.5).unwrap().with_n_iter(8).unwrap();
+        let distance = SinkhornRebasin::weight_distance(0)
+            .with_tau(0.5)
+            .unwrap()
+            .with_n_iter(8)
+            .unwrap();
+        let midpoint = SinkhornRebasin::midpoint(task.clone(), 0)
+            .with_tau(0.5)
+            .unwrap()
+            .with_n_iter(8)
+            .unwrap();
         for (name, (loss, grad)) in [
-            ("distance", distance.loss_and_gradient(&a, &b, &spec, &logits).unwrap()),
-            ("midpoint", midpoint.loss_and_gradient(&a, &b, &spec, &logits).unwrap()),
+            (
+                "distance",
+                distance.loss_and_gradient(&a, &b, &spec, &logits).unwrap(),
+            ),
+            (
+                "midpoint",
+                midpoint.loss_and_gradient(&a, &b, &spec, &logits).unwrap(),
+            ),
         ] {
             let want = g[&format!("sinkhorn.{name}.loss")][[0]];
-            assert!((loss - want).abs() < 1e-10 * want.abs().max(1.0), "{name}: {loss} vs {want}");
-            let d = max_diff(grad.get("hidden.0").unwrap(), &g[&format!("sinkhorn.{name}.grad")]);
+            assert!(
+                (loss - want).abs() < 1e-10 * want.abs().max(1.0),
+                "{name}: {loss} vs {want}"
+            );
+            let d = max_diff(
+                grad.get("hidden.0").unwrap(),
+                &g[&format!("sinkhorn.{name}.grad")],
+            );
             assert!(d < 1e-9, "{name}: gradient off by {d:e}");
         }
     }
@@ -667,7 +722,7 @@ mod tests {
         let arch = MlpShapes::new(&[3, 4, 5, 2]).unwrap();
         let spec = arch.spec();
         let to64 = |m: &crate::model::StateDictF32| -> StateDictF64 {
-            m.try_map(|_, t| Ok(t.mapv(f64::from))).unwrap()
+            StateDict::from_pairs(m.iter().map(|(n, t)| (n, t.mapv(f64::from)))).unwrap()
         };
         let (a, b) = (to64(&arch.random_model(0)), to64(&arch.random_model(1)));
         let logits = StateDict::from_pairs([
@@ -675,19 +730,26 @@ mod tests {
             ("hidden.1", scores(5, 6).into_dyn()),
         ])
         .unwrap();
-        let rebasin = SinkhornRebasin::weight_distance(0).with_tau(0.8).unwrap().with_n_iter(5).unwrap();
+        let rebasin = SinkhornRebasin::weight_distance(0)
+            .with_tau(0.8)
+            .unwrap()
+            .with_n_iter(5)
+            .unwrap();
         let (_, grad) = rebasin.loss_and_gradient(&a, &b, &spec, &logits).unwrap();
         let h = 1e-6;
         for (g, s) in logits.iter() {
             for idx in ndarray::indices(s.shape()) {
-                let mut shifted = |delta: f64| {
+                let shifted = |delta: f64| {
                     let mut l = logits.clone();
                     l.get_mut(g).unwrap()[&idx] += delta;
                     rebasin.loss_and_gradient(&a, &b, &spec, &l).unwrap().0
                 };
                 let fd = (shifted(h) - shifted(-h)) / (2.0 * h);
                 let an = grad.get(g).unwrap()[&idx];
-                assert!((fd - an).abs() < 1e-6 * fd.abs().max(1.0), "{g} {idx:?}: {fd} vs {an}");
+                assert!(
+                    (fd - an).abs() < 1e-6 * fd.abs().max(1.0),
+                    "{g} {idx:?}: {fd} vs {an}"
+                );
             }
         }
     }
