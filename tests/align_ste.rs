@@ -12,41 +12,12 @@ use modelfusion::nn::{Classification, Dataset, Mlp, Network, data};
 use modelfusion::optim::Optimizer;
 use modelfusion::perm::specs::{Architecture, MlpShapes};
 use modelfusion::perm::{PermutationSet, PermutationSpec, SpecBuilder};
-use modelfusion::{Error, Model, Objective, StateDictF32, StateDictF64, Tensor};
+use modelfusion::{Error, Model, Objective, StateDictF32};
 use ndarray::{Array2, ArrayD};
 use proptest::prelude::*;
 
 fn golden() -> BTreeMap<String, ArrayD<f64>> {
-    include_str!("golden/align/ste.txt")
-        .lines()
-        .map(|line| {
-            let (head, values) = line.split_once(" | ").unwrap();
-            let mut parts = head.split_whitespace();
-            let name = parts.next().unwrap().to_string();
-            let shape: Vec<usize> = parts.map(|d| d.parse().unwrap()).collect();
-            let data: Vec<f64> = values
-                .split_whitespace()
-                .map(|v| v.parse().unwrap())
-                .collect();
-            (
-                name,
-                <ArrayD<f64> as Tensor>::from_shape_vec(&shape, data).unwrap(),
-            )
-        })
-        .collect()
-}
-
-fn golden_model(g: &BTreeMap<String, ArrayD<f64>>, prefix: &str) -> StateDictF64 {
-    StateDictF64::from_pairs(
-        [
-            "layers.0.weight",
-            "layers.0.bias",
-            "layers.1.weight",
-            "layers.1.bias",
-        ]
-        .map(|n| (n, g[&format!("{prefix}.{n}")].clone())),
-    )
-    .unwrap()
+    golden_table(include_str!("golden/align/ste.txt"))
 }
 
 fn perm_of(a: &ArrayD<f64>) -> Vec<usize> {
@@ -80,7 +51,7 @@ fn check_valid(perms: &PermutationSet, spec: &PermutationSpec, m: &StateDictF32)
 #[test]
 fn ste_matches_the_jax_reference_run() {
     let g = golden();
-    let (a, b) = (golden_model(&g, "a"), golden_model(&g, "b"));
+    let (a, b) = (golden_mlp(&g, "a"), golden_mlp(&g, "b"));
     let x = g["x"]
         .clone()
         .into_dimensionality()

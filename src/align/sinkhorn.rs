@@ -578,6 +578,11 @@ impl<M: Model, L: RebasinLoss<M>> Aligner<M> for SinkhornRebasin<L> {
     }
 }
 
+/// The golden-file reader of the integration tests.
+#[cfg(test)]
+#[path = "../../tests/common/golden.rs"]
+mod golden;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -626,20 +631,7 @@ mod tests {
     }
 
     fn golden() -> BTreeMap<String, ArrayD<f64>> {
-        include_str!("../../tests/golden/align/ste.txt")
-            .lines()
-            .filter_map(|line| {
-                let (head, values) = line.split_once(" | ")?;
-                let mut parts = head.split_whitespace();
-                let name = parts.next()?.to_string();
-                let shape: Vec<usize> = parts.map(|d| d.parse().unwrap()).collect();
-                let data = values
-                    .split_whitespace()
-                    .map(|v| v.parse().unwrap())
-                    .collect();
-                Some((name, ArrayD::from_shape_vec(shape, data).unwrap()))
-            })
-            .collect()
+        super::golden::golden_table(include_str!("../../tests/golden/align/ste.txt"))
     }
 
     fn golden_model(g: &BTreeMap<String, ArrayD<f64>>, prefix: &str) -> StateDictF64 {
