@@ -3,15 +3,15 @@
 
 use std::collections::BTreeMap;
 
+use modelfusion::StateDictF64;
 use modelfusion::align::{Aligner, CrossMoments, WeightMatching};
 use modelfusion::perm::specs;
-use modelfusion::StateDictF64;
 use ndarray::{ArrayD, Ix2};
 
 mod common;
 
 fn golden() -> BTreeMap<String, ArrayD<f64>> {
-    common::golden_table(include_str!("golden/align_golden.txt"))
+    common::golden::golden_table(include_str!("golden/align_golden.txt"))
 }
 
 fn model(g: &BTreeMap<String, ArrayD<f64>>, prefix: &str) -> StateDictF64 {

@@ -17,7 +17,7 @@ use ndarray::{Array2, ArrayD};
 use proptest::prelude::*;
 
 fn golden() -> BTreeMap<String, ArrayD<f64>> {
-    golden_table(include_str!("golden/align/ste.txt"))
+    common::golden::golden_table(include_str!("golden/align/ste.txt"))
 }
 
 fn perm_of(a: &ArrayD<f64>) -> Vec<usize> {

@@ -32,7 +32,7 @@ use crate::tensor::{Scalar, Tensor};
 /// use modelfusion::{Model, StateDict};
 /// let a = StateDict::from_pairs([("w", ndarray::arr1(&[1.0f64, 2.0]).into_dyn())])?;
 /// let b = StateDict::from_pairs([("w", ndarray::arr1(&[2.0f64, 0.0]).into_dyn())])?;
-/// let spec = modelfusion::perm::PermutationSpec::new(); // no groups: every parameter counts
+/// let spec = modelfusion::perm::PermutationSpec::default(); // no groups: every parameter counts
 /// let (loss, grad) = WeightDistance.loss_and_gradient(&a, &b, &spec)?;
 /// assert_eq!(loss, 5.0);
 /// assert_eq!(grad.get("w").unwrap()[[1]], -4.0);

@@ -3,8 +3,7 @@
 //! that tests can check that a permuted network computes the same function.
 #![allow(dead_code)]
 
-mod golden;
-pub use golden::golden_table;
+pub mod golden;
 
 use modelfusion::{Model, StateDictF32};
 use ndarray::{Array1, Array2, Array3, ArrayD, Axis, Ix1, Ix2, Ix4};
