@@ -34,7 +34,7 @@ use crate::progress::{Observer, Progress, Silent};
 ///
 /// ```
 /// use modelfusion::align::{Aligner, SteMatching};
-/// use modelfusion::nn::{data, Classification, Mlp, Network};
+/// use modelfusion::nn::{data, Architecture, Classification, Mlp, Network};
 /// use modelfusion::{Model, Objective, StateDictF32};
 ///
 /// let d = data::digits()?.head(200);
@@ -253,7 +253,7 @@ impl<M: Model, G: Gradient<M>> Aligner<M> for SteMatching<G> {
     ///
     /// ```
     /// use modelfusion::align::{Aligner, SteMatching};
-    /// use modelfusion::nn::{data, Classification, Mlp, Network};
+    /// use modelfusion::nn::{data, Architecture, Classification, Mlp, Network};
     /// use modelfusion::progress::{from_fn, Progress};
     /// use modelfusion::StateDictF32;
     /// use std::ops::ControlFlow;
