@@ -8,6 +8,8 @@
 //! options: --width N  --epochs N  --out FILE.svg (default out/rebasin.svg)  --no-repair
 //!          --correlation pearson|cross|gaussian-mi|binned-mi:BINS (activation matching's
 //!          similarity, default pearson)
+//!          --ste (also STE matching and differentiable Sinkhorn re-basin, both trained
+//!          on the training-set loss at the midpoint)
 //! ```
 //!
 //! Prints the test loss and accuracy at 25 points of the linear path for naive, weight
@@ -20,7 +22,8 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use modelfusion::align::{
-    ActivationMatching, Aligner, Correlation, Endpoints, Identity, Repair, WeightMatching,
+    ActivationMatching, Aligner, Correlation, Endpoints, Identity, Repair, SinkhornRebasin,
+    SteMatching, WeightMatching,
 };
 use modelfusion::barrier::{BarrierConfig, loss_barrier};
 use modelfusion::nn::{
@@ -34,6 +37,9 @@ use modelfusion::plot::{Series, plot_curves};
 use modelfusion::{Objective, Result, StateDictF32};
 
 const POINTS: usize = 25;
+/// Training steps of STE matching and of differentiable re-basin (`--ste`).
+const STE_STEPS: usize = 100;
+const SINKHORN_STEPS: usize = 100;
 
 struct Args {
     fashion: Option<Option<PathBuf>>,
@@ -42,6 +48,7 @@ struct Args {
     out: PathBuf,
     repair: bool,
     correlation: Correlation,
+    ste: bool,
 }
 
 fn correlation(name: &str) -> std::result::Result<Correlation, String> {
@@ -69,6 +76,7 @@ fn parse_args() -> std::result::Result<Args, String> {
         out: PathBuf::from("out/rebasin.svg"),
         repair: true,
         correlation: Correlation::Pearson,
+        ste: false,
     };
     let mut it = std::env::args().skip(1);
     let num = |v: Option<String>, flag: &str| -> std::result::Result<usize, String> {
@@ -87,11 +95,12 @@ fn parse_args() -> std::result::Result<Args, String> {
             "--epochs" => args.epochs = Some(num(it.next(), "--epochs")?),
             "--out" => args.out = PathBuf::from(it.next().ok_or("--out needs a file")?),
             "--no-repair" => args.repair = false,
+            "--ste" => args.ste = true,
             "--correlation" => {
                 args.correlation = correlation(&it.next().ok_or("--correlation needs a name")?)?
             }
             "-h" | "--help" => {
-                return Err("usage: rebasin [--fashion-mnist | --data DIR] [--width N] [--epochs N] [--out FILE.svg] [--no-repair] [--correlation NAME]".into());
+                return Err("usage: rebasin [--fashion-mnist | --data DIR] [--width N] [--epochs N] [--out FILE.svg] [--no-repair] [--correlation NAME] [--ste]".into());
             }
             other => return Err(format!("unknown argument `{other}` (try --help)")),
         }
@@ -269,6 +278,44 @@ fn run() -> Result<()> {
             repair: &repair,
         };
         eval_path("weight matching + REPAIR", &line)?;
+    }
+    if args.ste {
+        // Both learn on the training-set loss at the midpoint (full batch).
+        let objective = Classification::new(&net, &train_set, 2000)?;
+        let t0 = Instant::now();
+        let ste = SteMatching::new(objective.clone(), 0)
+            .with_steps(STE_STEPS)?
+            .with_learning_rate(1e-3)?
+            .align(&a, &b, &spec)?;
+        println!(
+            "STE matching: {STE_STEPS} steps, {:.1} s, training midpoint loss {:.4} -> {:.4}",
+            t0.elapsed().as_secs_f64(),
+            ste.stats().objective[0],
+            ste.stats().objective.last().copied().unwrap_or(f64::NAN)
+        );
+        let t0 = Instant::now();
+        let sinkhorn = SinkhornRebasin::midpoint(objective, 0)
+            .with_steps(SINKHORN_STEPS)?
+            .align(&a, &b, &spec)?;
+        println!(
+            "Sinkhorn re-basin: {SINKHORN_STEPS} steps, {:.1} s, soft midpoint loss {:.4} -> {:.4}",
+            t0.elapsed().as_secs_f64(),
+            sinkhorn.stats().objective[0],
+            sinkhorn
+                .stats()
+                .objective
+                .last()
+                .copied()
+                .unwrap_or(f64::NAN)
+        );
+        eval_path(
+            "STE matching",
+            &Linear::new(a.clone(), ste.apply(&spec, &b)?)?,
+        )?;
+        eval_path(
+            "Sinkhorn re-basin",
+            &Linear::new(a.clone(), sinkhorn.apply(&spec, &b)?)?,
+        )?;
     }
 
     println!("\ntest loss / accuracy along the linear path from A (t = 0) to B (t = 1):");

@@ -10,6 +10,8 @@
 //! | [`WeightMatching`] | weights: Git Re-Basin coordinate descent on `sum <A, pi(B)>` | hard permutations |
 //! | [`ActivationMatching`] | hidden activations on data: one assignment per group on their cross- or Pearson correlation | hard permutations |
 //! | [`OtFusion`] | rows of input-aligned weights, layer by layer (Singh & Jaggi 2020): exact transport or Sinkhorn | soft transport maps (hard for exact transport with equal widths) |
+//! | [`SteMatching`] | a task loss at the midpoint: a proxy model trained through weight matching with a straight-through gradient (Git Re-Basin) | hard permutations |
+//! | [`SinkhornRebasin`] | a task loss at the midpoint, or `||A - P(B)||^2`: Sinkhorn soft permutations trained end to end, hardened (Peña et al. 2023) | hard permutations |
 //! | [`Identity`] | nothing: the naive baseline | identity permutations |
 //!
 //! A hard alignment keeps B's function exactly: `alignment.apply(spec, &b)` computes the
@@ -46,7 +48,9 @@ mod information;
 mod multi;
 mod ot;
 mod repair;
+mod sinkhorn;
 mod stats;
+mod ste;
 pub(crate) mod weight;
 
 use std::collections::BTreeMap;
@@ -63,7 +67,9 @@ pub use information::{JointHistogram, MAX_BINS};
 pub use multi::{MultiAlignment, align_to_mean, align_to_reference};
 pub use ot::{ActivationFeatures, GroundCost, Marginals, OtFusion, Transport, WeightFeatures};
 pub use repair::{BnReset, Endpoints, OutputRepair, OutputRepairReport, Repair, RepairReport};
+pub use sinkhorn::{MidpointLoss, RebasinLoss, SinkhornRebasin, WeightDistance};
 pub use stats::{CrossMoments, Moments};
+pub use ste::SteMatching;
 pub use weight::WeightMatching;
 
 use crate::progress::Observer;

@@ -3,42 +3,19 @@
 
 use std::collections::BTreeMap;
 
+use modelfusion::StateDictF64;
 use modelfusion::align::{Aligner, CrossMoments, WeightMatching};
 use modelfusion::perm::specs;
-use modelfusion::{StateDictF64, Tensor};
 use ndarray::{ArrayD, Ix2};
 
+use crate::common;
+
 fn golden() -> BTreeMap<String, ArrayD<f64>> {
-    let text = include_str!("../golden/align_golden.txt");
-    text.lines()
-        .map(|line| {
-            let (head, values) = line.split_once(" | ").unwrap();
-            let mut parts = head.split_whitespace();
-            let name = parts.next().unwrap().to_string();
-            let shape: Vec<usize> = parts.map(|d| d.parse().unwrap()).collect();
-            let data: Vec<f64> = values
-                .split_whitespace()
-                .map(|v| v.parse().unwrap())
-                .collect();
-            (
-                name,
-                <ArrayD<f64> as Tensor>::from_shape_vec(&shape, data).unwrap(),
-            )
-        })
-        .collect()
+    common::golden::golden_table(include_str!("../golden/align_golden.txt"))
 }
 
 fn model(g: &BTreeMap<String, ArrayD<f64>>, prefix: &str) -> StateDictF64 {
-    StateDictF64::from_pairs(
-        [
-            "layers.0.weight",
-            "layers.0.bias",
-            "layers.1.weight",
-            "layers.1.bias",
-        ]
-        .map(|n| (n, g[&format!("{prefix}.{n}")].clone())),
-    )
-    .unwrap()
+    common::golden_mlp(g, prefix)
 }
 
 #[test]

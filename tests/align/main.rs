@@ -10,6 +10,7 @@ mod align_information;
 mod align_nn;
 mod align_out_of_core;
 mod align_props;
+mod align_ste;
 mod api_ergonomics;
 mod perm;
 mod pipeline;

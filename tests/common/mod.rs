@@ -3,6 +3,8 @@
 //! that tests can check that a permuted network computes the same function.
 #![allow(dead_code)]
 
+pub mod golden;
+
 use modelfusion::{Model, StateDictF32};
 use ndarray::{Array1, Array2, Array3, ArrayD, Axis, Ix1, Ix2, Ix4};
 
@@ -234,4 +236,21 @@ pub fn with_noise(model: &StateDictF32, std: f32, seed: u64) -> StateDictF32 {
     model
         .try_map(|_, t| Ok(t.mapv(|v| v + nd.sample(&mut rng))))
         .unwrap()
+}
+
+/// The one-hidden-layer MLP `prefix.layers.{0,1}.{weight,bias}` of a golden table.
+pub fn golden_mlp(
+    g: &std::collections::BTreeMap<String, ArrayD<f64>>,
+    prefix: &str,
+) -> modelfusion::StateDictF64 {
+    modelfusion::StateDictF64::from_pairs(
+        [
+            "layers.0.weight",
+            "layers.0.bias",
+            "layers.1.weight",
+            "layers.1.bias",
+        ]
+        .map(|n| (n, g[&format!("{prefix}.{n}")].clone())),
+    )
+    .expect("distinct names")
 }

@@ -241,6 +241,34 @@ fn rebasin_fashion_mnist_numbers_are_the_documented_ones() {
 }
 
 #[test]
+#[ignore = "trains STE matching and differentiable re-basin on digits: about two minutes"]
+fn rebasin_ste_numbers_are_the_documented_ones() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let svg = dir.path().join("rebasin.svg");
+    let out = run_example(
+        "rebasin",
+        &[
+            "--ste",
+            "--no-repair",
+            "--out",
+            svg.to_str().expect("utf-8"),
+        ],
+    );
+    let doc = read("docs/rebasin.md");
+    let heading = "### STE matching and differentiable re-basin";
+    let sec = section(&doc, heading);
+    for curve in ["weight matching", "STE matching", "Sinkhorn re-basin"] {
+        let cells = row(sec, curve);
+        let doc_nums: Vec<Written> = cells[1..4].iter().flat_map(|c| numbers(c)).collect();
+        check(
+            &format!("docs/rebasin.md `{heading}`, row `{curve}`"),
+            &doc_nums,
+            &printed(&out, curve, "barrier"),
+        );
+    }
+}
+
+#[test]
 fn fuse_numbers_are_the_documented_ones() {
     let out = run_example("fuse", &[]);
     let naive = printed(&out, "naive average", "");
