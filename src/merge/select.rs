@@ -702,7 +702,7 @@ pub(crate) fn stream_cuts<E: Scalar, C: ChunkedInputs<E>>(
     let mut split = vec![false; nr];
     // Requests whose ties are split and must be found in index order: (request, rank,
     // the tied entries per chunk when the first pass counted them).
-    let mut pending: Vec<(usize, usize, Option<Vec<(usize, usize)>>)> = Vec::new();
+    let mut pending: Vec<(usize, usize, Option<ChunkCounts>)> = Vec::new();
     for (r, req) in requests.iter().enumerate() {
         let (hb, before, _) = located[r];
         let rank = req.p - before; // 1-based position inside the bin
@@ -839,13 +839,16 @@ impl Pass1 {
     }
 }
 
+/// `(chunk index, count)` per chunk, in chunk order.
+type ChunkCounts = Vec<(usize, usize)>;
+
 /// Per chunk, in chunk order, `(chunk, count)` of bin `bin` of model slot `j`, from the
 /// first pass's records; `None` when a chunk has none.
 fn chunk_counts(
     records: &[(usize, Vec<Option<Vec<u64>>>)],
     j: usize,
     bin: u32,
-) -> Option<Vec<(usize, usize)>> {
+) -> Option<ChunkCounts> {
     records
         .iter()
         .map(|(chunk, per_model)| {
@@ -897,7 +900,7 @@ fn tie_index<E: Scalar, C: ChunkedInputs<E>>(
     m: usize,
     v: f32,
     rank: usize,
-    counts: Option<Vec<(usize, usize)>>,
+    counts: Option<ChunkCounts>,
 ) -> Result<usize> {
     let ce = inputs.chunk_elems();
     let counts = match counts {
