@@ -547,7 +547,8 @@ impl<T: IoScalar> crate::merge::ChunkedInputs<T> for TensorChunks<'_, T> {
                     let start = j * self.chunk;
                     let len = self.chunk.min(self.numel - start);
                     for ((c, n), buf) in self.sources.iter().zip(pool.iter_mut()) {
-                        buf.clear();
+                        // `read_into` writes every element: no zeroing (only the part
+                        // a buffer grows by is filled).
                         buf.resize(len, T::zero());
                         c.read_into(n, start, buf)?;
                     }

@@ -480,6 +480,58 @@ impl Cut {
     }
 }
 
+impl Cut {
+    /// The cut over indices `start..end` as a test of keys alone, when the index test
+    /// has one answer there.
+    #[inline(always)]
+    pub(crate) fn block(&self, start: usize, end: usize) -> Option<BlockCut> {
+        let ties = if end <= self.tie_end {
+            true
+        } else if start >= self.tie_end {
+            false
+        } else {
+            return None;
+        };
+        // Ascending cuts compare negated keys.
+        let sign = if self.desc { 1.0 } else { -1.0 };
+        Some(BlockCut {
+            sign,
+            v: self.v,
+            ties,
+        })
+    }
+}
+
+/// A [`Cut`] over a range of indices on one side of its tie end: key `k` is held when
+/// `sign * k > sign * v`, or `k == v` and `ties`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct BlockCut {
+    sign: f32,
+    v: f32,
+    ties: bool,
+}
+
+impl BlockCut {
+    /// Holds every (non-negative) key.
+    pub(crate) const ALL: BlockCut = BlockCut {
+        sign: 1.0,
+        v: -1.0,
+        ties: false,
+    };
+    /// Holds no key.
+    pub(crate) const NONE: BlockCut = BlockCut {
+        sign: 1.0,
+        v: f32::INFINITY,
+        ties: false,
+    };
+
+    /// Whether key `k` is held.
+    #[inline(always)]
+    pub(crate) fn holds(&self, k: f32) -> bool {
+        (self.sign * k > self.sign * self.v) | ((k == self.v) & self.ties)
+    }
+}
+
 /// Where the base tensor of a chunked merge is: held whole by the merger, or the first
 /// chunked input (the models follow it).
 #[derive(Clone, Copy)]
@@ -501,11 +553,12 @@ impl<'a, E> Base<'a, E> {
 
 /// What [`stream_cuts`] found.
 pub(crate) enum Cuts {
-    /// One cut per request.
-    Found(Vec<Cut>),
-    /// The whole tensors are needed: an input holds a non-finite value, or (torch's tie
-    /// order) entries tied at a cut are split by it, which only a replay of torch's sort
-    /// over the whole tensor decides.
+    /// One cut per request, and per request whether (torch's tie order) the cut splits
+    /// entries tied at its key: which of them torch's sort keeps depends on every key
+    /// of the tensor, so only a replay of the sort decides (the cut's `tie_end` is then
+    /// meaningless).
+    Found(Vec<Cut>, Vec<bool>),
+    /// The whole tensors are needed: an input holds a non-finite value.
     Whole,
 }
 
@@ -521,10 +574,12 @@ const COLLECT_CAP: usize = 1 << 19;
 /// of the keys' high 16 bits per model (with the OR and AND of each bin's low bits, so
 /// a bin of one value, usual for bf16 and f16 deltas, is known exactly), then, for a
 /// bin of several values, either its entries (with their indices, at most
-/// [`COLLECT_CAP`]) or a histogram of its low 16 bits, which fixes the cut's key. With `index_order`, entries tied
-/// at a cut are taken in index order (a histogram-finished cut that splits ties takes
-/// one more counting pass and a read of one chunk); otherwise a split tie returns
-/// [`Cuts::Whole`]. Also returns [`Cuts::Whole`] when an input holds a non-finite value.
+/// [`COLLECT_CAP`]) or a histogram of its low 16 bits, which fixes the cut's key. With
+/// `index_order`, entries tied at a cut are taken in index order (a cut splitting ties
+/// in a bin of one value finds its tie end from the first pass's per-chunk counts and
+/// a read of one chunk; a histogram-finished one takes a counting pass first);
+/// otherwise a split tie is marked for a replay of torch's sort. Returns
+/// [`Cuts::Whole`] when an input holds a non-finite value.
 pub(crate) fn stream_cuts<E: Scalar, C: ChunkedInputs<E>>(
     inputs: &C,
     base: Base<'_, E>,
@@ -537,14 +592,17 @@ pub(crate) fn stream_cuts<E: Scalar, C: ChunkedInputs<E>>(
     models.sort_unstable();
     models.dedup();
     let nm = models.len();
-    // Pass 1: finiteness of every input, histograms of the high bits, and per bin the
-    // OR and the AND of the low bits (equal: every key of the bin is one value).
+    // Pass 1: finiteness of every input, then per chunk and model a histogram of the
+    // keys' high bits with each bin's low bits OR-ed together and, negated, OR-ed
+    // again (no bit differs: every key of the bin is one value), kept per chunk (the
+    // chunk's tie counts, see [`Pass1`]) and summed.
     let parts = inputs.fold_chunks(
         all.clone(),
         &|| Pass1 {
-            hist: vec![0u32; nm * HI_BINS],
-            or: vec![0u16; nm * HI_BINS],
-            and: vec![u16::MAX; nm * HI_BINS],
+            count: vec![0u64; nm * HI_BINS],
+            mix: vec![0u32; nm * HI_BINS],
+            local: vec![0u64; HI_BINS],
+            records: Vec::new(),
             nonfinite: false,
         },
         &|acc, start, ts| {
@@ -553,19 +611,11 @@ pub(crate) fn stream_cuts<E: Scalar, C: ChunkedInputs<E>>(
                 acc.nonfinite = true;
                 return Ok(());
             }
+            let mut per_model = Vec::with_capacity(nm);
             for (j, &m) in models.iter().enumerate() {
-                let range = j * HI_BINS..(j + 1) * HI_BINS;
-                let h = &mut acc.hist[range.clone()];
-                let or = &mut acc.or[range.clone()];
-                let and = &mut acc.and[range];
-                for (&x, &bv) in xs[m].iter().zip(b) {
-                    let k = key(x, bv).to_bits();
-                    let (hb, lo) = ((k >> 16) as usize, k as u16);
-                    h[hb] += 1;
-                    or[hb] |= lo;
-                    and[hb] &= lo;
-                }
+                per_model.push(acc.histogram(j, xs[m], b));
             }
+            acc.records.push((start / inputs.chunk_elems(), per_model));
             Ok(())
         },
     )?;
@@ -573,15 +623,16 @@ pub(crate) fn stream_cuts<E: Scalar, C: ChunkedInputs<E>>(
         return Ok(Cuts::Whole);
     }
     let mut hist = vec![0usize; nm * HI_BINS];
-    let (mut or, mut and) = (vec![0u16; nm * HI_BINS], vec![u16::MAX; nm * HI_BINS]);
-    for p in &parts {
+    let mut mix = vec![0u32; nm * HI_BINS];
+    let mut records: Vec<(usize, Vec<Option<Vec<u64>>>)> = Vec::new();
+    for p in parts {
         for i in 0..nm * HI_BINS {
-            hist[i] += p.hist[i] as usize;
-            or[i] |= p.or[i];
-            and[i] &= p.and[i];
+            hist[i] += p.count[i] as usize;
+            mix[i] |= p.mix[i];
         }
+        records.extend(p.records);
     }
-    drop(parts);
+    records.sort_unstable_by_key(|r| r.0);
     // Per request: the bin holding position p, the count before it and its count.
     // Also: the bin's one low-bit pattern, when it has only one.
     let mut single: Vec<Option<u16>> = Vec::with_capacity(requests.len());
@@ -591,8 +642,8 @@ pub(crate) fn stream_cuts<E: Scalar, C: ChunkedInputs<E>>(
             let j = models.iter().position(|&m| m == r.model).unwrap_or(0);
             let h = &hist[j * HI_BINS..(j + 1) * HI_BINS];
             let at = locate(h, r.desc, r.p);
-            let bin = j * HI_BINS + at.0 as usize;
-            single.push((or[bin] == and[bin]).then_some(or[bin]));
+            let x = mix[j * HI_BINS + at.0 as usize];
+            single.push((x & (x >> 16) & 0xFFFF == 0).then_some(x as u16));
             at
         })
         .collect();
@@ -648,8 +699,10 @@ pub(crate) fn stream_cuts<E: Scalar, C: ChunkedInputs<E>>(
         },
     )?;
     let mut cuts = Vec::with_capacity(nr);
-    // Requests whose ties are split and must be counted in index order: (request, rank).
-    let mut pending: Vec<(usize, usize)> = Vec::new();
+    let mut split = vec![false; nr];
+    // Requests whose ties are split and must be found in index order: (request, rank,
+    // the tied entries per chunk when the first pass counted them).
+    let mut pending: Vec<(usize, usize, Option<ChunkCounts>)> = Vec::new();
     for (r, req) in requests.iter().enumerate() {
         let (hb, before, _) = located[r];
         let rank = req.p - before; // 1-based position inside the bin
@@ -685,11 +738,16 @@ pub(crate) fn stream_cuts<E: Scalar, C: ChunkedInputs<E>>(
         let tie_end = if before_v + eq == req.p {
             n
         } else if !index_order {
-            return Ok(Cuts::Whole);
+            split[r] = true;
+            n
         } else if let Some(t) = tie_end {
             t
         } else {
-            pending.push((r, req.p - before_v));
+            let slot = models.iter().position(|&m| m == req.model).unwrap_or(0);
+            let counts = matches!(mode[r], Mode::Single(_))
+                .then(|| chunk_counts(&records, slot, hb))
+                .flatten();
+            pending.push((r, req.p - before_v, counts));
             0
         };
         cuts.push(Cut {
@@ -698,20 +756,108 @@ pub(crate) fn stream_cuts<E: Scalar, C: ChunkedInputs<E>>(
             tie_end,
         });
     }
-    for (r, rank) in pending {
+    for (r, rank, counts) in pending {
         let m = requests[r].model;
         let v = cuts[r].v;
-        cuts[r].tie_end = tie_index(inputs, base, m, v, rank)? + 1;
+        cuts[r].tie_end = tie_index(inputs, base, m, v, rank, counts)? + 1;
     }
-    Ok(Cuts::Found(cuts))
+    Ok(Cuts::Found(cuts, split))
 }
 
-/// The first pass's per-worker state.
+/// Most bins one chunk's record of one model holds; a chunk whose keys fill more keeps
+/// no record (a cut splitting ties in a bin of one value then takes a counting pass).
+const RECORD_CAP: usize = 4096;
+/// Elements per histogram piece (the count of a bin must fit 32 bits).
+const PIECE: usize = u32::MAX as usize;
+
+/// The first pass's per-worker state: per model slot and bin, the count and the low
+/// bits' mix (OR of the low 16 bits, OR of their negation above), summed over the
+/// chunks the worker read; and per chunk (index) and model slot, its record: the
+/// chunk's nonzero bins as `bin << 32 | count` in bin order (`None` past
+/// [`RECORD_CAP`]), which gives the count of a bin of one value in every chunk without
+/// a pass of its own.
 struct Pass1 {
-    hist: Vec<u32>,
-    or: Vec<u16>,
-    and: Vec<u16>,
+    count: Vec<u64>,
+    mix: Vec<u32>,
+    /// One chunk's histogram, `count << 32 | mix` per bin, zero between chunks.
+    local: Vec<u64>,
+    records: Vec<(usize, Vec<Option<Vec<u64>>>)>,
     nonfinite: bool,
+}
+
+impl Pass1 {
+    /// Histograms the keys `|x - b|` into model slot `j`'s totals; returns the chunk's
+    /// record.
+    fn histogram<E: Scalar>(&mut self, j: usize, x: &[E], b: &[E]) -> Option<Vec<u64>> {
+        let mut record = Some(Vec::new());
+        for (xp, bp) in x.chunks(PIECE).zip(b.chunks(PIECE)) {
+            let local = &mut self.local[..HI_BINS];
+            super::kernel::simd(
+                #[inline(always)]
+                || {
+                    for (&xv, &bv) in xp.iter().zip(bp) {
+                        let k = key(xv, bv).to_bits();
+                        let lo = k & 0xFFFF;
+                        let e = &mut local[(k >> 16) as usize & (HI_BINS - 1)];
+                        *e = (*e | u64::from(lo | ((!lo & 0xFFFF) << 16))) + (1 << 32);
+                    }
+                },
+            );
+            let count = &mut self.count[j * HI_BINS..(j + 1) * HI_BINS];
+            let mix = &mut self.mix[j * HI_BINS..(j + 1) * HI_BINS];
+            let mut flush = |bin: usize, rec: &mut Option<Vec<u64>>| {
+                let e = std::mem::take(&mut local[bin]);
+                if e != 0 {
+                    count[bin] += e >> 32;
+                    mix[bin] |= e as u32;
+                    if let Some(r) = rec {
+                        r.push(((bin as u64) << 32) | (e >> 32));
+                    }
+                }
+            };
+            // Visit the touched bins: a short piece's own keys, else every bin.
+            if xp.len() < HI_BINS / 8 {
+                for (&xv, &bv) in xp.iter().zip(bp) {
+                    flush(
+                        (key(xv, bv).to_bits() >> 16) as usize & (HI_BINS - 1),
+                        &mut record,
+                    );
+                }
+                if let Some(r) = &mut record {
+                    r.sort_unstable();
+                }
+            } else {
+                for bin in 0..HI_BINS {
+                    flush(bin, &mut record);
+                }
+            }
+            if record.as_ref().is_some_and(|r| r.len() > RECORD_CAP) || x.len() > PIECE {
+                record = None;
+            }
+        }
+        record
+    }
+}
+
+/// `(chunk index, count)` per chunk, in chunk order.
+type ChunkCounts = Vec<(usize, usize)>;
+
+/// Per chunk, in chunk order, `(chunk, count)` of bin `bin` of model slot `j`, from the
+/// first pass's records; `None` when a chunk has none.
+fn chunk_counts(
+    records: &[(usize, Vec<Option<Vec<u64>>>)],
+    j: usize,
+    bin: u32,
+) -> Option<ChunkCounts> {
+    records
+        .iter()
+        .map(|(chunk, per_model)| {
+            let r = per_model.get(j)?.as_ref()?;
+            let at = r.partition_point(|&e| (e >> 32) < u64::from(bin));
+            let c = r.get(at).filter(|&&e| e >> 32 == u64::from(bin));
+            Some((*chunk, c.map_or(0, |&e| (e & 0xFFFF_FFFF) as usize)))
+        })
+        .collect()
 }
 
 /// How the second pass finishes a cut.
@@ -746,27 +892,35 @@ fn locate(h: &[usize], desc: bool, p: usize) -> (u32, usize, usize) {
 }
 
 /// The index of the `rank`-th (1-based) entry of model `m` whose key is `v`, in index
-/// order: a counting pass, then a read of the one chunk holding it.
+/// order: from the count of such entries per chunk (`counts`, `(chunk, count)`, else
+/// a counting pass finds them), a read of the one chunk holding it.
 fn tie_index<E: Scalar, C: ChunkedInputs<E>>(
     inputs: &C,
     base: Base<'_, E>,
     m: usize,
     v: f32,
     rank: usize,
+    counts: Option<ChunkCounts>,
 ) -> Result<usize> {
     let ce = inputs.chunk_elems();
-    let parts = inputs.fold_chunks(0..inputs.chunks(), &Vec::new, &|acc, start, ts| {
-        let (b, xs) = base.split(start, ts);
-        let c = xs[m]
-            .iter()
-            .zip(b)
-            .filter(|(x, bv)| key(**x, **bv) == v)
-            .count();
-        acc.push((start / ce, c));
-        Ok(())
-    })?;
-    let mut counts: Vec<(usize, usize)> = parts.into_iter().flatten().collect();
-    counts.sort_unstable();
+    let counts = match counts {
+        Some(c) => c,
+        None => {
+            let parts = inputs.fold_chunks(0..inputs.chunks(), &Vec::new, &|acc, start, ts| {
+                let (b, xs) = base.split(start, ts);
+                let c = xs[m]
+                    .iter()
+                    .zip(b)
+                    .filter(|(x, bv)| key(**x, **bv) == v)
+                    .count();
+                acc.push((start / ce, c));
+                Ok(())
+            })?;
+            let mut counts: Vec<(usize, usize)> = parts.into_iter().flatten().collect();
+            counts.sort_unstable();
+            counts
+        }
+    };
     let mut left = rank;
     for (chunk, c) in counts {
         if left <= c {

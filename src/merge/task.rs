@@ -19,7 +19,8 @@ use super::TensorMerger;
 use super::chunked::{ChunkSink, ChunkedInputs, SliceChunks};
 use super::kernel::{self, BLOCK, base_tensor, check_count, check_shapes, check_weights};
 use super::select::{
-    Base, Cut, CutRequest, Cuts, count_around, key, kth_largest_many, stream_cuts, torch_sort_cuts,
+    Base, BlockCut, Cut, CutRequest, Cuts, count_around, key, kth_largest_many, stream_cuts,
+    torch_sort_cuts,
 };
 use crate::error::{Error, Result};
 use crate::model::Model;
@@ -129,8 +130,10 @@ pub enum Consensus {
 pub enum TieOrder {
     /// The order torch's CPU sort leaves them in, as mergekit keeps them (the default):
     /// exact parity, but a tensor whose cut splits tied entries (common in bf16 and
-    /// fp16) is replayed whole, so a [chunked](TaskMerge::merge_chunked) merge holds
-    /// that tensor (and about two `u32` per element) in memory.
+    /// fp16) has torch's sort replayed over all its keys (which tied entries the sort
+    /// keeps depends on every key, see docs/mergekit.md), so a
+    /// [chunked](TaskMerge::merge_chunked) merge holds two 32-bit values per element of
+    /// that tensor (its keys and sort indices, one model at a time) in memory.
     #[default]
     Torch,
     /// Index order (a stable sort): a cut keeps the tied entries of lowest index.
@@ -719,13 +722,19 @@ impl<M: Model> TaskMerge<M> {
     /// models'), handing the merged elements to `out(start, elements)` (chunks in any
     /// order, possibly in parallel). Magnitude trimming ([`Sparsification::Magnitude`],
     /// [`Sparsification::Breadcrumbs`]) finds its cuts with a few passes over the chunks
-    /// in bounded memory: a histogram of the magnitudes' high 16 bits per model, then
-    /// the entries (or a histogram of the low bits) of the bin holding each cut, then
-    /// the merge itself. The result is exactly [`merge_tensor`](TensorMerger::merge_tensor)'s.
-    /// Whole tensors are read instead (memory as for `merge_tensor`) for random
-    /// sparsifications (DARE, DELLA), [`Rescale::L1Norm`], inputs holding a NaN or an
-    /// infinity (the same error as `merge_tensor`'s), and, in [`TieOrder::Torch`],
-    /// tensors whose cut splits entries tied in magnitude.
+    /// in bounded memory: a histogram of the magnitudes' high 16 bits per model (kept
+    /// per chunk for bins of one value, so a cut splitting tied entries finds its tie
+    /// end by reading one chunk), then, for a bin of several values, its entries (or a
+    /// histogram of their low bits), then the merge itself. DARE's random keeps draw the
+    /// same streams as the whole-tensor path, and [`Rescale::L1Norm`] takes one more
+    /// pass for its sums (when the chunk size is a multiple of 65 536 elements or the
+    /// tensor is one chunk). The result is exactly
+    /// [`merge_tensor`](TensorMerger::merge_tensor)'s. Whole tensors are read instead
+    /// (memory as for `merge_tensor`) for DELLA, [`Rescale::L1Norm`] over other chunk
+    /// sizes, inputs holding a NaN or an infinity (the same error as `merge_tensor`'s),
+    /// and, in [`TieOrder::Torch`], tensors whose cut splits entries tied in magnitude
+    /// (which entries torch's sort keeps depends on every key of the tensor, not only
+    /// on the tied entries' positions: see docs/mergekit.md).
     ///
     /// ```
     /// use modelfusion::merge::{Merger, SliceChunks, TaskMerge, TieOrder};
@@ -768,38 +777,49 @@ impl<M: Model> TaskMerge<M> {
         };
         let models = inputs.inputs().saturating_sub(usize::from(held.is_none()));
         let plans = self.plans(n, models);
+        // The L1 sums add per-`PAR_CHUNK` partials in order, so each of those ranges
+        // must lie in one input chunk.
+        let aligned = inputs.chunk_elems() % kernel::PAR_CHUNK == 0 || inputs.chunks() <= 1;
         let chunkable = models > 0
-            && (0..models).all(|i| {
-                matches!(
-                    self.sparsification_of(i),
-                    Sparsification::None
-                        | Sparsification::Magnitude { .. }
-                        | Sparsification::Breadcrumbs { .. }
-                )
-            })
-            && (self.rescale != Rescale::L1Norm
-                || plans.iter().all(|p| matches!(p, Plan::All | Plan::Nothing)));
+            && plans.iter().all(|p| !matches!(p, Plan::Della))
+            && (self.rescale != Rescale::L1Norm || aligned);
         if !chunkable {
             return self.merge_read_whole(name, shape, inputs, out);
         }
         let weights = self.weights_for(name, models)?;
         let base = Base(held.as_deref());
         let requests = cut_requests(&plans, n);
-        let cuts = if requests.is_empty() {
-            Vec::new()
+        let (cuts, split) = if requests.is_empty() {
+            (Vec::new(), Vec::new())
         } else {
             match stream_cuts(inputs, base, &requests, self.tie_order == TieOrder::Index)? {
-                Cuts::Found(c) => c,
+                Cuts::Found(c, s) => (c, s),
                 Cuts::Whole => return self.merge_read_whole(name, shape, inputs, out),
             }
         };
-        let keeps = cut_keeps(plans, cuts, n, |_| Keep::Nothing);
-        // No L1 rescaling here, so the rules need no data.
-        let rules: Vec<_> = keeps
+        // Models whose cut splits ties in torch's order: their keys gathered whole (one
+        // model at a time) and torch's sort replayed over them.
+        let mut replayed: Vec<Option<Keep<_>>> = (0..models).map(|_| None).collect();
+        for (r, req) in requests.iter().enumerate() {
+            if split[r] && replayed[req.model].is_none() {
+                let keys = gather_keys(inputs, base, req.model)?;
+                replayed[req.model] = Some(replay_plan(plans[req.model], keys));
+            }
+        }
+        let keeps: Vec<_> = cut_keeps(plans, cuts, n, |_| Keep::Nothing)
+            .into_iter()
+            .zip(replayed)
+            .map(|(k, r)| r.unwrap_or(k))
+            .collect();
+        // Without the data, the rules leave the L1 sums to the pass below.
+        let mut rules: Vec<_> = keeps
             .into_iter()
             .enumerate()
             .map(|(i, k)| self.rule(name, i, k, &[], &[], None))
             .collect();
+        if self.rescale == Rescale::L1Norm {
+            self.l1_pass(inputs, base, &mut rules)?;
+        }
         let normalize = self
             .normalize
             .unwrap_or(self.consensus == Consensus::SignElection);
@@ -815,18 +835,27 @@ impl<M: Model> TaskMerge<M> {
                     acc.1 = true;
                     return Ok(());
                 }
+                // Every element is written below: no zeroing of a reused buffer.
                 let o = &mut acc.0;
-                o.clear();
                 o.resize(b.len(), num_traits::Zero::zero());
-                kernel::simd(
-                    #[inline(always)]
-                    || {
-                        combine_chunk(
-                            xs, b, start, &rules, &ws, consensus, normalize, sum_div, lam, 0,
-                            start, o,
-                        )
-                    },
-                );
+                // Random draws follow the whole path's `PAR_CHUNK` streams: pieces
+                // ending at their boundaries.
+                let mut off = 0;
+                while off < o.len() {
+                    let s = start + off;
+                    let len = (kernel::PAR_CHUNK - s % kernel::PAR_CHUNK).min(o.len() - off);
+                    let piece = &mut o[off..off + len];
+                    kernel::simd(
+                        #[inline(always)]
+                        || {
+                            combine_chunk(
+                                xs, b, start, &rules, &ws, consensus, normalize, sum_div, lam, s,
+                                piece,
+                            )
+                        },
+                    );
+                    off += len;
+                }
                 if !kernel::all_finite(o) {
                     return Err(kernel::overflow_error("lambda", self.lambda, name));
                 }
@@ -835,6 +864,46 @@ impl<M: Model> TaskMerge<M> {
         )?;
         if flags.iter().any(|f| f.1) {
             return self.merge_read_whole(name, shape, inputs, out);
+        }
+        Ok(())
+    }
+
+    /// The L1 rescale of every rule that trims, from one pass over the chunks: the
+    /// sums of [`l1_partial`] per [`kernel::PAR_CHUNK`] range, added in range order as
+    /// the whole-tensor path adds them.
+    fn l1_pass<E: Scalar, C: ChunkedInputs<E>>(
+        &self,
+        inputs: &C,
+        base: Base<'_, E>,
+        rules: &mut [Rule<'_, E>],
+    ) -> Result<()> {
+        let trims: Vec<usize> = (0..rules.len())
+            .filter(|&i| !matches!(rules[i].keep, Keep::All | Keep::Nothing))
+            .collect();
+        if trims.is_empty() {
+            return Ok(());
+        }
+        let shared: &[Rule<'_, E>] = rules;
+        let parts = inputs.fold_chunks(0..inputs.chunks(), &Vec::new, &|acc, start, ts| {
+            let (b, xs) = base.split(start, ts);
+            for (l, bp) in b.chunks(kernel::PAR_CHUNK).enumerate() {
+                let (s, off) = (start + l * kernel::PAR_CHUNK, l * kernel::PAR_CHUNK);
+                for &i in &trims {
+                    let x = &xs[i][off..off + bp.len()];
+                    acc.push((s, i, l1_partial(&shared[i], x, bp, s)));
+                }
+            }
+            Ok(())
+        })?;
+        let mut parts: Vec<(usize, usize, [f64; 2])> = parts.into_iter().flatten().collect();
+        parts.sort_unstable_by_key(|p| (p.1, p.0));
+        for &i in &trims {
+            let mut sums = [0.0, 0.0];
+            for p in parts.iter().filter(|p| p.1 == i) {
+                sums[0] += p.2[0];
+                sums[1] += p.2[1];
+            }
+            rules[i].set_l1_scale(&sums);
         }
         Ok(())
     }
@@ -1037,7 +1106,7 @@ impl<M: Model> TaskMerge<M> {
             let found = SliceChunks::new(xs.to_vec(), INDEX_CHUNK)
                 .and_then(|src| stream_cuts(&src, Base(Some(b)), &requests, true));
             // `Whole` only for non-finite inputs, which the caller has refused.
-            if let Ok(Cuts::Found(cuts)) = found {
+            if let Ok(Cuts::Found(cuts, _)) = found {
                 return cut_keeps(plans, cuts, n, della);
             }
         }
@@ -1086,7 +1155,7 @@ impl<M: Model> TaskMerge<M> {
                     if !wide && gt + eq == k {
                         Keep::AtLeast(v)
                     } else {
-                        replay(xs[i], b, true, &[k], 0, k)
+                        replay_plan(plan, keys_of(xs[i], b))
                     }
                 }
                 Plan::Band(lo, hi) => {
@@ -1103,7 +1172,7 @@ impl<M: Model> TaskMerge<M> {
                             upto: hi_cut.map(|c| c.0),
                         }
                     } else {
-                        replay(xs[i], b, false, &[lo, hi], lo, hi)
+                        replay_plan(plan, keys_of(xs[i], b))
                     }
                 }
             })
@@ -1155,30 +1224,12 @@ impl<M: Model> TaskMerge<M> {
                 Sparsification::None => {}
             },
             Rescale::L1Norm => {
-                // mergekit's `rescaled_masked_tensor`: sums in the compute dtype, the
-                // ratio of the two, unless either sum is below 1e-7.
-                let sums = kernel::sum_chunks(b.len(), 2, |s, e| {
-                    let mut draw = rule.draw.map(|d| d.chunk(i, s / kernel::PAR_CHUNK, s));
-                    let mut buf = [E::zero(); BLOCK];
-                    let mut acc = vec![0.0, 0.0];
-                    let mut off = s;
-                    while off < e {
-                        let len = BLOCK.min(e - off);
-                        let d = &mut buf[..len];
-                        let (x, bb) = (&xs[i][off..off + len], &b[off..off + len]);
-                        sparsify_block(&rule, draw.as_mut(), x, bb, off, d);
-                        for (&x, &bv) in x.iter().zip(bb) {
-                            acc[0] += (x - bv).abs().to_f64_lossless();
-                        }
-                        acc[1] += d.iter().map(|v| v.abs().to_f64_lossless()).sum::<f64>();
-                        off += len;
-                    }
-                    acc
-                });
-                let (before, after) = (E::from_f64_lossy(sums[0]), E::from_f64_lossy(sums[1]));
-                let eps = 1e-7;
-                if before.to_f64_lossless() >= eps && after.to_f64_lossless() >= eps {
-                    rule.scale = before / after;
+                // Without the data (a chunked merge), the caller sums in its own pass.
+                if let Some(x) = xs.get(i) {
+                    let sums = kernel::sum_chunks(b.len(), 2, |s, e| {
+                        l1_partial(&rule, &x[s..e], &b[s..e], s).to_vec()
+                    });
+                    rule.set_l1_scale(&sums);
                 }
             }
         }
@@ -1261,24 +1312,42 @@ fn cut_keeps<E>(
         .collect()
 }
 
-/// Keep mask of sorted positions `lo..hi` in torch's order (descending or ascending
-/// magnitudes of `x - b`, as f32 the way mergekit ranks them), by replaying its sort.
-fn replay<E: Scalar>(
-    x: &[E],
-    b: &[E],
-    desc: bool,
-    cuts: &[usize],
-    lo: usize,
-    hi: usize,
-) -> Keep<E> {
-    let n = b.len();
-    let keys: Vec<f32> = x
-        .iter()
-        .zip(b)
-        .map(|(&x, &b)| (x - b).abs().to_f64_lossless() as f32)
-        .collect();
+/// The sort keys of `x - b` ([`key`]: magnitudes as f32, the way mergekit ranks them).
+fn keys_of<E: Scalar>(x: &[E], b: &[E]) -> Vec<f32> {
+    x.iter().zip(b).map(|(&x, &b)| key(x, b)).collect()
+}
+
+/// The keys of model `model`'s task vector ([`keys_of`]) gathered from the chunks.
+fn gather_keys<E: Scalar, C: ChunkedInputs<E>>(
+    inputs: &C,
+    base: Base<'_, E>,
+    model: usize,
+) -> Result<Vec<f32>> {
+    let keys = std::sync::Mutex::new(vec![0.0f32; inputs.len()]);
+    inputs.fold_chunks(0..inputs.chunks(), &|| (), &|_, start, ts| {
+        let (b, xs) = base.split(start, ts);
+        let part = keys_of(xs[model], b);
+        let mut all = keys
+            .lock()
+            .map_err(|_| Error::invalid("merger", "a worker panicked"))?;
+        all[start..start + part.len()].copy_from_slice(&part);
+        Ok(())
+    })?;
+    keys.into_inner()
+        .map_err(|_| Error::invalid("merger", "a worker panicked"))
+}
+
+/// The keep mask of a trimming plan (top `k` descending, or an ascending band) in
+/// torch's order of `keys`, by replaying its sort.
+fn replay_plan<E>(plan: Plan, keys: Vec<f32>) -> Keep<E> {
+    let n = keys.len();
+    let (desc, cuts, lo, hi) = match plan {
+        Plan::Top(k) => (true, [k, k], 0, k),
+        Plan::Band(lo, hi) => (false, [lo, hi], lo, hi),
+        _ => return Keep::All,
+    };
     let mut idx: Vec<u32> = (0..n as u32).collect();
-    torch_sort_cuts(&keys, &mut idx, desc, cuts);
+    torch_sort_cuts(&keys, &mut idx, desc, &cuts[..if desc { 1 } else { 2 }]);
     drop(keys);
     let mut bits = vec![0u64; n.div_ceil(64)];
     for &j in &idx[lo..hi] {
@@ -1399,10 +1468,20 @@ impl ChunkDraw<'_> {
 }
 
 impl<'a> Draw<'a> {
-    fn chunk(&self, model: usize, chunk: usize, start: usize) -> ChunkDraw<'a> {
+    /// The decisions of element `start` on: model `model`'s random stream of the
+    /// [`kernel::PAR_CHUNK`]-element chunk holding `start`, from `start`'s word in it (one
+    /// word per element), so a piece starting anywhere draws what the whole chunk draws
+    /// there. Valid up to the chunk's end.
+    fn chunk(&self, model: usize, start: usize) -> ChunkDraw<'a> {
         match *self {
             Draw::Rng { seed, name, thr } => {
-                ChunkDraw::Rng(Box::new(kernel::chunk_rng(seed, name, model, chunk)), thr)
+                let c = start / kernel::PAR_CHUNK;
+                let mut rng = kernel::chunk_rng(seed, name, model, c);
+                let word = start - c * kernel::PAR_CHUNK;
+                if word > 0 {
+                    rng.set_word_pos(word as u128);
+                }
+                ChunkDraw::Rng(Box::new(rng), thr)
             }
             Draw::Given(m) => ChunkDraw::Given(m[start..].iter()),
         }
@@ -1419,6 +1498,39 @@ struct Rule<'a, E> {
     inverse_p: bool,
 }
 
+impl<E: Scalar> Rule<'_, E> {
+    /// mergekit's `rescaled_masked_tensor` from the sums of [`l1_partial`] over the
+    /// tensor: the ratio of the two in the compute dtype, unless either is below 1e-7.
+    fn set_l1_scale(&mut self, sums: &[f64]) {
+        let (before, after) = (E::from_f64_lossy(sums[0]), E::from_f64_lossy(sums[1]));
+        let eps = 1e-7;
+        if before.to_f64_lossless() >= eps && after.to_f64_lossless() >= eps {
+            self.scale = before / after;
+        }
+    }
+}
+
+/// The L1 sums of one [`kernel::PAR_CHUNK`]-element chunk of `rule`'s model (`x` and
+/// `b` its elements, from element `s`): of the task vector, and of its kept entries.
+fn l1_partial<E: Scalar>(rule: &Rule<'_, E>, x: &[E], b: &[E], s: usize) -> [f64; 2] {
+    let mut draw = rule.draw.map(|d| d.chunk(rule.model, s));
+    let mut buf = [E::zero(); BLOCK];
+    let mut acc = [0.0, 0.0];
+    let mut off = 0;
+    while off < b.len() {
+        let len = BLOCK.min(b.len() - off);
+        let d = &mut buf[..len];
+        let (x, bb) = (&x[off..off + len], &b[off..off + len]);
+        sparsify_block(rule, draw.as_mut(), x, bb, s + off, d);
+        for (&x, &bv) in x.iter().zip(bb) {
+            acc[0] += (x - bv).abs().to_f64_lossless();
+        }
+        acc[1] += d.iter().map(|v| v.abs().to_f64_lossless()).sum::<f64>();
+        off += len;
+    }
+    acc
+}
+
 /// Writes the kept (unscaled, except DELLA's `1 / p`) task-vector entries of
 /// `s..s + d.len()` into `d`, zero elsewhere.
 #[inline(always)]
@@ -1431,6 +1543,7 @@ fn sparsify_block<E: Scalar>(
     d: &mut [E],
 ) {
     let zero = E::zero();
+    let end = s + d.len();
     let it = d.iter_mut().zip(x).zip(b);
     match &rule.keep {
         Keep::All => it.for_each(|((d, &x), &b)| *d = x - b),
@@ -1462,12 +1575,29 @@ fn sparsify_block<E: Scalar>(
             }
         }
         Keep::Cuts { within, without } => {
-            let (within, without) = (*within, *without);
-            for (j, ((d, &x), &b)) in it.enumerate() {
-                let (k, g) = (key(x, b), s + j);
-                let keep =
-                    within.is_none_or(|c| c.holds(k, g)) & !without.is_some_and(|c| c.holds(k, g));
-                *d = if keep { x - b } else { zero };
+            // Inside the block the index test of each cut is one answer (the usual
+            // case): a branch-free loop on the keys alone.
+            let block = |c: Option<Cut>, none: BlockCut| c.map_or(Some(none), |c| c.block(s, end));
+            if let (Some(i), Some(o)) = (
+                block(*within, BlockCut::ALL),
+                block(*without, BlockCut::NONE),
+            ) {
+                it.for_each(|((d, &x), &b)| {
+                    let k = key(x, b);
+                    *d = if i.holds(k) & !o.holds(k) {
+                        x - b
+                    } else {
+                        zero
+                    };
+                });
+            } else {
+                let (within, without) = (*within, *without);
+                for (j, ((d, &x), &b)) in it.enumerate() {
+                    let (k, g) = (key(x, b), s + j);
+                    let keep = within.is_none_or(|c| c.holds(k, g))
+                        & !without.is_some_and(|c| c.holds(k, g));
+                    *d = if keep { x - b } else { zero };
+                }
             }
         }
         Keep::Random => {
@@ -1508,12 +1638,12 @@ fn combine<E: Scalar>(
     out: &mut [E],
 ) {
     let (ws, lam, sum_div) = mix_constants(weights, lambda);
-    kernel::for_chunks(out, |c, start, o| {
+    kernel::for_chunks(out, |_, start, o| {
         kernel::simd(
             #[inline(always)]
             || {
                 combine_chunk(
-                    xs, b, 0, rules, &ws, consensus, normalize, sum_div, lam, c, start, o,
+                    xs, b, 0, rules, &ws, consensus, normalize, sum_div, lam, start, o,
                 )
             },
         )
@@ -1552,7 +1682,6 @@ fn combine_chunk<E: Scalar>(
     normalize: bool,
     sum_div: E,
     lam: E,
-    c: usize,
     start: usize,
     o: &mut [E],
 ) {
@@ -1561,7 +1690,7 @@ fn combine_chunk<E: Scalar>(
     let one = E::one();
     let mut draws: Vec<Option<ChunkDraw<'_>>> = rules
         .iter()
-        .map(|r| r.draw.map(|d| d.chunk(r.model, c, start)))
+        .map(|r| r.draw.map(|d| d.chunk(r.model, start)))
         .collect();
     let mut scratch = vec![zero; m * BLOCK];
     let mut acc = [zero; 3 * BLOCK];

@@ -1,12 +1,13 @@
 //! The chunked (bounded-memory) path of the trimming methods against the whole-tensor
 //! one: `TaskMerge::merge_chunked` over any chunk size gives exactly `merge_tensor`'s
-//! result, in both tie orders, for f32-, bf16- and f16-valued tensors with many ties;
-//! and index tie order keeps what a stable sort keeps.
+//! result, in both tie orders, for f32-, bf16- and f16-valued tensors with many ties,
+//! for TIES, breadcrumbs and DARE (the same random stream), with every rescale; and
+//! index tie order keeps what a stable sort keeps.
 
 use std::sync::Mutex;
 
 use modelfusion::merge::{
-    Consensus, SliceChunks, Sparsification, TaskMerge, TensorMerger, TieOrder,
+    Consensus, Rescale, SliceChunks, Sparsification, TaskMerge, TensorMerger, TieOrder,
 };
 use modelfusion::{StateDict, StateDictF32};
 use ndarray::{ArrayD, IxDyn};
@@ -51,11 +52,32 @@ fn chunked(m: &TaskMerge<StateDictF32>, ts: &[&ArrayD<f32>], chunk: usize) -> Ve
 }
 
 fn sparsification(which: u8, density: f64, gamma: f64) -> Sparsification {
-    if which == 0 {
-        Sparsification::Magnitude { density }
-    } else {
-        Sparsification::Breadcrumbs { density, gamma }
+    match which {
+        0 => Sparsification::Magnitude { density },
+        1 => Sparsification::Breadcrumbs { density, gamma },
+        _ => Sparsification::Random {
+            density,
+            seed: (gamma * 1e6) as u64,
+        },
     }
+}
+
+fn rescale(which: u8) -> Rescale {
+    [Rescale::None, Rescale::InverseDensity, Rescale::L1Norm][which as usize % 3]
+}
+
+/// Bit patterns of `merge_tensor` and of `merge_chunked` over `chunk`-element chunks.
+fn both(
+    m: &TaskMerge<StateDictF32>,
+    inputs: &[&ArrayD<f32>],
+    chunk: usize,
+) -> (Vec<u32>, Vec<u32>) {
+    let whole: ArrayD<f32> = m.merge_tensor("w", inputs).unwrap();
+    let got = chunked(m, inputs, chunk);
+    (
+        whole.iter().map(|v| v.to_bits()).collect(),
+        got.iter().map(|v| v.to_bits()).collect(),
+    )
 }
 
 /// The entries a stable sort keeps (ties in index order): the top `k` by magnitude, or
@@ -98,13 +120,14 @@ proptest! {
         seed in any::<u64>(),
         n in 1usize..3000,
         models in 1usize..4,
-        which in 0u8..2,
+        which in 0u8..3,
         density in 0.0f64..1.0,
         gamma in 0.0f64..0.2,
         chunk in 1usize..700,
         index in any::<bool>(),
         elect in any::<bool>(),
         held in any::<bool>(),
+        rs in 0u8..3,
     ) {
         let base = tensor(values(kind, seed ^ 0xABCD, n));
         let xs: Vec<ArrayD<f32>> = (0..models)
@@ -115,6 +138,8 @@ proptest! {
             .collect();
         let order = if index { TieOrder::Index } else { TieOrder::Torch };
         let consensus = if elect { Consensus::SignElection } else { Consensus::Sum };
+        // (DARE at density 0 would rescale by infinity.)
+        let density = if which == 2 { density.max(0.01) } else { density };
         let sp = sparsification(which, density, gamma);
         let weights: Vec<f64> = (0..models).map(|i| 0.4 + 0.3 * i as f64).collect();
         let refs: Vec<&ArrayD<f32>> = xs.iter().collect();
@@ -126,11 +151,13 @@ proptest! {
             all.extend(refs.iter().copied());
             (TaskMerge::base_input(sp, consensus, 0.9).unwrap(), all)
         };
-        let m = m.with_weights(weights).unwrap().with_tie_order(order);
-        let whole: ArrayD<f32> = m.merge_tensor("w", &inputs).unwrap();
-        let got = chunked(&m, &inputs, chunk);
-        let want: Vec<u32> = whole.iter().map(|v| v.to_bits()).collect();
-        let got: Vec<u32> = got.iter().map(|v| v.to_bits()).collect();
+        let m = m
+            .with_weights(weights)
+            .unwrap()
+            .with_tie_order(order)
+            .with_rescale(rescale(rs))
+            .unwrap();
+        let (want, got) = both(&m, &inputs, chunk);
         prop_assert_eq!(got, want);
     }
 
@@ -224,4 +251,38 @@ fn nonfinite_input_is_the_same_error() {
         .unwrap_err()
         .to_string();
     assert!(wrong.contains("[5]") && wrong.contains("[4]"), "{wrong}");
+}
+
+/// Tensors of several `PAR_CHUNK` (65 536-element) random streams: DARE draws the whole
+/// path's stream from chunks starting anywhere in one, and the L1 rescale sums in a
+/// pass of its own when chunks hold whole streams (else reads the tensors whole),
+/// bit for bit as `merge_tensor`, for every trimming method and tie order.
+#[test]
+fn random_streams_and_l1_sums_span_chunks() {
+    let n = 200_003;
+    let base = tensor(values(1, 11, n));
+    let xs: Vec<ArrayD<f32>> = (0..2)
+        .map(|i| {
+            let d = values(1, 100 + i, n);
+            tensor(base.iter().zip(d).map(|(b, d)| b + d).collect())
+        })
+        .collect();
+    let mut inputs = vec![&base];
+    inputs.extend(xs.iter());
+    for which in 0..3 {
+        for rs in 0..3 {
+            for order in [TieOrder::Index, TieOrder::Torch] {
+                let sp = sparsification(which, 0.3, 0.05);
+                let m = TaskMerge::<StateDictF32>::base_input(sp, Consensus::SignElection, 1.0)
+                    .unwrap()
+                    .with_tie_order(order)
+                    .with_rescale(rescale(rs))
+                    .unwrap();
+                for chunk in [1 << 16, 1 << 17, 70_001, n] {
+                    let (want, got) = both(&m, &inputs, chunk);
+                    assert!(got == want, "{which} {rs} {order:?} {chunk}");
+                }
+            }
+        }
+    }
 }
