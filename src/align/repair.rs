@@ -691,7 +691,7 @@ impl<A> OutputRepair<A> {
     ///
     /// ```
     /// // see `endpoints`
-    /// # let _ = modelfusion::align::OutputRepair::<()>::repair_with::<modelfusion::StateDictF64>;
+    /// # let _ = modelfusion::align::OutputRepair::new(());
     /// ```
     pub fn repair_with<M: Model>(
         &self,
