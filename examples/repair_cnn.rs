@@ -29,8 +29,8 @@ use modelfusion::candle::{
     CandleResNet, CandleVgg, Taps, candle_core, to_state_dict_from_varmap, to_varmap,
 };
 use modelfusion::nn::{Dataset, data};
-use modelfusion::perm::PermutationSpec;
 use modelfusion::perm::specs::{Architecture, ResNet, Vgg};
+use modelfusion::perm::{PermutationSet, PermutationSpec};
 use modelfusion::plot::{Series, plot_curves};
 use modelfusion::{Activations, Model, Result, StateDictF32};
 use rand::SeedableRng;
@@ -96,6 +96,22 @@ fn parse_args() -> std::result::Result<Args, String> {
 struct Batches {
     x: Vec<Tensor>,
     y: Vec<Tensor>,
+}
+
+impl Batches {
+    /// The same batches with the images zero-padded by `p` pixels on every side.
+    fn padded(&self, p: usize) -> Result<Batches> {
+        let pad = |x: &Tensor| x.pad_with_zeros(2, p, p)?.pad_with_zeros(3, p, p);
+        Ok(Batches {
+            x: self
+                .x
+                .iter()
+                .map(pad)
+                .collect::<candle_core::Result<_>>()
+                .map_err(err)?,
+            y: self.y.clone(),
+        })
+    }
 }
 
 fn batches(d: &Dataset) -> Result<Batches> {
@@ -268,8 +284,24 @@ fn run<N: Net>(
         .repair_layers();
 
     let t0 = Instant::now();
-    let wm = WeightMatching::new(0).align(a, b, spec)?.apply(spec, b)?;
+    let wm_al = WeightMatching::new(0).align(a, b, spec)?;
+    let wm = wm_al.apply(spec, b)?;
     let wm_secs = t0.elapsed().as_secs_f64();
+    // Sanity of the alignment on the trained networks: the objective <A, P B> and the
+    // distance ||A - P B|| against the identity, and weight matching recovering a
+    // planted permutation of A exactly.
+    let obj = &wm_al.stats().objective;
+    let planted = PermutationSet::random(spec, a, 99)?;
+    let recovered = WeightMatching::new(0).align(a, &spec.apply(&planted, a)?, spec)?;
+    println!(
+        "{label}: weight matching objective <A, P B> {:.2} -> {:.2} ({} sweeps), ||A - P B|| {:.2} -> {:.2}, planted permutation of A recovered: {}",
+        obj[0],
+        obj[obj.len() - 1],
+        wm_al.stats().sweeps,
+        a.sub(b)?.norm(),
+        a.sub(&wm)?.norm(),
+        recovered.permutations() == Some(planted.inverse())
+    );
     let t0 = Instant::now();
     let groups = source(&build, stat_x.clone(), |t| t.groups, false)?;
     let am = ActivationMatching::new(groups)
@@ -318,6 +350,10 @@ fn run<N: Net>(
             acc: vec![],
         },
     ];
+    // The endpoints' statistics, measured once for the whole path.
+    let t0 = Instant::now();
+    let ends = repair.endpoints(a, &wm)?;
+    let ends_secs = t0.elapsed().as_secs_f64();
     let (mut reset_secs, mut repair_secs) = (0.0, 0.0);
     for i in 0..POINTS {
         let t = i as f64 / (POINTS - 1) as f64;
@@ -329,7 +365,7 @@ fn run<N: Net>(
         let wm_repair = if i == 0 || i == POINTS - 1 {
             wm_reset.clone()
         } else {
-            repair.repair(a, &wm, &wm_reset, t)?.0
+            repair.repair_with(&ends, &wm_reset, t)?.0
         };
         repair_secs += t0.elapsed().as_secs_f64();
         let points = [a.lerp(b, t)?, wm_t, a.lerp(&am, t)?, wm_reset, wm_repair];
@@ -366,7 +402,7 @@ fn run<N: Net>(
         );
     }
     println!(
-        "\n{label}: weight matching {wm_secs:.2} s, activation matching {am_secs:.2} s, BN reset {:.2} s per point, REPAIR {:.2} s per interior point ({} statistics images)",
+        "\n{label}: weight matching {wm_secs:.2} s, activation matching {am_secs:.2} s, BN reset {:.2} s per point, REPAIR endpoints {ends_secs:.2} s once, then {:.2} s per interior point ({} statistics images)",
         reset_secs / POINTS as f64,
         repair_secs / (POINTS - 2) as f64,
         stat_x.iter().map(|x| x.dim(0).unwrap_or(0)).sum::<usize>()
@@ -432,8 +468,12 @@ fn main() -> std::result::Result<(), modelfusion::Report> {
         )?;
     }
     if want("vgg11") {
-        // VGG-11's eight convolutions (64, 128, 256, 256, 512, 512, 512, 512) / 8 x width,
-        // pooling after convolutions 0, 1, 3, 5 (28 -> 14 -> 7 -> 3 -> 1).
+        // VGG-11's eight convolutions (64, 128, 256, 256, 512, 512, 512, 512) / 8 x width
+        // on the images zero-padded to 32 x 32, pooling after convolutions 0, 1, 3, 5
+        // (32 -> 16 -> 8 -> 4 -> 2) as CIFAR VGG-11 does, then global average pooling.
+        // (On 28 x 28 the same pools leave convolutions 6 and 7 a 1 x 1 input, where
+        // only the kernels' centre taps are trained: the other eight taps keep their
+        // random initialisation and are noise to weight matching.)
         let w = args.vgg_width;
         let channels: Vec<usize> = [64, 128, 256, 256, 512, 512, 512, 512]
             .iter()
@@ -449,9 +489,16 @@ fn main() -> std::result::Result<(), modelfusion::Report> {
             &arch,
             &arch.spec(),
             &args,
-            &train,
-            &test,
-            stat_x,
+            &train.padded(2)?,
+            &test.padded(2)?,
+            Arc::new(
+                Batches {
+                    x: stat_x.to_vec(),
+                    y: vec![],
+                }
+                .padded(2)?
+                .x,
+            ),
         )?;
     }
     println!("wall time {:.0} s", start.elapsed().as_secs_f64());

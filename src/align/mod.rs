@@ -66,7 +66,9 @@ pub use activation::{ActivationMatching, Correlation};
 pub use information::{JointHistogram, MAX_BINS};
 pub use multi::{MultiAlignment, align_to_mean, align_to_reference};
 pub use ot::{ActivationFeatures, GroundCost, Marginals, OtFusion, Transport, WeightFeatures};
-pub use repair::{BnReset, Endpoints, OutputRepair, OutputRepairReport, Repair, RepairReport};
+pub use repair::{
+    BnReset, Endpoints, OutputEndpoints, OutputRepair, OutputRepairReport, Repair, RepairReport,
+};
 pub use sinkhorn::{MidpointLoss, RebasinLoss, SinkhornRebasin, WeightDistance};
 pub use stats::{CrossMoments, Moments};
 pub use ste::SteMatching;

@@ -465,6 +465,22 @@ pub struct OutputRepairReport {
     pub unreachable: BTreeMap<String, Vec<usize>>,
 }
 
+/// The endpoints' reset-point statistics (mean and standard deviation per channel),
+/// measured once by [`OutputRepair::endpoints`] for [`OutputRepair::repair_with`].
+///
+/// ```
+/// use modelfusion::align::OutputEndpoints;
+/// fn takes(_: &OutputEndpoints) {}
+/// ```
+#[derive(Clone, Debug)]
+pub struct OutputEndpoints {
+    shapes: Vec<(String, Vec<usize>)>,
+    writes: Vec<Write>,
+    producers: Vec<Producer>,
+    a: Vec<(Array1<f64>, Array1<f64>)>,
+    b: Vec<(Array1<f64>, Array1<f64>)>,
+}
+
 /// Moments of one reset point over the data: the layer output `f`, and for a stream
 /// write the rest of the stream `p = s - f` and the stream `s`.
 /// Variances at or below this are constant channels: shifted, never rescaled.
@@ -568,6 +584,10 @@ impl<A> OutputRepair<A> {
     /// models that differ in names or shapes, a layer without `weight` and `bias`, a
     /// missing feature key, widths that disagree, or non-finite statistics.
     ///
+    /// Equivalent to [`endpoints`](Self::endpoints) followed by
+    /// [`repair_with`](Self::repair_with); use those to repair many points of one path
+    /// (the endpoints are then measured once, not at every `t`).
+    ///
     /// ```
     /// // see the type-level example
     /// # let _ = modelfusion::align::OutputRepair::new(());
@@ -583,14 +603,55 @@ impl<A> OutputRepair<A> {
         A: Activations<M>,
     {
         crate::error::check_fraction("t", t)?;
+        a.check_compatible(merged)?;
+        let ends = self.endpoints(a, b)?;
+        self.repair_with(&ends, merged, t)
+    }
+
+    /// Measures the statistics of every registered reset point on the endpoints `a`
+    /// and `b` once (two passes over the data), for [`repair_with`](Self::repair_with).
+    /// Errors as [`repair`](Self::repair) does on the layers and the endpoints.
+    ///
+    /// ```
+    /// use modelfusion::align::OutputRepair;
+    /// use modelfusion::{Activations, Features, Model, Result, StateDict, StateDictF64};
+    /// use ndarray::{Array2, Ix1, Ix2};
+    ///
+    /// /// A linear layer `fc` on fixed data.
+    /// struct Out(Array2<f64>);
+    /// impl Activations<StateDictF64> for Out {
+    ///     fn num_batches(&self) -> usize { 1 }
+    ///     fn activations(&self, m: &StateDictF64, _: usize) -> Result<Features<f64>> {
+    ///         let w = m.get("fc.weight").unwrap().view().into_dimensionality::<Ix2>().unwrap();
+    ///         let b = m.get("fc.bias").unwrap().view().into_dimensionality::<Ix1>().unwrap();
+    ///         Ok([("fc".to_string(), self.0.dot(&w.t()) + b)].into())
+    ///     }
+    /// }
+    /// let x = Array2::from_shape_fn((50, 2), |(i, j)| ((i * 3 + j * 7) % 5) as f64 - 2.0);
+    /// let model = |s: f64| StateDict::from_pairs([
+    ///     ("fc.weight", Array2::from_shape_fn((2, 2), |(i, j)| s * (1 + i + 2 * j) as f64).into_dyn()),
+    ///     ("fc.bias", ndarray::arr1(&[s, -s]).into_dyn())]);
+    /// let (a, b) = (model(1.0)?, model(-0.5)?);
+    /// let repair = OutputRepair::new(Out(x)).with_layer("fc")?;
+    /// let ends = repair.endpoints(&a, &b)?; // measured once for the whole path
+    /// for t in [0.25, 0.5, 0.75] {
+    ///     let (fixed, report) = repair.repair_with(&ends, &a.lerp(&b, t)?, t)?;
+    ///     assert!((report.std_ratio_after["fc"] - 1.0).abs() < 1e-9);
+    ///     let again = repair.repair(&a, &b, &a.lerp(&b, t)?, t)?.0;
+    ///     assert_eq!(fixed.max_abs_diff(&again)?, 0.0);
+    /// }
+    /// # Ok::<(), modelfusion::Error>(())
+    /// ```
+    pub fn endpoints<M: Model>(&self, a: &M, b: &M) -> Result<OutputEndpoints>
+    where
+        A: Activations<M>,
+    {
         if self.writes.is_empty() {
             return Err(Error::empty(
                 "the layers to repair (register them with `with_layer` / `with_stream_write`)",
             ));
         }
         a.check_compatible(b)?;
-        a.check_compatible(merged)?;
-        merged.check_finite("the merged model")?;
         let producers: Vec<Producer> = self
             .writes
             .iter()
@@ -598,19 +659,81 @@ impl<A> OutputRepair<A> {
             .map(|(k, w)| affine_layer(a, &w.layer, k))
             .collect::<Result<_>>()?;
         let all: Vec<usize> = (0..self.writes.len()).collect();
-        let targets: Vec<(Array1<f64>, Array1<f64>)> = self
-            .measure(a, &all, &producers)?
+        let points = |m: &M| -> Result<Vec<(Array1<f64>, Array1<f64>)>> {
+            Ok(self
+                .measure(m, &all, &producers)?
+                .iter()
+                .map(PointStats::target_point)
+                .collect())
+        };
+        Ok(OutputEndpoints {
+            shapes: a
+                .names()
+                .map(|n| {
+                    (
+                        n.to_string(),
+                        a.get(n).map_or(vec![], |t| t.shape().to_vec()),
+                    )
+                })
+                .collect(),
+            writes: self.writes.clone(),
+            producers: producers.clone(),
+            a: points(a)?,
+            b: points(b)?,
+        })
+    }
+
+    /// Repairs `merged`, the point at `t` of the path between the endpoints measured by
+    /// [`endpoints`](Self::endpoints): one pass over the data per registered layer, and
+    /// one for the report. Errors on a `t` outside `[0, 1]`, endpoints measured for
+    /// other layers, a `merged` whose names or shapes differ from the endpoints', a
+    /// missing feature key, widths that disagree, or non-finite statistics.
+    ///
+    /// ```
+    /// // see `endpoints`
+    /// # let _ = modelfusion::align::OutputRepair::new(());
+    /// ```
+    pub fn repair_with<M: Model>(
+        &self,
+        ends: &OutputEndpoints,
+        merged: &M,
+        t: f64,
+    ) -> Result<(M, OutputRepairReport)>
+    where
+        A: Activations<M>,
+    {
+        crate::error::check_fraction("t", t)?;
+        if ends.writes != self.writes {
+            return Err(Error::invalid(
+                "endpoints",
+                "measured for other registered layers than this repair's",
+            ));
+        }
+        let same = merged
+            .names()
+            .eq(ends.shapes.iter().map(|(n, _)| n.as_str()))
+            && ends
+                .shapes
+                .iter()
+                .all(|(n, s)| merged.get(n).is_some_and(|t| t.shape() == s.as_slice()));
+        if !same {
+            return Err(Error::NameMismatch {
+                detail: "the merged model's parameters or shapes differ from the endpoints'".into(),
+            });
+        }
+        merged.check_finite("the merged model")?;
+        let producers = &ends.producers;
+        let all: Vec<usize> = (0..self.writes.len()).collect();
+        let targets: Vec<(Array1<f64>, Array1<f64>)> = ends
+            .a
             .iter()
-            .zip(&self.measure(b, &all, &producers)?)
-            .map(|(sa, sb)| {
-                let ((ma, da), (mb, db)) = (sa.target_point(), sb.target_point());
-                (ma * (1.0 - t) + mb * t, da * (1.0 - t) + db * t)
-            })
+            .zip(&ends.b)
+            .map(|((ma, da), (mb, db))| (ma * (1.0 - t) + mb * t, da * (1.0 - t) + db * t))
             .collect();
         let mut model = merged.clone();
         let mut report = OutputRepairReport::default();
         for (k, p) in producers.iter().enumerate() {
-            let st = self.measure(&model, &[k], &producers)?.remove(0);
+            let st = self.measure(&model, &[k], producers)?.remove(0);
             let (tm, ts) = &targets[k];
             let (_, std_now) = st.target_point();
             report
@@ -625,7 +748,7 @@ impl<A> OutputRepair<A> {
         }
         for ((p, st), (_, ts)) in producers
             .iter()
-            .zip(self.measure(&model, &all, &producers)?)
+            .zip(self.measure(&model, &all, producers)?)
             .zip(&targets)
         {
             let (_, std) = st.target_point();
