@@ -35,7 +35,7 @@
 //! load_varmap(&varmap, &doubled)?; // back into the model's own variables
 //! let back: StateDictF32 = to_state_dict_from_varmap(&varmap)?;
 //! assert_eq!(back.max_abs_diff(&doubled)?, 0.0);
-//! # Ok::<(), modelfusion::Error>(())
+//! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
 mod adapter;
