@@ -406,6 +406,37 @@ fn slice<'a, T: candle_core::WithDType>(
     Ok(&T::cpu_storage_as_slice(s)?[a..b])
 }
 
+/// A batch-norm kernel: input `(c, n)`, weight `(c)` and `third` (bias or gradient),
+/// each contiguous, as f32 or f64 slices; the result packs `c n + 2 c` values.
+type Kernel<T> = fn(&[T], &[T], &[T]) -> Vec<T>;
+
+/// Runs `single` or `double` (the same kernel at f32 and f64) on the three operands of a
+/// batch-norm custom op, by the input's dtype.
+fn packed_op3(
+    ops: [(&candle_core::CpuStorage, &candle_core::Layout); 3],
+    third: &str,
+    single: Kernel<f32>,
+    double: Kernel<f64>,
+) -> CResult<(candle_core::CpuStorage, candle_core::Shape)> {
+    use candle_core::CpuStorage as S;
+    let [(s1, l1), (s2, l2), (s3, l3)] = ops;
+    let (c, n) = l1.shape().dims2()?;
+    let out = match s1 {
+        S::F32(_) => S::F32(single(
+            slice(s1, l1, "the input")?,
+            slice(s2, l2, "the weight")?,
+            slice(s3, l3, third)?,
+        )),
+        S::F64(_) => S::F64(double(
+            slice(s1, l1, "the input")?,
+            slice(s2, l2, "the weight")?,
+            slice(s3, l3, third)?,
+        )),
+        _ => candle_core::bail!("batch norm: an f32 or f64 input only"),
+    };
+    Ok((out, candle_core::Shape::from(c * n + 2 * c)))
+}
+
 impl BnTrain {
     fn fwd<T: candle_core::WithDType + Send + Sync>(x: &[T], w: &[T], b: &[T]) -> Vec<T> {
         let c = w.len();
@@ -484,22 +515,12 @@ impl candle_core::CustomOp3 for BnTrain {
         s3: &candle_core::CpuStorage,
         l3: &candle_core::Layout,
     ) -> CResult<(candle_core::CpuStorage, candle_core::Shape)> {
-        use candle_core::CpuStorage as S;
-        let (c, n) = l1.shape().dims2()?;
-        let out = match s1 {
-            S::F32(_) => S::F32(Self::fwd(
-                slice(s1, l1, "the input")?,
-                slice(s2, l2, "the weight")?,
-                slice(s3, l3, "the bias")?,
-            )),
-            S::F64(_) => S::F64(Self::fwd(
-                slice(s1, l1, "the input")?,
-                slice(s2, l2, "the weight")?,
-                slice(s3, l3, "the bias")?,
-            )),
-            _ => candle_core::bail!("batch norm: an f32 or f64 input only"),
-        };
-        Ok((out, candle_core::Shape::from(c * n + 2 * c)))
+        packed_op3(
+            [(s1, l1), (s2, l2), (s3, l3)],
+            "the bias",
+            Self::fwd,
+            Self::fwd,
+        )
     }
 
     fn bwd(
@@ -537,22 +558,12 @@ impl candle_core::CustomOp3 for BnTrainBwd {
         s3: &candle_core::CpuStorage,
         l3: &candle_core::Layout,
     ) -> CResult<(candle_core::CpuStorage, candle_core::Shape)> {
-        use candle_core::CpuStorage as S;
-        let (c, n) = l1.shape().dims2()?;
-        let out = match s1 {
-            S::F32(_) => S::F32(BnTrain::bwd(
-                slice(s1, l1, "the input")?,
-                slice(s2, l2, "the weight")?,
-                slice(s3, l3, "the gradient")?,
-            )),
-            S::F64(_) => S::F64(BnTrain::bwd(
-                slice(s1, l1, "the input")?,
-                slice(s2, l2, "the weight")?,
-                slice(s3, l3, "the gradient")?,
-            )),
-            _ => candle_core::bail!("batch norm: an f32 or f64 input only"),
-        };
-        Ok((out, candle_core::Shape::from(c * n + 2 * c)))
+        packed_op3(
+            [(s1, l1), (s2, l2), (s3, l3)],
+            "the gradient",
+            BnTrain::bwd,
+            BnTrain::bwd,
+        )
     }
 }
 
