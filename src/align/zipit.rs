@@ -355,7 +355,7 @@ fn check_unit(param: &str, v: f64) -> Result<f64> {
 /// assert_eq!(z.permutation().unwrap().as_slice(), &[1, 0]);
 /// assert_eq!(z.merge()[[0, 0]], 0.5);
 /// assert_eq!(z.unmerge()[[3, 0]], 1.0);
-/// assert_eq!(z.merge().dot(z.unmerge()), ndarray::Array2::eye(2));
+/// assert_eq!(z.merge().dot(z.unmerge()), ndarray::Array2::<f64>::eye(2));
 /// # Ok::<(), modelfusion::Error>(())
 /// ```
 #[derive(Clone, Debug, PartialEq)]
