@@ -23,7 +23,9 @@
 //!   forgotten bias or a consumer on the wrong axis is an error).
 //! - [`solve`]: the numeric core: [`linear_sum_assignment`] (Jonker-Volgenant, scipy's
 //!   contract) and [`sinkhorn`] (log-domain stabilised, balanced and unbalanced).
-//! - [`align`]: Git Re-Basin weight and activation matching, OT fusion, REPAIR.
+//! - [`align`]: Git Re-Basin weight and activation matching, OT fusion, REPAIR, and
+//!   ZipIt! ([`align::ZipIt`]: merging correlated features within and across models,
+//!   fully or for the first layers only).
 //! - [`path`] and [`barrier`]: paths between models, curve fitting, loss barriers on an
 //!   explicit grid; [`plot`] draws the curves as SVG.
 //! - [`merge`]: averaging (SWA, EMA, LAWA, SWAG, soups), task vectors (task arithmetic,

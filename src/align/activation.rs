@@ -210,10 +210,6 @@ pub(crate) fn group_moments<M: Model, A: Activations<M>>(
     sizes_b: &BTreeMap<String, usize>,
     observer: &mut dyn Observer,
 ) -> Result<BTreeMap<String, CrossMoments>> {
-    let nb = source.num_batches();
-    if nb == 0 {
-        return Err(Error::empty("the activation source (it has no batches)"));
-    }
     let mut stats: BTreeMap<String, CrossMoments> = sizes_a
         .iter()
         .map(|(g, &n)| {
@@ -223,30 +219,70 @@ pub(crate) fn group_moments<M: Model, A: Activations<M>>(
             )
         })
         .collect();
+    stream_pairs(
+        source,
+        (reference, other),
+        &mut stats,
+        "activation statistics",
+        observer,
+        |g, b, cm, xa, xb| {
+            cm.update(xa.view(), xb.view())
+                .map_err(|e| in_batch(e, g, b))
+        },
+    )?;
+    Ok(stats)
+}
+
+/// Adds the batch and group to an error of a moments update.
+pub(crate) fn in_batch(e: Error, g: &str, b: usize) -> Error {
+    match e {
+        Error::InvalidParameter { param, reason } => Error::InvalidParameter {
+            param,
+            reason: format!("{reason} in batch {b}, group `{g}`"),
+        },
+        Error::ShapeMismatch {
+            what,
+            expected,
+            got,
+        } => Error::ShapeMismatch {
+            what: format!("{what} of group `{g}` in batch {b} (the group's width)"),
+            expected,
+            got,
+        },
+        other => other,
+    }
+}
+
+/// Streams both models' features over every batch of `source`: for every group of
+/// `state`, calls `update(group, batch, state, reference features, other features)`;
+/// reports each batch to `observer` (`what` names the computation when cancelled).
+pub(crate) fn stream_pairs<M: Model, A: Activations<M>, S>(
+    source: &A,
+    (reference, other): (&M, &M),
+    state: &mut BTreeMap<String, S>,
+    what: &str,
+    observer: &mut dyn Observer,
+    mut update: impl FnMut(
+        &str,
+        usize,
+        &mut S,
+        &ndarray::Array2<crate::objective::Elem<M>>,
+        &ndarray::Array2<crate::objective::Elem<M>>,
+    ) -> Result<()>,
+) -> Result<()> {
+    let nb = source.num_batches();
+    if nb == 0 {
+        return Err(Error::empty("the activation source (it has no batches)"));
+    }
     for b in 0..nb {
         let fa = source.activations(reference, b)?;
         let fb = source.activations(other, b)?;
-        for (g, cm) in stats.iter_mut() {
+        for (g, s) in state.iter_mut() {
             let (xa, xb) = (
                 features_of(&fa, g, b, "reference")?,
                 features_of(&fb, g, b, "other")?,
             );
-            cm.update(xa.view(), xb.view()).map_err(|e| match e {
-                Error::InvalidParameter { param, reason } => Error::InvalidParameter {
-                    param,
-                    reason: format!("{reason} in batch {b}, group `{g}`"),
-                },
-                Error::ShapeMismatch {
-                    what,
-                    expected,
-                    got,
-                } => Error::ShapeMismatch {
-                    what: format!("{what} of group `{g}` in batch {b} (the group's width)"),
-                    expected,
-                    got,
-                },
-                other => other,
-            })?;
+            update(g, b, s, xa, xb)?;
         }
         let report = Progress::Batch {
             done: b + 1,
@@ -254,11 +290,11 @@ pub(crate) fn group_moments<M: Model, A: Activations<M>>(
         };
         if observer.observe(&report).is_break() {
             return Err(Error::Cancelled {
-                what: format!("activation statistics after batch {} of {nb}", b + 1),
+                what: format!("{what} after batch {} of {nb}", b + 1),
             });
         }
     }
-    Ok(stats)
+    Ok(())
 }
 
 /// Per group, the binned mutual information between the two models' units: one pass

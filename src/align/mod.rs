@@ -14,6 +14,10 @@
 //! | [`SinkhornRebasin`] | a task loss at the midpoint, or `||A - P(B)||^2`: Sinkhorn soft permutations trained end to end, hardened (Peña et al. 2023) | hard permutations |
 //! | [`Identity`] | nothing: the naive baseline | identity permutations |
 //!
+//! [`ZipIt`] (Stoica et al. 2023) is not an aligner: it pairs correlated features
+//! within and across the two models and merges them with merge / unmerge matrices
+//! ([`Zip::merge`]), or zips only the first layers of an MLP ([`Zip::partial_mlp`]).
+//!
 //! A hard alignment keeps B's function exactly: `alignment.apply(spec, &b)` computes the
 //! same outputs as `b` (the spec must describe the network correctly; the ready specs of
 //! [`perm::specs`](crate::perm::specs) do). A soft alignment (a transport map that is not
@@ -52,6 +56,7 @@ mod sinkhorn;
 mod stats;
 mod ste;
 pub(crate) mod weight;
+mod zipit;
 
 use std::collections::BTreeMap;
 
@@ -73,6 +78,7 @@ pub use sinkhorn::{MidpointLoss, RebasinLoss, SinkhornRebasin, WeightDistance};
 pub use stats::{CrossMoments, Moments};
 pub use ste::SteMatching;
 pub use weight::WeightMatching;
+pub use zipit::{GroupZip, PartialZip, Zip, ZipIt};
 
 use crate::progress::Observer;
 #[cfg(doc)]

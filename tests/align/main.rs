@@ -11,6 +11,7 @@ mod align_nn;
 mod align_out_of_core;
 mod align_props;
 mod align_ste;
+mod align_zipit;
 mod api_ergonomics;
 mod perm;
 mod pipeline;
