@@ -396,7 +396,10 @@ impl<'a, N: Network> Classification<'a, N> {
     }
 
     /// `params`, with fresh running statistics if the task resets them.
-    fn prepare<'m, T: Tensor>(&self, params: &'m StateDict<T>) -> Result<Cow<'m, StateDict<T>>> {
+    pub(super) fn prepare<'m, T: Tensor>(
+        &self,
+        params: &'m StateDict<T>,
+    ) -> Result<Cow<'m, StateDict<T>>> {
         match self.reset_stats {
             Some(data) => Ok(Cow::Owned(reset_running_stats(
                 self.net,
@@ -408,7 +411,7 @@ impl<'a, N: Network> Classification<'a, N> {
         }
     }
 
-    fn finite(&self, loss: f64) -> Result<f64> {
+    pub(super) fn finite(&self, loss: f64) -> Result<f64> {
         if loss.is_finite() {
             Ok(loss)
         } else {
@@ -420,7 +423,7 @@ impl<'a, N: Network> Classification<'a, N> {
 
     /// Runs `map` on every batch, a few in parallel at a time, and feeds the results to
     /// `fold` in batch order (deterministic, bounded memory).
-    fn ordered_batches<R: Send>(
+    pub(super) fn ordered_batches<R: Send>(
         &self,
         map: impl Fn(usize) -> Result<R> + Sync,
         mut fold: impl FnMut(R) -> Result<()>,
