@@ -64,6 +64,18 @@
 //! with [`Classification::with_mode`], or recomputed on data for every evaluated model
 //! with [`Classification::with_reset_stats`] (for interpolated or merged networks).
 //!
+//! # Adversarial inputs
+//!
+//! [`Pgd`] attacks a labelled batch of any network: projected gradient ascent on the
+//! cross-entropy in an L-inf or L2 ball ([`Norm`]) through [`Network::input_gradient`],
+//! with a seeded random start and clipping to the data range; [`Pgd::fgsm`] is the
+//! one-step case. [`Classification::robust`] turns a task into its robust version
+//! ([`Robust`]): robust loss and accuracy, the robust error rate ([`RobustErrorRate`])
+//! for barriers, and adversarial minibatches as a
+//! [`StochasticGradient`](crate::StochasticGradient) (robust mode connectivity with
+//! [`path::fit_curve_stochastic`](crate::path::fit_curve_stochastic)).
+//! [`TrainConfig::with_attack`] trains adversarially.
+//!
 //! [`train`] (or [`train_with`], with a per-epoch callback) runs minibatch SGD
 //! (momentum, Nesterov, weight decay) or Adam, with seeded shuffling, as configured by a
 //! validated [`TrainConfig`]. [`reset_running_stats`] recomputes the norm statistics of
