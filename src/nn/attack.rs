@@ -13,7 +13,7 @@ use crate::objective::{Objective, StochasticGradient};
 use crate::tensor::{Scalar, Tensor};
 
 use super::eval::{Classification, Evaluation};
-use super::layers::{convert_batch, softmax_cross_entropy};
+use super::layers::convert_batch;
 use super::{Mode, Network, per_sample_loss_and_input_gradient};
 
 /// The ball a perturbation lives in.
@@ -536,31 +536,12 @@ impl<'a, N: Network> Robust<'a, N> {
     /// # Ok::<(), modelfusion::Error>(())
     /// ```
     pub fn evaluate<T: Tensor>(&self, params: &StateDict<T>) -> Result<Evaluation> {
-        let params = &*self.task.prepare(params)?;
         let (net, data, size) = (self.task.net(), self.task.data(), self.task.batch_size());
-        let (mut loss, mut correct) = (0.0, 0usize);
-        self.task.ordered_batches(
-            |b| {
-                let (x, y) = data.batch(b, size)?;
-                let x = convert_batch::<T::Elem>(x);
-                let adv = self
-                    .attack
-                    .perturb_stream(net, params, x.view(), y, b as u64)?;
-                let (logits, _) = net.forward(params, adv.x.view(), self.task.mode())?;
-                let (sum, _, c) = softmax_cross_entropy(logits.view(), y)?;
-                Ok((sum, c))
-            },
-            |(sum, c)| {
-                loss += sum;
-                correct += c;
-                Ok(())
-            },
-        )?;
-        let n = data.len() as f64;
-        Ok(Evaluation {
-            loss: self.task.finite(loss / n)?,
-            accuracy: correct as f64 / n,
-            samples: data.len(),
+        self.task.evaluate_by(params, |p, b| {
+            let (x, y) = data.batch(b, size)?;
+            let x = convert_batch::<T::Elem>(x);
+            let adv = self.attack.perturb_stream(net, p, x.view(), y, b as u64)?;
+            Ok(net.forward(p, adv.x.view(), self.task.mode())?.0)
         })
     }
 

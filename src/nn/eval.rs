@@ -199,13 +199,23 @@ impl<'a, N: Network> Classification<'a, N> {
     /// # Ok::<(), modelfusion::Error>(())
     /// ```
     pub fn evaluate<T: Tensor>(&self, params: &StateDict<T>) -> Result<Evaluation> {
+        self.evaluate_by(params, |p, b| Ok(self.forward_batch(p, b)?.0))
+    }
+
+    /// Mean cross-entropy and accuracy over the data set from `logits(params, b)`, the
+    /// logits of batch `b` (`params` after the statistics reset, if the task has one).
+    pub(super) fn evaluate_by<T: Tensor>(
+        &self,
+        params: &StateDict<T>,
+        logits: impl Fn(&StateDict<T>, usize) -> Result<Array2<T::Elem>> + Sync,
+    ) -> Result<Evaluation> {
         let params = &*self.prepare(params)?;
         let (mut loss, mut correct) = (0.0, 0usize);
         self.ordered_batches(
             |b| {
-                let (logits, _) = self.forward_batch(params, b)?;
+                let z = logits(params, b)?;
                 let labels = self.data.batch(b, self.batch_size)?.1;
-                let (sum, _, c) = softmax_cross_entropy(logits.view(), labels)?;
+                let (sum, _, c) = softmax_cross_entropy(z.view(), labels)?;
                 Ok((sum, c))
             },
             |(sum, c)| {

@@ -3,8 +3,6 @@
 //! tests/golden/nn/pgd_golden.py (numpy), finite differences, properties and errors.
 #![cfg(feature = "nn")]
 
-use std::collections::HashMap;
-
 use modelfusion::nn::{
     Architecture, Classification, Dataset, Mlp, Mode, Network, Norm, Optimizer, Pgd, ResMlp,
     TrainConfig, data, train,
@@ -17,21 +15,7 @@ use modelfusion::{Model, StateDict, StateDictF32, StateDictF64, StochasticGradie
 use ndarray::{Array2, ArrayD};
 use proptest::prelude::*;
 
-use crate::nn_common::{random_batch, randomise_running_stats};
-
-fn read_golden() -> HashMap<String, Vec<f64>> {
-    let path = format!("{}/tests/golden/nn/pgd.txt", env!("CARGO_MANIFEST_DIR"));
-    std::fs::read_to_string(&path)
-        .unwrap()
-        .lines()
-        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-        .map(|l| {
-            let mut it = l.split_whitespace();
-            let name = it.next().unwrap().to_string();
-            (name, it.map(|v| v.parse().unwrap()).collect())
-        })
-        .collect()
-}
+use crate::nn_common::{random_batch, randomise_running_stats, read_golden};
 
 const SIZES: [usize; 3] = [5, 6, 3];
 const N: usize = 6;
@@ -73,7 +57,7 @@ fn assert_close(got: &[f64], want: &[f64], tol: f64, what: &str) {
 
 #[test]
 fn input_gradient_and_pgd_match_numpy() {
-    let golden = read_golden();
+    let golden = read_golden("nn/pgd.txt");
     let net = Mlp::new(&SIZES).unwrap();
     let p = golden_model(0);
     let x = golden_x().mapv(f64::from);
@@ -129,7 +113,7 @@ fn input_gradient_and_pgd_match_numpy() {
 
 #[test]
 fn robust_curve_gradient_matches_numpy() {
-    let golden = read_golden();
+    let golden = read_golden("nn/pgd.txt");
     let net = Mlp::new(&SIZES).unwrap();
     let set = Dataset::new(golden_x(), labels(), 3).unwrap();
     let task = Classification::new(&net, &set, N).unwrap();

@@ -3,26 +3,11 @@
 //! `load_digits`.
 #![cfg(feature = "nn")]
 
-use std::collections::HashMap;
-
 use modelfusion::nn::{Architecture, Mlp, Mode, Network, data};
 use modelfusion::{Model, StateDict, StateDictF64};
 use ndarray::{Array2, ArrayD};
 
-/// `name v1 v2 ...` lines (comments skipped).
-fn read_golden(file: &str) -> HashMap<String, Vec<f64>> {
-    let path = format!("{}/tests/golden/{file}", env!("CARGO_MANIFEST_DIR"));
-    std::fs::read_to_string(&path)
-        .unwrap()
-        .lines()
-        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-        .map(|l| {
-            let mut it = l.split_whitespace();
-            let name = it.next().unwrap().to_string();
-            (name, it.map(|v| v.parse().unwrap()).collect())
-        })
-        .collect()
-}
+use crate::nn_common::read_golden;
 
 const SIZES: [usize; 4] = [5, 4, 3, 3];
 const N: usize = 8;

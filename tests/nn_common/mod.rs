@@ -127,3 +127,18 @@ pub fn nets() -> (Mlp, ResMlp) {
 pub fn assert_valid<N: Network, T: Tensor>(net: &N, params: &StateDict<T>) {
     net.check_params(params).unwrap();
 }
+
+/// `name v1 v2 ...` lines of `tests/golden/{file}` (comments skipped).
+pub fn read_golden(file: &str) -> std::collections::HashMap<String, Vec<f64>> {
+    let path = format!("{}/tests/golden/{file}", env!("CARGO_MANIFEST_DIR"));
+    std::fs::read_to_string(&path)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .map(|l| {
+            let mut it = l.split_whitespace();
+            let name = it.next().unwrap().to_string();
+            (name, it.map(|v| v.parse().unwrap()).collect())
+        })
+        .collect()
+}
