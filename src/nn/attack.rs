@@ -273,7 +273,7 @@ impl Pgd {
     /// let net = Mlp::new(&[3, 2])?;
     /// let p = net.init::<ndarray::ArrayD<f64>>(0);
     /// let x = ndarray::Array2::from_elem((4, 3), 0.5);
-    /// let pgd = Pgd::new(Norm::L2, 0.3, 0.1, 1)?.with_random_start(true);
+    /// let pgd = Pgd::new(Norm::L2, 0.3, 0.1, 5)?.with_random_start(true);
     /// let a = pgd.perturb_stream(&net, &p, x.view(), &[0, 1, 0, 1], 1)?;
     /// let b = pgd.perturb_stream(&net, &p, x.view(), &[0, 1, 0, 1], 2)?;
     /// assert_ne!(a.x, b.x);

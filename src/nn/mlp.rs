@@ -12,7 +12,7 @@ use crate::perm::specs::{Architecture, MlpShapes};
 use crate::tensor::{Scalar, Tensor};
 
 use super::layers::{self, linear, linear_backward, param1, param2};
-use super::{ForwardPass, Mode, Network};
+use super::{BackwardPass, ForwardPass, Mode, Network};
 
 /// A fully connected ReLU network built from layer sizes `[in, h1, ..., hk, out]`.
 ///
@@ -91,7 +91,7 @@ impl Mlp {
         cache: &MlpCache<T::Elem>,
         dlogits: ArrayView2<T::Elem>,
         need_input: bool,
-    ) -> Result<(StateDict<T>, Option<Array2<T::Elem>>)> {
+    ) -> Result<BackwardPass<T>> {
         let layers_n = self.num_layers();
         if cache.inputs.len() != layers_n {
             return Err(Error::invalid(

@@ -424,6 +424,10 @@ pub(crate) fn per_sample_loss_and_input_gradient<N: Network, T: Tensor>(
     Ok((losses, dx))
 }
 
+/// What the networks' shared backward walk returns: the parameter gradients and, when
+/// asked for, the gradient with respect to the input batch.
+pub(crate) type BackwardPass<T> = (StateDict<T>, Option<Array2<<T as Tensor>::Elem>>);
+
 /// What [`Network::forward`] of network `N` on tensors `T` returns: the logits
 /// `(samples, classes)` and the cache.
 pub type ForwardPass<N, T> = (

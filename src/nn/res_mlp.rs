@@ -12,7 +12,7 @@ use crate::perm::specs::{Architecture, ResMlpShapes};
 use crate::tensor::{Scalar, Tensor};
 
 use super::layers::{self, BnCache, linear, linear_backward, param1, param2};
-use super::{ForwardPass, Mode, Network};
+use super::{BackwardPass, ForwardPass, Mode, Network};
 
 /// A residual MLP: `x = relu(stem(input))`; per block
 /// `x = x + fc2(relu(fc1(norm(x))))` with a batch-norm `norm`; logits `head(x)`.
@@ -143,7 +143,7 @@ impl ResMlp {
         cache: &ResMlpCache<T::Elem>,
         dlogits: ArrayView2<T::Elem>,
         need_input: bool,
-    ) -> Result<(StateDict<T>, Option<Array2<T::Elem>>)> {
+    ) -> Result<BackwardPass<T>> {
         if cache.blocks.len() != self.num_blocks || cache.streams.len() != self.num_blocks + 1 {
             return Err(Error::invalid(
                 "cache",
