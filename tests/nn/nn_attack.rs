@@ -4,38 +4,27 @@
 #![cfg(feature = "nn")]
 
 use modelfusion::nn::{
-    Architecture, Classification, Dataset, Mlp, Mode, Network, Norm, Optimizer, Pgd, ResMlp,
-    TrainConfig, data, train,
+    Classification, Dataset, Mlp, Mode, Network, Norm, Optimizer, Pgd, ResMlp, TrainConfig, data,
+    train,
 };
 use modelfusion::path::{
     Bezier, FitConfig, PathSampler, curve_loss_and_gradients, fit_curve_stochastic,
 };
 use modelfusion::progress::Silent;
-use modelfusion::{Model, StateDict, StateDictF32, StateDictF64, StochasticGradient};
+use modelfusion::{Model, StateDictF32, StateDictF64, StochasticGradient};
 use ndarray::{Array2, ArrayD};
 use proptest::prelude::*;
 
-use crate::nn_common::{random_batch, randomise_running_stats, read_golden};
+use crate::nn_common::{formula_mlp, random_batch, randomise_running_stats, read_golden};
 
 const SIZES: [usize; 3] = [5, 6, 3];
 const N: usize = 6;
 
 /// Model `s` of the script: element k of parameter m is 0.6 sin(1.1 k + 0.7 m + 0.3 s + 0.1).
 fn golden_model(s: usize) -> StateDictF64 {
-    let net = Mlp::new(&SIZES).unwrap();
-    StateDict::from_pairs(
-        net.shapes()
-            .into_iter()
-            .enumerate()
-            .map(|(m, (name, shape))| {
-                let len: usize = shape.iter().product();
-                let v = (0..len)
-                    .map(|k| 0.6 * (1.1 * k as f64 + 0.7 * m as f64 + 0.3 * s as f64 + 0.1).sin())
-                    .collect();
-                (name, ArrayD::from_shape_vec(shape, v).unwrap())
-            }),
-    )
-    .unwrap()
+    formula_mlp(&SIZES, |m, k| {
+        0.6 * (1.1 * k as f64 + 0.7 * m as f64 + 0.3 * s as f64 + 0.1).sin()
+    })
 }
 
 fn golden_x() -> Array2<f32> {

@@ -142,3 +142,24 @@ pub fn read_golden(file: &str) -> std::collections::HashMap<String, Vec<f64>> {
         })
         .collect()
 }
+
+/// An MLP state dict whose element `k` of parameter `m` (in state-dict order) is
+/// `value(m, k)`: the deterministic models the golden scripts rebuild.
+pub fn formula_mlp(
+    sizes: &[usize],
+    value: impl Fn(usize, usize) -> f64,
+) -> modelfusion::StateDictF64 {
+    use modelfusion::nn::Architecture;
+    let net = Mlp::new(sizes).unwrap();
+    StateDict::from_pairs(
+        net.shapes()
+            .into_iter()
+            .enumerate()
+            .map(|(m, (name, shape))| {
+                let len: usize = shape.iter().product();
+                let v = (0..len).map(|k| value(m, k)).collect();
+                (name, ArrayD::from_shape_vec(shape, v).unwrap())
+            }),
+    )
+    .unwrap()
+}
