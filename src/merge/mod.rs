@@ -18,6 +18,7 @@
 //! | LAWA | [`Lawa`] | mean of the last `k` models, streaming | |
 //! | SWAG | [`Swag`] | `N(mean, diag/2 + D D^T / (2(K-1)))`, seeded sampling | rank `K` e.g. 20 |
 //! | greedy soup | [`GreedySoup`] | add by ascending held-out loss while it strictly improves | |
+//! | adversarially-robust soup | [`RobustSoup`] | `(1 - w) theta_clean + w theta_robust`, `w` from a grid by `(1 - tau) clean + tau robust` (Croce et al. 2023) | 11 weights, tau 0.5 |
 //! | task arithmetic | [`TaskMerge::task_arithmetic`] | `base + lambda sum_i w_i tau_i` | `w_i = 1` |
 //! | TIES | [`TaskMerge::ties`] | trim to exactly the top `max(1, floor(density n))` magnitudes (torch tie order), elect `sign(sum_i w_i tau_i)` (+ at 0), disjoint mean, `* lambda` | paper: density 0.2, lambda 1 |
 //! | DARE | [`TaskMerge::dare`] | keep w.p. `density`, scale `1/density` (or match L1), sum or TIES consensus | seeded per (seed, tensor, model) |
@@ -127,7 +128,7 @@ pub use ram::Ram;
 pub use regmean::{DEFAULT_REGMEAN_ALPHA, Grams, RegMean, gram_matrices};
 pub use sce::Sce;
 pub use slerp::{KarcherMean, SLERP_LERP_THRESHOLD, Slerp};
-pub use soup::{GreedySoup, SoupReport, SoupStep};
+pub use soup::{GreedySoup, RobustSoup, RobustSoupPoint, RobustSoupReport, SoupReport, SoupStep};
 pub use spherical::{MultiSlerp, NuSlerp, SlerpVectors, nuslerp_t};
 pub use stock::ModelStock;
 pub use svd::{IsoC, TsvMerge};

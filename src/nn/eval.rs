@@ -199,13 +199,23 @@ impl<'a, N: Network> Classification<'a, N> {
     /// # Ok::<(), modelfusion::Error>(())
     /// ```
     pub fn evaluate<T: Tensor>(&self, params: &StateDict<T>) -> Result<Evaluation> {
+        self.evaluate_by(params, |p, b| Ok(self.forward_batch(p, b)?.0))
+    }
+
+    /// Mean cross-entropy and accuracy over the data set from `logits(params, b)`, the
+    /// logits of batch `b` (`params` after the statistics reset, if the task has one).
+    pub(super) fn evaluate_by<T: Tensor>(
+        &self,
+        params: &StateDict<T>,
+        logits: impl Fn(&StateDict<T>, usize) -> Result<Array2<T::Elem>> + Sync,
+    ) -> Result<Evaluation> {
         let params = &*self.prepare(params)?;
         let (mut loss, mut correct) = (0.0, 0usize);
         self.ordered_batches(
             |b| {
-                let (logits, _) = self.forward_batch(params, b)?;
+                let z = logits(params, b)?;
                 let labels = self.data.batch(b, self.batch_size)?.1;
-                let (sum, _, c) = softmax_cross_entropy(logits.view(), labels)?;
+                let (sum, _, c) = softmax_cross_entropy(z.view(), labels)?;
                 Ok((sum, c))
             },
             |(sum, c)| {
@@ -396,7 +406,10 @@ impl<'a, N: Network> Classification<'a, N> {
     }
 
     /// `params`, with fresh running statistics if the task resets them.
-    fn prepare<'m, T: Tensor>(&self, params: &'m StateDict<T>) -> Result<Cow<'m, StateDict<T>>> {
+    pub(super) fn prepare<'m, T: Tensor>(
+        &self,
+        params: &'m StateDict<T>,
+    ) -> Result<Cow<'m, StateDict<T>>> {
         match self.reset_stats {
             Some(data) => Ok(Cow::Owned(reset_running_stats(
                 self.net,
@@ -408,7 +421,7 @@ impl<'a, N: Network> Classification<'a, N> {
         }
     }
 
-    fn finite(&self, loss: f64) -> Result<f64> {
+    pub(super) fn finite(&self, loss: f64) -> Result<f64> {
         if loss.is_finite() {
             Ok(loss)
         } else {
@@ -420,7 +433,7 @@ impl<'a, N: Network> Classification<'a, N> {
 
     /// Runs `map` on every batch, a few in parallel at a time, and feeds the results to
     /// `fold` in batch order (deterministic, bounded memory).
-    fn ordered_batches<R: Send>(
+    pub(super) fn ordered_batches<R: Send>(
         &self,
         map: impl Fn(usize) -> Result<R> + Sync,
         mut fold: impl FnMut(R) -> Result<()>,

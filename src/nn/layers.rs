@@ -191,6 +191,15 @@ pub(crate) fn softmax_cross_entropy<S: Scalar>(
     logits: ArrayView2<S>,
     labels: &[usize],
 ) -> Result<(f64, Array2<S>, usize)> {
+    let (losses, grad, correct) = softmax_cross_entropy_per_sample(logits, labels)?;
+    Ok((losses.iter().sum(), grad, correct))
+}
+
+/// As [`softmax_cross_entropy`], with the loss of every sample instead of their sum.
+pub(crate) fn softmax_cross_entropy_per_sample<S: Scalar>(
+    logits: ArrayView2<S>,
+    labels: &[usize],
+) -> Result<(Vec<f64>, Array2<S>, usize)> {
     let (n, c) = logits.dim();
     if labels.len() != n {
         return Err(Error::invalid(
@@ -199,7 +208,7 @@ pub(crate) fn softmax_cross_entropy<S: Scalar>(
         ));
     }
     let mut grad = Array2::<S>::zeros((n, c));
-    let mut total = 0.0f64;
+    let mut losses = Vec::with_capacity(n);
     let mut correct = 0usize;
     for (i, (row, &label)) in logits.outer_iter().zip(labels).enumerate() {
         if label >= c {
@@ -216,7 +225,7 @@ pub(crate) fn softmax_cross_entropy<S: Scalar>(
         }
         let sum: f64 = row.iter().map(|&z| (z.to_f64_lossless() - max).exp()).sum();
         let lse = max + sum.ln();
-        total += lse - row[label].to_f64_lossless();
+        losses.push(lse - row[label].to_f64_lossless());
         if argmax == label {
             correct += 1;
         }
@@ -225,7 +234,7 @@ pub(crate) fn softmax_cross_entropy<S: Scalar>(
         }
         grad[[i, label]] -= S::one();
     }
-    Ok((total, grad, correct))
+    Ok((losses, grad, correct))
 }
 
 /// Index and value (as f64) of the largest entry; the first one on ties. NaNs are

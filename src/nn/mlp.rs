@@ -12,7 +12,7 @@ use crate::perm::specs::{Architecture, MlpShapes};
 use crate::tensor::{Scalar, Tensor};
 
 use super::layers::{self, linear, linear_backward, param1, param2};
-use super::{ForwardPass, Mode, Network};
+use super::{BackwardPass, ForwardPass, Mode, Network};
 
 /// A fully connected ReLU network built from layer sizes `[in, h1, ..., hk, out]`.
 ///
@@ -81,6 +81,51 @@ impl Mlp {
 
     fn num_layers(&self) -> usize {
         self.sizes().len() - 1
+    }
+
+    /// The parameter gradients of `sum(dlogits * logits)` and, with `need_input`, its
+    /// gradient with respect to the input batch.
+    fn backward_pass<T: Tensor>(
+        &self,
+        params: &StateDict<T>,
+        cache: &MlpCache<T::Elem>,
+        dlogits: ArrayView2<T::Elem>,
+        need_input: bool,
+    ) -> Result<BackwardPass<T>> {
+        let layers_n = self.num_layers();
+        if cache.inputs.len() != layers_n {
+            return Err(Error::invalid(
+                "cache",
+                format!("{} layer inputs for {layers_n} layers", cache.inputs.len()),
+            ));
+        }
+        let n = cache.inputs[0].nrows();
+        let expected = [n, self.num_classes()];
+        if dlogits.shape() != expected {
+            return Err(Error::shape("dlogits", &expected, dlogits.shape()));
+        }
+        let mut grads = Vec::with_capacity(layers_n);
+        let mut dz = dlogits.to_owned();
+        let mut dinput = None;
+        for i in (0..layers_n).rev() {
+            let w = param2(params, &format!("layers.{i}.weight"))?;
+            let (dw, db, dx) =
+                linear_backward(dz.view(), cache.inputs[i].view(), w, i > 0 || need_input);
+            grads.push((T::from_array(dw.into_dyn()), T::from_array(db.into_dyn())));
+            match dx {
+                Some(mut dx) if i > 0 => {
+                    layers::relu_backward_inplace(&mut dx, cache.inputs[i].view());
+                    dz = dx;
+                }
+                dx => dinput = dx,
+            }
+        }
+        let mut out = StateDict::new();
+        for (i, (dw, db)) in grads.into_iter().rev().enumerate() {
+            out.insert(format!("layers.{i}.weight"), dw)?;
+            out.insert(format!("layers.{i}.bias"), db)?;
+        }
+        Ok((out, dinput))
     }
 }
 
@@ -162,35 +207,18 @@ impl Network for Mlp {
         cache: &MlpCache<T::Elem>,
         dlogits: ArrayView2<T::Elem>,
     ) -> Result<StateDict<T>> {
-        let layers_n = self.num_layers();
-        if cache.inputs.len() != layers_n {
-            return Err(Error::invalid(
-                "cache",
-                format!("{} layer inputs for {layers_n} layers", cache.inputs.len()),
-            ));
-        }
-        let n = cache.inputs[0].nrows();
-        let expected = [n, self.num_classes()];
-        if dlogits.shape() != expected {
-            return Err(Error::shape("dlogits", &expected, dlogits.shape()));
-        }
-        let mut grads = Vec::with_capacity(layers_n);
-        let mut dz = dlogits.to_owned();
-        for i in (0..layers_n).rev() {
-            let w = param2(params, &format!("layers.{i}.weight"))?;
-            let (dw, db, dx) = linear_backward(dz.view(), cache.inputs[i].view(), w, i > 0);
-            grads.push((T::from_array(dw.into_dyn()), T::from_array(db.into_dyn())));
-            if let Some(mut dx) = dx {
-                layers::relu_backward_inplace(&mut dx, cache.inputs[i].view());
-                dz = dx;
-            }
-        }
-        let mut out = StateDict::new();
-        for (i, (dw, db)) in grads.into_iter().rev().enumerate() {
-            out.insert(format!("layers.{i}.weight"), dw)?;
-            out.insert(format!("layers.{i}.bias"), db)?;
-        }
-        Ok(out)
+        Ok(self.backward_pass(params, cache, dlogits, false)?.0)
+    }
+
+    fn input_gradient<T: Tensor>(
+        &self,
+        params: &StateDict<T>,
+        cache: &MlpCache<T::Elem>,
+        dlogits: ArrayView2<T::Elem>,
+    ) -> Result<Array2<T::Elem>> {
+        self.backward_pass(params, cache, dlogits, true)?
+            .1
+            .ok_or_else(|| Error::invalid("cache", "no input gradient was computed"))
     }
 
     fn group_features<S: Scalar>(&self, cache: &MlpCache<S>) -> Features<S> {

@@ -64,6 +64,18 @@
 //! with [`Classification::with_mode`], or recomputed on data for every evaluated model
 //! with [`Classification::with_reset_stats`] (for interpolated or merged networks).
 //!
+//! # Adversarial inputs
+//!
+//! [`Pgd`] attacks a labelled batch of any network: projected gradient ascent on the
+//! cross-entropy in an L-inf or L2 ball ([`Norm`]) through [`Network::input_gradient`],
+//! with a seeded random start and clipping to the data range; [`Pgd::fgsm`] is the
+//! one-step case. [`Classification::robust`] turns a task into its robust version
+//! ([`Robust`]): robust loss and accuracy, the robust error rate ([`RobustErrorRate`])
+//! for barriers, and adversarial minibatches as a
+//! [`StochasticGradient`](crate::StochasticGradient) (robust mode connectivity with
+//! [`path::fit_curve_stochastic`](crate::path::fit_curve_stochastic)).
+//! [`TrainConfig::with_attack`] trains adversarially.
+//!
 //! [`train`] (or [`train_with`], with a per-epoch callback) runs minibatch SGD
 //! (momentum, Nesterov, weight decay) or Adam, with seeded shuffling, as configured by a
 //! validated [`TrainConfig`]. [`reset_running_stats`] recomputes the norm statistics of
@@ -85,6 +97,7 @@
 //! # Ok::<(), modelfusion::Error>(())
 //! ```
 
+mod attack;
 pub mod data;
 mod eval;
 mod layers;
@@ -104,6 +117,7 @@ use crate::tensor::{Scalar, Tensor};
 pub use crate::optim::{LrSchedule, Optimizer};
 /// Re-exported: every [`Network`] is an [`Architecture`] (shapes and permutation spec).
 pub use crate::perm::specs::Architecture;
+pub use attack::{Norm, Perturbed, Pgd, Robust, RobustErrorRate};
 pub use data::Dataset;
 pub use eval::{Classification, ErrorRate, Evaluation, LayerInputs};
 pub use mlp::Mlp;
@@ -191,6 +205,36 @@ pub trait Network: Architecture + Clone + Debug + Send + Sync {
         cache: &Self::Cache<T::Elem>,
         dlogits: ArrayView2<T::Elem>,
     ) -> Result<StateDict<T>>;
+    /// The gradient of `sum(dlogits * logits)` with respect to the input batch
+    /// `(samples, input_dim)`, from a cache of [`forward`](Network::forward) with the
+    /// same `params`: what adversarial attacks ([`Pgd`]) climb. [`Mlp`] and [`ResMlp`]
+    /// provide it; the default errors, naming the network.
+    ///
+    /// ```
+    /// use modelfusion::nn::{Mlp, Mode, Network};
+    /// use ndarray::{array, ArrayD};
+    /// // One linear layer: logits = x W^T + b, so d sum(dlogits * logits) / dx = dlogits W.
+    /// let net = Mlp::new(&[2, 2])?;
+    /// let p = net.init::<ArrayD<f64>>(0);
+    /// let x = array![[0.5, -1.0]];
+    /// let (_, cache) = net.forward(&p, x.view(), Mode::Eval)?;
+    /// let dx = net.input_gradient(&p, &cache, array![[1.0, 0.0]].view())?;
+    /// let w = p.get("layers.0.weight").unwrap();
+    /// assert_eq!((dx[[0, 0]], dx[[0, 1]]), (w[[0, 0]], w[[0, 1]]));
+    /// # use modelfusion::Model;
+    /// # Ok::<(), modelfusion::Error>(())
+    /// ```
+    fn input_gradient<T: Tensor>(
+        &self,
+        _params: &StateDict<T>,
+        _cache: &Self::Cache<T::Elem>,
+        _dlogits: ArrayView2<T::Elem>,
+    ) -> Result<Array2<T::Elem>> {
+        Err(Error::invalid(
+            "network",
+            format!("the {} does not provide input gradients", self.describe()),
+        ))
+    }
     /// The batch statistics of a training-mode forward pass, keyed by the buffer they
     /// feed (`blocks.{j}.norm.running_mean`: the batch mean; `...running_var`: the
     /// unbiased batch variance); empty for networks without buffers or an
@@ -364,6 +408,25 @@ pub trait Network: Architecture + Clone + Debug + Send + Sync {
         })
     }
 }
+
+/// The cross-entropy of every sample of a labelled batch and the gradient of their sum
+/// with respect to the batch (see [`Network::input_gradient`]).
+pub(crate) fn per_sample_loss_and_input_gradient<N: Network, T: Tensor>(
+    net: &N,
+    params: &StateDict<T>,
+    x: ArrayView2<T::Elem>,
+    labels: &[usize],
+    mode: Mode,
+) -> Result<(Vec<f64>, Array2<T::Elem>)> {
+    let (logits, cache) = net.forward(params, x, mode)?;
+    let (losses, dlogits, _) = layers::softmax_cross_entropy_per_sample(logits.view(), labels)?;
+    let dx = net.input_gradient(params, &cache, dlogits.view())?;
+    Ok((losses, dx))
+}
+
+/// What the networks' shared backward walk returns: the parameter gradients and, when
+/// asked for, the gradient with respect to the input batch.
+pub(crate) type BackwardPass<T> = (StateDict<T>, Option<Array2<<T as Tensor>::Elem>>);
 
 /// What [`Network::forward`] of network `N` on tensors `T` returns: the logits
 /// `(samples, classes)` and the cache.

@@ -12,7 +12,7 @@ use crate::perm::specs::{Architecture, ResMlpShapes};
 use crate::tensor::{Scalar, Tensor};
 
 use super::layers::{self, BnCache, linear, linear_backward, param1, param2};
-use super::{ForwardPass, Mode, Network};
+use super::{BackwardPass, ForwardPass, Mode, Network};
 
 /// A residual MLP: `x = relu(stem(input))`; per block
 /// `x = x + fc2(relu(fc1(norm(x))))` with a batch-norm `norm`; logits `head(x)`.
@@ -133,6 +133,89 @@ impl ResMlp {
             blocks: self.num_blocks,
             classes: self.num_classes,
         }
+    }
+
+    /// The parameter gradients of `sum(dlogits * logits)` (zero for buffers) and, with
+    /// `need_input`, its gradient with respect to the input batch.
+    fn backward_pass<T: Tensor>(
+        &self,
+        params: &StateDict<T>,
+        cache: &ResMlpCache<T::Elem>,
+        dlogits: ArrayView2<T::Elem>,
+        need_input: bool,
+    ) -> Result<BackwardPass<T>> {
+        if cache.blocks.len() != self.num_blocks || cache.streams.len() != self.num_blocks + 1 {
+            return Err(Error::invalid(
+                "cache",
+                format!(
+                    "a cache of {} blocks for a network of {}",
+                    cache.blocks.len(),
+                    self.num_blocks
+                ),
+            ));
+        }
+        let expected = [cache.input.nrows(), self.num_classes];
+        if dlogits.shape() != expected {
+            return Err(Error::shape("dlogits", &expected, dlogits.shape()));
+        }
+        let mut grads: Vec<(String, ArrayD<T::Elem>)> = Vec::new();
+        let last = &cache.streams[self.num_blocks];
+        let (dw, db, ds) =
+            linear_backward(dlogits, last.view(), param2(params, "head.weight")?, true);
+        grads.push(("head.weight".into(), dw.into_dyn()));
+        grads.push(("head.bias".into(), db.into_dyn()));
+        let mut ds = ds.unwrap_or_default();
+        for j in (0..self.num_blocks).rev() {
+            let pre = format!("blocks.{j}");
+            let bc = &cache.blocks[j];
+            let (dw2, db2, da) = linear_backward(
+                ds.view(),
+                bc.hidden.view(),
+                param2(params, &format!("{pre}.fc2.weight"))?,
+                true,
+            );
+            let mut da = da.unwrap_or_default();
+            layers::relu_backward_inplace(&mut da, bc.hidden.view());
+            let (dw1, db1, dn) = linear_backward(
+                da.view(),
+                bc.normed.view(),
+                param2(params, &format!("{pre}.fc1.weight"))?,
+                true,
+            );
+            let dn = dn.unwrap_or_default();
+            let (dgamma, dbeta, dsn) = layers::batch_norm_backward(
+                dn.view(),
+                param1(params, &format!("{pre}.norm.weight"))?,
+                &bc.norm,
+            );
+            ds += &dsn;
+            grads.push((format!("{pre}.fc2.bias"), db2.into_dyn()));
+            grads.push((format!("{pre}.fc2.weight"), dw2.into_dyn()));
+            grads.push((format!("{pre}.fc1.bias"), db1.into_dyn()));
+            grads.push((format!("{pre}.fc1.weight"), dw1.into_dyn()));
+            grads.push((format!("{pre}.norm.bias"), dbeta.into_dyn()));
+            grads.push((format!("{pre}.norm.weight"), dgamma.into_dyn()));
+        }
+        layers::relu_backward_inplace(&mut ds, cache.streams[0].view());
+        let (dw, db, dinput) = linear_backward(
+            ds.view(),
+            cache.input.view(),
+            param2(params, "stem.weight")?,
+            need_input,
+        );
+        grads.push(("stem.bias".into(), db.into_dyn()));
+        grads.push(("stem.weight".into(), dw.into_dyn()));
+        // Reassemble in state-dict order; buffers get zeros.
+        let mut by_name: std::collections::HashMap<String, ArrayD<T::Elem>> =
+            grads.into_iter().collect();
+        let mut out = StateDict::new();
+        for (name, shape) in self.shapes() {
+            let g = by_name
+                .remove(&name)
+                .map_or_else(|| T::zeros(&shape), T::from_array);
+            out.insert(name, g)?;
+        }
+        Ok((out, dinput))
     }
 }
 
@@ -274,78 +357,18 @@ impl Network for ResMlp {
         cache: &ResMlpCache<T::Elem>,
         dlogits: ArrayView2<T::Elem>,
     ) -> Result<StateDict<T>> {
-        if cache.blocks.len() != self.num_blocks || cache.streams.len() != self.num_blocks + 1 {
-            return Err(Error::invalid(
-                "cache",
-                format!(
-                    "a cache of {} blocks for a network of {}",
-                    cache.blocks.len(),
-                    self.num_blocks
-                ),
-            ));
-        }
-        let expected = [cache.input.nrows(), self.num_classes];
-        if dlogits.shape() != expected {
-            return Err(Error::shape("dlogits", &expected, dlogits.shape()));
-        }
-        let mut grads: Vec<(String, ArrayD<T::Elem>)> = Vec::new();
-        let last = &cache.streams[self.num_blocks];
-        let (dw, db, ds) =
-            linear_backward(dlogits, last.view(), param2(params, "head.weight")?, true);
-        grads.push(("head.weight".into(), dw.into_dyn()));
-        grads.push(("head.bias".into(), db.into_dyn()));
-        let mut ds = ds.unwrap_or_default();
-        for j in (0..self.num_blocks).rev() {
-            let pre = format!("blocks.{j}");
-            let bc = &cache.blocks[j];
-            let (dw2, db2, da) = linear_backward(
-                ds.view(),
-                bc.hidden.view(),
-                param2(params, &format!("{pre}.fc2.weight"))?,
-                true,
-            );
-            let mut da = da.unwrap_or_default();
-            layers::relu_backward_inplace(&mut da, bc.hidden.view());
-            let (dw1, db1, dn) = linear_backward(
-                da.view(),
-                bc.normed.view(),
-                param2(params, &format!("{pre}.fc1.weight"))?,
-                true,
-            );
-            let dn = dn.unwrap_or_default();
-            let (dgamma, dbeta, dsn) = layers::batch_norm_backward(
-                dn.view(),
-                param1(params, &format!("{pre}.norm.weight"))?,
-                &bc.norm,
-            );
-            ds += &dsn;
-            grads.push((format!("{pre}.fc2.bias"), db2.into_dyn()));
-            grads.push((format!("{pre}.fc2.weight"), dw2.into_dyn()));
-            grads.push((format!("{pre}.fc1.bias"), db1.into_dyn()));
-            grads.push((format!("{pre}.fc1.weight"), dw1.into_dyn()));
-            grads.push((format!("{pre}.norm.bias"), dbeta.into_dyn()));
-            grads.push((format!("{pre}.norm.weight"), dgamma.into_dyn()));
-        }
-        layers::relu_backward_inplace(&mut ds, cache.streams[0].view());
-        let (dw, db, _) = linear_backward(
-            ds.view(),
-            cache.input.view(),
-            param2(params, "stem.weight")?,
-            false,
-        );
-        grads.push(("stem.bias".into(), db.into_dyn()));
-        grads.push(("stem.weight".into(), dw.into_dyn()));
-        // Reassemble in state-dict order; buffers get zeros.
-        let mut by_name: std::collections::HashMap<String, ArrayD<T::Elem>> =
-            grads.into_iter().collect();
-        let mut out = StateDict::new();
-        for (name, shape) in self.shapes() {
-            let g = by_name
-                .remove(&name)
-                .map_or_else(|| T::zeros(&shape), T::from_array);
-            out.insert(name, g)?;
-        }
-        Ok(out)
+        Ok(self.backward_pass(params, cache, dlogits, false)?.0)
+    }
+
+    fn input_gradient<T: Tensor>(
+        &self,
+        params: &StateDict<T>,
+        cache: &ResMlpCache<T::Elem>,
+        dlogits: ArrayView2<T::Elem>,
+    ) -> Result<Array2<T::Elem>> {
+        self.backward_pass(params, cache, dlogits, true)?
+            .1
+            .ok_or_else(|| Error::invalid("cache", "no input gradient was computed"))
     }
 
     fn batch_statistics<S: Scalar>(&self, cache: &ResMlpCache<S>) -> Vec<(String, Array1<S>)> {

@@ -14,7 +14,7 @@ use crate::tensor::{Scalar, Tensor};
 
 use super::data::Dataset;
 use super::layers::{convert_batch, gather_rows};
-use super::{Mode, Network};
+use super::{Mode, Network, Pgd};
 
 /// A validated training configuration: optimiser, epochs, batch size, seed (for the
 /// shuffling), weight decay (L2, added to the gradient of every parameter but buffers)
@@ -38,6 +38,7 @@ pub struct TrainConfig {
     seed: u64,
     weight_decay: f64,
     schedule: LrSchedule,
+    attack: Option<Pgd>,
 }
 
 impl TrainConfig {
@@ -63,6 +64,7 @@ impl TrainConfig {
             seed,
             weight_decay: 0.0,
             schedule: LrSchedule::Constant,
+            attack: None,
         })
     }
 
@@ -91,6 +93,37 @@ impl TrainConfig {
     pub fn with_schedule(mut self, schedule: LrSchedule) -> Self {
         self.schedule = schedule;
         self
+    }
+
+    /// Adversarial training (Madry et al. 2018): every minibatch is replaced by its
+    /// attack against the current parameters (training step `s` draws the random start
+    /// from stream `s` of the attack's seed) before the gradient step.
+    ///
+    /// ```
+    /// use modelfusion::nn::{data, train, Mlp, Network, Optimizer, Pgd, TrainConfig};
+    /// let d = data::digits()?.head(200);
+    /// let net = Mlp::new(&[64, 10])?;
+    /// let pgd = Pgd::fgsm(0.1)?.with_range(0.0, 1.0)?;
+    /// let c = TrainConfig::new(Optimizer::adam(1e-2)?, 2, 50, 0)?.with_attack(pgd.clone());
+    /// assert_eq!(c.attack(), Some(&pgd));
+    /// let t = train(&net, &net.init::<ndarray::ArrayD<f32>>(0), &d, &c)?;
+    /// assert_eq!(t.loss_history.len(), 2);
+    /// # Ok::<(), modelfusion::Error>(())
+    /// ```
+    pub fn with_attack(mut self, attack: Pgd) -> Self {
+        self.attack = Some(attack);
+        self
+    }
+
+    /// The attack of adversarial training, if any.
+    ///
+    /// ```
+    /// use modelfusion::nn::{Optimizer, TrainConfig};
+    /// assert!(TrainConfig::new(Optimizer::adam(1e-3)?, 5, 32, 9)?.attack().is_none());
+    /// # Ok::<(), modelfusion::Error>(())
+    /// ```
+    pub fn attack(&self) -> Option<&Pgd> {
+        self.attack.as_ref()
     }
 
     /// The optimiser.
@@ -259,8 +292,13 @@ pub fn train_with<N: Network, T: Tensor>(
             if !buffers.is_empty() && chunk.len() == 1 && data.len() > 1 {
                 continue;
             }
-            let x = gather_rows::<T::Elem>(data.x().view(), chunk);
+            let mut x = gather_rows::<T::Elem>(data.x().view(), chunk);
             let y: Vec<usize> = chunk.iter().map(|&i| data.y()[i]).collect();
+            if let Some(attack) = &config.attack {
+                x = attack
+                    .perturb_stream(net, &params, x.view(), &y, step_index as u64)?
+                    .x;
+            }
             let step = net.batch_loss_and_gradient(&params, x.view(), &y, Mode::Train)?;
             if !step.loss.is_finite() {
                 return Err(Error::NonFinite {

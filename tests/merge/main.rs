@@ -7,6 +7,7 @@ mod merge_chunked;
 mod merge_errors;
 mod merge_golden;
 mod merge_properties;
+mod merge_robust_soup;
 mod merge_svd;
 mod merge_training;
 mod mergekit_examples;

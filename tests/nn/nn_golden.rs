@@ -3,46 +3,20 @@
 //! `load_digits`.
 #![cfg(feature = "nn")]
 
-use std::collections::HashMap;
+use modelfusion::nn::{Mlp, Mode, Network, data};
+use modelfusion::{Model, StateDictF64};
+use ndarray::Array2;
 
-use modelfusion::nn::{Architecture, Mlp, Mode, Network, data};
-use modelfusion::{Model, StateDict, StateDictF64};
-use ndarray::{Array2, ArrayD};
-
-/// `name v1 v2 ...` lines (comments skipped).
-fn read_golden(file: &str) -> HashMap<String, Vec<f64>> {
-    let path = format!("{}/tests/golden/{file}", env!("CARGO_MANIFEST_DIR"));
-    std::fs::read_to_string(&path)
-        .unwrap()
-        .lines()
-        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-        .map(|l| {
-            let mut it = l.split_whitespace();
-            let name = it.next().unwrap().to_string();
-            (name, it.map(|v| v.parse().unwrap()).collect())
-        })
-        .collect()
-}
+use crate::nn_common::{formula_mlp, read_golden};
 
 const SIZES: [usize; 4] = [5, 4, 3, 3];
 const N: usize = 8;
 
 /// The parameters of the script: element k of parameter m is 0.5 sin(1.3 k + 0.7 m + 0.1).
 fn golden_params() -> StateDictF64 {
-    let net = Mlp::new(&SIZES).unwrap();
-    StateDict::from_pairs(
-        net.shapes()
-            .into_iter()
-            .enumerate()
-            .map(|(m, (name, shape))| {
-                let len: usize = shape.iter().product();
-                let v = (0..len)
-                    .map(|k| 0.5 * (1.3 * k as f64 + 0.7 * m as f64 + 0.1).sin())
-                    .collect();
-                (name, ArrayD::from_shape_vec(shape, v).unwrap())
-            }),
-    )
-    .unwrap()
+    formula_mlp(&SIZES, |m, k| {
+        0.5 * (1.3 * k as f64 + 0.7 * m as f64 + 0.1).sin()
+    })
 }
 
 #[test]

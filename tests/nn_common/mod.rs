@@ -127,3 +127,39 @@ pub fn nets() -> (Mlp, ResMlp) {
 pub fn assert_valid<N: Network, T: Tensor>(net: &N, params: &StateDict<T>) {
     net.check_params(params).unwrap();
 }
+
+/// `name v1 v2 ...` lines of `tests/golden/{file}` (comments skipped).
+pub fn read_golden(file: &str) -> std::collections::HashMap<String, Vec<f64>> {
+    let path = format!("{}/tests/golden/{file}", env!("CARGO_MANIFEST_DIR"));
+    std::fs::read_to_string(&path)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .map(|l| {
+            let mut it = l.split_whitespace();
+            let name = it.next().unwrap().to_string();
+            (name, it.map(|v| v.parse().unwrap()).collect())
+        })
+        .collect()
+}
+
+/// An MLP state dict whose element `k` of parameter `m` (in state-dict order) is
+/// `value(m, k)`: the deterministic models the golden scripts rebuild.
+pub fn formula_mlp(
+    sizes: &[usize],
+    value: impl Fn(usize, usize) -> f64,
+) -> modelfusion::StateDictF64 {
+    use modelfusion::nn::Architecture;
+    let net = Mlp::new(sizes).unwrap();
+    StateDict::from_pairs(
+        net.shapes()
+            .into_iter()
+            .enumerate()
+            .map(|(m, (name, shape))| {
+                let len: usize = shape.iter().product();
+                let v = (0..len).map(|k| value(m, k)).collect();
+                (name, ArrayD::from_shape_vec(shape, v).unwrap())
+            }),
+    )
+    .unwrap()
+}
