@@ -14,6 +14,7 @@ use serde::Deserialize;
 mod layout;
 mod methods;
 mod run;
+mod slow_tokenizer;
 mod tokenizer;
 
 pub use layout::{LAYOUTS, Layout, LooseWeight, ModelLayout};
