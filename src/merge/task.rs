@@ -930,28 +930,55 @@ impl<M: Model> TaskMerge<M> {
             return Ok(());
         }
         let shared: &[Rule<'_, E>] = rules;
-        let parts = inputs.fold_chunks(0..inputs.chunks(), &Vec::new, &|acc, start, ts| {
-            let (b, xs) = base.split(start, ts);
-            let local = chunk_rules(shared, xs, b, start);
-            let chunk = local.rules(shared);
-            for (l, bp) in b.chunks(kernel::PAR_CHUNK).enumerate() {
-                let (s, off) = (start + l * kernel::PAR_CHUNK, l * kernel::PAR_CHUNK);
-                for &i in &trims {
-                    let x = &xs[i][off..off + bp.len()];
-                    acc.push((s, i, l1_partial(chunk[i], x, bp, s)));
+        // DELLA's keeps are recorded (one bit per element) so that the merge pass
+        // neither ranks nor draws again; pieces start at multiples of `PAR_CHUNK`.
+        let ranked: Vec<bool> = shared
+            .iter()
+            .map(|r| matches!(r.keep, Keep::DellaRows { .. }))
+            .collect();
+        type Part = (usize, usize, [f64; 2], Vec<u64>);
+        let parts = inputs.fold_chunks(
+            0..inputs.chunks(),
+            &Vec::new,
+            &|acc: &mut Vec<Part>, start, ts| {
+                let (b, xs) = base.split(start, ts);
+                let local = chunk_rules(shared, xs, b, start);
+                let chunk = local.rules(shared);
+                for (l, bp) in b.chunks(kernel::PAR_CHUNK).enumerate() {
+                    let (s, off) = (start + l * kernel::PAR_CHUNK, l * kernel::PAR_CHUNK);
+                    for &i in &trims {
+                        let x = &xs[i][off..off + bp.len()];
+                        let mut bits = Vec::new();
+                        let sums = l1_partial(chunk[i], x, bp, s, ranked[i].then_some(&mut bits));
+                        acc.push((s, i, sums, bits));
+                    }
                 }
-            }
-            Ok(())
-        })?;
-        let mut parts: Vec<(usize, usize, [f64; 2])> = parts.into_iter().flatten().collect();
+                Ok(())
+            },
+        )?;
+        let mut parts: Vec<Part> = parts.into_iter().flatten().collect();
         parts.sort_unstable_by_key(|p| (p.1, p.0));
+        let n = inputs.len();
         for &i in &trims {
             let mut sums = [0.0, 0.0];
-            for p in parts.iter().filter(|p| p.1 == i) {
+            let mut bits = if ranked[i] {
+                vec![0u64; n.div_ceil(64)]
+            } else {
+                Vec::new()
+            };
+            for p in parts.iter_mut().filter(|p| p.1 == i) {
                 sums[0] += p.2[0];
                 sums[1] += p.2[1];
+                if ranked[i] {
+                    let w = p.0 / 64;
+                    bits[w..w + p.3.len()].copy_from_slice(&p.3);
+                    p.3 = Vec::new();
+                }
             }
             rules[i].set_l1_scale(&sums);
+            if ranked[i] {
+                rules[i].keep = Keep::Bits(bits);
+            }
         }
         Ok(())
     }
@@ -1285,7 +1312,7 @@ impl<M: Model> TaskMerge<M> {
                 // Without the data (a chunked merge), the caller sums in its own pass.
                 if let Some(x) = xs.get(i) {
                     let sums = kernel::sum_chunks(b.len(), 2, |s, e| {
-                        l1_partial(&rule, &x[s..e], &b[s..e], s).to_vec()
+                        l1_partial(&rule, &x[s..e], &b[s..e], s, None).to_vec()
                     });
                     rule.set_l1_scale(&sums);
                 }
@@ -1666,16 +1693,38 @@ impl<'a, E> ChunkRules<'a, E> {
 
 /// The L1 sums of one [`kernel::PAR_CHUNK`]-element chunk of `rule`'s model (`x` and
 /// `b` its elements, from element `s`): of the task vector, and of its kept entries.
-fn l1_partial<E: Scalar>(rule: &Rule<'_, E>, x: &[E], b: &[E], s: usize) -> [f64; 2] {
+/// With `kept` (and `s` a multiple of 64), also the kept entries, one bit each from
+/// element `s` (a kept zero of sign `-` included, so that the bits give the same
+/// output).
+fn l1_partial<E: Scalar>(
+    rule: &Rule<'_, E>,
+    x: &[E],
+    b: &[E],
+    s: usize,
+    mut kept: Option<&mut Vec<u64>>,
+) -> [f64; 2] {
     let mut draw = rule.draw.map(|d| d.chunk(rule.model, s));
     let mut buf = [E::zero(); BLOCK];
     let mut acc = [0.0, 0.0];
     let mut off = 0;
+    if let Some(k) = kept.as_deref_mut() {
+        debug_assert_eq!(s % 64, 0);
+        k.clear();
+        k.resize(b.len().div_ceil(64), 0);
+    }
     while off < b.len() {
         let len = BLOCK.min(b.len() - off);
         let d = &mut buf[..len];
         let (x, bb) = (&x[off..off + len], &b[off..off + len]);
         sparsify_block(rule, draw.as_mut(), x, bb, s + off, d);
+        if let Some(k) = kept.as_deref_mut() {
+            for (j, v) in d.iter().enumerate() {
+                if *v != E::zero() || v.is_sign_negative() {
+                    let g = off + j;
+                    k[g / 64] |= 1 << (g % 64);
+                }
+            }
+        }
         for (&x, &bv) in x.iter().zip(bb) {
             acc[0] += (x - bv).abs().to_f64_lossless();
         }
