@@ -467,33 +467,30 @@ impl TokenizerFile {
         if gone.is_empty() {
             return Ok(false);
         }
-        if self.format != TokenizerFormat::Json {
-            return Err(Error::invalid(
-                "tokenizer_source",
-                format!(
-                    "{}: tokens {:?} have ids beyond the model's vocab_size {n}; dropping them is done for tokenizer.json files only, this tokenizer is a {}",
-                    place.display(),
-                    gone.iter().take(3).collect::<Vec<_>>(),
-                    if self.format == TokenizerFormat::VocabJson {
-                        "vocab.json"
-                    } else {
-                        "tokenizer.model"
-                    }
-                ),
-            ));
-        }
         let kind = self
             .json
             .pointer("/model/type")
             .and_then(serde_json::Value::as_str);
-        if kind != Some("BPE") {
+        let refused = match self.format {
+            TokenizerFormat::Json if kind == Some("BPE") => None,
+            TokenizerFormat::Json => Some(format!(
+                "works for BPE tokenizers only (as in mergekit), this one is {}",
+                kind.unwrap_or("of no known type")
+            )),
+            TokenizerFormat::VocabJson => {
+                Some("is done for tokenizer.json files only, this tokenizer is a vocab.json".into())
+            }
+            TokenizerFormat::SentencePiece => Some(
+                "is done for tokenizer.json files only, this tokenizer is a tokenizer.model".into(),
+            ),
+        };
+        if let Some(why) = refused {
             return Err(Error::invalid(
                 "tokenizer_source",
                 format!(
-                    "{}: tokens {:?} have ids beyond the model's vocab_size {n}; dropping them works for BPE tokenizers only (as in mergekit), this one is {}",
+                    "{}: tokens {:?} have ids beyond the model's vocab_size {n}; dropping them {why}",
                     place.display(),
                     gone.iter().take(3).collect::<Vec<_>>(),
-                    kind.unwrap_or("of no known type")
                 ),
             ));
         }
