@@ -587,9 +587,16 @@ impl ConfigMerger<'_> {
         if !task {
             return Ok(false);
         }
-        let models = crate::merge::ChunkedInputs::inputs(inputs).saturating_sub(1);
-        self.task_merge::<T>(name, t, models)?
-            .merge_chunked(name, shape, inputs, out)?;
+        use crate::merge::ChunkedInputs;
+        let models = inputs.inputs().saturating_sub(1);
+        let merger = self.task_merge::<T>(name, t, models)?;
+        // DELLA streams by whole rows.
+        let chunk = merger.chunk_elems_for(shape, inputs.chunk_elems());
+        if chunk == inputs.chunk_elems() {
+            merger.merge_chunked(name, shape, inputs, out)?;
+        } else {
+            merger.merge_chunked(name, shape, &inputs.with_chunk_elems(chunk)?, out)?;
+        }
         Ok(true)
     }
 

@@ -14,6 +14,7 @@ use serde::Deserialize;
 mod layout;
 mod methods;
 mod run;
+mod slow_tokenizer;
 mod tokenizer;
 
 pub use layout::{LAYOUTS, Layout, LooseWeight, ModelLayout};
@@ -1053,7 +1054,7 @@ fn single_module(
         return Err(Error::invalid(
             "modules",
             format!(
-                "got modules {names:?}; the architectures modelfusion knows ({}) have one module, `default` (mergekit's name), so write `modules: {{default: {{models | slices, parameters}}}}` or put `models` / `slices` at the top level; several modules are for multi-module architectures (vision-language models) whose layouts modelfusion does not know",
+                "got modules {names:?}; the architectures modelfusion knows ({}) have one module, `default` (mergekit's name), so write `modules: {{default: {{models | slices, parameters}}}}` or put `models` / `slices` at the top level; several modules are mergekit's multi-module architectures (Gemma 3 / Mistral 3 / Llama 4 / Qwen2-VL / Qwen2.5-VL / Qwen3-VL vision-language models: text_decoder, vision_tower, multi_modal_projector; T5 and Whisper: encoder, decoder), each module with its own tensor-name prefix and layer count (e.g. `vision_config.depth`), layouts modelfusion does not have (see docs/mergekit.md)",
                 LAYOUTS
                     .iter()
                     .map(|l| l.family)

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use ndarray::{ArrayD, IxDyn};
 
+use super::slow_tokenizer;
 use crate::io::{IoScalar, read_capped};
 use crate::{Error, Result};
 
@@ -285,10 +286,39 @@ impl TokenEmbedding {
     }
 }
 
-/// A parsed `tokenizer.json`: the file, token -> id (model vocabulary and added tokens)
-/// and the added tokens' entries.
+/// The files a tokenizer was read from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum TokenizerFormat {
+    /// `tokenizer.json` (the `tokenizers` library's, transformers' fast tokenizers).
+    Json,
+    /// `vocab.json` + `merges.txt` (GPT-2 byte-level BPE).
+    VocabJson,
+    /// `tokenizer.model` (SentencePiece).
+    SentencePiece,
+}
+
+impl TokenizerFormat {
+    /// Which files of model directory `dir` hold its tokenizer, in transformers'
+    /// order of preference; `None` when it has none.
+    fn of(dir: &Path) -> Option<TokenizerFormat> {
+        [
+            ("tokenizer.json", TokenizerFormat::Json),
+            ("vocab.json", TokenizerFormat::VocabJson),
+            ("tokenizer.model", TokenizerFormat::SentencePiece),
+        ]
+        .into_iter()
+        .find(|(f, _)| dir.join(f).is_file())
+        .map(|(_, k)| k)
+    }
+}
+
+/// A parsed tokenizer: the `tokenizer.json` (`Null` for the other formats), token -> id
+/// (model vocabulary and added tokens) and the added tokens' entries.
 #[derive(Clone, Debug)]
 struct TokenizerFile {
+    format: TokenizerFormat,
+    /// Tokens of the model vocabulary (before any added token).
+    model_len: usize,
     json: serde_json::Value,
     vocab: BTreeMap<String, u64>,
     /// `added_tokens` entries, by content.
@@ -297,7 +327,10 @@ struct TokenizerFile {
 
 /// The vocabulary of the tokenizer in model directory `dir`: token -> id, from the
 /// `model.vocab` of its `tokenizer.json` (a map, or Unigram's `[token, score]` list)
-/// and its `added_tokens`.
+/// and its `added_tokens`; without a `tokenizer.json`, from a GPT-2 BPE's `vocab.json`
+/// or a SentencePiece `tokenizer.model` (its pieces in id order, read from the protobuf
+/// with every length checked), with the added tokens of `tokenizer_config.json`
+/// (`added_tokens_decoder`) and `added_tokens.json`.
 ///
 /// ```
 /// let dir = std::env::temp_dir().join("modelfusion-doc-vocab");
@@ -314,16 +347,19 @@ pub fn vocabulary(dir: &Path) -> Result<BTreeMap<String, u64>> {
 
 impl TokenizerFile {
     fn read(dir: &Path) -> Result<TokenizerFile> {
-        let path = dir.join("tokenizer.json");
-        if !path.is_file() {
-            return Err(Error::invalid(
+        let format = TokenizerFormat::of(dir).ok_or_else(|| {
+            Error::invalid(
                 "tokenizer_source",
                 format!(
-                    "{} has no tokenizer.json (the vocabulary is read from it; tokenizer.model or vocab.json alone are not read)",
+                    "{} has no tokenizer (tokenizer.json, vocab.json + merges.txt, or tokenizer.model)",
                     dir.display()
                 ),
-            ));
+            )
+        })?;
+        if format != TokenizerFormat::Json {
+            return Self::read_slow(dir, format);
         }
+        let path = dir.join("tokenizer.json");
         let bytes = read_capped(&path, MAX_TOKENIZER, "tokenizer.json")?;
         let bad = |why: &str| Error::Format {
             format: "tokenizer.json",
@@ -369,7 +405,46 @@ impl TokenizerFile {
             vocab.insert(tok.to_string(), id);
             added.insert(tok.to_string(), e.clone());
         }
-        Ok(TokenizerFile { json, vocab, added })
+        Ok(TokenizerFile {
+            format,
+            model_len: vocab.len(),
+            json,
+            vocab,
+            added,
+        })
+    }
+
+    /// A tokenizer saved without `tokenizer.json` (see [`vocabulary`]).
+    fn read_slow(dir: &Path, format: TokenizerFormat) -> Result<TokenizerFile> {
+        let mut vocab = match format {
+            TokenizerFormat::SentencePiece => {
+                let pieces = slow_tokenizer::read_sentencepiece(dir)?;
+                let mut vocab = BTreeMap::new();
+                for (id, p) in pieces.into_iter().enumerate() {
+                    if let Some(first) = vocab.insert(p.clone(), id as u64) {
+                        return Err(Error::Format {
+                            format: "SentencePiece tokenizer.model",
+                            path: Some(dir.join("tokenizer.model")),
+                            reason: format!("piece `{p}` is both id {first} and id {id}"),
+                        });
+                    }
+                }
+                vocab
+            }
+            _ => slow_tokenizer::read_vocab_json(dir)?,
+        };
+        let model_len = vocab.len();
+        let added = slow_tokenizer::read_added(dir)?;
+        for (t, e) in &added {
+            vocab.insert(t.clone(), e["id"].as_u64().unwrap_or_default());
+        }
+        Ok(TokenizerFile {
+            format,
+            model_len,
+            json: serde_json::Value::Null,
+            vocab,
+            added,
+        })
     }
 
     /// The tokens in id order.
@@ -396,14 +471,26 @@ impl TokenizerFile {
             .json
             .pointer("/model/type")
             .and_then(serde_json::Value::as_str);
-        if kind != Some("BPE") {
+        let refused = match self.format {
+            TokenizerFormat::Json if kind == Some("BPE") => None,
+            TokenizerFormat::Json => Some(format!(
+                "works for BPE tokenizers only (as in mergekit), this one is {}",
+                kind.unwrap_or("of no known type")
+            )),
+            TokenizerFormat::VocabJson => {
+                Some("is done for tokenizer.json files only, this tokenizer is a vocab.json".into())
+            }
+            TokenizerFormat::SentencePiece => Some(
+                "is done for tokenizer.json files only, this tokenizer is a tokenizer.model".into(),
+            ),
+        };
+        if let Some(why) = refused {
             return Err(Error::invalid(
                 "tokenizer_source",
                 format!(
-                    "{}: tokens {:?} have ids beyond the model's vocab_size {n}; dropping them works for BPE tokenizers only (as in mergekit), this one is {}",
+                    "{}: tokens {:?} have ids beyond the model's vocab_size {n}; dropping them {why}",
                     place.display(),
                     gone.iter().take(3).collect::<Vec<_>>(),
-                    kind.unwrap_or("of no known type")
                 ),
             ));
         }
@@ -519,7 +606,7 @@ impl OutputVocab {
             let dir = model_dir(p);
             let file = if i == base {
                 Some(base_tok.clone())
-            } else if dir.join("tokenizer.json").is_file() {
+            } else if TokenizerFormat::of(&dir).is_some() {
                 Some(TokenizerFile::read(&dir)?)
             } else {
                 None
@@ -627,7 +714,8 @@ impl OutputVocab {
     /// `tokenizer_config.json`) rewritten when tokens were stripped or added; the
     /// files that would then disagree with it (`tokenizer.model`, `vocab.json`,
     /// `merges.txt`, `added_tokens.json`) are left out, as mergekit's re-saved
-    /// tokenizer has none.
+    /// tokenizer has none. A tokenizer without `tokenizer.json` keeps its files, and
+    /// the added tokens past its vocabulary are written to `added_tokens.json`.
     pub(crate) fn side_files(&self) -> Result<Vec<(String, Vec<u8>)>> {
         let mut side: Vec<(String, Vec<u8>)> = crate::io::side_files(&self.from, None)?
             .into_iter()
@@ -636,17 +724,34 @@ impl OutputVocab {
         if !self.changed {
             return Ok(side);
         }
-        side.retain(|(n, _)| {
-            !matches!(
-                n.as_str(),
-                "tokenizer.model" | "vocab.json" | "merges.txt" | "added_tokens.json"
-            )
-        });
-        let json = serde_json::to_string_pretty(&self.file.to_json())
-            .map_err(|e| Error::invalid("tokenizer.json", e.to_string()))?;
-        side.retain(|(n, _)| n != "tokenizer.json");
-        side.push(("tokenizer.json".into(), (json + "\n").into_bytes()));
         let added = &self.file.added;
+        if self.file.format == TokenizerFormat::Json {
+            side.retain(|(n, _)| {
+                !matches!(
+                    n.as_str(),
+                    "tokenizer.model" | "vocab.json" | "merges.txt" | "added_tokens.json"
+                )
+            });
+            let json = serde_json::to_string_pretty(&self.file.to_json())
+                .map_err(|e| Error::invalid("tokenizer.json", e.to_string()))?;
+            side.retain(|(n, _)| n != "tokenizer.json");
+            side.push(("tokenizer.json".into(), (json + "\n").into_bytes()));
+        } else {
+            // The model's own files stay as they are; the tokens added past its
+            // vocabulary go to `added_tokens.json`, as transformers' slow tokenizers
+            // save them.
+            let new: serde_json::Map<String, serde_json::Value> = added
+                .iter()
+                .filter_map(|(t, e)| {
+                    let id = e.get("id").and_then(serde_json::Value::as_u64)?;
+                    (id >= self.file.model_len as u64).then(|| (t.clone(), id.into()))
+                })
+                .collect();
+            let json = serde_json::to_string_pretty(&new)
+                .map_err(|e| Error::invalid("added_tokens.json", e.to_string()))?;
+            side.retain(|(n, _)| n != "added_tokens.json" && n != "tokenizer.json");
+            side.push(("added_tokens.json".into(), (json + "\n").into_bytes()));
+        }
         edit_json(&mut side, "tokenizer_config.json", |obj| {
             if let Some(serde_json::Value::Object(dec)) = obj.get_mut("added_tokens_decoder") {
                 dec.clear();

@@ -486,6 +486,43 @@ impl<'a, T: IoScalar> TensorChunks<'a, T> {
         })
     }
 
+    /// The same sources in chunks of `chunk_elems` (sharing the read buffers), e.g.
+    /// the whole rows a merger needs ([`TaskMerge::chunk_elems_for`]).
+    ///
+    /// [`TaskMerge::chunk_elems_for`]: crate::merge::TaskMerge::chunk_elems_for
+    ///
+    /// ```
+    /// use modelfusion::io::{save_file, Checkpoint, Dtype, TensorChunks};
+    /// use modelfusion::merge::ChunkedInputs;
+    /// use modelfusion::StateDict;
+    /// use ndarray::arr1;
+    /// let p = std::env::temp_dir().join("modelfusion-doc-tensor-chunks-re.safetensors");
+    /// save_file(&StateDict::from_pairs([("w", arr1(&[1.0f32; 6]).into_dyn())])?, &p, Dtype::F32)?;
+    /// let ck = Checkpoint::open(&p)?;
+    /// let chunks = TensorChunks::<f32>::new(vec![(&ck, "w")], 4, 1)?;
+    /// assert_eq!(chunks.with_chunk_elems(3)?.chunks(), 2);
+    /// assert!(chunks.with_chunk_elems(0).is_err());
+    /// # Ok::<(), modelfusion::Error>(())
+    /// ```
+    pub fn with_chunk_elems(&self, chunk_elems: usize) -> Result<TensorChunks<'a, T>> {
+        if chunk_elems == 0 {
+            return Err(Error::invalid("chunk_elems", "must be positive"));
+        }
+        let own = match self.pools {
+            Some(_) => Vec::new(),
+            None => (0..self.own.len())
+                .map(|_| Mutex::new(vec![Vec::new(); self.sources.len()]))
+                .collect(),
+        };
+        Ok(TensorChunks {
+            sources: self.sources.clone(),
+            numel: self.numel,
+            chunk: chunk_elems,
+            pools: self.pools,
+            own,
+        })
+    }
+
     fn pools(&self) -> &[Mutex<Vec<Vec<T>>>] {
         self.pools.unwrap_or(&self.own)
     }

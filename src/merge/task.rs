@@ -717,6 +717,45 @@ impl<M: Model> TaskMerge<M> {
         self.run_into(name, tensors, None, out)
     }
 
+    /// The chunk size [`merge_chunked`](Self::merge_chunked) needs to stream a tensor
+    /// of `shape` near `requested` elements: `requested`, unless a model's DELLA
+    /// ranks it (per slab of axis 0, see [`Sparsification::Della`]) and every chunk must
+    /// then hold whole slabs (and, with [`Rescale::L1Norm`], whole 65 536-element
+    /// ranges): the largest multiple of that unit up to `requested`, at least one unit
+    /// (at most the whole tensor).
+    ///
+    /// ```
+    /// use modelfusion::merge::{Sparsification, TaskMerge};
+    /// use modelfusion::StateDictF32;
+    /// let della = TaskMerge::<StateDictF32>::base_input(
+    ///     Sparsification::Della { density: 0.5, epsilon: 0.1, seed: 0 },
+    ///     modelfusion::merge::Consensus::Sum,
+    ///     1.0,
+    /// )?;
+    /// assert_eq!(della.chunk_elems_for(&[100, 30], 1000), 990);
+    /// assert_eq!(della.chunk_elems_for(&[100, 30], 10), 30);
+    /// assert_eq!(della.chunk_elems_for(&[7], 4), 7);
+    /// # Ok::<(), modelfusion::Error>(())
+    /// ```
+    pub fn chunk_elems_for(&self, shape: &[usize], requested: usize) -> usize {
+        let della = |s: &Sparsification| matches!(*s, Sparsification::Della { density, .. } if density > 0.0 && density < 1.0);
+        let ranks = della(&self.sparsification)
+            || self.per_model.as_ref().is_some_and(|p| p.iter().any(della));
+        if !ranks {
+            return requested;
+        }
+        let n = shape.iter().product::<usize>().max(1);
+        let (len, stride) = della_geometry(shape);
+        let mut unit = (len * stride).max(1);
+        if self.rescale == Rescale::L1Norm {
+            unit = unit / gcd(unit, kernel::PAR_CHUNK) * kernel::PAR_CHUNK;
+        }
+        if unit >= n {
+            return n;
+        }
+        (requested / unit).max(1) * unit
+    }
+
     /// Merges tensor `name` (of `shape`) from inputs read chunk by chunk (the base's
     /// first when it streams in, see [`base_input`](Self::base_input); then the
     /// models'), handing the merged elements to `out(start, elements)` (chunks in any
@@ -725,13 +764,15 @@ impl<M: Model> TaskMerge<M> {
     /// in bounded memory: a histogram of the magnitudes' high 16 bits per model (kept
     /// per chunk for bins of one value, so a cut splitting tied entries finds its tie
     /// end by reading one chunk), then, for a bin of several values, its entries (or a
-    /// histogram of their low bits), then the merge itself. DARE's random keeps draw the
-    /// same streams as the whole-tensor path, and [`Rescale::L1Norm`] takes one more
+    /// histogram of their low bits), then the merge itself. DARE's and DELLA's random
+    /// keeps draw the same streams as the whole-tensor path (DELLA ranking each chunk's
+    /// slabs of axis 0 on its own, so chunks must hold whole slabs: see
+    /// [`chunk_elems_for`](Self::chunk_elems_for)), and [`Rescale::L1Norm`] takes one more
     /// pass for its sums (when the chunk size is a multiple of 65 536 elements or the
     /// tensor is one chunk). The result is exactly
     /// [`merge_tensor`](TensorMerger::merge_tensor)'s. Whole tensors are read instead
-    /// (memory as for `merge_tensor`) for DELLA, [`Rescale::L1Norm`] over other chunk
-    /// sizes, inputs holding a NaN or an infinity (the same error as `merge_tensor`'s),
+    /// (memory as for `merge_tensor`) for DELLA over chunks splitting slabs,
+    /// [`Rescale::L1Norm`] over other chunk sizes, inputs holding a NaN or an infinity (the same error as `merge_tensor`'s),
     /// and, in [`TieOrder::Torch`], tensors whose cut splits entries tied in magnitude
     /// (which entries torch's sort keeps depends on every key of the tensor, not only
     /// on the tied entries' positions: see docs/mergekit.md).
@@ -780,8 +821,11 @@ impl<M: Model> TaskMerge<M> {
         // The L1 sums add per-`PAR_CHUNK` partials in order, so each of those ranges
         // must lie in one input chunk.
         let aligned = inputs.chunk_elems() % kernel::PAR_CHUNK == 0 || inputs.chunks() <= 1;
+        // DELLA ranks within slabs: every chunk must hold whole ones.
+        let (len, stride) = della_geometry(shape);
+        let slabs = inputs.chunks() <= 1 || inputs.chunk_elems() % (len * stride).max(1) == 0;
         let chunkable = models > 0
-            && plans.iter().all(|p| !matches!(p, Plan::Della))
+            && (slabs || plans.iter().all(|p| !matches!(p, Plan::Della)))
             && (self.rescale != Rescale::L1Norm || aligned);
         if !chunkable {
             return self.merge_read_whole(name, shape, inputs, out);
@@ -806,7 +850,7 @@ impl<M: Model> TaskMerge<M> {
                 replayed[req.model] = Some(replay_plan(plans[req.model], keys));
             }
         }
-        let keeps: Vec<_> = cut_keeps(plans, cuts, n, |_| Keep::Nothing)
+        let keeps: Vec<_> = cut_keeps(plans, cuts, n, |i| self.della_of(i, shape))
             .into_iter()
             .zip(replayed)
             .map(|(k, r)| r.unwrap_or(k))
@@ -835,6 +879,8 @@ impl<M: Model> TaskMerge<M> {
                     acc.1 = true;
                     return Ok(());
                 }
+                let local = chunk_rules(&rules, xs, b, start);
+                let rules = local.rules(&rules);
                 // Every element is written below: no zeroing of a reused buffer.
                 let o = &mut acc.0;
                 o.resize(b.len(), num_traits::Zero::zero());
@@ -884,26 +930,55 @@ impl<M: Model> TaskMerge<M> {
             return Ok(());
         }
         let shared: &[Rule<'_, E>] = rules;
-        let parts = inputs.fold_chunks(0..inputs.chunks(), &Vec::new, &|acc, start, ts| {
-            let (b, xs) = base.split(start, ts);
-            for (l, bp) in b.chunks(kernel::PAR_CHUNK).enumerate() {
-                let (s, off) = (start + l * kernel::PAR_CHUNK, l * kernel::PAR_CHUNK);
-                for &i in &trims {
-                    let x = &xs[i][off..off + bp.len()];
-                    acc.push((s, i, l1_partial(&shared[i], x, bp, s)));
+        // DELLA's keeps are recorded (one bit per element) so that the merge pass
+        // neither ranks nor draws again; pieces start at multiples of `PAR_CHUNK`.
+        let ranked: Vec<bool> = shared
+            .iter()
+            .map(|r| matches!(r.keep, Keep::DellaRows { .. }))
+            .collect();
+        type Part = (usize, usize, [f64; 2], Vec<u64>);
+        let parts = inputs.fold_chunks(
+            0..inputs.chunks(),
+            &Vec::new,
+            &|acc: &mut Vec<Part>, start, ts| {
+                let (b, xs) = base.split(start, ts);
+                let local = chunk_rules(shared, xs, b, start);
+                let chunk = local.rules(shared);
+                for (l, bp) in b.chunks(kernel::PAR_CHUNK).enumerate() {
+                    let (s, off) = (start + l * kernel::PAR_CHUNK, l * kernel::PAR_CHUNK);
+                    for &i in &trims {
+                        let x = &xs[i][off..off + bp.len()];
+                        let mut bits = Vec::new();
+                        let sums = l1_partial(chunk[i], x, bp, s, ranked[i].then_some(&mut bits));
+                        acc.push((s, i, sums, bits));
+                    }
                 }
-            }
-            Ok(())
-        })?;
-        let mut parts: Vec<(usize, usize, [f64; 2])> = parts.into_iter().flatten().collect();
+                Ok(())
+            },
+        )?;
+        let mut parts: Vec<Part> = parts.into_iter().flatten().collect();
         parts.sort_unstable_by_key(|p| (p.1, p.0));
+        let n = inputs.len();
         for &i in &trims {
             let mut sums = [0.0, 0.0];
-            for p in parts.iter().filter(|p| p.1 == i) {
+            let mut bits = if ranked[i] {
+                vec![0u64; n.div_ceil(64)]
+            } else {
+                Vec::new()
+            };
+            for p in parts.iter_mut().filter(|p| p.1 == i) {
                 sums[0] += p.2[0];
                 sums[1] += p.2[1];
+                if ranked[i] {
+                    let w = p.0 / 64;
+                    bits[w..w + p.3.len()].copy_from_slice(&p.3);
+                    p.3 = Vec::new();
+                }
             }
             rules[i].set_l1_scale(&sums);
+            if ranked[i] {
+                rules[i].keep = Keep::Bits(bits);
+            }
         }
         Ok(())
     }
@@ -1038,6 +1113,16 @@ impl<M: Model> TaskMerge<M> {
             .unwrap_or(self.sparsification)
     }
 
+    /// Model `i`'s DELLA rule for a tensor of `shape`, ranks unresolved.
+    fn della_of<E>(&self, i: usize, shape: &[usize]) -> Keep<E> {
+        match self.sparsification_of(i) {
+            Sparsification::Della {
+                density, epsilon, ..
+            } => della_keep(shape, density, epsilon),
+            _ => Keep::Nothing,
+        }
+    }
+
     /// What each model's sparsification needs for a tensor of `n` elements.
     fn plans(&self, n: usize, models: usize) -> Vec<Plan> {
         let count = |d: f64| (d * n as f64) as usize;
@@ -1095,12 +1180,7 @@ impl<M: Model> TaskMerge<M> {
     fn keeps<E: Scalar>(&self, xs: &[&[E]], b: &[E], shape: &[usize]) -> Vec<Keep<E>> {
         let n = b.len();
         let plans = self.plans(n, xs.len());
-        let della = |i: usize| match self.sparsification_of(i) {
-            Sparsification::Della {
-                density, epsilon, ..
-            } => della_keep(xs[i], b, shape, density, epsilon),
-            _ => Keep::Random,
-        };
+        let della = |i: usize| self.della_of(i, shape);
         if self.tie_order == TieOrder::Index {
             let requests = cut_requests(&plans, n);
             let found = SliceChunks::new(xs.to_vec(), INDEX_CHUNK)
@@ -1190,6 +1270,11 @@ impl<M: Model> TaskMerge<M> {
         mask: Option<&'a [bool]>,
     ) -> Rule<'a, E> {
         let sp = self.sparsification_of(i);
+        // With the data at hand (the whole-tensor path), DELLA ranks the whole tensor.
+        let keep = match xs.get(i) {
+            Some(x) => keep.ranked(x, b, 0).unwrap_or(keep),
+            None => keep,
+        };
         let draw = match sp {
             Sparsification::Random { density, seed } => Some(match mask {
                 Some(m) => Draw::Given(m),
@@ -1227,7 +1312,7 @@ impl<M: Model> TaskMerge<M> {
                 // Without the data (a chunked merge), the caller sums in its own pass.
                 if let Some(x) = xs.get(i) {
                     let sums = kernel::sum_chunks(b.len(), 2, |s, e| {
-                        l1_partial(&rule, &x[s..e], &b[s..e], s).to_vec()
+                        l1_partial(&rule, &x[s..e], &b[s..e], s, None).to_vec()
                     });
                     rule.set_l1_scale(&sums);
                 }
@@ -1356,49 +1441,71 @@ fn replay_plan<E>(plan: Plan, keys: Vec<f32>) -> Keep<E> {
     Keep::Bits(bits)
 }
 
-/// DELLA's keep ranks (mergekit's `della_magprune`): magnitudes are ranked along axis 1
-/// (a 1-D tensor is one row), ascending, ties by index.
-fn della_keep<E: Scalar>(x: &[E], b: &[E], shape: &[usize], density: f64, epsilon: f64) -> Keep<E> {
-    let n = b.len();
-    let (len, stride) = match shape {
-        [] | [_] => (n, 1),
+/// The geometry of DELLA's ranking (mergekit's `della_magprune`) for a tensor of
+/// `shape`: magnitudes are ranked along axis 1, so a slab of `len * stride` elements
+/// (one index of axis 0; a 1-D tensor is one slab) holds `stride` independent rankings
+/// of `len` entries each. Returns `(len, stride)`.
+fn della_geometry(shape: &[usize]) -> (usize, usize) {
+    match shape {
+        [] => (1, 1),
+        [n] => (*n, 1),
         [_, d1, rest @ ..] => (*d1, rest.iter().product::<usize>()),
-    };
-    let mut ranks = vec![0u32; n];
-    if len > 0 && stride > 0 {
-        ranks
-            .par_chunks_mut(len * stride)
-            .enumerate()
-            .for_each(|(slab, r)| {
-                let off = slab * len * stride;
-                let mut order: Vec<u32> = Vec::with_capacity(len);
-                for c in 0..stride {
-                    let at = |p: u32| off + p as usize * stride + c;
-                    let mag = |p: u32| (x[at(p)] - b[at(p)]).abs();
-                    order.clear();
-                    order.extend(0..len as u32);
-                    order.sort_unstable_by(|&p, &q| {
-                        mag(p)
-                            .partial_cmp(&mag(q))
-                            .unwrap_or(std::cmp::Ordering::Equal)
-                            .then(p.cmp(&q))
-                    });
-                    for (rank, &p) in order.iter().enumerate() {
-                        r[p as usize * stride + c] = rank as u32;
-                    }
-                }
-            });
     }
+}
+
+/// DELLA's ascending 0-based magnitude ranks (ties by index) of `x - b`, which hold
+/// whole slabs of [`della_geometry`]'s `(len, stride)`: the same ranks wherever the
+/// slabs sit in the tensor, so a chunk of whole slabs ranks on its own.
+fn della_ranks<E: Scalar>(x: &[E], b: &[E], len: usize, stride: usize) -> Vec<u32> {
+    let mut ranks = vec![0u32; b.len()];
+    if len == 0 || stride == 0 {
+        return ranks;
+    }
+    ranks
+        .par_chunks_mut(len * stride)
+        .enumerate()
+        .for_each(|(slab, r)| {
+            let off = slab * len * stride;
+            let mut order: Vec<u32> = Vec::with_capacity(len);
+            for c in 0..stride {
+                let at = |p: u32| off + p as usize * stride + c;
+                let mag = |p: u32| (x[at(p)] - b[at(p)]).abs();
+                order.clear();
+                order.extend(0..len as u32);
+                order.sort_unstable_by(|&p, &q| {
+                    mag(p)
+                        .partial_cmp(&mag(q))
+                        .unwrap_or(std::cmp::Ordering::Equal)
+                        .then(p.cmp(&q))
+                });
+                for (rank, &p) in order.iter().enumerate() {
+                    r[p as usize * stride + c] = rank as u32;
+                }
+            }
+        });
+    ranks
+}
+
+/// DELLA's keep rule for a tensor of `shape` before its data is read: keep
+/// probabilities `density - epsilon + step * rank`, ranks per slab
+/// ([`Keep::DellaRows`], resolved by [`Keep::ranked`]).
+fn della_keep<E>(shape: &[usize], density: f64, epsilon: f64) -> Keep<E> {
+    let (len, stride) = della_geometry(shape);
     let step = if len > 1 {
         2.0 * epsilon / (len - 1) as f64
     } else {
         0.0
     };
-    Keep::Della {
-        ranks,
+    Keep::DellaRows {
+        len,
+        stride,
         low: density - epsilon,
         step,
     }
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 { a } else { gcd(b, a % b) }
 }
 
 /// Which entries of one model's task vector are kept.
@@ -1422,12 +1529,44 @@ enum Keep<E> {
     },
     /// At random with probability `density` (or by given masks).
     Random,
-    /// At random with probability `low + step * rank`.
+    /// At random with probability `low + step * rank`, `ranks` those of elements
+    /// `origin..origin + ranks.len()`.
     Della {
         ranks: Vec<u32>,
+        origin: usize,
         low: f64,
         step: f64,
     },
+    /// DELLA before its ranks are known: ranked per slab of `len * stride` elements
+    /// (see [`della_geometry`]) by [`Keep::ranked`] over the whole tensor or over a
+    /// chunk of whole slabs. Never reaches [`sparsify_block`] unresolved.
+    DellaRows {
+        len: usize,
+        stride: usize,
+        low: f64,
+        step: f64,
+    },
+}
+
+impl<E: Scalar> Keep<E> {
+    /// [`Keep::DellaRows`] ranked over elements `origin..origin + b.len()` (whole slabs)
+    /// of `x - b`; `None` for every other rule.
+    fn ranked(&self, x: &[E], b: &[E], origin: usize) -> Option<Keep<E>> {
+        match *self {
+            Keep::DellaRows {
+                len,
+                stride,
+                low,
+                step,
+            } => Some(Keep::Della {
+                ranks: della_ranks(x, b, len, stride),
+                origin,
+                low,
+                step,
+            }),
+            _ => None,
+        }
+    }
 }
 
 /// Where DARE's keep decisions come from.
@@ -1498,7 +1637,19 @@ struct Rule<'a, E> {
     inverse_p: bool,
 }
 
-impl<E: Scalar> Rule<'_, E> {
+impl<'a, E: Scalar> Rule<'a, E> {
+    /// This rule over a chunk of whole DELLA slabs (`x`, `b` from element `start`) with
+    /// the chunk's ranks; `None` when the rule needs no data of the chunk.
+    fn for_chunk(&self, x: &[E], b: &[E], start: usize) -> Option<Rule<'a, E>> {
+        Some(Rule {
+            keep: self.keep.ranked(x, b, start)?,
+            draw: self.draw,
+            model: self.model,
+            scale: self.scale,
+            inverse_p: self.inverse_p,
+        })
+    }
+
     /// mergekit's `rescaled_masked_tensor` from the sums of [`l1_partial`] over the
     /// tensor: the ratio of the two in the compute dtype, unless either is below 1e-7.
     fn set_l1_scale(&mut self, sums: &[f64]) {
@@ -1510,18 +1661,70 @@ impl<E: Scalar> Rule<'_, E> {
     }
 }
 
+/// The rules of one input chunk (`xs`, `b` from element `start`): DELLA's ranked over
+/// the chunk's slabs, the others as they are ([`ChunkRules::rules`]).
+fn chunk_rules<'a, E: Scalar>(
+    rules: &[Rule<'a, E>],
+    xs: &[&[E]],
+    b: &[E],
+    start: usize,
+) -> ChunkRules<'a, E> {
+    ChunkRules(
+        rules
+            .iter()
+            .map(|r| r.for_chunk(xs[r.model], b, start))
+            .collect(),
+    )
+}
+
+/// The chunk's own rules of [`chunk_rules`], where a rule has one.
+struct ChunkRules<'a, E>(Vec<Option<Rule<'a, E>>>);
+
+impl<'a, E> ChunkRules<'a, E> {
+    /// Every rule of the chunk: its own where it has one, else the tensor's.
+    fn rules<'r>(&'r self, tensor: &'r [Rule<'a, E>]) -> Vec<&'r Rule<'a, E>> {
+        tensor
+            .iter()
+            .zip(&self.0)
+            .map(|(t, own)| own.as_ref().unwrap_or(t))
+            .collect()
+    }
+}
+
 /// The L1 sums of one [`kernel::PAR_CHUNK`]-element chunk of `rule`'s model (`x` and
 /// `b` its elements, from element `s`): of the task vector, and of its kept entries.
-fn l1_partial<E: Scalar>(rule: &Rule<'_, E>, x: &[E], b: &[E], s: usize) -> [f64; 2] {
+/// With `kept` (and `s` a multiple of 64), also the kept entries, one bit each from
+/// element `s` (a kept zero of sign `-` included, so that the bits give the same
+/// output).
+fn l1_partial<E: Scalar>(
+    rule: &Rule<'_, E>,
+    x: &[E],
+    b: &[E],
+    s: usize,
+    mut kept: Option<&mut Vec<u64>>,
+) -> [f64; 2] {
     let mut draw = rule.draw.map(|d| d.chunk(rule.model, s));
     let mut buf = [E::zero(); BLOCK];
     let mut acc = [0.0, 0.0];
     let mut off = 0;
+    if let Some(k) = kept.as_deref_mut() {
+        debug_assert_eq!(s % 64, 0);
+        k.clear();
+        k.resize(b.len().div_ceil(64), 0);
+    }
     while off < b.len() {
         let len = BLOCK.min(b.len() - off);
         let d = &mut buf[..len];
         let (x, bb) = (&x[off..off + len], &b[off..off + len]);
         sparsify_block(rule, draw.as_mut(), x, bb, s + off, d);
+        if let Some(k) = kept.as_deref_mut() {
+            for (j, v) in d.iter().enumerate() {
+                if *v != E::zero() || v.is_sign_negative() {
+                    let g = off + j;
+                    k[g / 64] |= 1 << (g % 64);
+                }
+            }
+        }
         for (&x, &bv) in x.iter().zip(bb) {
             acc[0] += (x - bv).abs().to_f64_lossless();
         }
@@ -1605,10 +1808,16 @@ fn sparsify_block<E: Scalar>(
                 it.for_each(|((d, &x), &b)| *d = if dr.next_keep() { x - b } else { zero });
             }
         }
-        Keep::Della { ranks, low, step } => {
+        Keep::Della {
+            ranks,
+            origin,
+            low,
+            step,
+        } => {
             if let Some(dr) = draw {
+                let ranks = &ranks[s - origin..];
                 for (j, ((d, &x), &b)) in it.enumerate() {
-                    let p = low + step * f64::from(ranks[s + j]);
+                    let p = low + step * f64::from(ranks[j]);
                     let u = dr.next_u32();
                     *d = if u64::from(u) < kernel::keep_threshold(p) {
                         if rule.inverse_p {
@@ -1621,6 +1830,11 @@ fn sparsify_block<E: Scalar>(
                     };
                 }
             }
+        }
+        // Resolved by `Keep::ranked` before any block is sparsified.
+        Keep::DellaRows { .. } => {
+            debug_assert!(false, "DELLA ranks not resolved");
+            d.fill(zero);
         }
     }
 }
@@ -1638,6 +1852,8 @@ fn combine<E: Scalar>(
     out: &mut [E],
 ) {
     let (ws, lam, sum_div) = mix_constants(weights, lambda);
+    let rules: Vec<&Rule<'_, E>> = rules.iter().collect();
+    let rules = &rules[..];
     kernel::for_chunks(out, |_, start, o| {
         kernel::simd(
             #[inline(always)]
@@ -1676,7 +1892,7 @@ fn combine_chunk<E: Scalar>(
     xs: &[&[E]],
     b: &[E],
     origin: usize,
-    rules: &[Rule<'_, E>],
+    rules: &[&Rule<'_, E>],
     ws: &[E],
     consensus: Consensus,
     normalize: bool,

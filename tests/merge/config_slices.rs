@@ -376,7 +376,7 @@ fn tokenizer_source_and_chat_template() {
     let rejected_at_run = [
         (
             "merge_method: linear\ntokenizer_source: model:DIR/nowhere\nmodels:\n  - model: DIR/a\n    parameters: {weight: 1}\n",
-            "has no tokenizer.json",
+            "has no tokenizer (tokenizer.json, vocab.json + merges.txt, or tokenizer.model)",
         ),
         (
             "merge_method: linear\nchat_template: chatml\nmodels:\n  - model: DIR/a\n    parameters: {weight: 1}\n",

@@ -2,6 +2,7 @@
 
 mod config_run;
 mod config_slices;
+mod config_slow_tokenizers;
 mod config_vocab;
 mod merge_chunked;
 mod merge_errors;

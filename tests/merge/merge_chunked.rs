@@ -1,13 +1,17 @@
 //! The chunked (bounded-memory) path of the trimming methods against the whole-tensor
 //! one: `TaskMerge::merge_chunked` over any chunk size gives exactly `merge_tensor`'s
 //! result, in both tie orders, for f32-, bf16- and f16-valued tensors with many ties,
-//! for TIES, breadcrumbs and DARE (the same random stream), with every rescale; and
-//! index tie order keeps what a stable sort keeps.
+//! for TIES, breadcrumbs, DARE (the same random stream) and DELLA (ranked per row, so
+//! streamed in chunks of whole rows), with every rescale; and index tie order keeps
+//! what a stable sort keeps.
 
 use std::sync::Mutex;
 
+use std::ops::Range;
+
 use modelfusion::merge::{
-    Consensus, Rescale, SliceChunks, Sparsification, TaskMerge, TensorMerger, TieOrder,
+    ChunkFn, ChunkedInputs, Consensus, Rescale, SliceChunks, Sparsification, TaskMerge,
+    TensorMerger, TieOrder,
 };
 use modelfusion::{StateDict, StateDictF32};
 use ndarray::{ArrayD, IxDyn};
@@ -43,7 +47,7 @@ fn chunked(m: &TaskMerge<StateDictF32>, ts: &[&ArrayD<f32>], chunk: usize) -> Ve
     let got = Mutex::new(vec![f32::NAN; n]);
     let slices: Vec<&[f32]> = ts.iter().map(|t| t.as_slice().unwrap()).collect();
     let src = SliceChunks::new(slices, chunk).unwrap();
-    m.merge_chunked("w", &[n], &src, &|start, xs: &[f32]| {
+    m.merge_chunked("w", ts[0].shape(), &src, &|start, xs: &[f32]| {
         got.lock().unwrap()[start..start + xs.len()].copy_from_slice(xs);
         Ok(())
     })
@@ -189,6 +193,126 @@ proptest! {
         let got = chunked(&m, &[&x], chunk);
         let kept: Vec<bool> = got.iter().map(|v| *v != 0.0).collect();
         prop_assert_eq!(&kept, &want);
+    }
+}
+
+/// Chunked inputs that refuse to be read whole: a merge over them streams or fails.
+struct StreamOnly<'a>(SliceChunks<'a, f32>);
+
+impl ChunkedInputs<f32> for StreamOnly<'_> {
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+    fn inputs(&self) -> usize {
+        self.0.inputs()
+    }
+    fn chunk_elems(&self) -> usize {
+        self.0.chunk_elems()
+    }
+    fn fold_chunks<A: Send>(
+        &self,
+        chunks: Range<usize>,
+        init: &(dyn Fn() -> A + Sync),
+        f: &ChunkFn<'_, A, f32>,
+    ) -> modelfusion::Result<Vec<A>> {
+        self.0.fold_chunks(chunks, init, f)
+    }
+    fn read_whole(&self, _: usize, _: &mut [f32]) -> modelfusion::Result<()> {
+        Err(modelfusion::Error::invalid(
+            "read_whole",
+            "not allowed here",
+        ))
+    }
+}
+
+/// `count` tensors of `shape`: a base and models near it (`kind` as in [`values`]).
+fn shaped(kind: u8, seed: u64, shape: &[usize], count: usize) -> Vec<ArrayD<f32>> {
+    let n: usize = shape.iter().product();
+    let base = values(kind, seed ^ 0xABCD, n);
+    let mut out = vec![ArrayD::from_shape_vec(IxDyn(shape), base.clone()).unwrap()];
+    for i in 0..count {
+        let d = values(kind, seed.wrapping_add(i as u64 * 7919), n);
+        let x = base.iter().zip(d).map(|(b, d)| b + d).collect();
+        out.push(ArrayD::from_shape_vec(IxDyn(shape), x).unwrap());
+    }
+    out
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// DELLA over 1-3-D tensors, per-model densities, any consensus and rescale: chunks
+    /// of whole rows (the size `chunk_elems_for` gives) stream, and every chunk size
+    /// gives exactly the whole-tensor result.
+    #[test]
+    fn della_chunked_equals_whole_tensor(
+        kind in 0u8..3,
+        seed in any::<u64>(),
+        dims in proptest::collection::vec(1usize..24, 1..4),
+        models in 1usize..4,
+        density in 0.05f64..1.0,
+        epsilon in 0.0f64..0.05,
+        requested in 1usize..700,
+        elect in any::<bool>(),
+        rs in 0u8..3,
+    ) {
+        let all = shaped(kind, seed, &dims, models);
+        let refs: Vec<&ArrayD<f32>> = all.iter().collect();
+        let consensus = if elect { Consensus::SignElection } else { Consensus::Sum };
+        let per: Vec<Sparsification> = (0..models)
+            .map(|i| Sparsification::Della {
+                density: (density * (1.0 - 0.2 * i as f64)).clamp(0.06, 0.94),
+                epsilon,
+                seed: seed ^ 5,
+            })
+            .collect();
+        let m = TaskMerge::<StateDictF32>::base_input(per[0], consensus, 0.9)
+            .unwrap()
+            .with_sparsifications(per)
+            .unwrap()
+            .with_rescale(rescale(rs))
+            .unwrap();
+        let rows = m.chunk_elems_for(&dims, requested);
+        for chunk in [rows, requested] {
+            let (want, got) = both(&m, &refs, chunk);
+            prop_assert_eq!(got, want, "chunk {}", chunk);
+        }
+        // Whole rows without the L1 rescale stream: no tensor is read whole.
+        if rescale(rs) != Rescale::L1Norm {
+            let slices: Vec<&[f32]> = refs.iter().map(|t| t.as_slice().unwrap()).collect();
+            let src = StreamOnly(SliceChunks::new(slices, rows).unwrap());
+            prop_assert!(m.merge_chunked("w", &dims, &src, &|_, _: &[f32]| Ok(())).is_ok());
+        }
+    }
+}
+
+/// DELLA with the L1 rescale over rows spanning several 65 536-element random streams:
+/// chunks of `chunk_elems_for` hold whole rows and whole streams, stream, and give the
+/// whole-tensor result bit for bit.
+#[test]
+fn della_l1_rescale_streams_whole_rows() {
+    let shape = [10, 4096, 4];
+    let all = shaped(1, 3, &shape, 2);
+    let refs: Vec<&ArrayD<f32>> = all.iter().collect();
+    let sp = Sparsification::Della {
+        density: 0.4,
+        epsilon: 0.1,
+        seed: 9,
+    };
+    for rs in [Rescale::L1Norm, Rescale::InverseDensity] {
+        let m = TaskMerge::<StateDictF32>::base_input(sp, Consensus::SignElection, 1.0)
+            .unwrap()
+            .with_rescale(rs)
+            .unwrap();
+        let chunk = m.chunk_elems_for(&shape, 1 << 16);
+        assert_eq!(chunk, 1 << 16);
+        assert!(chunk < all[0].len(), "{chunk}");
+        let (want, got) = both(&m, &refs, chunk);
+        assert!(got == want, "{rs:?} {chunk}");
+        let slices: Vec<&[f32]> = refs.iter().map(|t| t.as_slice().unwrap()).collect();
+        let src = StreamOnly(SliceChunks::new(slices, chunk).unwrap());
+        m.merge_chunked("w", &shape, &src, &|_, _: &[f32]| Ok(()))
+            .unwrap();
     }
 }
 
