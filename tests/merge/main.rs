@@ -6,6 +6,7 @@ mod config_vocab;
 mod merge_chunked;
 mod merge_errors;
 mod merge_golden;
+mod merge_learned;
 mod merge_properties;
 mod merge_svd;
 mod merge_training;
