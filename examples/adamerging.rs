@@ -226,7 +226,7 @@ fn main() -> Result<()> {
     let nb = train_set.num_batches(BATCH);
     let steps = epochs * nb;
     let config = StepConfig::new(steps, Optimizer::sgd(0.05, 0.9)?)?;
-    let mut acc = vec![Vec::new(); 4];
+    let mut acc = vec![Vec::new(); 5];
     for seed in 0..3u64 {
         let init: StateDictF32 = net10.init(seed * 100);
         let mut swa = Swa::new();
@@ -255,6 +255,13 @@ fn main() -> Result<()> {
             (test_eval.accuracy(&line.endpoints[0])? + test_eval.accuracy(&line.endpoints[1])?)
                 / 2.0,
         );
+        // The same line with twice the steps (each endpoint gets a share of each step).
+        let long = StepConfig::new(2 * steps, Optimizer::sgd(0.05, 0.9)?)?;
+        let line2 = Subspace::new(long).with_seed(seed).train(
+            &[init.clone(), net10.init(seed * 100 + 1)],
+            &mut batches(&net10, &train_set, seed),
+        )?;
+        acc[4].push(test_eval.accuracy(&line2.midpoint()?)?);
     }
     println!(
         "\nline vs SWA: {}, SGD lr 0.05 momentum 0.9, batch {BATCH}, {epochs} epochs ({steps} steps) each",
@@ -266,6 +273,7 @@ fn main() -> Result<()> {
         "SWA (epoch ends, second half)",
         "learned line, midpoint (global alpha)",
         "learned line, endpoints (mean)",
+        "learned line, midpoint, twice the steps",
     ]
     .iter()
     .zip(&acc)
