@@ -338,6 +338,30 @@ fn as_matrix(m: &StateDictF64) -> Result<Array2<f64>> {
         .map_err(|e| Error::invalid("coefficients", e.to_string()))
 }
 
+/// Gradient descent on a coefficient matrix with the crate's optimiser: step `s` gets
+/// the loss and `dL/dc` from `loss_and_gradient(s, c)`, steps, then `project`s the
+/// coefficients (clipping). Returns the final coefficients and every step's loss.
+fn descend(
+    init: Array2<f64>,
+    steps: usize,
+    optimizer: Optimizer,
+    mut loss_and_gradient: impl FnMut(usize, &Array2<f64>) -> Result<(f64, Array2<f64>)>,
+    project: impl Fn(&mut ndarray::ArrayD<f64>),
+) -> Result<(Array2<f64>, Vec<f64>)> {
+    let mut c = as_model(init)?;
+    let mut opt = ModelOptimizer::new(optimizer);
+    let mut losses = Vec::with_capacity(steps);
+    for step in 0..steps {
+        let (loss, grad) = loss_and_gradient(step, &as_matrix(&c)?)?;
+        losses.push(loss);
+        opt.step(&mut c, &as_model(grad)?, 1.0)?;
+        if let Some(t) = c.get_mut("coefficients") {
+            project(t);
+        }
+    }
+    Ok((as_matrix(&c)?, losses))
+}
+
 /// Calls the objective and errors on a non-finite loss or a gradient that does not fit.
 fn evaluate<M: Model, S: StochasticGradient<M>>(
     objective: &mut S,
@@ -636,19 +660,22 @@ impl AdaMerging {
         check_training(self.steps, self.optimizer)?;
         let (taus, groups) = self.task_vectors(base, finetuned)?;
         let refs: Vec<&M> = taus.iter().collect();
-        let mut c = as_model(Array2::from_elem((taus.len(), groups.len()), self.init))?;
-        let mut opt = ModelOptimizer::new(self.optimizer);
-        let mut losses = Vec::with_capacity(self.steps);
-        for step in 0..self.steps {
-            let merged = groups.combine(Some(base), &refs, as_matrix(&c)?.view())?;
-            let (loss, grad) = evaluate(objective, &merged, step, "AdaMerging")?;
-            losses.push(loss);
-            opt.step(&mut c, &as_model(groups.gradient(&grad, &refs)?)?, 1.0)?;
-            if let (Some((lo, hi)), Some(t)) = (self.clip, c.get_mut("coefficients")) {
-                t.mapv_inplace(|x| x.clamp(lo, hi));
-            }
-        }
-        let coefficients = as_matrix(&c)?;
+        let init = Array2::from_elem((taus.len(), groups.len()), self.init);
+        let (coefficients, losses) = descend(
+            init,
+            self.steps,
+            self.optimizer,
+            |step, c| {
+                let merged = groups.combine(Some(base), &refs, c.view())?;
+                let (loss, grad) = evaluate(objective, &merged, step, "AdaMerging")?;
+                Ok((loss, groups.gradient(&grad, &refs)?))
+            },
+            |c| {
+                if let Some((lo, hi)) = self.clip {
+                    c.mapv_inplace(|x| x.clamp(lo, hi));
+                }
+            },
+        )?;
         Ok(AdaMergingRun {
             model: groups.combine(Some(base), &refs, coefficients.view())?,
             coefficients,
@@ -814,20 +841,22 @@ impl LearnedSoup {
         check_training(self.steps, self.optimizer)?;
         let first = check_members(ingredients, "the soup ingredients")?;
         let groups = ParamGroups::new(first, self.granularity);
-        let mut beta = as_model(Array2::zeros((ingredients.len(), groups.len())))?;
-        let mut opt = ModelOptimizer::new(self.optimizer);
-        let mut losses = Vec::with_capacity(self.steps);
-        for step in 0..self.steps {
-            let w = softmax_columns(&as_matrix(&beta)?);
-            let soup = groups.combine(None, ingredients, w.view())?;
-            let (loss, grad) = evaluate(objective, &soup, step, "learned soup")?;
-            losses.push(loss);
-            let g = groups.gradient(&grad, ingredients)?;
-            let mean = (&w * &g).sum_axis(ndarray::Axis(0));
-            let dbeta = &w * &(&g - &mean.insert_axis(ndarray::Axis(0)));
-            opt.step(&mut beta, &as_model(dbeta)?, 1.0)?;
-        }
-        let weights = softmax_columns(&as_matrix(&beta)?);
+        let init = Array2::zeros((ingredients.len(), groups.len()));
+        let (beta, losses) = descend(
+            init,
+            self.steps,
+            self.optimizer,
+            |step, beta| {
+                let w = softmax_columns(beta);
+                let soup = groups.combine(None, ingredients, w.view())?;
+                let (loss, grad) = evaluate(objective, &soup, step, "learned soup")?;
+                let g = groups.gradient(&grad, ingredients)?;
+                let mean = (&w * &g).sum_axis(ndarray::Axis(0));
+                Ok((loss, &w * &(&g - &mean.insert_axis(ndarray::Axis(0)))))
+            },
+            |_| {},
+        )?;
+        let weights = softmax_columns(&beta);
         Ok(LearnedSoupRun {
             soup: groups.combine(None, ingredients, weights.view())?,
             weights,

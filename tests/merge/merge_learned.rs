@@ -377,7 +377,7 @@ fn bad_input_is_a_clear_error() {
 
     // Subspace.
     let line = Subspace::new(StepConfig::new(2, Optimizer::sgd(0.1, 0.0).unwrap()).unwrap());
-    assert!(err(line.train(&[a.clone()], &mut ok)).contains("two endpoints"));
+    assert!(err(line.train(std::slice::from_ref(&a), &mut ok)).contains("two endpoints"));
     assert!(err(line.train::<StateDictF64, _>(&[], &mut ok)).contains("endpoints"));
     assert!(err(line.train(&[a.clone(), short.clone()], &mut ok)).contains("member 1"));
     assert!(err(line.train(&[a.clone(), nan.clone()], &mut ok)).contains("member 1"));
