@@ -193,7 +193,7 @@ impl ParamGroups {
     ///
     /// ```
     /// use modelfusion::merge::{Granularity, ParamGroups};
-    /// use modelfusion::StateDict;
+    /// use modelfusion::{Model, StateDict};
     /// use ndarray::{arr1, arr2};
     /// let a = StateDict::from_pairs([("w", arr1(&[2.0f64]).into_dyn())])?;
     /// let g = ParamGroups::new(&a, Granularity::Model);
@@ -261,7 +261,7 @@ impl ParamGroups {
     ///
     /// ```
     /// use modelfusion::merge::{Granularity, ParamGroups};
-    /// use modelfusion::StateDict;
+    /// use modelfusion::{Model, StateDict};
     /// use ndarray::arr1;
     /// let a = StateDict::from_pairs([("u", arr1(&[1.0f64]).into_dyn()), ("v", arr1(&[1.0]).into_dyn())])?;
     /// let g = ParamGroups::new(&a, Granularity::Tensor);
@@ -618,7 +618,7 @@ impl AdaMerging {
     ///
     /// ```
     /// use modelfusion::merge::AdaMerging;
-    /// use modelfusion::StateDict;
+    /// use modelfusion::{Model, StateDict};
     /// use ndarray::{arr1, arr2};
     /// let base = StateDict::from_pairs([("w", arr1(&[1.0f64]).into_dyn())])?;
     /// let a = StateDict::from_pairs([("w", arr1(&[3.0f64]).into_dyn())])?;

@@ -146,7 +146,8 @@ impl<'a, N: Network> Entropy<'a, N> {
     /// ```
     /// use modelfusion::nn::{data, Entropy, Mlp};
     /// let d = data::digits()?.head(10);
-    /// let h = Entropy::new(&Mlp::new(&[64, 10])?, &d, 4, 1)?;
+    /// let net = Mlp::new(&[64, 10])?;
+    /// let h = Entropy::new(&net, &d, 4, 1)?;
     /// let b = h.batch_indices(0);
     /// assert_eq!(b.len(), 4);
     /// assert!(b.iter().all(|&i| i < 10));
