@@ -29,7 +29,9 @@
 //! - [`path`] and [`barrier`]: paths between models, curve fitting, loss barriers on an
 //!   explicit grid; [`plot`] draws the curves as SVG.
 //! - [`merge`]: averaging (SWA, EMA, LAWA, SWAG, soups), task vectors (task arithmetic,
-//!   TIES, DARE, breadcrumbs, DELLA), SLERP, model stock, Fisher, RegMean, ensembles.
+//!   TIES, DARE, breadcrumbs, DELLA), SLERP, model stock, Fisher, RegMean, ensembles;
+//!   learned coefficients (AdaMerging, the learned soup, subspace learning) on one
+//!   shared chain rule, `merge::ParamGroups`.
 //! - [`pipeline`]: reference choice -> align -> merge -> evaluate.
 //! - [`optim`]: SGD (momentum, Nesterov) and Adam on model-shaped values, with weight
 //!   decay, frozen parameters and learning-rate schedules (used by `nn` and `path`).

@@ -51,6 +51,14 @@
 //! | FGE | [`Fge`] | triangular cyclical learning rate, snapshots at each cycle's minimum, output ensemble | cycle even |
 //! | SWALP | [`Swalp`], [`BlockQuantizer`] | SWA over a run with block-floating-point gradients and weights (stochastic rounding, seeded), mean in full precision | 8 bits |
 //! | TWA | [`Twa`] | training inside the span of the iterates (Gram-Schmidt basis), from their mean | |
+//! | subspace learning | [`Subspace`] | a line / simplex of endpoints trained in one run: loss at `sum_i alpha_i theta_i`, `alpha` sampled on the simplex (seeded), endpoint `i` gets `alpha_i grad` | global `alpha` (the paper's), or per layer |
+//!
+//! Learned coefficients (one shared chain rule, [`ParamGroups`]: `dL/dc[i, g] = sum_{t in g} <grad_t, x_{i,t}>`):
+//!
+//! | method | type | what | defaults |
+//! |---|---|---|---|
+//! | AdaMerging | [`AdaMerging`] | `base + sum_i lambda[i, g] tau_i`, `lambda` learned by minimising an unsupervised loss (the prediction entropy, [`nn::Entropy`](crate::nn::Entropy)), clipped | paper: init 0.3, clip `[0, 1]`, Adam `1e-3`; task-wise or layer-wise |
+//! | learned soup | [`LearnedSoup`] | `sum_i softmax(beta)_i theta_i`, `beta` learned on a held-out labelled loss | uniform start; global or by layer |
 //!
 //! ## Determinism
 //!
@@ -106,6 +114,7 @@ mod ensemble;
 mod fisher;
 mod fusion;
 mod kernel;
+mod learned;
 mod ram;
 mod regmean;
 mod sce;
@@ -124,6 +133,10 @@ pub use ensemble::{Ensemble, EnsembleMode, Outputs};
 pub use fisher::{DEFAULT_FISHER_FLOOR, Fisher, diagonal_fisher};
 pub use fusion::{ArceeFusion, FUSION_QUANTILE_SAMPLE, NearSwap};
 pub use kernel::output_buffer;
+pub use learned::{
+    AdaMerging, AdaMergingRun, Granularity, LearnedSoup, LearnedSoupRun, ParamGroups, Subspace,
+    SubspaceRun,
+};
 pub use ram::Ram;
 pub use regmean::{DEFAULT_REGMEAN_ALPHA, Grams, RegMean, gram_matrices};
 pub use sce::Sce;

@@ -99,6 +99,7 @@
 
 mod attack;
 pub mod data;
+mod entropy;
 mod eval;
 mod layers;
 mod mlp;
@@ -119,6 +120,7 @@ pub use crate::optim::{LrSchedule, Optimizer};
 pub use crate::perm::specs::Architecture;
 pub use attack::{Norm, Perturbed, Pgd, Robust, RobustErrorRate};
 pub use data::Dataset;
+pub use entropy::{Entropy, softmax_entropy};
 pub use eval::{Classification, ErrorRate, Evaluation, LayerInputs};
 pub use mlp::Mlp;
 pub use mlp::MlpCache;
@@ -406,6 +408,41 @@ pub trait Network: Architecture + Clone + Debug + Send + Sync {
             correct,
             cache,
         })
+    }
+
+    /// A loss on the logits of a batch other than cross-entropy, and its gradient
+    /// through the network: `loss` maps the logits `(samples, classes)` to the loss and
+    /// its gradient with respect to them (e.g. [`softmax_entropy`]); returns the loss
+    /// and the parameter gradient (zero for buffers).
+    ///
+    /// ```
+    /// use modelfusion::nn::{softmax_entropy, Mlp, Mode, Network};
+    /// let net = Mlp::new(&[4, 3, 2])?;
+    /// let p = net.init::<ndarray::ArrayD<f64>>(0);
+    /// let x = ndarray::Array2::<f64>::ones((5, 4));
+    /// let (h, g) = net.batch_logit_loss_and_gradient(&p, x.view(), Mode::Eval, softmax_entropy)?;
+    /// assert!(h >= 0.0 && h <= 2f64.ln() + 1e-12);
+    /// assert_eq!(g.len(), 4);
+    /// # Ok::<(), modelfusion::Error>(())
+    /// ```
+    fn batch_logit_loss_and_gradient<T: Tensor>(
+        &self,
+        params: &StateDict<T>,
+        x: ArrayView2<T::Elem>,
+        mode: Mode,
+        loss: impl FnOnce(ArrayView2<T::Elem>) -> Result<(f64, Array2<T::Elem>)>,
+    ) -> Result<(f64, StateDict<T>)> {
+        let (logits, cache) = self.forward(params, x, mode)?;
+        let (value, dlogits) = loss(logits.view())?;
+        if dlogits.dim() != logits.dim() {
+            return Err(Error::shape(
+                "the gradient of the logit loss",
+                logits.shape(),
+                dlogits.shape(),
+            ));
+        }
+        let gradient = self.backward(params, &cache, dlogits.view())?;
+        Ok((value, gradient))
     }
 }
 

@@ -7,6 +7,7 @@ mod config_vocab;
 mod merge_chunked;
 mod merge_errors;
 mod merge_golden;
+mod merge_learned;
 mod merge_properties;
 mod merge_robust_soup;
 mod merge_svd;
