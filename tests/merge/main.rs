@@ -4,6 +4,7 @@ mod config_run;
 mod config_slices;
 mod config_slow_tokenizers;
 mod config_vocab;
+mod golden_json;
 mod merge_chunked;
 mod merge_errors;
 mod merge_golden;

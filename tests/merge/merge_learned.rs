@@ -1,6 +1,7 @@
 //! AdaMerging, the learned soup and subspace learning: golden runs against the numpy
 //! reference (`tests/golden/merge/gen_learned.py`), properties, and bad input.
 
+use crate::golden_json::floats;
 use modelfusion::merge::{
     AdaMerging, Granularity, LearnedSoup, Merger, ParamGroups, StepConfig, Subspace, TaskMerge,
 };
@@ -19,19 +20,7 @@ const NAMES: [&str; 4] = [
 ];
 
 fn golden() -> Value {
-    let path = format!(
-        "{}/tests/golden/merge/learned.json",
-        env!("CARGO_MANIFEST_DIR")
-    );
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
-}
-
-fn floats(v: &Value) -> Vec<f64> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap())
-        .collect()
+    crate::golden_json::read("learned.json")
 }
 
 /// A model from `{name: {shape, data}}`, in the network's parameter order.

@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::ops::ControlFlow;
 
+use crate::golden_json::floats;
 use modelfusion::merge::{
     BlockQuantizer, Fge, Hwa, Papa, Rounding, StepConfig, Swad, Swalp, Twa, train_population,
 };
@@ -15,19 +16,7 @@ use proptest::prelude::*;
 use serde_json::Value;
 
 fn golden() -> Value {
-    let path = format!(
-        "{}/tests/golden/merge/training.json",
-        env!("CARGO_MANIFEST_DIR")
-    );
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
-}
-
-fn floats(v: &Value) -> Vec<f64> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap())
-        .collect()
+    crate::golden_json::read("training.json")
 }
 
 /// A model from a JSON object of flat arrays (names sorted).

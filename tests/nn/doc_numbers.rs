@@ -202,8 +202,9 @@ fn rebasin_matches_docs(heading: &str, args: &[&str]) -> (f64, f64) {
     (barriers[0], barriers[1])
 }
 
-/// The README's results row whose first cell starts with `label`: `WM vs naive (pct%)`.
-fn readme_barrier_row(label: &str, naive: f64, wm: f64) {
+/// The README's results row whose first cell starts with `label` against `measured`
+/// (the numbers of its second cell, in order).
+fn readme_row(label: &str, measured: &[f64]) {
     let readme = read("README.md");
     let cells = readme
         .lines()
@@ -215,8 +216,46 @@ fn readme_barrier_row(label: &str, naive: f64, wm: f64) {
     check(
         &format!("README.md results row `{label}`"),
         &numbers(cells[2]),
-        &[wm, naive, 100.0 * wm / naive],
+        measured,
     );
+}
+
+/// The README's barrier row `label`: `WM vs naive (pct%)`.
+fn readme_barrier_row(label: &str, naive: f64, wm: f64) {
+    readme_row(label, &[wm, naive, 100.0 * wm / naive]);
+}
+
+/// The numbers of the cells after the first of the table row `label` that a command
+/// printed (as markdown).
+fn printed_row(out: &str, label: &str) -> Vec<f64> {
+    row(out, label)[1..]
+        .iter()
+        .flat_map(|c| numbers(c))
+        .map(|w| w.value)
+        .collect()
+}
+
+/// Every row `label` of the table in `heading` of the document `rel` against the same
+/// row of the table the command printed.
+fn doc_rows_match(out: &str, rel: &str, heading: &str, labels: &[&str]) {
+    let doc = read(rel);
+    let sec = section(&doc, heading);
+    for &label in labels {
+        let doc_nums: Vec<Written> = row(sec, label)[1..]
+            .iter()
+            .flat_map(|c| numbers(c))
+            .collect();
+        check(
+            &format!("{rel} `{heading}`, row `{label}`"),
+            &doc_nums,
+            &printed_row(out, label),
+        );
+    }
+}
+
+/// The last number of a vector (a printed row's mean).
+fn last(v: &[f64]) -> f64 {
+    v[v.len() - 1]
 }
 
 #[test]
@@ -273,20 +312,96 @@ fn fuse_numbers_are_the_documented_ones() {
     let out = run_example("fuse", &[]);
     let naive = printed(&out, "naive average", "");
     let wm = printed(&out, "weight-matched average", "");
-    let readme = read("README.md");
-    let cells = readme
-        .lines()
-        .find(|l| l.starts_with("| three digits MLPs fused"))
-        .expect("README.md's fuse row")
-        .split('|')
-        .map(str::trim)
-        .collect::<Vec<_>>();
     // `test loss L, accuracy A%` (weight-matched: `(ref R) test loss ...`): accuracy last.
-    let acc = |v: &[f64]| v[v.len() - 1];
-    check(
-        "README.md results row `three digits MLPs fused`",
-        &numbers(cells[2]),
-        &[acc(&naive), acc(&wm)],
+    readme_row("three digits MLPs fused", &[last(&naive), last(&wm)]);
+}
+
+#[test]
+fn zipit_numbers_are_the_documented_ones() {
+    let out = run_example("zipit", &[]);
+    // `  ZipIt! full (alpha = 1)   95.82  95.82  95.54  | mean  95.73 %`: the mean last.
+    let mean = |name: &str| last(&printed(&out, name, ""));
+    readme_row(
+        "digits MLP 3x128, midpoint test accuracy (3 pairs)",
+        &[
+            mean("ZipIt! full (alpha = 1)"),
+            mean("ZipIt! partial k = 1"),
+            mean("activation matching"),
+            mean("weight matching"),
+        ],
+    );
+}
+
+#[test]
+fn robust_numbers_are_the_documented_ones() {
+    let out = run_example("robust", &[]);
+    let curves = ["line", "plain curve", "robust curve"];
+    doc_rows_match(
+        &out,
+        "docs/connectivity.md",
+        "## Robust mode connectivity",
+        &curves,
+    );
+    let stats = ["interpolated", "recomputed at every point"];
+    doc_rows_match(
+        &out,
+        "docs/connectivity.md",
+        "## Batch-norm statistics along a path",
+        &stats,
+    );
+    let weights = [
+        "0.0", "0.1", "0.2", "0.3", "0.4", "0.5", "0.6", "0.7", "0.8", "0.9", "1.0",
+    ];
+    doc_rows_match(
+        &out,
+        "docs/averaging.md",
+        "## Adversarially-robust soup",
+        &weights,
+    );
+    // Columns: clean loss / error barrier, robust loss / error barrier, robust error at 0.5.
+    let robust_error_barriers: Vec<f64> = curves.iter().map(|c| printed_row(&out, c)[3]).collect();
+    readme_row("digits MLP, PGD-20 L-inf 0.1", &robust_error_barriers);
+    let loss_barriers: Vec<f64> = stats.iter().map(|c| printed_row(&out, c)[0]).collect();
+    readme_row("digits ResMlp line", &loss_barriers);
+    let soup: Vec<f64> = ["0.0", "0.4", "1.0"]
+        .iter()
+        .flat_map(|w| printed_row(&out, w))
+        .collect();
+    readme_row("digits robust soup", &soup);
+}
+
+#[test]
+fn adamerging_numbers_are_the_documented_ones() {
+    let out = run_example("adamerging", &[]);
+    let mean = |name: &str| last(&printed_row(&out, name));
+    let arithmetic = ["0.3", "0.5", "1"]
+        .iter()
+        .map(|l| mean(&format!("task arithmetic, lambda {l}")))
+        .fold(f64::NEG_INFINITY, f64::max);
+    readme_row(
+        "digits, tasks 0-4 / 5-9 merged",
+        &[
+            mean("AdaMerging layer-wise"),
+            mean("AdaMerging task-wise"),
+            arithmetic,
+        ],
+    );
+    readme_row(
+        "digits, soups of 5 fine-tuned runs",
+        &[
+            mean("learned soup"),
+            mean("greedy soup"),
+            mean("uniform soup"),
+        ],
+    );
+    readme_row(
+        "digits MLP, 3 seeds: learned line",
+        &[
+            mean("learned line, midpoint"),
+            mean("learned line, midpoint, twice the steps"),
+            mean("SWA"),
+            mean("plain"),
+        ],
     );
 }
 
@@ -319,7 +434,6 @@ fn the_number_reader_reads_what_the_docs_write() {
 /// docs/benchmarks.md's `train_mlp` table: the row of `data` against one run.
 fn train_mlp_matches_docs(data: &str, args: &[&str]) {
     let out = run_example("train_mlp", args);
-    let acc = |v: Vec<f64>| v[v.len() - 1];
     // `model 0 (MLP [..]): final training loss L, test loss L, test accuracy A% (T s)`
     let model = |seed: &str| {
         let v = printed(&out, &format!("model {seed} "), "");
@@ -328,8 +442,8 @@ fn train_mlp_matches_docs(data: &str, args: &[&str]) {
     let measured = [
         model("0"),
         model("1"),
-        acc(printed(&out, "output ensemble of both:", "")),
-        acc(printed(&out, "naive midpoint", "")),
+        last(&printed(&out, "output ensemble of both:", "")),
+        last(&printed(&out, "naive midpoint", "")),
     ];
     let doc = read("docs/benchmarks.md");
     let cells = row(section(&doc, "## nn (reference networks)"), data);
