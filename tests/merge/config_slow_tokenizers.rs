@@ -10,12 +10,10 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use modelfusion::config::{Config, RunOptions, vocabulary};
-use modelfusion::io::{Dtype, load, save_file};
+use modelfusion::io::load;
 use modelfusion::progress::Silent;
 use modelfusion::{Model, StateDictF32};
 use ndarray::ArrayD;
-
-const LAYER: &[&str] = modelfusion::config::LAYOUTS[0].layer;
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/mergekit/tokenizers")
@@ -42,31 +40,7 @@ fn write(dir: &Path, name: &str, id: f32, tok: &str, rows: usize) -> PathBuf {
         std::fs::copy(f.path(), d.join(f.file_name())).unwrap();
     }
     let emb = ArrayD::from_shape_fn(vec![rows, 2], |ix| id * 1000.0 + ix[0] as f32);
-    let mut pairs = vec![
-        ("model.embed_tokens.weight".to_string(), emb.clone()),
-        ("lm_head.weight".to_string(), emb),
-        (
-            "model.norm.weight".to_string(),
-            ArrayD::from_elem(vec![2], id),
-        ),
-    ];
-    for s in LAYER {
-        let shape = if s.contains("layernorm") {
-            vec![2]
-        } else {
-            vec![2, 2]
-        };
-        pairs.push((format!("model.layers.0.{s}"), ArrayD::from_elem(shape, id)));
-    }
-    save_file(
-        &StateDictF32::from_pairs(pairs).unwrap(),
-        d.join("model.safetensors"),
-        Dtype::F32,
-    )
-    .unwrap();
-    let cfg = serde_json::json!({"architectures": ["LlamaForCausalLM"], "num_hidden_layers": 1,
-        "hidden_size": 2, "vocab_size": rows, "tie_word_embeddings": false});
-    std::fs::write(d.join("config.json"), cfg.to_string()).unwrap();
+    crate::config_vocab::write_llama_checkpoint(&d, id, emb.clone(), Some(emb), rows);
     d
 }
 

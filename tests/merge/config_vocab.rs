@@ -17,24 +17,25 @@ use ndarray::ArrayD;
 
 const LAYER: &[&str] = modelfusion::config::LAYOUTS[0].layer;
 
-/// A one-layer Llama-like model `id` with `vocab` tokens; embedding row `r` is
-/// `id * 100 + r`, LM-head row `r` is `-(id * 100 + r)`, every other tensor `id`.
-fn write(dir: &Path, name: &str, id: f32, vocab: &[&str], added: &[(&str, usize)], tied: bool) {
-    let d = dir.join(name);
-    std::fs::create_dir_all(&d).unwrap();
-    let v = vocab.len() + added.iter().filter(|(t, _)| !vocab.contains(t)).count();
-    let rows =
-        |sign: f32| ArrayD::from_shape_fn(vec![v, 2], |ix| sign * (id * 100.0 + ix[0] as f32));
+/// A one-layer Llama-like checkpoint in `d`: the embedding `embed`, the LM head `head`
+/// (tied to the embedding without one), every other tensor `id`, and its `config.json`
+/// with `vocab_size`.
+pub(crate) fn write_llama_checkpoint(
+    d: &Path,
+    id: f32,
+    embed: ArrayD<f32>,
+    head: Option<ArrayD<f32>>,
+    vocab_size: usize,
+) {
+    let tied = head.is_none();
     let mut pairs = vec![
-        ("model.embed_tokens.weight".to_string(), rows(1.0)),
+        ("model.embed_tokens.weight".to_string(), embed),
         (
             "model.norm.weight".to_string(),
             ArrayD::from_elem(vec![2], id),
         ),
     ];
-    if !tied {
-        pairs.push(("lm_head.weight".to_string(), rows(-1.0)));
-    }
+    pairs.extend(head.map(|h| ("lm_head.weight".to_string(), h)));
     for s in LAYER {
         let shape = if s.contains("layernorm") {
             vec![2]
@@ -50,8 +51,20 @@ fn write(dir: &Path, name: &str, id: f32, vocab: &[&str], added: &[(&str, usize)
     )
     .unwrap();
     let cfg = serde_json::json!({"architectures": ["LlamaForCausalLM"], "num_hidden_layers": 1,
-        "hidden_size": 2, "vocab_size": v, "tie_word_embeddings": tied});
+        "hidden_size": 2, "vocab_size": vocab_size, "tie_word_embeddings": tied});
     std::fs::write(d.join("config.json"), cfg.to_string()).unwrap();
+}
+
+/// A one-layer Llama-like model `id` with `vocab` tokens; embedding row `r` is
+/// `id * 100 + r`, LM-head row `r` is `-(id * 100 + r)`, every other tensor `id`.
+fn write(dir: &Path, name: &str, id: f32, vocab: &[&str], added: &[(&str, usize)], tied: bool) {
+    let d = dir.join(name);
+    std::fs::create_dir_all(&d).unwrap();
+    let v = vocab.len() + added.iter().filter(|(t, _)| !vocab.contains(t)).count();
+    let rows =
+        |sign: f32| ArrayD::from_shape_fn(vec![v, 2], |ix| sign * (id * 100.0 + ix[0] as f32));
+    let head = (!tied).then(|| rows(-1.0));
+    write_llama_checkpoint(&d, id, rows(1.0), head, v);
     let vocab_map: serde_json::Map<String, serde_json::Value> = vocab
         .iter()
         .enumerate()
