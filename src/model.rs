@@ -221,21 +221,9 @@ pub trait Model: Clone + Send + Sync + Debug + 'static {
             ));
         }
         for (i, m) in models.iter().enumerate().skip(1) {
-            first.check_compatible(m).map_err(|e| match e {
-                Error::ShapeMismatch {
-                    what,
-                    expected,
-                    got,
-                } => Error::ShapeMismatch {
-                    what: format!("{what} of model {i}"),
-                    expected,
-                    got,
-                },
-                Error::NameMismatch { detail } => Error::NameMismatch {
-                    detail: format!("model 0 vs model {i}: {detail}"),
-                },
-                other => other,
-            })?;
+            first
+                .check_compatible(m)
+                .map_err(|e| mismatch_context(e, "model 0", &format!("model {i}")))?;
         }
         let ws: Vec<<Self::Tensor as Tensor>::Elem> =
             weights.iter().map(|&w| Scalar::from_f64_lossy(w)).collect();
@@ -689,6 +677,27 @@ fn overflow_guard<T: Tensor>(
             param,
             format!("{value:e} makes the finite parameter `{name}` overflow to a non-finite value"),
         ))
+    }
+}
+
+/// A structural mismatch found by `check_compatible` between the model labelled `first`
+/// and the one labelled `other`, with both labels added to its message; other errors
+/// pass through.
+pub(crate) fn mismatch_context(e: Error, first: &str, other: &str) -> Error {
+    match e {
+        Error::ShapeMismatch {
+            what,
+            expected,
+            got,
+        } => Error::ShapeMismatch {
+            what: format!("{what} of {other}"),
+            expected,
+            got,
+        },
+        Error::NameMismatch { detail } => Error::NameMismatch {
+            detail: format!("{first} vs {other}: {detail}"),
+        },
+        other => other,
     }
 }
 

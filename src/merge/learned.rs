@@ -22,7 +22,7 @@ use rand_chacha::ChaCha8Rng;
 
 use super::training::StepConfig;
 use crate::error::{Error, Result, check_finite};
-use crate::model::{Model, StateDict, StateDictF64};
+use crate::model::{Model, StateDict, StateDictF64, mismatch_context};
 use crate::objective::StochasticGradient;
 use crate::optim::{ModelOptimizer, Optimizer};
 use crate::tensor::{Scalar, Tensor};
@@ -305,21 +305,9 @@ impl ParamGroups {
 fn check_members<'a, M: Model>(members: &[&'a M], what: &str) -> Result<&'a M> {
     let first = *members.first().ok_or_else(|| Error::empty(what))?;
     for (i, m) in members.iter().enumerate() {
-        first.check_compatible(m).map_err(|e| match e {
-            Error::ShapeMismatch {
-                what: w,
-                expected,
-                got,
-            } => Error::ShapeMismatch {
-                what: format!("{w} of member {i} ({what})"),
-                expected,
-                got,
-            },
-            Error::NameMismatch { detail } => Error::NameMismatch {
-                detail: format!("member 0 vs member {i} ({what}): {detail}"),
-            },
-            other => other,
-        })?;
+        first
+            .check_compatible(m)
+            .map_err(|e| mismatch_context(e, "member 0", &format!("member {i} ({what})")))?;
         m.check_finite(&format!("member {i} ({what})"))?;
     }
     Ok(first)
