@@ -294,6 +294,11 @@ impl<'a> ConfigMerger<'a> {
         }
     }
 
+    /// The config it merges by.
+    pub(crate) fn config(&self) -> &'a Config {
+        self.config
+    }
+
     /// Counts the layers among the tensor names (gradient positions depend on it), then
     /// runs the merger on one-element stand-ins (base 0, model `i` = `i + 1`) for every
     /// tensor name, so that bad hyperparameters (a density outside [0, 1], a `t` outside

@@ -17,7 +17,7 @@ mod run;
 mod slow_tokenizer;
 mod tokenizer;
 
-pub use layout::{LAYOUTS, Layout, LooseWeight, ModelLayout};
+pub use layout::{LAYOUTS, LayerCount, Layout, LooseWeight, ModelLayout, Module};
 pub use methods::{BaseUse, ConfigMerger, METHODS, MethodSpec, ParamSpec, method_spec};
 pub use run::{AlignedInput, MergePlan, RunOptions, RunSummary};
 pub use tokenizer::{
@@ -285,8 +285,9 @@ pub struct RawConfig {
     pub tokenizer: Option<RawTokenizer>,
     /// A Jinja chat template, or `auto`.
     pub chat_template: Option<String>,
-    /// mergekit's per-module form: `{default: {models | slices, parameters}}`, the one
-    /// module of the single-module architectures modelfusion knows.
+    /// mergekit's per-module form: `{NAME: {models | slices, parameters}}`, with
+    /// `default` the one module of single-module architectures and `text_decoder`,
+    /// `vision_tower`, `encoder`, ... those of multi-module ones ([`LAYOUTS`]).
     pub modules: Option<BTreeMap<String, RawModule>>,
     /// modelfusion's own section: align every model to the base (or first) model first.
     pub align: Option<RawAlign>,
@@ -305,7 +306,8 @@ pub struct RawConfig {
 ///     "c.yml".as_ref(),
 /// )?;
 /// assert_eq!(c.model_param(1, "weight", "w", 0.0)?, 2.0);
-/// assert!(Config::from_yaml("merge_method: linear\nmodules: {vision: {models: [{model: a}]}}\n", "c.yml".as_ref()).is_err());
+/// // Other module names are checked against the checkpoints' architecture when planned.
+/// assert!(Config::from_yaml("merge_method: linear\nmodules: {vision: {parameters: {weight: 1}}}\n", "c.yml".as_ref()).is_err());
 /// # Ok::<(), modelfusion::Error>(())
 /// ```
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -570,6 +572,35 @@ pub struct Config {
     pub tokenizer: Option<TokenizerConfig>,
     /// `chat_template` as written (`auto`, or a template).
     pub chat_template: Option<String>,
+    /// The modules of a `modules:` config, each a merge of its own (its models or
+    /// slices, its parameters over the top-level ones), in name order; empty without
+    /// `modules:`. The top-level `inputs` are then every model the modules name, once
+    /// each (the base first); `modules: {default: ...}` alone is also the top-level
+    /// form (the config is that module's merge).
+    pub modules: Vec<ModuleConfig>,
+}
+
+/// One module of a `modules:` config.
+///
+/// ```
+/// use modelfusion::config::Config;
+/// let c = Config::from_yaml(
+///     "merge_method: linear\nparameters: {weight: 1}\nmodules:\n  text_decoder: {models: [{model: a}, {model: b}]}\n  vision_tower:\n    parameters: {weight: 2}\n    slices: [{sources: [{model: b, layer_range: [0, 2]}]}]\n",
+///     "c.yml".as_ref(),
+/// )?;
+/// assert_eq!(c.modules.len(), 2);
+/// assert_eq!(c.modules[1].name, "vision_tower");
+/// assert_eq!(c.modules[1].config.slices[0].ranges, [(0, 2)]);
+/// assert_eq!(c.inputs.len(), 2);
+/// # Ok::<(), modelfusion::Error>(())
+/// ```
+#[derive(Clone, Debug)]
+pub struct ModuleConfig {
+    /// The module's name as written (checked against the checkpoint's architecture
+    /// when the config is planned).
+    pub name: String,
+    /// The module's merge.
+    pub config: Config,
 }
 
 /// Largest merge config read, in bytes.
@@ -622,10 +653,69 @@ impl Config {
     /// Validates a parsed config: known method and keys, parameter names allowed for the
     /// method, required parameters present, model count and base model as the method needs.
     pub fn validate(mut raw: RawConfig) -> Result<Config> {
-        let module = match raw.modules.take() {
-            Some(modules) => Some(single_module(&mut raw, modules)?),
-            None => None,
+        let Some(modules) = raw.modules.take() else {
+            return Self::validate_in(raw, None);
         };
+        if !raw.models.is_empty() || raw.slices.is_some() {
+            return Err(config_err(
+                "`modules` is set with `models` or `slices`; a config has exactly one of them (as in mergekit)",
+            ));
+        }
+        if modules.is_empty() {
+            return Err(Error::invalid(
+                "modules",
+                "is empty; expected module names (`default` for single-module architectures; `text_decoder`, `vision_tower`, ... for multi-module ones), each with `models` or `slices`",
+            ));
+        }
+        let mut parts = Vec::new();
+        for (name, m) in modules {
+            if m.models.is_empty() == m.slices.is_none() {
+                return Err(config_err(format!(
+                    "modules.{name} needs exactly one of `models` and `slices` (as in mergekit)"
+                )));
+            }
+            let mut one = raw.clone();
+            one.models = m.models;
+            one.slices = m.slices;
+            let config = Self::validate_in(one, Some((&name, &m.parameters)))?;
+            parts.push(ModuleConfig { name, config });
+        }
+        // `default` alone is the top-level form (the single-module architectures).
+        if let [only] = parts.as_slice()
+            && only.name == "default"
+        {
+            let mut top = only.config.clone();
+            top.modules = parts;
+            return Ok(top);
+        }
+        if raw.align.is_some() {
+            return Err(config_err(
+                "`align` works on whole models; it cannot be combined with several `modules`",
+            ));
+        }
+        let mut top = parts[0].config.clone();
+        let (inputs, has_base) = every_input(
+            top.method,
+            raw.base_model.as_ref().map(|b| b.path()),
+            parts.iter().map(|p| &p.config),
+        );
+        top.inputs = inputs;
+        top.has_base = has_base;
+        top.model_params = Vec::new();
+        top.slices = Vec::new();
+        top.slice_params = BTreeMap::new();
+        top.global_params = shared_params(top.method, &raw.parameters, "parameters")?;
+        top.modules = parts;
+        Ok(top)
+    }
+
+    /// [`Config::validate`] of a config without `modules:`, or of one module (its name
+    /// and parameters: they sit between the slices' and the top-level ones).
+    fn validate_in(
+        raw: RawConfig,
+        module: Option<(&str, &BTreeMap<String, serde_json::Value>)>,
+    ) -> Result<Config> {
+        let scope = module.map_or(String::new(), |(name, _)| format!("modules.{name}."));
         if let Some((k, _)) = raw.other.iter().next() {
             let why = UNSUPPORTED_KEYS
                 .iter()
@@ -649,8 +739,8 @@ impl Config {
             None => None,
         };
         let mut global_params = shared_params(method, &raw.parameters, "parameters")?;
-        if let Some(params) = &module {
-            let own = shared_params(method, params, "modules.default.parameters")?;
+        if let Some((_, params)) = module {
+            let own = shared_params(method, params, &format!("{scope}parameters"))?;
             for (k, v) in own {
                 let below = global_params.remove(&k);
                 global_params.insert(k, v.over(below));
@@ -689,6 +779,7 @@ impl Config {
             slice_params,
             tokenizer: tokenizer.clone(),
             chat_template: raw.chat_template.clone(),
+            modules: Vec::new(),
         };
         let Some(raw_slices) = &raw.slices else {
             let entries: Vec<Entry> = raw
@@ -698,7 +789,7 @@ impl Config {
                 .map(|(i, m)| Entry {
                     model: &m.model,
                     params: &m.parameters,
-                    place: format!("models[{i}] ({})", m.model),
+                    place: format!("{scope}models[{i}] ({})", m.model),
                 })
                 .collect();
             let empty = BTreeMap::new();
@@ -726,7 +817,7 @@ impl Config {
         }
         let mut slices = Vec::new();
         for (si, sl) in raw_slices.iter().enumerate() {
-            let place = format!("slices[{si}]");
+            let place = format!("{scope}slices[{si}]");
             if sl.sources.is_empty() {
                 return Err(config_err(format!("{place} has no `sources`")));
             }
@@ -774,19 +865,8 @@ impl Config {
                 ranges,
             });
         }
-        // Every model named, once, the base first when the method uses one.
-        let mut inputs: Vec<PathBuf> = Vec::new();
-        let has_base = method.base != BaseUse::None && base.is_some();
-        let named = base
-            .iter()
-            .filter(|_| has_base)
-            .map(PathBuf::from)
-            .chain(slices.iter().flat_map(|s| s.config.inputs.iter().cloned()));
-        for p in named {
-            if !inputs.contains(&p) {
-                inputs.push(p);
-            }
-        }
+        let (inputs, has_base) =
+            every_input(method, base.as_deref(), slices.iter().map(|s| &s.config));
         let top = Group {
             inputs,
             has_base,
@@ -1036,46 +1116,26 @@ fn group(
     })
 }
 
-/// The models or slices of `modules:` moved to the top level of `raw`, and the
-/// module's parameters: the architectures modelfusion knows are mergekit's
-/// single-module ones, whose one module is `default` (a config of several modules is
-/// for a vision-language model, whose module layouts modelfusion does not know).
-fn single_module(
-    raw: &mut RawConfig,
-    mut modules: BTreeMap<String, RawModule>,
-) -> Result<BTreeMap<String, serde_json::Value>> {
-    if !raw.models.is_empty() || raw.slices.is_some() {
-        return Err(config_err(
-            "`modules` is set with `models` or `slices`; a config has exactly one of them (as in mergekit)",
-        ));
+/// Every model the merges `groups` name, once, the base first when the method uses
+/// one (the inputs of a sliced or multi-module config), and whether it is there.
+fn every_input<'c>(
+    method: &MethodSpec,
+    base: Option<&str>,
+    groups: impl Iterator<Item = &'c Config>,
+) -> (Vec<PathBuf>, bool) {
+    let has_base = method.base != BaseUse::None && base.is_some();
+    let mut inputs: Vec<PathBuf> = Vec::new();
+    let named = base
+        .iter()
+        .filter(|_| has_base)
+        .map(PathBuf::from)
+        .chain(groups.flat_map(|g| g.inputs.iter().cloned()));
+    for p in named {
+        if !inputs.contains(&p) {
+            inputs.push(p);
+        }
     }
-    let names: Vec<&String> = modules.keys().collect();
-    if names != ["default"] {
-        return Err(Error::invalid(
-            "modules",
-            format!(
-                "got modules {names:?}; the architectures modelfusion knows ({}) have one module, `default` (mergekit's name), so write `modules: {{default: {{models | slices, parameters}}}}` or put `models` / `slices` at the top level; several modules are mergekit's multi-module architectures (Gemma 3 / Mistral 3 / Llama 4 / Qwen2-VL / Qwen2.5-VL / Qwen3-VL vision-language models: text_decoder, vision_tower, multi_modal_projector; T5 and Whisper: encoder, decoder), each module with its own tensor-name prefix and layer count (e.g. `vision_config.depth`), layouts modelfusion does not have (see docs/mergekit.md)",
-                LAYOUTS
-                    .iter()
-                    .map(|l| l.family)
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-        ));
-    }
-    let m = modules.remove("default").unwrap_or_else(|| RawModule {
-        models: Vec::new(),
-        slices: None,
-        parameters: BTreeMap::new(),
-    });
-    if m.models.is_empty() == m.slices.is_none() {
-        return Err(config_err(
-            "modules.default needs exactly one of `models` and `slices` (as in mergekit)",
-        ));
-    }
-    raw.models = m.models;
-    raw.slices = m.slices;
-    Ok(m.parameters)
+    (inputs, has_base)
 }
 
 impl ParamValue {

@@ -8,7 +8,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use ndarray::ArrayD;
 
 use super::tokenizer::{OutputVocab, RowRemap, edit_json, resolve_template, set_template};
-use super::{AlignSettings, Config, ConfigMerger, Layout, LooseWeight, ModelLayout, layer_index};
+use super::{
+    AlignSettings, Config, ConfigMerger, LAYOUTS, Layout, LooseWeight, ModelLayout, Module,
+    layer_index,
+};
 use crate::align::AlignStats;
 use crate::io::{
     Checkpoint, Chunking, Dtype, IoScalar, MappedMerger, MappedTensor, MergeSummary, SaveOptions,
@@ -210,7 +213,8 @@ pub struct MergePlan<'c> {
     place: Vec<Placed>,
     groups: Vec<ConfigMerger<'c>>,
     dropped: Vec<String>,
-    layers: Option<usize>,
+    /// The layer counts written into the output's `config.json` (key, count).
+    counts: Vec<(String, usize)>,
     /// The output vocabulary, when the config names one.
     vocab: Option<OutputVocab>,
     /// Per output tensor: how its sources' rows map to the output vocabulary's (the
@@ -260,9 +264,9 @@ fn whole_model_plan(inputs: &[&Checkpoint]) -> Result<(Vec<MappedTensor>, Vec<St
             continue;
         }
         let loose = layout
-            .pre
+            .modules
             .iter()
-            .chain(layout.post)
+            .flat_map(|m| m.pre.iter().chain(m.post))
             .find(|l| l.name == name);
         let sources = inputs
             .iter()
@@ -310,141 +314,412 @@ const VOCAB_TENSORS: [&str; 2] = ["model.embed_tokens.weight", "lm_head.weight"]
 /// from the name).
 type Placed = (usize, Option<f64>);
 
-/// The output tensors of a sliced merge, where each is merged, and the layer count.
-type SlicedPlan = (Vec<MappedTensor>, Vec<Placed>, usize);
+/// The planned tensors of a layered merge: the output tensors, where each is merged,
+/// the mergers (with a label for errors), and the layer counts written into the
+/// output's `config.json`.
+struct LayeredPlan<'c> {
+    mapped: Vec<MappedTensor>,
+    place: Vec<Placed>,
+    groups: Vec<(ConfigMerger<'c>, String)>,
+    counts: Vec<(String, usize)>,
+}
 
-/// The tensors of a sliced merge, in mergekit's order: the layout's tensors before the
-/// layers (from the first slice's sources), each slice's layers renumbered from 0,
-/// the tensors after the layers (from the last slice's sources). `index[k]` is the
-/// input (among the opened ones) of the config's `inputs[k]`; gradient positions are
-/// the layer's within its slice (`i / (n - 1)`, 1 for a one-layer slice), 0 around the
-/// layers.
-fn sliced_plan(config: &Config, inputs: &[Checkpoint]) -> Result<SlicedPlan> {
-    let layouts = inputs
-        .iter()
-        .map(|c| ModelLayout::of(c, "a model of `slices`"))
-        .collect::<Result<Vec<_>>>()?;
-    let layout = layouts[0].layout;
-    if let Some((c, l)) = inputs
-        .iter()
-        .zip(&layouts)
-        .find(|(_, l)| l.layout != layout)
-    {
-        return Err(Error::invalid(
-            "slices",
-            format!(
-                "{} is a {} model, {} a {} one; mergekit refuses to mix architectures (without --allow-crimes) and so does modelfusion",
-                c.path().display(),
-                l.layout.family,
-                inputs[0].path().display(),
-                layout.family
-            ),
-        ));
+/// One slice of a module's merge: its merger (index among the plan's groups), its
+/// merge, and the layer range of each of the merge's inputs, in their order.
+struct ModuleSlice<'c> {
+    group: usize,
+    config: &'c Config,
+    ranges: Vec<(usize, usize)>,
+}
+
+/// What the tensors of a layered merge are planned from: the top-level config (whose
+/// `inputs` are the opened checkpoints, in order) and each input's layout.
+struct Planning<'a> {
+    config: &'a Config,
+    inputs: &'a [Checkpoint],
+    layouts: &'a [ModelLayout],
+}
+
+impl<'c> LayeredPlan<'c> {
+    fn new() -> Self {
+        LayeredPlan {
+            mapped: Vec::new(),
+            place: Vec::new(),
+            groups: Vec::new(),
+            counts: Vec::new(),
+        }
     }
-    let input_of =
-        |p: &Path| {
-            config.inputs.iter().position(|q| q == p).ok_or_else(|| {
-                Error::invalid("slices", format!("`{}` was not opened", p.display()))
-            })
-        };
-    let missing = |i: usize, name: &str, place: &str| Error::MissingParam {
-        name: name.to_string(),
-        context: format!(
-            "{} ({place}; the {} layout needs it)",
-            inputs[i].path().display(),
-            layout.family
-        ),
-    };
-    let mapped = |name: String, sources: Vec<(usize, String)>| MappedTensor {
-        shape: inputs[sources[0].0]
-            .info(&sources[0].1)
-            .map(|t| t.shape().to_vec())
-            .unwrap_or_default(),
-        name,
-        sources,
-        own_rows: false,
-    };
-    // The tensors before or after the layers, from slice `si`'s sources (a tensor read
-    // in place of a missing one when tied; an optional one none has is left out).
-    let loose = |weights: &[LooseWeight], si: usize, place: &str| -> Result<Vec<MappedTensor>> {
-        let mut out = Vec::new();
+
+    /// A new merger over `config`, labelled `label`; its index.
+    fn group(&mut self, config: &'c Config, label: String) -> usize {
+        self.groups.push((ConfigMerger::new(config), label));
+        self.groups.len() - 1
+    }
+}
+
+impl Planning<'_> {
+    /// The layouts of every input: the same known one for all (`key` needs them).
+    fn layouts(inputs: &[Checkpoint], key: &str) -> Result<Vec<ModelLayout>> {
+        let layouts = inputs
+            .iter()
+            .map(|c| ModelLayout::of(c, &format!("a model of `{key}`"), key))
+            .collect::<Result<Vec<_>>>()?;
+        let first = layouts[0].layout;
+        if let Some((c, l)) = inputs.iter().zip(&layouts).find(|(_, l)| l.layout != first) {
+            return Err(Error::invalid(
+                key,
+                format!(
+                    "{} is a {} model, {} a {} one; mergekit refuses to mix architectures (without --allow-crimes) and so does modelfusion",
+                    c.path().display(),
+                    l.layout.family,
+                    inputs[0].path().display(),
+                    first.family
+                ),
+            ));
+        }
+        Ok(layouts)
+    }
+
+    /// The index among the opened inputs of the checkpoint at `p`.
+    fn input_of(&self, p: &Path) -> Result<usize> {
+        self.config
+            .inputs
+            .iter()
+            .position(|q| q == p)
+            .ok_or_else(|| Error::invalid("config", format!("`{}` was not opened", p.display())))
+    }
+
+    fn missing(&self, i: usize, name: &str, place: &str) -> Error {
+        Error::MissingParam {
+            name: name.to_string(),
+            context: format!(
+                "{} ({place}; the {} layout needs it)",
+                self.inputs[i].path().display(),
+                self.layouts[i].layout.family
+            ),
+        }
+    }
+
+    fn mapped(&self, name: String, sources: Vec<(usize, String)>) -> MappedTensor {
+        MappedTensor {
+            shape: self.inputs[sources[0].0]
+                .info(&sources[0].1)
+                .map(|t| t.shape().to_vec())
+                .unwrap_or_default(),
+            name,
+            sources,
+            own_rows: false,
+        }
+    }
+
+    /// The tensors before or after the layers, from `slice`'s sources: a tensor read in
+    /// place of a missing one when tied; an optional one that no source holds under its
+    /// own name is left out (mergekit's rule).
+    fn loose(
+        &self,
+        weights: &[LooseWeight],
+        slice: &ModuleSlice<'_>,
+        place: &str,
+        out: &mut LayeredPlan<'_>,
+    ) -> Result<()> {
         for w in weights {
-            let found = config.slices[si]
+            let found = slice
                 .config
                 .inputs
                 .iter()
                 .map(|p| {
-                    let i = input_of(p)?;
+                    let i = self.input_of(p)?;
                     let name = std::iter::once(w.name)
                         .chain(w.tied)
-                        .find(|n| inputs[i].info(n).is_some());
+                        .find(|n| self.inputs[i].info(n).is_some());
                     Ok((i, name))
                 })
                 .collect::<Result<Vec<_>>>()?;
-            if w.optional && found.iter().all(|(_, n)| n.is_none()) {
+            if w.optional && found.iter().all(|(_, n)| *n != Some(w.name)) {
                 continue;
             }
             let sources = found
                 .into_iter()
                 .map(|(i, n)| {
                     n.map(|n| (i, n.to_string()))
-                        .ok_or_else(|| missing(i, w.name, &format!("slices[{si}], {place}")))
+                        .ok_or_else(|| self.missing(i, w.name, place))
                 })
                 .collect::<Result<Vec<_>>>()?;
-            out.push(mapped(w.name.to_string(), sources));
+            out.mapped.push(self.mapped(w.name.to_string(), sources));
+            out.place.push((slice.group, Some(0.0)));
         }
-        Ok(out)
-    };
-    let last = config.slices.len() - 1;
-    let pre = loose(layout.pre, 0, "before the layers")?;
-    let mut place = vec![(0, Some(0.0)); pre.len()];
-    let mut plan = pre;
-    let mut out_layer = 0;
-    for (si, sl) in config.slices.iter().enumerate() {
-        for (k, (p, (_, end))) in sl.config.inputs.iter().zip(&sl.ranges).enumerate() {
-            let have = layouts[input_of(p)?].layers;
-            if *end > have {
-                return Err(Error::invalid(
-                    "layer_range",
-                    format!(
-                        "slices[{si}]: `{}` has {have} layers (num_hidden_layers), the range of its source {k} ends at {end}",
-                        p.display()
-                    ),
-                ));
+        Ok(())
+    }
+
+    /// The tensors of module `mi` merged slice by slice, in mergekit's order: the
+    /// tensors before the layers from the first slice's sources, each slice's layers
+    /// renumbered from 0 (gradient position `i / (n - 1)` within the slice, 1 for a
+    /// one-layer slice), the tensors after the layers from the last slice's sources
+    /// (position 0). `scope` names the slices in errors. Returns the output's layer
+    /// count.
+    fn module(
+        &self,
+        mi: usize,
+        scope: &str,
+        slices: &[ModuleSlice<'_>],
+        out: &mut LayeredPlan<'_>,
+    ) -> Result<usize> {
+        let module = &self.layouts[0].layout.modules[mi];
+        let (Some(first), Some(last)) = (slices.first(), slices.last()) else {
+            return Ok(0);
+        };
+        self.loose(
+            module.pre,
+            first,
+            &format!("{scope}, before the layers"),
+            out,
+        )?;
+        let mut out_layer = 0;
+        for (si, sl) in slices.iter().enumerate() {
+            let place = format!("{scope}[{si}]");
+            let opened = sl
+                .config
+                .inputs
+                .iter()
+                .map(|p| self.input_of(p))
+                .collect::<Result<Vec<_>>>()?;
+            for (k, (&i, (_, end))) in opened.iter().zip(&sl.ranges).enumerate() {
+                let have = self.layouts[i].layers[mi];
+                if *end > have {
+                    return Err(Error::invalid(
+                        "layer_range",
+                        format!(
+                            "{place}: `{}` has {have} layers ({}), the range of its source {k} ends at {end}",
+                            self.inputs[i].path().display(),
+                            module.count_label()
+                        ),
+                    ));
+                }
+            }
+            let n = sl.ranges.first().map_or(0, |(a, b)| b - a);
+            for idx in 0..n {
+                let t = if n > 1 {
+                    idx as f64 / (n - 1) as f64
+                } else {
+                    1.0
+                };
+                for suffix in module.layer {
+                    let names: Vec<(usize, String)> = opened
+                        .iter()
+                        .zip(&sl.ranges)
+                        .map(|(&i, (start, _))| (i, module.layer_tensor(start + idx, suffix)))
+                        .collect();
+                    if module.optional.contains(suffix)
+                        && names.iter().all(|(i, n)| self.inputs[*i].info(n).is_none())
+                    {
+                        continue;
+                    }
+                    if let Some((i, n)) = names
+                        .iter()
+                        .find(|(i, n)| self.inputs[*i].info(n).is_none())
+                    {
+                        return Err(self.missing(*i, n, &place));
+                    }
+                    out.mapped
+                        .push(self.mapped(module.layer_tensor(out_layer, suffix), names));
+                    out.place.push((sl.group, Some(t)));
+                }
+                out_layer += 1;
             }
         }
-        let n = sl.layers();
-        for idx in 0..n {
-            let t = if n > 1 {
-                idx as f64 / (n - 1) as f64
-            } else {
-                1.0
-            };
-            for suffix in layout.layer {
-                let sources = sl
+        if out_layer > 0 {
+            for name in module.repeated {
+                let sources = last
                     .config
                     .inputs
                     .iter()
-                    .zip(&sl.ranges)
-                    .map(|(p, (start, _))| {
-                        let i = input_of(p)?;
-                        let name = layout.layer_tensor(start + idx, suffix);
-                        match inputs[i].info(&name) {
-                            Some(_) => Ok((i, name)),
-                            None => Err(missing(i, &name, &format!("slices[{si}]"))),
+                    .map(|p| {
+                        let i = self.input_of(p)?;
+                        match self.inputs[i].info(name) {
+                            Some(_) => Ok((i, name.to_string())),
+                            None => Err(self.missing(i, name, scope)),
                         }
                     })
                     .collect::<Result<Vec<_>>>()?;
-                plan.push(mapped(layout.layer_tensor(out_layer, suffix), sources));
-                place.push((si, Some(t)));
+                out.mapped.push(self.mapped(name.to_string(), sources));
+                out.place.push((last.group, Some(1.0)));
             }
-            out_layer += 1;
+        }
+        self.loose(
+            module.post,
+            last,
+            &format!("{scope}, after the layers"),
+            out,
+        )?;
+        Ok(out_layer)
+    }
+
+    /// The slices of a module merged from whole models (`models:`): one slice over each
+    /// model's layers of the module, all of the same count (mergekit's rule).
+    fn whole_module<'c>(
+        &self,
+        mi: usize,
+        config: &'c Config,
+        label: String,
+        out: &mut LayeredPlan<'c>,
+    ) -> Result<Vec<ModuleSlice<'c>>> {
+        let module = &self.layouts[0].layout.modules[mi];
+        let counts = config
+            .inputs
+            .iter()
+            .map(|p| Ok((p, self.layouts[self.input_of(p)?].layers[mi])))
+            .collect::<Result<Vec<_>>>()?;
+        if let Some((p, n)) = counts.iter().find(|(_, n)| *n != counts[0].1) {
+            return Err(Error::invalid(
+                "config",
+                format!(
+                    "{label}: `{}` has {n} layers in its {} module, `{}` has {}; mergekit merges `models` as one slice over each model's layers, which needs the same count (use slices with `layer_range`)",
+                    p.display(),
+                    module.name,
+                    counts[0].0.display(),
+                    counts[0].1
+                ),
+            ));
+        }
+        let group = out.group(config, label);
+        Ok(vec![ModuleSlice {
+            group,
+            config,
+            ranges: counts.iter().map(|(_, n)| (0, *n)).collect(),
+        }])
+    }
+}
+
+/// The tensors of a top-level `slices:` config over a single-module layout.
+fn sliced_plan<'c>(config: &'c Config, inputs: &[Checkpoint]) -> Result<LayeredPlan<'c>> {
+    let layouts = Planning::layouts(inputs, "slices")?;
+    let cx = Planning {
+        config,
+        inputs,
+        layouts: &layouts,
+    };
+    let layout = layouts[0].layout;
+    if layout.modules.len() != 1 {
+        return Err(Error::invalid(
+            "slices",
+            format!(
+                "{} is a {} model, whose modules are {}; top-level `slices` are for single-module architectures (mergekit: \"Model has multiple modules, must use modules: config syntax to work with slices\"), so write `modules: {{NAME: {{slices: [...]}}}}`",
+                inputs[0].path().display(),
+                layout.family,
+                layout.module_names()
+            ),
+        ));
+    }
+    let mut out = LayeredPlan::new();
+    let slices: Vec<ModuleSlice<'c>> = config
+        .slices
+        .iter()
+        .enumerate()
+        .map(|(si, s)| ModuleSlice {
+            group: out.group(&s.config, format!("slices[{si}]")),
+            config: &s.config,
+            ranges: s.ranges.clone(),
+        })
+        .collect();
+    let n = cx.module(0, "slices", &slices, &mut out)?;
+    out.counts
+        .extend(count_key(inputs, &layout.modules[0])?.map(|k| (k, n)));
+    Ok(out)
+}
+
+/// The `config.json` key the output's layer count of `module` goes to (the first
+/// input's `config.json` is the one copied).
+fn count_key(inputs: &[Checkpoint], module: &Module) -> Result<Option<String>> {
+    let cfg = config_of(&inputs[0])?.unwrap_or_default();
+    Ok(module.count_key(&cfg).map(str::to_string))
+}
+
+/// The tensors of a config over a multi-module layout: with top-level `models`, every
+/// module merged from them over its own layers; with `modules:`, each module named
+/// merged as its own `models` or `slices` (the other modules are left out, as mergekit
+/// leaves them). Top-level `slices` and vocabularies are refused.
+fn modular_plan<'c>(config: &'c Config, inputs: &[Checkpoint]) -> Result<LayeredPlan<'c>> {
+    let layouts = Planning::layouts(inputs, "modules")?;
+    let layout = layouts[0].layout;
+    if !config.slices.is_empty() {
+        return sliced_plan(config, inputs);
+    }
+    if config.tokenizer.is_some() {
+        return Err(Error::invalid(
+            "tokenizer_source",
+            format!(
+                "{} is a {} model (modules {}); output vocabularies are supported for single-module architectures only",
+                inputs[0].path().display(),
+                layout.family,
+                layout.module_names()
+            ),
+        ));
+    }
+    let cx = Planning {
+        config,
+        inputs,
+        layouts: &layouts,
+    };
+    let mut out = LayeredPlan::new();
+    let parts: Vec<(usize, &'c Config, String)> = if config.modules.is_empty() {
+        (0..layout.modules.len())
+            .map(|mi| {
+                (
+                    mi,
+                    config,
+                    format!("models (module {})", layout.modules[mi].name),
+                )
+            })
+            .collect()
+    } else {
+        config
+            .modules
+            .iter()
+            .map(|m| {
+                let mi = layout.module_index(&m.name, "modules")?;
+                Ok((mi, &m.config, format!("modules.{}", m.name)))
+            })
+            .collect::<Result<Vec<_>>>()?
+    };
+    for (mi, part, label) in parts {
+        let slices = if part.slices.is_empty() {
+            cx.whole_module(mi, part, label.clone(), &mut out)?
+        } else {
+            part.slices
+                .iter()
+                .enumerate()
+                .map(|(si, s)| ModuleSlice {
+                    group: out.group(&s.config, format!("{label}.slices[{si}]")),
+                    config: &s.config,
+                    ranges: s.ranges.clone(),
+                })
+                .collect()
+        };
+        let n = cx.module(mi, &format!("{label}.slices"), &slices, &mut out)?;
+        if !part.slices.is_empty() {
+            let module = &layout.modules[mi];
+            out.counts
+                .extend(count_key(inputs, module)?.map(|k| (k, n)));
         }
     }
-    let post = loose(layout.post, last, "after the layers")?;
-    place.extend(std::iter::repeat_n((last, Some(0.0)), post.len()));
-    plan.extend(post);
-    Ok((plan, place, out_layer))
+    Ok(out)
+}
+
+/// The input tensors none of `mapped` reads (left out of the output).
+fn unread(inputs: &[Checkpoint], mapped: &[MappedTensor]) -> Vec<String> {
+    let read: std::collections::HashSet<&str> = mapped
+        .iter()
+        .flat_map(|t| t.sources.iter().map(|(_, n)| n.as_str()))
+        .collect();
+    let mut out: Vec<String> = Vec::new();
+    for c in inputs {
+        for t in c.tensors() {
+            if !read.contains(t.name()) && !out.iter().any(|n| n == t.name()) {
+                out.push(t.name().to_string());
+            }
+        }
+    }
+    out
 }
 
 impl Config {
@@ -479,36 +754,55 @@ impl Config {
             })
             .collect::<Result<Vec<_>>>()?;
         let refs: Vec<&Checkpoint> = inputs.iter().collect();
-        let (mut mapped, place, groups, dropped, layers) = if self.slices.is_empty() {
-            let (mapped, dropped) = whole_model_plan(&refs)?;
-            let merger = ConfigMerger::new(self);
-            merger.preflight(mapped.iter().map(|t| t.name.as_str()))?;
-            let place = vec![(0, None); mapped.len()];
-            (mapped, place, vec![merger], dropped, None)
+        let layout = config_of(&inputs[0])
+            .ok()
+            .flatten()
+            .as_ref()
+            .and_then(Layout::of_config);
+        let multi = layout.is_some_and(|l| l.modules.len() > 1);
+        if !multi && self.modules.iter().any(|m| m.name != "default") {
+            return Err(self.unknown_modules(layout, &inputs[0]));
+        }
+        let layered = if multi {
+            Some(modular_plan(self, &inputs)?)
+        } else if !self.slices.is_empty() {
+            Some(sliced_plan(self, &inputs)?)
         } else {
-            let (mapped, place, layers) = sliced_plan(self, &inputs)?;
-            let groups: Vec<ConfigMerger<'_>> = self
-                .slices
-                .iter()
-                .map(|s| ConfigMerger::new(&s.config))
-                .collect();
-            for (g, merger) in groups.iter().enumerate() {
-                merger
-                    .preflight_at(
-                        mapped
-                            .iter()
-                            .zip(&place)
-                            .filter(|(_, (h, _))| *h == g)
-                            .map(|(t, (_, at))| (t.name.as_str(), at.unwrap_or(0.0))),
-                    )
-                    .map_err(|e| Error::invalid("config", format!("slices[{g}]: {e}")))?;
+            None
+        };
+        let (mut mapped, place, groups, dropped, counts) = match layered {
+            None => {
+                let (mapped, dropped) = whole_model_plan(&refs)?;
+                let merger = ConfigMerger::new(self);
+                merger.preflight(mapped.iter().map(|t| t.name.as_str()))?;
+                let place = vec![(0, None); mapped.len()];
+                (mapped, place, vec![merger], dropped, Vec::new())
             }
-            (mapped, place, groups, Vec::new(), Some(layers))
+            Some(p) => {
+                for (g, (merger, label)) in p.groups.iter().enumerate() {
+                    merger
+                        .preflight_at(
+                            p.mapped
+                                .iter()
+                                .zip(&p.place)
+                                .filter(|(_, (h, _))| *h == g)
+                                .map(|(t, (_, at))| (t.name.as_str(), at.unwrap_or(0.0))),
+                        )
+                        .map_err(|e| Error::invalid("config", format!("{label}: {e}")))?;
+                }
+                let dropped = if multi {
+                    unread(&inputs, &p.mapped)
+                } else {
+                    Vec::new()
+                };
+                let groups = p.groups.into_iter().map(|(m, _)| m).collect();
+                (p.mapped, p.place, groups, dropped, p.counts)
+            }
         };
         let (vocab, remaps) = match &self.tokenizer {
             Some(settings) => {
                 let v = OutputVocab::build(settings, &self.inputs, 0)?;
-                let remaps = self.remaps(&v, &inputs, &mut mapped, &place)?;
+                let remaps = self.remaps(&v, &inputs, &mut mapped, &place, &groups)?;
                 (Some(v), remaps)
             }
             None => (None, vec![None; mapped.len()]),
@@ -539,7 +833,7 @@ impl Config {
             place,
             groups,
             dropped,
-            layers,
+            counts,
             vocab,
             remaps,
             chat_template,
@@ -590,6 +884,7 @@ impl Config {
         inputs: &[Checkpoint],
         mapped: &mut [MappedTensor],
         place: &[Placed],
+        groups: &[ConfigMerger<'_>],
     ) -> Result<Vec<Option<RowRemap>>> {
         mapped
             .iter_mut()
@@ -598,10 +893,7 @@ impl Config {
                 if !VOCAB_TENSORS.contains(&t.name.as_str()) {
                     return Ok(None);
                 }
-                let group = match self.slices.get(*g) {
-                    Some(s) => &s.config,
-                    None => self,
-                };
+                let group = groups[*g].config();
                 let base = group
                     .has_base
                     .then(|| self.inputs.iter().position(|p| *p == group.inputs[0]))
@@ -622,6 +914,32 @@ impl Config {
                 Ok(Some(r))
             })
             .collect()
+    }
+
+    /// The error for module names other than `default` on a checkpoint whose
+    /// architecture has one module (or is not known).
+    fn unknown_modules(&self, layout: Option<&'static Layout>, first: &Checkpoint) -> Error {
+        let names: Vec<&str> = self.modules.iter().map(|m| m.name.as_str()).collect();
+        let multi: Vec<&str> = LAYOUTS
+            .iter()
+            .filter(|l| l.modules.len() > 1)
+            .flat_map(|l| l.architectures.iter().copied())
+            .collect();
+        let what = match layout {
+            Some(l) => format!(
+                "is a {} model, whose one module is `default` (write `modules: {{default: {{models | slices, parameters}}}}` or put `models` / `slices` at the top level)",
+                l.family
+            ),
+            None => "names no architecture modelfusion knows in its config.json `architectures`"
+                .to_string(),
+        };
+        Error::invalid(
+            "modules",
+            format!(
+                "got modules {names:?}, but `{}` {what}; the multi-module architectures known are {multi:?}",
+                first.path().display()
+            ),
+        )
     }
 
     fn input_role(&self, i: usize) -> String {
@@ -659,10 +977,21 @@ impl MergePlan<'_> {
         &self.dropped
     }
 
-    /// The output's layer count, for `slices` (written as `num_hidden_layers` into the
-    /// copied `config.json`, as mergekit does).
+    /// The output's layer count, for top-level `slices` (written as `num_hidden_layers`
+    /// into the copied `config.json`, as mergekit does).
     pub fn layers(&self) -> Option<usize> {
-        self.layers
+        self.counts
+            .first()
+            .filter(|_| !self.config.slices.is_empty())
+            .map(|(_, n)| *n)
+    }
+
+    /// The layer counts written into the copied `config.json`: for top-level `slices`
+    /// the output's (`num_hidden_layers`), for each module of `modules:` merged from
+    /// slices its own (`vision_config.depth`, `num_decoder_layers`, ...), as mergekit
+    /// writes them.
+    pub fn layer_counts(&self) -> &[(String, usize)] {
+        &self.counts
     }
 
     /// The output dtype: the config's `out_dtype` (or `dtype`), else the first input's
@@ -723,8 +1052,8 @@ impl MergePlan<'_> {
         };
         let side = if options.copy_files {
             let mut side = side_files(&config.inputs[0], Some(self.out_dtype))?;
-            if let Some(n) = self.layers {
-                set_config_key(&mut side, "num_hidden_layers", n)?;
+            for (key, n) in &self.counts {
+                set_config_key(&mut side, key, *n)?;
             }
             if let Some(v) = &self.vocab {
                 // The tokenizer files of the vocabulary, the rest from the base (or first).
@@ -821,11 +1150,23 @@ impl MergePlan<'_> {
     }
 }
 
-/// Sets `key` in the `config.json` among `side` (a sliced merge's layer count, the
-/// vocabulary size, as mergekit writes them).
+/// Sets `key` (a dotted path: `vision_config.depth`) in the `config.json` among
+/// `side` (a sliced merge's layer counts, the vocabulary size, as mergekit writes them).
 fn set_config_key(side: &mut [(String, Vec<u8>)], key: &str, value: usize) -> Result<()> {
     edit_json(side, "config.json", |obj| {
-        obj.insert(key.into(), value.into());
+        let mut parts: Vec<&str> = key.split('.').collect();
+        let last = parts.pop().unwrap_or(key);
+        let mut at = obj;
+        for p in parts {
+            let next = at
+                .entry(p)
+                .or_insert_with(|| serde_json::Value::Object(serde_json::Map::new()));
+            match next.as_object_mut() {
+                Some(o) => at = o,
+                None => return,
+            }
+        }
+        at.insert(last.into(), value.into());
     })
 }
 

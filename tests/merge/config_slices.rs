@@ -15,7 +15,7 @@ use ndarray::ArrayD;
 
 const LAYERS: usize = 4;
 /// The tensors of a layer: mergekit's Llama table.
-const LAYER: &[&str] = LAYOUTS[0].layer;
+const LAYER: &[&str] = LAYOUTS[0].modules[0].layer;
 
 /// A Llama-like model whose every tensor is filled with `id * 1000 + layer * 10 + k`
 /// (`layer` 90 outside the layers), so where an output tensor came from can be read

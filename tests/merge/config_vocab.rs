@@ -15,7 +15,7 @@ use modelfusion::progress::Silent;
 use modelfusion::{Model, StateDictF32};
 use ndarray::ArrayD;
 
-const LAYER: &[&str] = modelfusion::config::LAYOUTS[0].layer;
+const LAYER: &[&str] = modelfusion::config::LAYOUTS[0].modules[0].layer;
 
 /// A one-layer Llama-like checkpoint in `d`: the embedding `embed`, the LM head `head`
 /// (tied to the embedding without one), every other tensor `id`, and its `config.json`

@@ -1,5 +1,6 @@
 //! Integration tests: the `merge` group, one test binary (see tests/README.md).
 
+mod config_modules;
 mod config_run;
 mod config_slices;
 mod config_slow_tokenizers;

@@ -13,7 +13,7 @@ use ndarray::ArrayD;
 
 const LAYERS: usize = 40;
 /// The tensors of a layer: mergekit's Llama table.
-const LAYER: &[&str] = LAYOUTS[0].layer;
+const LAYER: &[&str] = LAYOUTS[0].modules[0].layer;
 
 /// A 40-layer Llama-like (or Mistral-like) checkpoint of width 2, values from `seed`.
 fn write(dir: &Path, name: &str, arch: &str, seed: u32) {
