@@ -699,7 +699,7 @@ pub const LAYOUTS: &[Layout] = &[
             t5_stack!(
                 "decoder",
                 T5_DECODER_LAYER,
-                LayerCount::Key(&["num_decoder_layers", "num_layers"])
+                LayerCount::Key(&["num_decoder_layers"])
             ),
             t5_stack!(
                 "encoder",
@@ -883,7 +883,7 @@ impl Module {
     /// let vl = Layout::of_config(&serde_json::json!({"architectures": ["Qwen2VLForConditionalGeneration"]})).unwrap();
     /// let cfg = serde_json::json!({"num_hidden_layers": 4, "vision_config": {"depth": 2}});
     /// let counts: Vec<_> = vl.modules.iter().map(|m| m.layers_in(&cfg)).collect();
-    /// assert_eq!(counts, [Some(4), Some(0), Some(2)]);
+    /// assert_eq!(counts, [Some(4), Some(2), Some(2)]);
     /// ```
     pub fn layers_in(&self, config: &serde_json::Value) -> Option<usize> {
         match self.count {
@@ -904,7 +904,7 @@ impl Module {
     /// assert_eq!(LAYOUTS[0].modules[0].count_label(), "num_hidden_layers");
     /// let vl = Layout::of_config(&serde_json::json!({"architectures": ["Qwen2VLForConditionalGeneration"]})).unwrap();
     /// assert_eq!(vl.modules[2].count_label(), "vision_tower: vision_config.depth");
-    /// assert_eq!(vl.modules[1].count_label(), "multi_modal_projector: always 0");
+    /// assert_eq!(vl.modules[1].count_label(), "multi_modal_projector: always 2");
     /// ```
     pub fn count_label(&self) -> String {
         let what = match self.count {
