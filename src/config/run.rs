@@ -9,7 +9,7 @@ use ndarray::ArrayD;
 
 use super::tokenizer::{OutputVocab, RowRemap, edit_json, resolve_template, set_template};
 use super::{
-    AlignSettings, Config, ConfigMerger, LAYOUTS, Layout, LooseWeight, ModelLayout, Module,
+    AlignSettings, Config, ConfigMerger, LAYOUTS, Layout, LooseWeight, ModelLayout, Module, Slice,
     layer_index,
 };
 use crate::align::AlignStats;
@@ -355,6 +355,20 @@ impl<'c> LayeredPlan<'c> {
         self.groups.push((ConfigMerger::new(config), label));
         self.groups.len() - 1
     }
+
+    /// The merges of `slices` as module slices, each with its own merger labelled
+    /// `{key}[i]`.
+    fn slices(&mut self, slices: &'c [Slice], key: &str) -> Vec<ModuleSlice<'c>> {
+        slices
+            .iter()
+            .enumerate()
+            .map(|(si, s)| ModuleSlice {
+                group: self.group(&s.config, format!("{key}[{si}]")),
+                config: &s.config,
+                ranges: s.ranges.clone(),
+            })
+            .collect()
+    }
 }
 
 impl Planning<'_> {
@@ -611,16 +625,7 @@ fn sliced_plan<'c>(config: &'c Config, inputs: &[Checkpoint]) -> Result<LayeredP
         ));
     }
     let mut out = LayeredPlan::new();
-    let slices: Vec<ModuleSlice<'c>> = config
-        .slices
-        .iter()
-        .enumerate()
-        .map(|(si, s)| ModuleSlice {
-            group: out.group(&s.config, format!("slices[{si}]")),
-            config: &s.config,
-            ranges: s.ranges.clone(),
-        })
-        .collect();
+    let slices = out.slices(&config.slices, "slices");
     let n = cx.module(0, "slices", &slices, &mut out)?;
     out.counts
         .extend(count_key(inputs, &layout.modules[0])?.map(|k| (k, n)));
@@ -682,20 +687,13 @@ fn modular_plan<'c>(config: &'c Config, inputs: &[Checkpoint]) -> Result<Layered
             .collect::<Result<Vec<_>>>()?
     };
     for (mi, part, label) in parts {
+        let key = format!("{label}.slices");
         let slices = if part.slices.is_empty() {
-            cx.whole_module(mi, part, label.clone(), &mut out)?
+            cx.whole_module(mi, part, label, &mut out)?
         } else {
-            part.slices
-                .iter()
-                .enumerate()
-                .map(|(si, s)| ModuleSlice {
-                    group: out.group(&s.config, format!("{label}.slices[{si}]")),
-                    config: &s.config,
-                    ranges: s.ranges.clone(),
-                })
-                .collect()
+            out.slices(&part.slices, &key)
         };
-        let n = cx.module(mi, &format!("{label}.slices"), &slices, &mut out)?;
+        let n = cx.module(mi, &key, &slices, &mut out)?;
         if !part.slices.is_empty() {
             let module = &layout.modules[mi];
             out.counts
