@@ -4,7 +4,11 @@
 //! cargo run --release --features candle --example repair_cnn
 //! options: --train N (5000)  --test N (2000)  --epochs N (3)  --stats N (1000)  --resnet-width W (1)
 //!          --resnet-base C (16: ResNet-20's first-stage channels; stages C, 2C, 4C, times W)
-//!          --vgg-width W (1: VGG-11 channels / 8)  --only resnet20|vgg11  --out DIR (out/repair_cnn)
+//!          --vgg-width W (1: VGG-11 channels / 8)  --vgg-hidden N (0: hidden linear layers of
+//!          512 / 8 x W, without batch norm, before the classifier; 0 is the REPAIR paper's
+//!          CIFAR VGG, 2 torchvision's head)  --only resnet20|vgg11  --out DIR (out/repair_cnn)
+//!          --optimizer adamw|sgd (adamw: 2e-3 down to 0; sgd: Nesterov momentum 0.9, weight
+//!          decay 5e-4, learning rate 0 -> 0.05 over the first fifth of the steps, then to 0)
 //! ```
 //!
 //! For ResNet-20 (BatchNorm) and VGG-11 (BatchNorm): two networks from different seeds
@@ -48,8 +52,20 @@ struct Args {
     resnet_width: usize,
     resnet_base: usize,
     vgg_width: usize,
+    vgg_hidden: usize,
+    optimizer: Opt,
     only: Option<String>,
     out: PathBuf,
+}
+
+/// The training optimizer and its learning-rate schedule.
+#[derive(Clone, Copy)]
+enum Opt {
+    /// SGD with Nesterov momentum 0.9 and coupled weight decay 5e-4 (the REPAIR paper's
+    /// optimizer), triangular learning rate peaking at 0.05.
+    Sgd,
+    /// candle's AdamW at 2e-3 (weight decay 5e-4), linear warm-down to zero.
+    AdamW,
 }
 
 fn parse_args() -> std::result::Result<Args, String> {
@@ -61,6 +77,8 @@ fn parse_args() -> std::result::Result<Args, String> {
         resnet_width: 1,
         resnet_base: 16,
         vgg_width: 1,
+        vgg_hidden: 0,
+        optimizer: Opt::AdamW,
         only: None,
         out: PathBuf::from("out/repair_cnn"),
     };
@@ -79,6 +97,19 @@ fn parse_args() -> std::result::Result<Args, String> {
             "--resnet-width" => a.resnet_width = num(it.next(), "--resnet-width")?,
             "--resnet-base" => a.resnet_base = num(it.next(), "--resnet-base")?,
             "--vgg-width" => a.vgg_width = num(it.next(), "--vgg-width")?,
+            "--vgg-hidden" => {
+                a.vgg_hidden = it
+                    .next()
+                    .and_then(|s| s.parse().ok())
+                    .ok_or("--vgg-hidden needs a count")?
+            }
+            "--optimizer" => {
+                a.optimizer = match it.next().as_deref() {
+                    Some("sgd") => Opt::Sgd,
+                    Some("adamw") => Opt::AdamW,
+                    _ => return Err("--optimizer needs sgd or adamw".into()),
+                }
+            }
             "--only" => a.only = it.next(),
             "--out" => {
                 a.out = it
@@ -166,24 +197,67 @@ fn err(e: impl std::fmt::Display) -> modelfusion::Error {
     modelfusion::Error::Objective(e.to_string())
 }
 
-/// Trains a network from the seeded parameters `init` with AdamW; returns the trained
+/// SGD with Nesterov momentum and coupled weight decay (as torch's `SGD(momentum=0.9,
+/// nesterov=True, weight_decay=5e-4)`), which candle's own `SGD` does not have.
+struct Nesterov {
+    vars: Vec<candle_core::Var>,
+    velocity: Vec<Tensor>,
+}
+
+impl Nesterov {
+    const MOMENTUM: f64 = 0.9;
+    const DECAY: f64 = 5e-4;
+
+    fn new(vars: Vec<candle_core::Var>) -> candle_core::Result<Self> {
+        let velocity = vars
+            .iter()
+            .map(|v| v.as_tensor().zeros_like())
+            .collect::<candle_core::Result<_>>()?;
+        Ok(Nesterov { vars, velocity })
+    }
+
+    fn step(&mut self, loss: &Tensor, lr: f64) -> candle_core::Result<()> {
+        let grads = loss.backward()?;
+        for (var, vel) in self.vars.iter().zip(self.velocity.iter_mut()) {
+            if let Some(g) = grads.get(var) {
+                // detached, so that the velocity does not keep every step's graph alive
+                let w = var.as_tensor().detach();
+                let g = (g.detach() + (&w * Self::DECAY)?)?;
+                *vel = ((&*vel * Self::MOMENTUM)? + &g)?;
+                let update = (g + (&*vel * Self::MOMENTUM)?)?;
+                var.set(&(w - (update * lr)?)?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Trains a network from the seeded parameters `init` with `opt`; returns the trained
 /// parameters and the seconds per epoch.
 fn train_net<N: Net>(
     build: &impl Build<N>,
     init: &StateDictF32,
     d: &Batches,
     epochs: usize,
+    opt: Opt,
     seed: u64,
 ) -> Result<(StateDictF32, f64)> {
     let vm = to_varmap(init, DType::F32, &Device::Cpu)?;
     let net = build(VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).map_err(err)?;
     let steps = epochs * d.x.len();
-    let params = candle_nn::ParamsAdamW {
-        lr: 2e-3,
-        weight_decay: 5e-4,
-        ..Default::default()
-    };
-    let mut opt = candle_nn::AdamW::new(vm.all_vars(), params).map_err(err)?;
+    let mut adamw = None;
+    let mut sgd = None;
+    match opt {
+        Opt::Sgd => sgd = Some(Nesterov::new(vm.all_vars()).map_err(err)?),
+        Opt::AdamW => {
+            let params = candle_nn::ParamsAdamW {
+                lr: 2e-3,
+                weight_decay: 5e-4,
+                ..Default::default()
+            };
+            adamw = Some(candle_nn::AdamW::new(vm.all_vars(), params).map_err(err)?)
+        }
+    }
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let start = Instant::now();
     let mut step = 0;
@@ -192,11 +266,19 @@ fn train_net<N: Net>(
         order.shuffle(&mut rng);
         let mut total = 0.0;
         for &b in &order {
-            // linear warm-down of the learning rate to zero
-            opt.set_learning_rate(2e-3 * (1.0 - step as f64 / steps as f64));
             let (logits, _) = net.taps(&d.x[b], true).map_err(err)?;
             let loss = candle_nn::loss::cross_entropy(&logits, &d.y[b]).map_err(err)?;
-            opt.backward_step(&loss).map_err(err)?;
+            let done = step as f64 / steps as f64;
+            if let Some(sgd) = sgd.as_mut() {
+                // triangular: up to the peak over the first fifth, then down to zero
+                let rise = (step + 1) as f64 / (0.2 * steps as f64);
+                sgd.step(&loss, 0.05 * rise.min((1.0 - done) / 0.8))
+                    .map_err(err)?;
+            } else if let Some(adamw) = adamw.as_mut() {
+                // linear warm-down of the learning rate to zero
+                adamw.set_learning_rate(2e-3 * (1.0 - done));
+                adamw.backward_step(&loss).map_err(err)?;
+            }
             total += loss.to_scalar::<f32>().map_err(err)? as f64;
             step += 1;
         }
@@ -268,6 +350,7 @@ fn run<N: Net>(
             &arch.random_model(seed + 10),
             train,
             args.epochs,
+            args.optimizer,
             seed,
         )?;
         eprintln!("  seed {seed}: {secs:.1} s per epoch");
@@ -443,8 +526,14 @@ fn main() -> std::result::Result<(), modelfusion::Report> {
     // Statistics (activation matching, BN reset, REPAIR) on the first `--stats` training images.
     let stat_x = Arc::new(batches(&train_d.head(args.stats))?.x);
     println!(
-        "Fashion-MNIST: {} training images, {} test images, {} epochs, batch {BATCH}",
-        args.train, args.test, args.epochs
+        "Fashion-MNIST: {} training images, {} test images, {} epochs, batch {BATCH}, {}",
+        args.train,
+        args.test,
+        args.epochs,
+        match args.optimizer {
+            Opt::Sgd => "SGD (Nesterov)",
+            Opt::AdamW => "AdamW",
+        }
     );
     let want = |name: &str| args.only.as_deref().is_none_or(|o| o == name);
     if want("resnet20") {
@@ -470,7 +559,8 @@ fn main() -> std::result::Result<(), modelfusion::Report> {
     if want("vgg11") {
         // VGG-11's eight convolutions (64, 128, 256, 256, 512, 512, 512, 512) / 8 x width
         // on the images zero-padded to 32 x 32, pooling after convolutions 0, 1, 3, 5
-        // (32 -> 16 -> 8 -> 4 -> 2) as CIFAR VGG-11 does, then global average pooling.
+        // (32 -> 16 -> 8 -> 4 -> 2) as CIFAR VGG-11 does, then global average pooling,
+        // `--vgg-hidden` hidden linear layers (ReLU, no batch norm) and the classifier.
         // (On 28 x 28 the same pools leave convolutions 6 and 7 a 1 x 1 input, where
         // only the kernels' centre taps are trained: the other eight taps keep their
         // random initialisation and are noise to weight matching.)
@@ -479,12 +569,17 @@ fn main() -> std::result::Result<(), modelfusion::Report> {
             .iter()
             .map(|c| c * w / 8)
             .collect();
-        let fc = 512 * w / 8;
-        let arch = Vgg::new(1, &channels, &[fc, fc, 10], 3)?;
+        let mut fc = vec![512 * w / 8; args.vgg_hidden];
+        fc.push(10);
+        let arch = Vgg::new(1, &channels, &fc, 3)?;
         let a2 = arch.clone();
         let build = move |vb: VarBuilder<'static>| CandleVgg::new(&a2, &[0, 1, 3, 5], vb);
         run(
-            &format!("vgg11x{w}"),
+            &if args.vgg_hidden == 0 {
+                format!("vgg11x{w}")
+            } else {
+                format!("vgg11x{w}-hidden{}", args.vgg_hidden)
+            },
             build,
             &arch,
             &arch.spec(),
