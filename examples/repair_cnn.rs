@@ -232,6 +232,12 @@ impl Nesterov {
     }
 }
 
+/// An optimizer with its state.
+enum Trainer {
+    Sgd(Nesterov),
+    AdamW(candle_nn::AdamW),
+}
+
 /// Trains a network from the seeded parameters `init` with `opt`; returns the trained
 /// parameters and the seconds per epoch.
 fn train_net<N: Net>(
@@ -245,19 +251,17 @@ fn train_net<N: Net>(
     let vm = to_varmap(init, DType::F32, &Device::Cpu)?;
     let net = build(VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).map_err(err)?;
     let steps = epochs * d.x.len();
-    let mut adamw = None;
-    let mut sgd = None;
-    match opt {
-        Opt::Sgd => sgd = Some(Nesterov::new(vm.all_vars()).map_err(err)?),
+    let mut trainer = match opt {
+        Opt::Sgd => Trainer::Sgd(Nesterov::new(vm.all_vars()).map_err(err)?),
         Opt::AdamW => {
             let params = candle_nn::ParamsAdamW {
                 lr: 2e-3,
                 weight_decay: 5e-4,
                 ..Default::default()
             };
-            adamw = Some(candle_nn::AdamW::new(vm.all_vars(), params).map_err(err)?)
+            Trainer::AdamW(candle_nn::AdamW::new(vm.all_vars(), params).map_err(err)?)
         }
-    }
+    };
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let start = Instant::now();
     let mut step = 0;
@@ -269,16 +273,19 @@ fn train_net<N: Net>(
             let (logits, _) = net.taps(&d.x[b], true).map_err(err)?;
             let loss = candle_nn::loss::cross_entropy(&logits, &d.y[b]).map_err(err)?;
             let done = step as f64 / steps as f64;
-            if let Some(sgd) = sgd.as_mut() {
-                // triangular: up to the peak over the first fifth, then down to zero
-                let rise = (step + 1) as f64 / (0.2 * steps as f64);
-                sgd.step(&loss, 0.05 * rise.min((1.0 - done) / 0.8))
-                    .map_err(err)?;
-            } else if let Some(adamw) = adamw.as_mut() {
-                // linear warm-down of the learning rate to zero
-                adamw.set_learning_rate(2e-3 * (1.0 - done));
-                adamw.backward_step(&loss).map_err(err)?;
+            match &mut trainer {
+                Trainer::Sgd(sgd) => {
+                    // triangular: up to the peak over the first fifth, then down to zero
+                    let rise = (step + 1) as f64 / (0.2 * steps as f64);
+                    sgd.step(&loss, 0.05 * rise.min((1.0 - done) / 0.8))
+                }
+                Trainer::AdamW(adamw) => {
+                    // linear warm-down of the learning rate to zero
+                    adamw.set_learning_rate(2e-3 * (1.0 - done));
+                    adamw.backward_step(&loss)
+                }
             }
+            .map_err(err)?;
             total += loss.to_scalar::<f32>().map_err(err)? as f64;
             step += 1;
         }
